@@ -1,0 +1,47 @@
+//! Errors of the leaf library.
+
+use tonic::Code;
+
+/// Why a leaf call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeafError {
+    /// The configuration cannot work (no seeds, unreadable CA certificate, ...).
+    #[error("invalid leaf configuration: {0}")]
+    Config(String),
+    /// No seed super peer could be reached or attached to.
+    #[error("cannot attach to any super peer: {}", .0.join("; "))]
+    Unreachable(Vec<String>),
+    /// The request was checked locally and cannot succeed (too large, malformed).
+    #[error("invalid request: {0}")]
+    Invalid(#[from] vesper_proto::validate::InvalidInput),
+    /// The super peer answered with an error status.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The session ended.
+    #[error("session closed: {0}")]
+    SessionClosed(String),
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument => "invalid argument",
+        Code::PermissionDenied => "permission denied",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Unauthenticated => "unauthenticated",
+        Code::ResourceExhausted => "limit exceeded",
+        Code::Unavailable => "unavailable",
+        Code::NotFound => "not found",
+        Code::DeadlineExceeded => "deadline exceeded",
+        _ => "error",
+    }
+}
+
+impl LeafError {
+    /// The gRPC code, when the super peer answered with one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            LeafError::Status(status) => Some(status.code()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Admin service calls and how their answers are printed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use vesper_proto::v1::admin_client::AdminClient;
+use vesper_proto::v1::{
+    AddStandbyRequest, DemoteRequest, Member, MemberRole, MembersRequest, PromoteRequest,
+    RemoveNodeRequest, StatusRequest, TransferLeaderRequest,
+};
+
+/// Where the dev cluster keeps its files; its operator certificate is the default identity.
+pub const DEV_DIR: &str = ".vesper/dev";
+
+/// A usage problem (exit code 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// How to reach and authenticate to the Admin service.
+#[derive(Debug, clap::Args)]
+pub struct Connection {
+    /// Admin address (host:port) of any super peer.
+    #[arg(
+        long,
+        global = true,
+        env = "VESPER_ADMIN",
+        default_value = "127.0.0.1:7402"
+    )]
+    pub server: String,
+    /// Cluster CA certificate. Default: .vesper/dev/ca/ca.pem when it exists.
+    #[arg(long, global = true, env = "VESPER_CA")]
+    pub ca: Option<PathBuf>,
+    /// Operator certificate. Default: .vesper/dev/certs/operator.pem when it exists.
+    #[arg(long, global = true, env = "VESPER_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Operator private key. Default: .vesper/dev/certs/operator.key when it exists.
+    #[arg(long, global = true, env = "VESPER_KEY")]
+    pub key: Option<PathBuf>,
+    /// Deadline of the call in seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub timeout_secs: u64,
+}
+
+fn pick(given: &Option<PathBuf>, default: &str, flag: &str) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path.clone()),
+        None if Path::new(default).exists() => Ok(PathBuf::from(default)),
+        None => Err(UsageError(format!(
+            "{flag} is required (no dev cluster files at {default}; run `vesperctl dev up` or pass {flag})"
+        ))
+        .into()),
+    }
+}
+
+/// An Admin client for `connection`.
+pub async fn client(connection: &Connection) -> anyhow::Result<AdminClient<Channel>> {
+    connection.client().await
+}
+
+impl Connection {
+    async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
+        let ca = pick(&self.ca, &format!("{DEV_DIR}/ca/ca.pem"), "--ca")?;
+        let cert = pick(
+            &self.cert,
+            &format!("{DEV_DIR}/certs/operator.pem"),
+            "--cert",
+        )?;
+        let key = pick(&self.key, &format!("{DEV_DIR}/certs/operator.key"), "--key")?;
+        let read = |path: &Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let host = self
+            .server
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+            .ok_or_else(|| UsageError(format!("--server {:?} must be host:port", self.server)))?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&ca)?))
+            .identity(Identity::from_pem(read(&cert)?, read(&key)?))
+            .domain_name(host);
+        let channel = Endpoint::from_shared(format!("https://{}", self.server))
+            .map_err(|error| UsageError(format!("--server {:?}: {error}", self.server)))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(self.timeout_secs))
+            .tls_config(tls)?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the admin service at {}", self.server))?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match MemberRole::try_from(role) {
+        Ok(MemberRole::Voter) => "voter",
+        Ok(MemberRole::Standby) => "standby",
+        Ok(MemberRole::Removed) => "removed",
+        _ => "unknown",
+    }
+}
+
+fn member_json(member: &Member) -> serde_json::Value {
+    json!({
+        "node_id": member.node_id,
+        "peer_id": member.peer_id,
+        "cluster_addr": member.cluster_addr,
+        "leaf_addr": member.leaf_addr,
+        "admin_addr": member.admin_addr,
+        "role": role_name(member.role),
+        "leader": member.is_leader,
+    })
+}
+
+fn print_members(members: &[Member]) {
+    println!(
+        "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} PEER ID",
+        "NODE", "ROLE", "LEADER", "CLUSTER", "LEAF", "ADMIN"
+    );
+    for member in members {
+        println!(
+            "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {}",
+            member.node_id,
+            role_name(member.role),
+            if member.is_leader { "*" } else { "" },
+            member.cluster_addr,
+            member.leaf_addr,
+            member.admin_addr,
+            member.peer_id
+        );
+    }
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+}
+
+pub async fn status(connection: &Connection, as_json: bool) -> anyhow::Result<()> {
+    let status = connection
+        .client()
+        .await?
+        .status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        let value = json!({
+            "node_id": status.node_id,
+            "peer_id": status.peer_id,
+            "leader_id": status.leader_id,
+            "term": status.term,
+            "applied_index": status.applied_index,
+            "last_log_index": status.last_log_index,
+            "raft_state": status.raft_state,
+            "purged_index": status.purged_index,
+            "snapshot_index": status.snapshot_index,
+            "members": status.members.iter().map(member_json).collect::<Vec<_>>(),
+        });
+        println!("{value}");
+    } else {
+        println!("node          {} ({})", status.node_id, status.raft_state);
+        println!("peer id       {}", status.peer_id);
+        println!("leader        {}", status.leader_id);
+        println!("term          {}", status.term);
+        println!(
+            "log           applied {} / last {} / snapshot {} / purged {}",
+            status.applied_index, status.last_log_index, status.snapshot_index, status.purged_index
+        );
+        println!();
+        print_members(&status.members);
+    }
+    Ok(())
+}
+
+pub async fn members(connection: &Connection, as_json: bool) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .members(MembersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        let value = json!({
+            "leader_id": reply.leader_id,
+            "term": reply.term,
+            "applied_index": reply.applied_index,
+            "members": reply.members.iter().map(member_json).collect::<Vec<_>>(),
+        });
+        println!("{value}");
+    } else {
+        print_members(&reply.members);
+    }
+    Ok(())
+}
+
+fn print_change(as_json: bool, what: String, members: &[Member]) {
+    if as_json {
+        let value = json!({
+            "result": what,
+            "members": members.iter().map(member_json).collect::<Vec<_>>(),
+        });
+        println!("{value}");
+    } else {
+        println!("{what}");
+        print_members(members);
+    }
+}
+
+pub async fn add_standby(
+    connection: &Connection,
+    cluster_addr: &str,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .add_standby(AddStandbyRequest {
+            cluster_addr: cluster_addr.into(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let member = reply.member.unwrap_or_default();
+    print_change(
+        as_json,
+        format!("added {cluster_addr} as standby node {}", member.node_id),
+        &[member],
+    );
+    Ok(())
+}
+
+pub async fn promote(connection: &Connection, node_id: u64, as_json: bool) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .promote(PromoteRequest { node_id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_change(
+        as_json,
+        format!("promoted node {node_id} to voter"),
+        &reply.members,
+    );
+    Ok(())
+}
+
+pub async fn demote(connection: &Connection, node_id: u64, as_json: bool) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .demote(DemoteRequest { node_id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_change(
+        as_json,
+        format!("demoted node {node_id} to standby"),
+        &reply.members,
+    );
+    Ok(())
+}
+
+pub async fn remove(connection: &Connection, node_id: u64, as_json: bool) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .remove_node(RemoveNodeRequest { node_id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_change(as_json, format!("removed node {node_id}"), &reply.members);
+    Ok(())
+}
+
+pub async fn transfer_leader(
+    connection: &Connection,
+    node_id: u64,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .transfer_leader(TransferLeaderRequest { node_id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        println!("{}", json!({ "leader_id": reply.leader_id }));
+    } else {
+        println!("node {} is the leader", reply.leader_id);
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! `vesperctl`: operate a Vesper cluster.
+//!
+//! Certificates (`ca init`, `cert issue`), cluster inspection (`status`, `members`), membership changes
+//! (`add-standby`, `promote`, `demote`, `remove`, `transfer-leader`) through the Admin service, and a local
+//! development cluster (`dev up`).
+
+mod admin;
+mod certs;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad usage (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// Operate a Vesper cluster.
+#[derive(Debug, Parser)]
+#[command(name = "vesperctl", version)]
+struct Cli {
+    #[command(flatten)]
+    connection: admin::Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Certificate authority of a cluster.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificates for super peers and operators.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Show the cluster as the contacted super peer sees it.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List members: node id, peer id, addresses, role, leader.
+    Members {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add an idle super peer (started without --bootstrap or --join) as a standby.
+    AddStandby {
+        /// Cluster address (host:port) of the idle super peer.
+        cluster_addr: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote a standby to voter.
+    Promote {
+        node_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Demote a voter to standby.
+    Demote {
+        node_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a standby from the cluster (demote a voter first). Its node id is never reused.
+    Remove {
+        node_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make another voter the leader.
+    TransferLeader {
+        node_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Local development cluster.
+    Dev {
+        #[command(subcommand)]
+        command: dev::DevCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a new CA (ca.pem, ca.key) in a folder.
+    Init {
+        /// Folder for the CA files.
+        #[arg(long, env = "VESPER_CA_DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a certificate signed by the CA.
+    Issue {
+        /// Folder of the CA (from `ca init`).
+        #[arg(long, env = "VESPER_CA_DIR")]
+        ca_dir: PathBuf,
+        /// What the certificate is for.
+        #[arg(long, value_enum)]
+        role: certs::Role,
+        /// Name of the certificate (files NAME.pem and NAME.key).
+        #[arg(long)]
+        name: String,
+        /// DNS names and IP addresses the certificate is valid for (repeat the flag). Super peers need the
+        /// names clients use to reach them.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ca {
+            command: CaCommand::Init { dir },
+        } => certs::init_ca(&dir).map(|path| println!("created CA {}", path.display())),
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    ca_dir,
+                    role,
+                    name,
+                    sans,
+                    out,
+                },
+        } => certs::issue(&ca_dir, role, &name, &sans, &out).map(|(cert, key)| {
+            println!(
+                "issued {role} certificate {} (key {})",
+                cert.display(),
+                key.display()
+            )
+        }),
+        Command::Status { json } => admin::status(&cli.connection, json).await,
+        Command::Members { json } => admin::members(&cli.connection, json).await,
+        Command::AddStandby { cluster_addr, json } => {
+            admin::add_standby(&cli.connection, &cluster_addr, json).await
+        }
+        Command::Promote { node_id, json } => admin::promote(&cli.connection, node_id, json).await,
+        Command::Demote { node_id, json } => admin::demote(&cli.connection, node_id, json).await,
+        Command::Remove { node_id, json } => admin::remove(&cli.connection, node_id, json).await,
+        Command::TransferLeader { node_id, json } => {
+            admin::transfer_leader(&cli.connection, node_id, json).await
+        }
+        Command::Dev { command } => dev::run(command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("vesperctl: {error:#}");
+            if error.downcast_ref::<admin::UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

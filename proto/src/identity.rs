@@ -1,0 +1,237 @@
+//! Identity: every peer owns an Ed25519 key pair, and its [`PeerId`] is derived from the public key.
+//!
+//! The text form of a `PeerId` is `vp1` followed by the lowercase, unpadded base32 of the 32-byte public key
+//! (55 characters in all). It is stable: the same key always gives the same text, and the text decodes back to the
+//! key, so a signature can be checked from a `PeerId` alone.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use data_encoding::BASE32_NOPAD;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+
+/// Prefix of the text form; the version digit lets a later key type get another prefix.
+const PEER_ID_PREFIX: &str = "vp1";
+
+/// Why a `PeerId`, key or signature was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerIdError {
+    #[error("peer id must start with {PEER_ID_PREFIX:?}")]
+    BadPrefix,
+    #[error("peer id is not valid base32: {0}")]
+    BadEncoding(#[from] data_encoding::DecodeError),
+    #[error("public key must be 32 bytes, got {0}")]
+    BadKeyLength(usize),
+    #[error("public key is not a valid Ed25519 point")]
+    InvalidKey,
+    #[error("signature must be 64 bytes, got {0}")]
+    BadSignatureLength(usize),
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// The name of a peer: its Ed25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId([u8; 32]);
+
+impl PeerId {
+    /// Builds a `PeerId` from raw public key bytes, checking that they are a valid Ed25519 key.
+    pub fn from_public_key_bytes(bytes: &[u8]) -> Result<Self, PeerIdError> {
+        let raw: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| PeerIdError::BadKeyLength(bytes.len()))?;
+        VerifyingKey::from_bytes(&raw).map_err(|_| PeerIdError::InvalidKey)?;
+        Ok(Self(raw))
+    }
+
+    /// The raw public key.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Verifies an Ed25519 signature made by this peer over `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), PeerIdError> {
+        let key = VerifyingKey::from_bytes(&self.0).map_err(|_| PeerIdError::InvalidKey)?;
+        let signature = Signature::from_slice(signature)
+            .map_err(|_| PeerIdError::BadSignatureLength(signature.len()))?;
+        key.verify(message, &signature)
+            .map_err(|_| PeerIdError::BadSignature)
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PEER_ID_PREFIX}{}",
+            BASE32_NOPAD.encode(&self.0).to_lowercase()
+        )
+    }
+}
+
+impl fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Short form for logs: the prefix and the first 10 characters are unique enough to read.
+        let text = self.to_string();
+        write!(f, "PeerId({})", &text[..13])
+    }
+}
+
+impl FromStr for PeerId {
+    type Err = PeerIdError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let body = text
+            .strip_prefix(PEER_ID_PREFIX)
+            .ok_or(PeerIdError::BadPrefix)?;
+        let bytes = BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes())?;
+        Self::from_public_key_bytes(&bytes)
+    }
+}
+
+/// An Ed25519 key pair.
+#[derive(Clone)]
+pub struct Keypair(SigningKey);
+
+impl Keypair {
+    /// Generates a new key pair from the operating system's random source.
+    pub fn generate() -> Self {
+        Self(SigningKey::from_bytes(&rand::random::<[u8; 32]>()))
+    }
+
+    /// Builds a key pair from its 32-byte secret seed.
+    pub fn from_secret_bytes(secret: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&secret))
+    }
+
+    /// The 32-byte secret seed.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// This key's `PeerId`.
+    pub fn peer_id(&self) -> PeerId {
+        PeerId(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs `message`, returning the 64-byte signature.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
+
+    /// Loads a key from `path` (64 hex characters of secret seed), or creates one there with mode 0600 if the file
+    /// does not exist.
+    pub fn load_or_generate(path: &Path) -> std::io::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_hex(text.trim()).map_err(|reason| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("key file {}: {reason}", path.display()),
+                )
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let key = Self::generate();
+                key.save(path)?;
+                Ok(key)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Writes the secret seed as hex to `path` with mode 0600, creating parent folders.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let text = format!("{}\n", data_encoding::HEXLOWER.encode(&self.secret_bytes()));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        use std::io::Write;
+        options.open(path)?.write_all(text.as_bytes())
+    }
+
+    fn from_hex(text: &str) -> Result<Self, String> {
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .map_err(|error| format!("not hex: {error}"))?;
+        let secret: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            format!("expected 32 bytes of secret, got {}", bytes.len())
+        })?;
+        Ok(Self::from_secret_bytes(secret))
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret.
+        write!(f, "Keypair({:?})", self.peer_id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_id_text_round_trips() {
+        let key = Keypair::generate();
+        let id = key.peer_id();
+        let text = id.to_string();
+        assert!(text.starts_with("vp1"));
+        assert_eq!(text.len(), 55);
+        assert_eq!(text.parse::<PeerId>().unwrap(), id);
+    }
+
+    #[test]
+    fn peer_id_is_stable_for_a_key() {
+        let key = Keypair::from_secret_bytes([7; 32]);
+        assert_eq!(key.peer_id().to_string(), key.peer_id().to_string());
+        assert_eq!(Keypair::from_secret_bytes([7; 32]).peer_id(), key.peer_id());
+    }
+
+    #[test]
+    fn bad_peer_ids_are_rejected() {
+        assert!(matches!(
+            "xx1abc".parse::<PeerId>(),
+            Err(PeerIdError::BadPrefix)
+        ));
+        assert!(matches!(
+            "vp1!!".parse::<PeerId>(),
+            Err(PeerIdError::BadEncoding(_))
+        ));
+        assert!(matches!(
+            "vp1aaaa".parse::<PeerId>(),
+            Err(PeerIdError::BadKeyLength(_))
+        ));
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_signer_and_message() {
+        let key = Keypair::generate();
+        let other = Keypair::generate();
+        let signature = key.sign(b"hello");
+        key.peer_id().verify(b"hello", &signature).unwrap();
+        assert!(key.peer_id().verify(b"hellO", &signature).is_err());
+        assert!(other.peer_id().verify(b"hello", &signature).is_err());
+        assert!(matches!(
+            key.peer_id().verify(b"hello", &signature[..10]),
+            Err(PeerIdError::BadSignatureLength(10))
+        ));
+    }
+
+    #[test]
+    fn key_file_round_trips() {
+        let dir = std::env::temp_dir().join(format!("vesper-key-{}", rand::random::<u64>()));
+        let path = dir.join("key");
+        let created = Keypair::load_or_generate(&path).unwrap();
+        let loaded = Keypair::load_or_generate(&path).unwrap();
+        assert_eq!(created.peer_id(), loaded.peer_id());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,26 @@
+//! The Vesper wire protocol and the identity types both sides of it share.
+//!
+//! - [`v1`]: generated protobuf messages and tonic clients/servers of package `vesper.v1` (Leaf, Cluster, Admin).
+//! - [`identity`]: Ed25519 keys and [`PeerId`], the stable name of every peer, leaf or super peer.
+//! - [`session`]: the message a leaf signs to prove key possession when it attaches.
+//! - [`validate`]: the limits on namespaces, keys, attributes and values, checked on both sides of the wire.
+//!
+//! Generated prost types stay at the edge: code on either side converts them into its own domain types.
+
+pub mod identity;
+pub mod session;
+pub mod validate;
+
+pub use identity::{Keypair, PeerId, PeerIdError};
+
+/// Generated code of package `vesper.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("vesper.v1");
+
+    /// Encoded `FileDescriptorSet` of every Vesper proto file (for gRPC reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("vesper_descriptor");
+}
+
+/// Request metadata key that carries a leaf's session token on unary Leaf calls.
+pub const SESSION_METADATA_KEY: &str = "x-vesper-session";

@@ -1,0 +1,285 @@
+//! Membership changes, carried out on the leader.
+//!
+//! Adding a node is two steps: a Raft write allocates its node id (ids are never reused: the node table keeps
+//! tombstones), then openraft adds it as a learner. Promotion, demotion and removal are openraft membership
+//! changes (joint consensus). Every function here refuses with a clear error instead of guessing: promote only
+//! standbys, demote only voters (never the last one), remove only standbys.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ChangeMembers;
+use vesper_proto::v1::admin_client::AdminClient;
+use vesper_proto::v1::{AdoptRequest, DescribeRequest};
+
+use crate::cluster::node_info;
+use crate::error::ServiceError;
+use crate::node::Context;
+use crate::raft::command::{NodeInfo, Op, Response};
+use crate::raft::propose::{Backoff, PROPOSE_TIMEOUT};
+
+/// How long a leadership transfer may take before the call reports failure.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a membership call must run.
+pub enum Leader {
+    /// This node leads: run here.
+    Local,
+    /// Another node leads: forward to its Admin service.
+    Remote(AdminClient<tonic::transport::Channel>),
+}
+
+/// Finds the leader, waiting (with backoff) while there is none.
+pub async fn leader(context: &Context) -> Result<Leader, ServiceError> {
+    let raft = context.raft()?;
+    let deadline = Instant::now() + PROPOSE_TIMEOUT;
+    let mut backoff = Backoff::default();
+    loop {
+        let metrics = raft.metrics().borrow_watched().clone();
+        match metrics.current_leader {
+            Some(id) if id == *raft.node_id() => return Ok(Leader::Local),
+            Some(id) => {
+                if let Some(node) = metrics.membership_config.membership().get_node(&id) {
+                    let channel = context
+                        .clients
+                        .channel(&node.admin_addr)
+                        .map_err(|status| ServiceError::Peer {
+                            peer: node.admin_addr.clone(),
+                            status,
+                        })?;
+                    return Ok(Leader::Remote(AdminClient::new(channel)));
+                }
+            }
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(ServiceError::NoLeader);
+        }
+        backoff.wait().await;
+    }
+}
+
+fn raft_error(error: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Raft(error.to_string())
+}
+
+/// Registers `node` (allocating its node id) and adds it as a learner. Runs on the leader; from another member
+/// the registration is forwarded by the proposer and `add_learner` reports the leader to retry on.
+pub async fn register_standby(context: &Context, node: NodeInfo) -> Result<u64, ServiceError> {
+    let raft = context.raft()?;
+    let node_id = match context
+        .propose(Op::RegisterNode { node: node.clone() })
+        .await?
+    {
+        (Response::NodeId(id), _) => id,
+        (other, _) => {
+            return Err(ServiceError::Raft(format!(
+                "register node answered {other:?}"
+            )))
+        }
+    };
+    let deadline = Instant::now() + PROPOSE_TIMEOUT;
+    let mut backoff = Backoff::default();
+    loop {
+        match raft.add_learner(node_id, node.clone(), false).await {
+            Ok(_) => break,
+            Err(error) => {
+                if let Some(forward) = error.forward_to_leader() {
+                    // Not the leader: ask the leader to do it (the join reached a follower).
+                    if let (Some(_), Some(leader)) =
+                        (forward.leader_id, forward.leader_node.as_ref())
+                    {
+                        let mut client =
+                            context
+                                .clients
+                                .client(&leader.cluster_addr)
+                                .map_err(|status| ServiceError::Peer {
+                                    peer: leader.cluster_addr.clone(),
+                                    status,
+                                })?;
+                        let request = vesper_proto::v1::JoinRequest {
+                            node: Some(vesper_proto::v1::NodeDescriptor {
+                                peer_id: node.peer_id.clone(),
+                                cluster_addr: node.cluster_addr.clone(),
+                                leaf_addr: node.leaf_addr.clone(),
+                                admin_addr: node.admin_addr.clone(),
+                            }),
+                        };
+                        let reply =
+                            client
+                                .join(request)
+                                .await
+                                .map_err(|status| ServiceError::Peer {
+                                    peer: leader.cluster_addr.clone(),
+                                    status,
+                                })?;
+                        return Ok(reply.into_inner().node_id);
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(raft_error(error));
+                }
+                backoff.wait().await;
+            }
+        }
+    }
+    tracing::info!(node_id, peer_id = %node.peer_id, "added standby");
+    Ok(node_id)
+}
+
+/// Adds the idle node at `cluster_addr` as a standby: describe it, register it, tell it its id, add it as a
+/// learner.
+pub async fn add_standby(
+    context: &Context,
+    cluster_addr: &str,
+) -> Result<(u64, NodeInfo), ServiceError> {
+    let peer_error = |status| ServiceError::Peer {
+        peer: cluster_addr.to_string(),
+        status,
+    };
+    let mut client = context.clients.client(cluster_addr).map_err(peer_error)?;
+    let described = client
+        .describe(DescribeRequest {})
+        .await
+        .map_err(peer_error)?
+        .into_inner();
+    if described.node_id != 0 {
+        return Err(ServiceError::Precondition(format!(
+            "the node at {cluster_addr} already belongs to a cluster as node {}",
+            described.node_id
+        )));
+    }
+    let node = node_info(described.node)?;
+    let node_id = match context
+        .propose(Op::RegisterNode { node: node.clone() })
+        .await?
+    {
+        (Response::NodeId(id), _) => id,
+        (other, _) => {
+            return Err(ServiceError::Raft(format!(
+                "register node answered {other:?}"
+            )))
+        }
+    };
+    client
+        .adopt(AdoptRequest {
+            node_id,
+            peer_id: node.peer_id.clone(),
+        })
+        .await
+        .map_err(peer_error)?;
+    context
+        .raft()?
+        .add_learner(node_id, node.clone(), false)
+        .await
+        .map_err(raft_error)?;
+    tracing::info!(node_id, peer_id = %node.peer_id, "adopted standby");
+    Ok((node_id, node))
+}
+
+fn current_sets(
+    context: &Context,
+) -> Result<(BTreeSet<u64>, BTreeMap<u64, NodeInfo>), ServiceError> {
+    let raft = context.raft()?;
+    let metrics = raft.metrics().borrow_watched().clone();
+    let membership = metrics.membership_config.membership();
+    let voters = membership.voter_ids().collect();
+    let nodes = membership
+        .nodes()
+        .map(|(id, node)| (*id, node.clone()))
+        .collect();
+    Ok((voters, nodes))
+}
+
+/// Promotes standby `node_id` to voter.
+pub async fn promote(context: &Context, node_id: u64) -> Result<(), ServiceError> {
+    let (voters, nodes) = current_sets(context)?;
+    if voters.contains(&node_id) {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is already a voter"
+        )));
+    }
+    if !nodes.contains_key(&node_id) {
+        return Err(ServiceError::NotFound(format!(
+            "node {node_id} is not a standby of this cluster"
+        )));
+    }
+    context
+        .raft()?
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), true)
+        .await
+        .map_err(raft_error)?;
+    tracing::info!(node_id, "promoted to voter");
+    Ok(())
+}
+
+/// Demotes voter `node_id` to standby.
+pub async fn demote(context: &Context, node_id: u64) -> Result<(), ServiceError> {
+    let (voters, _) = current_sets(context)?;
+    if !voters.contains(&node_id) {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is not a voter"
+        )));
+    }
+    if voters.len() == 1 {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is the last voter; promote another node first"
+        )));
+    }
+    context
+        .raft()?
+        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), true)
+        .await
+        .map_err(raft_error)?;
+    tracing::info!(node_id, "demoted to standby");
+    Ok(())
+}
+
+/// Removes standby `node_id` from the group and tombstones its id.
+pub async fn remove(context: &Context, node_id: u64) -> Result<(), ServiceError> {
+    let (voters, nodes) = current_sets(context)?;
+    if voters.contains(&node_id) {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is a voter; demote it first (vesperctl demote {node_id})"
+        )));
+    }
+    if nodes.contains_key(&node_id) {
+        context
+            .raft()?
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false)
+            .await
+            .map_err(raft_error)?;
+    }
+    match context.propose(Op::TombstoneNode { node_id }).await? {
+        (Response::Rejected(rejection), _) => Err(rejection.into()),
+        _ => {
+            tracing::info!(node_id, "removed node");
+            Ok(())
+        }
+    }
+}
+
+/// Transfers leadership to voter `node_id` and waits until it leads.
+pub async fn transfer_leader(context: &Context, node_id: u64) -> Result<u64, ServiceError> {
+    let raft = context.raft()?;
+    let (voters, _) = current_sets(context)?;
+    if !voters.contains(&node_id) {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is not a voter; only voters can lead"
+        )));
+    }
+    if *raft.node_id() == node_id {
+        return Ok(node_id);
+    }
+    raft.trigger()
+        .transfer_leader(node_id)
+        .await
+        .map_err(raft_error)?;
+    raft.wait(Some(TRANSFER_TIMEOUT))
+        .current_leader(node_id, "leadership transfer")
+        .await
+        .map_err(|_| ServiceError::Timeout("the new leader to take over"))?;
+    tracing::info!(node_id, "leadership transferred");
+    Ok(node_id)
+}

@@ -1,0 +1,184 @@
+//! The Admin service: what `vesperctl` calls. Read calls answer from the local replica; membership changes run on
+//! the leader (a follower forwards the call to the leader's Admin service).
+
+pub mod membership;
+
+use std::sync::Arc;
+
+use openraft::async_runtime::WatchReceiver;
+use tonic::{Request, Response, Status};
+use vesper_proto::v1::admin_server::Admin;
+use vesper_proto::v1::{
+    AddStandbyRequest, AddStandbyResponse, DemoteRequest, DemoteResponse, Member, MemberRole,
+    MembersRequest, MembersResponse, PromoteRequest, PromoteResponse, RemoveNodeRequest,
+    RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
+};
+
+use crate::error::ServiceError;
+use crate::node::Context;
+use membership::Leader;
+
+pub struct AdminService {
+    context: Arc<Context>,
+}
+
+impl AdminService {
+    pub fn new(context: Arc<Context>) -> Self {
+        Self { context }
+    }
+}
+
+fn forwarded(status: Status) -> Status {
+    // Keep the leader's code and message: the operator sees the real reason.
+    status
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let context = &self.context;
+        let Ok(raft) = context.raft() else {
+            // An idle node still answers, so operators can see it is waiting to be added.
+            return Ok(Response::new(StatusResponse {
+                peer_id: context.me.peer_id.clone(),
+                raft_state: "idle".into(),
+                ..Default::default()
+            }));
+        };
+        let metrics = raft.metrics().borrow_watched().clone();
+        let index = |log_id: &Option<crate::raft::LogId>| log_id.as_ref().map_or(0, |id| id.index);
+        Ok(Response::new(StatusResponse {
+            node_id: *raft.node_id(),
+            peer_id: context.me.peer_id.clone(),
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            applied_index: index(&metrics.last_applied),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            raft_state: format!("{:?}", metrics.state).to_lowercase(),
+            purged_index: index(&metrics.purged),
+            snapshot_index: index(&metrics.snapshot),
+            members: context.members()?,
+        }))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let raft = self.context.raft()?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        Ok(Response::new(MembersResponse {
+            members: self.context.members()?,
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            applied_index: metrics.last_applied.as_ref().map_or(0, |id| id.index),
+        }))
+    }
+
+    async fn add_standby(
+        &self,
+        request: Request<AddStandbyRequest>,
+    ) -> Result<Response<AddStandbyResponse>, Status> {
+        let cluster_addr = request.get_ref().cluster_addr.clone();
+        if !cluster_addr.contains(':') {
+            return Err(ServiceError::BadField(format!(
+                "cluster_addr {cluster_addr:?} must be host:port"
+            ))
+            .into());
+        }
+        match membership::leader(&self.context).await? {
+            Leader::Remote(mut client) => client
+                .add_standby(request.into_inner())
+                .await
+                .map_err(forwarded),
+            Leader::Local => {
+                let (node_id, node) = membership::add_standby(&self.context, &cluster_addr).await?;
+                Ok(Response::new(AddStandbyResponse {
+                    member: Some(Member {
+                        node_id,
+                        peer_id: node.peer_id,
+                        cluster_addr: node.cluster_addr,
+                        leaf_addr: node.leaf_addr,
+                        admin_addr: node.admin_addr,
+                        role: MemberRole::Standby as i32,
+                        is_leader: false,
+                    }),
+                }))
+            }
+        }
+    }
+
+    async fn promote(
+        &self,
+        request: Request<PromoteRequest>,
+    ) -> Result<Response<PromoteResponse>, Status> {
+        match membership::leader(&self.context).await? {
+            Leader::Remote(mut client) => client
+                .promote(request.into_inner())
+                .await
+                .map_err(forwarded),
+            Leader::Local => {
+                membership::promote(&self.context, request.get_ref().node_id).await?;
+                Ok(Response::new(PromoteResponse {
+                    members: self.context.members()?,
+                }))
+            }
+        }
+    }
+
+    async fn demote(
+        &self,
+        request: Request<DemoteRequest>,
+    ) -> Result<Response<DemoteResponse>, Status> {
+        match membership::leader(&self.context).await? {
+            Leader::Remote(mut client) => {
+                client.demote(request.into_inner()).await.map_err(forwarded)
+            }
+            Leader::Local => {
+                membership::demote(&self.context, request.get_ref().node_id).await?;
+                Ok(Response::new(DemoteResponse {
+                    members: self.context.members()?,
+                }))
+            }
+        }
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        match membership::leader(&self.context).await? {
+            Leader::Remote(mut client) => client
+                .remove_node(request.into_inner())
+                .await
+                .map_err(forwarded),
+            Leader::Local => {
+                membership::remove(&self.context, request.get_ref().node_id).await?;
+                Ok(Response::new(RemoveNodeResponse {
+                    members: self.context.members()?,
+                }))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        match membership::leader(&self.context).await? {
+            Leader::Remote(mut client) => client
+                .transfer_leader(request.into_inner())
+                .await
+                .map_err(forwarded),
+            Leader::Local => {
+                let leader_id =
+                    membership::transfer_leader(&self.context, request.get_ref().node_id).await?;
+                Ok(Response::new(TransferLeaderResponse { leader_id }))
+            }
+        }
+    }
+}

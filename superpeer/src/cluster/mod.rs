@@ -1,0 +1,188 @@
+//! The Cluster service: Raft RPCs, forwarded writes and reads, and joining. Reached only over mutual TLS by
+//! holders of a cluster certificate.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use vesper_proto::v1::cluster_server::Cluster;
+use vesper_proto::v1::{
+    AdoptRequest, AdoptResponse, DescribeRequest, DescribeResponse, JoinRequest, JoinResponse,
+    NodeDescriptor, ProposeRequest, ProposeResponse, RaftPayload, ReadIndexRequest,
+    ReadIndexResponse,
+};
+
+use crate::admin::membership;
+use crate::error::ServiceError;
+use crate::node::Context;
+use crate::raft::codec;
+use crate::raft::command::{Command, NodeInfo};
+use crate::raft::propose;
+use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+
+pub struct ClusterService {
+    context: Arc<Context>,
+}
+
+impl ClusterService {
+    pub fn new(context: Arc<Context>) -> Self {
+        Self { context }
+    }
+}
+
+/// Converts a descriptor from the wire, checking that its peer id is well formed.
+pub fn node_info(descriptor: Option<NodeDescriptor>) -> Result<NodeInfo, ServiceError> {
+    let descriptor =
+        descriptor.ok_or_else(|| ServiceError::BadField("node descriptor is missing".into()))?;
+    descriptor
+        .peer_id
+        .parse::<vesper_proto::PeerId>()
+        .map_err(|error| ServiceError::BadField(format!("peer id: {error}")))?;
+    for (field, address) in [
+        ("cluster_addr", &descriptor.cluster_addr),
+        ("leaf_addr", &descriptor.leaf_addr),
+        ("admin_addr", &descriptor.admin_addr),
+    ] {
+        if !address.contains(':') {
+            return Err(ServiceError::BadField(format!(
+                "{field} {address:?} must be host:port"
+            )));
+        }
+    }
+    Ok(NodeInfo {
+        peer_id: descriptor.peer_id,
+        cluster_addr: descriptor.cluster_addr,
+        leaf_addr: descriptor.leaf_addr,
+        admin_addr: descriptor.admin_addr,
+    })
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let raft = self.context.raft()?;
+        let rpc = codec::from_payload("append entries", request.get_ref())?;
+        let result = raft.append_entries(rpc).await;
+        Ok(Response::new(codec::payload(
+            "append entries result",
+            &result,
+        )?))
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let raft = self.context.raft()?;
+        let rpc = codec::from_payload("vote", request.get_ref())?;
+        let result = raft.vote(rpc).await;
+        Ok(Response::new(codec::payload("vote result", &result)?))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let raft = self.context.raft()?;
+        let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) =
+            codec::from_payload("snapshot", request.get_ref())?;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installing snapshot from the leader");
+        let result = raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: data,
+                },
+            )
+            .await;
+        Ok(Response::new(codec::payload("snapshot result", &result)?))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let raft = self.context.raft()?;
+        let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> =
+            codec::from_payload("transfer leader", request.get_ref())?;
+        let result = raft.handle_transfer_leader(rpc).await;
+        Ok(Response::new(codec::payload(
+            "transfer leader result",
+            &result,
+        )?))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
+        let raft = self.context.raft()?;
+        let request = request.into_inner();
+        let command: Command = codec::decode("command", request.encoding, &request.command)?;
+        let (response, applied_index) = propose::propose_local(raft, command).await?;
+        Ok(Response::new(ProposeResponse {
+            encoding: codec::ENCODING,
+            response: codec::encode("response", &response)?,
+            applied_index,
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        _request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let raft = self.context.raft()?;
+        let read_index = propose::local_read_index(raft).await?;
+        Ok(Response::new(ReadIndexResponse { read_index }))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let node = node_info(request.into_inner().node)?;
+        let node_id = membership::register_standby(&self.context, node).await?;
+        Ok(Response::new(JoinResponse {
+            node_id,
+            members: self.context.members().unwrap_or_default(),
+        }))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        let me = &self.context.me;
+        Ok(Response::new(DescribeResponse {
+            node: Some(NodeDescriptor {
+                peer_id: me.peer_id.clone(),
+                cluster_addr: me.cluster_addr.clone(),
+                leaf_addr: me.leaf_addr.clone(),
+                admin_addr: me.admin_addr.clone(),
+            }),
+            node_id: self.context.node_id().unwrap_or(0),
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<AdoptRequest>,
+    ) -> Result<Response<AdoptResponse>, Status> {
+        let request = request.into_inner();
+        if request.peer_id != self.context.me.peer_id {
+            return Err(ServiceError::Precondition(format!(
+                "adoption is for {}, but this node is {}",
+                request.peer_id, self.context.me.peer_id
+            ))
+            .into());
+        }
+        if request.node_id == 0 {
+            return Err(ServiceError::BadField("node id 0 is reserved".into()).into());
+        }
+        if let Some(current) = self.context.node_id() {
+            return Err(ServiceError::Precondition(format!(
+                "this node is already cluster member {current}"
+            ))
+            .into());
+        }
+        self.context.adopt(request.node_id).await?;
+        Ok(Response::new(AdoptResponse {}))
+    }
+}

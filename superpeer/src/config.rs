@@ -1,0 +1,188 @@
+//! Super peer configuration: a plain struct with defaults and `validate()`. The binary layers it as
+//! defaults -> TOML file -> `VESPER_*` environment -> flags (see `main.rs`); tests build it directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tls::TlsPaths;
+
+/// How a node enters a cluster the first time it starts with an empty data directory. A node whose data
+/// directory already holds a node id resumes, whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartMode {
+    /// Wait to be added by an operator (`vesperctl add-standby`).
+    #[default]
+    Idle,
+    /// Create a new cluster with this node as its first voter.
+    Bootstrap,
+    /// Join the cluster that the member at this Cluster address belongs to, as a standby.
+    Join(String),
+}
+
+/// Raft timing and log compaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval in milliseconds. Default 150.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the election timeout in milliseconds. Default 1000.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the election timeout in milliseconds. Default 2000.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one. Default 10000.
+    pub snapshot_after_logs: u64,
+    /// Log entries kept behind a snapshot, so slightly lagging members catch up from the log. Default 1000.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_after_logs: 10_000,
+            logs_kept_after_snapshot: 1000,
+        }
+    }
+}
+
+/// Everything a super peer needs to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Data directory: RocksDB, the node key and the node id. Default `./vesper-data`.
+    pub data_dir: PathBuf,
+    /// Where the Leaf service listens. Default `127.0.0.1:7400`. Port 0 picks a free port.
+    pub leaf_listen: SocketAddr,
+    /// Where the Cluster service listens. Default `127.0.0.1:7401`.
+    pub cluster_listen: SocketAddr,
+    /// Where the Admin service listens. Default `127.0.0.1:7402`.
+    pub admin_listen: SocketAddr,
+    /// Host name or IP other nodes and leaves use to reach this node. Default: the listen IP (required when that
+    /// is unspecified, such as 0.0.0.0).
+    pub advertise_host: Option<String>,
+    /// TLS files (required).
+    pub tls: Option<TlsPaths>,
+    /// How to enter a cluster on first start.
+    pub start: StartMode,
+    /// Raft timing and compaction.
+    pub raft: RaftConfig,
+    /// Interval at which leaves should send keepalives, in milliseconds. Default 5000.
+    pub keepalive_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("vesper-data"),
+            leaf_listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            cluster_listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            advertise_host: None,
+            tls: None,
+            start: StartMode::Idle,
+            raft: RaftConfig::default(),
+            keepalive_interval_ms: 5000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the whole configuration and reports every problem at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.tls.is_none() {
+            problems.push(
+                "tls is not configured: set --tls-ca, --tls-cert and --tls-key (vesperctl dev certs makes a dev set)"
+                    .to_string(),
+            );
+        }
+        if self.advertise_host.is_none()
+            && [self.leaf_listen, self.cluster_listen, self.admin_listen]
+                .iter()
+                .any(|addr| addr.ip().is_unspecified())
+        {
+            problems.push(
+                "a listen address is unspecified (0.0.0.0 or ::): set --advertise-host".to_string(),
+            );
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0 {
+            problems.push("raft.heartbeat_interval_ms must be above 0".into());
+        }
+        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
+            problems.push(
+                "raft.election_timeout_min_ms must be above raft.heartbeat_interval_ms".into(),
+            );
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            problems.push(
+                "raft.election_timeout_max_ms must be above raft.election_timeout_min_ms".into(),
+            );
+        }
+        if raft.snapshot_after_logs == 0 {
+            problems.push("raft.snapshot_after_logs must be above 0".into());
+        }
+        if self.keepalive_interval_ms == 0 {
+            problems.push("keepalive_interval_ms must be above 0".into());
+        }
+        if let StartMode::Join(addr) = &self.start {
+            if !addr.contains(':') {
+                problems.push(format!("join address {addr:?} must be host:port"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The keepalive interval leaves are told to use.
+    pub fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.keepalive_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_only_lacks_tls() {
+        let problems = Config::default().validate().unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("tls"));
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let config = Config {
+            leaf_listen: "0.0.0.0:1".parse().unwrap(),
+            raft: RaftConfig {
+                election_timeout_max_ms: 10,
+                ..RaftConfig::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(config.validate().unwrap_err().len(), 3);
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let config: Config = toml::from_str(
+            "data_dir = \"/var/lib/vesper\"\nstart = \"bootstrap\"\n[raft]\nsnapshot_after_logs = 50\n",
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/vesper"));
+        assert_eq!(config.start, StartMode::Bootstrap);
+        assert_eq!(config.raft.snapshot_after_logs, 50);
+        assert_eq!(config.raft.heartbeat_interval_ms, 150);
+        assert!(toml::from_str::<Config>("data_dri = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,435 @@
+//! The Leaf service: authenticated sessions and the index calls of leaf peers.
+//!
+//! ```text
+//!  Session stream task (one per leaf)            unary calls (PutRecord, GetRecord, ...)
+//!    challenge -> attach (verify signature)        x-vesper-session token -> SessionRegistry -> PeerId
+//!    -> token in SessionRegistry -> welcome        validate -> pre-check -> propose / read barrier -> RocksDB
+//!    -> ping/pong until the stream ends
+//!       (token removed when the task ends)
+//! ```
+//!
+//! Checks happen in this order, so bad input never reaches Raft: session, then input validation (limits), then
+//! ownership and compare-and-set against the local replica. Apply repeats the last two checks deterministically
+//! for writes that raced.
+
+mod convert;
+mod sessions;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use vesper_proto::session::{attach_message, NONCE_LEN};
+use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
+use vesper_proto::v1::{
+    client_frame, search_term, server_frame, Challenge, ClientFrame, DeleteRecordRequest,
+    DeleteRecordResponse, GetRecordRequest, GetRecordResponse, ListRecordsRequest,
+    ListRecordsResponse, Pong, PutRecordRequest, PutRecordResponse, ReadConsistency,
+    SearchRecordsRequest, SearchRecordsResponse, ServerFrame, Welcome,
+};
+use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
+
+pub use sessions::SessionRegistry;
+
+use crate::error::ServiceError;
+use crate::node::Context;
+use crate::raft::command::{Op, Response as CommandResponse};
+use crate::store::blocking;
+use crate::store::records::{self, Condition, Term};
+
+/// Time a leaf has to answer the challenge after opening a session.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards one leaf before the session task waits for the leaf to read.
+const SESSION_OUTBOUND_QUEUE: usize = 64;
+
+/// Builds the Leaf gRPC service.
+pub fn service(
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) -> LeafServer<LeafService> {
+    LeafServer::new(LeafService {
+        context,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The Leaf service of one super peer.
+pub struct LeafService {
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl LeafService {
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<PeerId, ServiceError> {
+        let token = request
+            .metadata()
+            .get(SESSION_METADATA_KEY)
+            .ok_or_else(|| {
+                ServiceError::Unauthenticated(format!(
+                    "no session: open a Session stream and send its token in {SESSION_METADATA_KEY}"
+                ))
+            })?
+            .to_str()
+            .map_err(|_| ServiceError::Unauthenticated("session token is not text".into()))?;
+        self.context.sessions.peer_of(token).ok_or_else(|| {
+            ServiceError::Unauthenticated("session token is unknown or expired".into())
+        })
+    }
+}
+
+fn consistency(value: i32) -> Result<ReadConsistency, ServiceError> {
+    ReadConsistency::try_from(value)
+        .map_err(|_| ServiceError::BadField(format!("consistency {value} is not a known value")))
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Leaf for LeafService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<ClientFrame>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
+        let context = self.context.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks
+            .spawn(async move { run_session(context, inbound, tx, shutdown).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn put_record(
+        &self,
+        request: Request<PutRecordRequest>,
+    ) -> Result<Response<PutRecordResponse>, Status> {
+        let peer = self.authenticate(&request)?;
+        let request = request.into_inner();
+        validate::record(
+            &request.namespace,
+            &request.key,
+            &request.attributes,
+            &request.value,
+        )
+        .map_err(ServiceError::from)?;
+        self.precheck(
+            &peer,
+            &request.namespace,
+            &request.key,
+            request.expected_version,
+        )
+        .await?;
+        let op = Op::PutRecord {
+            owner: *peer.as_bytes(),
+            namespace: request.namespace.clone(),
+            key: request.key.clone(),
+            attributes: request.attributes.into_iter().collect(),
+            value: request.value,
+            expected_version: request.expected_version,
+        };
+        match self.context.propose(op).await? {
+            (CommandResponse::Record(record), applied_index) => {
+                Ok(Response::new(PutRecordResponse {
+                    record: Some(convert::record(&request.namespace, &request.key, record)),
+                    applied_index,
+                }))
+            }
+            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_record(
+        &self,
+        request: Request<GetRecordRequest>,
+    ) -> Result<Response<GetRecordResponse>, Status> {
+        self.authenticate(&request)?;
+        let request = request.into_inner();
+        validate::namespace(&request.namespace).map_err(ServiceError::from)?;
+        validate::key(&request.key).map_err(ServiceError::from)?;
+        let applied_index = self
+            .context
+            .read_barrier(consistency(request.consistency)?)
+            .await?;
+        let reader = self.context.reader.clone();
+        let (namespace, key) = (request.namespace.clone(), request.key.clone());
+        let record = blocking(move || records::get(reader.db(), &namespace, &key))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(GetRecordResponse {
+            record: record.map(|record| convert::record(&request.namespace, &request.key, record)),
+            applied_index,
+        }))
+    }
+
+    async fn delete_record(
+        &self,
+        request: Request<DeleteRecordRequest>,
+    ) -> Result<Response<DeleteRecordResponse>, Status> {
+        let peer = self.authenticate(&request)?;
+        let request = request.into_inner();
+        validate::namespace(&request.namespace).map_err(ServiceError::from)?;
+        validate::key(&request.key).map_err(ServiceError::from)?;
+        let exists = self
+            .precheck(
+                &peer,
+                &request.namespace,
+                &request.key,
+                request.expected_version,
+            )
+            .await?;
+        if !exists && request.expected_version.is_none() {
+            // Nothing to delete: answer without a Raft round.
+            return Ok(Response::new(DeleteRecordResponse {
+                deleted: false,
+                applied_index: 0,
+            }));
+        }
+        let op = Op::DeleteRecord {
+            owner: *peer.as_bytes(),
+            namespace: request.namespace,
+            key: request.key,
+            expected_version: request.expected_version,
+        };
+        match self.context.propose(op).await? {
+            (CommandResponse::Deleted(deleted), applied_index) => {
+                Ok(Response::new(DeleteRecordResponse {
+                    deleted,
+                    applied_index,
+                }))
+            }
+            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    async fn list_records(
+        &self,
+        request: Request<ListRecordsRequest>,
+    ) -> Result<Response<ListRecordsResponse>, Status> {
+        self.authenticate(&request)?;
+        let request = request.into_inner();
+        validate::namespace(&request.namespace).map_err(ServiceError::from)?;
+        validate::key_prefix(&request.key_prefix).map_err(ServiceError::from)?;
+        let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
+        let applied_index = self
+            .context
+            .read_barrier(consistency(request.consistency)?)
+            .await?;
+        let reader = self.context.reader.clone();
+        let namespace = request.namespace.clone();
+        let after = (!request.page_token.is_empty()).then_some(request.page_token);
+        let prefix = request.key_prefix;
+        let (found, more) = blocking(move || {
+            records::list(reader.db(), &namespace, &prefix, after.as_deref(), limit)
+        })
+        .await
+        .map_err(ServiceError::from)?;
+        let (records, next_page_token) = convert::page(&request.namespace, found, more);
+        Ok(Response::new(ListRecordsResponse {
+            records,
+            next_page_token,
+            applied_index,
+        }))
+    }
+
+    async fn search_records(
+        &self,
+        request: Request<SearchRecordsRequest>,
+    ) -> Result<Response<SearchRecordsResponse>, Status> {
+        self.authenticate(&request)?;
+        let request = request.into_inner();
+        validate::namespace(&request.namespace).map_err(ServiceError::from)?;
+        let terms = search_terms(&request.terms)?;
+        let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
+        let applied_index = self
+            .context
+            .read_barrier(consistency(request.consistency)?)
+            .await?;
+        let reader = self.context.reader.clone();
+        let namespace = request.namespace.clone();
+        let after = (!request.page_token.is_empty()).then_some(request.page_token);
+        let (found, more) = blocking(move || {
+            records::search(reader.db(), &namespace, &terms, after.as_deref(), limit)
+        })
+        .await
+        .map_err(ServiceError::from)?;
+        let (records, next_page_token) = convert::page(&request.namespace, found, more);
+        Ok(Response::new(SearchRecordsResponse {
+            records,
+            next_page_token,
+            applied_index,
+        }))
+    }
+}
+
+impl LeafService {
+    /// Checks ownership and compare-and-set against the local replica before anything is proposed.
+    /// Returns whether the record exists.
+    async fn precheck(
+        &self,
+        peer: &PeerId,
+        namespace: &str,
+        key: &str,
+        expected_version: Option<u64>,
+    ) -> Result<bool, ServiceError> {
+        let reader = self.context.reader.clone();
+        let (namespace, key) = (namespace.to_string(), key.to_string());
+        let current = blocking(move || records::get(reader.db(), &namespace, &key)).await?;
+        records::check_write(current.as_ref(), peer.as_bytes(), expected_version)?;
+        Ok(current.is_some())
+    }
+}
+
+fn unexpected(response: CommandResponse) -> Status {
+    Status::internal(format!(
+        "state machine answered with an unexpected response: {response:?}"
+    ))
+}
+
+/// Validates and converts search terms.
+fn search_terms(terms: &[vesper_proto::v1::SearchTerm]) -> Result<Vec<Term>, ServiceError> {
+    if terms.is_empty() {
+        return Err(validate::InvalidInput::NoTerms.into());
+    }
+    if terms.len() > validate::MAX_SEARCH_TERMS {
+        return Err(validate::InvalidInput::TooManyTerms {
+            count: terms.len(),
+            max: validate::MAX_SEARCH_TERMS,
+        }
+        .into());
+    }
+    terms
+        .iter()
+        .map(|term| {
+            validate::attribute_name(&term.attribute)?;
+            let condition = match &term.condition {
+                Some(search_term::Condition::Equals(value)) => {
+                    validate::attribute_value(value)?;
+                    Condition::Equals(value.clone())
+                }
+                Some(search_term::Condition::Prefix(prefix)) => {
+                    validate::attribute_value(prefix)?;
+                    Condition::Prefix(prefix.clone())
+                }
+                None => {
+                    return Err(validate::InvalidInput::NoCondition {
+                        attribute: term.attribute.clone(),
+                    }
+                    .into())
+                }
+            };
+            Ok(Term {
+                attribute: term.attribute.clone(),
+                condition,
+            })
+        })
+        .collect()
+}
+
+/// Runs one session: challenge, attach, then keepalives until the leaf goes away or the node stops.
+async fn run_session(
+    context: Arc<Context>,
+    mut inbound: Streaming<ClientFrame>,
+    tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    shutdown: CancellationToken,
+) {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let challenge = ServerFrame {
+        frame: Some(server_frame::Frame::Challenge(Challenge {
+            nonce: nonce.to_vec(),
+            server_peer_id: context.me.peer_id.clone(),
+        })),
+    };
+    if tx.send(Ok(challenge)).await.is_err() {
+        return;
+    }
+    let peer = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(ClientFrame {
+            frame: Some(client_frame::Frame::Attach(attach)),
+        }))) => match verify_attach(&attach, &nonce, &context.me.peer_id) {
+            Ok(peer) => peer,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        },
+        Ok(Ok(Some(_))) => {
+            let _ = tx
+                .send(Err(Status::unauthenticated(
+                    "the first frame of a session must be attach",
+                )))
+                .await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = tx
+                .send(Err(Status::unauthenticated(format!(
+                    "no attach within {ATTACH_TIMEOUT:?}"
+                ))))
+                .await;
+            return;
+        }
+    };
+    let session = context.sessions.open(peer);
+    let span = tracing::info_span!("session", peer_id = %peer, session = %session.id());
+    let _entered = span.enter();
+    tracing::info!("leaf attached");
+    let welcome = ServerFrame {
+        frame: Some(server_frame::Frame::Welcome(Welcome {
+            session_token: session.token().to_string(),
+            peer_id: peer.to_string(),
+            members: context.members().unwrap_or_default(),
+            keepalive_interval_ms: context.config.keepalive_interval_ms as u32,
+        })),
+    };
+    if tx.send(Ok(welcome)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            frame = inbound.message() => match frame {
+                Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) })) => {
+                    let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { nonce: ping.nonce })) };
+                    if tx.send(Ok(pong)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an attached session"))).await;
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    tracing::info!("leaf detached");
+    // `session` drops here and removes the token.
+    drop(session);
+}
+
+fn verify_attach(
+    attach: &vesper_proto::v1::Attach,
+    nonce: &[u8],
+    server_peer_id: &str,
+) -> Result<PeerId, Status> {
+    let peer = PeerId::from_public_key_bytes(&attach.public_key)
+        .map_err(|error| Status::unauthenticated(format!("attach public key: {error}")))?;
+    peer.verify(&attach_message(nonce, server_peer_id), &attach.signature)
+        .map_err(|error| Status::unauthenticated(format!("attach signature: {error}")))?;
+    Ok(peer)
+}

@@ -1,0 +1,195 @@
+//! `superpeer`: runs one Vesper super peer.
+//!
+//! Configuration is layered: built-in defaults, then the TOML file given with `--config`, then `VESPER_*`
+//! environment variables, then flags (each flag names its variable in `--help`). All problems are reported
+//! together, with exit code 64.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vesper_superpeer::config::{Config, StartMode};
+use vesper_superpeer::tls::TlsPaths;
+
+/// Exit code for bad usage or configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// Run a Vesper super peer.
+///
+/// A new cluster starts with one node run with --bootstrap; more nodes join it with --join ADDR (any member's
+/// cluster address) and become standbys, which an operator promotes with `vesperctl promote`. A node started
+/// with neither waits until `vesperctl add-standby` adds it. A node whose data directory already belongs to a
+/// cluster resumes, whatever these flags say.
+#[derive(Debug, Parser)]
+#[command(name = "superpeer", version)]
+struct Args {
+    /// TOML configuration file (keys as in docs/CONFIG.md).
+    #[arg(long, env = "VESPER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (RocksDB, node key, node id). Default: ./vesper-data.
+    #[arg(long, env = "VESPER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Leaf service listen address. Default: 127.0.0.1:7400. Port 0 picks a free port.
+    #[arg(long, env = "VESPER_LEAF_LISTEN")]
+    leaf_listen: Option<SocketAddr>,
+    /// Cluster service listen address. Default: 127.0.0.1:7401.
+    #[arg(long, env = "VESPER_CLUSTER_LISTEN")]
+    cluster_listen: Option<SocketAddr>,
+    /// Admin service listen address. Default: 127.0.0.1:7402.
+    #[arg(long, env = "VESPER_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Host name or IP that others use to reach this node. Default: the listen IP.
+    #[arg(long, env = "VESPER_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// CA certificate (PEM) of the cluster.
+    #[arg(long, env = "VESPER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), issued by the cluster CA for role superpeer.
+    #[arg(long, env = "VESPER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the certificate.
+    #[arg(long, env = "VESPER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Start a new cluster with this node as its first voter (only on first start).
+    #[arg(long, env = "VESPER_BOOTSTRAP", conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the cluster of the member at this cluster address, as a standby (only on first start).
+    #[arg(long, env = "VESPER_JOIN", value_name = "HOST:PORT")]
+    join: Option<String>,
+    /// Build a Raft snapshot after this many log entries. Default: 10000.
+    #[arg(long, env = "VESPER_SNAPSHOT_AFTER_LOGS")]
+    snapshot_after_logs: Option<u64>,
+    /// Log entries kept behind a snapshot. Default: 1000.
+    #[arg(long, env = "VESPER_LOGS_KEPT_AFTER_SNAPSHOT")]
+    logs_kept_after_snapshot: Option<u64>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "VESPER_LOG_JSON")]
+    log_json: bool,
+}
+
+fn build_config(args: &Args) -> Result<Config, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut config = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str::<Config>(&text).unwrap_or_else(|error| {
+                problems.push(format!("config file {}: {error}", path.display()));
+                Config::default()
+            }),
+            Err(error) => {
+                problems.push(format!(
+                    "cannot read config file {}: {error}",
+                    path.display()
+                ));
+                Config::default()
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(addr) = args.leaf_listen {
+        config.leaf_listen = addr;
+    }
+    if let Some(addr) = args.cluster_listen {
+        config.cluster_listen = addr;
+    }
+    if let Some(addr) = args.admin_listen {
+        config.admin_listen = addr;
+    }
+    if let Some(host) = &args.advertise_host {
+        config.advertise_host = Some(host.clone());
+    }
+    match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca_cert), Some(cert), Some(key)) => {
+            config.tls = Some(TlsPaths {
+                ca_cert: ca_cert.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+        }
+        (None, None, None) => {}
+        _ => problems.push("--tls-ca, --tls-cert and --tls-key must be given together".into()),
+    }
+    if args.bootstrap {
+        config.start = StartMode::Bootstrap;
+    }
+    if let Some(seed) = &args.join {
+        config.start = StartMode::Join(seed.clone());
+    }
+    if let Some(logs) = args.snapshot_after_logs {
+        config.raft.snapshot_after_logs = logs;
+    }
+    if let Some(logs) = args.logs_kept_after_snapshot {
+        config.raft.logs_kept_after_snapshot = logs;
+    }
+    if let Err(mut more) = config.validate() {
+        problems.append(&mut more);
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let config = match build_config(&args) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!("superpeer: invalid configuration:");
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let node = match vesper_superpeer::spawn(config).await {
+        Ok(node) => node,
+        Err(error) => {
+            eprintln!("superpeer: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stopped = node.shutdown_token();
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = stopped.cancelled() => tracing::error!("node stopped on its own"),
+    }
+    node.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,549 @@
+//! A running super peer: its listeners, its services and its Raft instance.
+//!
+//! ```text
+//!  Node::spawn(config)
+//!    ├─ open RocksDB, load node key and TLS, bind the three listeners (port 0 allowed)
+//!    ├─ serve Leaf (TLS), Cluster (mTLS), Admin (mTLS), each with gRPC health
+//!    └─ membership task: resume (node id on disk) | bootstrap | join via a member | wait for adoption
+//!         └─ start Raft -> Context::raft is set -> health of vesper.v1.Leaf becomes SERVING
+//! ```
+//!
+//! Shutdown (`RunningNode::shutdown` or a dropped handle's token): servers stop accepting and drain, sessions end,
+//! then Raft shuts down and RocksDB closes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::SnapshotPolicy;
+use rocksdb::DB;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use vesper_proto::v1::{JoinRequest, Member, MemberRole, NodeDescriptor, ReadConsistency};
+use vesper_proto::Keypair;
+
+use crate::config::{Config, StartMode};
+use crate::error::ServiceError;
+use crate::leaf::SessionRegistry;
+use crate::raft::command::{NodeInfo, Op, Response};
+use crate::raft::network::{ClusterClients, Network, MAX_CLUSTER_MESSAGE_BYTES};
+use crate::raft::propose::{self, Backoff};
+use crate::raft::VesperRaft;
+use crate::store::state_machine::StateReader;
+use crate::store::{self, LogStore, StateMachine, StoreError};
+use crate::tls::{TlsError, TlsMaterial};
+
+/// File in the data directory holding the node id once the node belongs to a cluster.
+const NODE_ID_FILE: &str = "node_id";
+/// File in the data directory holding the node's Ed25519 key.
+const NODE_KEY_FILE: &str = "node.key";
+/// File in the data directory where the bound addresses are written (for scripts and tests).
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+/// Pending adoption requests; one is plenty, a second waits.
+const ADOPT_QUEUE: usize = 1;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// State shared by every service of a node.
+pub struct Context {
+    pub config: Config,
+    pub keypair: Keypair,
+    /// This node's identity and advertised addresses.
+    pub me: NodeInfo,
+    pub reader: StateReader,
+    pub clients: ClusterClients,
+    pub sessions: SessionRegistry,
+    raft: OnceLock<VesperRaft>,
+    adopt_tx: mpsc::Sender<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
+}
+
+impl Context {
+    /// The Raft handle, once the node belongs to a cluster.
+    pub fn raft(&self) -> Result<&VesperRaft, ServiceError> {
+        self.raft.get().ok_or(ServiceError::NotInCluster)
+    }
+
+    /// This node's id, once it belongs to a cluster.
+    pub fn node_id(&self) -> Option<u64> {
+        self.raft.get().map(|raft| *raft.node_id())
+    }
+
+    /// Proposes `op` from this node (forwarded to the leader when needed).
+    pub async fn propose(&self, op: Op) -> Result<(Response, u64), ServiceError> {
+        propose::propose(self.raft()?, &self.clients, op).await
+    }
+
+    /// Makes a read of the given consistency safe to serve locally; returns the applied index to report.
+    pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<u64, ServiceError> {
+        let raft = self.raft()?;
+        match consistency {
+            ReadConsistency::Stale => Ok(propose::applied_index(raft)),
+            ReadConsistency::Linearizable => {
+                propose::linearizable_barrier(raft, &self.clients).await
+            }
+        }
+    }
+
+    /// Asks the membership task to adopt `node_id` (from the Cluster service's `Adopt`).
+    pub async fn adopt(&self, node_id: u64) -> Result<(), ServiceError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.adopt_tx.send((node_id, reply_tx)).await.map_err(|_| {
+            ServiceError::Precondition("this node is already a cluster member".into())
+        })?;
+        reply_rx.await.map_err(|_| {
+            ServiceError::Precondition("this node is already a cluster member".into())
+        })?
+    }
+
+    /// The member list: voters and standbys from the Raft membership, plus tombstones of removed nodes.
+    pub fn members(&self) -> Result<Vec<Member>, ServiceError> {
+        let raft = self.raft()?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let mut members = Vec::new();
+        for (id, node) in membership.nodes() {
+            members.push(member(
+                *id,
+                node,
+                if voters.contains(id) {
+                    MemberRole::Voter
+                } else {
+                    MemberRole::Standby
+                },
+                metrics.current_leader == Some(*id),
+            ));
+        }
+        for (id, entry) in self.reader.nodes()? {
+            if entry.removed && membership.get_node(&id).is_none() {
+                members.push(member(id, &entry.info, MemberRole::Removed, false));
+            }
+        }
+        members.sort_by_key(|member| member.node_id);
+        Ok(members)
+    }
+}
+
+fn member(node_id: u64, node: &NodeInfo, role: MemberRole, is_leader: bool) -> Member {
+    Member {
+        node_id,
+        peer_id: node.peer_id.clone(),
+        cluster_addr: node.cluster_addr.clone(),
+        leaf_addr: node.leaf_addr.clone(),
+        admin_addr: node.admin_addr.clone(),
+        role: role as i32,
+        is_leader,
+    }
+}
+
+/// The bound addresses of a running node.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    pub leaf: SocketAddr,
+    pub cluster: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Handle on a running node.
+pub struct RunningNode {
+    pub endpoints: Endpoints,
+    pub context: Arc<Context>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningNode {
+    /// Stops the node: servers drain, Raft stops, storage closes. Returns when everything finished.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Some(raft) = self.context.raft.get() {
+            if let Err(error) = raft.shutdown().await {
+                tracing::warn!(%error, "raft shutdown failed");
+            }
+        }
+    }
+
+    /// A token that stops the node when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+fn io_error<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+fn advertised(host: &Option<String>, bound: SocketAddr) -> String {
+    match host {
+        Some(host) => format!("{host}:{}", bound.port()),
+        None => bound.to_string(),
+    }
+}
+
+/// Writes `contents` to `path` atomically (temporary file, fsync, rename).
+fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+fn read_node_id(data_dir: &Path) -> Result<Option<u64>, NodeError> {
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| NodeError::Io {
+            what: "node id file is not a number",
+            path,
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(NodeError::Io {
+            what: "cannot read node id",
+            path,
+            source,
+        }),
+    }
+}
+
+fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
+    let raft = &config.raft;
+    let built = openraft::Config {
+        cluster_name: "vesper".into(),
+        heartbeat_interval: raft.heartbeat_interval_ms,
+        election_timeout_min: raft.election_timeout_min_ms,
+        election_timeout_max: raft.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(raft.snapshot_after_logs),
+        max_in_snapshot_log_to_keep: raft.logs_kept_after_snapshot,
+        // Purge in large steps: every purge is one delete_range, cheap whatever its size.
+        purge_batch_size: 256,
+        ..Default::default()
+    };
+    built
+        .validate()
+        .map(Arc::new)
+        .map_err(|error| NodeError::Config(vec![error.to_string()]))
+}
+
+/// Starts a node. Returns once its listeners are bound and its services serve; joining a cluster goes on in
+/// the background (watch `Admin.Status` or the health of `vesper.v1.Leaf`).
+pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
+    config.validate().map_err(NodeError::Config)?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(io_error("cannot create data directory", &data_dir))?;
+    let key_path = data_dir.join(NODE_KEY_FILE);
+    let keypair = Keypair::load_or_generate(&key_path).map_err(io_error("node key", &key_path))?;
+    let tls = TlsMaterial::load(config.tls.as_ref().expect("validate() checked tls is set"))?;
+    let db = store::open(&data_dir.join("db"))?;
+
+    let leaf_listener = bind("leaf service", config.leaf_listen).await?;
+    let cluster_listener = bind("cluster service", config.cluster_listen).await?;
+    let admin_listener = bind("admin service", config.admin_listen).await?;
+    let local = |listener: &TcpListener, what| {
+        listener.local_addr().map_err(|source| NodeError::Bind {
+            what,
+            addr: config.leaf_listen,
+            source,
+        })
+    };
+    let endpoints = Endpoints {
+        leaf: local(&leaf_listener, "leaf service")?,
+        cluster: local(&cluster_listener, "cluster service")?,
+        admin: local(&admin_listener, "admin service")?,
+    };
+    let me = NodeInfo {
+        peer_id: keypair.peer_id().to_string(),
+        cluster_addr: advertised(&config.advertise_host, endpoints.cluster),
+        leaf_addr: advertised(&config.advertise_host, endpoints.leaf),
+        admin_addr: advertised(&config.advertise_host, endpoints.admin),
+    };
+
+    let (adopt_tx, adopt_rx) = mpsc::channel(ADOPT_QUEUE);
+    let clients = ClusterClients::new(tls.clone());
+    let context = Arc::new(Context {
+        config: config.clone(),
+        keypair,
+        me: me.clone(),
+        reader: StateReader::new(db.clone()),
+        clients,
+        sessions: SessionRegistry::default(),
+        raft: OnceLock::new(),
+        adopt_tx,
+    });
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (health, health_service) = tonic_health::server::health_reporter();
+
+    let leaf_server = Server::builder()
+        .tls_config(tls.leaf_server())
+        .map_err(|error| NodeError::Config(vec![format!("leaf tls: {error}")]))?
+        .add_service(health_service.clone())
+        .add_service(crate::leaf::service(
+            context.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(leaf_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let cluster_server = Server::builder()
+        .tls_config(tls.mutual_server())
+        .map_err(|error| NodeError::Config(vec![format!("cluster tls: {error}")]))?
+        .add_service(health_service.clone())
+        .add_service(
+            vesper_proto::v1::cluster_server::ClusterServer::new(
+                crate::cluster::ClusterService::new(context.clone()),
+            )
+            .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(cluster_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let admin_server = Server::builder()
+        .tls_config(tls.mutual_server())
+        .map_err(|error| NodeError::Config(vec![format!("admin tls: {error}")]))?
+        .add_service(health_service)
+        .add_service(vesper_proto::v1::admin_server::AdminServer::new(
+            crate::admin::AdminService::new(context.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(admin_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    for (name, server) in [
+        (
+            "leaf",
+            Box::pin(leaf_server) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+        ),
+        ("cluster", Box::pin(cluster_server)),
+        ("admin", Box::pin(admin_server)),
+    ] {
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(error) = server.await {
+                tracing::error!(server = name, %error, "server failed; stopping the node");
+                stop.cancel();
+            }
+        });
+    }
+    tracing::info!(
+        peer_id = %me.peer_id,
+        leaf = %endpoints.leaf,
+        cluster = %endpoints.cluster,
+        admin = %endpoints.admin,
+        "listening"
+    );
+    let endpoints_path = data_dir.join(ENDPOINTS_FILE);
+    write_atomically(
+        &endpoints_path,
+        &serde_json::to_vec(&endpoints).expect("endpoints serialize"),
+    )
+    .map_err(io_error("cannot write endpoints", &endpoints_path))?;
+
+    let membership = Membership {
+        context: context.clone(),
+        db,
+        health,
+        data_dir,
+        shutdown: shutdown.clone(),
+    };
+    tasks.spawn(membership.run(adopt_rx));
+
+    Ok(RunningNode {
+        endpoints,
+        context,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The task that gets the node into a cluster and starts Raft.
+struct Membership {
+    context: Arc<Context>,
+    db: Arc<DB>,
+    health: HealthReporter,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+}
+
+impl Membership {
+    async fn run(
+        self,
+        mut adopt_rx: mpsc::Receiver<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
+    ) {
+        let result = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return,
+            result = self.enter(&mut adopt_rx) => result,
+        };
+        // Later adoption requests are answered with "already a member" by closing the queue.
+        drop(adopt_rx);
+        if let Err(error) = result {
+            tracing::error!(%error, "cannot start raft; stopping the node");
+            self.shutdown.cancel();
+        }
+    }
+
+    async fn enter(
+        &self,
+        adopt_rx: &mut mpsc::Receiver<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
+    ) -> Result<(), NodeError> {
+        if let Some(node_id) = read_node_id(&self.data_dir)? {
+            tracing::info!(node_id, "resuming as a cluster member");
+            return self.start_raft(node_id).await;
+        }
+        match self.context.config.start.clone() {
+            StartMode::Bootstrap => {
+                let node_id = 1;
+                self.persist_node_id(node_id)?;
+                self.start_raft(node_id).await?;
+                let raft = self.context.raft().expect("raft was just started");
+                let members =
+                    std::collections::BTreeMap::from([(node_id, self.context.me.clone())]);
+                match raft.initialize(members).await {
+                    Ok(()) => tracing::info!(node_id, "bootstrapped a new cluster"),
+                    Err(error) => return Err(NodeError::Raft(error.to_string())),
+                }
+                Ok(())
+            }
+            StartMode::Join(seed) => {
+                let node_id = self.join(&seed).await?;
+                self.start_raft(node_id).await
+            }
+            StartMode::Idle => {
+                tracing::info!(
+                    cluster_addr = %self.context.me.cluster_addr,
+                    "waiting to be added to a cluster: vesperctl add-standby {}",
+                    self.context.me.cluster_addr
+                );
+                let Some((node_id, reply)) = adopt_rx.recv().await else {
+                    return Ok(());
+                };
+                let started = match self.persist_node_id(node_id) {
+                    Ok(()) => self.start_raft(node_id).await,
+                    Err(error) => Err(error),
+                };
+                let answer = started
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|error| ServiceError::Raft(error.to_string()));
+                let _ = reply.send(answer);
+                started
+            }
+        }
+    }
+
+    /// Asks the member at `seed` to register us; retries with backoff until it answers.
+    async fn join(&self, seed: &str) -> Result<u64, NodeError> {
+        let me = &self.context.me;
+        let mut backoff = Backoff::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(5),
+        );
+        loop {
+            let attempt = async {
+                let mut client = self.context.clients.client(seed)?;
+                let request = JoinRequest {
+                    node: Some(NodeDescriptor {
+                        peer_id: me.peer_id.clone(),
+                        cluster_addr: me.cluster_addr.clone(),
+                        leaf_addr: me.leaf_addr.clone(),
+                        admin_addr: me.admin_addr.clone(),
+                    }),
+                };
+                client.join(request).await
+            }
+            .await;
+            match attempt {
+                Ok(reply) => {
+                    let node_id = reply.into_inner().node_id;
+                    self.persist_node_id(node_id)?;
+                    tracing::info!(node_id, %seed, "joined the cluster as a standby");
+                    return Ok(node_id);
+                }
+                Err(status) => {
+                    tracing::warn!(%seed, %status, "join failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    fn persist_node_id(&self, node_id: u64) -> Result<(), NodeError> {
+        let path = self.data_dir.join(NODE_ID_FILE);
+        write_atomically(&path, format!("{node_id}\n").as_bytes())
+            .map_err(io_error("cannot write node id", &path))
+    }
+
+    async fn start_raft(&self, node_id: u64) -> Result<(), NodeError> {
+        let raft_config = raft_config(&self.context.config)?;
+        let state_machine = StateMachine::open(self.db.clone())?;
+        let raft = VesperRaft::new(
+            node_id,
+            raft_config,
+            Network::new(self.context.clients.clone()),
+            LogStore::new(self.db.clone()),
+            state_machine,
+        )
+        .await
+        .map_err(|error| NodeError::Raft(error.to_string()))?;
+        if self.context.raft.set(raft).is_err() {
+            return Err(NodeError::Raft("raft was started twice".into()));
+        }
+        self.health
+            .set_serving::<vesper_proto::v1::leaf_server::LeafServer<crate::leaf::LeafService>>()
+            .await;
+        tracing::info!(node_id, "raft started");
+        Ok(())
+    }
+}

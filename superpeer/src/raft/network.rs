@@ -1,0 +1,234 @@
+//! The Raft network: openraft's RPCs carried over the Cluster service (mutual TLS) to other super peers.
+//!
+//! Channels are cached per address in [`ClusterClients`], which the proposer and the admin forwarding also use.
+//! Connection failures are reported to openraft as `Unreachable` (it backs off at once); other failures as
+//! `Network`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::OptionalSend;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use vesper_proto::v1::cluster_client::ClusterClient;
+
+use super::codec;
+use super::command::NodeInfo;
+use super::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::tls::{host_of, TlsMaterial};
+
+/// Largest message on the Cluster service: snapshots travel in one message.
+pub const MAX_CLUSTER_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+/// Deadline for sending a whole snapshot.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Deadline for connecting to another super peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Cached gRPC channels to other super peers.
+#[derive(Clone)]
+pub struct ClusterClients {
+    tls: TlsMaterial,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl ClusterClients {
+    pub fn new(tls: TlsMaterial) -> Self {
+        Self {
+            tls,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// A Cluster client for the super peer at `address` (host:port). Connects lazily.
+    pub fn client(&self, address: &str) -> Result<ClusterClient<Channel>, tonic::Status> {
+        let channel = self.channel(address)?;
+        Ok(ClusterClient::new(channel)
+            .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES))
+    }
+
+    /// A channel to `address`, shared by every client of that address.
+    pub fn channel(&self, address: &str) -> Result<Channel, tonic::Status> {
+        let mut channels = self.channels.lock().expect("channel cache lock poisoned");
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("https://{address}"))
+            .map_err(|error| {
+                tonic::Status::invalid_argument(format!("bad address {address:?}: {error}"))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tls_config(self.tls.cluster_client(host_of(address)))
+            .map_err(|error| tonic::Status::internal(format!("tls config: {error}")))?;
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The TLS material, for clients of other services (Admin forwarding).
+    pub fn tls(&self) -> &TlsMaterial {
+        &self.tls
+    }
+}
+
+/// Creates a [`Connection`] per target node.
+#[derive(Clone)]
+pub struct Network {
+    clients: ClusterClients,
+}
+
+impl Network {
+    pub fn new(clients: ClusterClients) -> Self {
+        Self { clients }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, node: &NodeInfo) -> Self::Network {
+        Connection {
+            clients: self.clients.clone(),
+            target,
+            address: node.cluster_addr.clone(),
+        }
+    }
+}
+
+/// The Raft RPC client for one target node.
+pub struct Connection {
+    clients: ClusterClients,
+    target: u64,
+    address: String,
+}
+
+fn rpc_error(status: tonic::Status) -> RPCError<TypeConfig> {
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+/// Sends one payload request, with `timeout`, and decodes the `Result<T, E>` the peer encoded.
+async fn call<Req, T, E, F, Fut>(
+    connection: &Connection,
+    what: &str,
+    request: &Req,
+    timeout: Duration,
+    send: F,
+) -> Result<Result<T, E>, tonic::Status>
+where
+    Req: serde::Serialize,
+    T: serde::de::DeserializeOwned,
+    E: serde::de::DeserializeOwned,
+    F: FnOnce(ClusterClient<Channel>, tonic::Request<vesper_proto::v1::RaftPayload>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<vesper_proto::v1::RaftPayload>, tonic::Status>>,
+{
+    let client = connection.clients.client(&connection.address)?;
+    let mut grpc_request = tonic::Request::new(codec::payload(what, request)?);
+    grpc_request.set_timeout(timeout);
+    let reply = send(client, grpc_request).await?.into_inner();
+    codec::from_payload(what, &reply)
+}
+
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let result: Result<_, openraft::errors::RaftError<TypeConfig>> = call(
+            self,
+            "append entries",
+            &rpc,
+            option.soft_ttl(),
+            |mut client, request| async move { client.append_entries(request).await },
+        )
+        .await
+        .map_err(rpc_error)?;
+        result.map_err(|error| RPCError::Network(NetworkError::new(&error)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let result: Result<_, openraft::errors::RaftError<TypeConfig>> = call(
+            self,
+            "vote",
+            &rpc,
+            option.soft_ttl(),
+            |mut client, request| async move { client.vote(request).await },
+        )
+        .await
+        .map_err(rpc_error)?;
+        result.map_err(|error| RPCError::Network(NetworkError::new(&error)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // openraft's hard deadline for this call is install_snapshot_timeout, meant for one chunk; a whole
+        // snapshot gets its own, longer deadline.
+        let request: (Vote, SnapshotMeta, Vec<u8>) = (vote, snapshot.meta, snapshot.snapshot);
+        let send = call(
+            self,
+            "snapshot",
+            &request,
+            SNAPSHOT_TIMEOUT,
+            |mut client, request| async move { client.install_snapshot(request).await },
+        );
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => {
+                let result: Result<SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>> =
+                    result.map_err(|status| StreamingError::from(rpc_error(status)))?;
+                result.map_err(|fatal| StreamingError::Network(NetworkError::new(&fatal)))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let result: Result<_, openraft::errors::Fatal<TypeConfig>> = call(
+            self,
+            "transfer leader",
+            &req,
+            option.soft_ttl(),
+            |mut client, request| async move { client.transfer_leader(request).await },
+        )
+        .await
+        .map_err(rpc_error)?;
+        result.map_err(|error| RPCError::Network(NetworkError::new(&error)))
+    }
+}
+
+impl Connection {
+    /// The node this connection talks to (for logs).
+    pub fn target(&self) -> u64 {
+        self.target
+    }
+}

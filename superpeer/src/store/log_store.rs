@@ -1,0 +1,242 @@
+//! The Raft log in RocksDB (openraft `RaftLogStorage`).
+//!
+//! Entries live in the `log` column family under their big-endian index, so iteration order is log order. The
+//! vote, the committed log id and the last purged log id live in the `raft` column family.
+//!
+//! Durability: every append is written with `sync = true`, and the flush callback fires only after that write
+//! returns, so an entry is on disk before openraft counts it. openraft keeps proposing while an append is in
+//! flight and hands the next append everything that queued up meanwhile, so under load one fsync carries many
+//! client writes (group commit).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::OptionalSend;
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+
+use super::records::encode;
+use super::{blocking, StoreError, CF_LOG, CF_RAFT};
+use crate::raft::{Entry, LogId, TypeConfig, Vote};
+
+const VOTE_KEY: &[u8] = b"vote";
+const COMMITTED_KEY: &[u8] = b"committed";
+const LAST_PURGED_KEY: &[u8] = b"last_purged";
+
+/// The Raft log; cheap to clone (it is a handle on the shared database).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+fn synced() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> Self {
+        Self { db }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created when the store opens")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_RAFT), key)?
+            .map(|bytes| decode(what, &bytes))
+            .transpose()
+    }
+
+    fn put_meta_synced<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.db
+            .put_cf_opt(self.cf(CF_RAFT), key, encode(what, value)?, &synced())?;
+        Ok(())
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogId>, StoreError> {
+        let mut iter = self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End);
+        match iter.next() {
+            Some(item) => {
+                let (_, bytes) = item?;
+                let entry: Entry = decode("log entry", &bytes)?;
+                Ok(Some(entry.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+        let mut entries = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_LOG),
+            IteratorMode::From(&index_key(start), Direction::Forward),
+        ) {
+            let (key, bytes) = item?;
+            let index = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("log key is not 8 bytes"))?,
+            );
+            if end.is_some_and(|end| index >= end) {
+                break;
+            }
+            entries.push(decode("log entry", &bytes)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, std::io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(&start) => start,
+            Bound::Excluded(&start) => start + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&end) => Some(end + 1),
+            Bound::Excluded(&end) => Some(end),
+            Bound::Unbounded => None,
+        };
+        let store = self.clone();
+        Ok(blocking(move || store.read_range(start, end)).await?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
+        Ok(self.get_meta(VOTE_KEY, "vote")?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
+        let last_purged: Option<LogId> = self.get_meta(LAST_PURGED_KEY, "last purged log id")?;
+        let last = self.last_entry_log_id()?.or_else(|| last_purged.clone());
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
+        let (store, vote) = (self.clone(), vote.clone());
+        Ok(blocking(move || store.put_meta_synced(VOTE_KEY, "vote", &vote)).await?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
+        // Not synced: losing it only means re-applying a few entries after a crash, which apply tolerates.
+        let bytes = encode("committed log id", &committed)?;
+        self.db
+            .put_cf(self.cf(CF_RAFT), COMMITTED_KEY, bytes)
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
+        Ok(self
+            .get_meta::<Option<LogId>>(COMMITTED_KEY, "committed log id")?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), std::io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            batch.put_cf(
+                self.cf(CF_LOG),
+                index_key(entry.log_id.index),
+                encode("log entry", &entry)?,
+            );
+        }
+        let store = self.clone();
+        let written = blocking(move || {
+            store.db.write_opt(batch, &synced())?;
+            Ok(())
+        })
+        .await;
+        match written {
+            Ok(()) => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                let error = std::io::Error::from(error);
+                callback.io_completed(Err(std::io::Error::new(error.kind(), error.to_string())));
+                Err(error)
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {
+        let from = last_log_id.map_or(0, |log_id| log_id.index + 1);
+        let store = self.clone();
+        Ok(blocking(move || {
+            store.db.delete_range_cf_opt(
+                store.cf(CF_LOG),
+                index_key(from),
+                index_key(u64::MAX),
+                &synced(),
+            )?;
+            // delete_range excludes the end key; u64::MAX is never a real index.
+            Ok(())
+        })
+        .await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
+        let store = self.clone();
+        Ok(blocking(move || {
+            // Record the purge point first, so a crash in between never leaves a hole openraft does not know of.
+            store.put_meta_synced(LAST_PURGED_KEY, "last purged log id", &log_id)?;
+            store.db.delete_range_cf(
+                store.cf(CF_LOG),
+                index_key(0),
+                index_key(log_id.index + 1),
+            )?;
+            Ok(())
+        })
+        .await?)
+    }
+}

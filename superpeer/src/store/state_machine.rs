@@ -1,0 +1,480 @@
+//! The replicated state machine in RocksDB (openraft `RaftStateMachine`).
+//!
+//! Apply is deterministic: it reads only the command and the current state. A batch of committed entries becomes
+//! one RocksDB write batch that also records the last applied log id and membership, so the state on disk is
+//! always the state after some whole prefix of the log. That write is not synced on its own: the synced log
+//! appends that follow share the write-ahead log and make it durable, and if a crash loses it openraft re-applies
+//! the entries from the log.
+//!
+//! Snapshots carry records and the node table (not the attribute index, which is rebuilt on install), encoded
+//! as a versioned [`SnapshotPayload`]. The current snapshot is kept in the `snapshot` column family so it
+//! survives restarts and can be sent to members that fell behind the purged log.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use rocksdb::{IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+use super::records::{encode, RecordWriter};
+use super::{blocking, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_SM_META, CF_SNAPSHOT};
+use crate::raft::command::{NodeInfo, Op, Rejection, Response};
+use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+
+const LAST_APPLIED_KEY: &[u8] = b"last_applied";
+const MEMBERSHIP_KEY: &[u8] = b"membership";
+const NEXT_NODE_ID_KEY: &[u8] = b"next_node_id";
+const SNAPSHOT_KEY: &[u8] = b"current";
+/// Version of [`SnapshotPayload`]'s encoding.
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// A super peer as the node table keeps it. Removed nodes stay as tombstones so their ids are never reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub info: NodeInfo,
+    pub removed: bool,
+}
+
+/// What a snapshot holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    version: u32,
+    next_node_id: u64,
+    /// Raw (key, value) pairs of the records column family.
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Raw (key, value) pairs of the node table.
+    nodes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The snapshot as stored in the `snapshot` column family.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The state machine. openraft owns it; readers use [`StateReader`], which shares the database.
+pub struct StateMachine {
+    db: Arc<DB>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// Read access to the applied state for the services (records, node table).
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<DB>,
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .expect("every column family is created when the store opens")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+fn read_next_node_id(db: &DB) -> Result<u64, StoreError> {
+    Ok(db
+        .get_pinned_cf(cf(db, CF_SM_META), NEXT_NODE_ID_KEY)?
+        .map(|bytes| decode::<u64>("next node id", &bytes))
+        .transpose()?
+        .unwrap_or(1))
+}
+
+impl StateReader {
+    pub fn new(db: Arc<DB>) -> Self {
+        Self { db }
+    }
+
+    /// The database, for the record queries in [`super::records`].
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Every node ever registered, by node id, including tombstones.
+    pub fn nodes(&self) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
+        read_nodes(&self.db)
+    }
+}
+
+fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
+    let mut nodes = BTreeMap::new();
+    for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
+        let (key, bytes) = item?;
+        let id = u64::from_be_bytes(
+            key.as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("node key is not 8 bytes"))?,
+        );
+        nodes.insert(id, decode("node entry", &bytes)?);
+    }
+    Ok(nodes)
+}
+
+impl StateMachine {
+    /// Opens the state machine on the shared database, reading back the last applied state.
+    pub fn open(db: Arc<DB>) -> Result<Self, StoreError> {
+        let meta = cf(&db, CF_SM_META);
+        let last_applied = db
+            .get_pinned_cf(meta, LAST_APPLIED_KEY)?
+            .map(|bytes| decode("last applied log id", &bytes))
+            .transpose()?;
+        let membership = db
+            .get_pinned_cf(meta, MEMBERSHIP_KEY)?
+            .map(|bytes| decode("membership", &bytes))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Self {
+            db,
+            last_applied,
+            membership,
+        })
+    }
+
+    /// Applies a batch of entries in one write batch. Returns one response per entry, in order.
+    fn apply_batch(
+        db: &DB,
+        entries: &[crate::raft::Entry],
+        mut membership: StoredMembership,
+    ) -> Result<(Vec<Response>, StoredMembership), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut next_node_id = read_next_node_id(db)?;
+        let mut nodes_touched: BTreeMap<u64, NodeEntry> = BTreeMap::new();
+        let mut responses = Vec::with_capacity(entries.len());
+        {
+            let mut records = RecordWriter::new(db, &mut batch);
+            for entry in entries {
+                let response = match &entry.payload {
+                    EntryPayload::Blank => Response::Done,
+                    EntryPayload::Membership(config) => {
+                        membership =
+                            StoredMembership::new(Some(entry.log_id.clone()), config.clone());
+                        // Every node that appears in a membership is in the node table, and its id is taken.
+                        for (id, info) in config.nodes() {
+                            next_node_id = next_node_id.max(id + 1);
+                            let known = nodes_touched.contains_key(id)
+                                || db
+                                    .get_pinned_cf(cf(db, CF_NODES), id.to_be_bytes())?
+                                    .is_some();
+                            if !known {
+                                nodes_touched.insert(
+                                    *id,
+                                    NodeEntry {
+                                        info: info.clone(),
+                                        removed: false,
+                                    },
+                                );
+                            }
+                        }
+                        Response::Done
+                    }
+                    EntryPayload::Normal(command) => match &command.op {
+                        Op::PutRecord {
+                            owner,
+                            namespace,
+                            key,
+                            attributes,
+                            value,
+                            expected_version,
+                        } => records.put(
+                            *owner,
+                            namespace,
+                            key,
+                            attributes.clone(),
+                            value.clone(),
+                            *expected_version,
+                            command.at_ms,
+                        )?,
+                        Op::DeleteRecord {
+                            owner,
+                            namespace,
+                            key,
+                            expected_version,
+                        } => records.delete(*owner, namespace, key, *expected_version)?,
+                        Op::RegisterNode { node } => {
+                            // Idempotent for a retried join: a live node with the same peer id keeps its id.
+                            let mut existing = None;
+                            for (id, entry) in Self::all_nodes(db, &nodes_touched)? {
+                                if entry.info.peer_id == node.peer_id && !entry.removed {
+                                    existing = Some(id);
+                                }
+                            }
+                            let id = match existing {
+                                Some(id) => id,
+                                None => {
+                                    let id = next_node_id;
+                                    next_node_id += 1;
+                                    id
+                                }
+                            };
+                            nodes_touched.insert(
+                                id,
+                                NodeEntry {
+                                    info: node.clone(),
+                                    removed: false,
+                                },
+                            );
+                            Response::NodeId(id)
+                        }
+                        Op::TombstoneNode { node_id } => {
+                            let current = match nodes_touched.get(node_id) {
+                                Some(entry) => Some(entry.clone()),
+                                None => db
+                                    .get_pinned_cf(cf(db, CF_NODES), node_id.to_be_bytes())?
+                                    .map(|bytes| decode::<NodeEntry>("node entry", &bytes))
+                                    .transpose()?,
+                            };
+                            match current {
+                                Some(mut entry) => {
+                                    entry.removed = true;
+                                    nodes_touched.insert(*node_id, entry);
+                                    Response::Done
+                                }
+                                None => Response::Rejected(Rejection::UnknownNode(*node_id)),
+                            }
+                        }
+                    },
+                };
+                responses.push(response);
+            }
+        }
+        for (id, entry) in &nodes_touched {
+            batch.put_cf(
+                cf(db, CF_NODES),
+                id.to_be_bytes(),
+                encode("node entry", entry)?,
+            );
+        }
+        let meta = cf(db, CF_SM_META);
+        batch.put_cf(
+            meta,
+            NEXT_NODE_ID_KEY,
+            encode("next node id", &next_node_id)?,
+        );
+        if let Some(last) = entries.last() {
+            batch.put_cf(
+                meta,
+                LAST_APPLIED_KEY,
+                encode("last applied log id", &last.log_id)?,
+            );
+        }
+        batch.put_cf(meta, MEMBERSHIP_KEY, encode("membership", &membership)?);
+        db.write(batch)?;
+        Ok((responses, membership))
+    }
+
+    /// The node table with this batch's pending changes laid over it.
+    fn all_nodes(
+        db: &DB,
+        pending: &BTreeMap<u64, NodeEntry>,
+    ) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
+        let mut nodes = read_nodes(db)?;
+        nodes.extend(pending.iter().map(|(id, entry)| (*id, entry.clone())));
+        Ok(nodes)
+    }
+
+    fn build_payload(db: &DB) -> Result<Vec<u8>, StoreError> {
+        let snapshot = db.snapshot();
+        let collect = |name: &str| -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+            snapshot
+                .iterator_cf(cf(db, name), IteratorMode::Start)
+                .map(|item| {
+                    item.map(|(key, value)| (key.to_vec(), value.to_vec()))
+                        .map_err(StoreError::from)
+                })
+                .collect()
+        };
+        let next_node_id = snapshot
+            .get_cf(cf(db, CF_SM_META), NEXT_NODE_ID_KEY)?
+            .map(|bytes| decode::<u64>("next node id", &bytes))
+            .transpose()?
+            .unwrap_or(1);
+        let payload = SnapshotPayload {
+            version: SNAPSHOT_VERSION,
+            next_node_id,
+            records: collect(CF_RECORDS)?,
+            nodes: collect(CF_NODES)?,
+        };
+        encode("snapshot", &payload)
+    }
+
+    fn install_payload(db: &DB, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+        let payload: SnapshotPayload = decode("snapshot", data)?;
+        if payload.version != SNAPSHOT_VERSION {
+            return Err(StoreError::Format {
+                found: payload.version,
+            });
+        }
+        // Replace the whole state: clear, load records and nodes, then rebuild the attribute index from records.
+        let mut batch = WriteBatch::default();
+        for name in [CF_RECORDS, CF_ATTRS, CF_NODES] {
+            for item in db.iterator_cf(cf(db, name), IteratorMode::Start) {
+                let (key, _) = item?;
+                batch.delete_cf(cf(db, name), key);
+            }
+        }
+        for (key, value) in &payload.records {
+            batch.put_cf(cf(db, CF_RECORDS), key, value);
+        }
+        for (key, value) in &payload.nodes {
+            batch.put_cf(cf(db, CF_NODES), key, value);
+        }
+        db.write(batch)?;
+        let mut batch = WriteBatch::default();
+        super::records::rebuild_index(db, &mut batch)?;
+        let sm_meta = cf(db, CF_SM_META);
+        batch.put_cf(
+            sm_meta,
+            NEXT_NODE_ID_KEY,
+            encode("next node id", &payload.next_node_id)?,
+        );
+        batch.put_cf(
+            sm_meta,
+            LAST_APPLIED_KEY,
+            encode("last applied log id", &meta.last_log_id)?,
+        );
+        batch.put_cf(
+            sm_meta,
+            MEMBERSHIP_KEY,
+            encode("membership", &meta.last_membership)?,
+        );
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.to_vec(),
+        };
+        batch.put_cf(
+            cf(db, CF_SNAPSHOT),
+            SNAPSHOT_KEY,
+            encode("snapshot", &stored)?,
+        );
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        db.write_opt(batch, &options)?;
+        Ok(())
+    }
+}
+
+/// Hands openraft a snapshot whose data was captured when the builder was made.
+///
+/// openraft asks for a builder between two apply batches and then builds in another task while apply goes on.
+/// The data must match `meta.last_log_id` exactly (a follower replays the log after it), so it is read in
+/// `get_snapshot_builder`, while apply is paused, not later in `build_snapshot`.
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    meta: SnapshotMeta,
+    data: Result<Vec<u8>, String>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, std::io::Error> {
+        let data = self.data.clone().map_err(std::io::Error::other)?;
+        let stored = StoredSnapshot {
+            meta: self.meta.clone(),
+            data: data.clone(),
+        };
+        let db = self.db.clone();
+        blocking(move || {
+            db.put_cf(
+                cf(&db, CF_SNAPSHOT),
+                SNAPSHOT_KEY,
+                encode("snapshot", &stored)?,
+            )?;
+            Ok(())
+        })
+        .await?;
+        Ok(Snapshot {
+            meta: self.meta.clone(),
+            snapshot: data,
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
+        Ok((self.last_applied.clone(), self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), std::io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        let last_log_id = last.log_id.clone();
+        let db = self.db.clone();
+        let membership = self.membership.clone();
+        let (responses, membership) =
+            blocking(move || Self::apply_batch(&db, &batch, membership)).await?;
+        self.last_applied = Some(last_log_id);
+        self.membership = membership;
+        for (responder, response) in responders.into_iter().zip(responses) {
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let db = self.db.clone();
+        let data = blocking(move || Self::build_payload(&db))
+            .await
+            .map_err(|error| error.to_string());
+        SnapshotBuilder {
+            data,
+            db: self.db.clone(),
+            meta: SnapshotMeta {
+                last_log_id: self.last_applied.clone(),
+                last_membership: self.membership.clone(),
+            },
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Vec<u8>,
+    ) -> Result<(), std::io::Error> {
+        let db = self.db.clone();
+        let owned_meta = meta.clone();
+        blocking(move || Self::install_payload(&db, &owned_meta, &snapshot)).await?;
+        self.last_applied = meta.last_log_id.clone();
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, std::io::Error> {
+        let stored = self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_SNAPSHOT), SNAPSHOT_KEY)
+            .map_err(StoreError::from)?
+            .map(|bytes| decode::<StoredSnapshot>("snapshot", &bytes))
+            .transpose()?;
+        Ok(stored.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: stored.data,
+        }))
+    }
+}
