@@ -142,7 +142,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
         let last_purged: Option<LogId> = self.get_meta(LAST_PURGED_KEY, "last purged log id")?;
-        let last = self.last_entry_log_id()?.or_else(|| last_purged.clone());
+        let last = self.last_entry_log_id()?.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -154,7 +154,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
-        let (store, vote) = (self.clone(), vote.clone());
+        let (store, vote) = (self.clone(), *vote);
         Ok(blocking(move || store.put_meta_synced(VOTE_KEY, "vote", &vote)).await?)
     }
 

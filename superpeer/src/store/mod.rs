@@ -119,3 +119,6 @@ where
         .await
         .map_err(|error| StoreError::Join(error.to_string()))?
 }
+
+#[cfg(test)]
+mod tests;

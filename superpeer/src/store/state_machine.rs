@@ -38,15 +38,18 @@ pub struct NodeEntry {
     pub removed: bool,
 }
 
+/// Raw (key, value) pairs of one column family.
+type RawPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What a snapshot holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotPayload {
     version: u32,
     next_node_id: u64,
     /// Raw (key, value) pairs of the records column family.
-    records: Vec<(Vec<u8>, Vec<u8>)>,
+    records: RawPairs,
     /// Raw (key, value) pairs of the node table.
-    nodes: Vec<(Vec<u8>, Vec<u8>)>,
+    nodes: RawPairs,
 }
 
 /// The snapshot as stored in the `snapshot` column family.
@@ -155,8 +158,7 @@ impl StateMachine {
                 let response = match &entry.payload {
                     EntryPayload::Blank => Response::Done,
                     EntryPayload::Membership(config) => {
-                        membership =
-                            StoredMembership::new(Some(entry.log_id.clone()), config.clone());
+                        membership = StoredMembership::new(Some(entry.log_id), config.clone());
                         // Every node that appears in a membership is in the node table, and its id is taken.
                         for (id, info) in config.nodes() {
                             next_node_id = next_node_id.max(id + 1);
@@ -283,7 +285,7 @@ impl StateMachine {
 
     fn build_payload(db: &DB) -> Result<Vec<u8>, StoreError> {
         let snapshot = db.snapshot();
-        let collect = |name: &str| -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let collect = |name: &str| -> Result<RawPairs, StoreError> {
             snapshot
                 .iterator_cf(cf(db, name), IteratorMode::Start)
                 .map(|item| {
@@ -404,7 +406,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
-        Ok((self.last_applied.clone(), self.membership.clone()))
+        Ok((self.last_applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), std::io::Error>
@@ -422,7 +424,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = batch.last() else {
             return Ok(());
         };
-        let last_log_id = last.log_id.clone();
+        let last_log_id = last.log_id;
         let db = self.db.clone();
         let membership = self.membership.clone();
         let (responses, membership) =
@@ -446,7 +448,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             data,
             db: self.db.clone(),
             meta: SnapshotMeta {
-                last_log_id: self.last_applied.clone(),
+                last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
             },
         }
@@ -460,7 +462,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let db = self.db.clone();
         let owned_meta = meta.clone();
         blocking(move || Self::install_payload(&db, &owned_meta, &snapshot)).await?;
-        self.last_applied = meta.last_log_id.clone();
+        self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
     }

@@ -1,0 +1,285 @@
+//! Storage tests: openraft's own suite against the RocksDB store, plus apply, search and snapshot tests with
+//! Vesper's commands (which the suite never sends).
+
+use std::collections::BTreeMap;
+
+use futures::stream;
+use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::{EntryPayload, StorageError};
+use tempfile::TempDir;
+
+use super::records::{self, Condition, Term};
+use super::state_machine::StateReader;
+use super::{open, LogStore, StateMachine};
+use crate::raft::command::{Command, NodeInfo, Op, Rejection, Response};
+use crate::raft::{Entry, LogId, TypeConfig};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+        let dir = TempDir::new().expect("temporary directory");
+        let db = open(dir.path()).expect("open store");
+        let state_machine = StateMachine::open(db.clone()).expect("open state machine");
+        Ok((dir, LogStore::new(db), state_machine))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite() -> Result<(), StorageError<TypeConfig>> {
+    Suite::test_all(Builder).await
+}
+
+fn log_id(index: u64) -> LogId {
+    openraft::testing::log_id::<TypeConfig>(1, 1, index)
+}
+
+fn entry(index: u64, op: Op) -> Entry {
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Command {
+            at_ms: 1_000 + index,
+            op,
+        }),
+    }
+}
+
+fn put(owner: u8, key: &str, attributes: &[(&str, &str)], expected: Option<u64>) -> Op {
+    Op::PutRecord {
+        owner: [owner; 32],
+        namespace: "ns".into(),
+        key: key.into(),
+        attributes: attributes
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        value: key.as_bytes().to_vec(),
+        expected_version: expected,
+    }
+}
+
+/// Applies entries without responders (as a follower does) and returns the state machine.
+async fn apply_all(state_machine: &mut StateMachine, entries: Vec<Entry>) {
+    let items: Vec<Result<_, std::io::Error>> =
+        entries.into_iter().map(|entry| Ok((entry, None))).collect();
+    state_machine
+        .apply(stream::iter(items))
+        .await
+        .expect("apply");
+}
+
+fn keys(found: &[(String, crate::raft::command::StoredRecord)]) -> Vec<&str> {
+    found.iter().map(|(key, _)| key.as_str()).collect()
+}
+
+#[tokio::test]
+async fn apply_enforces_ownership_and_versions_and_keeps_the_index_exact() {
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    apply_all(
+        &mut state_machine,
+        vec![
+            entry(1, put(1, "a", &[("color", "red"), ("size", "large")], None)),
+            entry(2, put(1, "b", &[("color", "green")], Some(0))),
+            entry(3, put(2, "c", &[("color", "red"), ("size", "small")], None)),
+            // Same batch: rewrite a's attributes; the old index entries must go.
+            entry(4, put(1, "a", &[("color", "blue")], Some(1))),
+            // Stale compare-and-set and a foreign owner: both rejected, nothing changes.
+            entry(5, put(1, "b", &[("color", "black")], Some(7))),
+            entry(6, put(2, "b", &[("color", "black")], None)),
+            entry(
+                7,
+                Op::DeleteRecord {
+                    owner: [2; 32],
+                    namespace: "ns".into(),
+                    key: "c".into(),
+                    expected_version: None,
+                },
+            ),
+        ],
+    )
+    .await;
+    let db = StateReader::new(db);
+    let a = records::get(db.db(), "ns", "a").unwrap().unwrap();
+    assert_eq!(a.version, 2);
+    assert_eq!(a.created_at_ms, 1_001);
+    assert_eq!(a.updated_at_ms, 1_004);
+    assert_eq!(
+        records::get(db.db(), "ns", "b")
+            .unwrap()
+            .unwrap()
+            .attributes["color"],
+        "green"
+    );
+    assert!(records::get(db.db(), "ns", "c").unwrap().is_none());
+
+    let equals = |name: &str, value: &str| Term {
+        attribute: name.into(),
+        condition: Condition::Equals(value.into()),
+    };
+    let (found, _) = records::search(db.db(), "ns", &[equals("color", "red")], None, 10).unwrap();
+    assert!(
+        found.is_empty(),
+        "a was recoloured and c deleted: {:?}",
+        keys(&found)
+    );
+    let (found, _) = records::search(db.db(), "ns", &[equals("color", "blue")], None, 10).unwrap();
+    assert_eq!(keys(&found), ["a"]);
+    let prefix = Term {
+        attribute: "color".into(),
+        condition: Condition::Prefix("g".into()),
+    };
+    let (found, _) = records::search(db.db(), "ns", &[prefix], None, 10).unwrap();
+    assert_eq!(keys(&found), ["b"]);
+    let (found, more) = records::list(db.db(), "ns", "", None, 1).unwrap();
+    assert_eq!((keys(&found), more), (vec!["a"], true));
+    let (found, more) = records::list(db.db(), "ns", "", Some("a"), 1).unwrap();
+    assert_eq!((keys(&found), more), (vec!["b"], false));
+}
+
+#[tokio::test]
+async fn responses_report_rejections() {
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = records::RecordWriter::new(&db, &mut batch);
+    let first = writer
+        .put([1; 32], "ns", "k", BTreeMap::new(), vec![], Some(0), 5)
+        .unwrap();
+    assert!(matches!(first, Response::Record(ref record) if record.version == 1));
+    let again = writer
+        .put([1; 32], "ns", "k", BTreeMap::new(), vec![], Some(0), 6)
+        .unwrap();
+    assert_eq!(
+        again,
+        Response::Rejected(Rejection::VersionMismatch {
+            expected: 0,
+            current: 1
+        })
+    );
+    let foreign = writer.delete([9; 32], "ns", "k", None).unwrap();
+    assert_eq!(foreign, Response::Rejected(Rejection::NotOwner));
+}
+
+#[tokio::test]
+async fn node_ids_are_never_reused() {
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    let node = |name: &str| NodeInfo {
+        peer_id: name.into(),
+        cluster_addr: format!("{name}:1"),
+        ..NodeInfo::default()
+    };
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([1])],
+        BTreeMap::from([(1, node("first"))]),
+    )
+    .unwrap();
+    apply_all(
+        &mut state_machine,
+        vec![
+            Entry {
+                log_id: log_id(1),
+                payload: EntryPayload::Membership(membership),
+            },
+            entry(
+                2,
+                Op::RegisterNode {
+                    node: node("second"),
+                },
+            ),
+            entry(3, Op::TombstoneNode { node_id: 2 }),
+            entry(
+                4,
+                Op::RegisterNode {
+                    node: node("second"),
+                },
+            ),
+        ],
+    )
+    .await;
+    let nodes = StateReader::new(db).nodes().unwrap();
+    assert_eq!(nodes.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(nodes[&2].removed);
+    assert_eq!(nodes[&3].info.peer_id, "second");
+}
+
+#[tokio::test]
+async fn snapshot_moves_records_and_rebuilds_the_index() {
+    let source_dir = TempDir::new().unwrap();
+    let source_db = open(source_dir.path()).unwrap();
+    let mut source = StateMachine::open(source_db.clone()).unwrap();
+    apply_all(
+        &mut source,
+        (1..=50)
+            .map(|i| {
+                entry(
+                    i,
+                    put(
+                        1,
+                        &format!("k{i:02}"),
+                        &[("parity", if i % 2 == 0 { "even" } else { "odd" })],
+                        None,
+                    ),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let mut builder = source.get_snapshot_builder().await;
+    let snapshot = builder.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(50)));
+
+    let target_dir = TempDir::new().unwrap();
+    let target_db = open(target_dir.path()).unwrap();
+    let mut target = StateMachine::open(target_db.clone()).unwrap();
+    // Something stale on the target that the snapshot must replace.
+    apply_all(
+        &mut target,
+        vec![entry(1, put(7, "stale", &[("parity", "even")], None))],
+    )
+    .await;
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
+        .await
+        .unwrap();
+    let reader = StateReader::new(target_db);
+    let even = Term {
+        attribute: "parity".into(),
+        condition: Condition::Equals("even".into()),
+    };
+    let (found, _) = records::search(reader.db(), "ns", &[even], None, 100).unwrap();
+    assert_eq!(found.len(), 25);
+    assert!(records::get(reader.db(), "ns", "stale").unwrap().is_none());
+    let (applied, _) = target.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(50)));
+    let current = target.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, snapshot.meta);
+}
+
+#[tokio::test]
+async fn log_survives_reopen() {
+    let dir = TempDir::new().unwrap();
+    {
+        let db = open(dir.path()).unwrap();
+        let mut log = LogStore::new(db);
+        let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        log.append(
+            vec![
+                entry(1, put(1, "a", &[], None)),
+                entry(2, put(1, "b", &[], None)),
+            ],
+            openraft::storage::IOFlushed::signal(tx),
+        )
+        .await
+        .unwrap();
+        rx.await.unwrap().unwrap();
+    }
+    let db = open(dir.path()).unwrap();
+    let mut log = LogStore::new(db);
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2)));
+}
