@@ -1,1 +1,38 @@
-//! placeholder
+//! Test harnesses for Vesper: real `superpeer` processes on free ports with real TLS, driven through the Admin
+//! service, `vesperctl` and the `leafpeer` library.
+//!
+//! - [`pki`]: a throwaway CA and certificates made with the real `vesperctl`.
+//! - [`cluster`]: start, kill, stop and restart super peer processes; wait on observable state.
+//! - [`wait`]: polling with a deadline and a message, instead of sleeps.
+
+pub mod cluster;
+pub mod pki;
+pub mod raw;
+pub mod wait;
+
+use std::path::PathBuf;
+
+/// Folder holding the workspace's built binaries (`superpeer`, `vesperctl`). Test executables live in
+/// `target/<profile>/deps`, the binaries one level up; `VESPER_BIN_DIR` overrides.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VESPER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current executable path");
+    let mut dir = exe.parent().expect("executable has a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, with a clear message when it was not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}

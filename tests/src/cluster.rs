@@ -1,0 +1,413 @@
+//! A cluster of real `superpeer` processes.
+//!
+//! Every node starts on port 0; the harness reads the bound ports from the node's `endpoints.json` and reuses
+//! them on restart, so the addresses in the Raft membership stay valid. Readiness is observed through the Admin
+//! service (status, leader, members), never assumed after a sleep. Dropping the cluster kills every process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use vesper_leafpeer::{Keypair, Leaf, LeafConfig};
+use vesper_proto::v1::admin_client::AdminClient;
+use vesper_proto::v1::{MemberRole, PromoteRequest, StatusRequest, StatusResponse};
+
+use crate::pki::Pki;
+use crate::wait;
+
+/// Time a cluster gets to elect a leader or converge in tests; generous for a loaded 2-core machine.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The bound addresses of a node, from its `endpoints.json`.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct Endpoints {
+    pub leaf: std::net::SocketAddr,
+    pub cluster: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+/// How a node is started the first time.
+#[derive(Debug, Clone)]
+pub enum Start {
+    Bootstrap,
+    Join(String),
+    Idle,
+}
+
+/// Tuning passed to every node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// `--snapshot-after-logs`.
+    pub snapshot_after_logs: Option<u64>,
+    /// `--logs-kept-after-snapshot`.
+    pub logs_kept_after_snapshot: Option<u64>,
+}
+
+/// One super peer process.
+pub struct NodeProcess {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub endpoints: Option<Endpoints>,
+    start: Start,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints.expect("node has started once")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// A cluster of super peer processes sharing one PKI.
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub pki: Pki,
+    pub nodes: Vec<NodeProcess>,
+    options: NodeOptions,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() || std::env::var_os("VESPER_KEEP_TEST_FILES").is_some() {
+            // Keep the logs of a failed test where a person can read them.
+            let kept = self.root.path().to_path_buf();
+            eprintln!("cluster files (logs) kept in {}", kept.display());
+            let root =
+                std::mem::replace(&mut self.root, tempfile::TempDir::new().expect("temp dir"));
+            let _ = root.keep();
+        }
+    }
+}
+
+impl Cluster {
+    /// Creates an empty cluster (no process yet) with a fresh PKI.
+    pub fn new(options: NodeOptions) -> anyhow::Result<Cluster> {
+        let root = tempfile::Builder::new()
+            .prefix("vesper-cluster-")
+            .tempdir()?;
+        let pki = Pki::create(&root.path().join("pki"))?;
+        Ok(Cluster {
+            root,
+            pki,
+            nodes: Vec::new(),
+            options,
+        })
+    }
+
+    /// Starts a cluster of `voters` voters and waits until every one is a voter and a leader is known.
+    pub async fn start(voters: usize, options: NodeOptions) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster::new(options)?;
+        cluster.add_node(Start::Bootstrap).await?;
+        let seed = cluster.nodes[0].endpoints().cluster.to_string();
+        for _ in 1..voters {
+            cluster.add_node(Start::Join(seed.clone())).await?;
+        }
+        cluster.wait_members(voters, 1).await?;
+        // Promote every standby that joined.
+        let status = cluster.status_of(0).await?;
+        for member in status.members {
+            if member.role == MemberRole::Standby as i32 {
+                cluster
+                    .admin(0)
+                    .await?
+                    .promote(PromoteRequest {
+                        node_id: member.node_id,
+                    })
+                    .await
+                    .context("promote")?;
+            }
+        }
+        cluster.wait_members(voters, voters).await?;
+        Ok(cluster)
+    }
+
+    /// Starts one more node and waits for its endpoints. Returns its index.
+    pub async fn add_node(&mut self, start: Start) -> anyhow::Result<usize> {
+        let index = self.nodes.len();
+        let name = format!("sp{}", index + 1);
+        let data_dir = self.root.path().join(&name);
+        self.nodes.push(NodeProcess {
+            name,
+            data_dir,
+            endpoints: None,
+            start,
+            child: None,
+        });
+        self.launch(index).await?;
+        Ok(index)
+    }
+
+    async fn launch(&mut self, index: usize) -> anyhow::Result<()> {
+        let (cert, key) = self.pki.superpeer_cert();
+        let ca = self.pki.ca_cert();
+        let node = &mut self.nodes[index];
+        let endpoints_file = node.data_dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints_file);
+        std::fs::create_dir_all(&node.data_dir)?;
+        let log_path = node.data_dir.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let (leaf, cluster, admin) = match node.endpoints {
+            Some(endpoints) => (endpoints.leaf, endpoints.cluster, endpoints.admin),
+            None => {
+                let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+                (any, any, any)
+            }
+        };
+        let mut command = Command::new(crate::binary("superpeer"));
+        command
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--leaf-listen")
+            .arg(leaf.to_string())
+            .arg("--cluster-listen")
+            .arg(cluster.to_string())
+            .arg("--admin-listen")
+            .arg(admin.to_string())
+            .arg("--tls-ca")
+            .arg(&ca)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        match &node.start {
+            Start::Bootstrap => {
+                command.arg("--bootstrap");
+            }
+            Start::Join(seed) => {
+                command.arg("--join").arg(seed);
+            }
+            Start::Idle => {}
+        }
+        if let Some(logs) = self.options.snapshot_after_logs {
+            command.arg("--snapshot-after-logs").arg(logs.to_string());
+        }
+        if let Some(logs) = self.options.logs_kept_after_snapshot {
+            command
+                .arg("--logs-kept-after-snapshot")
+                .arg(logs.to_string());
+        }
+        node.child = Some(command.spawn().context("start superpeer")?);
+        let name = node.name.clone();
+        let endpoints: Endpoints = wait::until(
+            &format!("{name} to write endpoints.json"),
+            CONVERGE_TIMEOUT,
+            || {
+                let path = endpoints_file.clone();
+                async move {
+                    match std::fs::read(&path) {
+                        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+                        Err(_) => Ok(None),
+                    }
+                }
+            },
+        )
+        .await?;
+        self.nodes[index].endpoints = Some(endpoints);
+        Ok(())
+    }
+
+    /// SIGKILLs node `index`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERMs node `index` and waits for it to exit.
+    pub async fn stop(&mut self, index: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let name = self.nodes[index].name.clone();
+            let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+            if !status.success() {
+                bail!("{name} exited with {status} after SIGTERM");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts node `index` again on its previous ports.
+    pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        self.launch(index).await
+    }
+
+    /// Indexes of the nodes whose process runs.
+    pub fn running(&mut self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&index| self.nodes[index].is_running())
+            .collect()
+    }
+
+    /// An Admin client for node `index`, with the operator certificate.
+    pub async fn admin(&self, index: usize) -> anyhow::Result<AdminClient<Channel>> {
+        let (cert, key) = self.pki.operator_cert();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca_pem()))
+            .identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ))
+            .domain_name("127.0.0.1");
+        let channel =
+            Endpoint::from_shared(format!("https://{}", self.nodes[index].endpoints().admin))?
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(30))
+                .tls_config(tls)?
+                .connect()
+                .await?;
+        Ok(AdminClient::new(channel))
+    }
+
+    /// Status of node `index`.
+    pub async fn status_of(&self, index: usize) -> anyhow::Result<StatusResponse> {
+        Ok(self
+            .admin(index)
+            .await?
+            .status(StatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until some running node reports `voters` voters and `members` live members and a leader; returns
+    /// that status.
+    pub async fn wait_members(
+        &mut self,
+        members: usize,
+        voters: usize,
+    ) -> anyhow::Result<StatusResponse> {
+        let running = self.running();
+        let this = &*self;
+        wait::until("cluster membership", CONVERGE_TIMEOUT, || async {
+            for &index in &running {
+                let Ok(status) = this.status_of(index).await else {
+                    continue;
+                };
+                let live = status
+                    .members
+                    .iter()
+                    .filter(|member| member.role != MemberRole::Removed as i32)
+                    .count();
+                let voting = status
+                    .members
+                    .iter()
+                    .filter(|member| member.role == MemberRole::Voter as i32)
+                    .count();
+                if status.leader_id != 0 && live == members && voting == voters {
+                    return Ok(Some(status));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Waits until the running nodes agree on a leader; returns the index of the leader's process.
+    pub async fn wait_leader(&mut self) -> anyhow::Result<usize> {
+        let running = self.running();
+        let this = &*self;
+        wait::until("a leader", CONVERGE_TIMEOUT, || async {
+            for &index in &running {
+                let Ok(status) = this.status_of(index).await else {
+                    continue;
+                };
+                if status.raft_state == "leader" {
+                    return Ok(Some(index));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Like [`Cluster::wait_leader`], for callers holding a shared reference.
+    pub async fn wait_leader_index(&self) -> anyhow::Result<usize> {
+        let this = self;
+        wait::until("a leader", CONVERGE_TIMEOUT, || async {
+            for index in 0..this.nodes.len() {
+                let Ok(status) = this.status_of(index).await else {
+                    continue;
+                };
+                if status.raft_state == "leader" {
+                    return Ok(Some(index));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Waits until node `index` has applied at least `applied_index`.
+    pub async fn wait_applied(
+        &self,
+        index: usize,
+        applied_index: u64,
+    ) -> anyhow::Result<StatusResponse> {
+        wait::until(
+            &format!("{} to apply index {applied_index}", self.nodes[index].name),
+            CONVERGE_TIMEOUT,
+            || async {
+                let status = self.status_of(index).await?;
+                Ok((status.applied_index >= applied_index).then_some(status))
+            },
+        )
+        .await
+    }
+
+    /// Leaf addresses of every node.
+    pub fn leaf_addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter_map(|node| node.endpoints.map(|endpoints| endpoints.leaf.to_string()))
+            .collect()
+    }
+
+    /// A leaf attached to node `index` with a new key.
+    pub async fn leaf(&self, index: usize) -> anyhow::Result<Leaf> {
+        self.leaf_with(index, Keypair::generate()).await
+    }
+
+    /// A leaf attached to node `index` with the given key.
+    pub async fn leaf_with(&self, index: usize, keypair: Keypair) -> anyhow::Result<Leaf> {
+        let seed = self.nodes[index].endpoints().leaf.to_string();
+        Ok(Leaf::connect(LeafConfig::new(vec![seed], self.pki.ca_pem(), keypair)).await?)
+    }
+
+    /// Path of node `index`'s log file.
+    pub fn log_path(&self, index: usize) -> PathBuf {
+        self.nodes[index].data_dir.with_extension("log")
+    }
+
+    /// The root folder of the cluster's files.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+}

@@ -1,0 +1,78 @@
+//! A throwaway PKI for tests, made with the real `vesperctl ca init` and `vesperctl cert issue`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context};
+
+/// CA and certificates in a folder.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+fn vesperctl(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new(crate::binary("vesperctl"))
+        .args(args)
+        .output()
+        .context("run vesperctl")?;
+    ensure!(
+        output.status.success(),
+        "vesperctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+impl Pki {
+    /// Creates the CA, one super peer certificate for localhost/127.0.0.1 and an operator certificate.
+    pub fn create(dir: &Path) -> anyhow::Result<Pki> {
+        let dir = dir.to_path_buf();
+        let ca = dir.join("ca");
+        let certs = dir.join("certs");
+        let (ca, certs) = (ca.to_str().unwrap(), certs.to_str().unwrap());
+        vesperctl(&["ca", "init", "--dir", ca])?;
+        vesperctl(&[
+            "cert",
+            "issue",
+            "--ca-dir",
+            ca,
+            "--role",
+            "superpeer",
+            "--name",
+            "superpeer",
+            "--san",
+            "localhost",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            certs,
+        ])?;
+        vesperctl(&[
+            "cert", "issue", "--ca-dir", ca, "--role", "operator", "--name", "operator", "--out",
+            certs,
+        ])?;
+        Ok(Pki { dir })
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca/ca.pem")
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.ca_cert()).expect("CA certificate was written")
+    }
+
+    pub fn superpeer_cert(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("certs/superpeer.pem"),
+            self.dir.join("certs/superpeer.key"),
+        )
+    }
+
+    pub fn operator_cert(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("certs/operator.pem"),
+            self.dir.join("certs/operator.key"),
+        )
+    }
+}

@@ -1,0 +1,104 @@
+//! A hand-driven leaf session, for tests that must send what the `leafpeer` library would refuse to send
+//! (oversized records, bad signatures, calls without a session).
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use vesper_proto::session::attach_message;
+use vesper_proto::v1::leaf_client::LeafClient;
+use vesper_proto::v1::{client_frame, server_frame, Attach, ClientFrame, ServerFrame};
+use vesper_proto::{Keypair, SESSION_METADATA_KEY};
+
+/// How to answer the challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signing {
+    /// Sign correctly.
+    Valid,
+    /// Flip a bit of the signature.
+    Corrupt,
+    /// Sign a different nonce.
+    WrongNonce,
+}
+
+/// A TLS channel to a Leaf service.
+pub async fn channel(address: &str, ca_pem: &[u8]) -> anyhow::Result<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("127.0.0.1");
+    Ok(Endpoint::from_shared(format!("https://{address}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?)
+}
+
+/// An open raw session: the client, its token and the stream halves that keep it alive.
+pub struct RawSession {
+    pub client: LeafClient<Channel>,
+    pub token: String,
+    _tx: mpsc::Sender<ClientFrame>,
+    _inbound: tonic::Streaming<ServerFrame>,
+}
+
+impl RawSession {
+    /// A request carrying this session's token.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        with_token(message, &self.token)
+    }
+}
+
+/// A request carrying `token` as its session.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value: MetadataValue<_> = token.parse().expect("token is ASCII");
+    request.metadata_mut().insert(SESSION_METADATA_KEY, value);
+    request
+}
+
+/// Opens a session, answering the challenge as `signing` says. Returns the status the server ended the
+/// session with, if it refused.
+pub async fn open(
+    channel: Channel,
+    keypair: &Keypair,
+    signing: Signing,
+) -> Result<RawSession, tonic::Status> {
+    let mut client = LeafClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let Some(ServerFrame {
+        frame: Some(server_frame::Frame::Challenge(challenge)),
+    }) = inbound.message().await?
+    else {
+        return Err(tonic::Status::internal("no challenge"));
+    };
+    let nonce = match signing {
+        Signing::WrongNonce => vec![0u8; challenge.nonce.len()],
+        _ => challenge.nonce.clone(),
+    };
+    let mut signature = keypair.sign(&attach_message(&nonce, &challenge.server_peer_id));
+    if signing == Signing::Corrupt {
+        signature[0] ^= 1;
+    }
+    let attach = ClientFrame {
+        frame: Some(client_frame::Frame::Attach(Attach {
+            public_key: keypair.peer_id().as_bytes().to_vec(),
+            signature: signature.to_vec(),
+        })),
+    };
+    tx.send(attach)
+        .await
+        .map_err(|_| tonic::Status::internal("session closed"))?;
+    match inbound.message().await? {
+        Some(ServerFrame {
+            frame: Some(server_frame::Frame::Welcome(welcome)),
+        }) => Ok(RawSession {
+            client,
+            token: welcome.session_token,
+            _tx: tx,
+            _inbound: inbound,
+        }),
+        other => Err(tonic::Status::internal(format!(
+            "unexpected frame {other:?}"
+        ))),
+    }
+}

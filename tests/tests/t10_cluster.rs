@@ -1,0 +1,429 @@
+//! Three super peers form one virtual super peer: writes through any node are readable through every node,
+//! search answers exactly what a model of the data says, and bad input is refused without touching state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rand::{Rng, SeedableRng};
+use tonic::Code;
+use vesper_leafpeer::{Consistency, Leaf, SearchTerm};
+use vesper_proto::v1::{
+    search_term, DeleteRecordRequest, GetRecordRequest, PutRecordRequest, SearchRecordsRequest,
+};
+use vesper_proto::Keypair;
+use vesper_tests::cluster::{Cluster, NodeOptions};
+use vesper_tests::raw::{self, Signing};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_records_written_through_any_node_are_readable_through_every_node() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let mut leaves = Vec::new();
+    for index in 0..3 {
+        leaves.push(cluster.leaf(index).await?);
+    }
+    for (index, leaf) in leaves.iter().enumerate() {
+        let attributes = HashMap::from([("via".to_string(), format!("sp{}", index + 1))]);
+        let record = leaf
+            .put(
+                "apps.test",
+                &format!("from-{index}"),
+                attributes,
+                vec![index as u8; 100],
+                None,
+            )
+            .await?;
+        assert_eq!(record.version, 1);
+        assert_eq!(record.owner, leaf.peer_id().to_string());
+    }
+    for reader in &leaves {
+        for (index, writer) in leaves.iter().enumerate() {
+            let record = reader
+                .get(
+                    "apps.test",
+                    &format!("from-{index}"),
+                    Consistency::Linearizable,
+                )
+                .await?
+                .unwrap_or_else(|| {
+                    panic!("from-{index} missing when read via {}", reader.server())
+                });
+            assert_eq!(record.value, vec![index as u8; 100]);
+            assert_eq!(record.owner, writer.peer_id().to_string());
+            assert_eq!(record.attributes["via"], format!("sp{}", index + 1));
+        }
+    }
+    // A stale read is served by the replica itself and says which index it reflects.
+    let leader = cluster.status_of(0).await?;
+    for (index, reader) in leaves.iter().enumerate() {
+        cluster.wait_applied(index, leader.applied_index).await?;
+        let page = reader
+            .list("apps.test", "from-", 10, None, Consistency::Stale)
+            .await?;
+        assert_eq!(page.records.len(), 3);
+        assert!(page.applied_index >= leader.applied_index);
+    }
+    Ok(())
+}
+
+/// The test's model of one record.
+#[derive(Debug, Clone)]
+struct Modelled {
+    owner: usize,
+    attributes: HashMap<String, String>,
+}
+
+const COLORS: &[&str] = &["red", "green", "blue", "black"];
+const SIZES: &[&str] = &["s", "m", "l"];
+const NAMES: &[&str] = &["alice", "alina", "bob", "bobby", "carol", "carla", "dave"];
+
+fn matches(model: &Modelled, terms: &[SearchTerm]) -> bool {
+    terms.iter().all(|term| match term {
+        SearchTerm::Equals(name, value) => model.attributes.get(name) == Some(value),
+        SearchTerm::Prefix(name, prefix) => model
+            .attributes
+            .get(name)
+            .is_some_and(|value| value.starts_with(prefix.as_str())),
+    })
+}
+
+async fn search_all(leaf: &Leaf, terms: &[SearchTerm]) -> anyhow::Result<BTreeSet<String>> {
+    let mut keys = BTreeSet::new();
+    let mut token = None;
+    loop {
+        // A small page size makes the pagination path part of every check.
+        let page = leaf
+            .search("people", terms, 7, token, Consistency::Linearizable)
+            .await?;
+        for record in page.records {
+            assert!(
+                keys.insert(record.key.clone()),
+                "{} returned twice",
+                record.key
+            );
+        }
+        match page.next_page_token {
+            Some(next) => token = Some(next),
+            None => return Ok(keys),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_search_returns_exactly_the_matching_records() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let mut leaves = Vec::new();
+    for index in 0..3 {
+        leaves.push(cluster.leaf(index).await?);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut model: BTreeMap<String, Modelled> = BTreeMap::new();
+    for step in 0..300 {
+        let key = format!("p{:03}", rng.random_range(0..120));
+        match model.get(&key).cloned() {
+            // Deletes now and then, always by the owner.
+            Some(existing) if step % 7 == 0 => {
+                assert!(leaves[existing.owner].delete("people", &key, None).await?);
+                model.remove(&key);
+            }
+            existing => {
+                let owner = existing.map_or_else(|| rng.random_range(0..3), |record| record.owner);
+                let mut attributes = HashMap::new();
+                attributes.insert(
+                    "color".into(),
+                    COLORS[rng.random_range(0..COLORS.len())].into(),
+                );
+                if rng.random_bool(0.7) {
+                    attributes.insert(
+                        "size".into(),
+                        SIZES[rng.random_range(0..SIZES.len())].into(),
+                    );
+                }
+                attributes.insert(
+                    "name".into(),
+                    NAMES[rng.random_range(0..NAMES.len())].into(),
+                );
+                leaves[owner]
+                    .put(
+                        "people",
+                        &key,
+                        attributes.clone(),
+                        key.clone().into_bytes(),
+                        None,
+                    )
+                    .await?;
+                model.insert(key, Modelled { owner, attributes });
+            }
+        }
+    }
+    // A record in another namespace with the same attributes must never show up.
+    leaves[0]
+        .put(
+            "other",
+            "p000",
+            HashMap::from([("color".to_string(), "red".to_string())]),
+            vec![],
+            None,
+        )
+        .await?;
+
+    let mut queries: Vec<Vec<SearchTerm>> = Vec::new();
+    for color in COLORS {
+        queries.push(vec![SearchTerm::Equals("color".into(), color.to_string())]);
+        for size in SIZES {
+            queries.push(vec![
+                SearchTerm::Equals("color".into(), color.to_string()),
+                SearchTerm::Equals("size".into(), size.to_string()),
+            ]);
+        }
+    }
+    for prefix in ["a", "al", "ali", "bob", "c", "z", ""] {
+        queries.push(vec![SearchTerm::Prefix("name".into(), prefix.into())]);
+        queries.push(vec![
+            SearchTerm::Prefix("name".into(), prefix.into()),
+            SearchTerm::Equals("color".into(), "red".into()),
+        ]);
+    }
+    queries.push(vec![SearchTerm::Equals("missing".into(), "x".into())]);
+    for (index, terms) in queries.iter().enumerate() {
+        let expected: BTreeSet<String> = model
+            .iter()
+            .filter(|(_, record)| matches(record, terms))
+            .map(|(key, _)| key.clone())
+            .collect();
+        // Ask a different super peer each time.
+        let found = search_all(&leaves[index % 3], terms).await?;
+        assert_eq!(found, expected, "search {terms:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let address = cluster.nodes[1].endpoints().leaf.to_string();
+    let owner_key = Keypair::generate();
+    let owner = raw::open(
+        raw::channel(&address, &cluster.pki.ca_pem()).await?,
+        &owner_key,
+        Signing::Valid,
+    )
+    .await?;
+    let intruder = raw::open(
+        raw::channel(&address, &cluster.pki.ca_pem()).await?,
+        &Keypair::generate(),
+        Signing::Valid,
+    )
+    .await?;
+    let put =
+        |key: &str, value: Vec<u8>, attributes: HashMap<String, String>, expected: Option<u64>| {
+            PutRecordRequest {
+                namespace: "ns".into(),
+                key: key.into(),
+                attributes,
+                value,
+                expected_version: expected,
+            }
+        };
+    let stored = owner
+        .client
+        .clone()
+        .put_record(owner.request(put("k", b"original".to_vec(), HashMap::new(), None)))
+        .await?
+        .into_inner();
+    let written_at = stored.applied_index;
+    let leader = cluster.wait_leader_index().await?;
+    let before = cluster.status_of(leader).await?.last_log_index;
+
+    let many: HashMap<String, String> = (0..33)
+        .map(|i| (format!("a{i}"), "v".to_string()))
+        .collect();
+    let cases: Vec<(&str, PutRecordRequest, Code, &str)> = vec![
+        (
+            "value over the limit",
+            put("k", vec![0; 64 * 1024 + 1], HashMap::new(), None),
+            Code::ResourceExhausted,
+            "value is 65537 bytes",
+        ),
+        (
+            "too many attributes",
+            put("k", vec![], many, None),
+            Code::ResourceExhausted,
+            "33 attributes",
+        ),
+        (
+            "attribute value too long",
+            put(
+                "k",
+                vec![],
+                HashMap::from([("a".into(), "v".repeat(257))]),
+                None,
+            ),
+            Code::ResourceExhausted,
+            "attribute value is 257 bytes",
+        ),
+        (
+            "bad attribute name",
+            put(
+                "k",
+                vec![],
+                HashMap::from([("Bad Name".into(), "v".into())]),
+                None,
+            ),
+            Code::InvalidArgument,
+            "attribute name",
+        ),
+        (
+            "bad namespace",
+            PutRecordRequest {
+                namespace: "No/Such".into(),
+                ..put("k", vec![], HashMap::new(), None)
+            },
+            Code::InvalidArgument,
+            "namespace",
+        ),
+        (
+            "key with a control character",
+            put("a\u{1}b", vec![], HashMap::new(), None),
+            Code::InvalidArgument,
+            "key contains a control character",
+        ),
+        (
+            "empty key",
+            put("", vec![], HashMap::new(), None),
+            Code::InvalidArgument,
+            "key is empty",
+        ),
+        (
+            "stale compare-and-set",
+            put("k", b"new".to_vec(), HashMap::new(), Some(7)),
+            Code::FailedPrecondition,
+            "expected 7, current 1",
+        ),
+        (
+            "create-only on an existing record",
+            put("k", b"new".to_vec(), HashMap::new(), Some(0)),
+            Code::FailedPrecondition,
+            "expected 0, current 1",
+        ),
+    ];
+    for (what, request, code, message) in cases {
+        let status = owner
+            .client
+            .clone()
+            .put_record(owner.request(request))
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(message),
+            "{what}: {:?} lacks {message:?}",
+            status.message()
+        );
+    }
+
+    // Another peer's record: neither overwrite nor delete.
+    let status = intruder
+        .client
+        .clone()
+        .put_record(intruder.request(put("k", b"mine now".to_vec(), HashMap::new(), None)))
+        .await
+        .expect_err("foreign put");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("owned by another peer"));
+    let delete = DeleteRecordRequest {
+        namespace: "ns".into(),
+        key: "k".into(),
+        expected_version: None,
+    };
+    let status = intruder
+        .client
+        .clone()
+        .delete_record(intruder.request(delete.clone()))
+        .await
+        .expect_err("foreign delete");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // No session, an unknown token.
+    let mut anonymous = vesper_proto::v1::leaf_client::LeafClient::new(
+        raw::channel(&address, &cluster.pki.ca_pem()).await?,
+    );
+    let status = anonymous
+        .put_record(put("k", vec![], HashMap::new(), None))
+        .await
+        .expect_err("no session");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("no session"));
+    let status = anonymous
+        .get_record(raw::with_token(
+            GetRecordRequest {
+                namespace: "ns".into(),
+                key: "k".into(),
+                consistency: 0,
+            },
+            "0000",
+        ))
+        .await
+        .expect_err("bad token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // Bad signatures never get a session.
+    for signing in [Signing::Corrupt, Signing::WrongNonce] {
+        let channel = raw::channel(&address, &cluster.pki.ca_pem()).await?;
+        let status = raw::open(channel, &Keypair::generate(), signing)
+            .await
+            .err()
+            .expect("a bad signature must be refused");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{signing:?}: {status:?}"
+        );
+        assert!(status.message().contains("signature"), "{status:?}");
+    }
+
+    // A search without terms or with too many.
+    let search = |terms: Vec<vesper_proto::v1::SearchTerm>| SearchRecordsRequest {
+        namespace: "ns".into(),
+        terms,
+        ..Default::default()
+    };
+    let status = owner
+        .client
+        .clone()
+        .search_records(owner.request(search(vec![])))
+        .await
+        .expect_err("no terms");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let term = vesper_proto::v1::SearchTerm {
+        attribute: "a".into(),
+        condition: Some(search_term::Condition::Equals("v".into())),
+    };
+    let status = owner
+        .client
+        .clone()
+        .search_records(owner.request(search(vec![term; 9])))
+        .await
+        .expect_err("too many terms");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+
+    // Nothing reached Raft, and the record is as it was.
+    let after = cluster.status_of(leader).await?.last_log_index;
+    assert_eq!(before, after, "a refused request moved the Raft log");
+    let record = owner
+        .client
+        .clone()
+        .get_record(owner.request(GetRecordRequest {
+            namespace: "ns".into(),
+            key: "k".into(),
+            consistency: 0,
+        }))
+        .await?
+        .into_inner()
+        .record
+        .expect("record still there");
+    assert_eq!(record.value, b"original");
+    assert_eq!(record.version, 1);
+    assert_eq!(record.owner, owner_key.peer_id().to_string());
+    assert!(written_at <= after);
+    Ok(())
+}
