@@ -42,6 +42,8 @@ pub enum ServiceError {
     Peer { peer: String, status: Status },
     #[error("encoding failed: {0}")]
     Codec(String),
+    #[error("the leader at {leader} went away before answering ({reason}); the write may or may not have been applied")]
+    OutcomeUnknown { leader: String, reason: String },
 }
 
 /// Metadata key carrying the leader's Cluster address with NotLeader errors.
@@ -64,9 +66,10 @@ impl ServiceError {
                 Status::not_found(message)
             }
             ServiceError::Unauthenticated(_) => Status::unauthenticated(message),
-            ServiceError::NotInCluster | ServiceError::NoLeader | ServiceError::Raft(_) => {
-                Status::unavailable(message)
-            }
+            ServiceError::NotInCluster
+            | ServiceError::NoLeader
+            | ServiceError::Raft(_)
+            | ServiceError::OutcomeUnknown { .. } => Status::unavailable(message),
             ServiceError::NotLeader { leader_addr, .. } => {
                 let mut status = Status::failed_precondition(message);
                 if let Ok(value) = leader_addr.parse() {

@@ -6,6 +6,7 @@
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
 
 pub mod cluster;
+pub mod load;
 pub mod pki;
 pub mod raw;
 pub mod wait;
