@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit tests and the process-level integration tests.
+# Installs missing system packages and builds first. `.ci/run` runs exactly this.
+source "$(dirname "$0")/env.sh"
+cd "$VESPER_ROOT"
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> building binaries for the integration tests"
+cargo build --workspace --bins
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    # Without nextest: one test at a time, so cluster tests do not compete for the two cores.
+    cargo test --workspace --no-fail-fast -- --test-threads=1
+fi
