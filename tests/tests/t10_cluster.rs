@@ -427,3 +427,78 @@ async fn t10_bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     assert!(written_at <= after);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_health_answers_on_every_port_and_plaintext_is_refused() -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let endpoints = cluster.nodes[0].endpoints();
+    let (cert, key) = cluster.pki.operator_cert();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cluster.pki.ca_pem()))
+        .identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ))
+        .domain_name("127.0.0.1");
+    for (port, address) in [
+        ("leaf", endpoints.leaf),
+        ("cluster", endpoints.cluster),
+        ("admin", endpoints.admin),
+    ] {
+        let channel = Endpoint::from_shared(format!("https://{address}"))?
+            .tls_config(tls.clone())?
+            .connect()
+            .await?;
+        for service in ["", "vesper.v1.Leaf"] {
+            let reply = HealthClient::new(channel.clone())
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await?
+                .into_inner();
+            assert_eq!(
+                reply.status, 1,
+                "{port} port, service {service:?}: {reply:?}"
+            );
+        }
+        // A plaintext client gets nothing from a TLS port.
+        let plaintext = Endpoint::from_shared(format!("http://{address}"))?
+            .connect()
+            .await;
+        if let Ok(channel) = plaintext {
+            let result = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            assert!(result.is_err(), "{port} port answered plaintext");
+        }
+    }
+    // Cluster and admin ports require a client certificate.
+    let server_only = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cluster.pki.ca_pem()))
+        .domain_name("127.0.0.1");
+    for address in [endpoints.cluster, endpoints.admin] {
+        let attempt = async {
+            let channel = Endpoint::from_shared(format!("https://{address}"))?
+                .tls_config(server_only.clone())?
+                .connect()
+                .await?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(())
+        };
+        assert!(
+            attempt.await.is_err(),
+            "{address} accepted a client without a certificate"
+        );
+    }
+    Ok(())
+}

@@ -1,1 +1,315 @@
-fn main() {}
+//! `vesper-bench`: record-put throughput and latency of a local 3-node Vesper cluster against a local 3-member
+//! etcd cluster, side by side in one run, at several client counts.
+//!
+//! Both systems run on this machine with TLS on every port, and clients spread over all three members (each
+//! forwards writes to its leader). Each client has its own connection and does one put at a time. Build in
+//! release mode first: `cargo build --release --workspace --bins && target/release/vesper-bench`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use vesper_tests::cluster::{Cluster, NodeOptions};
+
+mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// Benchmark record puts: Vesper vs etcd.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Client counts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    clients: Vec<usize>,
+    /// Measured time per run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// The etcd binary.
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd: PathBuf,
+}
+
+/// Result of one run.
+struct Outcome {
+    ops: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Outcome {
+    fn throughput(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn p(&self, quantile: f64) -> f64 {
+        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// Runs `clients` workers doing `op` back to back for `duration`.
+async fn drive<F, Fut>(clients: usize, duration: Duration, op: F) -> Outcome
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = JoinSet::new();
+    for client in 0..clients {
+        let op = op.clone();
+        tasks.spawn(async move {
+            let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+            let (mut ops, mut errors, mut n) = (0u64, 0u64, 0u64);
+            while Instant::now() < deadline {
+                n += 1;
+                let begin = Instant::now();
+                match op(client, n).await {
+                    Ok(()) => {
+                        ops += 1;
+                        let _ = histogram.record(begin.elapsed().as_micros() as u64);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (ops, errors, histogram)
+        });
+    }
+    let mut outcome = Outcome {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: Histogram::new(3).expect("histogram"),
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (ops, errors, histogram) = joined.expect("bench task");
+        outcome.ops += ops;
+        outcome.errors += errors;
+        outcome
+            .latency_us
+            .add(histogram)
+            .expect("same histogram bounds");
+    }
+    outcome.elapsed = start.elapsed();
+    outcome
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A 3-member etcd cluster with TLS on client and peer ports, using the Vesper test PKI.
+struct Etcd {
+    children: Vec<Child>,
+    client_urls: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Etcd {
+    fn start(
+        binary: &Path,
+        root: &Path,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> anyhow::Result<Etcd> {
+        let mut peers = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            peers.push(format!("https://127.0.0.1:{}", free_port()?));
+            clients.push(format!("https://127.0.0.1:{}", free_port()?));
+        }
+        let initial: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(index, url)| format!("e{index}={url}"))
+            .collect();
+        let mut children = Vec::new();
+        for index in 0..3 {
+            let data = root.join(format!("etcd-{index}"));
+            let log = std::fs::File::create(root.join(format!("etcd-{index}.log")))?;
+            let child = Command::new(binary)
+                .args(["--name", &format!("e{index}")])
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--listen-client-urls", &clients[index]])
+                .args(["--advertise-client-urls", &clients[index]])
+                .args(["--listen-peer-urls", &peers[index]])
+                .args(["--initial-advertise-peer-urls", &peers[index]])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--peer-cert-file")
+                .arg(cert)
+                .arg("--peer-key-file")
+                .arg(key)
+                .arg("--peer-trusted-ca-file")
+                .arg(ca)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| {
+                    format!("start {} (apt-get install etcd-server)", binary.display())
+                })?;
+            children.push(child);
+        }
+        Ok(Etcd {
+            children,
+            client_urls: clients,
+        })
+    }
+}
+
+async fn etcd_client(
+    url: &str,
+    ca_pem: &[u8],
+    cert: &[u8],
+    key: &[u8],
+) -> anyhow::Result<etcd::kv_client::KvClient<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("127.0.0.1");
+    let channel = Endpoint::from_shared(url.to_string())?
+        .tcp_nodelay(true)
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(etcd::kv_client::KvClient::new(channel))
+}
+
+fn row(system: &str, clients: usize, outcome: &Outcome) {
+    println!(
+        "| {clients:>7} | {system:<6} | {:>10.0} | {:>8.2} | {:>8.2} | {:>6} |",
+        outcome.throughput(),
+        outcome.p(0.50),
+        outcome.p(0.99),
+        outcome.errors
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !args.etcd.exists() {
+        bail!(
+            "{} not found: apt-get install etcd-server",
+            args.etcd.display()
+        );
+    }
+    let duration = Duration::from_secs(args.seconds);
+    let value = vec![0x5a_u8; args.value_bytes];
+    eprintln!("starting a 3-node Vesper cluster ...");
+    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let (cert, key) = cluster.pki.superpeer_cert();
+    let ca_pem = cluster.pki.ca_pem();
+    eprintln!("starting a 3-member etcd cluster ...");
+    let etcd = Etcd::start(
+        &args.etcd,
+        cluster.root(),
+        &cluster.pki.ca_cert(),
+        &cert,
+        &key,
+    )?;
+    let (cert_pem, key_pem) = (std::fs::read(&cert)?, std::fs::read(&key)?);
+    // Wait until etcd accepts a put on every member.
+    for url in &etcd.client_urls {
+        vesper_tests::wait::until("etcd to accept writes", Duration::from_secs(60), || async {
+            let mut client = etcd_client(url, &ca_pem, &cert_pem, &key_pem).await?;
+            client
+                .put(etcd::PutRequest {
+                    key: b"ready".to_vec(),
+                    value: vec![],
+                })
+                .await?;
+            Ok(Some(()))
+        })
+        .await?;
+    }
+
+    println!("| clients | system | puts/s     | p50 ms   | p99 ms   | errors |");
+    println!("|--------:|--------|-----------:|---------:|---------:|-------:|");
+    let mut ratios = Vec::new();
+    for &clients in &args.clients {
+        let mut leaves = Vec::new();
+        for client in 0..clients {
+            leaves.push(cluster.leaf(client % 3).await?);
+        }
+        let leaves = Arc::new(leaves);
+        let value_for_vesper = value.clone();
+        let ours = drive(clients, duration, move |client, n| {
+            let (leaves, value) = (leaves.clone(), value_for_vesper.clone());
+            async move {
+                let attributes =
+                    std::collections::HashMap::from([("kind".to_string(), "bench".to_string())]);
+                leaves[client]
+                    .put("bench", &format!("c{client}-{n}"), attributes, value, None)
+                    .await?;
+                Ok(())
+            }
+        })
+        .await;
+        row("vesper", clients, &ours);
+
+        let mut kv = Vec::new();
+        for client in 0..clients {
+            kv.push(
+                etcd_client(&etcd.client_urls[client % 3], &ca_pem, &cert_pem, &key_pem).await?,
+            );
+        }
+        let kv = Arc::new(kv);
+        let value_for_etcd = value.clone();
+        let theirs = drive(clients, duration, move |client, n| {
+            let (kv, value) = (kv.clone(), value_for_etcd.clone());
+            async move {
+                kv[client]
+                    .clone()
+                    .put(etcd::PutRequest {
+                        key: format!("bench/c{client}-{n}").into_bytes(),
+                        value,
+                    })
+                    .await?;
+                Ok(())
+            }
+        })
+        .await;
+        row("etcd", clients, &theirs);
+        ratios.push((
+            clients,
+            ours.throughput() / theirs.throughput(),
+            ours.p(0.99) / theirs.p(0.99),
+        ));
+    }
+    println!();
+    for (clients, throughput, p99) in ratios {
+        println!(
+            "{clients} clients: vesper/etcd throughput {throughput:.2}x, p99 latency {p99:.2}x"
+        );
+    }
+    drop(etcd);
+    Ok(())
+}
