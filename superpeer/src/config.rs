@@ -98,7 +98,7 @@ impl Config {
         let mut problems = Vec::new();
         if self.tls.is_none() {
             problems.push(
-                "tls is not configured: set --tls-ca, --tls-cert and --tls-key (vesperctl dev certs makes a dev set)"
+                "tls is not configured: set --tls-ca, --tls-cert and --tls-key (make them with `vesperctl ca init` and `vesperctl cert issue`, or run scripts/up.sh for a dev cluster)"
                     .to_string(),
             );
         }
@@ -184,5 +184,20 @@ mod tests {
         assert_eq!(config.raft.snapshot_after_logs, 50);
         assert_eq!(config.raft.heartbeat_interval_ms, 150);
         assert!(toml::from_str::<Config>("data_dri = \"x\"").is_err());
+    }
+
+    #[test]
+    fn join_mode_reads_from_toml() {
+        let config: Config = toml::from_str("start = { join = \"sp-1:7401\" }").unwrap();
+        assert_eq!(config.start, StartMode::Join("sp-1:7401".into()));
+        let bad = Config {
+            start: StartMode::Join("no-port".into()),
+            ..Config::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .iter()
+            .any(|p| p.contains("host:port")));
     }
 }

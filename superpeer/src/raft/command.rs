@@ -29,6 +29,7 @@ pub enum Op {
         namespace: String,
         key: String,
         attributes: BTreeMap<String, String>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Compare-and-set: `Some(0)` means "must not exist", `Some(v)` "current version is v".
         expected_version: Option<u64>,
@@ -62,6 +63,8 @@ impl fmt::Display for Command {
 pub struct StoredRecord {
     pub owner: PeerKey,
     pub attributes: BTreeMap<String, String>,
+    /// Encoded as one byte string, not a sequence of numbers.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub version: u64,
     pub created_at_ms: u64,

@@ -3,10 +3,11 @@
 //! Entries live in the `log` column family under their big-endian index, so iteration order is log order. The
 //! vote, the committed log id and the last purged log id live in the `raft` column family.
 //!
-//! Durability: every append is written with `sync = true`, and the flush callback fires only after that write
-//! returns, so an entry is on disk before openraft counts it. openraft keeps proposing while an append is in
-//! flight and hands the next append everything that queued up meanwhile, so under load one fsync carries many
-//! client writes (group commit).
+//! Durability: `append` writes the entries (visible at once, as openraft requires) and hands the flush callback
+//! to the flusher thread, which syncs the write-ahead log and only then reports the entries flushed. openraft
+//! counts an entry only after that report, so it is on disk before it counts; meanwhile the leader already
+//! replicates it, so its own fsync overlaps the followers'. The flusher drains every callback queued while it
+//! was syncing and covers them with one fsync (group commit), reporting them in order.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -24,10 +25,49 @@ const VOTE_KEY: &[u8] = b"vote";
 const COMMITTED_KEY: &[u8] = b"committed";
 const LAST_PURGED_KEY: &[u8] = b"last_purged";
 
-/// The Raft log; cheap to clone (it is a handle on the shared database).
+/// The Raft log; cheap to clone (it is a handle on the shared database and the flusher).
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    flusher: Arc<Flusher>,
+}
+
+/// The flusher thread's queue and handle. Dropping the last one closes the queue and joins the thread, so the
+/// database handle the thread holds is released before the store is gone (an in-process reopen then works).
+struct Flusher {
+    queue: Option<std::sync::mpsc::Sender<IOFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Syncs the write-ahead log for queued appends, many per fsync, and reports them flushed in order. Ends when
+/// every `LogStore` handle is gone.
+fn run_flusher(db: Arc<DB>, queue: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    while let Ok(first) = queue.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(queue.try_iter());
+        match db.flush_wal(true) {
+            Ok(()) => {
+                for callback in waiting {
+                    callback.io_completed(Ok(()));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot sync the raft log");
+                for callback in waiting {
+                    callback.io_completed(Err(std::io::Error::other(error.to_string())));
+                }
+            }
+        }
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -49,7 +89,17 @@ fn synced() -> WriteOptions {
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
-        Self { db }
+        let (sender, queue) = std::sync::mpsc::channel();
+        let flusher_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || run_flusher(flusher_db, queue))
+            .expect("the OS can start the log flusher thread");
+        let flusher = Arc::new(Flusher {
+            queue: Some(sender),
+            thread: Some(thread),
+        });
+        Self { db, flusher }
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -190,23 +240,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 encode("log entry", &entry)?,
             );
         }
-        let store = self.clone();
-        let written = blocking(move || {
-            store.db.write_opt(batch, &synced())?;
-            Ok(())
-        })
-        .await;
-        match written {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                let error = std::io::Error::from(error);
-                callback.io_completed(Err(std::io::Error::new(error.kind(), error.to_string())));
-                Err(error)
-            }
+        // An unsynced write only touches the write-ahead log buffer and the memtable (microseconds), so it runs
+        // inline; the fsync, which waits on the disk, is the flusher's.
+        self.db.write(batch).map_err(StoreError::from)?;
+        let queue = self
+            .flusher
+            .queue
+            .as_ref()
+            .expect("the queue is only taken when the flusher drops");
+        if let Err(unsent) = queue.send(callback) {
+            // The flusher only stops when every handle is gone, which cannot be while we run.
+            unsent
+                .0
+                .io_completed(Err(std::io::Error::other("the log flusher stopped")));
         }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {

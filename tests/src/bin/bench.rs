@@ -41,6 +41,8 @@ struct Args {
 
 /// Result of one run.
 struct Outcome {
+    /// One error message, to say what failed.
+    sample_error: Option<String>,
     ops: u64,
     errors: u64,
     elapsed: Duration,
@@ -71,6 +73,7 @@ where
         tasks.spawn(async move {
             let mut histogram = Histogram::<u64>::new(3).expect("histogram");
             let (mut ops, mut errors, mut n) = (0u64, 0u64, 0u64);
+            let mut sample_error = None;
             while Instant::now() < deadline {
                 n += 1;
                 let begin = Instant::now();
@@ -79,20 +82,27 @@ where
                         ops += 1;
                         let _ = histogram.record(begin.elapsed().as_micros() as u64);
                     }
-                    Err(_) => errors += 1,
+                    Err(error) => {
+                        errors += 1;
+                        sample_error.get_or_insert_with(|| format!("{error:#}"));
+                    }
                 }
             }
-            (ops, errors, histogram)
+            (ops, errors, histogram, sample_error)
         });
     }
     let mut outcome = Outcome {
+        sample_error: None,
         ops: 0,
         errors: 0,
         elapsed: Duration::ZERO,
         latency_us: Histogram::new(3).expect("histogram"),
     };
     while let Some(joined) = tasks.join_next().await {
-        let (ops, errors, histogram) = joined.expect("bench task");
+        let (ops, errors, histogram, sample_error) = joined.expect("bench task");
+        if outcome.sample_error.is_none() {
+            outcome.sample_error = sample_error;
+        }
         outcome.ops += ops;
         outcome.errors += errors;
         outcome
@@ -210,6 +220,9 @@ fn row(system: &str, clients: usize, outcome: &Outcome) {
         outcome.p(0.99),
         outcome.errors
     );
+    if let Some(error) = &outcome.sample_error {
+        eprintln!("  {system} error sample: {error}");
+    }
 }
 
 #[tokio::main]
@@ -254,20 +267,27 @@ async fn main() -> anyhow::Result<()> {
     println!("| clients | system | puts/s     | p50 ms   | p99 ms   | errors |");
     println!("|--------:|--------|-----------:|---------:|---------:|-------:|");
     let mut ratios = Vec::new();
-    for &clients in &args.clients {
+    for (run, &clients) in args.clients.iter().enumerate() {
         let mut leaves = Vec::new();
         for client in 0..clients {
             leaves.push(cluster.leaf(client % 3).await?);
         }
         let leaves = Arc::new(leaves);
         let value_for_vesper = value.clone();
+        // Keys are unique per run: a later run's leaves must not collide with an earlier run's records.
         let ours = drive(clients, duration, move |client, n| {
             let (leaves, value) = (leaves.clone(), value_for_vesper.clone());
             async move {
                 let attributes =
                     std::collections::HashMap::from([("kind".to_string(), "bench".to_string())]);
                 leaves[client]
-                    .put("bench", &format!("c{client}-{n}"), attributes, value, None)
+                    .put(
+                        "bench",
+                        &format!("run{run}-c{client}-{n}"),
+                        attributes,
+                        value,
+                        None,
+                    )
                     .await?;
                 Ok(())
             }
@@ -289,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
                 kv[client]
                     .clone()
                     .put(etcd::PutRequest {
-                        key: format!("bench/c{client}-{n}").into_bytes(),
+                        key: format!("bench/run{run}-c{client}-{n}").into_bytes(),
                         value,
                     })
                     .await?;
