@@ -33,9 +33,9 @@ pub struct RaftConfig {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the election timeout in milliseconds. Default 2000.
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many log entries since the last one. Default 10000.
+    /// Build a snapshot after this many log entries since the last one. Default 100000 (as etcd).
     pub snapshot_after_logs: u64,
-    /// Log entries kept behind a snapshot, so slightly lagging members catch up from the log. Default 1000.
+    /// Log entries kept behind a snapshot, so slightly lagging members catch up from the log. Default 5000.
     pub logs_kept_after_snapshot: u64,
 }
 
@@ -45,8 +45,8 @@ impl Default for RaftConfig {
             heartbeat_interval_ms: 150,
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
-            snapshot_after_logs: 10_000,
-            logs_kept_after_snapshot: 1000,
+            snapshot_after_logs: 100_000,
+            logs_kept_after_snapshot: 5000,
         }
     }
 }

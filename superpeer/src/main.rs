@@ -57,10 +57,10 @@ struct Args {
     /// Join the cluster of the member at this cluster address, as a standby (only on first start).
     #[arg(long, env = "VESPER_JOIN", value_name = "HOST:PORT")]
     join: Option<String>,
-    /// Build a Raft snapshot after this many log entries. Default: 10000.
+    /// Build a Raft snapshot after this many log entries. Default: 100000.
     #[arg(long, env = "VESPER_SNAPSHOT_AFTER_LOGS")]
     snapshot_after_logs: Option<u64>,
-    /// Log entries kept behind a snapshot. Default: 1000.
+    /// Log entries kept behind a snapshot. Default: 5000.
     #[arg(long, env = "VESPER_LOGS_KEPT_AFTER_SNAPSHOT")]
     logs_kept_after_snapshot: Option<u64>,
     /// Log as JSON lines instead of text.

@@ -33,6 +33,7 @@ use crate::error::ServiceError;
 use crate::leaf::SessionRegistry;
 use crate::raft::command::{NodeInfo, Op, Response};
 use crate::raft::network::{ClusterClients, Network, MAX_CLUSTER_MESSAGE_BYTES};
+use crate::raft::forward::Forwarder;
 use crate::raft::propose::{self, Backoff};
 use crate::raft::VesperRaft;
 use crate::store::state_machine::StateReader;
@@ -82,6 +83,8 @@ pub struct Context {
     pub reader: StateReader,
     pub clients: ClusterClients,
     pub sessions: SessionRegistry,
+    /// Batches writes forwarded to the leader.
+    pub forwarder: Forwarder,
     raft: OnceLock<VesperRaft>,
     adopt_tx: mpsc::Sender<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
 }
@@ -99,7 +102,7 @@ impl Context {
 
     /// Proposes `op` from this node (forwarded to the leader when needed).
     pub async fn propose(&self, op: Op) -> Result<(Response, u64), ServiceError> {
-        propose::propose(self.raft()?, &self.clients, op).await
+        propose::propose(self.raft()?, &self.forwarder, op).await
     }
 
     /// Makes a read of the given consistency safe to serve locally; returns the applied index to report.
@@ -312,6 +315,9 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
 
     let (adopt_tx, adopt_rx) = mpsc::channel(ADOPT_QUEUE);
     let clients = ClusterClients::new(tls.clone());
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let forwarder = Forwarder::spawn(clients.clone(), shutdown.clone(), &tasks);
     let context = Arc::new(Context {
         config: config.clone(),
         keypair,
@@ -319,12 +325,11 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         reader: StateReader::new(db.clone()),
         clients,
         sessions: SessionRegistry::default(),
+        forwarder,
         raft: OnceLock::new(),
         adopt_tx,
     });
 
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
     let (health, health_service) = tonic_health::server::health_reporter();
 
     let leaf_server = Server::builder()

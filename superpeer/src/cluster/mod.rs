@@ -16,7 +16,7 @@ use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::codec;
 use crate::raft::command::{Command, NodeInfo};
-use crate::raft::propose;
+use crate::raft::{forward, propose};
 use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 pub struct ClusterService {
@@ -118,12 +118,22 @@ impl Cluster for ClusterService {
     ) -> Result<Response<ProposeResponse>, Status> {
         let raft = self.context.raft()?;
         let request = request.into_inner();
-        let command: Command = codec::decode("command", request.encoding, &request.command)?;
-        let (response, applied_index) = propose::propose_local(raft, command).await?;
+        let mut commands = Vec::with_capacity(request.commands.len());
+        for bytes in &request.commands {
+            let command: Command = codec::decode("command", request.encoding, bytes)?;
+            commands.push(command);
+        }
+        // Proposed concurrently: openraft packs them into as few log appends as it can.
+        let results =
+            futures::future::join_all(commands.into_iter().map(|command| propose::propose_local(raft, command)))
+                .await;
+        let outcomes = results
+            .into_iter()
+            .map(forward::outcome_of)
+            .collect::<Result<Vec<_>, Status>>()?;
         Ok(Response::new(ProposeResponse {
             encoding: codec::ENCODING,
-            response: codec::encode("response", &response)?,
-            applied_index,
+            outcomes,
         }))
     }
 

@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod forward;
 pub mod network;
 pub mod propose;
 

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
-use vesper_proto::v1::{ProposeRequest, ReadIndexRequest};
+use vesper_proto::v1::ReadIndexRequest;
 
-use super::codec;
+use super::forward::Forwarder;
 use super::command::{Command, NodeInfo, Op, Response};
 use super::network::ClusterClients;
 use super::VesperRaft;
@@ -77,7 +77,7 @@ fn leader_of(
 /// Proposes `op` and returns the state machine's response and the log index it was applied at.
 pub async fn propose(
     raft: &VesperRaft,
-    clients: &ClusterClients,
+    forwarder: &Forwarder,
     op: Op,
 ) -> Result<(Response, u64), ServiceError> {
     let command = Command {
@@ -92,7 +92,7 @@ pub async fn propose(
             Err(error) => match error.forward_to_leader() {
                 Some(forward) => {
                     match leader_of(raft, forward.leader_id, forward.leader_node.as_ref()) {
-                        Ok(leader) => forward_propose(clients, &leader, &command).await,
+                        Ok(leader) => forwarder.forward(leader, command.clone()).await,
                         Err(no_leader) => Err(no_leader),
                     }
                 }
@@ -108,31 +108,6 @@ pub async fn propose(
             Err(error) => return Err(error),
         }
     }
-}
-
-async fn forward_propose(
-    clients: &ClusterClients,
-    leader: &NodeInfo,
-    command: &Command,
-) -> Result<(Response, u64), ServiceError> {
-    let peer_error = |status| ServiceError::Peer {
-        peer: leader.cluster_addr.clone(),
-        status,
-    };
-    let mut client = clients.client(&leader.cluster_addr).map_err(peer_error)?;
-    let mut request = tonic::Request::new(ProposeRequest {
-        encoding: codec::ENCODING,
-        command: codec::encode("command", command).map_err(peer_error)?,
-    });
-    request.set_timeout(FORWARD_TIMEOUT);
-    let reply = client
-        .propose(request)
-        .await
-        .map_err(peer_error)?
-        .into_inner();
-    let response =
-        codec::decode("response", reply.encoding, &reply.response).map_err(peer_error)?;
-    Ok((response, reply.applied_index))
 }
 
 /// Proposes on this node only (the Cluster service's `Propose`): never forwards again, so a stale hint cannot

@@ -34,6 +34,9 @@ struct Args {
     /// Value size in bytes.
     #[arg(long, default_value_t = 256)]
     value_bytes: usize,
+    /// Spread clients over this many members (1: every client on the first member, normally the leader).
+    #[arg(long, default_value_t = 3)]
+    spread: usize,
     /// The etcd binary.
     #[arg(long, default_value = "/usr/bin/etcd")]
     etcd: PathBuf,
@@ -112,6 +115,23 @@ where
     }
     outcome.elapsed = start.elapsed();
     outcome
+}
+
+/// CPU time (user + system) used so far by the given processes, from /proc.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // Clock ticks per second of /proc's utime and stime fields; 100 on Linux.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which is in parentheses and may hold spaces).
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / TICKS_PER_SECOND)
+        })
+        .sum()
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -212,13 +232,14 @@ async fn etcd_client(
     Ok(etcd::kv_client::KvClient::new(channel))
 }
 
-fn row(system: &str, clients: usize, outcome: &Outcome) {
+fn row(system: &str, clients: usize, outcome: &Outcome, server_cpu: f64) {
     println!(
-        "| {clients:>7} | {system:<6} | {:>10.0} | {:>8.2} | {:>8.2} | {:>6} |",
+        "| {clients:>7} | {system:<6} | {:>10.0} | {:>8.2} | {:>8.2} | {:>6} | {:>13.1} |",
         outcome.throughput(),
         outcome.p(0.50),
         outcome.p(0.99),
-        outcome.errors
+        outcome.errors,
+        server_cpu * 1e6 / outcome.ops.max(1) as f64,
     );
     if let Some(error) = &outcome.sample_error {
         eprintln!("  {system} error sample: {error}");
@@ -264,17 +285,20 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
 
-    println!("| clients | system | puts/s     | p50 ms   | p99 ms   | errors |");
-    println!("|--------:|--------|-----------:|---------:|---------:|-------:|");
+    println!("| clients | system | puts/s     | p50 ms   | p99 ms   | errors | server CPU µs/put |");
+    println!("|--------:|--------|-----------:|---------:|---------:|-------:|--------------:|");
+    let vesper_pids: Vec<u32> = cluster.nodes.iter().filter_map(|node| node.pid()).collect();
+    let etcd_pids: Vec<u32> = etcd.children.iter().map(Child::id).collect();
     let mut ratios = Vec::new();
     for (run, &clients) in args.clients.iter().enumerate() {
         let mut leaves = Vec::new();
         for client in 0..clients {
-            leaves.push(cluster.leaf(client % 3).await?);
+            leaves.push(cluster.leaf(client % args.spread).await?);
         }
         let leaves = Arc::new(leaves);
         let value_for_vesper = value.clone();
         // Keys are unique per run: a later run's leaves must not collide with an earlier run's records.
+        let cpu_before = cpu_seconds(&vesper_pids);
         let ours = drive(clients, duration, move |client, n| {
             let (leaves, value) = (leaves.clone(), value_for_vesper.clone());
             async move {
@@ -293,7 +317,7 @@ async fn main() -> anyhow::Result<()> {
             }
         })
         .await;
-        row("vesper", clients, &ours);
+        row("vesper", clients, &ours, cpu_seconds(&vesper_pids) - cpu_before);
 
         let mut kv = Vec::new();
         for client in 0..clients {
@@ -303,6 +327,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let kv = Arc::new(kv);
         let value_for_etcd = value.clone();
+        let cpu_before = cpu_seconds(&etcd_pids);
         let theirs = drive(clients, duration, move |client, n| {
             let (kv, value) = (kv.clone(), value_for_etcd.clone());
             async move {
@@ -317,7 +342,7 @@ async fn main() -> anyhow::Result<()> {
             }
         })
         .await;
-        row("etcd", clients, &theirs);
+        row("etcd", clients, &theirs, cpu_seconds(&etcd_pids) - cpu_before);
         ratios.push((
             clients,
             ours.throughput() / theirs.throughput(),
