@@ -124,9 +124,12 @@ impl Cluster for ClusterService {
             commands.push(command);
         }
         // Proposed concurrently: openraft packs them into as few log appends as it can.
-        let results =
-            futures::future::join_all(commands.into_iter().map(|command| propose::propose_local(raft, command)))
-                .await;
+        let results = futures::future::join_all(
+            commands
+                .into_iter()
+                .map(|command| propose::propose_local(raft, command)),
+        )
+        .await;
         let outcomes = results
             .into_iter()
             .map(forward::outcome_of)

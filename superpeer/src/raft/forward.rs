@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use vesper_proto::v1::{ProposeOutcome, ProposeRequest};
 
@@ -47,14 +48,22 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Starts the forwarder task; it ends when `shutdown` fires or every handle is gone.
-    pub fn spawn(clients: ClusterClients, shutdown: CancellationToken, tasks: &tokio_util::task::TaskTracker) -> Self {
+    pub fn spawn(
+        clients: ClusterClients,
+        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
         tasks.spawn(run(clients, receiver, shutdown));
         Self { queue }
     }
 
     /// Forwards `command` to `leader` and waits for its outcome.
-    pub async fn forward(&self, leader: NodeInfo, command: Command) -> Result<(Response, u64), ServiceError> {
+    pub async fn forward(
+        &self,
+        leader: NodeInfo,
+        command: Command,
+    ) -> Result<(Response, u64), ServiceError> {
         let (reply, outcome) = oneshot::channel();
         self.queue
             .send(Item {
@@ -70,8 +79,16 @@ impl Forwarder {
     }
 }
 
-async fn run(clients: ClusterClients, mut receiver: mpsc::Receiver<Item>, shutdown: CancellationToken) {
+async fn run(
+    clients: ClusterClients,
+    mut receiver: mpsc::Receiver<Item>,
+    shutdown: CancellationToken,
+) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // Calls in flight; bounded by the semaphore, aborted if the forwarder stops.
+    let mut calls = JoinSet::new();
+    // A command for another leader than the batch being packed starts the next batch.
+    let mut carried: Option<Item> = None;
     loop {
         // Wait for room first, so commands keep queueing (and batching) while every call is busy.
         let permit = tokio::select! {
@@ -79,38 +96,48 @@ async fn run(clients: ClusterClients, mut receiver: mpsc::Receiver<Item>, shutdo
             _ = shutdown.cancelled() => return,
             permit = in_flight.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            item = receiver.recv() => match item {
-                Some(item) => item,
-                None => return,
+        while calls.try_join_next().is_some() {}
+        let first = match carried.take() {
+            Some(item) => item,
+            None => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                item = receiver.recv() => match item {
+                    Some(item) => item,
+                    None => return,
+                },
             },
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
-                // Only commands for the same leader share a call; another leader means a newer hint.
                 Ok(item) if item.leader == batch[0].leader => batch.push(item),
                 Ok(item) => {
-                    tokio::spawn(send(clients.clone(), vec![item], None));
+                    carried = Some(item);
+                    break;
                 }
                 Err(_) => break,
             }
         }
-        tokio::spawn(send(clients.clone(), batch, Some(permit)));
+        calls.spawn(send(clients.clone(), batch, permit));
     }
 }
 
 /// Sends one batch and answers each of its commands.
-async fn send(clients: ClusterClients, batch: Vec<Item>, _permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+async fn send(
+    clients: ClusterClients,
+    batch: Vec<Item>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let leader = batch[0].leader.cluster_addr.clone();
     let mut commands = Vec::with_capacity(batch.len());
     for item in &batch {
         match codec::encode("command", &item.command) {
             Ok(bytes) => commands.push(bytes),
             Err(status) => {
-                answer_all(batch, |_| Err(ServiceError::Codec(status.message().to_string())));
+                answer_all(batch, |_| {
+                    Err(ServiceError::Codec(status.message().to_string()))
+                });
                 return;
             }
         }
@@ -129,12 +156,18 @@ async fn send(clients: ClusterClients, batch: Vec<Item>, _permit: Option<tokio::
         Ok(reply) => {
             let reply = reply.into_inner();
             if reply.outcomes.len() != batch.len() {
-                let message = format!("leader answered {} outcomes for {} commands", reply.outcomes.len(), batch.len());
+                let message = format!(
+                    "leader answered {} outcomes for {} commands",
+                    reply.outcomes.len(),
+                    batch.len()
+                );
                 answer_all(batch, |_| Err(ServiceError::Raft(message.clone())));
                 return;
             }
             for (item, outcome) in batch.into_iter().zip(reply.outcomes) {
-                let _ = item.reply.send(outcome_result(&leader, reply.encoding, outcome));
+                let _ = item
+                    .reply
+                    .send(outcome_result(&leader, reply.encoding, outcome));
             }
         }
         // The connection broke after the commands were sent: they may have been committed, so a retry could
@@ -163,15 +196,23 @@ fn answer_all(batch: Vec<Item>, outcome: impl Fn(&Item) -> Result<(Response, u64
     }
 }
 
-fn outcome_result(leader: &str, encoding: u32, outcome: ProposeOutcome) -> Result<(Response, u64), ServiceError> {
+fn outcome_result(
+    leader: &str,
+    encoding: u32,
+    outcome: ProposeOutcome,
+) -> Result<(Response, u64), ServiceError> {
     if outcome.error_code == 0 {
-        let response = codec::decode("response", encoding, &outcome.response).map_err(|status| ServiceError::Peer {
-            peer: leader.to_string(),
-            status,
-        })?;
+        let response =
+            codec::decode("response", encoding, &outcome.response).map_err(|status| {
+                ServiceError::Peer {
+                    peer: leader.to_string(),
+                    status,
+                }
+            })?;
         return Ok((response, outcome.applied_index));
     }
-    let mut status = tonic::Status::new(tonic::Code::from(outcome.error_code), outcome.error_message);
+    let mut status =
+        tonic::Status::new(tonic::Code::from(outcome.error_code), outcome.error_message);
     if let Ok(hint) = outcome.leader_hint.parse() {
         if !outcome.leader_hint.is_empty() {
             status.metadata_mut().insert(LEADER_HINT_METADATA_KEY, hint);
@@ -184,7 +225,9 @@ fn outcome_result(leader: &str, encoding: u32, outcome: ProposeOutcome) -> Resul
 }
 
 /// The outcome message for one command, from what proposing it locally gave.
-pub fn outcome_of(result: Result<(Response, u64), ServiceError>) -> Result<ProposeOutcome, tonic::Status> {
+pub fn outcome_of(
+    result: Result<(Response, u64), ServiceError>,
+) -> Result<ProposeOutcome, tonic::Status> {
     Ok(match result {
         Ok((response, applied_index)) => ProposeOutcome {
             response: codec::encode("response", &response)?,

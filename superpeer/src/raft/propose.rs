@@ -10,8 +10,8 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
 use vesper_proto::v1::ReadIndexRequest;
 
-use super::forward::Forwarder;
 use super::command::{Command, NodeInfo, Op, Response};
+use super::forward::Forwarder;
 use super::network::ClusterClients;
 use super::VesperRaft;
 use crate::error::ServiceError;

@@ -285,7 +285,9 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
 
-    println!("| clients | system | puts/s     | p50 ms   | p99 ms   | errors | server CPU µs/put |");
+    println!(
+        "| clients | system | puts/s     | p50 ms   | p99 ms   | errors | server CPU µs/put |"
+    );
     println!("|--------:|--------|-----------:|---------:|---------:|-------:|--------------:|");
     let vesper_pids: Vec<u32> = cluster.nodes.iter().filter_map(|node| node.pid()).collect();
     let etcd_pids: Vec<u32> = etcd.children.iter().map(Child::id).collect();
@@ -317,7 +319,12 @@ async fn main() -> anyhow::Result<()> {
             }
         })
         .await;
-        row("vesper", clients, &ours, cpu_seconds(&vesper_pids) - cpu_before);
+        row(
+            "vesper",
+            clients,
+            &ours,
+            cpu_seconds(&vesper_pids) - cpu_before,
+        );
 
         let mut kv = Vec::new();
         for client in 0..clients {
@@ -342,7 +349,12 @@ async fn main() -> anyhow::Result<()> {
             }
         })
         .await;
-        row("etcd", clients, &theirs, cpu_seconds(&etcd_pids) - cpu_before);
+        row(
+            "etcd",
+            clients,
+            &theirs,
+            cpu_seconds(&etcd_pids) - cpu_before,
+        );
         ratios.push((
             clients,
             ours.throughput() / theirs.throughput(),
