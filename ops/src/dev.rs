@@ -182,8 +182,10 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
     );
     crate::admin::status(&connection, false).await?;
     println!();
+    let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vesperctl"));
     println!(
-        "operator:  target/debug/vesperctl status   (uses the dev certificates in {})",
+        "operator:  {} status   (run from this folder; uses the dev certificates in {})",
+        me.display(),
         dir.display()
     );
     println!(

@@ -96,6 +96,16 @@ async fn t50_add_promote_demote_remove_under_load() -> anyhow::Result<()> {
         "{removed}"
     );
 
+    // Leadership moves to the newcomer on request, and writes go on through the change.
+    let transferred = vesperctl(&cluster, victim, &["transfer-leader", &new_id.to_string()])?;
+    assert_eq!(
+        transferred["leader_id"].as_u64(),
+        Some(new_id),
+        "{transferred}"
+    );
+    let status = cluster.status_of(newcomer).await?;
+    assert_eq!(status.raft_state, "leader", "{status:?}");
+
     let members = vesperctl(&cluster, newcomer, &["members"])?;
     let voters = members["members"]
         .as_array()
