@@ -330,25 +330,12 @@ impl Cluster {
         .await
     }
 
-    /// Waits until the running nodes agree on a leader; returns the index of the leader's process.
+    /// Waits until a running node is the leader; returns the index of its process.
     pub async fn wait_leader(&mut self) -> anyhow::Result<usize> {
-        let running = self.running();
-        let this = &*self;
-        wait::until("a leader", CONVERGE_TIMEOUT, || async {
-            for &index in &running {
-                let Ok(status) = this.status_of(index).await else {
-                    continue;
-                };
-                if status.raft_state == "leader" {
-                    return Ok(Some(index));
-                }
-            }
-            Ok(None)
-        })
-        .await
+        self.wait_leader_index().await
     }
 
-    /// Like [`Cluster::wait_leader`], for callers holding a shared reference.
+    /// Waits until some node reports itself leader; returns its index (stopped nodes simply do not answer).
     pub async fn wait_leader_index(&self) -> anyhow::Result<usize> {
         let this = self;
         wait::until("a leader", CONVERGE_TIMEOUT, || async {

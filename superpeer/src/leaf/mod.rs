@@ -39,9 +39,10 @@ pub use sessions::SessionRegistry;
 
 use crate::error::ServiceError;
 use crate::node::Context;
+use crate::raft::command::StoredRecord;
 use crate::raft::command::{Op, Response as CommandResponse};
-use crate::store::blocking;
 use crate::store::records::{self, Condition, Term};
+use crate::store::{blocking, StoreError};
 
 /// Time a leaf has to answer the challenge after opening a session.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -220,23 +221,19 @@ impl Leaf for LeafService {
     ) -> Result<Response<ListRecordsResponse>, Status> {
         self.authenticate(&request)?;
         let request = request.into_inner();
-        validate::namespace(&request.namespace).map_err(ServiceError::from)?;
         validate::key_prefix(&request.key_prefix).map_err(ServiceError::from)?;
-        let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
-        let applied_index = self
-            .context
-            .read_barrier(consistency(request.consistency)?)
-            .await?;
-        let reader = self.context.reader.clone();
-        let namespace = request.namespace.clone();
-        let after = (!request.page_token.is_empty()).then_some(request.page_token);
         let prefix = request.key_prefix;
-        let (found, more) = blocking(move || {
-            records::list(reader.db(), &namespace, &prefix, after.as_deref(), limit)
-        })
-        .await
-        .map_err(ServiceError::from)?;
-        let (records, next_page_token) = convert::page(&request.namespace, found, more);
+        let page = PageRequest {
+            namespace: request.namespace,
+            limit: request.limit,
+            page_token: request.page_token,
+            consistency: request.consistency,
+        };
+        let (records, next_page_token, applied_index) = self
+            .read_page(page, move |db, namespace, after, limit| {
+                records::list(db, namespace, &prefix, after, limit)
+            })
+            .await?;
         Ok(Response::new(ListRecordsResponse {
             records,
             next_page_token,
@@ -250,22 +247,18 @@ impl Leaf for LeafService {
     ) -> Result<Response<SearchRecordsResponse>, Status> {
         self.authenticate(&request)?;
         let request = request.into_inner();
-        validate::namespace(&request.namespace).map_err(ServiceError::from)?;
         let terms = search_terms(&request.terms)?;
-        let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
-        let applied_index = self
-            .context
-            .read_barrier(consistency(request.consistency)?)
+        let page = PageRequest {
+            namespace: request.namespace,
+            limit: request.limit,
+            page_token: request.page_token,
+            consistency: request.consistency,
+        };
+        let (records, next_page_token, applied_index) = self
+            .read_page(page, move |db, namespace, after, limit| {
+                records::search(db, namespace, &terms, after, limit)
+            })
             .await?;
-        let reader = self.context.reader.clone();
-        let namespace = request.namespace.clone();
-        let after = (!request.page_token.is_empty()).then_some(request.page_token);
-        let (found, more) = blocking(move || {
-            records::search(reader.db(), &namespace, &terms, after.as_deref(), limit)
-        })
-        .await
-        .map_err(ServiceError::from)?;
-        let (records, next_page_token) = convert::page(&request.namespace, found, more);
         Ok(Response::new(SearchRecordsResponse {
             records,
             next_page_token,
@@ -274,7 +267,44 @@ impl Leaf for LeafService {
     }
 }
 
+/// What list and search share: where, how many, from where, how consistent.
+struct PageRequest {
+    namespace: String,
+    limit: u32,
+    page_token: String,
+    consistency: i32,
+}
+
 impl LeafService {
+    /// Validates a page request, waits for the read's consistency, runs `query` off the async threads and
+    /// converts the page. Returns (records, next page token, applied index).
+    async fn read_page(
+        &self,
+        page: PageRequest,
+        query: impl FnOnce(
+                &rocksdb::DB,
+                &str,
+                Option<&str>,
+                usize,
+            ) -> Result<(Vec<(String, StoredRecord)>, bool), StoreError>
+            + Send
+            + 'static,
+    ) -> Result<(Vec<vesper_proto::v1::Record>, String, u64), ServiceError> {
+        validate::namespace(&page.namespace)?;
+        let limit = validate::page_limit(page.limit)? as usize;
+        let applied_index = self
+            .context
+            .read_barrier(consistency(page.consistency)?)
+            .await?;
+        let reader = self.context.reader.clone();
+        let namespace = page.namespace.clone();
+        let after = (!page.page_token.is_empty()).then_some(page.page_token);
+        let (found, more) =
+            blocking(move || query(reader.db(), &namespace, after.as_deref(), limit)).await?;
+        let (records, next_page_token) = convert::page(&page.namespace, found, more);
+        Ok((records, next_page_token, applied_index))
+    }
+
     /// Checks ownership and compare-and-set against the local replica before anything is proposed.
     /// Returns whether the record exists.
     async fn precheck(
