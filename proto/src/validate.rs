@@ -146,15 +146,8 @@ pub fn attribute_value(value: &str) -> Result<(), InvalidInput> {
     check_text("attribute value", value)
 }
 
-/// Checks everything a put carries.
-pub fn record(
-    ns: &str,
-    record_key: &str,
-    attributes: &HashMap<String, String>,
-    value: &[u8],
-) -> Result<(), InvalidInput> {
-    namespace(ns)?;
-    key(record_key)?;
+/// Checks an attribute map (record attributes, presence profiles).
+pub fn attributes(attributes: &HashMap<String, String>) -> Result<(), InvalidInput> {
     if attributes.len() > MAX_ATTRIBUTES {
         return Err(InvalidInput::TooManyAttributes {
             count: attributes.len(),
@@ -165,6 +158,24 @@ pub fn record(
         attribute_name(name)?;
         attribute_value(attribute)?;
     }
+    Ok(())
+}
+
+/// Checks a message kind (same rules as names).
+pub fn kind(kind: &str) -> Result<(), InvalidInput> {
+    check_name("kind", kind, MAX_NAMESPACE_LEN)
+}
+
+/// Checks everything a put carries.
+pub fn record(
+    ns: &str,
+    record_key: &str,
+    attributes: &HashMap<String, String>,
+    value: &[u8],
+) -> Result<(), InvalidInput> {
+    namespace(ns)?;
+    key(record_key)?;
+    self::attributes(attributes)?;
     if value.len() > MAX_VALUE_LEN {
         return Err(InvalidInput::TooLong {
             field: "value",

@@ -74,6 +74,18 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Interval at which leaves should send keepalives, in milliseconds. Default 5000.
     pub keepalive_interval_ms: u64,
+    /// A session that sends nothing for this long is closed, in milliseconds. Default 15000 (3 keepalives).
+    pub session_ttl_ms: u64,
+    /// After a session ends without a goodbye, the peer stays online this long so it can re-attach (to any super
+    /// peer) without an offline flap, in milliseconds. Default 10000.
+    pub session_grace_ms: u64,
+    /// The leader takes the peers of a super peer it has not heard from for this long offline, in
+    /// milliseconds. Default 15000.
+    pub host_expiry_ms: u64,
+    /// Most messages waiting in one peer's mailbox. Default 1000.
+    pub mailbox_quota: u32,
+    /// How long a message waits in a mailbox before it is dropped, in milliseconds. Default 7 days.
+    pub mailbox_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -88,6 +100,11 @@ impl Default for Config {
             start: StartMode::Idle,
             raft: RaftConfig::default(),
             keepalive_interval_ms: 5000,
+            session_ttl_ms: 15_000,
+            session_grace_ms: 10_000,
+            host_expiry_ms: 15_000,
+            mailbox_quota: 1000,
+            mailbox_ttl_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -131,6 +148,12 @@ impl Config {
         if self.keepalive_interval_ms == 0 {
             problems.push("keepalive_interval_ms must be above 0".into());
         }
+        if self.session_ttl_ms <= self.keepalive_interval_ms {
+            problems.push("session_ttl_ms must be above keepalive_interval_ms".into());
+        }
+        if self.mailbox_quota == 0 {
+            problems.push("mailbox_quota must be above 0".into());
+        }
         if let StartMode::Join(addr) = &self.start {
             if !addr.contains(':') {
                 problems.push(format!("join address {addr:?} must be host:port"));
@@ -146,6 +169,16 @@ impl Config {
     /// The keepalive interval leaves are told to use.
     pub fn keepalive_interval(&self) -> Duration {
         Duration::from_millis(self.keepalive_interval_ms)
+    }
+
+    /// How long a silent session lives.
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_millis(self.session_ttl_ms)
+    }
+
+    /// How long a peer stays online after its session broke.
+    pub fn session_grace(&self) -> Duration {
+        Duration::from_millis(self.session_grace_ms)
     }
 }
 

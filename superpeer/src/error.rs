@@ -59,8 +59,12 @@ impl ServiceError {
                 Status::invalid_argument(message)
             }
             ServiceError::Rejected(Rejection::NotOwner) => Status::permission_denied(message),
-            ServiceError::Rejected(Rejection::VersionMismatch { .. }) => {
+            ServiceError::Rejected(Rejection::VersionMismatch { .. })
+            | ServiceError::Rejected(Rejection::NotAttached) => {
                 Status::failed_precondition(message)
+            }
+            ServiceError::Rejected(Rejection::MailboxFull { .. }) => {
+                Status::resource_exhausted(message)
             }
             ServiceError::Rejected(Rejection::UnknownNode(_)) | ServiceError::NotFound(_) => {
                 Status::not_found(message)

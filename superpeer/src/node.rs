@@ -127,6 +127,17 @@ impl Context {
         })?
     }
 
+    /// Addresses of member `node_id`, from the Raft membership.
+    pub fn member_info(&self, node_id: u64) -> Option<NodeInfo> {
+        let raft = self.raft.get()?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&node_id)
+            .cloned()
+    }
+
     /// The member list: voters and standbys from the Raft membership, plus tombstones of removed nodes.
     pub fn members(&self) -> Result<Vec<Member>, ServiceError> {
         let raft = self.raft()?;
@@ -395,6 +406,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     )
     .map_err(io_error("cannot write endpoints", &endpoints_path))?;
 
+    tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
     let membership = Membership {
         context: context.clone(),
         db,

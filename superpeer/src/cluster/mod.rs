@@ -6,9 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
-    AdoptRequest, AdoptResponse, DescribeRequest, DescribeResponse, JoinRequest, JoinResponse,
-    NodeDescriptor, ProposeRequest, ProposeResponse, RaftPayload, ReadIndexRequest,
-    ReadIndexResponse,
+    AdoptRequest, AdoptResponse, DeliverRequest, DeliverResponse, DescribeRequest,
+    DescribeResponse, JoinRequest, JoinResponse, NodeDescriptor, ProposeRequest, ProposeResponse,
+    RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 
 use crate::admin::membership;
@@ -197,5 +197,26 @@ impl Cluster for ClusterService {
         }
         self.context.adopt(request.node_id).await?;
         Ok(Response::new(AdoptResponse {}))
+    }
+
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let request = request.into_inner();
+        let to: vesper_proto::PeerId = request
+            .to
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
+        let message = request
+            .message
+            .ok_or_else(|| ServiceError::BadField("message is missing".into()))?;
+        let delivered = self
+            .context
+            .sessions
+            .deliver(&to, message, crate::leaf::messaging::DELIVERY_TIMEOUT)
+            .await
+            .is_ok();
+        Ok(Response::new(DeliverResponse { delivered }))
     }
 }

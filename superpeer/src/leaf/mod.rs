@@ -13,6 +13,8 @@
 //! for writes that raced.
 
 mod convert;
+pub mod expiry;
+pub mod messaging;
 mod sessions;
 
 use std::pin::Pin;
@@ -30,8 +32,10 @@ use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
     client_frame, search_term, server_frame, Challenge, ClientFrame, DeleteRecordRequest,
     DeleteRecordResponse, GetRecordRequest, GetRecordResponse, ListRecordsRequest,
-    ListRecordsResponse, Pong, PutRecordRequest, PutRecordResponse, ReadConsistency,
-    SearchRecordsRequest, SearchRecordsResponse, ServerFrame, Welcome,
+    ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Message, Pong, PresenceStatus,
+    PutRecordRequest, PutRecordResponse, ReadConsistency, SearchPeersRequest, SearchPeersResponse,
+    SearchRecordsRequest, SearchRecordsResponse, SendMessageRequest, SendMessageResponse,
+    ServerFrame, SetPresenceRequest, SetPresenceResponse, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -40,7 +44,9 @@ pub use sessions::SessionRegistry;
 use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::command::StoredRecord;
-use crate::raft::command::{Op, Response as CommandResponse};
+use crate::raft::command::{Op, PresenceStatus as StoredStatus, Response as CommandResponse};
+use crate::raft::propose::now_ms;
+use crate::store::presence;
 use crate::store::records::{self, Condition, Term};
 use crate::store::{blocking, StoreError};
 
@@ -71,6 +77,11 @@ pub struct LeafService {
 
 impl LeafService {
     fn authenticate<T>(&self, request: &Request<T>) -> Result<PeerId, ServiceError> {
+        self.session_of(request).map(|(peer, _)| peer)
+    }
+
+    /// The peer and session id behind a call's session token.
+    fn session_of<T>(&self, request: &Request<T>) -> Result<(PeerId, u64), ServiceError> {
         let token = request
             .metadata()
             .get(SESSION_METADATA_KEY)
@@ -265,6 +276,150 @@ impl Leaf for LeafService {
             applied_index,
         }))
     }
+
+    async fn set_presence(
+        &self,
+        request: Request<SetPresenceRequest>,
+    ) -> Result<Response<SetPresenceResponse>, Status> {
+        let (peer, session) = self.session_of(&request)?;
+        let request = request.into_inner();
+        let status = match PresenceStatus::try_from(request.status) {
+            Ok(PresenceStatus::Online) => StoredStatus::Online,
+            Ok(PresenceStatus::Away) => StoredStatus::Away,
+            Ok(PresenceStatus::Busy) => StoredStatus::Busy,
+            Ok(PresenceStatus::Offline) => {
+                return Err(ServiceError::BadField(
+                    "status OFFLINE cannot be set; detach from the session instead".into(),
+                )
+                .into())
+            }
+            Err(_) => {
+                return Err(ServiceError::BadField(format!(
+                    "status {} is not a known value",
+                    request.status
+                ))
+                .into())
+            }
+        };
+        if request.note.len() > messaging::MAX_NOTE_LEN {
+            return Err(ServiceError::from(validate::InvalidInput::TooLong {
+                field: "note",
+                len: request.note.len(),
+                max: messaging::MAX_NOTE_LEN,
+            })
+            .into());
+        }
+        validate::attributes(&request.attributes).map_err(ServiceError::from)?;
+        let op = Op::PresenceSet {
+            peer: *peer.as_bytes(),
+            session,
+            status,
+            note: request.note,
+            attributes: request.attributes.into_iter().collect(),
+        };
+        match self.context.propose(op).await? {
+            (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
+                presence: Some(messaging::presence_of(
+                    &self.context,
+                    peer.as_bytes(),
+                    entry,
+                )),
+            })),
+            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    async fn lookup_peer(
+        &self,
+        request: Request<LookupPeerRequest>,
+    ) -> Result<Response<LookupPeerResponse>, Status> {
+        self.authenticate(&request)?;
+        let request = request.into_inner();
+        let peer: PeerId = request
+            .peer_id
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("peer_id: {error}")))?;
+        let applied_index = self
+            .context
+            .read_barrier(consistency(request.consistency)?)
+            .await?;
+        let entry =
+            presence::get(self.context.reader.db(), peer.as_bytes()).map_err(ServiceError::from)?;
+        Ok(Response::new(LookupPeerResponse {
+            presence: entry
+                .map(|entry| messaging::presence_of(&self.context, peer.as_bytes(), entry)),
+            applied_index,
+        }))
+    }
+
+    async fn search_peers(
+        &self,
+        request: Request<SearchPeersRequest>,
+    ) -> Result<Response<SearchPeersResponse>, Status> {
+        self.authenticate(&request)?;
+        let request = request.into_inner();
+        let terms = search_terms(&request.terms)?;
+        let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
+        let applied_index = self
+            .context
+            .read_barrier(consistency(request.consistency)?)
+            .await?;
+        let reader = self.context.reader.clone();
+        let online_only = request.online_only;
+        let found = blocking(move || presence::search(reader.db(), &terms, online_only, limit))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(SearchPeersResponse {
+            peers: found
+                .into_iter()
+                .map(|(peer, entry)| messaging::presence_of(&self.context, &peer, entry))
+                .collect(),
+            applied_index,
+        }))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<SendMessageRequest>,
+    ) -> Result<Response<SendMessageResponse>, Status> {
+        let from = self.authenticate(&request)?;
+        let request = request.into_inner();
+        let to: PeerId = request
+            .to
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
+        if request.id.is_empty() || request.id.len() > messaging::MAX_MESSAGE_ID_LEN {
+            return Err(ServiceError::BadField(format!(
+                "message id must be 1-{} bytes, got {}",
+                messaging::MAX_MESSAGE_ID_LEN,
+                request.id.len()
+            ))
+            .into());
+        }
+        validate::kind(&request.kind).map_err(ServiceError::from)?;
+        if request.payload.len() > messaging::MAX_MESSAGE_PAYLOAD {
+            return Err(ServiceError::from(validate::InvalidInput::TooLong {
+                field: "payload",
+                len: request.payload.len(),
+                max: messaging::MAX_MESSAGE_PAYLOAD,
+            })
+            .into());
+        }
+        let message = Message {
+            id: request.id,
+            from: from.to_string(),
+            kind: request.kind,
+            payload: request.payload,
+            sent_at_ms: now_ms(),
+            from_mailbox: false,
+        };
+        let fate = messaging::send(&self.context, &from, &to, message).await?;
+        Ok(Response::new(SendMessageResponse {
+            delivered: matches!(fate, messaging::Fate::Delivered),
+            queued: matches!(fate, messaging::Fate::Queued),
+        }))
+    }
 }
 
 /// What list and search share: where, how many, from where, how consistent.
@@ -368,7 +523,9 @@ fn search_terms(terms: &[vesper_proto::v1::SearchTerm]) -> Result<Vec<Term>, Ser
         .collect()
 }
 
-/// Runs one session: challenge, attach, then keepalives until the leaf goes away or the node stops.
+/// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
+/// acknowledgements until the leaf goes away or the node stops. A session that ends without a goodbye leaves
+/// the peer online for the grace period, so it can re-attach anywhere without an offline flap.
 async fn run_session(
     context: Arc<Context>,
     mut inbound: Streaming<ClientFrame>,
@@ -413,9 +570,23 @@ async fn run_session(
             return;
         }
     };
-    let session = context.sessions.open(peer);
-    let span = tracing::info_span!("session", peer_id = %peer, session = %session.id());
+    let Some(host) = context.node_id() else {
+        let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
+        return;
+    };
+    let session = context.sessions.open(peer, tx.clone());
+    let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
     let _entered = span.enter();
+    let attach = Op::PresenceAttach {
+        peer: *peer.as_bytes(),
+        host,
+        session: session.id(),
+    };
+    if let Err(error) = context.propose(attach).await {
+        tracing::warn!(%error, "cannot record the attach");
+        let _ = tx.send(Err(error.into_status())).await;
+        return;
+    }
     tracing::info!("leaf attached");
     let welcome = ServerFrame {
         frame: Some(server_frame::Frame::Welcome(Welcome {
@@ -428,28 +599,74 @@ async fn run_session(
     if tx.send(Ok(welcome)).await.is_err() {
         return;
     }
+    // The mailbox drains while this loop reads the acknowledgements it waits for.
+    let drain = {
+        let context = context.clone();
+        async move {
+            match messaging::drain_mailbox(&context, peer).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, "delivered mailbox"),
+                Err(error) => tracing::warn!(%error, "mailbox drain stopped"),
+            }
+        }
+    };
+    tokio::pin!(drain);
+    let mut drained = false;
+    let ttl = context.config.session_ttl();
+    let mut goodbye = false;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            frame = inbound.message() => match frame {
-                Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) })) => {
+            () = &mut drain, if !drained => drained = true,
+            frame = tokio::time::timeout(ttl, inbound.message()) => match frame {
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) }))) => {
                     let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { nonce: ping.nonce })) };
                     if tx.send(Ok(pong)).await.is_err() {
                         break;
                     }
                 }
-                Ok(Some(_)) => {
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAck(ack)) }))) => {
+                    session.acknowledge(&ack.message_id);
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Detach(_)) }))) => {
+                    goodbye = true;
+                    break;
+                }
+                Ok(Ok(Some(_))) => {
                     let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an attached session"))).await;
                     break;
                 }
-                Ok(None) | Err(_) => break,
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!(?ttl, "no keepalive within the session TTL; closing");
+                    break;
+                }
             }
         }
     }
-    tracing::info!("leaf detached");
-    // `session` drops here and removes the token.
+    let session_id = session.id();
+    // Stop taking deliveries and calls for this session at once.
     drop(session);
+    let detach = Op::PresenceDetach {
+        peer: *peer.as_bytes(),
+        session: session_id,
+    };
+    if goodbye {
+        tracing::info!("leaf detached");
+    } else {
+        // No goodbye: give the leaf the grace period to come back (here or elsewhere) before it shows offline.
+        // A re-attach changes the session in presence, which turns this detach into a no-op.
+        tracing::info!(grace = ?context.config.session_grace(), "session lost");
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(context.config.session_grace()) => {}
+        }
+    }
+    if let Err(error) = context.propose(detach).await {
+        tracing::warn!(%error, "cannot record the detach; the host expiry will");
+    }
 }
 
 fn verify_attach(

@@ -1,62 +1,137 @@
-//! The sessions attached to this super peer, by token.
+//! The sessions attached to this super peer: by token (to authorise unary calls) and by peer (to deliver
+//! messages into the session stream).
 //!
 //! A token is 32 random bytes in hex, handed out in the Welcome frame and valid while the session stream lives:
-//! the [`SessionGuard`] that the stream task holds removes it when the task ends, however it ends.
+//! the [`SessionGuard`] that the stream task holds removes it when the task ends, however it ends. A peer has at
+//! most one session per super peer; a newer one replaces the older.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use vesper_proto::v1::{server_frame, Message, ServerFrame};
 use vesper_proto::PeerId;
+
+/// Outbound frames of one session.
+pub type Outbound = mpsc::Sender<Result<ServerFrame, Status>>;
+
+/// Messages pushed into a session and not yet acknowledged, by message id.
+type PendingAcks = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
+
+/// What delivery needs of a live session.
+#[derive(Clone)]
+struct Live {
+    session: u64,
+    outbound: Outbound,
+    pending: PendingAcks,
+}
 
 #[derive(Default)]
 struct Inner {
-    by_token: HashMap<String, PeerId>,
-    next_id: u64,
+    by_token: HashMap<String, (PeerId, u64)>,
+    by_peer: HashMap<PeerId, Live>,
 }
 
-/// Tokens of the attached sessions; cheap to clone.
+/// The sessions of this super peer; cheap to clone.
 #[derive(Clone, Default)]
 pub struct SessionRegistry {
     inner: Arc<Mutex<Inner>>,
 }
 
+/// Why a delivery did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// The peer has no session here.
+    NotHere,
+    /// The session did not acknowledge in time or went away.
+    NoAck,
+}
+
 impl SessionRegistry {
-    /// Registers a new session of `peer`.
-    pub fn open(&self, peer: PeerId) -> SessionGuard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("session registry lock poisoned")
+    }
+
+    /// Registers a new session of `peer`, replacing any older one of the same peer here.
+    pub fn open(&self, peer: PeerId, outbound: Outbound) -> SessionGuard {
         let token = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 32]>());
-        let mut inner = self.inner.lock().expect("session registry lock poisoned");
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.by_token.insert(token.clone(), peer);
+        // Session ids are random so that a session of a restarted super peer never matches an old one.
+        let session = rand::random::<u64>() | 1;
+        let pending = PendingAcks::default();
+        let mut inner = self.lock();
+        inner.by_token.insert(token.clone(), (peer, session));
+        inner.by_peer.insert(
+            peer,
+            Live {
+                session,
+                outbound,
+                pending: pending.clone(),
+            },
+        );
         SessionGuard {
             registry: self.clone(),
             token,
-            id,
+            peer,
+            session,
+            pending,
         }
     }
 
-    /// The peer of a live session token.
-    pub fn peer_of(&self, token: &str) -> Option<PeerId> {
-        self.inner
-            .lock()
-            .expect("session registry lock poisoned")
-            .by_token
-            .get(token)
-            .copied()
+    /// The peer and session id of a live session token.
+    pub fn peer_of(&self, token: &str) -> Option<(PeerId, u64)> {
+        self.lock().by_token.get(token).copied()
     }
 
     /// Number of attached sessions.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .expect("session registry lock poisoned")
-            .by_token
-            .len()
+        self.lock().by_token.len()
     }
 
     /// Whether no session is attached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Pushes `message` into `peer`'s session and waits up to `timeout` for the leaf's acknowledgement.
+    pub async fn deliver(
+        &self,
+        peer: &PeerId,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<(), DeliveryError> {
+        let live = self
+            .lock()
+            .by_peer
+            .get(peer)
+            .cloned()
+            .ok_or(DeliveryError::NotHere)?;
+        let (acked_tx, acked_rx) = oneshot::channel();
+        let id = message.id.clone();
+        live.pending
+            .lock()
+            .expect("pending acks lock poisoned")
+            .insert(id.clone(), acked_tx);
+        let frame = ServerFrame {
+            frame: Some(server_frame::Frame::Message(message)),
+        };
+        let outcome = async {
+            live.outbound
+                .send(Ok(frame))
+                .await
+                .map_err(|_| DeliveryError::NoAck)?;
+            match tokio::time::timeout(timeout, acked_rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(DeliveryError::NoAck),
+            }
+        }
+        .await;
+        live.pending
+            .lock()
+            .expect("pending acks lock poisoned")
+            .remove(&id);
+        outcome
     }
 }
 
@@ -64,7 +139,9 @@ impl SessionRegistry {
 pub struct SessionGuard {
     registry: SessionRegistry,
     token: String,
-    id: u64,
+    peer: PeerId,
+    session: u64,
+    pending: PendingAcks,
 }
 
 impl SessionGuard {
@@ -72,19 +149,35 @@ impl SessionGuard {
         &self.token
     }
 
+    /// The session id recorded in the peer's presence.
     pub fn id(&self) -> u64 {
-        self.id
+        self.session
+    }
+
+    /// Completes the delivery of message `id` (the leaf acknowledged it).
+    pub fn acknowledge(&self, id: &str) {
+        if let Some(waiting) = self
+            .pending
+            .lock()
+            .expect("pending acks lock poisoned")
+            .remove(id)
+        {
+            let _ = waiting.send(());
+        }
     }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.registry
-            .inner
-            .lock()
-            .expect("session registry lock poisoned")
-            .by_token
-            .remove(&self.token);
+        let mut inner = self.registry.lock();
+        inner.by_token.remove(&self.token);
+        if inner
+            .by_peer
+            .get(&self.peer)
+            .is_some_and(|live| live.session == self.session)
+        {
+            inner.by_peer.remove(&self.peer);
+        }
     }
 }
 
@@ -97,12 +190,42 @@ mod tests {
     fn tokens_live_as_long_as_their_guard() {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
-        let guard = registry.open(peer);
-        assert_eq!(registry.peer_of(guard.token()), Some(peer));
+        let (tx, _rx) = mpsc::channel(1);
+        let guard = registry.open(peer, tx);
+        assert_eq!(registry.peer_of(guard.token()), Some((peer, guard.id())));
         assert_eq!(registry.peer_of("nope"), None);
         let token = guard.token().to_string();
         drop(guard);
         assert_eq!(registry.peer_of(&token), None);
         assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn delivery_waits_for_the_ack() {
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = registry.open(peer, tx);
+        let message = Message {
+            id: "m1".into(),
+            ..Default::default()
+        };
+        let delivery = registry.deliver(&peer, message, Duration::from_secs(5));
+        let leaf = async {
+            let frame = rx.recv().await.unwrap().unwrap();
+            assert!(
+                matches!(frame.frame, Some(server_frame::Frame::Message(ref m)) if m.id == "m1")
+            );
+            guard.acknowledge("m1");
+        };
+        let (delivered, ()) = tokio::join!(delivery, leaf);
+        assert_eq!(delivered, Ok(()));
+        let other = Keypair::generate().peer_id();
+        assert_eq!(
+            registry
+                .deliver(&other, Message::default(), Duration::from_millis(10))
+                .await,
+            Err(DeliveryError::NotHere)
+        );
     }
 }

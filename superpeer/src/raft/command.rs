@@ -45,6 +45,69 @@ pub enum Op {
     RegisterNode { node: NodeInfo },
     /// Mark a node as removed; its id stays reserved.
     TombstoneNode { node_id: u64 },
+    /// A peer attached to super peer `host` with session `session`: it is online there.
+    PresenceAttach {
+        peer: PeerKey,
+        host: u64,
+        session: u64,
+    },
+    /// Session `session` of a peer ended: offline, unless the peer has attached again since (other session).
+    PresenceDetach { peer: PeerKey, session: u64 },
+    /// A peer on session `session` changes its status, note and profile attributes.
+    PresenceSet {
+        peer: PeerKey,
+        session: u64,
+        status: PresenceStatus,
+        note: String,
+        attributes: BTreeMap<String, String>,
+    },
+    /// Super peer `host` is gone: every peer still attached to it goes offline.
+    ExpireHost { host: u64 },
+    /// Store a message for an offline peer. Refused beyond the quota; a message already stored (same sender
+    /// and id) is not stored twice. Expired messages of the recipient are dropped on the way.
+    MailboxPut {
+        to: PeerKey,
+        message: StoredMessage,
+        expires_at_ms: u64,
+        quota: u32,
+    },
+    /// Remove delivered messages (by their mailbox sequence numbers) from a peer's mailbox.
+    MailboxAck { to: PeerKey, sequences: Vec<u64> },
+}
+
+/// Presence status as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PresenceStatus {
+    Offline,
+    Online,
+    Away,
+    Busy,
+}
+
+/// A peer's presence as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub status: PresenceStatus,
+    pub note: String,
+    /// Node id of the hosting super peer, 0 when offline.
+    pub host: u64,
+    /// Session id on the host, 0 when offline.
+    pub session: u64,
+    pub candidates: Vec<String>,
+    pub nat_class: String,
+    pub changed_at_ms: u64,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A message waiting in a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub id: String,
+    pub from: PeerKey,
+    pub kind: String,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub sent_at_ms: u64,
 }
 
 impl fmt::Display for Command {
@@ -54,6 +117,16 @@ impl fmt::Display for Command {
             Op::DeleteRecord { namespace, key, .. } => write!(f, "delete {namespace}/{key}"),
             Op::RegisterNode { node } => write!(f, "register node {}", node.peer_id),
             Op::TombstoneNode { node_id } => write!(f, "tombstone node {node_id}"),
+            Op::PresenceAttach { host, session, .. } => {
+                write!(f, "attach session {session} on node {host}")
+            }
+            Op::PresenceDetach { session, .. } => write!(f, "detach session {session}"),
+            Op::PresenceSet { status, .. } => write!(f, "set presence {status:?}"),
+            Op::ExpireHost { host } => write!(f, "expire sessions of node {host}"),
+            Op::MailboxPut { message, .. } => write!(f, "mailbox put {}", message.id),
+            Op::MailboxAck { sequences, .. } => {
+                write!(f, "mailbox ack {} messages", sequences.len())
+            }
         }
     }
 }
@@ -103,6 +176,10 @@ pub enum Response {
     Done,
     /// The command was refused during apply; nothing changed.
     Rejected(Rejection),
+    /// A peer's presence after a presence command.
+    Presence(PresenceEntry),
+    /// Number of peers a host expiry took offline.
+    Expired(u64),
 }
 
 /// Why apply refused a command. The proposer checks the same conditions before proposing, so these only show up
@@ -115,4 +192,8 @@ pub enum Rejection {
     VersionMismatch { expected: u64, current: u64 },
     #[error("node {0} is unknown")]
     UnknownNode(u64),
+    #[error("the session is not the peer's current session (attach first)")]
+    NotAttached,
+    #[error("the recipient's mailbox is full ({quota} messages)")]
+    MailboxFull { quota: u32 },
 }

@@ -15,6 +15,7 @@
 //! Everything is encoded with postcard behind a format version (`FORMAT_VERSION`), checked at open.
 
 pub mod log_store;
+pub mod presence;
 pub mod records;
 pub mod state_machine;
 
@@ -33,6 +34,9 @@ pub const CF_ATTRS: &str = "attrs";
 pub const CF_NODES: &str = "nodes";
 pub const CF_SM_META: &str = "sm_meta";
 pub const CF_SNAPSHOT: &str = "snapshot";
+pub const CF_PRESENCE: &str = "presence";
+pub const CF_PRESENCE_ATTRS: &str = "presence_attrs";
+pub const CF_MAILBOX: &str = "mailbox";
 
 const ALL_CFS: &[&str] = &[
     CF_LOG,
@@ -42,6 +46,9 @@ const ALL_CFS: &[&str] = &[
     CF_NODES,
     CF_SM_META,
     CF_SNAPSHOT,
+    CF_PRESENCE,
+    CF_PRESENCE_ATTRS,
+    CF_MAILBOX,
 ];
 
 /// Version of the on-disk encoding. openraft does not promise a stable serde layout across versions, so a

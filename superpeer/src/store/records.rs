@@ -206,16 +206,14 @@ pub fn search(
 /// Applies record commands into one write batch, seeing the effect of earlier commands of the same batch.
 pub struct RecordWriter<'a> {
     db: &'a DB,
-    batch: &'a mut WriteBatch,
     /// Records written earlier in this batch (None = deleted), so later commands read their own writes.
     pending: HashMap<Vec<u8>, Option<StoredRecord>>,
 }
 
 impl<'a> RecordWriter<'a> {
-    pub fn new(db: &'a DB, batch: &'a mut WriteBatch) -> Self {
+    pub fn new(db: &'a DB) -> Self {
         Self {
             db,
-            batch,
             pending: HashMap::new(),
         }
     }
@@ -230,10 +228,9 @@ impl<'a> RecordWriter<'a> {
             .transpose()
     }
 
-    fn unindex(&mut self, namespace: &str, key: &str, record: &StoredRecord) {
+    fn unindex(&self, batch: &mut WriteBatch, namespace: &str, key: &str, record: &StoredRecord) {
         for (name, value) in &record.attributes {
-            self.batch
-                .delete_cf(cf(self.db, CF_ATTRS), attr_key(namespace, name, value, key));
+            batch.delete_cf(cf(self.db, CF_ATTRS), attr_key(namespace, name, value, key));
         }
     }
 
@@ -241,6 +238,7 @@ impl<'a> RecordWriter<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn put(
         &mut self,
+        batch: &mut WriteBatch,
         owner: PeerKey,
         namespace: &str,
         key: &str,
@@ -265,16 +263,16 @@ impl<'a> RecordWriter<'a> {
             updated_at_ms: at_ms,
         };
         if let Some(old) = &current {
-            self.unindex(namespace, key, old);
+            self.unindex(batch, namespace, key, old);
         }
         for (name, attribute) in &record.attributes {
-            self.batch.put_cf(
+            batch.put_cf(
                 cf(self.db, CF_ATTRS),
                 attr_key(namespace, name, attribute, key),
                 [],
             );
         }
-        self.batch.put_cf(
+        batch.put_cf(
             cf(self.db, CF_RECORDS),
             &storage_key,
             encode("record", &record)?,
@@ -286,6 +284,7 @@ impl<'a> RecordWriter<'a> {
     /// Applies a delete.
     pub fn delete(
         &mut self,
+        batch: &mut WriteBatch,
         owner: PeerKey,
         namespace: &str,
         key: &str,
@@ -304,8 +303,8 @@ impl<'a> RecordWriter<'a> {
         if let Err(rejection) = check_write(Some(&current), &owner, expected_version) {
             return Ok(Response::Rejected(rejection));
         }
-        self.unindex(namespace, key, &current);
-        self.batch.delete_cf(cf(self.db, CF_RECORDS), &storage_key);
+        self.unindex(batch, namespace, key, &current);
+        batch.delete_cf(cf(self.db, CF_RECORDS), &storage_key);
         self.pending.insert(storage_key, None);
         Ok(Response::Deleted(true))
     }

@@ -20,8 +20,12 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use super::presence::PresenceWriter;
 use super::records::{encode, RecordWriter};
-use super::{blocking, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_SM_META, CF_SNAPSHOT};
+use super::{
+    blocking, StoreError, CF_ATTRS, CF_MAILBOX, CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS,
+    CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
+};
 use crate::raft::command::{NodeInfo, Op, Rejection, Response};
 use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -30,7 +34,7 @@ const MEMBERSHIP_KEY: &[u8] = b"membership";
 const NEXT_NODE_ID_KEY: &[u8] = b"next_node_id";
 const SNAPSHOT_KEY: &[u8] = b"current";
 /// Version of [`SnapshotPayload`]'s encoding.
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// A super peer as the node table keeps it. Removed nodes stay as tombstones so their ids are never reused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,10 @@ struct SnapshotPayload {
     records: RawPairs,
     /// Raw (key, value) pairs of the node table.
     nodes: RawPairs,
+    /// Raw (key, value) pairs of presence (the profile index is rebuilt).
+    presence: RawPairs,
+    /// Raw (key, value) pairs of the mailboxes.
+    mailbox: RawPairs,
 }
 
 /// The snapshot as stored in the `snapshot` column family.
@@ -154,7 +162,9 @@ impl StateMachine {
         let mut nodes_touched: BTreeMap<u64, NodeEntry> = BTreeMap::new();
         let mut responses = Vec::with_capacity(entries.len());
         {
-            let mut records = RecordWriter::new(db, &mut batch);
+            let mut records = RecordWriter::new(db);
+            let mut presence = PresenceWriter::new(db);
+            let batch = &mut batch;
             for entry in entries {
                 let response = match &entry.payload {
                     EntryPayload::Blank => Response::Done,
@@ -188,6 +198,7 @@ impl StateMachine {
                             value,
                             expected_version,
                         } => records.put(
+                            batch,
                             *owner,
                             namespace,
                             key,
@@ -201,7 +212,7 @@ impl StateMachine {
                             namespace,
                             key,
                             expected_version,
-                        } => records.delete(*owner, namespace, key, *expected_version)?,
+                        } => records.delete(batch, *owner, namespace, key, *expected_version)?,
                         Op::RegisterNode { node } => {
                             // Idempotent for a retried join: a live node with the same peer id keeps its id.
                             let mut existing = None;
@@ -243,6 +254,49 @@ impl StateMachine {
                                 }
                                 None => Response::Rejected(Rejection::UnknownNode(*node_id)),
                             }
+                        }
+                        Op::PresenceAttach {
+                            peer,
+                            host,
+                            session,
+                        } => presence.attach(batch, *peer, *host, *session, command.at_ms)?,
+                        Op::PresenceDetach { peer, session } => {
+                            presence.detach(batch, *peer, *session, command.at_ms)?
+                        }
+                        Op::PresenceSet {
+                            peer,
+                            session,
+                            status,
+                            note,
+                            attributes,
+                        } => presence.set(
+                            batch,
+                            *peer,
+                            *session,
+                            *status,
+                            note.clone(),
+                            attributes.clone(),
+                            command.at_ms,
+                        )?,
+                        Op::ExpireHost { host } => {
+                            presence.expire_host(batch, *host, command.at_ms)?
+                        }
+                        Op::MailboxPut {
+                            to,
+                            message,
+                            expires_at_ms,
+                            quota,
+                        } => presence.mailbox_put(
+                            batch,
+                            *to,
+                            message.clone(),
+                            *expires_at_ms,
+                            *quota,
+                            entry.log_id.index,
+                            command.at_ms,
+                        )?,
+                        Op::MailboxAck { to, sequences } => {
+                            presence.mailbox_ack(batch, *to, sequences)?
                         }
                     },
                 };
@@ -308,6 +362,8 @@ impl StateMachine {
             next_node_id,
             records: collect(CF_RECORDS)?,
             nodes: collect(CF_NODES)?,
+            presence: collect(CF_PRESENCE)?,
+            mailbox: collect(CF_MAILBOX)?,
         };
         encode("snapshot", &payload)
     }
@@ -321,7 +377,14 @@ impl StateMachine {
         }
         // Replace the whole state: clear, load records and nodes, then rebuild the attribute index from records.
         let mut batch = WriteBatch::default();
-        for name in [CF_RECORDS, CF_ATTRS, CF_NODES] {
+        for name in [
+            CF_RECORDS,
+            CF_ATTRS,
+            CF_NODES,
+            CF_PRESENCE,
+            CF_PRESENCE_ATTRS,
+            CF_MAILBOX,
+        ] {
             for item in db.iterator_cf(cf(db, name), IteratorMode::Start) {
                 let (key, _) = item?;
                 batch.delete_cf(cf(db, name), key);
@@ -330,12 +393,19 @@ impl StateMachine {
         for (key, value) in &payload.records {
             batch.put_cf(cf(db, CF_RECORDS), key.as_slice(), value.as_slice());
         }
-        for (key, value) in &payload.nodes {
-            batch.put_cf(cf(db, CF_NODES), key.as_slice(), value.as_slice());
+        for (name, pairs) in [
+            (CF_NODES, &payload.nodes),
+            (CF_PRESENCE, &payload.presence),
+            (CF_MAILBOX, &payload.mailbox),
+        ] {
+            for (key, value) in pairs {
+                batch.put_cf(cf(db, name), key.as_slice(), value.as_slice());
+            }
         }
         db.write(batch)?;
         let mut batch = WriteBatch::default();
         super::records::rebuild_index(db, &mut batch)?;
+        super::presence::rebuild_index(db, &mut batch)?;
         let sm_meta = cf(db, CF_SM_META);
         batch.put_cf(
             sm_meta,

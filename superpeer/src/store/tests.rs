@@ -144,13 +144,31 @@ async fn responses_report_rejections() {
     let dir = TempDir::new().unwrap();
     let db = open(dir.path()).unwrap();
     let mut batch = rocksdb::WriteBatch::default();
-    let mut writer = records::RecordWriter::new(&db, &mut batch);
+    let mut writer = records::RecordWriter::new(&db);
     let first = writer
-        .put([1; 32], "ns", "k", BTreeMap::new(), vec![], Some(0), 5)
+        .put(
+            &mut batch,
+            [1; 32],
+            "ns",
+            "k",
+            BTreeMap::new(),
+            vec![],
+            Some(0),
+            5,
+        )
         .unwrap();
     assert!(matches!(first, Response::Record(ref record) if record.version == 1));
     let again = writer
-        .put([1; 32], "ns", "k", BTreeMap::new(), vec![], Some(0), 6)
+        .put(
+            &mut batch,
+            [1; 32],
+            "ns",
+            "k",
+            BTreeMap::new(),
+            vec![],
+            Some(0),
+            6,
+        )
         .unwrap();
     assert_eq!(
         again,
@@ -159,7 +177,7 @@ async fn responses_report_rejections() {
             current: 1
         })
     );
-    let foreign = writer.delete([9; 32], "ns", "k", None).unwrap();
+    let foreign = writer.delete(&mut batch, [9; 32], "ns", "k", None).unwrap();
     assert_eq!(foreign, Response::Rejected(Rejection::NotOwner));
 }
 

@@ -1,0 +1,73 @@
+//! Host expiry, run by the leader: the peers of a super peer that stopped answering go offline.
+//!
+//! The leader learns when each member last acknowledged it from openraft's heartbeat metrics. A member silent
+//! for longer than `host_expiry_ms` (after this node has led at least that long, so a fresh leader does not
+//! expire members it simply has not heard from yet) gets one `ExpireHost` proposal; it is proposed again only
+//! after the member answered in between. Leaves that re-attached elsewhere are untouched: their presence names
+//! their new host.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::Context;
+use crate::raft::command::{Op, Response};
+
+/// How often the leader checks.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
+    let expiry = Duration::from_millis(context.config.host_expiry_ms);
+    let mut expired: HashSet<u64> = HashSet::new();
+    let mut leading_since: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(raft) = context.raft() else { continue };
+        let metrics = raft.metrics().borrow_watched().clone();
+        let Some(heartbeats) = metrics.heartbeat.as_ref() else {
+            leading_since = None;
+            continue;
+        };
+        let since = *leading_since.get_or_insert_with(Instant::now);
+        let mut stale = Vec::new();
+        for (node, last) in heartbeats {
+            let silent = match last {
+                Some(instant) => instant.elapsed() > expiry,
+                None => since.elapsed() > expiry,
+            };
+            if silent {
+                stale.push(*node);
+            } else {
+                expired.remove(node);
+            }
+        }
+        for node in stale {
+            if expired.contains(&node) {
+                continue;
+            }
+            match context.propose(Op::ExpireHost { host: node }).await {
+                Ok((Response::Expired(count), _)) => {
+                    expired.insert(node);
+                    if count > 0 {
+                        tracing::info!(node, count, "super peer silent; its leaves are offline");
+                    }
+                }
+                Ok(_) => {
+                    expired.insert(node);
+                }
+                Err(error) => {
+                    tracing::warn!(node, %error, "cannot expire a silent super peer's sessions")
+                }
+            }
+        }
+    }
+}

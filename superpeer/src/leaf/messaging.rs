@@ -1,0 +1,180 @@
+//! Presence and messaging for leaves.
+//!
+//! ```text
+//!  SendMessage on S ─ look up recipient presence (local replica)
+//!     ├─ attached here ───────────────> push into its session, wait for its ack ─┐
+//!     ├─ attached on S2 ─ Cluster.Deliver on S2 ─> push, wait for ack ──────────┤─> delivered
+//!     └─ offline, or delivery failed ─ MailboxPut (Raft) ───────────────────────┴─> queued
+//!  attach ─ PresenceAttach (Raft) ─> welcome ─> drain mailbox in order ─> MailboxAck (Raft)
+//!  stream ends without goodbye ─ wait the grace period ─> PresenceDetach (no-op if re-attached elsewhere)
+//! ```
+//!
+//! Payloads never go through Raft except while they wait in a mailbox.
+
+use std::time::Duration;
+
+use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus};
+use vesper_proto::PeerId;
+
+use crate::error::ServiceError;
+use crate::node::Context;
+use crate::raft::command::{Op, PeerKey, PresenceEntry, PresenceStatus, Response, StoredMessage};
+use crate::raft::propose::now_ms;
+use crate::store::presence;
+
+/// How long a delivery waits for the recipient's acknowledgement before the message goes to the mailbox.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest message id, in bytes.
+pub const MAX_MESSAGE_ID_LEN: usize = 64;
+/// Largest message payload (64 KiB).
+pub const MAX_MESSAGE_PAYLOAD: usize = 64 * 1024;
+/// Longest presence note, in bytes.
+pub const MAX_NOTE_LEN: usize = 256;
+
+/// Whether a message reached the recipient's library or waits in its mailbox.
+pub enum Fate {
+    Delivered,
+    Queued,
+}
+
+pub fn wire_status(status: PresenceStatus) -> WireStatus {
+    match status {
+        PresenceStatus::Offline => WireStatus::Offline,
+        PresenceStatus::Online => WireStatus::Online,
+        PresenceStatus::Away => WireStatus::Away,
+        PresenceStatus::Busy => WireStatus::Busy,
+    }
+}
+
+/// Converts a stored presence to its wire form.
+pub fn presence_of(context: &Context, peer: &PeerKey, entry: PresenceEntry) -> Presence {
+    let host_leaf_addr = if entry.host == 0 {
+        String::new()
+    } else {
+        context
+            .member_info(entry.host)
+            .map(|node| node.leaf_addr)
+            .unwrap_or_default()
+    };
+    Presence {
+        peer_id: PeerId::from_public_key_bytes(peer)
+            .map(|peer| peer.to_string())
+            .unwrap_or_default(),
+        status: wire_status(entry.status) as i32,
+        note: entry.note,
+        host_node_id: entry.host,
+        host_leaf_addr,
+        candidates: entry.candidates,
+        nat_class: entry.nat_class,
+        changed_at_ms: entry.changed_at_ms,
+        attributes: entry.attributes.into_iter().collect(),
+    }
+}
+
+fn stored(message: &Message, from: &PeerId) -> StoredMessage {
+    StoredMessage {
+        id: message.id.clone(),
+        from: *from.as_bytes(),
+        kind: message.kind.clone(),
+        payload: message.payload.clone(),
+        sent_at_ms: message.sent_at_ms,
+    }
+}
+
+/// Delivers `message` from `from` to `to`, directly when it is attached somewhere, else into its mailbox.
+pub async fn send(
+    context: &Context,
+    from: &PeerId,
+    to: &PeerId,
+    message: Message,
+) -> Result<Fate, ServiceError> {
+    let entry = presence::get(context.reader.db(), to.as_bytes())?;
+    if let Some(entry) = entry.filter(|entry| entry.status != PresenceStatus::Offline) {
+        let delivered = if Some(entry.host) == context.node_id() {
+            context
+                .sessions
+                .deliver(to, message.clone(), DELIVERY_TIMEOUT)
+                .await
+                .is_ok()
+        } else {
+            deliver_remote(context, entry.host, to, message.clone()).await
+        };
+        if delivered {
+            return Ok(Fate::Delivered);
+        }
+    }
+    let op = Op::MailboxPut {
+        to: *to.as_bytes(),
+        message: stored(&message, from),
+        expires_at_ms: now_ms() + context.config.mailbox_ttl_ms,
+        quota: context.config.mailbox_quota,
+    };
+    match context.propose(op).await? {
+        (Response::Rejected(rejection), _) => Err(rejection.into()),
+        _ => Ok(Fate::Queued),
+    }
+}
+
+/// Asks super peer `host` to deliver; false when it could not (not attached there, no ack, host down).
+async fn deliver_remote(context: &Context, host: u64, to: &PeerId, message: Message) -> bool {
+    let Some(node) = context.member_info(host) else {
+        return false;
+    };
+    let Ok(mut client) = context.clients.client(&node.cluster_addr) else {
+        return false;
+    };
+    let mut request = tonic::Request::new(vesper_proto::v1::DeliverRequest {
+        to: to.to_string(),
+        message: Some(message),
+    });
+    request.set_timeout(DELIVERY_TIMEOUT + Duration::from_secs(2));
+    match client.deliver(request).await {
+        Ok(reply) => reply.into_inner().delivered,
+        Err(status) => {
+            tracing::debug!(host, %status, "remote delivery failed; queueing");
+            false
+        }
+    }
+}
+
+/// Pushes `peer`'s mailbox into its new session, in order, and removes what was acknowledged.
+pub async fn drain_mailbox(context: &Context, peer: PeerId) -> Result<usize, ServiceError> {
+    // The attach that started this session is applied on the leader; read at least that far here.
+    context
+        .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
+        .await?;
+    let items = presence::mailbox(context.reader.db(), peer.as_bytes(), now_ms())?;
+    let mut acked = Vec::new();
+    for (sequence, item) in items {
+        let message = Message {
+            id: item.message.id,
+            from: PeerId::from_public_key_bytes(&item.message.from)
+                .map(|peer| peer.to_string())
+                .unwrap_or_default(),
+            kind: item.message.kind,
+            payload: item.message.payload,
+            sent_at_ms: item.message.sent_at_ms,
+            from_mailbox: true,
+        };
+        // In order: the next message goes out only after this one is acknowledged.
+        if context
+            .sessions
+            .deliver(&peer, message, DELIVERY_TIMEOUT)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        acked.push(sequence);
+    }
+    let delivered = acked.len();
+    if !acked.is_empty() {
+        context
+            .propose(Op::MailboxAck {
+                to: *peer.as_bytes(),
+                sequences: acked,
+            })
+            .await?;
+    }
+    Ok(delivered)
+}
