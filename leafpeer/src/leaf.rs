@@ -12,16 +12,38 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
-    client_frame, search_term, server_frame, Attach, ClientFrame, DeleteRecordRequest,
-    GetRecordRequest, ListRecordsRequest, Member, Ping, PutRecordRequest, ReadConsistency, Record,
-    SearchRecordsRequest,
+    client_frame, search_term, server_frame, Attach, ClientFrame, DeleteRecordRequest, Detach,
+    GetRecordRequest, ListRecordsRequest, LookupPeerRequest, Member, Message, MessageAck, Ping,
+    Presence, PresenceStatus, PutRecordRequest, ReadConsistency, Record, SearchPeersRequest,
+    SearchRecordsRequest, SendMessageRequest, SetPresenceRequest,
 };
 use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
 
 use crate::error::LeafError;
 
-/// Frames queued towards the super peer on the session stream (keepalives only, so a few suffice).
-const SESSION_OUTBOUND_QUEUE: usize = 8;
+/// Frames queued towards the super peer on the session stream (keepalives, acknowledgements, goodbye).
+const SESSION_OUTBOUND_QUEUE: usize = 64;
+/// Messages held for the app's stream before delivery waits for the app to read (and acknowledgements with it).
+const INBOX_QUEUE: usize = 1024;
+/// Message ids remembered to deliver retries to the app once.
+const SEEN_MESSAGES: usize = 10_000;
+/// Attempts of a send while the cluster has no leader or the super peer is unreachable (same message id).
+const SEND_ATTEMPTS: u32 = 3;
+
+/// A function the app registers for one message kind.
+pub type Handler = Arc<dyn Fn(Message) + Send + Sync>;
+
+/// Handlers by message kind.
+type Handlers = Arc<std::sync::RwLock<HashMap<String, Handler>>>;
+
+/// What happened to a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The recipient's library acknowledged it.
+    Delivered,
+    /// The recipient is offline; the message waits in its mailbox and arrives when it attaches.
+    Queued,
+}
 
 /// How a leaf is set up.
 #[derive(Clone)]
@@ -98,6 +120,11 @@ struct Inner {
     request_timeout: Duration,
     /// Stops the keepalive task (and with it the session) when the Leaf is dropped or closed.
     stop: CancellationToken,
+    /// Frames to the super peer (the goodbye).
+    outbound: mpsc::Sender<ClientFrame>,
+    /// Messages without a handler, until the app takes the stream.
+    inbox: std::sync::Mutex<Option<mpsc::Receiver<Message>>>,
+    handlers: Handlers,
 }
 
 impl Drop for Inner {
@@ -147,9 +174,142 @@ impl Leaf {
         &self.inner.members
     }
 
-    /// Ends the session.
+    /// Ends the session abruptly (as a crash would, from the cluster's view: the peer stays online for the grace
+    /// period). Use [`Leaf::detach`] to go offline at once.
     pub fn close(&self) {
         self.inner.stop.cancel();
+    }
+
+    /// Says goodbye: the peer goes offline at once, then the session ends.
+    pub async fn detach(&self) {
+        let goodbye = ClientFrame {
+            frame: Some(client_frame::Frame::Detach(Detach {})),
+        };
+        let _ = self.inner.outbound.send(goodbye).await;
+        // Give the frame a moment to leave before the stream closes (bounded: the session ends either way).
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.outbound.closed()).await;
+        self.inner.stop.cancel();
+    }
+
+    /// The stream of incoming messages that have no handler, in arrival order. Returns `None` after the first
+    /// call (there is one stream).
+    pub fn messages(&self) -> Option<mpsc::Receiver<Message>> {
+        self.inner.inbox.lock().expect("inbox lock poisoned").take()
+    }
+
+    /// Calls `handler` for every incoming message of `kind` (instead of putting it on the stream).
+    pub fn on_message(&self, kind: &str, handler: impl Fn(Message) + Send + Sync + 'static) {
+        self.inner
+            .handlers
+            .write()
+            .expect("handlers lock poisoned")
+            .insert(kind.to_string(), Arc::new(handler));
+    }
+
+    /// Sends a message of app-defined `kind` to `to`. Retries (with the same id, so the recipient gets it once)
+    /// while the cluster is between leaders.
+    pub async fn send(
+        &self,
+        to: &PeerId,
+        kind: &str,
+        payload: Vec<u8>,
+    ) -> Result<SendOutcome, LeafError> {
+        validate::kind(kind)?;
+        let id = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = self.request(SendMessageRequest {
+                to: to.to_string(),
+                id: id.clone(),
+                kind: kind.to_string(),
+                payload: payload.clone(),
+            });
+            match self.inner.client.clone().send_message(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    return Ok(if reply.delivered {
+                        SendOutcome::Delivered
+                    } else {
+                        SendOutcome::Queued
+                    });
+                }
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable && attempt < SEND_ATTEMPTS =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+
+    /// Sets this peer's status, note and searchable profile attributes.
+    pub async fn set_presence(
+        &self,
+        status: PresenceStatus,
+        note: &str,
+        attributes: HashMap<String, String>,
+    ) -> Result<Presence, LeafError> {
+        validate::attributes(&attributes)?;
+        let request = self.request(SetPresenceRequest {
+            status: status as i32,
+            note: note.to_string(),
+            attributes,
+        });
+        let reply = self
+            .inner
+            .client
+            .clone()
+            .set_presence(request)
+            .await?
+            .into_inner();
+        reply.presence.ok_or_else(|| {
+            LeafError::SessionClosed("set_presence answered without a presence".into())
+        })
+    }
+
+    /// Looks up a peer's presence; `None` when it never attached.
+    pub async fn lookup(
+        &self,
+        peer: &PeerId,
+        consistency: Consistency,
+    ) -> Result<Option<Presence>, LeafError> {
+        let request = self.request(LookupPeerRequest {
+            peer_id: peer.to_string(),
+            consistency: consistency.into(),
+        });
+        Ok(self
+            .inner
+            .client
+            .clone()
+            .lookup_peer(request)
+            .await?
+            .into_inner()
+            .presence)
+    }
+
+    /// Finds peers by profile attributes.
+    pub async fn search_peers(
+        &self,
+        terms: &[SearchTerm],
+        online_only: bool,
+        limit: u32,
+    ) -> Result<Vec<Presence>, LeafError> {
+        let request = self.request(SearchPeersRequest {
+            terms: terms.iter().map(wire_term).collect(),
+            online_only,
+            limit,
+            consistency: Consistency::Linearizable.into(),
+        });
+        Ok(self
+            .inner
+            .client
+            .clone()
+            .search_peers(request)
+            .await?
+            .into_inner()
+            .peers)
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -274,19 +434,7 @@ impl Leaf {
         page_token: Option<String>,
         consistency: Consistency,
     ) -> Result<Page, LeafError> {
-        let terms = terms
-            .iter()
-            .map(|term| match term {
-                SearchTerm::Equals(attribute, value) => vesper_proto::v1::SearchTerm {
-                    attribute: attribute.clone(),
-                    condition: Some(search_term::Condition::Equals(value.clone())),
-                },
-                SearchTerm::Prefix(attribute, prefix) => vesper_proto::v1::SearchTerm {
-                    attribute: attribute.clone(),
-                    condition: Some(search_term::Condition::Prefix(prefix.clone())),
-                },
-            })
-            .collect();
+        let terms = terms.iter().map(wire_term).collect();
         let request = self.request(SearchRecordsRequest {
             namespace: namespace.into(),
             terms,
@@ -306,6 +454,19 @@ impl Leaf {
             next_page_token: (!reply.next_page_token.is_empty()).then_some(reply.next_page_token),
             applied_index: reply.applied_index,
         })
+    }
+}
+
+fn wire_term(term: &SearchTerm) -> vesper_proto::v1::SearchTerm {
+    match term {
+        SearchTerm::Equals(attribute, value) => vesper_proto::v1::SearchTerm {
+            attribute: attribute.clone(),
+            condition: Some(search_term::Condition::Equals(value.clone())),
+        },
+        SearchTerm::Prefix(attribute, prefix) => vesper_proto::v1::SearchTerm {
+            attribute: attribute.clone(),
+            condition: Some(search_term::Condition::Prefix(prefix.clone())),
+        },
     }
 }
 
@@ -369,7 +530,18 @@ async fn attach(config: &LeafConfig, seed: &str) -> Result<Leaf, LeafError> {
         .map_err(|_| LeafError::SessionClosed("session token is not valid metadata".into()))?;
     let stop = CancellationToken::new();
     let interval = Duration::from_millis(u64::from(welcome.keepalive_interval_ms.max(100)));
-    tokio::spawn(keepalive(tx, inbound, interval, stop.clone()));
+    let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
+    let handlers = Handlers::default();
+    let session = SessionTask {
+        outbound: tx.clone(),
+        inbound,
+        interval,
+        stop: stop.clone(),
+        inbox: inbox_tx,
+        handlers: handlers.clone(),
+        seen: SeenMessages::default(),
+    };
+    tokio::spawn(session.run());
     Ok(Leaf {
         inner: Arc::new(Inner {
             client,
@@ -379,35 +551,101 @@ async fn attach(config: &LeafConfig, seed: &str) -> Result<Leaf, LeafError> {
             members: welcome.members,
             request_timeout: config.request_timeout,
             stop,
+            outbound: tx,
+            inbox: std::sync::Mutex::new(Some(inbox_rx)),
+            handlers,
         }),
     })
 }
 
-/// Pings the super peer every `interval` and reads its frames until the session ends or the leaf stops.
-/// The task owns both halves of the stream, so it ends with the session; `stop` ends it from the Leaf side.
-async fn keepalive(
-    tx: mpsc::Sender<ClientFrame>,
-    mut inbound: tonic::Streaming<vesper_proto::v1::ServerFrame>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    let mut nonce = 0u64;
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            _ = ticker.tick() => {
-                nonce += 1;
-                let ping = ClientFrame { frame: Some(client_frame::Frame::Ping(Ping { nonce })) };
-                if tx.send(ping).await.is_err() {
-                    break;
-                }
-            }
-            frame = inbound.message() => match frame {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+/// Message ids already handed to the app, so a retried message reaches it once.
+#[derive(Default)]
+struct SeenMessages {
+    order: std::collections::VecDeque<(String, String)>,
+    set: std::collections::HashSet<(String, String)>,
+}
+
+impl SeenMessages {
+    /// Records a message; false when it was seen before.
+    fn first_time(&mut self, from: &str, id: &str) -> bool {
+        let key = (from.to_string(), id.to_string());
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() == SEEN_MESSAGES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.set.remove(&oldest);
             }
         }
+        self.order.push_back(key.clone());
+        self.set.insert(key);
+        true
+    }
+}
+
+/// The task that owns the session stream: pings every `interval`, hands incoming messages to their handler or
+/// the inbox (each once), acknowledges them, and ends with the session or when the leaf stops.
+struct SessionTask {
+    outbound: mpsc::Sender<ClientFrame>,
+    inbound: tonic::Streaming<vesper_proto::v1::ServerFrame>,
+    interval: Duration,
+    stop: CancellationToken,
+    inbox: mpsc::Sender<Message>,
+    handlers: Handlers,
+    seen: SeenMessages,
+}
+
+impl SessionTask {
+    async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.interval);
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = ticker.tick() => {
+                    nonce += 1;
+                    let ping = ClientFrame { frame: Some(client_frame::Frame::Ping(Ping { nonce })) };
+                    if self.outbound.send(ping).await.is_err() {
+                        break;
+                    }
+                }
+                frame = self.inbound.message() => match frame {
+                    Ok(Some(vesper_proto::v1::ServerFrame { frame: Some(server_frame::Frame::Message(message)) })) => {
+                        if !self.receive(message).await {
+                            break;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Hands `message` to the app (unless it is a retry) and acknowledges it. False when the session is gone.
+    async fn receive(&mut self, message: Message) -> bool {
+        let id = message.id.clone();
+        if self.seen.first_time(&message.from, &message.id) {
+            let handler = self
+                .handlers
+                .read()
+                .expect("handlers lock poisoned")
+                .get(&message.kind)
+                .cloned();
+            match handler {
+                Some(handler) => handler(message),
+                // The app holds the stream; if it is gone, the message is acknowledged and dropped.
+                None => {
+                    let _ = self.inbox.send(message).await;
+                }
+            }
+        }
+        let ack = ClientFrame {
+            frame: Some(client_frame::Frame::MessageAck(MessageAck {
+                message_id: id,
+            })),
+        };
+        self.outbound.send(ack).await.is_ok()
     }
 }

@@ -14,6 +14,6 @@ mod error;
 mod leaf;
 
 pub use error::LeafError;
-pub use leaf::{Consistency, Leaf, LeafConfig, Page, SearchTerm};
-pub use vesper_proto::v1::{Member, Record};
+pub use leaf::{Consistency, Handler, Leaf, LeafConfig, Page, SearchTerm, SendOutcome};
+pub use vesper_proto::v1::{Member, Message, Presence, PresenceStatus, Record};
 pub use vesper_proto::{Keypair, PeerId};

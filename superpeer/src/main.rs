@@ -63,6 +63,18 @@ struct Args {
     /// Log entries kept behind a snapshot. Default: 5000.
     #[arg(long, env = "VESPER_LOGS_KEPT_AFTER_SNAPSHOT")]
     logs_kept_after_snapshot: Option<u64>,
+    /// Milliseconds a peer stays online after its session broke without a goodbye. Default: 10000.
+    #[arg(long, env = "VESPER_SESSION_GRACE_MS")]
+    session_grace_ms: Option<u64>,
+    /// Milliseconds of silence after which a session is closed. Default: 15000.
+    #[arg(long, env = "VESPER_SESSION_TTL_MS")]
+    session_ttl_ms: Option<u64>,
+    /// Milliseconds of silence after which the leader takes a super peer's leaves offline. Default: 15000.
+    #[arg(long, env = "VESPER_HOST_EXPIRY_MS")]
+    host_expiry_ms: Option<u64>,
+    /// Most messages waiting in one peer's mailbox. Default: 1000.
+    #[arg(long, env = "VESPER_MAILBOX_QUOTA")]
+    mailbox_quota: Option<u32>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     log_json: bool,
@@ -123,6 +135,18 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(logs) = args.logs_kept_after_snapshot {
         config.raft.logs_kept_after_snapshot = logs;
+    }
+    if let Some(value) = args.session_grace_ms {
+        config.session_grace_ms = value;
+    }
+    if let Some(value) = args.session_ttl_ms {
+        config.session_ttl_ms = value;
+    }
+    if let Some(value) = args.host_expiry_ms {
+        config.host_expiry_ms = value;
+    }
+    if let Some(value) = args.mailbox_quota {
+        config.mailbox_quota = value;
     }
     if let Err(mut more) = config.validate() {
         problems.append(&mut more);

@@ -43,6 +43,8 @@ pub struct NodeOptions {
     pub snapshot_after_logs: Option<u64>,
     /// `--logs-kept-after-snapshot`.
     pub logs_kept_after_snapshot: Option<u64>,
+    /// More flags for every node, e.g. `["--session-grace-ms", "500"]`.
+    pub extra_args: Vec<String>,
 }
 
 /// One super peer process.
@@ -212,6 +214,7 @@ impl Cluster {
                 .arg("--logs-kept-after-snapshot")
                 .arg(logs.to_string());
         }
+        command.args(&self.options.extra_args);
         node.child = Some(command.spawn().context("start superpeer")?);
         let name = node.name.clone();
         let endpoints: Endpoints = wait::until(

@@ -13,6 +13,7 @@ async fn t30_stopped_member_catches_up_by_snapshot_after_log_purge() -> anyhow::
     let options = NodeOptions {
         snapshot_after_logs: Some(100),
         logs_kept_after_snapshot: Some(10),
+        ..NodeOptions::default()
     };
     let mut cluster = Cluster::start(3, options).await?;
     let leader = cluster.wait_leader().await?;

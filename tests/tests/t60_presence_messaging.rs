@@ -1,0 +1,298 @@
+//! Presence and messaging across the virtual super peer: leaves on different super peers see each other and
+//! exchange acknowledged messages; messages to an offline peer wait in its replicated mailbox and arrive in
+//! order when it attaches anywhere (also after a leader kill); a leaf that vanishes shows offline after the
+//! grace period; limits give clear errors and lose nothing else.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use vesper_leafpeer::{
+    Consistency, Keypair, Leaf, Message, PresenceStatus, SearchTerm, SendOutcome,
+};
+use vesper_tests::cluster::{Cluster, NodeOptions};
+use vesper_tests::wait;
+
+fn options(extra: &[&str]) -> NodeOptions {
+    NodeOptions {
+        extra_args: extra.iter().map(|arg| arg.to_string()).collect(),
+        ..NodeOptions::default()
+    }
+}
+
+async fn next_message(
+    stream: &mut tokio::sync::mpsc::Receiver<Message>,
+) -> anyhow::Result<Message> {
+    tokio::time::timeout(Duration::from_secs(20), stream.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no message within 20 s"))?
+        .ok_or_else(|| anyhow::anyhow!("message stream ended"))
+}
+
+async fn status_of(observer: &Leaf, peer: &vesper_leafpeer::PeerId) -> anyhow::Result<i32> {
+    Ok(observer
+        .lookup(peer, Consistency::Linearizable)
+        .await?
+        .map_or(PresenceStatus::Offline as i32, |presence| presence.status))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_leaves_on_different_super_peers_see_and_message_each_other() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let alice = cluster.leaf(0).await?;
+    let bob = cluster.leaf(1).await?;
+    let mut bob_inbox = bob.messages().expect("first call gets the stream");
+
+    // Presence: bob is online, hosted by the super peer he attached to.
+    let seen = alice
+        .lookup(&bob.peer_id(), Consistency::Linearizable)
+        .await?
+        .expect("bob is known");
+    assert_eq!(seen.status, PresenceStatus::Online as i32);
+    assert_eq!(seen.host_leaf_addr, bob.server());
+
+    bob.set_presence(
+        PresenceStatus::Busy,
+        "in a meeting",
+        HashMap::from([
+            ("city".to_string(), "lisbon".to_string()),
+            ("role".to_string(), "dev".to_string()),
+        ]),
+    )
+    .await?;
+    let seen = alice
+        .lookup(&bob.peer_id(), Consistency::Linearizable)
+        .await?
+        .expect("bob is known");
+    assert_eq!(seen.status, PresenceStatus::Busy as i32);
+    assert_eq!(seen.note, "in a meeting");
+    let found = alice
+        .search_peers(
+            &[SearchTerm::Equals("city".into(), "lisbon".into())],
+            true,
+            10,
+        )
+        .await?;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].peer_id, bob.peer_id().to_string());
+    assert!(alice
+        .search_peers(
+            &[SearchTerm::Prefix("city".into(), "par".into())],
+            false,
+            10
+        )
+        .await?
+        .is_empty());
+
+    // Messages across super peers are delivered and acknowledged, in order.
+    for n in 0..20 {
+        let outcome = alice
+            .send(&bob.peer_id(), "chat", format!("hello {n}").into_bytes())
+            .await?;
+        assert_eq!(outcome, SendOutcome::Delivered);
+    }
+    for n in 0..20 {
+        let message = next_message(&mut bob_inbox).await?;
+        assert_eq!(message.from, alice.peer_id().to_string());
+        assert_eq!(message.kind, "chat");
+        assert_eq!(message.payload, format!("hello {n}").into_bytes());
+        assert!(!message.from_mailbox);
+    }
+
+    // A handler per kind takes its kind off the stream.
+    let (handled_tx, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
+    bob.on_message("ping", move |message| {
+        let _ = handled_tx.send(message);
+    });
+    alice.send(&bob.peer_id(), "ping", b"p".to_vec()).await?;
+    alice
+        .send(&bob.peer_id(), "chat", b"after".to_vec())
+        .await?;
+    let handled = tokio::time::timeout(Duration::from_secs(10), handled_rx.recv())
+        .await?
+        .expect("handled");
+    assert_eq!(handled.kind, "ping");
+    assert_eq!(next_message(&mut bob_inbox).await?.payload, b"after");
+
+    // Same super peer works too.
+    let carol = cluster.leaf(1).await?;
+    assert_eq!(
+        carol
+            .send(&bob.peer_id(), "chat", b"local".to_vec())
+            .await?,
+        SendOutcome::Delivered
+    );
+    assert_eq!(next_message(&mut bob_inbox).await?.payload, b"local");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_offline_messages_wait_in_the_mailbox_and_arrive_in_order_after_a_leader_kill(
+) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let leader = cluster.wait_leader().await?;
+    let followers: Vec<usize> = (0..3).filter(|&index| index != leader).collect();
+    let bob_key = Keypair::generate();
+    let bob = cluster.leaf_with(followers[0], bob_key.clone()).await?;
+    let bob_id = bob.peer_id();
+    let alice = cluster.leaf(followers[1]).await?;
+    bob.detach().await;
+    // A goodbye takes bob offline at once.
+    wait::until("bob to be offline", Duration::from_secs(10), || async {
+        Ok((status_of(&alice, &bob_id).await? == PresenceStatus::Offline as i32).then_some(()))
+    })
+    .await?;
+    for n in 0..10 {
+        let outcome = alice
+            .send(&bob_id, "chat", format!("queued {n}").into_bytes())
+            .await?;
+        assert_eq!(outcome, SendOutcome::Queued);
+    }
+    // The mailbox is replicated: it survives losing the leader.
+    cluster.kill(leader);
+    cluster.wait_leader().await?;
+    let bob = cluster.leaf_with(followers[1], bob_key).await?;
+    let mut inbox = bob.messages().expect("stream");
+    for n in 0..10 {
+        let message = next_message(&mut inbox).await?;
+        assert!(message.from_mailbox);
+        assert_eq!(
+            message.payload,
+            format!("queued {n}").into_bytes(),
+            "mailbox order"
+        );
+    }
+    // Drained: the next message goes straight to the session, and nothing is delivered twice.
+    assert_eq!(
+        alice.send(&bob_id, "chat", b"live".to_vec()).await?,
+        SendOutcome::Delivered
+    );
+    let message = next_message(&mut inbox).await?;
+    assert_eq!(message.payload, b"live");
+    assert!(!message.from_mailbox);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_leaf_that_vanishes_is_offline_after_the_grace_period() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, options(&["--session-grace-ms", "1000"])).await?;
+    let observer = cluster.leaf(0).await?;
+    let ghost = cluster.leaf(1).await?;
+    let ghost_id = ghost.peer_id();
+    assert_eq!(
+        status_of(&observer, &ghost_id).await?,
+        PresenceStatus::Online as i32
+    );
+    let vanished = Instant::now();
+    // No goodbye: the stream just ends, as when the process dies.
+    ghost.close();
+    drop(ghost);
+    wait::until(
+        "the vanished leaf to be offline",
+        Duration::from_secs(30),
+        || async {
+            Ok(
+                (status_of(&observer, &ghost_id).await? == PresenceStatus::Offline as i32)
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let took = vanished.elapsed();
+    println!(
+        "vanished leaf shown offline after {} ms (grace 1000 ms)",
+        took.as_millis()
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "offline before the grace period ended: {took:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_leaves_of_a_killed_super_peer_go_offline_after_host_expiry() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, options(&["--host-expiry-ms", "2000"])).await?;
+    let leader = cluster.wait_leader().await?;
+    let doomed = (0..3).find(|&index| index != leader).expect("a follower");
+    let survivor = (0..3)
+        .find(|&index| index != leader && index != doomed)
+        .expect("another follower");
+    let observer = cluster.leaf(survivor).await?;
+    let mut hosted = Vec::new();
+    for _ in 0..5 {
+        hosted.push(cluster.leaf(doomed).await?.peer_id());
+    }
+    cluster.kill(doomed);
+    for peer in &hosted {
+        wait::until(
+            "leaves of the killed super peer to be offline",
+            Duration::from_secs(30),
+            || async {
+                Ok(
+                    (status_of(&observer, peer).await? == PresenceStatus::Offline as i32)
+                        .then_some(()),
+                )
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, options(&["--mailbox-quota", "3"])).await?;
+    let alice = cluster.leaf(0).await?;
+    let bob_key = Keypair::generate();
+    let bob = cluster.leaf_with(0, bob_key.clone()).await?;
+    let bob_id = bob.peer_id();
+    bob.detach().await;
+    wait::until("bob offline", Duration::from_secs(10), || async {
+        Ok((status_of(&alice, &bob_id).await? == PresenceStatus::Offline as i32).then_some(()))
+    })
+    .await?;
+    for n in 0..3 {
+        assert_eq!(
+            alice.send(&bob_id, "chat", vec![n]).await?,
+            SendOutcome::Queued
+        );
+    }
+    let error = alice
+        .send(&bob_id, "chat", vec![9])
+        .await
+        .expect_err("quota");
+    assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
+    assert!(
+        error.to_string().contains("mailbox is full (3 messages)"),
+        "{error}"
+    );
+
+    let error = alice
+        .send(&bob_id, "chat", vec![0; 64 * 1024 + 1])
+        .await
+        .expect_err("payload limit");
+    assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
+    assert!(
+        error.to_string().contains("payload is 65537 bytes"),
+        "{error}"
+    );
+    let error = alice
+        .send(&bob_id, "Bad Kind", vec![])
+        .await
+        .expect_err("kind");
+    assert!(error.to_string().contains("kind"), "{error}");
+    let error = alice
+        .set_presence(PresenceStatus::Online, &"n".repeat(257), HashMap::new())
+        .await
+        .expect_err("note limit");
+    assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
+
+    // The three queued messages are intact.
+    let bob = cluster.leaf_with(0, bob_key).await?;
+    let mut inbox = bob.messages().expect("stream");
+    for n in 0..3u8 {
+        assert_eq!(next_message(&mut inbox).await?.payload, vec![n]);
+    }
+    Ok(())
+}
