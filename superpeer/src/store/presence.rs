@@ -270,6 +270,8 @@ impl<'a> PresenceWriter<'a> {
         }
     }
 
+    // The arguments are the command's fields plus the batch and the proposer's clock.
+    #[allow(clippy::too_many_arguments)]
     pub fn set(
         &mut self,
         batch: &mut WriteBatch,
@@ -315,6 +317,7 @@ impl<'a> PresenceWriter<'a> {
         Ok(Response::Expired(expired))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn mailbox_put(
         &mut self,
         batch: &mut WriteBatch,
