@@ -21,6 +21,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod leaf;
 pub mod node;
 pub mod raft;

@@ -30,6 +30,7 @@ use vesper_proto::Keypair;
 
 use crate::config::{Config, StartMode};
 use crate::error::ServiceError;
+use crate::events::EventLog;
 use crate::leaf::SessionRegistry;
 use crate::raft::command::{NodeInfo, Op, Response};
 use crate::raft::forward::Forwarder;
@@ -85,6 +86,8 @@ pub struct Context {
     pub sessions: SessionRegistry,
     /// Batches writes forwarded to the leader.
     pub forwarder: Forwarder,
+    /// Changes applied here, for watches.
+    pub events: EventLog,
     raft: OnceLock<VesperRaft>,
     adopt_tx: mpsc::Sender<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
 }
@@ -337,6 +340,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         clients,
         sessions: SessionRegistry::default(),
         forwarder,
+        events: EventLog::default(),
         raft: OnceLock::new(),
         adopt_tx,
     });
@@ -544,7 +548,8 @@ impl Membership {
 
     async fn start_raft(&self, node_id: u64) -> Result<(), NodeError> {
         let raft_config = raft_config(&self.context.config)?;
-        let state_machine = StateMachine::open(self.db.clone())?;
+        let state_machine =
+            StateMachine::open_with_events(self.db.clone(), self.context.events.clone())?;
         let raft = VesperRaft::new(
             node_id,
             raft_config,

@@ -12,10 +12,11 @@
 //! ownership and compare-and-set against the local replica. Apply repeats the last two checks deterministically
 //! for writes that raced.
 
-mod convert;
+pub(crate) mod convert;
 pub mod expiry;
 pub mod messaging;
 mod sessions;
+pub mod watch;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use vesper_proto::v1::{
     ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Message, Pong, PresenceStatus,
     PutRecordRequest, PutRecordResponse, ReadConsistency, SearchPeersRequest, SearchPeersResponse,
     SearchRecordsRequest, SearchRecordsResponse, SendMessageRequest, SendMessageResponse,
-    ServerFrame, SetPresenceRequest, SetPresenceResponse, Welcome,
+    ServerFrame, SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -575,6 +576,9 @@ async fn run_session(
         return;
     };
     let session = context.sessions.open(peer, tx.clone());
+    // Subscribed before any watch exists, so no event between a watch's catch-up and the live feed is missed.
+    let mut events = context.events.subscribe();
+    let mut watches = watch::Watches::default();
     let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
     let _entered = span.enter();
     let attach = Op::PresenceAttach {
@@ -619,6 +623,22 @@ async fn run_session(
             biased;
             _ = shutdown.cancelled() => break,
             () = &mut drain, if !drained => drained = true,
+            event = events.recv() => {
+                let frames = match event {
+                    Ok(event) => watches.on_event(&context, &event),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "session fell behind the event feed; resetting its watches");
+                        let current = context.raft().map(crate::raft::propose::applied_index).unwrap_or(0);
+                        watches.reset_all(&context, current).unwrap_or_default()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                for frame in frames {
+                    if tx.send(Ok(frame)).await.is_err() {
+                        break;
+                    }
+                }
+            }
             frame = tokio::time::timeout(ttl, inbound.message()) => match frame {
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) }))) => {
                     let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { nonce: ping.nonce })) };
@@ -628,6 +648,26 @@ async fn run_session(
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAck(ack)) }))) => {
                     session.acknowledge(&ack.message_id);
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Watch(request)) }))) => {
+                    let watch_id = request.watch_id;
+                    let frames = match watches.add(&context, request).await {
+                        Ok(frames) => frames,
+                        Err(error) => vec![ServerFrame {
+                            frame: Some(server_frame::Frame::WatchRefused(WatchRefused {
+                                watch_id,
+                                reason: error.to_string(),
+                            })),
+                        }],
+                    };
+                    for frame in frames {
+                        if tx.send(Ok(frame)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Unwatch(request)) }))) => {
+                    watches.remove(request.watch_id);
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Detach(_)) }))) => {
                     goodbye = true;

@@ -174,6 +174,8 @@ pub struct PresenceWriter<'a> {
     pending: HashMap<PeerKey, Option<PresenceEntry>>,
     /// Mailbox items added or removed earlier in this batch (None = removed).
     mailbox_pending: BTreeMap<Vec<u8>, Option<MailboxItem>>,
+    /// Presence changes made by the current command, taken by `take_changes`.
+    changes: Vec<(PeerKey, PresenceEntry)>,
 }
 
 impl<'a> PresenceWriter<'a> {
@@ -182,6 +184,7 @@ impl<'a> PresenceWriter<'a> {
             db,
             pending: HashMap::new(),
             mailbox_pending: BTreeMap::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -213,7 +216,13 @@ impl<'a> PresenceWriter<'a> {
         }
         batch.put_cf(cf(self.db, CF_PRESENCE), peer, encode("presence", &entry)?);
         self.pending.insert(peer, Some(entry.clone()));
+        self.changes.push((peer, entry.clone()));
         Ok(Response::Presence(entry))
+    }
+
+    /// The presence changes made since the last call.
+    pub fn take_changes(&mut self) -> Vec<(PeerKey, PresenceEntry)> {
+        std::mem::take(&mut self.changes)
     }
 
     pub fn attach(

@@ -26,6 +26,7 @@ use super::{
     blocking, StoreError, CF_ATTRS, CF_MAILBOX, CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS,
     CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
 };
+use crate::events::{Change, Event, EventLog};
 use crate::raft::command::{NodeInfo, Op, Rejection, Response};
 use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -73,6 +74,7 @@ pub struct StateMachine {
     db: Arc<DB>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    events: EventLog,
 }
 
 /// Read access to the applied state for the services (records, node table).
@@ -132,6 +134,15 @@ fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
 }
 
 impl StateMachine {
+    /// Opens the state machine on the shared database, reading back the last applied state. Changes are
+    /// published to `events` from here on.
+    pub fn open_with_events(db: Arc<DB>, events: EventLog) -> Result<Self, StoreError> {
+        let mut state_machine = Self::open(db)?;
+        events.reset_floor(state_machine.last_applied.map_or(0, |log_id| log_id.index));
+        state_machine.events = events;
+        Ok(state_machine)
+    }
+
     /// Opens the state machine on the shared database, reading back the last applied state.
     pub fn open(db: Arc<DB>) -> Result<Self, StoreError> {
         let meta = cf(&db, CF_SM_META);
@@ -148,6 +159,7 @@ impl StateMachine {
             db,
             last_applied,
             membership,
+            events: EventLog::default(),
         })
     }
 
@@ -156,11 +168,12 @@ impl StateMachine {
         db: &DB,
         entries: &[crate::raft::Entry],
         mut membership: StoredMembership,
-    ) -> Result<(Vec<Response>, StoredMembership), StoreError> {
+    ) -> Result<(Vec<Response>, StoredMembership, Vec<Event>), StoreError> {
         let mut batch = WriteBatch::default();
         let mut next_node_id = read_next_node_id(db)?;
         let mut nodes_touched: BTreeMap<u64, NodeEntry> = BTreeMap::new();
         let mut responses = Vec::with_capacity(entries.len());
+        let mut events = Vec::new();
         {
             let mut records = RecordWriter::new(db);
             let mut presence = PresenceWriter::new(db);
@@ -300,6 +313,37 @@ impl StateMachine {
                         }
                     },
                 };
+                let index = entry.log_id.index;
+                if let EntryPayload::Normal(command) = &entry.payload {
+                    match (&command.op, &response) {
+                        (Op::PutRecord { namespace, key, .. }, Response::Record(record)) => events
+                            .push(Event {
+                                index,
+                                change: Change::Record {
+                                    namespace: namespace.clone(),
+                                    key: key.clone(),
+                                    record: Some(record.clone()),
+                                },
+                            }),
+                        (Op::DeleteRecord { namespace, key, .. }, Response::Deleted(true)) => {
+                            events.push(Event {
+                                index,
+                                change: Change::Record {
+                                    namespace: namespace.clone(),
+                                    key: key.clone(),
+                                    record: None,
+                                },
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+                for (peer, entry) in presence.take_changes() {
+                    events.push(Event {
+                        index,
+                        change: Change::Presence { peer, entry },
+                    });
+                }
                 responses.push(response);
             }
         }
@@ -325,7 +369,7 @@ impl StateMachine {
         }
         batch.put_cf(meta, MEMBERSHIP_KEY, encode("membership", &membership)?);
         db.write(batch)?;
-        Ok((responses, membership))
+        Ok((responses, membership, events))
     }
 
     /// The node table with this batch's pending changes laid over it.
@@ -525,7 +569,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let last_log_id = last.log_id;
         // Apply reads records (memtable or block cache) and writes one unsynced batch: short enough to run
         // inline, which saves two thread hand-offs per batch on the write path.
-        let (responses, membership) = Self::apply_batch(&self.db, &batch, self.membership.clone())?;
+        let (responses, membership, events) =
+            Self::apply_batch(&self.db, &batch, self.membership.clone())?;
+        self.events.publish(events);
         self.last_applied = Some(last_log_id);
         self.membership = membership;
         for (responder, response) in responders.into_iter().zip(responses) {
@@ -556,6 +602,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         blocking(move || Self::install_payload(&db, &owned_meta, &snapshot)).await?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        // What the snapshot changed is not in the event history: watches resuming from before it reset.
+        self.events
+            .reset_floor(meta.last_log_id.map_or(0, |log_id| log_id.index));
         Ok(())
     }
 

@@ -1,0 +1,228 @@
+//! Watches of one session: which changes it wants, and getting them to it in index order, once.
+//!
+//! Each watch remembers the index its catch-up covered (the current index, or the last event replayed from
+//! history). Live events come from the node's event feed, subscribed when the session attached, before any watch
+//! existed, so each arrives once; a watch skips those at or below its catch-up index, which the catch-up already
+//! delivered (several events can share one index, so the boundary is by index, never by count). When history does
+//! not reach back (this super peer restarted, a snapshot was installed, the session fell too far behind), the
+//! watch gets a `WatchReset` and the current state as events at the current index.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use vesper_proto::v1::{
+    server_frame, watch_event, RecordChange, ServerFrame, Watch, WatchEvent, WatchReset,
+};
+use vesper_proto::{validate, PeerId};
+
+use crate::error::ServiceError;
+use crate::events::{Change, Event};
+use crate::leaf::{convert, messaging};
+use crate::node::Context;
+use crate::raft::command::PeerKey;
+use crate::store::{presence, records};
+
+/// Most watches one session may hold.
+pub const MAX_WATCHES_PER_SESSION: usize = 64;
+/// Most peers one presence watch may name.
+pub const MAX_PEERS_PER_WATCH: usize = 1024;
+/// Most records sent as the current state of a reset record watch.
+const RESET_RECORDS: usize = 1000;
+
+struct Spec {
+    peers: HashSet<PeerKey>,
+    namespace: String,
+    key_prefix: String,
+    /// Index up to which the catch-up (history replay or reset state) delivered everything.
+    delivered: u64,
+}
+
+impl Spec {
+    fn matches(&self, change: &Change) -> bool {
+        match change {
+            Change::Presence { peer, .. } => self.peers.contains(peer),
+            Change::Record { namespace, key, .. } => {
+                !self.namespace.is_empty()
+                    && *namespace == self.namespace
+                    && key.starts_with(self.key_prefix.as_str())
+            }
+        }
+    }
+}
+
+/// The watches of one session.
+#[derive(Default)]
+pub struct Watches {
+    specs: HashMap<u64, Spec>,
+}
+
+fn event_frame(context: &Context, watch_id: u64, event: &Event) -> ServerFrame {
+    let change = match &event.change {
+        Change::Presence { peer, entry } => {
+            watch_event::Change::Presence(messaging::presence_of(context, peer, entry.clone()))
+        }
+        Change::Record {
+            namespace,
+            key,
+            record,
+        } => watch_event::Change::Record(RecordChange {
+            namespace: namespace.clone(),
+            key: key.clone(),
+            record: record
+                .clone()
+                .map(|record| convert::record(namespace, key, record)),
+        }),
+    };
+    ServerFrame {
+        frame: Some(server_frame::Frame::WatchEvent(WatchEvent {
+            watch_id,
+            applied_index: event.index,
+            change: Some(change),
+        })),
+    }
+}
+
+impl Watches {
+    /// Frames for a live event, for every watch that wants it and has not seen it.
+    pub fn on_event(&mut self, context: &Context, event: &Arc<Event>) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        for (watch_id, spec) in &mut self.specs {
+            if event.index > spec.delivered && spec.matches(&event.change) {
+                frames.push(event_frame(context, *watch_id, event));
+            }
+        }
+        frames
+    }
+
+    /// Removes a watch.
+    pub fn remove(&mut self, watch_id: u64) {
+        self.specs.remove(&watch_id);
+    }
+
+    /// Adds a watch; returns the frames that bring it up to date (history or reset + state).
+    pub async fn add(
+        &mut self,
+        context: &Context,
+        watch: Watch,
+    ) -> Result<Vec<ServerFrame>, ServiceError> {
+        if self.specs.len() >= MAX_WATCHES_PER_SESSION && !self.specs.contains_key(&watch.watch_id)
+        {
+            return Err(ServiceError::from(validate::InvalidInput::TooLong {
+                field: "watches of this session",
+                len: self.specs.len() + 1,
+                max: MAX_WATCHES_PER_SESSION,
+            }));
+        }
+        if watch.peers.len() > MAX_PEERS_PER_WATCH {
+            return Err(ServiceError::from(validate::InvalidInput::TooLong {
+                field: "peers of one watch",
+                len: watch.peers.len(),
+                max: MAX_PEERS_PER_WATCH,
+            }));
+        }
+        let mut peers = HashSet::new();
+        for text in &watch.peers {
+            let peer: PeerId = text
+                .parse()
+                .map_err(|error| ServiceError::BadField(format!("watch peer {text:?}: {error}")))?;
+            peers.insert(*peer.as_bytes());
+        }
+        if !watch.namespace.is_empty() {
+            validate::namespace(&watch.namespace)?;
+            validate::key_prefix(&watch.key_prefix)?;
+        }
+        // Catch up to the cluster first, so "the current state" and "history after N" mean the same here as
+        // on the super peer the leaf came from.
+        let current = context
+            .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
+            .await?;
+        let mut spec = Spec {
+            peers,
+            namespace: watch.namespace,
+            key_prefix: watch.key_prefix,
+            delivered: current,
+        };
+        let mut frames = Vec::new();
+        let history = match watch.resume_after_index {
+            0 => Some(Vec::new()),
+            after => context.events.since(after),
+        };
+        match history {
+            Some(events) => {
+                for event in events.iter().filter(|event| spec.matches(&event.change)) {
+                    frames.push(event_frame(context, watch.watch_id, event));
+                }
+                // Live events above `current` that the history also held are skipped by `delivered`.
+                if let Some(last) = events.last() {
+                    spec.delivered = spec.delivered.max(last.index);
+                }
+            }
+            None => {
+                frames.push(ServerFrame {
+                    frame: Some(server_frame::Frame::WatchReset(WatchReset {
+                        watch_id: watch.watch_id,
+                        applied_index: current,
+                    })),
+                });
+                frames.extend(current_state(context, watch.watch_id, &spec, current)?);
+            }
+        }
+        self.specs.insert(watch.watch_id, spec);
+        Ok(frames)
+    }
+
+    /// Resets every watch after the session fell behind the live feed.
+    pub fn reset_all(
+        &mut self,
+        context: &Context,
+        current: u64,
+    ) -> Result<Vec<ServerFrame>, ServiceError> {
+        let mut frames = Vec::new();
+        for (watch_id, spec) in &mut self.specs {
+            frames.push(ServerFrame {
+                frame: Some(server_frame::Frame::WatchReset(WatchReset {
+                    watch_id: *watch_id,
+                    applied_index: current,
+                })),
+            });
+            frames.extend(current_state(context, *watch_id, spec, current)?);
+            spec.delivered = current;
+        }
+        Ok(frames)
+    }
+}
+
+/// The current state a watch covers, as events at `index`.
+fn current_state(
+    context: &Context,
+    watch_id: u64,
+    spec: &Spec,
+    index: u64,
+) -> Result<Vec<ServerFrame>, ServiceError> {
+    let db = context.reader.db();
+    let mut frames = Vec::new();
+    for peer in &spec.peers {
+        if let Some(entry) = presence::get(db, peer)? {
+            let event = Event {
+                index,
+                change: Change::Presence { peer: *peer, entry },
+            };
+            frames.push(event_frame(context, watch_id, &event));
+        }
+    }
+    if !spec.namespace.is_empty() {
+        let (found, _) = records::list(db, &spec.namespace, &spec.key_prefix, None, RESET_RECORDS)?;
+        for (key, record) in found {
+            let event = Event {
+                index,
+                change: Change::Record {
+                    namespace: spec.namespace.clone(),
+                    key,
+                    record: Some(record),
+                },
+            };
+            frames.push(event_frame(context, watch_id, &event));
+        }
+    }
+    Ok(frames)
+}
