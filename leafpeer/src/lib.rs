@@ -1,8 +1,11 @@
 //! The Vesper leaf peer library: what an app embeds to join the overlay.
 //!
 //! A [`Leaf`] attaches to one super peer of the virtual super peer over TLS, proves it owns its Ed25519 key by
-//! signing the super peer's challenge, and then uses the session for index calls (put, get, delete, list,
-//! search). Which super peer it reaches does not matter: every one serves the same replicated state.
+//! signing the super peer's challenge, and then uses the session for presence (set, lookup, search), messages
+//! (send; receive on a stream or per-kind handlers, each once), watches (presence of contacts, records of a
+//! namespace, resumable by log index) and the index (put, get, delete, list, search). Which super peer it
+//! reaches does not matter: every one serves the same replicated state, and when its super peer goes away the
+//! leaf re-attaches to another one (backoff with jitter) and resumes its watches where they stopped.
 //!
 //! ```text
 //!  Leaf::connect ──> try seeds in order ──> Session stream: challenge -> attach(sig) -> welcome(token)
@@ -14,6 +17,8 @@ mod error;
 mod leaf;
 
 pub use error::LeafError;
-pub use leaf::{Consistency, Handler, Leaf, LeafConfig, Page, SearchTerm, SendOutcome};
+pub use leaf::{
+    Consistency, Handler, Leaf, LeafConfig, Page, SearchTerm, SendOutcome, WatchItem, WatchSpec,
+};
 pub use vesper_proto::v1::{Member, Message, Presence, PresenceStatus, Record};
 pub use vesper_proto::{Keypair, PeerId};

@@ -143,8 +143,10 @@ impl Watches {
             delivered: current,
         };
         let mut frames = Vec::new();
+        // A new watch (resume index 0) starts with the current state, as a reset: the leaf learns the index it
+        // starts from (to resume from later) and the state it starts with.
         let history = match watch.resume_after_index {
-            0 => Some(Vec::new()),
+            0 => None,
             after => context.events.since(after),
         };
         match history {

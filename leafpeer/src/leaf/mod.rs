@@ -1,0 +1,500 @@
+//! The `Leaf` handle.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod session;
+mod watches;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vesper_proto::v1::{
+    client_frame, search_term, ClientFrame, DeleteRecordRequest, Detach, GetRecordRequest,
+    ListRecordsRequest, LookupPeerRequest, Message, Presence, PresenceStatus, PutRecordRequest,
+    ReadConsistency, Record, SearchPeersRequest, SearchRecordsRequest, SendMessageRequest,
+    SetPresenceRequest,
+};
+use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
+
+use crate::error::LeafError;
+use session::{Connection, Shared};
+pub use watches::{WatchItem, WatchSpec};
+
+/// Messages held for the app's stream before delivery waits for the app to read (and acknowledgements with it).
+const INBOX_QUEUE: usize = 1024;
+/// Attempts of a send while the cluster has no leader or the super peer is unreachable (same message id).
+const SEND_ATTEMPTS: u32 = 3;
+
+/// A function the app registers for one message kind.
+pub type Handler = Arc<dyn Fn(Message) + Send + Sync>;
+
+/// Handlers by message kind.
+type Handlers = Arc<std::sync::RwLock<HashMap<String, Handler>>>;
+
+/// What happened to a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The recipient's library acknowledged it.
+    Delivered,
+    /// The recipient is offline; the message waits in its mailbox and arrives when it attaches.
+    Queued,
+}
+
+/// How a leaf is set up.
+#[derive(Clone)]
+pub struct LeafConfig {
+    /// Leaf service addresses (host:port) of super peers to try, in order.
+    pub seeds: Vec<String>,
+    /// PEM of the cluster CA that issued the super peers' certificates.
+    pub ca_cert_pem: Vec<u8>,
+    /// The leaf's identity.
+    pub keypair: Keypair,
+    /// Deadline for connecting and attaching to one super peer. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Deadline of each call. Default 15 s (a write waits for a leader after a failover).
+    pub request_timeout: Duration,
+}
+
+impl LeafConfig {
+    /// A configuration with default timeouts.
+    pub fn new(seeds: Vec<String>, ca_cert_pem: Vec<u8>, keypair: Keypair) -> Self {
+        Self {
+            seeds,
+            ca_cert_pem,
+            keypair,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Read consistency of a get, list or search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Reflects every write acknowledged before the read started.
+    #[default]
+    Linearizable,
+    /// Served at once by the attached super peer's replica; may lag.
+    Stale,
+}
+
+impl From<Consistency> for i32 {
+    fn from(consistency: Consistency) -> Self {
+        match consistency {
+            Consistency::Linearizable => ReadConsistency::Linearizable as i32,
+            Consistency::Stale => ReadConsistency::Stale as i32,
+        }
+    }
+}
+
+/// One attribute condition of a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SearchTerm {
+    /// The attribute equals the value.
+    Equals(String, String),
+    /// The attribute starts with the value.
+    Prefix(String, String),
+}
+
+/// A page of records.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub records: Vec<Record>,
+    /// Token for the next page; `None` when there is none.
+    pub next_page_token: Option<String>,
+    /// Applied index of the replica that served the read.
+    pub applied_index: u64,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    peer_id: PeerId,
+    request_timeout: Duration,
+    /// Messages without a handler, until the app takes the stream.
+    inbox: std::sync::Mutex<Option<mpsc::Receiver<Message>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+    }
+}
+
+/// An attached leaf peer. Cheap to clone; the session ends when the last clone is dropped, `close` or `detach`
+/// is called. If its super peer goes away, the leaf re-attaches to another one by itself.
+#[derive(Clone)]
+pub struct Leaf {
+    inner: Arc<Inner>,
+}
+
+impl Leaf {
+    /// Attaches to the first seed that accepts the session.
+    pub async fn connect(config: LeafConfig) -> Result<Leaf, LeafError> {
+        if config.seeds.is_empty() {
+            return Err(LeafError::Config("no seed super peers given".into()));
+        }
+        let attached = session::attach_any(&config, &config.seeds).await?;
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
+        let (connection, _) = tokio::sync::watch::channel(None);
+        let shared = Arc::new(Shared {
+            known: std::sync::RwLock::new(config.seeds.clone()),
+            config: config.clone(),
+            connection,
+            handlers: Handlers::default(),
+            inbox: inbox_tx,
+            watches: watches::WatchRegistry::default(),
+            seen: Default::default(),
+            reattach_times: Default::default(),
+            stop: CancellationToken::new(),
+        });
+        // Published before returning, so calls work at once.
+        shared
+            .connection
+            .send_replace(Some(attached.connection.clone()));
+        tokio::spawn(session::supervise(shared.clone(), attached));
+        Ok(Leaf {
+            inner: Arc::new(Inner {
+                shared,
+                peer_id: config.keypair.peer_id(),
+                request_timeout: config.request_timeout,
+                inbox: std::sync::Mutex::new(Some(inbox_rx)),
+            }),
+        })
+    }
+
+    /// This leaf's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// Leaf address of the super peer this leaf is attached to now (empty while re-attaching).
+    pub fn server(&self) -> String {
+        self.inner
+            .shared
+            .current()
+            .map(|connection| connection.server)
+            .unwrap_or_default()
+    }
+
+    /// Leaf addresses of the super peers this leaf knows (seeds and members learned from sessions).
+    pub fn known_super_peers(&self) -> Vec<String> {
+        self.inner.shared.known.read().expect("known lock").clone()
+    }
+
+    /// How long each re-attach after losing a super peer took.
+    pub fn reattach_times(&self) -> Vec<Duration> {
+        self.inner
+            .shared
+            .reattach_times
+            .lock()
+            .expect("reattach lock")
+            .clone()
+    }
+
+    /// Starts a watch of peers' presence and/or a namespace's records. The stream starts with a `Reset` and the
+    /// current state, then gets every change in log index order; it goes on across failovers without gap or
+    /// duplicate.
+    pub async fn watch(&self, spec: WatchSpec) -> Result<mpsc::Receiver<WatchItem>, LeafError> {
+        let (_, receiver, frame) = self.inner.shared.watches.add(spec);
+        // If no session is up, the supervisor sends the watch when it re-attaches.
+        if let Some(connection) = self.inner.shared.current() {
+            let _ = connection.outbound.send(frame).await;
+        }
+        Ok(receiver)
+    }
+
+    /// Ends the session abruptly (as a crash would, from the cluster's view: the peer stays online for the grace
+    /// period). Use [`Leaf::detach`] to go offline at once.
+    pub fn close(&self) {
+        self.inner.shared.stop.cancel();
+    }
+
+    /// Says goodbye: the peer goes offline at once, then the session ends.
+    pub async fn detach(&self) {
+        let goodbye = ClientFrame {
+            frame: Some(client_frame::Frame::Detach(Detach {})),
+        };
+        if let Some(connection) = self.inner.shared.current() {
+            let _ = connection.outbound.send(goodbye).await;
+            // Give the frame a moment to leave before the stream closes (bounded: it ends either way).
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), connection.outbound.closed()).await;
+        }
+        self.inner.shared.stop.cancel();
+    }
+
+    /// The stream of incoming messages that have no handler, in arrival order. Returns `None` after the first
+    /// call (there is one stream).
+    pub fn messages(&self) -> Option<mpsc::Receiver<Message>> {
+        self.inner.inbox.lock().expect("inbox lock poisoned").take()
+    }
+
+    /// Calls `handler` for every incoming message of `kind` (instead of putting it on the stream).
+    pub fn on_message(&self, kind: &str, handler: impl Fn(Message) + Send + Sync + 'static) {
+        self.inner
+            .shared
+            .handlers
+            .write()
+            .expect("handlers lock poisoned")
+            .insert(kind.to_string(), Arc::new(handler));
+    }
+
+    /// Sends a message of app-defined `kind` to `to`. Retries (with the same id, so the recipient gets it once)
+    /// while the cluster is between leaders.
+    pub async fn send(
+        &self,
+        to: &PeerId,
+        kind: &str,
+        payload: Vec<u8>,
+    ) -> Result<SendOutcome, LeafError> {
+        validate::kind(kind)?;
+        let id = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut client, request) = self
+                .request(SendMessageRequest {
+                    to: to.to_string(),
+                    id: id.clone(),
+                    kind: kind.to_string(),
+                    payload: payload.clone(),
+                })
+                .await?;
+            match client.send_message(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    return Ok(if reply.delivered {
+                        SendOutcome::Delivered
+                    } else {
+                        SendOutcome::Queued
+                    });
+                }
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable && attempt < SEND_ATTEMPTS =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+
+    /// Sets this peer's status, note and searchable profile attributes.
+    pub async fn set_presence(
+        &self,
+        status: PresenceStatus,
+        note: &str,
+        attributes: HashMap<String, String>,
+    ) -> Result<Presence, LeafError> {
+        validate::attributes(&attributes)?;
+        let (mut client, request) = self
+            .request(SetPresenceRequest {
+                status: status as i32,
+                note: note.to_string(),
+                attributes,
+            })
+            .await?;
+        let reply = client.set_presence(request).await?.into_inner();
+        reply.presence.ok_or_else(|| {
+            LeafError::SessionClosed("set_presence answered without a presence".into())
+        })
+    }
+
+    /// Looks up a peer's presence; `None` when it never attached.
+    pub async fn lookup(
+        &self,
+        peer: &PeerId,
+        consistency: Consistency,
+    ) -> Result<Option<Presence>, LeafError> {
+        let (mut client, request) = self
+            .request(LookupPeerRequest {
+                peer_id: peer.to_string(),
+                consistency: consistency.into(),
+            })
+            .await?;
+        Ok(client.lookup_peer(request).await?.into_inner().presence)
+    }
+
+    /// Finds peers by profile attributes.
+    pub async fn search_peers(
+        &self,
+        terms: &[SearchTerm],
+        online_only: bool,
+        limit: u32,
+    ) -> Result<Vec<Presence>, LeafError> {
+        let (mut client, request) = self
+            .request(SearchPeersRequest {
+                terms: terms.iter().map(wire_term).collect(),
+                online_only,
+                limit,
+                consistency: Consistency::Linearizable.into(),
+            })
+            .await?;
+        Ok(client.search_peers(request).await?.into_inner().peers)
+    }
+
+    /// The current connection, waiting (up to the request timeout) while the leaf re-attaches.
+    async fn connection(&self) -> Result<Connection, LeafError> {
+        let mut updates = self.inner.shared.connection.subscribe();
+        let waited = tokio::time::timeout(self.inner.request_timeout, async {
+            updates
+                .wait_for(|connection| connection.is_some())
+                .await
+                .map(|connection| connection.clone())
+        })
+        .await;
+        match waited {
+            Ok(Ok(Some(connection))) => Ok(connection),
+            _ => Err(LeafError::Status(tonic::Status::unavailable(
+                "no super peer session (re-attaching)",
+            ))),
+        }
+    }
+
+    /// A request with the session token, and the client to send it with.
+    async fn request<T>(
+        &self,
+        message: T,
+    ) -> Result<
+        (
+            vesper_proto::v1::leaf_client::LeafClient<tonic::transport::Channel>,
+            tonic::Request<T>,
+        ),
+        LeafError,
+    > {
+        let connection = self.connection().await?;
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert(SESSION_METADATA_KEY, connection.token.clone());
+        request.set_timeout(self.inner.request_timeout);
+        Ok((connection.client, request))
+    }
+
+    /// Creates or replaces the record `namespace/key`, owned by this leaf. With `expected_version`, the put
+    /// succeeds only if the record's current version is that (0: the record must not exist).
+    pub async fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        attributes: HashMap<String, String>,
+        value: Vec<u8>,
+        expected_version: Option<u64>,
+    ) -> Result<Record, LeafError> {
+        validate::record(namespace, key, &attributes, &value)?;
+        let (mut client, request) = self
+            .request(PutRecordRequest {
+                namespace: namespace.into(),
+                key: key.into(),
+                attributes,
+                value,
+                expected_version,
+            })
+            .await?;
+        let reply = client.put_record(request).await?.into_inner();
+        reply
+            .record
+            .ok_or_else(|| LeafError::SessionClosed("put answered without a record".into()))
+    }
+
+    /// Reads the record `namespace/key`.
+    pub async fn get(
+        &self,
+        namespace: &str,
+        key: &str,
+        consistency: Consistency,
+    ) -> Result<Option<Record>, LeafError> {
+        let (mut client, request) = self
+            .request(GetRecordRequest {
+                namespace: namespace.into(),
+                key: key.into(),
+                consistency: consistency.into(),
+            })
+            .await?;
+        Ok(client.get_record(request).await?.into_inner().record)
+    }
+
+    /// Deletes the record `namespace/key`; returns whether there was one.
+    pub async fn delete(
+        &self,
+        namespace: &str,
+        key: &str,
+        expected_version: Option<u64>,
+    ) -> Result<bool, LeafError> {
+        let (mut client, request) = self
+            .request(DeleteRecordRequest {
+                namespace: namespace.into(),
+                key: key.into(),
+                expected_version,
+            })
+            .await?;
+        Ok(client.delete_record(request).await?.into_inner().deleted)
+    }
+
+    /// Lists records of `namespace` whose key starts with `key_prefix`, one page at a time.
+    pub async fn list(
+        &self,
+        namespace: &str,
+        key_prefix: &str,
+        limit: u32,
+        page_token: Option<String>,
+        consistency: Consistency,
+    ) -> Result<Page, LeafError> {
+        let (mut client, request) = self
+            .request(ListRecordsRequest {
+                namespace: namespace.into(),
+                key_prefix: key_prefix.into(),
+                limit,
+                page_token: page_token.unwrap_or_default(),
+                consistency: consistency.into(),
+            })
+            .await?;
+        let reply = client.list_records(request).await?.into_inner();
+        Ok(Page {
+            records: reply.records,
+            next_page_token: (!reply.next_page_token.is_empty()).then_some(reply.next_page_token),
+            applied_index: reply.applied_index,
+        })
+    }
+
+    /// Searches `namespace` for records matching every term, one page at a time.
+    pub async fn search(
+        &self,
+        namespace: &str,
+        terms: &[SearchTerm],
+        limit: u32,
+        page_token: Option<String>,
+        consistency: Consistency,
+    ) -> Result<Page, LeafError> {
+        let terms = terms.iter().map(wire_term).collect();
+        let (mut client, request) = self
+            .request(SearchRecordsRequest {
+                namespace: namespace.into(),
+                terms,
+                limit,
+                page_token: page_token.unwrap_or_default(),
+                consistency: consistency.into(),
+            })
+            .await?;
+        let reply = client.search_records(request).await?.into_inner();
+        Ok(Page {
+            records: reply.records,
+            next_page_token: (!reply.next_page_token.is_empty()).then_some(reply.next_page_token),
+            applied_index: reply.applied_index,
+        })
+    }
+}
+
+fn wire_term(term: &SearchTerm) -> vesper_proto::v1::SearchTerm {
+    match term {
+        SearchTerm::Equals(attribute, value) => vesper_proto::v1::SearchTerm {
+            attribute: attribute.clone(),
+            condition: Some(search_term::Condition::Equals(value.clone())),
+        },
+        SearchTerm::Prefix(attribute, prefix) => vesper_proto::v1::SearchTerm {
+            attribute: attribute.clone(),
+            condition: Some(search_term::Condition::Prefix(prefix.clone())),
+        },
+    }
+}

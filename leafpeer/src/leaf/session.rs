@@ -1,0 +1,318 @@
+//! The session: attaching to a super peer, owning the stream, and failing over.
+//!
+//! ```text
+//!  Supervisor (one task per Leaf) ── attach(seed) ──> Connection { client, token } published to the Leaf
+//!     │   runs SessionTask on the stream: pings, messages (once, acked), watch events (routed, index kept)
+//!     └── stream ends without close/detach ──> backoff with jitter ──> attach to another known super peer
+//!                                              ──> re-send every watch with resume_after_index = last seen
+//! ```
+//!
+//! While it re-attaches within the super peers' grace period, the peer stays online: watchers see no flap.
+//! Messages the old session never acknowledged are redelivered by their senders or the mailbox; the seen-id
+//! set, kept across sessions, gives each to the app once.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use vesper_proto::session::attach_message;
+use vesper_proto::v1::leaf_client::LeafClient;
+use vesper_proto::v1::{
+    client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, Ping, ServerFrame,
+};
+
+use super::watches::WatchRegistry;
+use super::{Handlers, LeafConfig};
+use crate::error::LeafError;
+
+/// Frames queued towards the super peer on the session stream (keepalives, acknowledgements, watches, goodbye).
+const SESSION_OUTBOUND_QUEUE: usize = 256;
+/// Message ids remembered to deliver retries to the app once.
+const SEEN_MESSAGES: usize = 10_000;
+/// First wait before re-attaching; doubles up to `MAX_BACKOFF`, each wait drawn from [d/2, d].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A live attachment: what calls need.
+#[derive(Clone)]
+pub struct Connection {
+    pub client: LeafClient<Channel>,
+    pub token: MetadataValue<Ascii>,
+    pub server: String,
+    pub outbound: mpsc::Sender<ClientFrame>,
+}
+
+/// State shared by the Leaf handle and its supervisor.
+pub struct Shared {
+    pub config: LeafConfig,
+    /// The current connection; None while re-attaching.
+    pub connection: watch::Sender<Option<Connection>>,
+    /// Leaf addresses of super peers known to be members (seeds first, then what welcomes said).
+    pub known: RwLock<Vec<String>>,
+    pub handlers: Handlers,
+    pub inbox: mpsc::Sender<Message>,
+    pub watches: WatchRegistry,
+    pub seen: Mutex<SeenMessages>,
+    /// How long each re-attach took, for apps and tests that want to know.
+    pub reattach_times: Mutex<Vec<Duration>>,
+    pub stop: CancellationToken,
+}
+
+impl Shared {
+    pub fn current(&self) -> Option<Connection> {
+        self.connection.borrow().clone()
+    }
+}
+
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// What an attach gives: the connection, the stream to read, and the member list.
+pub struct Attached {
+    pub connection: Connection,
+    pub inbound: tonic::Streaming<ServerFrame>,
+    pub members: Vec<vesper_proto::v1::Member>,
+    pub keepalive: Duration,
+}
+
+/// Connects to `seed` and runs the challenge/attach exchange.
+pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&config.ca_cert_pem))
+        .domain_name(host_of(seed));
+    let channel = Endpoint::from_shared(format!("https://{seed}"))
+        .map_err(|error| LeafError::Config(format!("bad seed address {seed:?}: {error}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(config.connect_timeout)
+        .tls_config(tls)
+        .map_err(|error| LeafError::Config(format!("tls: {error}")))?
+        .connect()
+        .await
+        .map_err(|error| LeafError::Unreachable(vec![format!("{seed}: {error}")]))?;
+    let mut client = LeafClient::new(channel);
+    let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let challenge = match inbound.message().await? {
+        Some(ServerFrame {
+            frame: Some(server_frame::Frame::Challenge(challenge)),
+        }) => challenge,
+        other => {
+            return Err(LeafError::SessionClosed(format!(
+                "expected a challenge, got {other:?}"
+            )))
+        }
+    };
+    let signature = config
+        .keypair
+        .sign(&attach_message(&challenge.nonce, &challenge.server_peer_id));
+    let attach = ClientFrame {
+        frame: Some(client_frame::Frame::Attach(Attach {
+            public_key: config.keypair.peer_id().as_bytes().to_vec(),
+            signature: signature.to_vec(),
+        })),
+    };
+    tx.send(attach)
+        .await
+        .map_err(|_| LeafError::SessionClosed("the super peer closed the session".into()))?;
+    let welcome = match inbound.message().await? {
+        Some(ServerFrame {
+            frame: Some(server_frame::Frame::Welcome(welcome)),
+        }) => welcome,
+        other => {
+            return Err(LeafError::SessionClosed(format!(
+                "expected a welcome, got {other:?}"
+            )))
+        }
+    };
+    let token = welcome
+        .session_token
+        .parse()
+        .map_err(|_| LeafError::SessionClosed("session token is not valid metadata".into()))?;
+    Ok(Attached {
+        connection: Connection {
+            client,
+            token,
+            server: seed.to_string(),
+            outbound: tx,
+        },
+        inbound,
+        members: welcome.members,
+        keepalive: Duration::from_millis(u64::from(welcome.keepalive_interval_ms.max(100))),
+    })
+}
+
+/// Attaches to the first of `candidates` that accepts, within the connect timeout each.
+pub async fn attach_any(config: &LeafConfig, candidates: &[String]) -> Result<Attached, LeafError> {
+    let mut failures = Vec::new();
+    for seed in candidates {
+        match tokio::time::timeout(config.connect_timeout, attach(config, seed)).await {
+            Ok(Ok(attached)) => return Ok(attached),
+            Ok(Err(error)) => failures.push(format!("{seed}: {error}")),
+            Err(_) => failures.push(format!(
+                "{seed}: no answer within {:?}",
+                config.connect_timeout
+            )),
+        }
+    }
+    Err(LeafError::Unreachable(failures))
+}
+
+/// Message ids already handed to the app, so a retried message reaches it once.
+#[derive(Default)]
+pub struct SeenMessages {
+    order: std::collections::VecDeque<(String, String)>,
+    set: std::collections::HashSet<(String, String)>,
+}
+
+impl SeenMessages {
+    /// Records a message; false when it was seen before.
+    fn first_time(&mut self, from: &str, id: &str) -> bool {
+        let key = (from.to_string(), id.to_string());
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() == SEEN_MESSAGES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.set.remove(&oldest);
+            }
+        }
+        self.order.push_back(key.clone());
+        self.set.insert(key);
+        true
+    }
+}
+
+/// Runs the session on `attached`, then keeps re-attaching until the leaf stops.
+pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
+    loop {
+        learn_members(&shared, &attached.members);
+        shared
+            .connection
+            .send_replace(Some(attached.connection.clone()));
+        // Watches registered before (or during) a failover resume where they left off.
+        for frame in shared.watches.resume_frames() {
+            let _ = attached.connection.outbound.send(frame).await;
+        }
+        let server = attached.connection.server.clone();
+        run_stream(&shared, attached).await;
+        shared.connection.send_replace(None);
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        tracing::info!(%server, "session lost; re-attaching");
+        let lost_at = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        attached = loop {
+            // Prefer another super peer: the one we lost is likely down.
+            let mut candidates = shared.known.read().expect("known lock").clone();
+            candidates.retain(|candidate| *candidate != server);
+            candidates.push(server.clone());
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => return,
+                result = attach_any(&shared.config, &candidates) => match result {
+                    Ok(attached) => break attached,
+                    Err(error) => tracing::warn!(%error, "re-attach failed; backing off"),
+                },
+            }
+            let millis = backoff.as_millis() as u64;
+            let wait = Duration::from_millis(millis / 2 + rand::random_range(0..=millis / 2));
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        let took = lost_at.elapsed();
+        shared
+            .reattach_times
+            .lock()
+            .expect("reattach lock")
+            .push(took);
+        tracing::info!(server = %attached.connection.server, ?took, "re-attached");
+    }
+}
+
+fn learn_members(shared: &Shared, members: &[vesper_proto::v1::Member]) {
+    let mut known = shared.known.write().expect("known lock");
+    for member in members {
+        if member.role != vesper_proto::v1::MemberRole::Removed as i32
+            && !known.contains(&member.leaf_addr)
+        {
+            known.push(member.leaf_addr.clone());
+        }
+    }
+}
+
+/// Owns one session stream until it ends or the leaf stops.
+async fn run_stream(shared: &Shared, attached: Attached) {
+    let Attached {
+        connection,
+        mut inbound,
+        keepalive,
+        ..
+    } = attached;
+    let mut ticker = tokio::time::interval(keepalive);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => return,
+            _ = ticker.tick() => {
+                nonce += 1;
+                let ping = ClientFrame { frame: Some(client_frame::Frame::Ping(Ping { nonce })) };
+                if connection.outbound.send(ping).await.is_err() {
+                    return;
+                }
+            }
+            frame = inbound.message() => match frame {
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Message(message)) })) => {
+                    if !receive(shared, &connection, message).await {
+                        return;
+                    }
+                }
+                Ok(Some(ServerFrame { frame: Some(frame) })) => shared.watches.route(frame).await,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Hands `message` to the app (unless it is a retry) and acknowledges it. False when the session is gone.
+async fn receive(shared: &Shared, connection: &Connection, message: Message) -> bool {
+    let id = message.id.clone();
+    let first = shared
+        .seen
+        .lock()
+        .expect("seen lock")
+        .first_time(&message.from, &message.id);
+    if first {
+        let handler = shared
+            .handlers
+            .read()
+            .expect("handlers lock poisoned")
+            .get(&message.kind)
+            .cloned();
+        match handler {
+            Some(handler) => handler(message),
+            // If the app dropped the stream, the message is acknowledged and dropped.
+            None => {
+                let _ = shared.inbox.send(message).await;
+            }
+        }
+    }
+    let ack = ClientFrame {
+        frame: Some(client_frame::Frame::MessageAck(MessageAck {
+            message_id: id,
+        })),
+    };
+    connection.outbound.send(ack).await.is_ok()
+}
