@@ -93,6 +93,11 @@ impl EventLog {
         }
     }
 
+    /// The index above which history is complete.
+    pub fn floor(&self) -> u64 {
+        self.ring().floor
+    }
+
     /// A live feed of events published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()

@@ -88,6 +88,8 @@ pub struct Context {
     pub forwarder: Forwarder,
     /// Changes applied here, for watches.
     pub events: EventLog,
+    /// Background tasks of the node (drains on request), waited for at shutdown.
+    pub tasks: TaskTracker,
     raft: OnceLock<VesperRaft>,
     adopt_tx: mpsc::Sender<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
 }
@@ -341,6 +343,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         sessions: SessionRegistry::default(),
         forwarder,
         events: EventLog::default(),
+        tasks: tasks.clone(),
         raft: OnceLock::new(),
         adopt_tx,
     });

@@ -80,7 +80,11 @@ impl WatchRegistry {
         let (watch_id, item, index) = match frame {
             server_frame::Frame::WatchEvent(event) => {
                 let index = event.applied_index;
-                (event.watch_id, WatchItem::Event(Box::new(event)), Some(index))
+                (
+                    event.watch_id,
+                    WatchItem::Event(Box::new(event)),
+                    Some(index),
+                )
             }
             server_frame::Frame::WatchReset(reset) => (
                 reset.watch_id,

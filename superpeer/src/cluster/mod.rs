@@ -208,6 +208,16 @@ impl Cluster for ClusterService {
             .to
             .parse()
             .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
+        if request.drain_mailbox {
+            let context = self.context.clone();
+            // In the background: the caller (the sender's super peer) must not wait for the whole mailbox.
+            self.context.tasks.spawn(async move {
+                if let Err(error) = crate::leaf::messaging::drain_mailbox(&context, to).await {
+                    tracing::debug!(%error, "mailbox drain on request failed");
+                }
+            });
+            return Ok(Response::new(DeliverResponse { delivered: false }));
+        }
         let message = request
             .message
             .ok_or_else(|| ServiceError::BadField("message is missing".into()))?;

@@ -11,6 +11,7 @@
 //!
 //! Payloads never go through Raft except while they wait in a mailbox.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus};
@@ -83,7 +84,7 @@ fn stored(message: &Message, from: &PeerId) -> StoredMessage {
 
 /// Delivers `message` from `from` to `to`, directly when it is attached somewhere, else into its mailbox.
 pub async fn send(
-    context: &Context,
+    context: &Arc<Context>,
     from: &PeerId,
     to: &PeerId,
     message: Message,
@@ -111,7 +112,38 @@ pub async fn send(
     };
     match context.propose(op).await? {
         (Response::Rejected(rejection), _) => Err(rejection.into()),
-        _ => Ok(Fate::Queued),
+        _ => {
+            // The recipient may have attached (and drained its mailbox) while this message was being queued:
+            // if it is online now, have its super peer drain again, so the message does not wait for the next
+            // attach. A double drain is harmless: the library delivers each message id once.
+            let now = presence::get(context.reader.db(), to.as_bytes())?;
+            if let Some(entry) = now.filter(|entry| entry.status != PresenceStatus::Offline) {
+                poke_drain(context, entry.host, to).await;
+            }
+            Ok(Fate::Queued)
+        }
+    }
+}
+
+/// Asks super peer `host` (maybe this one) to push `to`'s mailbox into its session.
+async fn poke_drain(context: &Arc<Context>, host: u64, to: &PeerId) {
+    if Some(host) == context.node_id() {
+        let (context_owned, to) = (context.clone(), *to);
+        context.tasks.spawn(async move {
+            let _ = drain_mailbox(&context_owned, to).await;
+        });
+        return;
+    }
+    let Some(node) = context.member_info(host) else {
+        return;
+    };
+    if let Ok(mut client) = context.clients.client(&node.cluster_addr) {
+        let request = vesper_proto::v1::DeliverRequest {
+            to: to.to_string(),
+            message: None,
+            drain_mailbox: true,
+        };
+        let _ = client.deliver(request).await;
     }
 }
 
@@ -126,6 +158,7 @@ async fn deliver_remote(context: &Context, host: u64, to: &PeerId, message: Mess
     let mut request = tonic::Request::new(vesper_proto::v1::DeliverRequest {
         to: to.to_string(),
         message: Some(message),
+        drain_mailbox: false,
     });
     request.set_timeout(DELIVERY_TIMEOUT + Duration::from_secs(2));
     match client.deliver(request).await {

@@ -160,6 +160,14 @@ impl Watches {
                 }
             }
             None => {
+                if watch.resume_after_index > 0 {
+                    tracing::info!(
+                        watch_id = watch.watch_id,
+                        resume_after = watch.resume_after_index,
+                        history_from = context.events.floor(),
+                        "watch cannot resume from history; resetting"
+                    );
+                }
                 frames.push(ServerFrame {
                     frame: Some(server_frame::Frame::WatchReset(WatchReset {
                         watch_id: watch.watch_id,
