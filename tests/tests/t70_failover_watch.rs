@@ -282,12 +282,12 @@ async fn t70_killing_a_super_peer_moves_its_leaves_without_losing_messages_or_wa
                             change.key
                         );
                     }
-                    Some(watch_event::Change::Presence(presence)) => {
-                        if presence.status == PresenceStatus::Offline as i32 {
-                            offline.push(presence.peer_id);
-                        }
+                    Some(watch_event::Change::Presence(presence))
+                        if presence.status == PresenceStatus::Offline as i32 =>
+                    {
+                        offline.push(presence.peer_id);
                     }
-                    None => {}
+                    Some(watch_event::Change::Presence(_)) | None => {}
                 }
             }
             WatchItem::Reset { applied_index } => {

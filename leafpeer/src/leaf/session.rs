@@ -190,15 +190,20 @@ impl SeenMessages {
 
 /// Runs the session on `attached`, then keeps re-attaching until the leaf stops.
 pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
+    let mut first = true;
     loop {
         learn_members(&shared, &attached.members);
         shared
             .connection
             .send_replace(Some(attached.connection.clone()));
-        // Watches registered before (or during) a failover resume where they left off.
-        for frame in shared.watches.resume_frames() {
-            let _ = attached.connection.outbound.send(frame).await;
+        // After a failover every watch resumes where it left off; on the first attach, `Leaf::watch` starts
+        // them itself.
+        if !first {
+            for frame in shared.watches.resume_frames() {
+                let _ = attached.connection.outbound.send(frame).await;
+            }
         }
+        first = false;
         let server = attached.connection.server.clone();
         run_stream(&shared, attached).await;
         shared.connection.send_replace(None);

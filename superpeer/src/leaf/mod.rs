@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 use vesper_proto::session::{attach_message, NONCE_LEN};
 use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
@@ -580,7 +581,8 @@ async fn run_session(
     let mut events = context.events.subscribe();
     let mut watches = watch::Watches::default();
     let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
-    let _entered = span.enter();
+    // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
+    async move {
     let attach = Op::PresenceAttach {
         peer: *peer.as_bytes(),
         host,
@@ -707,6 +709,9 @@ async fn run_session(
     if let Err(error) = context.propose(detach).await {
         tracing::warn!(%error, "cannot record the detach; the host expiry will");
     }
+    }
+    .instrument(span)
+    .await
 }
 
 fn verify_attach(

@@ -131,6 +131,13 @@ impl Watches {
             validate::namespace(&watch.namespace)?;
             validate::key_prefix(&watch.key_prefix)?;
         }
+        tracing::info!(
+            watch_id = watch.watch_id,
+            resume_after = watch.resume_after_index,
+            peers = watch.peers.len(),
+            namespace = %watch.namespace,
+            "watch"
+        );
         // Catch up to the cluster first, so "the current state" and "history after N" mean the same here as
         // on the super peer the leaf came from.
         let current = context
