@@ -86,6 +86,10 @@ pub struct Config {
     pub mailbox_quota: u32,
     /// How long a message waits in a mailbox before it is dropped, in milliseconds. Default 7 days.
     pub mailbox_ttl_ms: u64,
+    /// Messages one session may send per second, sustained. Default 200.
+    pub send_rate_per_second: u32,
+    /// Messages one session may send in a burst above the sustained rate. Default 400.
+    pub send_burst: u32,
 }
 
 impl Default for Config {
@@ -105,6 +109,8 @@ impl Default for Config {
             host_expiry_ms: 15_000,
             mailbox_quota: 1000,
             mailbox_ttl_ms: 7 * 24 * 3600 * 1000,
+            send_rate_per_second: 200,
+            send_burst: 400,
         }
     }
 }
@@ -150,6 +156,9 @@ impl Config {
         }
         if self.session_ttl_ms <= self.keepalive_interval_ms {
             problems.push("session_ttl_ms must be above keepalive_interval_ms".into());
+        }
+        if self.send_rate_per_second == 0 || self.send_burst == 0 {
+            problems.push("send_rate_per_second and send_burst must be above 0".into());
         }
         if self.mailbox_quota == 0 {
             problems.push("mailbox_quota must be above 0".into());

@@ -75,6 +75,12 @@ struct Args {
     /// Most messages waiting in one peer's mailbox. Default: 1000.
     #[arg(long, env = "VESPER_MAILBOX_QUOTA")]
     mailbox_quota: Option<u32>,
+    /// Messages one session may send per second, sustained. Default: 200.
+    #[arg(long, env = "VESPER_SEND_RATE")]
+    send_rate: Option<u32>,
+    /// Messages one session may send in a burst. Default: 400.
+    #[arg(long, env = "VESPER_SEND_BURST")]
+    send_burst: Option<u32>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     log_json: bool,
@@ -147,6 +153,12 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.mailbox_quota {
         config.mailbox_quota = value;
+    }
+    if let Some(value) = args.send_rate {
+        config.send_rate_per_second = value;
+    }
+    if let Some(value) = args.send_burst {
+        config.send_burst = value;
     }
     if let Err(mut more) = config.validate() {
         problems.append(&mut more);

@@ -288,6 +288,32 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
         .expect_err("note limit");
     assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
 
+    // The send rate per session: a burst beyond it is refused, what was accepted arrives.
+    let limited = Cluster::start(1, options(&["--send-rate", "2", "--send-burst", "5"])).await?;
+    let sender = limited.leaf(0).await?;
+    let receiver = limited.leaf(0).await?;
+    let mut receiver_inbox = receiver.messages().expect("stream");
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for n in 0..20u8 {
+        match sender.send(&receiver.peer_id(), "chat", vec![n]).await {
+            Ok(_) => accepted.push(vec![n]),
+            Err(error) => {
+                assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
+                assert!(error.to_string().contains("send rate limit"), "{error}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0 && accepted.len() >= 5,
+        "accepted {}, refused {refused}",
+        accepted.len()
+    );
+    for payload in &accepted {
+        assert_eq!(&next_message(&mut receiver_inbox).await?.payload, payload);
+    }
+
     // The three queued messages are intact.
     let bob = cluster.leaf_with(0, bob_key).await?;
     let mut inbox = bob.messages().expect("stream");

@@ -385,7 +385,18 @@ impl Leaf for LeafService {
         &self,
         request: Request<SendMessageRequest>,
     ) -> Result<Response<SendMessageResponse>, Status> {
-        let from = self.authenticate(&request)?;
+        let (from, session) = self.session_of(&request)?;
+        let config = &self.context.config;
+        if !self
+            .context
+            .sessions
+            .take_send(session, config.send_rate_per_second, config.send_burst)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "send rate limit: {} messages per second per session (bursts of {}); slow down and retry",
+                config.send_rate_per_second, config.send_burst
+            )));
+        }
         let request = request.into_inner();
         let to: PeerId = request
             .to

@@ -32,6 +32,37 @@ struct Live {
 struct Inner {
     by_token: HashMap<String, (PeerId, u64)>,
     by_peer: HashMap<PeerId, Live>,
+    /// Send-rate buckets by session id.
+    send_buckets: HashMap<u64, TokenBucket>,
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: u32, now: std::time::Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, rate: u32, burst: u32, now: std::time::Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The sessions of this super peer; cheap to clone.
@@ -82,6 +113,18 @@ impl SessionRegistry {
     /// The peer and session id of a live session token.
     pub fn peer_of(&self, token: &str) -> Option<(PeerId, u64)> {
         self.lock().by_token.get(token).copied()
+    }
+
+    /// Takes one send from `session`'s allowance of `rate` per second with bursts of `burst`; false when the
+    /// session is over its rate.
+    pub fn take_send(&self, session: u64, rate: u32, burst: u32) -> bool {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        inner
+            .send_buckets
+            .entry(session)
+            .or_insert_with(|| TokenBucket::new(burst, now))
+            .take(rate, burst, now)
     }
 
     /// Number of attached sessions.
@@ -171,6 +214,7 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut inner = self.registry.lock();
         inner.by_token.remove(&self.token);
+        inner.send_buckets.remove(&self.session);
         if inner
             .by_peer
             .get(&self.peer)
@@ -198,6 +242,25 @@ mod tests {
         drop(guard);
         assert_eq!(registry.peer_of(&token), None);
         assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let start = std::time::Instant::now();
+        let mut bucket = TokenBucket::new(3, start);
+        assert!((0..3).all(|_| bucket.take(10, 3, start)));
+        assert!(!bucket.take(10, 3, start), "burst spent");
+        assert!(
+            bucket.take(10, 3, start + Duration::from_millis(100)),
+            "one token after 1/rate"
+        );
+        assert!(!bucket.take(10, 3, start + Duration::from_millis(100)));
+        let later = start + Duration::from_secs(60);
+        assert!(
+            (0..3).all(|_| bucket.take(10, 3, later)),
+            "refill stops at the burst"
+        );
+        assert!(!bucket.take(10, 3, later));
     }
 
     #[tokio::test]
