@@ -1,0 +1,292 @@
+//! `vesper-bench-messaging`: leaf-to-leaf messaging against NATS, side by side in one run.
+//!
+//! 1. Round trip: Vesper `send` returns when the recipient's library acknowledged the message (leaf -> super
+//!    peer -> [super peer ->] leaf -> ack back), through one super peer and across two; NATS request/reply
+//!    through one server. Same payload.
+//! 2. Pipelined throughput: a window of sends in flight from one leaf to another (across two super peers) vs
+//!    NATS publish to a subscriber, counting what the receiver got per second.
+//! 3. Memory per idle attached leaf: RSS growth of a super peer over N idle sessions vs nats-server's RSS growth
+//!    over N idle connections.
+//!
+//! Both use TLS with the same test CA. Build in release mode first:
+//! `cargo build --release --workspace --bins && target/release/vesper-bench-messaging`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+use vesper_leafpeer::{Keypair, Leaf, LeafConfig};
+use vesper_tests::cluster::{Cluster, NodeOptions};
+
+/// Benchmark leaf messaging: Vesper vs NATS.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Round trips measured per case.
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+    /// Seconds of pipelined sending per system.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Messages in flight in the pipelined test.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Idle sessions / connections for the memory test.
+    #[arg(long, default_value_t = 2000)]
+    idle: usize,
+    /// The nats-server binary.
+    #[arg(long, default_value = "/usr/sbin/nats-server")]
+    nats: std::path::PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Resident set size of a process, in KiB, from /proc.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Raises this process's open-file limit (children inherit it), for thousands of sessions.
+fn raise_fd_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn summary(histogram: &Histogram<u64>) -> (f64, f64, f64) {
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    (ms(0.5), ms(0.95), ms(0.99))
+}
+
+struct Nats {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_nats(binary: &std::path::Path, root: &std::path::Path, ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Nats> {
+    let port = free_port()?;
+    let config = root.join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\nmax_connections: 100000\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n}}\n",
+            cert.display(),
+            key.display(),
+            ca.display()
+        ),
+    )?;
+    let log = std::fs::File::create(root.join("nats.log"))?;
+    let child = std::process::Command::new(binary)
+        .arg("-c")
+        .arg(&config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {} (apt-get install nats-server)", binary.display()))?;
+    Ok(Nats {
+        child,
+        url: format!("tls://127.0.0.1:{port}"),
+    })
+}
+
+async fn nats_client(url: &str, ca: &std::path::Path) -> anyhow::Result<async_nats::Client> {
+    Ok(async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.to_path_buf())
+        .require_tls(true)
+        .connect(url)
+        .await?)
+}
+
+async fn vesper_round_trips(sender: &Leaf, receiver: &Leaf, count: usize, payload: &[u8]) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for _ in 0..count {
+        let begin = Instant::now();
+        sender.send(&receiver.peer_id(), "rt", payload.to_vec()).await?;
+        histogram.record(begin.elapsed().as_micros() as u64)?;
+    }
+    Ok(histogram)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    raise_fd_limit(1 << 20);
+    let payload = vec![0x42u8; args.payload_bytes];
+    eprintln!("starting a 3-node Vesper cluster and nats-server ...");
+    // The per-session send limit (200/s by default) is lifted: this measures the path, not the limit.
+    let options = NodeOptions {
+        extra_args: ["--send-rate", "10000000", "--send-burst", "10000000"]
+            .map(String::from)
+            .to_vec(),
+        ..NodeOptions::default()
+    };
+    let cluster = Cluster::start(3, options).await?;
+    let (cert, key) = cluster.pki.superpeer_cert();
+    let ca = cluster.pki.ca_cert();
+    let nats = start_nats(&args.nats, cluster.root(), &ca, &cert, &key)?;
+    let nats_ready = vesper_tests::wait::until("nats to accept connections", Duration::from_secs(30), || async {
+        Ok(nats_client(&nats.url, &ca).await.ok())
+    })
+    .await?;
+    drop(nats_ready);
+
+    // --- round trips -------------------------------------------------------------------------------------
+    let a = cluster.leaf(0).await?;
+    let b_same = cluster.leaf(0).await?;
+    let b_other = cluster.leaf(1).await?;
+    for receiver in [&b_same, &b_other] {
+        receiver.on_message("rt", |_| {});
+    }
+    // Warm up connections and code paths.
+    vesper_round_trips(&a, &b_same, 200, &payload).await?;
+    vesper_round_trips(&a, &b_other, 200, &payload).await?;
+    let one = vesper_round_trips(&a, &b_same, args.round_trips, &payload).await?;
+    let two = vesper_round_trips(&a, &b_other, args.round_trips, &payload).await?;
+
+    let requester = nats_client(&nats.url, &ca).await?;
+    let responder = nats_client(&nats.url, &ca).await?;
+    let mut requests = responder.subscribe("rt").await?;
+    let reply_client = responder.clone();
+    let replier = tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            if let Some(reply) = message.reply {
+                let _ = reply_client.publish(reply, message.payload).await;
+            }
+        }
+    });
+    responder.flush().await?;
+    let mut nats_rt = Histogram::<u64>::new(3)?;
+    for n in 0..(args.round_trips + 200) {
+        let begin = Instant::now();
+        requester.request("rt", payload.clone().into()).await?;
+        if n >= 200 {
+            nats_rt.record(begin.elapsed().as_micros() as u64)?;
+        }
+    }
+    replier.abort();
+    println!("## Round trip ({} bytes, {} each)\n", args.payload_bytes, args.round_trips);
+    println!("| path | p50 ms | p95 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    for (name, histogram) in [
+        ("vesper, one super peer", &one),
+        ("vesper, across two super peers", &two),
+        ("nats request/reply", &nats_rt),
+    ] {
+        let (p50, p95, p99) = summary(histogram);
+        println!("| {name} | {p50:.3} | {p95:.3} | {p99:.3} |");
+    }
+    let nats_p50 = summary(&nats_rt).0;
+    println!(
+        "\np50 ratio vesper/nats: one super peer {:.2}x, two super peers {:.2}x\n",
+        summary(&one).0 / nats_p50,
+        summary(&two).0 / nats_p50
+    );
+
+    // --- pipelined throughput -----------------------------------------------------------------------------
+    let duration = Duration::from_secs(args.seconds);
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    b_other.on_message("tp", move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let start = Instant::now();
+    let mut senders = JoinSet::new();
+    for _ in 0..args.window {
+        let (a, to, payload) = (a.clone(), b_other.peer_id(), payload.clone());
+        senders.spawn(async move {
+            while start.elapsed() < duration {
+                let _ = a.send(&to, "tp", payload.clone()).await;
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    let vesper_rate = received.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+
+    let publisher = nats_client(&nats.url, &ca).await?;
+    let subscriber = nats_client(&nats.url, &ca).await?;
+    let mut messages = subscriber.subscribe("tp").await?;
+    subscriber.flush().await?;
+    let nats_received = Arc::new(AtomicU64::new(0));
+    let counter = nats_received.clone();
+    let counting = tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        for _ in 0..64 {
+            publisher.publish("tp", payload.clone().into()).await?;
+        }
+        publisher.flush().await?;
+    }
+    let nats_rate = nats_received.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    counting.abort();
+    println!("## Pipelined throughput ({} bytes, {} s)\n", args.payload_bytes, args.seconds);
+    println!("| system | messages/s received |");
+    println!("|---|---:|");
+    println!("| vesper (window {}, across two super peers, each acknowledged) | {vesper_rate:.0} |", args.window);
+    println!("| nats pub/sub (no acknowledgement) | {nats_rate:.0} |");
+    println!("\nthroughput ratio vesper/nats: {:.2}x\n", vesper_rate / nats_rate);
+
+    // --- memory per idle session --------------------------------------------------------------------------
+    let host = cluster.nodes[2].pid().context("node 3 runs")?;
+    let seed = cluster.nodes[2].endpoints().leaf.to_string();
+    let before = rss_kib(host)?;
+    let mut idle = Vec::with_capacity(args.idle);
+    let ca_pem = cluster.pki.ca_pem();
+    for _ in 0..args.idle {
+        idle.push(Leaf::connect(LeafConfig::new(vec![seed.clone()], ca_pem.clone(), Keypair::generate())).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(host)?;
+    let vesper_per = (after.saturating_sub(before)) as f64 * 1024.0 / args.idle as f64;
+    drop(idle);
+
+    let nats_pid = nats.child.id();
+    let before = rss_kib(nats_pid)?;
+    let mut connections = Vec::with_capacity(args.idle);
+    for _ in 0..args.idle {
+        connections.push(nats_client(&nats.url, &ca).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(nats_pid)?;
+    let nats_per = (after.saturating_sub(before)) as f64 * 1024.0 / args.idle as f64;
+    drop(connections);
+    println!("## Memory per idle session ({} sessions)\n", args.idle);
+    println!("| system | server RSS growth per session |");
+    println!("|---|---:|");
+    println!("| vesper super peer (attached leaf) | {:.1} KiB |", vesper_per / 1024.0);
+    println!("| nats-server (idle connection) | {:.1} KiB |", nats_per / 1024.0);
+    println!("\nmemory ratio vesper/nats: {:.2}x", vesper_per / nats_per);
+    Ok(())
+}
