@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use vesper_proto::v1::{
     client_frame, search_term, ClientFrame, DeleteRecordRequest, Detach, GetRecordRequest,
     ListRecordsRequest, LookupPeerRequest, Message, Presence, PresenceStatus, PutRecordRequest,
-    ReadConsistency, Record, SearchPeersRequest, SearchRecordsRequest, SendMessageRequest,
-    SetPresenceRequest,
+    ReadConsistency, Record, SearchPeersRequest, SearchRecordsRequest, SendFrame,
+    SendMessageRequest, SetPresenceRequest,
 };
 use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
 
@@ -146,6 +146,8 @@ impl Leaf {
             watches: watches::WatchRegistry::default(),
             seen: Default::default(),
             reattach_times: Default::default(),
+            pending_sends: Default::default(),
+            next_request: Default::default(),
             stop: CancellationToken::new(),
         });
         // Published before returning, so calls work at once.
@@ -240,8 +242,10 @@ impl Leaf {
             .insert(kind.to_string(), Arc::new(handler));
     }
 
-    /// Sends a message of app-defined `kind` to `to`. Retries (with the same id, so the recipient gets it once)
-    /// while the cluster is between leaders.
+    /// Sends a message of app-defined `kind` to `to` and waits until the recipient's library acknowledged it
+    /// or it is queued in the recipient's mailbox. Sends are pipelined on the session stream, so many may be in
+    /// flight at once. Retries (with the same id, so the recipient gets it once) while the cluster is between
+    /// leaders or this leaf is re-attaching.
     pub async fn send(
         &self,
         to: &PeerId,
@@ -253,30 +257,67 @@ impl Leaf {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut client, request) = self
-                .request(SendMessageRequest {
-                    to: to.to_string(),
-                    id: id.clone(),
-                    kind: kind.to_string(),
-                    payload: payload.clone(),
-                })
-                .await?;
-            match client.send_message(request).await {
-                Ok(reply) => {
-                    let reply = reply.into_inner();
-                    return Ok(if reply.delivered {
+            let shared = &self.inner.shared;
+            let connection = self.connection().await?;
+            let request_id = shared
+                .next_request
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+            shared
+                .pending_sends
+                .lock()
+                .expect("pending sends lock")
+                .insert(request_id, result_tx);
+            let frame = ClientFrame {
+                frame: Some(client_frame::Frame::Send(SendFrame {
+                    request_id,
+                    message: Some(SendMessageRequest {
+                        to: to.to_string(),
+                        id: id.clone(),
+                        kind: kind.to_string(),
+                        payload: payload.clone(),
+                    }),
+                })),
+            };
+            let sent = connection.outbound.send(frame).await.is_ok();
+            let outcome = match tokio::time::timeout(self.inner.request_timeout, result_rx).await {
+                Ok(Ok(result)) if sent => Some(result),
+                _ => {
+                    shared
+                        .pending_sends
+                        .lock()
+                        .expect("pending sends lock")
+                        .remove(&request_id);
+                    None
+                }
+            };
+            let retriable = match outcome {
+                Some(result) if result.error_code == 0 => {
+                    return Ok(if result.delivered {
                         SendOutcome::Delivered
                     } else {
                         SendOutcome::Queued
-                    });
+                    })
                 }
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable && attempt < SEND_ATTEMPTS =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                Some(result) => {
+                    let status = tonic::Status::new(
+                        tonic::Code::from(result.error_code),
+                        result.error_message,
+                    );
+                    if status.code() != tonic::Code::Unavailable || attempt >= SEND_ATTEMPTS {
+                        return Err(status.into());
+                    }
+                    status
                 }
-                Err(status) => return Err(status.into()),
+                // The session ended or did not answer in time: try again on the (next) session.
+                None => {
+                    tonic::Status::unavailable("the session ended before the send was answered")
+                }
+            };
+            if attempt >= SEND_ATTEMPTS {
+                return Err(retriable.into());
             }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
         }
     }
 

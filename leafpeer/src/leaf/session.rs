@@ -11,10 +11,11 @@
 //! Messages the old session never acknowledged are redelivered by their senders or the mailbox; the seen-id
 //! set, kept across sessions, gives each to the app once.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -22,7 +23,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
-    client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, Ping, ServerFrame,
+    client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, Ping, SendResult,
+    ServerFrame,
 };
 
 use super::watches::WatchRegistry;
@@ -59,6 +61,10 @@ pub struct Shared {
     pub seen: Mutex<SeenMessages>,
     /// How long each re-attach took, for apps and tests that want to know.
     pub reattach_times: Mutex<Vec<Duration>>,
+    /// Pipelined sends waiting for their SendResult, by request id. Cleared when a session ends, which fails
+    /// them (the sender retries them, with the same message id, on the next session).
+    pub pending_sends: Mutex<HashMap<u64, oneshot::Sender<SendResult>>>,
+    pub next_request: std::sync::atomic::AtomicU64,
     pub stop: CancellationToken,
 }
 
@@ -207,6 +213,12 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
         let server = attached.connection.server.clone();
         run_stream(&shared, attached).await;
         shared.connection.send_replace(None);
+        // Sends waiting on the lost session fail now; their callers retry on the next one.
+        shared
+            .pending_sends
+            .lock()
+            .expect("pending sends lock")
+            .clear();
         if shared.stop.is_cancelled() {
             return;
         }
@@ -281,6 +293,12 @@ async fn run_stream(shared: &Shared, attached: Attached) {
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Message(message)) })) => {
                     if !receive(shared, &connection, message).await {
                         return;
+                    }
+                }
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::SendResult(result)) })) => {
+                    let waiting = shared.pending_sends.lock().expect("pending sends lock").remove(&result.request_id);
+                    if let Some(waiting) = waiting {
+                        let _ = waiting.send(result);
                     }
                 }
                 Ok(Some(ServerFrame { frame: Some(frame) })) => shared.watches.route(frame).await,

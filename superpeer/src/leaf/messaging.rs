@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus};
-use vesper_proto::PeerId;
+use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus, SendMessageRequest};
+use vesper_proto::{validate, PeerId};
 
 use crate::error::ServiceError;
 use crate::node::Context;
@@ -80,6 +80,55 @@ fn stored(message: &Message, from: &PeerId) -> StoredMessage {
         payload: message.payload.clone(),
         sent_at_ms: message.sent_at_ms,
     }
+}
+
+/// Checks a send from session `session` of `from` (rate, recipient, id, kind, payload) and carries it out.
+/// Shared by the `SendMessage` call and the pipelined `SendFrame` on the session stream.
+pub async fn send_checked(
+    context: &Arc<Context>,
+    from: PeerId,
+    session: u64,
+    request: SendMessageRequest,
+) -> Result<Fate, tonic::Status> {
+    let config = &context.config;
+    if !context
+        .sessions
+        .take_send(session, config.send_rate_per_second, config.send_burst)
+    {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "send rate limit: {} messages per second per session (bursts of {}); slow down and retry",
+            config.send_rate_per_second, config.send_burst
+        )));
+    }
+    let to: PeerId = request
+        .to
+        .parse()
+        .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
+    if request.id.is_empty() || request.id.len() > MAX_MESSAGE_ID_LEN {
+        return Err(ServiceError::BadField(format!(
+            "message id must be 1-{MAX_MESSAGE_ID_LEN} bytes, got {}",
+            request.id.len()
+        ))
+        .into());
+    }
+    validate::kind(&request.kind).map_err(ServiceError::from)?;
+    if request.payload.len() > MAX_MESSAGE_PAYLOAD {
+        return Err(ServiceError::from(validate::InvalidInput::TooLong {
+            field: "payload",
+            len: request.payload.len(),
+            max: MAX_MESSAGE_PAYLOAD,
+        })
+        .into());
+    }
+    let message = Message {
+        id: request.id,
+        from: from.to_string(),
+        kind: request.kind,
+        payload: request.payload,
+        sent_at_ms: now_ms(),
+        from_mailbox: false,
+    };
+    Ok(send(context, &from, &to, message).await?)
 }
 
 /// Delivers `message` from `from` to `to`, directly when it is attached somewhere, else into its mailbox.

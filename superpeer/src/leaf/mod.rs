@@ -34,10 +34,10 @@ use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
     client_frame, search_term, server_frame, Challenge, ClientFrame, DeleteRecordRequest,
     DeleteRecordResponse, GetRecordRequest, GetRecordResponse, ListRecordsRequest,
-    ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Message, Pong, PresenceStatus,
+    ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Pong, PresenceStatus,
     PutRecordRequest, PutRecordResponse, ReadConsistency, SearchPeersRequest, SearchPeersResponse,
     SearchRecordsRequest, SearchRecordsResponse, SendMessageRequest, SendMessageResponse,
-    ServerFrame, SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
+    SendResult, ServerFrame, SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -47,7 +47,6 @@ use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::command::StoredRecord;
 use crate::raft::command::{Op, PresenceStatus as StoredStatus, Response as CommandResponse};
-use crate::raft::propose::now_ms;
 use crate::store::presence;
 use crate::store::records::{self, Condition, Term};
 use crate::store::{blocking, StoreError};
@@ -56,6 +55,8 @@ use crate::store::{blocking, StoreError};
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards one leaf before the session task waits for the leaf to read.
 const SESSION_OUTBOUND_QUEUE: usize = 64;
+/// Pipelined sends (SendFrame) one session may have in flight; more are refused with RESOURCE_EXHAUSTED.
+pub const MAX_SENDS_IN_FLIGHT: usize = 256;
 
 /// Builds the Leaf gRPC service.
 pub fn service(
@@ -386,48 +387,8 @@ impl Leaf for LeafService {
         request: Request<SendMessageRequest>,
     ) -> Result<Response<SendMessageResponse>, Status> {
         let (from, session) = self.session_of(&request)?;
-        let config = &self.context.config;
-        if !self
-            .context
-            .sessions
-            .take_send(session, config.send_rate_per_second, config.send_burst)
-        {
-            return Err(Status::resource_exhausted(format!(
-                "send rate limit: {} messages per second per session (bursts of {}); slow down and retry",
-                config.send_rate_per_second, config.send_burst
-            )));
-        }
-        let request = request.into_inner();
-        let to: PeerId = request
-            .to
-            .parse()
-            .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
-        if request.id.is_empty() || request.id.len() > messaging::MAX_MESSAGE_ID_LEN {
-            return Err(ServiceError::BadField(format!(
-                "message id must be 1-{} bytes, got {}",
-                messaging::MAX_MESSAGE_ID_LEN,
-                request.id.len()
-            ))
-            .into());
-        }
-        validate::kind(&request.kind).map_err(ServiceError::from)?;
-        if request.payload.len() > messaging::MAX_MESSAGE_PAYLOAD {
-            return Err(ServiceError::from(validate::InvalidInput::TooLong {
-                field: "payload",
-                len: request.payload.len(),
-                max: messaging::MAX_MESSAGE_PAYLOAD,
-            })
-            .into());
-        }
-        let message = Message {
-            id: request.id,
-            from: from.to_string(),
-            kind: request.kind,
-            payload: request.payload,
-            sent_at_ms: now_ms(),
-            from_mailbox: false,
-        };
-        let fate = messaging::send(&self.context, &from, &to, message).await?;
+        let fate =
+            messaging::send_checked(&self.context, from, session, request.into_inner()).await?;
         Ok(Response::new(SendMessageResponse {
             delivered: matches!(fate, messaging::Fate::Delivered),
             queued: matches!(fate, messaging::Fate::Queued),
@@ -630,12 +591,14 @@ async fn run_session(
     tokio::pin!(drain);
     let mut drained = false;
     let ttl = context.config.session_ttl();
+    let mut sends = tokio::task::JoinSet::new();
     let mut goodbye = false;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             () = &mut drain, if !drained => drained = true,
+            Some(_) = sends.join_next(), if !sends.is_empty() => {}
             event = events.recv() => {
                 let frames = match event {
                     Ok(event) => watches.on_event(&context, &event),
@@ -674,6 +637,28 @@ async fn run_session(
                         }],
                     };
                     for frame in frames {
+                        if tx.send(Ok(frame)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Send(frame)) }))) => {
+                    let request_id = frame.request_id;
+                    let result = if sends.len() >= MAX_SENDS_IN_FLIGHT {
+                        Some(send_result(request_id, Err(Status::resource_exhausted(format!(
+                            "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
+                        )))))
+                    } else if let Some(message) = frame.message {
+                        let (context, tx, session_id) = (context.clone(), tx.clone(), session.id());
+                        sends.spawn(async move {
+                            let outcome = messaging::send_checked(&context, peer, session_id, message).await;
+                            let _ = tx.send(Ok(send_result(request_id, outcome))).await;
+                        });
+                        None
+                    } else {
+                        Some(send_result(request_id, Err(Status::invalid_argument("send frame without a message"))))
+                    };
+                    if let Some(frame) = result {
                         if tx.send(Ok(frame)).await.is_err() {
                             break;
                         }
@@ -723,6 +708,27 @@ async fn run_session(
     }
     .instrument(span)
     .await
+}
+
+/// The SendResult frame for a pipelined send.
+fn send_result(request_id: u64, outcome: Result<messaging::Fate, Status>) -> ServerFrame {
+    let result = match outcome {
+        Ok(fate) => SendResult {
+            request_id,
+            delivered: matches!(fate, messaging::Fate::Delivered),
+            queued: matches!(fate, messaging::Fate::Queued),
+            ..Default::default()
+        },
+        Err(status) => SendResult {
+            request_id,
+            error_code: status.code() as i32,
+            error_message: status.message().to_string(),
+            ..Default::default()
+        },
+    };
+    ServerFrame {
+        frame: Some(server_frame::Frame::SendResult(result)),
+    }
 }
 
 fn verify_attach(

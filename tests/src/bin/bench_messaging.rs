@@ -47,7 +47,9 @@ struct Args {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Resident set size of a process, in KiB, from /proc.
@@ -92,7 +94,13 @@ impl Drop for Nats {
     }
 }
 
-fn start_nats(binary: &std::path::Path, root: &std::path::Path, ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Nats> {
+fn start_nats(
+    binary: &std::path::Path,
+    root: &std::path::Path,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<Nats> {
     let port = free_port()?;
     let config = root.join("nats.conf");
     std::fs::write(
@@ -126,11 +134,18 @@ async fn nats_client(url: &str, ca: &std::path::Path) -> anyhow::Result<async_na
         .await?)
 }
 
-async fn vesper_round_trips(sender: &Leaf, receiver: &Leaf, count: usize, payload: &[u8]) -> anyhow::Result<Histogram<u64>> {
+async fn vesper_round_trips(
+    sender: &Leaf,
+    receiver: &Leaf,
+    count: usize,
+    payload: &[u8],
+) -> anyhow::Result<Histogram<u64>> {
     let mut histogram = Histogram::<u64>::new(3)?;
     for _ in 0..count {
         let begin = Instant::now();
-        sender.send(&receiver.peer_id(), "rt", payload.to_vec()).await?;
+        sender
+            .send(&receiver.peer_id(), "rt", payload.to_vec())
+            .await?;
         histogram.record(begin.elapsed().as_micros() as u64)?;
     }
     Ok(histogram)
@@ -153,9 +168,11 @@ async fn main() -> anyhow::Result<()> {
     let (cert, key) = cluster.pki.superpeer_cert();
     let ca = cluster.pki.ca_cert();
     let nats = start_nats(&args.nats, cluster.root(), &ca, &cert, &key)?;
-    let nats_ready = vesper_tests::wait::until("nats to accept connections", Duration::from_secs(30), || async {
-        Ok(nats_client(&nats.url, &ca).await.ok())
-    })
+    let nats_ready = vesper_tests::wait::until(
+        "nats to accept connections",
+        Duration::from_secs(30),
+        || async { Ok(nats_client(&nats.url, &ca).await.ok()) },
+    )
     .await?;
     drop(nats_ready);
 
@@ -193,7 +210,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     replier.abort();
-    println!("## Round trip ({} bytes, {} each)\n", args.payload_bytes, args.round_trips);
+    println!(
+        "## Round trip ({} bytes, {} each)\n",
+        args.payload_bytes, args.round_trips
+    );
     println!("| path | p50 ms | p95 ms | p99 ms |");
     println!("|---|---:|---:|---:|");
     for (name, histogram) in [
@@ -251,12 +271,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let nats_rate = nats_received.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     counting.abort();
-    println!("## Pipelined throughput ({} bytes, {} s)\n", args.payload_bytes, args.seconds);
+    println!(
+        "## Pipelined throughput ({} bytes, {} s)\n",
+        args.payload_bytes, args.seconds
+    );
     println!("| system | messages/s received |");
     println!("|---|---:|");
-    println!("| vesper (window {}, across two super peers, each acknowledged) | {vesper_rate:.0} |", args.window);
+    println!(
+        "| vesper (window {}, across two super peers, each acknowledged) | {vesper_rate:.0} |",
+        args.window
+    );
     println!("| nats pub/sub (no acknowledgement) | {nats_rate:.0} |");
-    println!("\nthroughput ratio vesper/nats: {:.2}x\n", vesper_rate / nats_rate);
+    println!(
+        "\nthroughput ratio vesper/nats: {:.2}x\n",
+        vesper_rate / nats_rate
+    );
 
     // --- memory per idle session --------------------------------------------------------------------------
     let host = cluster.nodes[2].pid().context("node 3 runs")?;
@@ -265,7 +294,14 @@ async fn main() -> anyhow::Result<()> {
     let mut idle = Vec::with_capacity(args.idle);
     let ca_pem = cluster.pki.ca_pem();
     for _ in 0..args.idle {
-        idle.push(Leaf::connect(LeafConfig::new(vec![seed.clone()], ca_pem.clone(), Keypair::generate())).await?);
+        idle.push(
+            Leaf::connect(LeafConfig::new(
+                vec![seed.clone()],
+                ca_pem.clone(),
+                Keypair::generate(),
+            ))
+            .await?,
+        );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(host)?;
@@ -285,8 +321,14 @@ async fn main() -> anyhow::Result<()> {
     println!("## Memory per idle session ({} sessions)\n", args.idle);
     println!("| system | server RSS growth per session |");
     println!("|---|---:|");
-    println!("| vesper super peer (attached leaf) | {:.1} KiB |", vesper_per / 1024.0);
-    println!("| nats-server (idle connection) | {:.1} KiB |", nats_per / 1024.0);
+    println!(
+        "| vesper super peer (attached leaf) | {:.1} KiB |",
+        vesper_per / 1024.0
+    );
+    println!(
+        "| nats-server (idle connection) | {:.1} KiB |",
+        nats_per / 1024.0
+    );
     println!("\nmemory ratio vesper/nats: {:.2}x", vesper_per / nats_per);
     Ok(())
 }
