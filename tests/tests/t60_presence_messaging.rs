@@ -322,3 +322,47 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_session_without_keepalives_expires_after_ttl_plus_grace() -> anyhow::Result<()> {
+    let cluster = Cluster::start(
+        1,
+        options(&["--session-ttl-ms", "5500", "--session-grace-ms", "500"]),
+    )
+    .await?;
+    let observer = cluster.leaf(0).await?;
+    // A hand-driven session that attaches and then stays silent with its stream open.
+    let silent_key = Keypair::generate();
+    let address = cluster.nodes[0].endpoints().leaf.to_string();
+    let channel = vesper_tests::raw::channel(&address, &cluster.pki.ca_pem()).await?;
+    let silent =
+        vesper_tests::raw::open(channel, &silent_key, vesper_tests::raw::Signing::Valid).await?;
+    let silent_id = silent_key.peer_id();
+    assert_eq!(
+        status_of(&observer, &silent_id).await?,
+        PresenceStatus::Online as i32
+    );
+    let attached = Instant::now();
+    wait::until(
+        "the silent session to expire",
+        Duration::from_secs(30),
+        || async {
+            Ok(
+                (status_of(&observer, &silent_id).await? == PresenceStatus::Offline as i32)
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let took = attached.elapsed();
+    println!(
+        "silent session offline after {} ms (TTL 5500 + grace 500)",
+        took.as_millis()
+    );
+    assert!(
+        took >= Duration::from_millis(5500),
+        "expired before the TTL: {took:?}"
+    );
+    drop(silent);
+    Ok(())
+}
