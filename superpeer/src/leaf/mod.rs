@@ -588,8 +588,8 @@ async fn run_session(
             }
         }
     };
-    tokio::pin!(drain);
-    let mut drained = false;
+    // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
+    let mut drain = Some(Box::pin(drain));
     let ttl = context.config.session_ttl();
     let mut sends = tokio::task::JoinSet::new();
     let mut goodbye = false;
@@ -597,7 +597,7 @@ async fn run_session(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            () = &mut drain, if !drained => drained = true,
+            () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
             Some(_) = sends.join_next(), if !sends.is_empty() => {}
             event = events.recv() => {
                 let frames = match event {
