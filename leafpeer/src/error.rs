@@ -14,9 +14,13 @@ pub enum LeafError {
     /// The request was checked locally and cannot succeed (too large, malformed).
     #[error("invalid request: {0}")]
     Invalid(#[from] vesper_proto::validate::InvalidInput),
-    /// The super peer answered with an error status.
+    /// The super peer answered with an error status. (Not marked as the error's source: the message already
+    /// says all the status says, and error chains would print it twice.)
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
+    /// One super peer could not be reached.
+    #[error("{0}")]
+    Connect(String),
     /// The session ended.
     #[error("session closed: {0}")]
     SessionClosed(String),
@@ -33,6 +37,12 @@ fn code_name(code: Code) -> &'static str {
         Code::NotFound => "not found",
         Code::DeadlineExceeded => "deadline exceeded",
         _ => "error",
+    }
+}
+
+impl From<tonic::Status> for LeafError {
+    fn from(status: tonic::Status) -> Self {
+        LeafError::Status(status)
     }
 }
 

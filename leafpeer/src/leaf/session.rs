@@ -100,7 +100,7 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         .map_err(|error| LeafError::Config(format!("tls: {error}")))?
         .connect()
         .await
-        .map_err(|error| LeafError::Unreachable(vec![format!("{seed}: {error}")]))?;
+        .map_err(|error| LeafError::Connect(format!("cannot connect: {error}")))?;
     let mut client = LeafClient::new(channel);
     let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();

@@ -1,0 +1,571 @@
+//! `leafpeer`: a leaf peer on the command line: identity, presence, records, messages.
+//!
+//! Every command attaches to a super peer (seeds from `--seeds` / `VESPER_SEEDS`, default the local dev cluster),
+//! does its work and detaches. `--json` prints one JSON document per result (one line per message for
+//! `listen`), for scripts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use vesper_leafpeer::{
+    Consistency, Keypair, Leaf, LeafConfig, LeafError, Presence, PresenceStatus, Record,
+    SearchTerm, SendOutcome,
+};
+
+/// Exit code for bad usage (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// The dev cluster's CA (made by `scripts/up.sh`), used when --ca is not given and it exists.
+const DEV_CA: &str = ".vesper/dev/ca/ca.pem";
+
+/// A Vesper leaf peer on the command line.
+#[derive(Debug, Parser)]
+#[command(name = "leafpeer", version)]
+struct Cli {
+    /// Leaf addresses (host:port) of super peers, comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "VESPER_SEEDS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7400"
+    )]
+    seeds: Vec<String>,
+    /// Cluster CA certificate. Default: .vesper/dev/ca/ca.pem when it exists.
+    #[arg(long, global = true, env = "VESPER_LEAF_CA")]
+    ca: Option<PathBuf>,
+    /// This leaf's key file (created on first use). Default: ~/.config/vesper/leaf.key.
+    #[arg(long, global = true, env = "VESPER_LEAF_KEY")]
+    key: Option<PathBuf>,
+    /// Print JSON for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create this leaf's key (refuses to overwrite one).
+    Keygen,
+    /// Print this leaf's PeerId.
+    Id,
+    /// Set this leaf's presence: status, note and profile attributes.
+    Status {
+        /// online, away or busy.
+        #[arg(default_value = "online")]
+        status: String,
+        /// Free-text note.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Profile attribute name=value (repeat).
+        #[arg(long = "attr", value_parser = parse_pair)]
+        attributes: Vec<(String, String)>,
+    },
+    /// Show a peer's presence.
+    Lookup { peer: String },
+    /// Find peers by profile attributes (AND of all terms).
+    SearchPeers {
+        /// name=value that must be equal (repeat).
+        #[arg(long = "eq", value_parser = parse_pair)]
+        equals: Vec<(String, String)>,
+        /// name=prefix that the value must start with (repeat).
+        #[arg(long = "prefix", value_parser = parse_pair)]
+        prefixes: Vec<(String, String)>,
+        /// Only peers attached now.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Create or replace a record you own.
+    Put {
+        namespace: String,
+        /// Record key.
+        #[arg(value_name = "KEY")]
+        record_key: String,
+        /// Value as text.
+        #[arg(long, conflicts_with = "value_file")]
+        value: Option<String>,
+        /// Value read from a file.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+        /// Attribute name=value (repeat).
+        #[arg(long = "attr", value_parser = parse_pair)]
+        attributes: Vec<(String, String)>,
+        /// Only if the record's version is this (0: only if it does not exist).
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Read a record.
+    Get {
+        namespace: String,
+        /// Record key.
+        #[arg(value_name = "KEY")]
+        record_key: String,
+        /// Read from the attached super peer's replica without waiting (may lag).
+        #[arg(long)]
+        stale: bool,
+    },
+    /// List records of a namespace by key prefix.
+    List {
+        namespace: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Delete a record you own.
+    Delete {
+        namespace: String,
+        /// Record key.
+        #[arg(value_name = "KEY")]
+        record_key: String,
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Search records of a namespace by attributes (AND of all terms).
+    Search {
+        namespace: String,
+        #[arg(long = "eq", value_parser = parse_pair)]
+        equals: Vec<(String, String)>,
+        #[arg(long = "prefix", value_parser = parse_pair)]
+        prefixes: Vec<(String, String)>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Send a message to a peer (waits until it is delivered or queued in its mailbox).
+    Send {
+        peer: String,
+        text: String,
+        /// Message kind.
+        #[arg(long, default_value = "chat")]
+        kind: String,
+    },
+    /// Print messages as they arrive (also those that waited in the mailbox).
+    Listen {
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .ok_or_else(|| format!("{text:?} is not name=value"))
+}
+
+fn default_key_path() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".config/vesper/leaf.key")
+}
+
+fn load_key(path: &Path) -> anyhow::Result<Keypair> {
+    let existed = path.exists();
+    let key =
+        Keypair::load_or_generate(path).with_context(|| format!("key file {}", path.display()))?;
+    if !existed {
+        eprintln!(
+            "leafpeer: created a new key in {} ({})",
+            path.display(),
+            key.peer_id()
+        );
+    }
+    Ok(key)
+}
+
+fn ca_pem(given: &Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
+    let path = match given {
+        Some(path) => path.clone(),
+        None if Path::new(DEV_CA).exists() => PathBuf::from(DEV_CA),
+        None => bail!(UsageError(format!(
+            "--ca is required (no dev cluster CA at {DEV_CA}; start one with scripts/up.sh or pass the cluster's CA)"
+        ))),
+    };
+    std::fs::read(&path).with_context(|| format!("cannot read CA certificate {}", path.display()))
+}
+
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn status_name(status: i32) -> &'static str {
+    match PresenceStatus::try_from(status) {
+        Ok(PresenceStatus::Online) => "online",
+        Ok(PresenceStatus::Away) => "away",
+        Ok(PresenceStatus::Busy) => "busy",
+        _ => "offline",
+    }
+}
+
+fn presence_json(presence: &Presence) -> Value {
+    json!({
+        "peer_id": presence.peer_id,
+        "status": status_name(presence.status),
+        "note": presence.note,
+        "host_node_id": presence.host_node_id,
+        "host": presence.host_leaf_addr,
+        "changed_at_ms": presence.changed_at_ms,
+        "attributes": presence.attributes,
+    })
+}
+
+fn record_json(record: &Record) -> Value {
+    json!({
+        "namespace": record.namespace,
+        "key": record.key,
+        "owner": record.owner,
+        "version": record.version,
+        "attributes": record.attributes,
+        "value": String::from_utf8_lossy(&record.value),
+        "updated_at_ms": record.updated_at_ms,
+    })
+}
+
+fn terms(equals: Vec<(String, String)>, prefixes: Vec<(String, String)>) -> Vec<SearchTerm> {
+    equals
+        .into_iter()
+        .map(|(name, value)| SearchTerm::Equals(name, value))
+        .chain(
+            prefixes
+                .into_iter()
+                .map(|(name, value)| SearchTerm::Prefix(name, value)),
+        )
+        .collect()
+}
+
+fn print(json_mode: bool, value: Value, text: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let key_path = cli.key.clone().unwrap_or_else(default_key_path);
+    match &cli.command {
+        Command::Keygen => {
+            if key_path.exists() {
+                bail!(UsageError(format!(
+                    "{} already exists; it is never overwritten (pass --key for another file)",
+                    key_path.display()
+                )));
+            }
+            let key = Keypair::generate();
+            key.save(&key_path)
+                .with_context(|| format!("cannot write {}", key_path.display()))?;
+            print(
+                cli.json,
+                json!({ "peer_id": key.peer_id().to_string(), "key": key_path }),
+                || format!("{} (key {})", key.peer_id(), key_path.display()),
+            );
+            return Ok(());
+        }
+        Command::Id => {
+            let key = load_key(&key_path)?;
+            print(
+                cli.json,
+                json!({ "peer_id": key.peer_id().to_string() }),
+                || key.peer_id().to_string(),
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
+    let keypair = load_key(&key_path)?;
+    let config = LeafConfig::new(cli.seeds.clone(), ca_pem(&cli.ca)?, keypair);
+    let leaf = Leaf::connect(config).await.map_err(|error| match error {
+        LeafError::Unreachable(_) => anyhow::anyhow!(
+            "{error}\n(is a cluster running? scripts/up.sh starts one; --seeds names others)"
+        ),
+        other => other.into(),
+    })?;
+    let result = command(&cli, &leaf).await;
+    leaf.detach().await;
+    result
+}
+
+async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
+    let json_mode = cli.json;
+    match &cli.command {
+        Command::Keygen | Command::Id => unreachable!("handled before attaching"),
+        Command::Status {
+            status,
+            note,
+            attributes,
+        } => {
+            let status = match status.as_str() {
+                "online" => PresenceStatus::Online,
+                "away" => PresenceStatus::Away,
+                "busy" => PresenceStatus::Busy,
+                other => bail!(UsageError(format!(
+                    "status {other:?} is not online, away or busy"
+                ))),
+            };
+            let presence = leaf
+                .set_presence(status, note, attributes.iter().cloned().collect())
+                .await?;
+            print(json_mode, presence_json(&presence), || {
+                format!(
+                    "{} is {} {}",
+                    presence.peer_id,
+                    status_name(presence.status),
+                    presence.note
+                )
+            });
+        }
+        Command::Lookup { peer } => {
+            let peer = peer
+                .parse()
+                .map_err(|error| UsageError(format!("peer {peer:?}: {error}")))?;
+            match leaf.lookup(&peer, Consistency::Linearizable).await? {
+                Some(presence) => print(json_mode, presence_json(&presence), || {
+                    format!(
+                        "{} {} {} (via {})",
+                        presence.peer_id,
+                        status_name(presence.status),
+                        presence.note,
+                        presence.host_leaf_addr
+                    )
+                }),
+                None => print(json_mode, Value::Null, || {
+                    format!("{peer} has never attached")
+                }),
+            }
+        }
+        Command::SearchPeers {
+            equals,
+            prefixes,
+            online,
+        } => {
+            let found = leaf
+                .search_peers(&terms(equals.clone(), prefixes.clone()), *online, 100)
+                .await?;
+            print(
+                json_mode,
+                Value::Array(found.iter().map(presence_json).collect()),
+                || {
+                    found
+                        .iter()
+                        .map(|presence| {
+                            format!("{} {}", presence.peer_id, status_name(presence.status))
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        Command::Put {
+            namespace,
+            record_key: key,
+            value,
+            value_file,
+            attributes,
+            expect_version,
+        } => {
+            let bytes = match (value, value_file) {
+                (Some(text), _) => text.clone().into_bytes(),
+                (None, Some(path)) => std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                (None, None) => Vec::new(),
+            };
+            let attributes: HashMap<String, String> = attributes.iter().cloned().collect();
+            let record = leaf
+                .put(namespace, key, attributes, bytes, *expect_version)
+                .await?;
+            print(json_mode, record_json(&record), || {
+                format!(
+                    "{}/{} version {}",
+                    record.namespace, record.key, record.version
+                )
+            });
+        }
+        Command::Get {
+            namespace,
+            record_key: key,
+            stale,
+        } => {
+            let consistency = if *stale {
+                Consistency::Stale
+            } else {
+                Consistency::Linearizable
+            };
+            match leaf.get(namespace, key, consistency).await? {
+                Some(record) => print(json_mode, record_json(&record), || {
+                    String::from_utf8_lossy(&record.value).into_owned()
+                }),
+                None => bail!(NotFound(format!("{namespace}/{key} does not exist"))),
+            }
+        }
+        Command::List {
+            namespace,
+            prefix,
+            limit,
+        } => {
+            let page = leaf
+                .list(namespace, prefix, *limit, None, Consistency::Linearizable)
+                .await?;
+            print(
+                json_mode,
+                Value::Array(page.records.iter().map(record_json).collect()),
+                || {
+                    page.records
+                        .iter()
+                        .map(|record| {
+                            format!(
+                                "{} v{} {}",
+                                record.key,
+                                record.version,
+                                String::from_utf8_lossy(&record.value)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        Command::Delete {
+            namespace,
+            record_key: key,
+            expect_version,
+        } => {
+            let deleted = leaf.delete(namespace, key, *expect_version).await?;
+            print(json_mode, json!({ "deleted": deleted }), || {
+                if deleted {
+                    format!("deleted {namespace}/{key}")
+                } else {
+                    format!("{namespace}/{key} did not exist")
+                }
+            });
+        }
+        Command::Search {
+            namespace,
+            equals,
+            prefixes,
+            limit,
+        } => {
+            let page = leaf
+                .search(
+                    namespace,
+                    &terms(equals.clone(), prefixes.clone()),
+                    *limit,
+                    None,
+                    Consistency::Linearizable,
+                )
+                .await?;
+            print(
+                json_mode,
+                Value::Array(page.records.iter().map(record_json).collect()),
+                || {
+                    page.records
+                        .iter()
+                        .map(|record| record.key.clone())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+        }
+        Command::Send { peer, text, kind } => {
+            let peer = peer
+                .parse()
+                .map_err(|error| UsageError(format!("peer {peer:?}: {error}")))?;
+            let outcome = leaf.send(&peer, kind, text.clone().into_bytes()).await?;
+            let word = match outcome {
+                SendOutcome::Delivered => "delivered",
+                SendOutcome::Queued => "queued",
+            };
+            print(json_mode, json!({ "outcome": word }), || word.to_string());
+        }
+        Command::Listen { count, timeout } => {
+            let mut messages = leaf.messages().context("message stream already taken")?;
+            let deadline =
+                timeout.map(|seconds| tokio::time::Instant::now() + Duration::from_secs(seconds));
+            let mut seen = 0;
+            if !json_mode {
+                eprintln!("listening as {} (Ctrl-C to stop)", leaf.peer_id());
+            }
+            while count.is_none_or(|count| seen < count) {
+                let next = match deadline {
+                    Some(deadline) => {
+                        match tokio::time::timeout_at(deadline, messages.recv()).await {
+                            Ok(message) => message,
+                            Err(_) => break,
+                        }
+                    }
+                    None => messages.recv().await,
+                };
+                let Some(message) = next else { break };
+                seen += 1;
+                let text = String::from_utf8_lossy(&message.payload).into_owned();
+                print(
+                    json_mode,
+                    json!({
+                        "id": message.id,
+                        "from": message.from,
+                        "kind": message.kind,
+                        "text": text,
+                        "sent_at_ms": message.sent_at_ms,
+                        "from_mailbox": message.from_mailbox,
+                    }),
+                    || format!("[{}] {}: {}", message.kind, message.from, text),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct NotFound(String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotFound {}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("leafpeer: {error:#}");
+            if error.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else if error.downcast_ref::<NotFound>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,129 @@
+//! The `leafpeer` command line against a real cluster: records, presence, messages and errors, through `--json`.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+use vesper_tests::cluster::{Cluster, NodeOptions};
+
+fn leafpeer(cluster: &Cluster, key: &Path, args: &[&str]) -> Output {
+    Command::new(vesper_tests::binary("leafpeer"))
+        .arg("--seeds")
+        .arg(cluster.leaf_addrs().join(","))
+        .arg("--ca")
+        .arg(cluster.pki.ca_cert())
+        .arg("--key")
+        .arg(key)
+        .arg("--json")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run leafpeer")
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "leafpeer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "not JSON ({error}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t80_the_command_line_covers_records_presence_and_messages() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let alice = cluster.root().join("alice.key");
+    let bob = cluster.root().join("bob.key");
+    let alice_id = json_of(&leafpeer(&cluster, &alice, &["id"]))["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_string();
+    let bob_id = json_of(&leafpeer(&cluster, &bob, &["id"]))["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_string();
+    assert_ne!(alice_id, bob_id);
+
+    let put = json_of(&leafpeer(
+        &cluster,
+        &alice,
+        &[
+            "put",
+            "notes",
+            "n1",
+            "--value",
+            "hello",
+            "--attr",
+            "topic=test",
+        ],
+    ));
+    assert_eq!(put["version"], 1);
+    assert_eq!(put["owner"], alice_id);
+    let got = json_of(&leafpeer(&cluster, &bob, &["get", "notes", "n1"]));
+    assert_eq!(got["value"], "hello");
+    let found = json_of(&leafpeer(
+        &cluster,
+        &bob,
+        &["search", "notes", "--eq", "topic=test"],
+    ));
+    assert_eq!(found.as_array().map(Vec::len), Some(1));
+
+    // Errors: a foreign write, a missing record, a bad status, an unreachable cluster.
+    let refused = leafpeer(&cluster, &bob, &["put", "notes", "n1", "--value", "mine"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("permission denied: record is owned by another peer"));
+    let missing = leafpeer(&cluster, &bob, &["get", "notes", "nope"]);
+    assert_eq!(missing.status.code(), Some(2));
+    let bad = leafpeer(&cluster, &bob, &["status", "sleepy"]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not online, away or busy"));
+
+    // Presence.
+    let presence = json_of(&leafpeer(
+        &cluster,
+        &alice,
+        &["status", "away", "--note", "lunch", "--attr", "city=porto"],
+    ));
+    assert_eq!(presence["status"], "away");
+    let peers = json_of(&leafpeer(
+        &cluster,
+        &bob,
+        &["search-peers", "--eq", "city=porto"],
+    ));
+    assert_eq!(peers[0]["peer_id"], alice_id);
+
+    // Messages: bob is offline (each command detaches), so they wait in his mailbox and arrive in order.
+    for text in ["one", "two"] {
+        let sent = json_of(&leafpeer(&cluster, &alice, &["send", &bob_id, text]));
+        assert_eq!(sent["outcome"], "queued");
+    }
+    let listened = leafpeer(
+        &cluster,
+        &bob,
+        &["listen", "--count", "2", "--timeout", "30"],
+    );
+    assert!(
+        listened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listened.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&listened.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON document per line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[0]["text"].as_str(), lines[1]["text"].as_str()),
+        (Some("one"), Some("two"))
+    );
+    assert_eq!(lines[0]["from"], alice_id);
+    assert_eq!(lines[0]["from_mailbox"], true);
+    Ok(())
+}
