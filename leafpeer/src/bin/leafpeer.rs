@@ -186,23 +186,23 @@ fn ca_pem(given: &Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
     let path = match given {
         Some(path) => path.clone(),
         None if Path::new(DEV_CA).exists() => PathBuf::from(DEV_CA),
-        None => bail!(UsageError(format!(
+        None => bail!(CliError::Usage(format!(
             "--ca is required (no dev cluster CA at {DEV_CA}; start one with scripts/up.sh or pass the cluster's CA)"
         ))),
     };
     std::fs::read(&path).with_context(|| format!("cannot read CA certificate {}", path.display()))
 }
 
-#[derive(Debug)]
-struct UsageError(String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Errors that choose the exit code.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// Bad usage: exit code 64.
+    #[error("{0}")]
+    Usage(String),
+    /// The thing asked for does not exist: exit code 2.
+    #[error("{0}")]
+    NotFound(String),
 }
-
-impl std::error::Error for UsageError {}
 
 fn status_name(status: i32) -> &'static str {
     match PresenceStatus::try_from(status) {
@@ -262,7 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Keygen => {
             if key_path.exists() {
-                bail!(UsageError(format!(
+                bail!(CliError::Usage(format!(
                     "{} already exists; it is never overwritten (pass --key for another file)",
                     key_path.display()
                 )));
@@ -314,7 +314,7 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
                 "online" => PresenceStatus::Online,
                 "away" => PresenceStatus::Away,
                 "busy" => PresenceStatus::Busy,
-                other => bail!(UsageError(format!(
+                other => bail!(CliError::Usage(format!(
                     "status {other:?} is not online, away or busy"
                 ))),
             };
@@ -333,7 +333,7 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
         Command::Lookup { peer } => {
             let peer = peer
                 .parse()
-                .map_err(|error| UsageError(format!("peer {peer:?}: {error}")))?;
+                .map_err(|error| CliError::Usage(format!("peer {peer:?}: {error}")))?;
             match leaf.lookup(&peer, Consistency::Linearizable).await? {
                 Some(presence) => print(json_mode, presence_json(&presence), || {
                     format!(
@@ -410,7 +410,9 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
                 Some(record) => print(json_mode, record_json(&record), || {
                     String::from_utf8_lossy(&record.value).into_owned()
                 }),
-                None => bail!(NotFound(format!("{namespace}/{key} does not exist"))),
+                None => bail!(CliError::NotFound(format!(
+                    "{namespace}/{key} does not exist"
+                ))),
             }
         }
         Command::List {
@@ -484,7 +486,7 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
         Command::Send { peer, text, kind } => {
             let peer = peer
                 .parse()
-                .map_err(|error| UsageError(format!("peer {peer:?}: {error}")))?;
+                .map_err(|error| CliError::Usage(format!("peer {peer:?}: {error}")))?;
             let outcome = leaf.send(&peer, kind, text.clone().into_bytes()).await?;
             let word = match outcome {
                 SendOutcome::Delivered => "delivered",
@@ -531,17 +533,6 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Debug)]
-struct NotFound(String);
-
-impl std::fmt::Display for NotFound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NotFound {}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -549,12 +540,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("leafpeer: {error:#}");
-            if error.downcast_ref::<UsageError>().is_some() {
-                ExitCode::from(EXIT_USAGE)
-            } else if error.downcast_ref::<NotFound>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
+            match error.downcast_ref::<CliError>() {
+                Some(CliError::Usage(_)) => ExitCode::from(EXIT_USAGE),
+                Some(CliError::NotFound(_)) => ExitCode::from(2),
+                None => ExitCode::FAILURE,
             }
         }
     }

@@ -17,8 +17,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
-use super::records::encode;
-use super::{blocking, StoreError, CF_LOG, CF_RAFT};
+use super::{blocking, decode, encode, StoreError, CF_LOG, CF_RAFT};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 
 const VOTE_KEY: &[u8] = b"vote";
@@ -72,13 +71,6 @@ fn run_flusher(db: Arc<DB>, queue: std::sync::mpsc::Receiver<IOFlushed<TypeConfi
 
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
 }
 
 fn synced() -> WriteOptions {

@@ -116,6 +116,28 @@ pub fn open(path: &Path) -> Result<Arc<DB>, StoreError> {
     Ok(Arc::new(db))
 }
 
+/// A column family handle; every one is created when the store opens.
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .expect("every column family is created when the store opens")
+}
+
+/// Decodes a stored value, naming what it was in the error.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// Encodes a value for storage, naming what it was in the error.
+pub(crate) fn encode<T: serde::Serialize>(
+    what: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
 /// Runs a blocking RocksDB job off the async threads.
 pub async fn blocking<T, F>(job: F) -> Result<T, StoreError>
 where

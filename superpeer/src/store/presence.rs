@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use super::records::{encode, Condition, Term};
-use super::{StoreError, CF_MAILBOX, CF_PRESENCE, CF_PRESENCE_ATTRS};
+use super::records::{Condition, Term};
+use super::{cf, decode, encode, StoreError, CF_MAILBOX, CF_PRESENCE, CF_PRESENCE_ATTRS};
 use crate::raft::command::{
     PeerKey, PresenceEntry, PresenceStatus, Rejection, Response, StoredMessage,
 };
@@ -25,18 +25,6 @@ use crate::raft::command::{
 pub struct MailboxItem {
     pub message: StoredMessage,
     pub expires_at_ms: u64,
-}
-
-fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
-    db.cf_handle(name)
-        .expect("every column family is created when the store opens")
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
 }
 
 fn attr_key(name: &str, value: &str, peer: &PeerKey) -> Vec<u8> {

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
-use super::{StoreError, CF_ATTRS, CF_RECORDS};
+use super::{cf, decode, encode, StoreError, CF_ATTRS, CF_RECORDS};
 use crate::raft::command::{PeerKey, Rejection, Response, StoredRecord};
 
 /// A search condition, already validated.
@@ -70,22 +70,7 @@ fn attr_key(namespace: &str, name: &str, value: &str, key: &str) -> Vec<u8> {
 }
 
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<StoredRecord, StoreError> {
-    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode {
-        what: "record",
-        source,
-    })
-}
-
-pub(crate) fn encode<T: serde::Serialize>(
-    what: &'static str,
-    value: &T,
-) -> Result<Vec<u8>, StoreError> {
-    postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })
-}
-
-fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
-    db.cf_handle(name)
-        .expect("every column family is created when the store opens")
+    decode("record", bytes)
 }
 
 /// Reads one record.

@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::presence::PresenceWriter;
-use super::records::{encode, RecordWriter};
+use super::records::RecordWriter;
 use super::{
-    blocking, StoreError, CF_ATTRS, CF_MAILBOX, CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS,
-    CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
+    blocking, cf, decode, encode, StoreError, CF_ATTRS, CF_MAILBOX, CF_NODES, CF_PRESENCE,
+    CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
 };
 use crate::events::{Change, Event, EventLog};
 use crate::raft::command::{NodeInfo, Op, Rejection, Response};
@@ -81,18 +81,6 @@ pub struct StateMachine {
 #[derive(Clone)]
 pub struct StateReader {
     db: Arc<DB>,
-}
-
-fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
-    db.cf_handle(name)
-        .expect("every column family is created when the store opens")
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
 }
 
 fn read_next_node_id(db: &DB) -> Result<u64, StoreError> {
