@@ -66,6 +66,11 @@ impl ServiceError {
             ServiceError::Rejected(Rejection::MailboxFull { .. }) => {
                 Status::resource_exhausted(message)
             }
+            ServiceError::Rejected(Rejection::ConferenceExists) => Status::already_exists(message),
+            ServiceError::Rejected(Rejection::UnknownConference) => Status::not_found(message),
+            ServiceError::Rejected(
+                Rejection::NotConferenceOwner | Rejection::NotInvited | Rejection::NotParticipant,
+            ) => Status::permission_denied(message),
             ServiceError::Rejected(Rejection::UnknownNode(_)) | ServiceError::NotFound(_) => {
                 Status::not_found(message)
             }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::raft::command::{PeerKey, PresenceEntry, StoredRecord};
+use crate::raft::command::{ChatEntry, ConferenceEntry, PeerKey, PresenceEntry, StoredRecord};
 
 /// Events kept for resuming watches.
 pub const HISTORY: usize = 100_000;
@@ -30,6 +30,14 @@ pub enum Change {
         key: String,
         /// None when deleted.
         record: Option<StoredRecord>,
+    },
+    Conference {
+        id: String,
+        entry: ConferenceEntry,
+    },
+    Chat {
+        conference: String,
+        chat: ChatEntry,
     },
 }
 

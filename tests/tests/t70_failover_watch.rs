@@ -287,7 +287,7 @@ async fn t70_killing_a_super_peer_moves_its_leaves_without_losing_messages_or_wa
                     {
                         offline.push(presence.peer_id);
                     }
-                    Some(watch_event::Change::Presence(_)) | None => {}
+                    _ => {}
                 }
             }
             WatchItem::Reset { applied_index } => {

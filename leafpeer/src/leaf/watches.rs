@@ -27,6 +27,8 @@ pub struct WatchSpec {
     pub namespace: String,
     /// Only keys with this prefix.
     pub key_prefix: String,
+    /// Conference whose roster, start and chat to watch (empty: none).
+    pub conference_id: String,
 }
 
 /// Events buffered per watch before the session waits for the app.
@@ -123,6 +125,7 @@ fn start_frame(watch_id: u64, spec: &WatchSpec, resume_after_index: u64) -> Clie
             namespace: spec.namespace.clone(),
             key_prefix: spec.key_prefix.clone(),
             resume_after_index,
+            conference_id: spec.conference_id.clone(),
         })),
     }
 }

@@ -1,4 +1,5 @@
-//! Host expiry, run by the leader: the peers of a super peer that stopped answering go offline.
+//! Timed duties of the leader: the peers of a super peer that stopped answering go offline, and conferences
+//! whose scheduled start has passed are marked started.
 //!
 //! The leader learns when each member last acknowledged it from openraft's heartbeat metrics. A member silent
 //! for longer than `host_expiry_ms` (after this node has led at least that long, so a fresh leader does not
@@ -37,6 +38,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
             leading_since = None;
             continue;
         };
+        start_due_conferences(&context).await;
         let since = *leading_since.get_or_insert_with(Instant::now);
         let mut stale = Vec::new();
         for (node, last) in heartbeats {
@@ -68,6 +70,26 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
                     tracing::warn!(node, %error, "cannot expire a silent super peer's sessions")
                 }
             }
+        }
+    }
+}
+
+/// Marks conferences whose scheduled start has passed as started (a Raft write, so every watcher sees it).
+async fn start_due_conferences(context: &Context) {
+    let due =
+        match crate::store::conference::due(context.reader.db(), crate::raft::propose::now_ms()) {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read conferences");
+                return;
+            }
+        };
+    for id in due {
+        if let Err(error) = context
+            .propose(Op::ConferenceStart { id: id.clone() })
+            .await
+        {
+            tracing::warn!(%error, conference = %id, "cannot mark a conference started");
         }
     }
 }

@@ -12,6 +12,7 @@
 //! ownership and compare-and-set against the local replica. Apply repeats the last two checks deterministically
 //! for writes that raced.
 
+pub mod conference;
 pub(crate) mod convert;
 pub mod expiry;
 pub mod messaging;
@@ -32,12 +33,14 @@ use tracing::Instrument;
 use vesper_proto::session::{attach_message, NONCE_LEN};
 use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
-    client_frame, search_term, server_frame, Challenge, ClientFrame, DeleteRecordRequest,
-    DeleteRecordResponse, GetRecordRequest, GetRecordResponse, ListRecordsRequest,
-    ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Pong, PresenceStatus,
-    PutRecordRequest, PutRecordResponse, ReadConsistency, SearchPeersRequest, SearchPeersResponse,
-    SearchRecordsRequest, SearchRecordsResponse, SendMessageRequest, SendMessageResponse,
-    SendResult, ServerFrame, SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
+    client_frame, search_term, server_frame, AnswerInvitationRequest, Challenge, ClientFrame,
+    ConferenceResponse, CreateConferenceRequest, DeleteRecordRequest, DeleteRecordResponse,
+    GetConferenceRequest, GetRecordRequest, GetRecordResponse, InviteRequest, ListRecordsRequest,
+    ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Pong, PostChatRequest,
+    PostChatResponse, PresenceStatus, PutRecordRequest, PutRecordResponse, ReadConsistency,
+    SearchPeersRequest, SearchPeersResponse, SearchRecordsRequest, SearchRecordsResponse,
+    SendMessageRequest, SendMessageResponse, SendResult, ServerFrame, SetPresenceRequest,
+    SetPresenceResponse, WatchRefused, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -47,6 +50,7 @@ use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::command::StoredRecord;
 use crate::raft::command::{Op, PresenceStatus as StoredStatus, Response as CommandResponse};
+use crate::store::conference as store_conference;
 use crate::store::presence;
 use crate::store::records::{self, Condition, Term};
 use crate::store::{blocking, StoreError};
@@ -394,6 +398,144 @@ impl Leaf for LeafService {
             queued: matches!(fate, messaging::Fate::Queued),
         }))
     }
+
+    async fn create_conference(
+        &self,
+        request: Request<CreateConferenceRequest>,
+    ) -> Result<Response<ConferenceResponse>, Status> {
+        let owner = self.authenticate(&request)?;
+        let request = request.into_inner();
+        conference::check_id(&request.id)?;
+        conference::check_text("title", &request.title, conference::MAX_TITLE_LEN)?;
+        conference::check_text(
+            "description",
+            &request.description,
+            conference::MAX_TEXT_LEN,
+        )?;
+        let op = Op::ConferenceCreate {
+            owner: *owner.as_bytes(),
+            id: request.id.clone(),
+            title: request.title,
+            description: request.description,
+            start_at_ms: request.start_at_ms,
+        };
+        self.conference_op(&request.id, op).await
+    }
+
+    async fn invite(
+        &self,
+        request: Request<InviteRequest>,
+    ) -> Result<Response<ConferenceResponse>, Status> {
+        let owner = self.authenticate(&request)?;
+        let request = request.into_inner();
+        conference::check_id(&request.conference_id)?;
+        if request.peers.is_empty() || request.peers.len() > conference::MAX_INVITES_PER_CALL {
+            return Err(ServiceError::BadField(format!(
+                "invite 1-{} peers per call, got {}",
+                conference::MAX_INVITES_PER_CALL,
+                request.peers.len()
+            ))
+            .into());
+        }
+        let mut invitees = Vec::with_capacity(request.peers.len());
+        for text in &request.peers {
+            let peer: PeerId = text
+                .parse()
+                .map_err(|error| ServiceError::BadField(format!("invitee {text:?}: {error}")))?;
+            invitees.push(peer);
+        }
+        let op = Op::ConferenceInvite {
+            owner: *owner.as_bytes(),
+            id: request.conference_id.clone(),
+            invitees: invitees.iter().map(|peer| *peer.as_bytes()).collect(),
+        };
+        let response = self.conference_op(&request.conference_id, op).await?;
+        // The invitation carries the context: each invitee gets it as a message (or in its mailbox).
+        if let Some(context) = &response.get_ref().conference {
+            let payload = prost::Message::encode_to_vec(context);
+            for invitee in &invitees {
+                let message = vesper_proto::v1::Message {
+                    id: format!("invite-{}", request.conference_id),
+                    from: owner.to_string(),
+                    kind: conference::INVITE_KIND.into(),
+                    payload: payload.clone(),
+                    sent_at_ms: crate::raft::propose::now_ms(),
+                    from_mailbox: false,
+                };
+                if let Err(error) = messaging::send(&self.context, &owner, invitee, message).await {
+                    tracing::warn!(%error, invitee = %invitee, "cannot deliver an invitation");
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    async fn answer_invitation(
+        &self,
+        request: Request<AnswerInvitationRequest>,
+    ) -> Result<Response<ConferenceResponse>, Status> {
+        let peer = self.authenticate(&request)?;
+        let request = request.into_inner();
+        conference::check_id(&request.conference_id)?;
+        let op = Op::ConferenceAnswer {
+            peer: *peer.as_bytes(),
+            id: request.conference_id.clone(),
+            accept: request.accept,
+        };
+        self.conference_op(&request.conference_id, op).await
+    }
+
+    async fn get_conference(
+        &self,
+        request: Request<GetConferenceRequest>,
+    ) -> Result<Response<ConferenceResponse>, Status> {
+        self.authenticate(&request)?;
+        let request = request.into_inner();
+        conference::check_id(&request.conference_id)?;
+        self.context
+            .read_barrier(ReadConsistency::Linearizable)
+            .await?;
+        match store_conference::get(self.context.reader.db(), &request.conference_id)
+            .map_err(ServiceError::from)?
+        {
+            Some(entry) => Ok(Response::new(ConferenceResponse {
+                conference: Some(conference::context(&request.conference_id, &entry)),
+            })),
+            None => {
+                Err(ServiceError::from(crate::raft::command::Rejection::UnknownConference).into())
+            }
+        }
+    }
+
+    async fn post_chat(
+        &self,
+        request: Request<PostChatRequest>,
+    ) -> Result<Response<PostChatResponse>, Status> {
+        let from = self.authenticate(&request)?;
+        let request = request.into_inner();
+        conference::check_id(&request.conference_id)?;
+        conference::check_text("text", &request.text, conference::MAX_TEXT_LEN)?;
+        if request.id.is_empty() || request.id.len() > messaging::MAX_MESSAGE_ID_LEN {
+            return Err(ServiceError::BadField(format!(
+                "chat id must be 1-{} bytes",
+                messaging::MAX_MESSAGE_ID_LEN
+            ))
+            .into());
+        }
+        let op = Op::ConferenceChat {
+            from: *from.as_bytes(),
+            id: request.conference_id,
+            message_id: request.id,
+            text: request.text,
+        };
+        match self.context.propose(op).await? {
+            (CommandResponse::Chat(chat), _) => Ok(Response::new(PostChatResponse {
+                sequence: chat.sequence,
+            })),
+            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
 }
 
 /// What list and search share: where, how many, from where, how consistent.
@@ -432,6 +574,21 @@ impl LeafService {
             blocking(move || query(reader.db(), &namespace, after.as_deref(), limit)).await?;
         let (records, next_page_token) = convert::page(&page.namespace, found, more);
         Ok((records, next_page_token, applied_index))
+    }
+
+    /// Proposes a conference command and answers with the conference it produced.
+    async fn conference_op(
+        &self,
+        id: &str,
+        op: Op,
+    ) -> Result<Response<ConferenceResponse>, Status> {
+        match self.context.propose(op).await? {
+            (CommandResponse::Conference(entry), _) => Ok(Response::new(ConferenceResponse {
+                conference: Some(conference::context(id, &entry)),
+            })),
+            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
+            (other, _) => Err(unexpected(other)),
+        }
     }
 
     /// Checks ownership and compare-and-set against the local replica before anything is proposed.

@@ -31,6 +31,7 @@ const RESET_RECORDS: usize = 1000;
 
 struct Spec {
     peers: HashSet<PeerKey>,
+    conference: String,
     namespace: String,
     key_prefix: String,
     /// Index up to which the catch-up (history replay or reset state) delivered everything.
@@ -45,6 +46,10 @@ impl Spec {
                 !self.namespace.is_empty()
                     && *namespace == self.namespace
                     && key.starts_with(self.key_prefix.as_str())
+            }
+            Change::Conference { id, .. } => !self.conference.is_empty() && *id == self.conference,
+            Change::Chat { conference, .. } => {
+                !self.conference.is_empty() && *conference == self.conference
             }
         }
     }
@@ -72,6 +77,12 @@ fn event_frame(context: &Context, watch_id: u64, event: &Event) -> ServerFrame {
                 .clone()
                 .map(|record| convert::record(namespace, key, record)),
         }),
+        Change::Conference { id, entry } => {
+            watch_event::Change::Conference(crate::leaf::conference::context(id, entry))
+        }
+        Change::Chat { conference, chat } => {
+            watch_event::Change::Chat(crate::leaf::conference::chat(conference, chat))
+        }
     };
     ServerFrame {
         frame: Some(server_frame::Frame::WatchEvent(WatchEvent {
@@ -143,8 +154,12 @@ impl Watches {
         let current = context
             .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
             .await?;
+        if !watch.conference_id.is_empty() {
+            crate::leaf::conference::check_id(&watch.conference_id)?;
+        }
         let mut spec = Spec {
             peers,
+            conference: watch.conference_id,
             namespace: watch.namespace,
             key_prefix: watch.key_prefix,
             delivered: current,
@@ -223,6 +238,18 @@ fn current_state(
             let event = Event {
                 index,
                 change: Change::Presence { peer: *peer, entry },
+            };
+            frames.push(event_frame(context, watch_id, &event));
+        }
+    }
+    if !spec.conference.is_empty() {
+        if let Some(entry) = crate::store::conference::get(db, &spec.conference)? {
+            let event = Event {
+                index,
+                change: Change::Conference {
+                    id: spec.conference.clone(),
+                    entry,
+                },
             };
             frames.push(event_frame(context, watch_id, &event));
         }

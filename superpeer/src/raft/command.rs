@@ -73,6 +73,67 @@ pub enum Op {
     },
     /// Remove delivered messages (by their mailbox sequence numbers) from a peer's mailbox.
     MailboxAck { to: PeerKey, sequences: Vec<u64> },
+    /// Create conference `id` owned by `owner`.
+    ConferenceCreate {
+        owner: PeerKey,
+        id: String,
+        title: String,
+        description: String,
+        start_at_ms: u64,
+    },
+    /// The owner invites peers.
+    ConferenceInvite {
+        owner: PeerKey,
+        id: String,
+        invitees: Vec<PeerKey>,
+    },
+    /// An invitee answers for itself.
+    ConferenceAnswer {
+        peer: PeerKey,
+        id: String,
+        accept: bool,
+    },
+    /// The scheduled start has passed (proposed by the leader).
+    ConferenceStart { id: String },
+    /// A chat line; the state machine gives it the conference's next sequence number.
+    ConferenceChat {
+        from: PeerKey,
+        id: String,
+        message_id: String,
+        text: String,
+    },
+}
+
+/// An invitee's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Invitation {
+    Invited,
+    Accepted,
+    Declined,
+}
+
+/// A conference as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceEntry {
+    pub owner: PeerKey,
+    pub title: String,
+    pub description: String,
+    pub start_at_ms: u64,
+    pub invitees: BTreeMap<PeerKey, Invitation>,
+    pub created_at_ms: u64,
+    pub started: bool,
+    /// Sequence number the next chat line gets.
+    pub next_sequence: u64,
+}
+
+/// A conference chat line as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatEntry {
+    pub sequence: u64,
+    pub from: PeerKey,
+    pub message_id: String,
+    pub text: String,
+    pub sent_at_ms: u64,
 }
 
 /// Presence status as stored.
@@ -127,6 +188,13 @@ impl fmt::Display for Command {
             Op::MailboxAck { sequences, .. } => {
                 write!(f, "mailbox ack {} messages", sequences.len())
             }
+            Op::ConferenceCreate { id, .. } => write!(f, "create conference {id}"),
+            Op::ConferenceInvite { id, invitees, .. } => {
+                write!(f, "invite {} to {id}", invitees.len())
+            }
+            Op::ConferenceAnswer { id, accept, .. } => write!(f, "answer {id}: {accept}"),
+            Op::ConferenceStart { id } => write!(f, "start conference {id}"),
+            Op::ConferenceChat { id, .. } => write!(f, "chat in {id}"),
         }
     }
 }
@@ -180,6 +248,10 @@ pub enum Response {
     Presence(PresenceEntry),
     /// Number of peers a host expiry took offline.
     Expired(u64),
+    /// A conference after a conference command.
+    Conference(ConferenceEntry),
+    /// A chat line as stored (also for a retried post).
+    Chat(ChatEntry),
 }
 
 /// Why apply refused a command. The proposer checks the same conditions before proposing, so these only show up
@@ -196,4 +268,14 @@ pub enum Rejection {
     NotAttached,
     #[error("the recipient's mailbox is full ({quota} messages)")]
     MailboxFull { quota: u32 },
+    #[error("a conference with this id exists already")]
+    ConferenceExists,
+    #[error("no such conference")]
+    UnknownConference,
+    #[error("only the conference's owner may do this")]
+    NotConferenceOwner,
+    #[error("you are not invited to this conference")]
+    NotInvited,
+    #[error("only the owner and participants who accepted may chat")]
+    NotParticipant,
 }

@@ -14,6 +14,7 @@
 //! makes every earlier state machine write durable, which is why state machine batches need no fsync of their own.
 //! Everything is encoded with postcard behind a format version (`FORMAT_VERSION`), checked at open.
 
+pub mod conference;
 pub mod log_store;
 pub mod presence;
 pub mod records;
@@ -37,6 +38,8 @@ pub const CF_SNAPSHOT: &str = "snapshot";
 pub const CF_PRESENCE: &str = "presence";
 pub const CF_PRESENCE_ATTRS: &str = "presence_attrs";
 pub const CF_MAILBOX: &str = "mailbox";
+pub const CF_CONFERENCES: &str = "conferences";
+pub const CF_CONF_CHAT: &str = "conf_chat";
 
 const ALL_CFS: &[&str] = &[
     CF_LOG,
@@ -49,6 +52,8 @@ const ALL_CFS: &[&str] = &[
     CF_PRESENCE,
     CF_PRESENCE_ATTRS,
     CF_MAILBOX,
+    CF_CONFERENCES,
+    CF_CONF_CHAT,
 ];
 
 /// Version of the on-disk encoding. openraft does not promise a stable serde layout across versions, so a

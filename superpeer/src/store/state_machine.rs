@@ -20,11 +20,12 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use super::conference::ConferenceWriter;
 use super::presence::PresenceWriter;
 use super::records::RecordWriter;
 use super::{
-    blocking, cf, decode, encode, StoreError, CF_ATTRS, CF_MAILBOX, CF_NODES, CF_PRESENCE,
-    CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
+    blocking, cf, decode, encode, StoreError, CF_ATTRS, CF_CONFERENCES, CF_CONF_CHAT, CF_MAILBOX,
+    CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
 };
 use crate::events::{Change, Event, EventLog};
 use crate::raft::command::{NodeInfo, Op, Rejection, Response};
@@ -35,7 +36,7 @@ const MEMBERSHIP_KEY: &[u8] = b"membership";
 const NEXT_NODE_ID_KEY: &[u8] = b"next_node_id";
 const SNAPSHOT_KEY: &[u8] = b"current";
 /// Version of [`SnapshotPayload`]'s encoding.
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// A super peer as the node table keeps it. Removed nodes stay as tombstones so their ids are never reused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +61,9 @@ struct SnapshotPayload {
     presence: RawPairs,
     /// Raw (key, value) pairs of the mailboxes.
     mailbox: RawPairs,
+    /// Raw (key, value) pairs of conferences and their chats.
+    conferences: RawPairs,
+    conf_chat: RawPairs,
 }
 
 /// The snapshot as stored in the `snapshot` column family.
@@ -165,6 +169,7 @@ impl StateMachine {
         {
             let mut records = RecordWriter::new(db);
             let mut presence = PresenceWriter::new(db);
+            let mut conferences = ConferenceWriter::default();
             let batch = &mut batch;
             for entry in entries {
                 let response = match &entry.payload {
@@ -296,6 +301,45 @@ impl StateMachine {
                             entry.log_id.index,
                             command.at_ms,
                         )?,
+                        Op::ConferenceCreate {
+                            owner,
+                            id,
+                            title,
+                            description,
+                            start_at_ms,
+                        } => conferences.create(
+                            db,
+                            batch,
+                            *owner,
+                            id,
+                            title,
+                            description,
+                            *start_at_ms,
+                            command.at_ms,
+                        )?,
+                        Op::ConferenceInvite {
+                            owner,
+                            id,
+                            invitees,
+                        } => conferences.invite(db, batch, *owner, id, invitees)?,
+                        Op::ConferenceAnswer { peer, id, accept } => {
+                            conferences.answer(db, batch, *peer, id, *accept)?
+                        }
+                        Op::ConferenceStart { id } => conferences.start(db, batch, id)?,
+                        Op::ConferenceChat {
+                            from,
+                            id,
+                            message_id,
+                            text,
+                        } => conferences.chat(
+                            db,
+                            batch,
+                            *from,
+                            id,
+                            message_id,
+                            text,
+                            command.at_ms,
+                        )?,
                         Op::MailboxAck { to, sequences } => {
                             presence.mailbox_ack(batch, *to, sequences)?
                         }
@@ -313,6 +357,19 @@ impl StateMachine {
                                     record: Some(record.clone()),
                                 },
                             }),
+                        (
+                            Op::ConferenceCreate { id, .. }
+                            | Op::ConferenceInvite { id, .. }
+                            | Op::ConferenceAnswer { id, .. }
+                            | Op::ConferenceStart { id },
+                            Response::Conference(entry),
+                        ) => events.push(Event {
+                            index,
+                            change: Change::Conference {
+                                id: id.clone(),
+                                entry: entry.clone(),
+                            },
+                        }),
                         (Op::DeleteRecord { namespace, key, .. }, Response::Deleted(true)) => {
                             events.push(Event {
                                 index,
@@ -325,6 +382,13 @@ impl StateMachine {
                         }
                         _ => {}
                     }
+                }
+                // Only new chat lines make events: a retried post answers with the stored line.
+                for (conference, chat) in conferences.take_new_chats() {
+                    events.push(Event {
+                        index,
+                        change: Change::Chat { conference, chat },
+                    });
                 }
                 for (peer, entry) in presence.take_changes() {
                     events.push(Event {
@@ -396,6 +460,8 @@ impl StateMachine {
             nodes: collect(CF_NODES)?,
             presence: collect(CF_PRESENCE)?,
             mailbox: collect(CF_MAILBOX)?,
+            conferences: collect(CF_CONFERENCES)?,
+            conf_chat: collect(CF_CONF_CHAT)?,
         };
         encode("snapshot", &payload)
     }
@@ -416,6 +482,8 @@ impl StateMachine {
             CF_PRESENCE,
             CF_PRESENCE_ATTRS,
             CF_MAILBOX,
+            CF_CONFERENCES,
+            CF_CONF_CHAT,
         ] {
             for item in db.iterator_cf(cf(db, name), IteratorMode::Start) {
                 let (key, _) = item?;
@@ -429,6 +497,8 @@ impl StateMachine {
             (CF_NODES, &payload.nodes),
             (CF_PRESENCE, &payload.presence),
             (CF_MAILBOX, &payload.mailbox),
+            (CF_CONFERENCES, &payload.conferences),
+            (CF_CONF_CHAT, &payload.conf_chat),
         ] {
             for (key, value) in pairs {
                 batch.put_cf(cf(db, name), key.as_slice(), value.as_slice());
