@@ -20,5 +20,8 @@ pub use error::LeafError;
 pub use leaf::{
     Consistency, Handler, Leaf, LeafConfig, Page, SearchTerm, SendOutcome, WatchItem, WatchSpec,
 };
-pub use vesper_proto::v1::{Member, Message, Presence, PresenceStatus, Record};
+pub use vesper_proto::v1::{
+    ConferenceChat, ConferenceContext, InvitationState, Member, Message, Presence, PresenceStatus,
+    Record,
+};
 pub use vesper_proto::{Keypair, PeerId};

@@ -10,10 +10,11 @@ mod watches;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use vesper_proto::v1::{
-    client_frame, search_term, ClientFrame, DeleteRecordRequest, Detach, GetRecordRequest,
-    ListRecordsRequest, LookupPeerRequest, Message, Presence, PresenceStatus, PutRecordRequest,
-    ReadConsistency, Record, SearchPeersRequest, SearchRecordsRequest, SendFrame,
-    SendMessageRequest, SetPresenceRequest,
+    client_frame, search_term, AnswerInvitationRequest, ClientFrame, ConferenceContext,
+    ConferenceResponse, CreateConferenceRequest, DeleteRecordRequest, Detach, GetConferenceRequest,
+    GetRecordRequest, InviteRequest, ListRecordsRequest, LookupPeerRequest, Message,
+    PostChatRequest, Presence, PresenceStatus, PutRecordRequest, ReadConsistency, Record,
+    SearchPeersRequest, SearchRecordsRequest, SendFrame, SendMessageRequest, SetPresenceRequest,
 };
 use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
 
@@ -321,6 +322,91 @@ impl Leaf {
         }
     }
 
+    /// Creates conference `id`, owned by this leaf, starting at `start_at_ms` (milliseconds since the epoch).
+    pub async fn create_conference(
+        &self,
+        id: &str,
+        title: &str,
+        description: &str,
+        start_at_ms: u64,
+    ) -> Result<ConferenceContext, LeafError> {
+        let (mut client, request) = self
+            .request(CreateConferenceRequest {
+                id: id.into(),
+                title: title.into(),
+                description: description.into(),
+                start_at_ms,
+            })
+            .await?;
+        conference_of(client.create_conference(request).await?.into_inner())
+    }
+
+    /// Invites peers to a conference this leaf owns; each gets the context as a `vesper.invite` message.
+    pub async fn invite(
+        &self,
+        conference_id: &str,
+        peers: &[PeerId],
+    ) -> Result<ConferenceContext, LeafError> {
+        let (mut client, request) = self
+            .request(InviteRequest {
+                conference_id: conference_id.into(),
+                peers: peers.iter().map(PeerId::to_string).collect(),
+            })
+            .await?;
+        conference_of(client.invite(request).await?.into_inner())
+    }
+
+    /// Accepts or declines an invitation.
+    pub async fn answer_invitation(
+        &self,
+        conference_id: &str,
+        accept: bool,
+    ) -> Result<ConferenceContext, LeafError> {
+        let (mut client, request) = self
+            .request(AnswerInvitationRequest {
+                conference_id: conference_id.into(),
+                accept,
+            })
+            .await?;
+        conference_of(client.answer_invitation(request).await?.into_inner())
+    }
+
+    /// Reads a conference's context and roster.
+    pub async fn conference(&self, conference_id: &str) -> Result<ConferenceContext, LeafError> {
+        let (mut client, request) = self
+            .request(GetConferenceRequest {
+                conference_id: conference_id.into(),
+            })
+            .await?;
+        conference_of(client.get_conference(request).await?.into_inner())
+    }
+
+    /// Posts a chat line to a conference; returns its place in the conference's one order. Retried with the
+    /// same id while the cluster is between leaders.
+    pub async fn post_chat(&self, conference_id: &str, text: &str) -> Result<u64, LeafError> {
+        let id = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut client, request) = self
+                .request(PostChatRequest {
+                    conference_id: conference_id.into(),
+                    id: id.clone(),
+                    text: text.into(),
+                })
+                .await?;
+            match client.post_chat(request).await {
+                Ok(reply) => return Ok(reply.into_inner().sequence),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable && attempt < SEND_ATTEMPTS =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+
     /// Sets this peer's status, note and searchable profile attributes.
     pub async fn set_presence(
         &self,
@@ -525,6 +611,12 @@ impl Leaf {
             applied_index: reply.applied_index,
         })
     }
+}
+
+fn conference_of(response: ConferenceResponse) -> Result<ConferenceContext, LeafError> {
+    response.conference.ok_or_else(|| {
+        LeafError::SessionClosed("conference call answered without a conference".into())
+    })
 }
 
 fn wire_term(term: &SearchTerm) -> vesper_proto::v1::SearchTerm {
