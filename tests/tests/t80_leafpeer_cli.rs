@@ -125,5 +125,41 @@ async fn t80_the_command_line_covers_records_presence_and_messages() -> anyhow::
     );
     assert_eq!(lines[0]["from"], alice_id);
     assert_eq!(lines[0]["from_mailbox"], true);
+
+    // Conferences through the command line.
+    let carol = cluster.root().join("carol.key");
+    let mallory = cluster.root().join("mallory.key");
+    let carol_id = json_of(&leafpeer(&cluster, &carol, &["id"]))["peer_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let created = json_of(&leafpeer(
+        &cluster,
+        &alice,
+        &["create", "retro", "--title", "Retro", "--starts-in", "3600"],
+    ));
+    assert_eq!(created["owner"], alice_id);
+    json_of(&leafpeer(
+        &cluster,
+        &alice,
+        &["invite", "retro", &bob_id, &carol_id],
+    ));
+    json_of(&leafpeer(&cluster, &bob, &["accept", "retro"]));
+    let roster = json_of(&leafpeer(&cluster, &carol, &["decline", "retro"]));
+    let state = |peer: &str| {
+        roster["invitees"]
+            .as_array()
+            .expect("invitees")
+            .iter()
+            .find(|invitee| invitee["peer_id"] == peer)
+            .map(|invitee| invitee["state"].clone())
+    };
+    assert_eq!(state(&bob_id), Some(Value::from("accepted")));
+    assert_eq!(state(&carol_id), Some(Value::from("declined")));
+    let refused = leafpeer(&cluster, &mallory, &["accept", "retro"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not invited"));
+    let said = json_of(&leafpeer(&cluster, &bob, &["say", "retro", "hello all"]));
+    assert_eq!(said["sequence"], 1);
     Ok(())
 }

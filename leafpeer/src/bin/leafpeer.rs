@@ -13,8 +13,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use vesper_leafpeer::{
-    Consistency, Keypair, Leaf, LeafConfig, LeafError, Presence, PresenceStatus, Record,
-    SearchTerm, SendOutcome,
+    ConferenceContext, Consistency, InvitationState, Keypair, Leaf, LeafConfig, LeafError,
+    Presence, PresenceStatus, Record, SearchTerm, SendOutcome,
 };
 
 /// Exit code for bad usage (EX_USAGE).
@@ -144,6 +144,33 @@ enum Command {
         #[arg(long, default_value = "chat")]
         kind: String,
     },
+    /// Create a conference you own.
+    Create {
+        /// Conference id: [a-z0-9._-], 1-64 characters.
+        id: String,
+        #[arg(long)]
+        title: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Start in this many seconds from now.
+        #[arg(long, default_value_t = 0)]
+        starts_in: u64,
+    },
+    /// Invite peers to a conference you own (they get its context as a message).
+    Invite {
+        id: String,
+        /// PeerIds to invite.
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Accept an invitation.
+    Accept { id: String },
+    /// Decline an invitation.
+    Decline { id: String },
+    /// Show a conference's context and roster.
+    Roster { id: String },
+    /// Post one line to a conference's chat.
+    Say { id: String, text: String },
     /// Print messages as they arrive (also those that waited in the mailbox).
     Listen {
         /// Stop after this many messages.
@@ -235,6 +262,48 @@ fn record_json(record: &Record) -> Value {
         "value": String::from_utf8_lossy(&record.value),
         "updated_at_ms": record.updated_at_ms,
     })
+}
+
+fn answer_name(state: i32) -> &'static str {
+    match InvitationState::try_from(state) {
+        Ok(InvitationState::Accepted) => "accepted",
+        Ok(InvitationState::Declined) => "declined",
+        _ => "invited",
+    }
+}
+
+fn conference_json(context: &ConferenceContext) -> Value {
+    json!({
+        "id": context.id,
+        "owner": context.owner,
+        "title": context.title,
+        "description": context.description,
+        "start_at_ms": context.start_at_ms,
+        "started": context.started,
+        "invitees": context
+            .invitees
+            .iter()
+            .map(|invitee| json!({ "peer_id": invitee.peer_id, "state": answer_name(invitee.state) }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn roster_text(context: &ConferenceContext) -> String {
+    let mut text = format!(
+        "{} \"{}\" by {}{}",
+        context.id,
+        context.title,
+        context.owner,
+        if context.started { " (started)" } else { "" }
+    );
+    for invitee in &context.invitees {
+        text.push_str(&format!(
+            "\n  {} {}",
+            invitee.peer_id,
+            answer_name(invitee.state)
+        ));
+    }
+    text
 }
 
 fn terms(equals: Vec<(String, String)>, prefixes: Vec<(String, String)>) -> Vec<SearchTerm> {
@@ -493,6 +562,54 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
                 SendOutcome::Queued => "queued",
             };
             print(json_mode, json!({ "outcome": word }), || word.to_string());
+        }
+        Command::Create {
+            id,
+            title,
+            description,
+            starts_in,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_millis() as u64);
+            let context = leaf
+                .create_conference(id, title, description, now + starts_in * 1000)
+                .await?;
+            print(json_mode, conference_json(&context), || {
+                roster_text(&context)
+            });
+        }
+        Command::Invite { id, peers } => {
+            let mut invitees = Vec::new();
+            for peer in peers {
+                invitees.push(
+                    peer.parse()
+                        .map_err(|error| CliError::Usage(format!("peer {peer:?}: {error}")))?,
+                );
+            }
+            let context = leaf.invite(id, &invitees).await?;
+            print(json_mode, conference_json(&context), || {
+                roster_text(&context)
+            });
+        }
+        Command::Accept { id } | Command::Decline { id } => {
+            let accept = matches!(cli.command, Command::Accept { .. });
+            let context = leaf.answer_invitation(id, accept).await?;
+            print(json_mode, conference_json(&context), || {
+                roster_text(&context)
+            });
+        }
+        Command::Roster { id } => {
+            let context = leaf.conference(id).await?;
+            print(json_mode, conference_json(&context), || {
+                roster_text(&context)
+            });
+        }
+        Command::Say { id, text } => {
+            let sequence = leaf.post_chat(id, text).await?;
+            print(json_mode, json!({ "sequence": sequence }), || {
+                format!("#{sequence}")
+            });
         }
         Command::Listen { count, timeout } => {
             let mut messages = leaf.messages().context("message stream already taken")?;
