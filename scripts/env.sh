@@ -10,7 +10,7 @@ VESPER_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export VESPER_ROOT
 
 # Debian packages the build needs; checked one by one so a warm machine skips apt entirely.
-VESPER_PACKAGES=(build-essential libclang1-14 libclang-common-14-dev sccache)
+VESPER_PACKAGES=(build-essential libclang1-14 libclang-common-14-dev sccache tmux)
 
 vesper_install_packages() {
     local missing=()

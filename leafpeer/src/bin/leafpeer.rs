@@ -171,6 +171,12 @@ enum Command {
     Roster { id: String },
     /// Post one line to a conference's chat.
     Say { id: String, text: String },
+    /// Chat with a peer: type a line and press Enter to send it; their messages and presence changes appear
+    /// as they happen. End with Ctrl-D.
+    Chat { peer: String },
+    /// Join a conference's chat: type lines to post them; the roster, the start and everyone's lines appear in
+    /// the conference's one order. End with Ctrl-D.
+    Join { id: String },
     /// Print messages as they arrive (also those that waited in the mailbox).
     Listen {
         /// Stop after this many messages.
@@ -611,6 +617,13 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
                 format!("#{sequence}")
             });
         }
+        Command::Chat { peer } => {
+            let peer: vesper_leafpeer::PeerId = peer
+                .parse()
+                .map_err(|error| CliError::Usage(format!("peer {peer:?}: {error}")))?;
+            chat(leaf, peer).await?;
+        }
+        Command::Join { id } => join(leaf, id).await?,
         Command::Listen { count, timeout } => {
             let mut messages = leaf.messages().context("message stream already taken")?;
             let deadline =
@@ -648,6 +661,94 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Short form of a PeerId for chat lines.
+fn short(peer: &str) -> &str {
+    &peer[..peer.len().min(12)]
+}
+
+/// The interactive 1:1 chat.
+async fn chat(leaf: &Leaf, peer: vesper_leafpeer::PeerId) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut messages = leaf.messages().context("message stream already taken")?;
+    let mut presence = leaf
+        .watch(vesper_leafpeer::WatchSpec {
+            peers: vec![peer.to_string()],
+            ..Default::default()
+        })
+        .await?;
+    let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    println!(
+        "chatting with {} as {} (Ctrl-D to leave)",
+        short(&peer.to_string()),
+        short(&leaf.peer_id().to_string())
+    );
+    loop {
+        tokio::select! {
+            line = input.next_line() => match line? {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => match leaf.send(&peer, "chat", line.into_bytes()).await {
+                    Ok(SendOutcome::Delivered) => {}
+                    Ok(SendOutcome::Queued) => println!("(offline: your message waits in their mailbox)"),
+                    Err(error) => println!("(not sent: {error})"),
+                },
+                None => return Ok(()),
+            },
+            Some(message) = messages.recv() => {
+                println!("{}: {}", short(&message.from), String::from_utf8_lossy(&message.payload));
+            }
+            Some(item) = presence.recv() => {
+                if let vesper_leafpeer::WatchItem::Event(event) = item {
+                    if let Some(vesper_proto::v1::watch_event::Change::Presence(presence)) = event.change {
+                        println!("* {} is {} {}", short(&presence.peer_id), status_name(presence.status), presence.note);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The interactive conference window.
+async fn join(leaf: &Leaf, id: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    use vesper_proto::v1::watch_event::Change;
+    let context = leaf.conference(id).await?;
+    println!("{}", roster_text(&context));
+    let mut events = leaf
+        .watch(vesper_leafpeer::WatchSpec {
+            conference_id: id.to_string(),
+            ..Default::default()
+        })
+        .await?;
+    let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut started = context.started;
+    loop {
+        tokio::select! {
+            line = input.next_line() => match line? {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => {
+                    if let Err(error) = leaf.post_chat(id, &line).await {
+                        println!("(not posted: {error})");
+                    }
+                }
+                None => return Ok(()),
+            },
+            Some(item) = events.recv() => {
+                let vesper_leafpeer::WatchItem::Event(event) = item else { continue };
+                match event.change {
+                    Some(Change::Chat(chat)) => println!("#{} {}: {}", chat.sequence, short(&chat.from), chat.text),
+                    Some(Change::Conference(context)) => {
+                        if context.started && !started {
+                            println!("* the conference has started");
+                        }
+                        started = context.started;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 #[tokio::main]
