@@ -721,6 +721,14 @@ async fn join(leaf: &Leaf, id: &str) -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
+    // The watch is in place once its first item (a reset with the current state) arrives: only then can no
+    // line of the chat be missed, so only then does the window take input.
+    match events.recv().await {
+        Some(vesper_leafpeer::WatchItem::Reset { .. }) => {}
+        Some(vesper_leafpeer::WatchItem::Refused(reason)) => bail!("cannot watch {id}: {reason}"),
+        other => bail!("unexpected start of the conference watch: {other:?}"),
+    }
+    println!("joined {id}; type a line and press Enter to post it (Ctrl-D to leave)");
     let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut started = context.started;
     loop {
