@@ -161,5 +161,35 @@ async fn t80_the_command_line_covers_records_presence_and_messages() -> anyhow::
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not invited"));
     let said = json_of(&leafpeer(&cluster, &bob, &["say", "retro", "hello all"]));
     assert_eq!(said["sequence"], 1);
+
+    // Seeds, CA and key from a config file instead of flags.
+    let config = cluster.root().join("leafpeer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "seeds = [\"{}\"]\nca = \"{}\"\nkey = \"{}\"\n",
+            cluster.leaf_addrs()[0],
+            cluster.pki.ca_cert().display(),
+            carol.display()
+        ),
+    )?;
+    let output = Command::new(vesper_tests::binary("leafpeer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--json", "roster", "retro"])
+        .output()?;
+    assert_eq!(json_of(&output)["id"], "retro");
+    std::fs::write(&config, "seedz = []\n")?;
+    let output = Command::new(vesper_tests::binary("leafpeer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["roster", "retro"])
+        .output()?;
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("unknown field"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }

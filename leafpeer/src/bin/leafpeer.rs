@@ -26,15 +26,14 @@ const DEV_CA: &str = ".vesper/dev/ca/ca.pem";
 #[derive(Debug, Parser)]
 #[command(name = "leafpeer", version)]
 struct Cli {
-    /// Leaf addresses (host:port) of super peers, comma-separated.
-    #[arg(
-        long,
-        global = true,
-        env = "VESPER_SEEDS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7400"
-    )]
-    seeds: Vec<String>,
+    /// Leaf addresses (host:port) of super peers, comma-separated. Default: the config file's, else
+    /// 127.0.0.1:7400 (the local dev cluster).
+    #[arg(long, global = true, env = "VESPER_SEEDS", value_delimiter = ',')]
+    seeds: Option<Vec<String>>,
+    /// Config file (TOML: seeds = [..], ca = "..", key = ".."). Default: ~/.config/vesper/leafpeer.toml when it
+    /// exists. Flags and environment variables win over it.
+    #[arg(long, global = true, env = "VESPER_LEAF_CONFIG")]
+    config: Option<PathBuf>,
     /// Cluster CA certificate. Default: .vesper/dev/ca/ca.pem when it exists.
     #[arg(long, global = true, env = "VESPER_LEAF_CA")]
     ca: Option<PathBuf>,
@@ -194,11 +193,52 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not name=value"))
 }
 
-fn default_key_path() -> PathBuf {
+fn config_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
-        .join(".config/vesper/leaf.key")
+        .join(".config/vesper")
+}
+
+fn default_key_path() -> PathBuf {
+    config_dir().join("leaf.key")
+}
+
+/// What a config file may set.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    seeds: Option<Vec<String>>,
+    ca: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// Fills what flags and environment left open from the config file.
+fn apply_config_file(cli: &mut Cli) -> anyhow::Result<()> {
+    let (path, required) = match &cli.config {
+        Some(path) => (path.clone(), true),
+        None => (config_dir().join("leafpeer.toml"), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if !required && error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => bail!(CliError::Usage(format!(
+            "cannot read config file {}: {error}",
+            path.display()
+        ))),
+    };
+    let file: FileConfig = toml::from_str(&text)
+        .map_err(|error| CliError::Usage(format!("config file {}: {error}", path.display())))?;
+    if cli.seeds.is_none() {
+        cli.seeds = file.seeds;
+    }
+    if cli.ca.is_none() {
+        cli.ca = file.ca;
+    }
+    if cli.key.is_none() {
+        cli.key = file.key;
+    }
+    Ok(())
 }
 
 fn load_key(path: &Path) -> anyhow::Result<Keypair> {
@@ -332,7 +372,8 @@ fn print(json_mode: bool, value: Value, text: impl FnOnce() -> String) {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
+    apply_config_file(&mut cli)?;
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     match &cli.command {
         Command::Keygen => {
@@ -364,7 +405,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let keypair = load_key(&key_path)?;
-    let config = LeafConfig::new(cli.seeds.clone(), ca_pem(&cli.ca)?, keypair);
+    let seeds = cli
+        .seeds
+        .clone()
+        .unwrap_or_else(|| vec!["127.0.0.1:7400".to_string()]);
+    let config = LeafConfig::new(seeds, ca_pem(&cli.ca)?, keypair);
     let leaf = Leaf::connect(config).await.map_err(|error| match error {
         LeafError::Unreachable(_) => anyhow::anyhow!(
             "{error}\n(is a cluster running? scripts/up.sh starts one; --seeds names others)"
