@@ -24,8 +24,8 @@ pub use watches::{WatchItem, WatchSpec};
 
 /// Messages held for the app's stream before delivery waits for the app to read (and acknowledgements with it).
 const INBOX_QUEUE: usize = 1024;
-/// Attempts of a send while the cluster has no leader or the super peer is unreachable (same message id).
-const SEND_ATTEMPTS: u32 = 3;
+/// Attempts of a send or chat post while the cluster has no leader or this leaf is re-attaching (same id).
+const SEND_ATTEMPTS: u32 = 5;
 
 /// A function the app registers for one message kind.
 pub type Handler = Arc<dyn Fn(Message) + Send + Sync>;
@@ -397,9 +397,9 @@ impl Leaf {
                 .await?;
             match client.post_chat(request).await {
                 Ok(reply) => return Ok(reply.into_inner().sequence),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable && attempt < SEND_ATTEMPTS =>
-                {
+                // A post is idempotent (the cluster keeps one line per author and id), so it is safe to retry
+                // even when the connection broke after it was sent.
+                Err(status) if connection_trouble(&status) && attempt < SEND_ATTEMPTS => {
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
                 Err(status) => return Err(status.into()),
@@ -611,6 +611,18 @@ impl Leaf {
             applied_index: reply.applied_index,
         })
     }
+}
+
+/// Whether a call failed because the super peer or the connection went away (worth retrying, on the next
+/// session if need be) rather than because of what was asked.
+fn connection_trouble(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
 }
 
 fn conference_of(response: ConferenceResponse) -> Result<ConferenceContext, LeafError> {
