@@ -118,7 +118,13 @@ async fn t90_conference_invite_answer_start_and_ordered_chat() -> anyhow::Result
         ..WatchSpec::default()
     };
     let mut alice_watch = alice.watch(spec.clone()).await?;
-    let mut bob_watch = bob.watch(spec).await?;
+    let mut bob_watch = bob.watch(spec.clone()).await?;
+    // Someone not invited cannot watch the conference.
+    let mut mallory_watch = mallory.watch(spec).await?;
+    match tokio::time::timeout(Duration::from_secs(20), mallory_watch.recv()).await? {
+        Some(WatchItem::Refused(reason)) => assert!(reason.contains("not invited"), "{reason}"),
+        other => panic!("a stranger's watch must be refused, got {other:?}"),
+    }
     let error = carol
         .post_chat("standup", "may I?")
         .await

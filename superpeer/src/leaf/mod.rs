@@ -708,7 +708,7 @@ async fn run_session(
     let session = context.sessions.open(peer, tx.clone());
     // Subscribed before any watch exists, so no event between a watch's catch-up and the live feed is missed.
     let mut events = context.events.subscribe();
-    let mut watches = watch::Watches::default();
+    let mut watches = watch::Watches::new(*peer.as_bytes());
     let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
     // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
     async move {

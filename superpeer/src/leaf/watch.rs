@@ -32,6 +32,9 @@ const RESET_RECORDS: usize = 1000;
 struct Spec {
     peers: HashSet<PeerKey>,
     conference: String,
+    /// Whether this session's peer may read the conference's chat (owner or accepted participant); follows the
+    /// roster as its changes pass through the watch.
+    reads_chat: bool,
     namespace: String,
     key_prefix: String,
     /// Index up to which the catch-up (history replay or reset state) delivered everything.
@@ -49,16 +52,23 @@ impl Spec {
             }
             Change::Conference { id, .. } => !self.conference.is_empty() && *id == self.conference,
             Change::Chat { conference, .. } => {
-                !self.conference.is_empty() && *conference == self.conference
+                self.reads_chat && !self.conference.is_empty() && *conference == self.conference
             }
         }
     }
 }
 
 /// The watches of one session.
-#[derive(Default)]
 pub struct Watches {
+    /// The session's peer: conference watches are limited to the conference's owner and invitees.
+    peer: PeerKey,
     specs: HashMap<u64, Spec>,
+}
+
+/// Whether `peer` may read `entry`'s chat.
+fn reads_chat(entry: &crate::raft::command::ConferenceEntry, peer: &PeerKey) -> bool {
+    entry.owner == *peer
+        || entry.invitees.get(peer) == Some(&crate::raft::command::Invitation::Accepted)
 }
 
 fn event_frame(context: &Context, watch_id: u64, event: &Event) -> ServerFrame {
@@ -94,10 +104,22 @@ fn event_frame(context: &Context, watch_id: u64, event: &Event) -> ServerFrame {
 }
 
 impl Watches {
+    pub fn new(peer: PeerKey) -> Self {
+        Self {
+            peer,
+            specs: HashMap::new(),
+        }
+    }
+
     /// Frames for a live event, for every watch that wants it and has not seen it.
     pub fn on_event(&mut self, context: &Context, event: &Arc<Event>) -> Vec<ServerFrame> {
         let mut frames = Vec::new();
         for (watch_id, spec) in &mut self.specs {
+            if let Change::Conference { id, entry } = &event.change {
+                if *id == spec.conference {
+                    spec.reads_chat = reads_chat(entry, &self.peer);
+                }
+            }
             if event.index > spec.delivered && spec.matches(&event.change) {
                 frames.push(event_frame(context, *watch_id, event));
             }
@@ -154,12 +176,20 @@ impl Watches {
         let current = context
             .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
             .await?;
+        let mut chat_allowed = false;
         if !watch.conference_id.is_empty() {
             crate::leaf::conference::check_id(&watch.conference_id)?;
+            let entry = crate::store::conference::get(context.reader.db(), &watch.conference_id)?
+                .ok_or(crate::raft::command::Rejection::UnknownConference)?;
+            if entry.owner != self.peer && !entry.invitees.contains_key(&self.peer) {
+                return Err(crate::raft::command::Rejection::NotInvited.into());
+            }
+            chat_allowed = reads_chat(&entry, &self.peer);
         }
         let mut spec = Spec {
             peers,
             conference: watch.conference_id,
+            reads_chat: chat_allowed,
             namespace: watch.namespace,
             key_prefix: watch.key_prefix,
             delivered: current,
