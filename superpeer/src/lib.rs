@@ -25,6 +25,7 @@ pub mod events;
 pub mod leaf;
 pub mod node;
 pub mod raft;
+pub mod roles;
 pub mod store;
 pub mod tls;
 

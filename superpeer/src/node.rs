@@ -364,13 +364,14 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .tls_config(tls.mutual_server())
         .map_err(|error| NodeError::Config(vec![format!("cluster tls: {error}")]))?
         .add_service(health_service.clone())
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             vesper_proto::v1::cluster_server::ClusterServer::new(
                 crate::cluster::ClusterService::new(context.clone()),
             )
             .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
-        )
+            crate::roles::cluster_only,
+        ))
         .serve_with_incoming_shutdown(
             incoming(cluster_listener),
             shutdown.clone().cancelled_owned(),
@@ -379,9 +380,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .tls_config(tls.mutual_server())
         .map_err(|error| NodeError::Config(vec![format!("admin tls: {error}")]))?
         .add_service(health_service)
-        .add_service(vesper_proto::v1::admin_server::AdminServer::new(
-            crate::admin::AdminService::new(context.clone()),
-        ))
+        .add_service(
+            vesper_proto::v1::admin_server::AdminServer::with_interceptor(
+                crate::admin::AdminService::new(context.clone()),
+                crate::roles::admin_only,
+            ),
+        )
         .serve_with_incoming_shutdown(incoming(admin_listener), shutdown.clone().cancelled_owned());
     for (name, server) in [
         (

@@ -502,3 +502,84 @@ async fn t10_health_answers_on_every_port_and_plaintext_is_refused() -> anyhow::
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_certificates_are_checked_for_their_ca_and_role() -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use vesper_proto::v1::admin_client::AdminClient;
+    use vesper_proto::v1::cluster_client::ClusterClient;
+    use vesper_proto::v1::{DescribeRequest, StatusRequest};
+
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let endpoints = cluster.nodes[0].endpoints();
+    let tls = |ca: &std::path::Path,
+               cert: &std::path::Path,
+               key: &std::path::Path|
+     -> anyhow::Result<ClientTlsConfig> {
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+            .identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ))
+            .domain_name("127.0.0.1"))
+    };
+    let channel = |address: std::net::SocketAddr, tls: ClientTlsConfig| async move {
+        anyhow::Ok(
+            Endpoint::from_shared(format!("https://{address}"))?
+                .tls_config(tls)?
+                .connect()
+                .await?,
+        )
+    };
+    let (operator_cert, operator_key) = cluster.pki.operator_cert();
+    let (superpeer_cert, superpeer_key) = cluster.pki.superpeer_cert();
+    let ca = cluster.pki.ca_cert();
+
+    // An operator certificate cannot speak Raft or join.
+    let mut as_operator = ClusterClient::new(
+        channel(endpoints.cluster, tls(&ca, &operator_cert, &operator_key)?).await?,
+    );
+    let status = as_operator
+        .describe(DescribeRequest {})
+        .await
+        .expect_err("operator on the cluster port");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("role superpeer"), "{status:?}");
+    // Operators (and super peers forwarding for them) reach the Admin service.
+    for (cert, key) in [
+        (&operator_cert, &operator_key),
+        (&superpeer_cert, &superpeer_key),
+    ] {
+        let mut admin = AdminClient::new(channel(endpoints.admin, tls(&ca, cert, key)?).await?);
+        admin.status(StatusRequest {}).await?;
+    }
+
+    // Certificates of another CA get nowhere, on any port.
+    let other = vesper_tests::pki::Pki::create(&cluster.root().join("other-pki"))?;
+    let (foreign_cert, foreign_key) = other.operator_cert();
+    for address in [endpoints.admin, endpoints.cluster] {
+        let attempt = async {
+            let mut admin =
+                AdminClient::new(channel(address, tls(&ca, &foreign_cert, &foreign_key)?).await?);
+            admin.status(StatusRequest {}).await?;
+            anyhow::Ok(())
+        };
+        assert!(
+            attempt.await.is_err(),
+            "{address} accepted a certificate of another CA"
+        );
+    }
+    // A leaf that trusts another CA does not trust these super peers.
+    let foreign_leaf = vesper_leafpeer::Leaf::connect(vesper_leafpeer::LeafConfig::new(
+        vec![endpoints.leaf.to_string()],
+        other.ca_pem(),
+        Keypair::generate(),
+    ))
+    .await;
+    assert!(
+        foreign_leaf.is_err(),
+        "a leaf attached to a super peer its CA did not sign"
+    );
+    Ok(())
+}
