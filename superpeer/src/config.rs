@@ -90,6 +90,9 @@ pub struct Config {
     pub send_rate_per_second: u32,
     /// Messages one session may send in a burst above the sustained rate. Default 400.
     pub send_burst: u32,
+    /// Open session streams from one IP address at most (NAT gateways share addresses, so this is generous).
+    /// Default 1024.
+    pub max_sessions_per_ip: u32,
 }
 
 impl Default for Config {
@@ -111,6 +114,7 @@ impl Default for Config {
             mailbox_ttl_ms: 7 * 24 * 3600 * 1000,
             send_rate_per_second: 200,
             send_burst: 400,
+            max_sessions_per_ip: 1024,
         }
     }
 }
@@ -159,6 +163,9 @@ impl Config {
         }
         if self.send_rate_per_second == 0 || self.send_burst == 0 {
             problems.push("send_rate_per_second and send_burst must be above 0".into());
+        }
+        if self.max_sessions_per_ip == 0 {
+            problems.push("max_sessions_per_ip must be above 0".into());
         }
         if self.mailbox_quota == 0 {
             problems.push("mailbox_quota must be above 0".into());

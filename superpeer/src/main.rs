@@ -81,6 +81,9 @@ struct Args {
     /// Messages one session may send in a burst. Default: 400.
     #[arg(long, env = "VESPER_SEND_BURST")]
     send_burst: Option<u32>,
+    /// Open sessions from one IP address at most. Default: 1024.
+    #[arg(long, env = "VESPER_MAX_SESSIONS_PER_IP")]
+    max_sessions_per_ip: Option<u32>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     log_json: bool,
@@ -159,6 +162,9 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.send_burst {
         config.send_burst = value;
+    }
+    if let Some(value) = args.max_sessions_per_ip {
+        config.max_sessions_per_ip = value;
     }
     if let Err(mut more) = config.validate() {
         problems.append(&mut more);

@@ -314,6 +314,32 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
         assert_eq!(&next_message(&mut receiver_inbox).await?.payload, payload);
     }
 
+    // Sessions per source address: beyond the limit a session is refused, the others keep working.
+    let crowded = Cluster::start(1, options(&["--max-sessions-per-ip", "3"])).await?;
+    let mut crowd = Vec::new();
+    for _ in 0..3 {
+        crowd.push(crowded.leaf(0).await?);
+    }
+    let error = crowded
+        .leaf(0)
+        .await
+        .err()
+        .expect("a fourth session from one address");
+    assert!(
+        error
+            .to_string()
+            .contains("too many sessions from 127.0.0.1"),
+        "{error}"
+    );
+    crowd[0]
+        .put("ns", "still-works", HashMap::new(), vec![], None)
+        .await?;
+    crowd.pop().expect("a session").detach().await;
+    wait::until("a slot to free up", Duration::from_secs(10), || async {
+        Ok(crowded.leaf(0).await.ok().map(|_| ()))
+    })
+    .await?;
+
     // The three queued messages are intact.
     let bob = cluster.leaf_with(0, bob_key).await?;
     let mut inbox = bob.messages().expect("stream");

@@ -120,12 +120,24 @@ impl Leaf for LeafService {
         &self,
         request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let ip = request
+            .remote_addr()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |addr| addr.ip());
+        let max = self.context.config.max_sessions_per_ip;
+        let slot = self.context.sessions.open_stream(ip, max).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "too many sessions from {ip} (at most {max} at once); close some or retry later"
+            ))
+        })?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
         let context = self.context.clone();
         let shutdown = self.shutdown.clone();
-        self.tasks
-            .spawn(async move { run_session(context, inbound, tx, shutdown).await });
+        self.tasks.spawn(async move {
+            run_session(context, inbound, tx, shutdown).await;
+            // The address's count drops when the session ends, however it ends.
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -34,6 +34,26 @@ struct Inner {
     by_peer: HashMap<PeerId, Live>,
     /// Send-rate buckets by session id.
     send_buckets: HashMap<u64, TokenBucket>,
+    /// Open session streams by source address.
+    streams_by_ip: HashMap<std::net::IpAddr, u32>,
+}
+
+/// One open session stream counted against its source address; the count drops with it.
+pub struct StreamSlot {
+    registry: SessionRegistry,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        if let Some(count) = inner.streams_by_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                inner.streams_by_ip.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
@@ -113,6 +133,20 @@ impl SessionRegistry {
     /// The peer and session id of a live session token.
     pub fn peer_of(&self, token: &str) -> Option<(PeerId, u64)> {
         self.lock().by_token.get(token).copied()
+    }
+
+    /// Counts a new session stream from `ip`; None when `ip` already has `max` open.
+    pub fn open_stream(&self, ip: std::net::IpAddr, max: u32) -> Option<StreamSlot> {
+        let mut inner = self.lock();
+        let count = inner.streams_by_ip.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(StreamSlot {
+            registry: self.clone(),
+            ip,
+        })
     }
 
     /// Takes one send from `session`'s allowance of `rate` per second with bursts of `burst`; false when the

@@ -159,9 +159,16 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("starting a 3-node Vesper cluster and nats-server ...");
     // The per-session send limit (200/s by default) is lifted: this measures the path, not the limit.
     let options = NodeOptions {
-        extra_args: ["--send-rate", "10000000", "--send-burst", "10000000"]
-            .map(String::from)
-            .to_vec(),
+        extra_args: [
+            "--send-rate",
+            "10000000",
+            "--send-burst",
+            "10000000",
+            "--max-sessions-per-ip",
+            "1000000",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..NodeOptions::default()
     };
     let cluster = Cluster::start(3, options).await?;
