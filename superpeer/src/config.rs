@@ -90,6 +90,10 @@ pub struct Config {
     pub send_rate_per_second: u32,
     /// Messages one session may send in a burst above the sustained rate. Default 400.
     pub send_burst: u32,
+    /// Calls (other than sends) one session may make per second, sustained. Default 2000.
+    pub request_rate_per_second: u32,
+    /// Calls one session may make in a burst above the sustained rate. Default 4000.
+    pub request_burst: u32,
     /// Open session streams from one IP address at most (NAT gateways share addresses, so this is generous).
     /// Default 1024.
     pub max_sessions_per_ip: u32,
@@ -115,6 +119,8 @@ impl Default for Config {
             send_rate_per_second: 200,
             send_burst: 400,
             max_sessions_per_ip: 1024,
+            request_rate_per_second: 2000,
+            request_burst: 4000,
         }
     }
 }
@@ -163,6 +169,9 @@ impl Config {
         }
         if self.send_rate_per_second == 0 || self.send_burst == 0 {
             problems.push("send_rate_per_second and send_burst must be above 0".into());
+        }
+        if self.request_rate_per_second == 0 || self.request_burst == 0 {
+            problems.push("request_rate_per_second and request_burst must be above 0".into());
         }
         if self.max_sessions_per_ip == 0 {
             problems.push("max_sessions_per_ip must be above 0".into());

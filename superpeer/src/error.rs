@@ -42,6 +42,8 @@ pub enum ServiceError {
     Peer { peer: String, status: Status },
     #[error("encoding failed: {0}")]
     Codec(String),
+    #[error("{0}")]
+    RateLimited(String),
     #[error("the leader at {leader} went away before answering ({reason}); the write may or may not have been applied")]
     OutcomeUnknown { leader: String, reason: String },
 }
@@ -89,6 +91,7 @@ impl ServiceError {
                 status
             }
             ServiceError::Timeout(_) => Status::deadline_exceeded(message),
+            ServiceError::RateLimited(_) => Status::resource_exhausted(message),
             ServiceError::Precondition(_) => Status::failed_precondition(message),
             ServiceError::Store(_) | ServiceError::Codec(_) => Status::internal(message),
             ServiceError::Peer { status, .. } => Status::new(status.code(), message),

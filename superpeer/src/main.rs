@@ -81,6 +81,12 @@ struct Args {
     /// Messages one session may send in a burst. Default: 400.
     #[arg(long, env = "VESPER_SEND_BURST")]
     send_burst: Option<u32>,
+    /// Calls (other than sends) one session may make per second. Default: 2000.
+    #[arg(long, env = "VESPER_REQUEST_RATE")]
+    request_rate: Option<u32>,
+    /// Calls one session may make in a burst. Default: 4000.
+    #[arg(long, env = "VESPER_REQUEST_BURST")]
+    request_burst: Option<u32>,
     /// Open sessions from one IP address at most. Default: 1024.
     #[arg(long, env = "VESPER_MAX_SESSIONS_PER_IP")]
     max_sessions_per_ip: Option<u32>,
@@ -162,6 +168,12 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.send_burst {
         config.send_burst = value;
+    }
+    if let Some(value) = args.request_rate {
+        config.request_rate_per_second = value;
+    }
+    if let Some(value) = args.request_burst {
+        config.request_burst = value;
     }
     if let Some(value) = args.max_sessions_per_ip {
         config.max_sessions_per_ip = value;

@@ -314,6 +314,23 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
         assert_eq!(&next_message(&mut receiver_inbox).await?.payload, payload);
     }
 
+    // Calls per session: a burst beyond the rate is refused with a clear error.
+    let metered =
+        Cluster::start(1, options(&["--request-rate", "2", "--request-burst", "5"])).await?;
+    let caller = metered.leaf(0).await?;
+    let mut refused_calls = 0;
+    for n in 0..20 {
+        if let Err(error) = caller
+            .put("ns", &format!("k{n}"), HashMap::new(), vec![], None)
+            .await
+        {
+            assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
+            assert!(error.to_string().contains("request rate limit"), "{error}");
+            refused_calls += 1;
+        }
+    }
+    assert!(refused_calls > 0, "20 calls at once passed a limit of 5");
+
     // Sessions per source address: beyond the limit a session is refused, the others keep working.
     let crowded = Cluster::start(1, options(&["--max-sessions-per-ip", "3"])).await?;
     let mut crowd = Vec::new();

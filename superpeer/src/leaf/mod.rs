@@ -99,9 +99,21 @@ impl LeafService {
             })?
             .to_str()
             .map_err(|_| ServiceError::Unauthenticated("session token is not text".into()))?;
-        self.context.sessions.peer_of(token).ok_or_else(|| {
+        let (peer, session) = self.context.sessions.peer_of(token).ok_or_else(|| {
             ServiceError::Unauthenticated("session token is unknown or expired".into())
-        })
+        })?;
+        let config = &self.context.config;
+        if !self.context.sessions.take_request(
+            session,
+            config.request_rate_per_second,
+            config.request_burst,
+        ) {
+            return Err(ServiceError::RateLimited(format!(
+                "request rate limit: {} calls per second per session (bursts of {}); slow down and retry",
+                config.request_rate_per_second, config.request_burst
+            )));
+        }
+        Ok((peer, session))
     }
 }
 

@@ -34,6 +34,8 @@ struct Inner {
     by_peer: HashMap<PeerId, Live>,
     /// Send-rate buckets by session id.
     send_buckets: HashMap<u64, TokenBucket>,
+    /// Request-rate buckets (calls other than sends) by session id.
+    request_buckets: HashMap<u64, TokenBucket>,
     /// Open session streams by source address.
     streams_by_ip: HashMap<std::net::IpAddr, u32>,
 }
@@ -149,6 +151,17 @@ impl SessionRegistry {
         })
     }
 
+    /// Takes one call from `session`'s allowance of `rate` per second with bursts of `burst`.
+    pub fn take_request(&self, session: u64, rate: u32, burst: u32) -> bool {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        inner
+            .request_buckets
+            .entry(session)
+            .or_insert_with(|| TokenBucket::new(burst, now))
+            .take(rate, burst, now)
+    }
+
     /// Takes one send from `session`'s allowance of `rate` per second with bursts of `burst`; false when the
     /// session is over its rate.
     pub fn take_send(&self, session: u64, rate: u32, burst: u32) -> bool {
@@ -249,6 +262,7 @@ impl Drop for SessionGuard {
         let mut inner = self.registry.lock();
         inner.by_token.remove(&self.token);
         inner.send_buckets.remove(&self.session);
+        inner.request_buckets.remove(&self.session);
         if inner
             .by_peer
             .get(&self.peer)
