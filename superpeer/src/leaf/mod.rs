@@ -730,8 +730,9 @@ async fn run_session(
         return;
     };
     let session = context.sessions.open(peer, tx.clone());
-    // Subscribed before any watch exists, so no event between a watch's catch-up and the live feed is missed.
-    let mut events = context.events.subscribe();
+    // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
+    // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
+    let mut events: Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>> = None;
     let mut watches = watch::Watches::new(*peer.as_bytes());
     let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
     // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
@@ -780,7 +781,7 @@ async fn run_session(
             _ = shutdown.cancelled() => break,
             () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
             Some(_) = sends.join_next(), if !sends.is_empty() => {}
-            event = events.recv() => {
+            event = next_event(&mut events) => {
                 let frames = match event {
                     Ok(event) => watches.on_event(&context, &event),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -808,6 +809,9 @@ async fn run_session(
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Watch(request)) }))) => {
                     let watch_id = request.watch_id;
+                    if events.is_none() {
+                        events = Some(context.events.subscribe());
+                    }
                     let frames = match watches.add(&context, request).await {
                         Ok(frames) => frames,
                         Err(error) => vec![ServerFrame {
@@ -889,6 +893,16 @@ async fn run_session(
     }
     .instrument(span)
     .await
+}
+
+/// The next event of the feed, or never when the session has not subscribed (it has no watch).
+async fn next_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>>,
+) -> Result<Arc<crate::events::Event>, tokio::sync::broadcast::error::RecvError> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The SendResult frame for a pipelined send.
