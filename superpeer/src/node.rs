@@ -110,6 +110,15 @@ impl Context {
         propose::propose(self.raft()?, &self.forwarder, op).await
     }
 
+    /// Like [`Context::propose`], with a command the state machine refused turned into its error, so callers
+    /// handle only the responses they expect.
+    pub async fn propose_accepted(&self, op: Op) -> Result<(Response, u64), ServiceError> {
+        match self.propose(op).await? {
+            (Response::Rejected(rejection), _) => Err(rejection.into()),
+            accepted => Ok(accepted),
+        }
+    }
+
     /// Makes a read of the given consistency safe to serve locally; returns the applied index to report.
     pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<u64, ServiceError> {
         let raft = self.raft()?;

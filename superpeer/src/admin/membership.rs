@@ -251,13 +251,11 @@ pub async fn remove(context: &Context, node_id: u64) -> Result<(), ServiceError>
             .await
             .map_err(raft_error)?;
     }
-    match context.propose(Op::TombstoneNode { node_id }).await? {
-        (Response::Rejected(rejection), _) => Err(rejection.into()),
-        _ => {
-            tracing::info!(node_id, "removed node");
-            Ok(())
-        }
-    }
+    context
+        .propose_accepted(Op::TombstoneNode { node_id })
+        .await?;
+    tracing::info!(node_id, "removed node");
+    Ok(())
 }
 
 /// Transfers leadership to voter `node_id` and waits until it leads.

@@ -19,7 +19,7 @@ use vesper_proto::{validate, PeerId};
 
 use crate::error::ServiceError;
 use crate::node::Context;
-use crate::raft::command::{Op, PeerKey, PresenceEntry, PresenceStatus, Response, StoredMessage};
+use crate::raft::command::{Op, PeerKey, PresenceEntry, PresenceStatus, StoredMessage};
 use crate::raft::propose::now_ms;
 use crate::store::presence;
 
@@ -159,19 +159,15 @@ pub async fn send(
         expires_at_ms: now_ms() + context.config.mailbox_ttl_ms,
         quota: context.config.mailbox_quota,
     };
-    match context.propose(op).await? {
-        (Response::Rejected(rejection), _) => Err(rejection.into()),
-        _ => {
-            // The recipient may have attached (and drained its mailbox) while this message was being queued:
-            // if it is online now, have its super peer drain again, so the message does not wait for the next
-            // attach. A double drain is harmless: the library delivers each message id once.
-            let now = presence::get(context.reader.db(), to.as_bytes())?;
-            if let Some(entry) = now.filter(|entry| entry.status != PresenceStatus::Offline) {
-                poke_drain(context, entry.host, to).await;
-            }
-            Ok(Fate::Queued)
-        }
+    context.propose_accepted(op).await?;
+    // The recipient may have attached (and drained its mailbox) while this message was being queued:
+    // if it is online now, have its super peer drain again, so the message does not wait for the next
+    // attach. A double drain is harmless: the library delivers each message id once.
+    let now = presence::get(context.reader.db(), to.as_bytes())?;
+    if let Some(entry) = now.filter(|entry| entry.status != PresenceStatus::Offline) {
+        poke_drain(context, entry.host, to).await;
     }
+    Ok(Fate::Queued)
 }
 
 /// Asks super peer `host` (maybe this one) to push `to`'s mailbox into its session.

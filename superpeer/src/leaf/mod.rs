@@ -181,14 +181,13 @@ impl Leaf for LeafService {
             value: request.value,
             expected_version: request.expected_version,
         };
-        match self.context.propose(op).await? {
+        match self.context.propose_accepted(op).await? {
             (CommandResponse::Record(record), applied_index) => {
                 Ok(Response::new(PutRecordResponse {
                     record: Some(convert::record(&request.namespace, &request.key, record)),
                     applied_index,
                 }))
             }
-            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
             (other, _) => Err(unexpected(other)),
         }
     }
@@ -245,14 +244,13 @@ impl Leaf for LeafService {
             key: request.key,
             expected_version: request.expected_version,
         };
-        match self.context.propose(op).await? {
+        match self.context.propose_accepted(op).await? {
             (CommandResponse::Deleted(deleted), applied_index) => {
                 Ok(Response::new(DeleteRecordResponse {
                     deleted,
                     applied_index,
                 }))
             }
-            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
             (other, _) => Err(unexpected(other)),
         }
     }
@@ -348,7 +346,7 @@ impl Leaf for LeafService {
             note: request.note,
             attributes: request.attributes.into_iter().collect(),
         };
-        match self.context.propose(op).await? {
+        match self.context.propose_accepted(op).await? {
             (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
                 presence: Some(messaging::presence_of(
                     &self.context,
@@ -356,7 +354,6 @@ impl Leaf for LeafService {
                     entry,
                 )),
             })),
-            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
             (other, _) => Err(unexpected(other)),
         }
     }
@@ -552,11 +549,10 @@ impl Leaf for LeafService {
             message_id: request.id,
             text: request.text,
         };
-        match self.context.propose(op).await? {
+        match self.context.propose_accepted(op).await? {
             (CommandResponse::Chat(chat), _) => Ok(Response::new(PostChatResponse {
                 sequence: chat.sequence,
             })),
-            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
             (other, _) => Err(unexpected(other)),
         }
     }
@@ -606,11 +602,10 @@ impl LeafService {
         id: &str,
         op: Op,
     ) -> Result<Response<ConferenceResponse>, Status> {
-        match self.context.propose(op).await? {
+        match self.context.propose_accepted(op).await? {
             (CommandResponse::Conference(entry), _) => Ok(Response::new(ConferenceResponse {
                 conference: Some(conference::context(id, &entry)),
             })),
-            (CommandResponse::Rejected(rejection), _) => Err(ServiceError::from(rejection).into()),
             (other, _) => Err(unexpected(other)),
         }
     }
