@@ -15,6 +15,7 @@
 
 mod error;
 mod leaf;
+pub mod nat;
 
 pub use error::LeafError;
 pub use leaf::{

@@ -2,13 +2,17 @@
 //!
 //! - [`v1`]: generated protobuf messages and tonic clients/servers of package `vesper.v1` (Leaf, Cluster, Admin).
 //! - [`identity`]: Ed25519 keys and [`PeerId`], the stable name of every peer, leaf or super peer.
+//! - [`nat`]: NAT classes and address candidates a leaf publishes.
 //! - [`session`]: the message a leaf signs to prove key possession when it attaches.
+//! - [`stun`]: STUN Binding (RFC 8489) as super peers answer it and leaves ask it.
 //! - [`validate`]: the limits on namespaces, keys, attributes and values, checked on both sides of the wire.
 //!
 //! Generated prost types stay at the edge: code on either side converts them into its own domain types.
 
 pub mod identity;
+pub mod nat;
 pub mod session;
+pub mod stun;
 pub mod validate;
 
 pub use identity::{Keypair, PeerId, PeerIdError};

@@ -97,6 +97,8 @@ pub struct Config {
     /// Open session streams from one IP address at most (NAT gateways share addresses, so this is generous).
     /// Default 1024.
     pub max_sessions_per_ip: u32,
+    /// The STUN port (UDP, same IP and port number as the Leaf service) and its limits.
+    pub stun: crate::stun::StunConfig,
 }
 
 impl Default for Config {
@@ -121,6 +123,7 @@ impl Default for Config {
             max_sessions_per_ip: 1024,
             request_rate_per_second: 2000,
             request_burst: 4000,
+            stun: crate::stun::StunConfig::default(),
         }
     }
 }
@@ -176,6 +179,7 @@ impl Config {
         if self.max_sessions_per_ip == 0 {
             problems.push("max_sessions_per_ip must be above 0".into());
         }
+        problems.extend(self.stun.problems());
         if self.mailbox_quota == 0 {
             problems.push("mailbox_quota must be above 0".into());
         }

@@ -23,10 +23,12 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod leaf;
+pub mod limits;
 pub mod node;
 pub mod raft;
 pub mod roles;
 pub mod store;
+pub mod stun;
 pub mod tls;
 
 pub use config::Config;

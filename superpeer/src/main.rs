@@ -90,6 +90,15 @@ struct Args {
     /// Open sessions from one IP address at most. Default: 1024.
     #[arg(long, env = "VESPER_MAX_SESSIONS_PER_IP")]
     max_sessions_per_ip: Option<u32>,
+    /// Do not serve STUN (leaves then cannot learn their public address from this node).
+    #[arg(long, env = "VESPER_NO_STUN")]
+    no_stun: bool,
+    /// STUN answers per second to one source IP. Default: 20 (bursts of twice that).
+    #[arg(long, env = "VESPER_STUN_RATE_PER_SOURCE")]
+    stun_rate_per_source: Option<u32>,
+    /// STUN answers per second from this node in all. Default: 20000.
+    #[arg(long, env = "VESPER_STUN_MAX_ANSWERS")]
+    stun_max_answers: Option<u32>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     log_json: bool,
@@ -178,6 +187,16 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     if let Some(value) = args.max_sessions_per_ip {
         config.max_sessions_per_ip = value;
     }
+    if args.no_stun {
+        config.stun.enabled = false;
+    }
+    if let Some(value) = args.stun_rate_per_source {
+        config.stun.rate_per_source = value;
+        config.stun.burst_per_source = value.saturating_mul(2);
+    }
+    if let Some(value) = args.stun_max_answers {
+        config.stun.max_answers_per_second = value;
+    }
     if let Err(mut more) = config.validate() {
         problems.append(&mut more);
     }
@@ -189,8 +208,9 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
 }
 
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,stun_types=error")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -199,6 +199,9 @@ pub struct Endpoints {
     pub leaf: SocketAddr,
     pub cluster: SocketAddr,
     pub admin: SocketAddr,
+    /// The STUN port (UDP), when enabled: the leaf IP and port.
+    #[serde(default)]
+    pub stun: Option<SocketAddr>,
 }
 
 /// Handle on a running node.
@@ -326,10 +329,24 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
             source,
         })
     };
-    let endpoints = Endpoints {
+    let mut endpoints = Endpoints {
         leaf: local(&leaf_listener, "leaf service")?,
         cluster: local(&cluster_listener, "cluster service")?,
         admin: local(&admin_listener, "admin service")?,
+        stun: None,
+    };
+    let stun_socket = if config.stun.enabled {
+        let socket = tokio::net::UdpSocket::bind(endpoints.leaf)
+            .await
+            .map_err(|source| NodeError::Bind {
+                what: "stun port (udp, same address as the leaf service)",
+                addr: endpoints.leaf,
+                source,
+            })?;
+        endpoints.stun = Some(endpoints.leaf);
+        Some(Arc::new(socket))
+    } else {
+        None
     };
     let me = NodeInfo {
         peer_id: keypair.peer_id().to_string(),
@@ -426,6 +443,9 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     )
     .map_err(io_error("cannot write endpoints", &endpoints_path))?;
 
+    if let Some(socket) = stun_socket {
+        tasks.spawn(crate::stun::serve(socket, config.stun, shutdown.clone()));
+    }
     tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
     let membership = Membership {
         context: context.clone(),

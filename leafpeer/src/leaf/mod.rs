@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod endpoints;
 mod session;
 mod watches;
 
@@ -55,6 +56,9 @@ pub struct LeafConfig {
     pub connect_timeout: Duration,
     /// Deadline of each call. Default 15 s (a write waits for a leader after a failover).
     pub request_timeout: Duration,
+    /// After each attach, learn the NAT class and reflexive address with STUN (two super peers) and publish
+    /// them in this leaf's presence. Default true.
+    pub publish_endpoints: bool,
 }
 
 impl LeafConfig {
@@ -66,6 +70,7 @@ impl LeafConfig {
             keypair,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
+            publish_endpoints: true,
         }
     }
 }
@@ -149,6 +154,7 @@ impl Leaf {
             reattach_times: Default::default(),
             pending_sends: Default::default(),
             next_request: Default::default(),
+            nat: Default::default(),
             stop: CancellationToken::new(),
         });
         // Published before returning, so calls work at once.
@@ -183,6 +189,21 @@ impl Leaf {
     /// Leaf addresses of the super peers this leaf knows (seeds and members learned from sessions).
     pub fn known_super_peers(&self) -> Vec<String> {
         self.inner.shared.known.read().expect("known lock").clone()
+    }
+
+    /// Measures this leaf's NAT class and reflexive address now (STUN to two super peers at different IPs)
+    /// and publishes them in its presence. The library also does this by itself after every attach.
+    pub async fn discover_endpoints(&self) -> Result<crate::nat::NatReport, LeafError> {
+        let connection = self.connection().await?;
+        let report = endpoints::measure(&self.inner.shared, &connection).await?;
+        endpoints::publish(&self.inner.shared, &connection, &report).await?;
+        *self.inner.shared.nat.lock().expect("nat lock") = Some(report.clone());
+        Ok(report)
+    }
+
+    /// What the last endpoint discovery found (`None` before the first one finished).
+    pub fn nat_report(&self) -> Option<crate::nat::NatReport> {
+        self.inner.shared.nat.lock().expect("nat lock").clone()
     }
 
     /// How long each re-attach after losing a super peer took.

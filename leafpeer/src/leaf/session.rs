@@ -65,6 +65,8 @@ pub struct Shared {
     /// them (the sender retries them, with the same message id, on the next session).
     pub pending_sends: Mutex<HashMap<u64, oneshot::Sender<SendResult>>>,
     pub next_request: std::sync::atomic::AtomicU64,
+    /// What the last endpoint discovery found.
+    pub nat: Mutex<Option<crate::nat::NatReport>>,
     pub stop: CancellationToken,
 }
 
@@ -210,6 +212,9 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
             }
         }
         first = false;
+        if shared.config.publish_endpoints {
+            super::endpoints::publish_in_background(shared.clone(), attached.connection.clone());
+        }
         let server = attached.connection.server.clone();
         run_stream(&shared, attached).await;
         shared.connection.send_replace(None);

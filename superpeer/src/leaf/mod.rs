@@ -37,10 +37,10 @@ use vesper_proto::v1::{
     ConferenceResponse, CreateConferenceRequest, DeleteRecordRequest, DeleteRecordResponse,
     GetConferenceRequest, GetRecordRequest, GetRecordResponse, InviteRequest, ListRecordsRequest,
     ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Pong, PostChatRequest,
-    PostChatResponse, PresenceStatus, PutRecordRequest, PutRecordResponse, ReadConsistency,
-    SearchPeersRequest, SearchPeersResponse, SearchRecordsRequest, SearchRecordsResponse,
-    SendMessageRequest, SendMessageResponse, SendResult, ServerFrame, SetPresenceRequest,
-    SetPresenceResponse, WatchRefused, Welcome,
+    PostChatResponse, PresenceStatus, PublishEndpointsRequest, PutRecordRequest, PutRecordResponse,
+    ReadConsistency, SearchPeersRequest, SearchPeersResponse, SearchRecordsRequest,
+    SearchRecordsResponse, SendMessageRequest, SendMessageResponse, SendResult, ServerFrame,
+    SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -345,6 +345,39 @@ impl Leaf for LeafService {
             status,
             note: request.note,
             attributes: request.attributes.into_iter().collect(),
+        };
+        match self.context.propose_accepted(op).await? {
+            (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
+                presence: Some(messaging::presence_of(
+                    &self.context,
+                    peer.as_bytes(),
+                    entry,
+                )),
+            })),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    async fn publish_endpoints(
+        &self,
+        request: Request<PublishEndpointsRequest>,
+    ) -> Result<Response<SetPresenceResponse>, Status> {
+        let (peer, session) = self.session_of(&request)?;
+        let request = request.into_inner();
+        vesper_proto::nat::parse_candidates(&request.candidates)
+            .map_err(|error| ServiceError::BadField(error.to_string()))?;
+        let nat_class: vesper_proto::nat::NatClass =
+            request
+                .nat_class
+                .parse()
+                .map_err(|error: vesper_proto::nat::UnknownNatClass| {
+                    ServiceError::BadField(error.to_string())
+                })?;
+        let op = Op::PresenceEndpoints {
+            peer: *peer.as_bytes(),
+            session,
+            candidates: request.candidates,
+            nat_class: nat_class.as_str().to_string(),
         };
         match self.context.propose_accepted(op).await? {
             (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {

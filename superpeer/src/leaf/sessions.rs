@@ -5,6 +5,7 @@
 //! the [`SessionGuard`] that the stream task holds removes it when the task ends, however it ends. A peer has at
 //! most one session per super peer; a newer one replaces the older.
 
+use crate::limits::TokenBucket;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,35 +55,6 @@ impl Drop for StreamSlot {
             if *count == 0 {
                 inner.streams_by_ip.remove(&self.ip);
             }
-        }
-    }
-}
-
-/// A token bucket: `rate` tokens per second, at most `burst` saved up.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenBucket {
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl TokenBucket {
-    fn new(burst: u32, now: std::time::Instant) -> Self {
-        Self {
-            tokens: f64::from(burst),
-            last: now,
-        }
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self, rate: u32, burst: u32, now: std::time::Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate);
-        self.tokens = (self.tokens + refill).min(f64::from(burst));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 }

@@ -102,6 +102,13 @@ pub enum Op {
         message_id: String,
         text: String,
     },
+    /// A peer on session `session` publishes its address candidates and NAT class.
+    PresenceEndpoints {
+        peer: PeerKey,
+        session: u64,
+        candidates: Vec<String>,
+        nat_class: String,
+    },
 }
 
 /// An invitee's answer.
@@ -195,6 +202,7 @@ impl fmt::Display for Command {
             Op::ConferenceAnswer { id, accept, .. } => write!(f, "answer {id}: {accept}"),
             Op::ConferenceStart { id } => write!(f, "start conference {id}"),
             Op::ConferenceChat { id, .. } => write!(f, "chat in {id}"),
+            Op::PresenceEndpoints { nat_class, .. } => write!(f, "publish endpoints ({nat_class})"),
         }
     }
 }

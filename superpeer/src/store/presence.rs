@@ -295,6 +295,31 @@ impl<'a> PresenceWriter<'a> {
         }
     }
 
+    /// Replaces the address candidates and NAT class of a peer attached on `session`.
+    pub fn set_endpoints(
+        &mut self,
+        batch: &mut WriteBatch,
+        peer: PeerKey,
+        session: u64,
+        candidates: Vec<String>,
+        nat_class: String,
+        at_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let old = self.current(&peer)?;
+        match old {
+            Some(entry) if entry.session == session && entry.status != PresenceStatus::Offline => {
+                let updated = PresenceEntry {
+                    candidates,
+                    nat_class,
+                    changed_at_ms: at_ms,
+                    ..entry.clone()
+                };
+                self.store(batch, peer, Some(&entry), updated)
+            }
+            _ => Ok(Response::Rejected(Rejection::NotAttached)),
+        }
+    }
+
     pub fn expire_host(
         &mut self,
         batch: &mut WriteBatch,

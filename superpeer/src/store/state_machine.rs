@@ -284,6 +284,19 @@ impl StateMachine {
                             attributes.clone(),
                             command.at_ms,
                         )?,
+                        Op::PresenceEndpoints {
+                            peer,
+                            session,
+                            candidates,
+                            nat_class,
+                        } => presence.set_endpoints(
+                            batch,
+                            *peer,
+                            *session,
+                            candidates.clone(),
+                            nat_class.clone(),
+                            command.at_ms,
+                        )?,
                         Op::ExpireHost { host } => {
                             presence.expire_host(batch, *host, command.at_ms)?
                         }

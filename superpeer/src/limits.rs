@@ -1,0 +1,93 @@
+//! Rate limiting shared by the services: a token bucket, and a fixed table of buckets keyed by source address.
+
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    pub fn new(burst: u32, now: std::time::Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, rate: u32, burst: u32, now: std::time::Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Token buckets keyed by source IP, in a fixed-size table: a source hashes (with a per-process random key, so
+/// an attacker cannot pick colliding addresses) to one bucket. Memory stays the same however many addresses
+/// send, including spoofed floods from random ones; two sources that share a bucket share its rate, which errs
+/// on the side of answering less.
+pub struct SourceBuckets {
+    buckets: Vec<TokenBucket>,
+    hasher: std::collections::hash_map::RandomState,
+    rate: u32,
+    burst: u32,
+}
+
+impl SourceBuckets {
+    /// `slots` buckets (rounded up to a power of two), each `rate` per second with bursts of `burst`.
+    pub fn new(slots: usize, rate: u32, burst: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            buckets: vec![TokenBucket::new(burst, now); slots.max(1).next_power_of_two()],
+            hasher: std::collections::hash_map::RandomState::new(),
+            rate,
+            burst,
+        }
+    }
+
+    /// Takes a token from `source`'s bucket if there is one.
+    pub fn take(&mut self, source: IpAddr, now: Instant) -> bool {
+        let mut hasher = self.hasher.build_hasher();
+        source.hash(&mut hasher);
+        let slot = (std::hash::Hasher::finish(&hasher) as usize) & (self.buckets.len() - 1);
+        self.buckets[slot].take(self.rate, self.burst, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_source_gets_its_burst_then_its_rate_and_others_are_not_affected() {
+        let mut table = SourceBuckets::new(4096, 10, 20);
+        let start = Instant::now();
+        let flooder: IpAddr = "192.0.2.1".parse().unwrap();
+        let answered = (0..1000).filter(|_| table.take(flooder, start)).count();
+        assert_eq!(answered, 20, "the burst, then nothing at the same instant");
+        // One second later: ten more.
+        let later = start + Duration::from_secs(1);
+        let answered = (0..1000).filter(|_| table.take(flooder, later)).count();
+        assert_eq!(answered, 10);
+        // Another source has its own bucket (the odds of sharing one of 4096 slots are checked over many).
+        let others = (0..100u8)
+            .filter(|&i| table.take(IpAddr::from([198, 51, 100, i]), later))
+            .count();
+        assert!(
+            others >= 95,
+            "only {others} of 100 other sources were answered"
+        );
+    }
+}
