@@ -42,7 +42,7 @@ pub const CLIENT_SOFTWARE: &str = "vesper-leafpeer";
 pub fn looks_like_stun(packet: &[u8]) -> bool {
     packet.len() >= HEADER_LEN
         && packet[0] & 0xC0 == 0
-        && u16::from_be_bytes([packet[2], packet[3]]) % 4 == 0
+        && u16::from_be_bytes([packet[2], packet[3]]).is_multiple_of(4)
         && u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]) == MAGIC_COOKIE
 }
 
