@@ -26,6 +26,9 @@ pub struct Endpoints {
     pub leaf: std::net::SocketAddr,
     pub cluster: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
+    /// The STUN port (UDP), when the node serves one.
+    #[serde(default)]
+    pub stun: Option<std::net::SocketAddr>,
 }
 
 /// How a node is started the first time.
@@ -45,6 +48,9 @@ pub struct NodeOptions {
     pub logs_kept_after_snapshot: Option<u64>,
     /// More flags for every node, e.g. `["--session-grace-ms", "500"]`.
     pub extra_args: Vec<String>,
+    /// IPs the nodes listen on, node i on `listen_ips[i % len]`; empty means 127.0.0.1. The super peer
+    /// certificate names them all.
+    pub listen_ips: Vec<std::net::IpAddr>,
 }
 
 /// One super peer process.
@@ -106,7 +112,8 @@ impl Cluster {
         let root = tempfile::Builder::new()
             .prefix("vesper-cluster-")
             .tempdir()?;
-        let pki = Pki::create(&root.path().join("pki"))?;
+        let sans: Vec<String> = options.listen_ips.iter().map(ToString::to_string).collect();
+        let pki = Pki::create_with_sans(&root.path().join("pki"), &sans)?;
         Ok(Cluster {
             root,
             pki,
@@ -173,7 +180,11 @@ impl Cluster {
         let (leaf, cluster, admin) = match node.endpoints {
             Some(endpoints) => (endpoints.leaf, endpoints.cluster, endpoints.admin),
             None => {
-                let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+                let ip = match self.options.listen_ips.as_slice() {
+                    [] => std::net::IpAddr::from([127, 0, 0, 1]),
+                    ips => ips[index % ips.len()],
+                };
+                let any = std::net::SocketAddr::new(ip, 0);
                 (any, any, any)
             }
         };
@@ -279,7 +290,7 @@ impl Cluster {
                 std::fs::read(cert)?,
                 std::fs::read(key)?,
             ))
-            .domain_name("127.0.0.1");
+            .domain_name(self.nodes[index].endpoints().admin.ip().to_string());
         let channel =
             Endpoint::from_shared(format!("https://{}", self.nodes[index].endpoints().admin))?
                 .connect_timeout(Duration::from_secs(3))

@@ -3,10 +3,12 @@
 //!
 //! - [`pki`]: a throwaway CA and certificates made with the real `vesperctl`.
 //! - [`cluster`]: start, kill, stop and restart super peer processes; wait on observable state.
+//! - [`natlab`]: home networks behind real Linux NATs in network namespaces, for connectivity tests.
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
 
 pub mod cluster;
 pub mod load;
+pub mod natlab;
 pub mod pki;
 pub mod raw;
 pub mod wait;

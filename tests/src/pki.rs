@@ -26,12 +26,17 @@ fn vesperctl(args: &[&str]) -> anyhow::Result<()> {
 impl Pki {
     /// Creates the CA, one super peer certificate for localhost/127.0.0.1 and an operator certificate.
     pub fn create(dir: &Path) -> anyhow::Result<Pki> {
+        Pki::create_with_sans(dir, &[])
+    }
+
+    /// As [`Pki::create`], with more names or IPs in the super peer certificate.
+    pub fn create_with_sans(dir: &Path, extra_sans: &[String]) -> anyhow::Result<Pki> {
         let dir = dir.to_path_buf();
         let ca = dir.join("ca");
         let certs = dir.join("certs");
         let (ca, certs) = (ca.to_str().unwrap(), certs.to_str().unwrap());
         vesperctl(&["ca", "init", "--dir", ca])?;
-        vesperctl(&[
+        let mut args = vec![
             "cert",
             "issue",
             "--ca-dir",
@@ -46,7 +51,11 @@ impl Pki {
             "127.0.0.1",
             "--out",
             certs,
-        ])?;
+        ];
+        for san in extra_sans {
+            args.extend(["--san", san.as_str()]);
+        }
+        vesperctl(&args)?;
         vesperctl(&[
             "cert", "issue", "--ca-dir", ca, "--role", "operator", "--name", "operator", "--out",
             certs,

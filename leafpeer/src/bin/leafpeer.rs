@@ -67,6 +67,10 @@ enum Command {
     },
     /// Show a peer's presence.
     Lookup { peer: String },
+    /// Measure this leaf's NAT (STUN to two super peers at different IPs) and publish the result in its presence:
+    /// NAT class (public, endpoint-independent, endpoint-dependent, unknown, udp-blocked), local and reflexive
+    /// addresses.
+    Nat,
     /// Find peers by profile attributes (AND of all terms).
     SearchPeers {
         /// name=value that must be equal (repeat).
@@ -295,6 +299,8 @@ fn presence_json(presence: &Presence) -> Value {
         "host": presence.host_leaf_addr,
         "changed_at_ms": presence.changed_at_ms,
         "attributes": presence.attributes,
+        "nat_class": presence.nat_class,
+        "candidates": presence.candidates,
     })
 }
 
@@ -409,7 +415,12 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         .seeds
         .clone()
         .unwrap_or_else(|| vec!["127.0.0.1:7400".to_string()]);
-    let config = LeafConfig::new(seeds, ca_pem(&cli.ca)?, keypair);
+    let mut config = LeafConfig::new(seeds, ca_pem(&cli.ca)?, keypair);
+    // One-shot commands do not measure and publish endpoints in the background; sessions that stay do.
+    config.publish_endpoints = matches!(
+        cli.command,
+        Command::Listen { .. } | Command::Chat { .. } | Command::Join { .. }
+    );
     let leaf = Leaf::connect(config).await.map_err(|error| match error {
         LeafError::Unreachable(_) => anyhow::anyhow!(
             "{error}\n(is a cluster running? scripts/up.sh starts one; --seeds names others)"
@@ -450,19 +461,52 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
                 )
             });
         }
+        Command::Nat => {
+            let report = leaf.discover_endpoints().await?;
+            let reflexive: Vec<Value> = report
+                .reflexive
+                .iter()
+                .map(|(server, mapped)| json!({ "server": server.to_string(), "mapped": mapped.to_string() }))
+                .collect();
+            let value = json!({
+                "nat_class": report.class.as_str(),
+                "local": report.local.to_string(),
+                "reflexive": reflexive,
+                "unanswered": report.unanswered.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "candidates": report.candidates().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            });
+            print(json_mode, value, || {
+                let mut text = format!("NAT class: {}\nlocal:     {}", report.class, report.local);
+                for (server, mapped) in &report.reflexive {
+                    text.push_str(&format!("\nmapped:    {mapped} (seen by {server})"));
+                }
+                for server in &report.unanswered {
+                    text.push_str(&format!("\nno answer: {server}"));
+                }
+                text
+            });
+        }
         Command::Lookup { peer } => {
             let peer = peer
                 .parse()
                 .map_err(|error| CliError::Usage(format!("peer {peer:?}: {error}")))?;
             match leaf.lookup(&peer, Consistency::Linearizable).await? {
                 Some(presence) => print(json_mode, presence_json(&presence), || {
-                    format!(
+                    let mut text = format!(
                         "{} {} {} (via {})",
                         presence.peer_id,
                         status_name(presence.status),
                         presence.note,
                         presence.host_leaf_addr
-                    )
+                    );
+                    if !presence.nat_class.is_empty() {
+                        text.push_str(&format!(
+                            "\nNAT {}, candidates {}",
+                            presence.nat_class,
+                            presence.candidates.join(" ")
+                        ));
+                    }
+                    text
                 }),
                 None => print(json_mode, Value::Null, || {
                     format!("{peer} has never attached")
