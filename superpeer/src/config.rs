@@ -99,6 +99,8 @@ pub struct Config {
     pub max_sessions_per_ip: u32,
     /// The STUN port (UDP, same IP and port number as the Leaf service) and its limits.
     pub stun: crate::stun::StunConfig,
+    /// The relay on the STUN port and its caps.
+    pub relay: crate::relay::RelayConfig,
 }
 
 impl Default for Config {
@@ -124,6 +126,7 @@ impl Default for Config {
             request_rate_per_second: 2000,
             request_burst: 4000,
             stun: crate::stun::StunConfig::default(),
+            relay: crate::relay::RelayConfig::default(),
         }
     }
 }
@@ -180,6 +183,7 @@ impl Config {
             problems.push("max_sessions_per_ip must be above 0".into());
         }
         problems.extend(self.stun.problems());
+        problems.extend(self.relay.problems());
         if self.mailbox_quota == 0 {
             problems.push("mailbox_quota must be above 0".into());
         }

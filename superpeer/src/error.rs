@@ -44,6 +44,8 @@ pub enum ServiceError {
     Codec(String),
     #[error("{0}")]
     RateLimited(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("the leader at {leader} went away before answering ({reason}); the write may or may not have been applied")]
     OutcomeUnknown { leader: String, reason: String },
 }
@@ -92,6 +94,7 @@ impl ServiceError {
             }
             ServiceError::Timeout(_) => Status::deadline_exceeded(message),
             ServiceError::RateLimited(_) => Status::resource_exhausted(message),
+            ServiceError::PermissionDenied(_) => Status::permission_denied(message),
             ServiceError::Precondition(_) => Status::failed_precondition(message),
             ServiceError::Store(_) | ServiceError::Codec(_) => Status::internal(message),
             ServiceError::Peer { status, .. } => Status::new(status.code(), message),

@@ -26,6 +26,7 @@ pub mod leaf;
 pub mod limits;
 pub mod node;
 pub mod raft;
+pub mod relay;
 pub mod roles;
 pub mod store;
 pub mod stun;

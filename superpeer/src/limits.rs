@@ -21,11 +21,16 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, rate: u32, burst: u32, now: std::time::Instant) -> bool {
+        self.take_n(rate, burst, 1.0, now)
+    }
+
+    /// Takes `amount` tokens if there are that many.
+    pub fn take_n(&mut self, rate: u32, burst: u32, amount: f64, now: std::time::Instant) -> bool {
         let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate);
         self.tokens = (self.tokens + refill).min(f64::from(burst));
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= amount {
+            self.tokens -= amount;
             true
         } else {
             false

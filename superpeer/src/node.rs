@@ -90,6 +90,8 @@ pub struct Context {
     pub events: EventLog,
     /// Background tasks of the node (drains on request), waited for at shutdown.
     pub tasks: TaskTracker,
+    /// Relay allocations served on the STUN port.
+    pub relay: Arc<std::sync::Mutex<crate::relay::RelayTable>>,
     raft: OnceLock<VesperRaft>,
     adopt_tx: mpsc::Sender<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
 }
@@ -372,6 +374,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         tasks: tasks.clone(),
         raft: OnceLock::new(),
         adopt_tx,
+        relay: Arc::new(std::sync::Mutex::new(crate::relay::RelayTable::new(
+            crate::relay::RelayConfig {
+                enabled: config.relay.enabled && stun_socket.is_some(),
+                ..config.relay
+            },
+        ))),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -444,7 +452,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     .map_err(io_error("cannot write endpoints", &endpoints_path))?;
 
     if let Some(socket) = stun_socket {
-        tasks.spawn(crate::stun::serve(socket, config.stun, shutdown.clone()));
+        tasks.spawn(crate::stun::serve(
+            socket,
+            config.stun,
+            context.relay.clone(),
+            shutdown.clone(),
+        ));
     }
     tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
     let membership = Membership {

@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::{SourceBuckets, TokenBucket};
+use crate::relay::{Action as RelayAction, RelayTable};
 
 /// Slots in the per-source table (each a few bytes); see [`SourceBuckets`].
 const SOURCE_SLOTS: usize = 4096;
@@ -129,8 +130,13 @@ impl Limiter {
     }
 }
 
-/// Serves Binding requests on `socket` until `shutdown`.
-pub async fn serve(socket: Arc<UdpSocket>, config: StunConfig, shutdown: CancellationToken) {
+/// Serves Binding requests and relay traffic on `socket` until `shutdown`.
+pub async fn serve(
+    socket: Arc<UdpSocket>,
+    config: StunConfig,
+    relay: Arc<std::sync::Mutex<RelayTable>>,
+    shutdown: CancellationToken,
+) {
     let mut limiter = Limiter::new(config);
     let mut buffer = vec![0u8; 2048];
     let (mut answered, mut dropped) = (0u64, 0u64);
@@ -147,6 +153,25 @@ pub async fn serve(socket: Arc<UdpSocket>, config: StunConfig, shutdown: Cancell
             },
         };
         let request = &buffer[..len];
+        let now = Instant::now();
+        let action = relay
+            .lock()
+            .expect("relay lock")
+            .handle(request, source, now);
+        match action {
+            RelayAction::Forward(to) => {
+                let _ = socket.try_send_to(request, to);
+                continue;
+            }
+            RelayAction::Answer(answer) => {
+                if limiter.sources.take(source.ip(), now) {
+                    let _ = socket.try_send_to(&answer, source);
+                }
+                continue;
+            }
+            RelayAction::Drop => continue,
+            RelayAction::NotRelay => {}
+        }
         let reply = match vesper_proto::stun::answer(request, source) {
             Ok(reply) => reply,
             Err(reason) => {
@@ -155,7 +180,7 @@ pub async fn serve(socket: Arc<UdpSocket>, config: StunConfig, shutdown: Cancell
                 continue;
             }
         };
-        if let Err(refused) = limiter.check(len, reply.len(), source, Instant::now()) {
+        if let Err(refused) = limiter.check(len, reply.len(), source, now) {
             tracing::trace!(%source, ?refused, "stun answer refused by a limit");
             dropped += 1;
             continue;

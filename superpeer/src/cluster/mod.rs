@@ -6,9 +6,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
-    AdoptRequest, AdoptResponse, DeliverRequest, DeliverResponse, DescribeRequest,
-    DescribeResponse, JoinRequest, JoinResponse, NodeDescriptor, ProposeRequest, ProposeResponse,
-    RaftPayload, ReadIndexRequest, ReadIndexResponse,
+    AdoptRequest, AdoptResponse, ConnectAnswer, DeliverRequest, DeliverResponse, DescribeRequest,
+    DescribeResponse, JoinRequest, JoinResponse, NodeDescriptor, OfferRequest, ProposeRequest,
+    ProposeResponse, PushPlanRequest, PushPlanResponse, RaftPayload, ReadIndexRequest,
+    ReadIndexResponse,
 };
 
 use crate::admin::membership;
@@ -197,6 +198,44 @@ impl Cluster for ClusterService {
         }
         self.context.adopt(request.node_id).await?;
         Ok(Response::new(AdoptResponse {}))
+    }
+
+    async fn offer(
+        &self,
+        request: Request<OfferRequest>,
+    ) -> Result<Response<ConnectAnswer>, Status> {
+        let request = request.into_inner();
+        let to: vesper_proto::PeerId = request
+            .to
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
+        let offer = request
+            .offer
+            .ok_or_else(|| ServiceError::BadField("offer is missing".into()))?;
+        self.context
+            .sessions
+            .offer(&to, offer, crate::leaf::broker::OFFER_TIMEOUT)
+            .await
+            .map(Response::new)
+            .map_err(|_| {
+                ServiceError::Timeout("the peer's answer to the connection offer").into_status()
+            })
+    }
+
+    async fn push_plan(
+        &self,
+        request: Request<PushPlanRequest>,
+    ) -> Result<Response<PushPlanResponse>, Status> {
+        let request = request.into_inner();
+        let to: vesper_proto::PeerId = request
+            .to
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
+        let plan = request
+            .plan
+            .ok_or_else(|| ServiceError::BadField("plan is missing".into()))?;
+        let pushed = self.context.sessions.push_plan(&to, plan).await;
+        Ok(Response::new(PushPlanResponse { pushed }))
     }
 
     async fn deliver(

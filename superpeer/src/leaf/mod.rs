@@ -12,6 +12,7 @@
 //! ownership and compare-and-set against the local replica. Apply repeats the last two checks deterministically
 //! for writes that raced.
 
+pub mod broker;
 pub mod conference;
 pub(crate) mod convert;
 pub mod expiry;
@@ -34,13 +35,14 @@ use vesper_proto::session::{attach_message, NONCE_LEN};
 use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
     client_frame, search_term, server_frame, AnswerInvitationRequest, Challenge, ClientFrame,
-    ConferenceResponse, CreateConferenceRequest, DeleteRecordRequest, DeleteRecordResponse,
-    GetConferenceRequest, GetRecordRequest, GetRecordResponse, InviteRequest, ListRecordsRequest,
-    ListRecordsResponse, LookupPeerRequest, LookupPeerResponse, Pong, PostChatRequest,
-    PostChatResponse, PresenceStatus, PublishEndpointsRequest, PutRecordRequest, PutRecordResponse,
-    ReadConsistency, SearchPeersRequest, SearchPeersResponse, SearchRecordsRequest,
-    SearchRecordsResponse, SendMessageRequest, SendMessageResponse, SendResult, ServerFrame,
-    SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
+    ConferenceResponse, ConnectRequest, ConnectResponse, CreateConferenceRequest,
+    DeleteRecordRequest, DeleteRecordResponse, GetConferenceRequest, GetRecordRequest,
+    GetRecordResponse, InviteRequest, ListRecordsRequest, ListRecordsResponse, LookupPeerRequest,
+    LookupPeerResponse, Pong, PostChatRequest, PostChatResponse, PresenceStatus,
+    PublishEndpointsRequest, PutRecordRequest, PutRecordResponse, ReadConsistency,
+    SearchPeersRequest, SearchPeersResponse, SearchRecordsRequest, SearchRecordsResponse,
+    SendMessageRequest, SendMessageResponse, SendResult, ServerFrame, SetPresenceRequest,
+    SetPresenceResponse, WatchRefused, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -389,6 +391,15 @@ impl Leaf for LeafService {
             })),
             (other, _) => Err(unexpected(other)),
         }
+    }
+
+    async fn connect_peer(
+        &self,
+        request: Request<ConnectRequest>,
+    ) -> Result<Response<ConnectResponse>, Status> {
+        let (peer, _session) = self.session_of(&request)?;
+        let plan = broker::connect(&self.context, peer, request.into_inner()).await?;
+        Ok(Response::new(ConnectResponse { plan: Some(plan) }))
     }
 
     async fn lookup_peer(
@@ -876,6 +887,9 @@ async fn run_session(
                             break;
                         }
                     }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::ConnectAnswer(answer)) }))) => {
+                    session.answer(answer);
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Unwatch(request)) }))) => {
                     watches.remove(request.watch_id);

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
-use vesper_proto::v1::{server_frame, Message, ServerFrame};
+use vesper_proto::v1::{
+    server_frame, ConnectAnswer, ConnectOffer, Message, PunchPlan, ServerFrame,
+};
 use vesper_proto::PeerId;
 
 /// Outbound frames of one session.
@@ -21,12 +23,16 @@ pub type Outbound = mpsc::Sender<Result<ServerFrame, Status>>;
 /// Messages pushed into a session and not yet acknowledged, by message id.
 type PendingAcks = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
 
+/// Connection offers pushed into a session and not yet answered, by offer id.
+type PendingOffers = Arc<Mutex<HashMap<String, oneshot::Sender<ConnectAnswer>>>>;
+
 /// What delivery needs of a live session.
 #[derive(Clone)]
 struct Live {
     session: u64,
     outbound: Outbound,
     pending: PendingAcks,
+    offers: PendingOffers,
 }
 
 #[derive(Default)]
@@ -85,6 +91,7 @@ impl SessionRegistry {
         // Session ids are random so that a session of a restarted super peer never matches an old one.
         let session = rand::random::<u64>() | 1;
         let pending = PendingAcks::default();
+        let offers = PendingOffers::default();
         let mut inner = self.lock();
         inner.by_token.insert(token.clone(), (peer, session));
         inner.by_peer.insert(
@@ -93,6 +100,7 @@ impl SessionRegistry {
                 session,
                 outbound,
                 pending: pending.clone(),
+                offers: offers.clone(),
             },
         );
         SessionGuard {
@@ -101,6 +109,7 @@ impl SessionRegistry {
             peer,
             session,
             pending,
+            offers,
         }
     }
 
@@ -197,6 +206,60 @@ impl SessionRegistry {
     }
 }
 
+impl SessionRegistry {
+    /// Pushes a connection offer into `peer`'s session and waits up to `timeout` for its answer.
+    pub async fn offer(
+        &self,
+        peer: &PeerId,
+        offer: ConnectOffer,
+        timeout: Duration,
+    ) -> Result<ConnectAnswer, DeliveryError> {
+        let live = self
+            .lock()
+            .by_peer
+            .get(peer)
+            .cloned()
+            .ok_or(DeliveryError::NotHere)?;
+        let (answer_tx, answer_rx) = oneshot::channel();
+        let id = offer.offer_id.clone();
+        live.offers
+            .lock()
+            .expect("pending offers lock poisoned")
+            .insert(id.clone(), answer_tx);
+        let frame = ServerFrame {
+            frame: Some(server_frame::Frame::ConnectOffer(offer)),
+        };
+        let outcome = async {
+            live.outbound
+                .send(Ok(frame))
+                .await
+                .map_err(|_| DeliveryError::NoAck)?;
+            match tokio::time::timeout(timeout, answer_rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                _ => Err(DeliveryError::NoAck),
+            }
+        }
+        .await;
+        live.offers
+            .lock()
+            .expect("pending offers lock poisoned")
+            .remove(&id);
+        outcome
+    }
+
+    /// Pushes a punch plan into `peer`'s session; false when it has no session here.
+    pub async fn push_plan(&self, peer: &PeerId, plan: PunchPlan) -> bool {
+        let live = self.lock().by_peer.get(peer).cloned();
+        let Some(live) = live else {
+            return false;
+        };
+        let frame = ServerFrame {
+            frame: Some(server_frame::Frame::PunchPlan(plan)),
+        };
+        live.outbound.send(Ok(frame)).await.is_ok()
+    }
+}
+
 /// A live session; dropping it ends the session's authority.
 pub struct SessionGuard {
     registry: SessionRegistry,
@@ -204,6 +267,7 @@ pub struct SessionGuard {
     peer: PeerId,
     session: u64,
     pending: PendingAcks,
+    offers: PendingOffers,
 }
 
 impl SessionGuard {
@@ -214,6 +278,18 @@ impl SessionGuard {
     /// The session id recorded in the peer's presence.
     pub fn id(&self) -> u64 {
         self.session
+    }
+
+    /// Completes a connection offer with the leaf's answer.
+    pub fn answer(&self, answer: ConnectAnswer) {
+        if let Some(waiting) = self
+            .offers
+            .lock()
+            .expect("pending offers lock poisoned")
+            .remove(&answer.offer_id)
+        {
+            let _ = waiting.send(answer);
+        }
     }
 
     /// Completes the delivery of message `id` (the leaf acknowledged it).

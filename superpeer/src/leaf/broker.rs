@@ -1,0 +1,234 @@
+//! The connection broker: a leaf asks to connect to a peer, the peer's library accepts or refuses, and both get
+//! a punch plan.
+//!
+//! ```text
+//!  A ─ConnectPeer(B, A's candidates)─> S_A (broker) ─ B's presence (local replica)
+//!        S_A ─ offer ─> B's session (here, or through Cluster.Offer on B's super peer) ─> B's policy
+//!        S_A <─ answer (accept + B's candidates | refuse + reason)
+//!        S_A: nonce, roles, relay grant on this node
+//!        S_A ─ plan ─> B (PunchPlan frame, or Cluster.PushPlan)      S_A ─ plan ─> A (the call's answer)
+//! ```
+//!
+//! Roles: the QUIC client sends Initial packets, which open its own NAT; the server sends punch datagrams to
+//! open its NAT's filter towards the client. When exactly one side maps endpoint-dependently, that side is the
+//! client: its new mapping is then the source the server answers, which the easy side's NAT lets in. Both sides
+//! endpoint-dependent, or either side without UDP, is hopeless for punching: the plan says relay at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vesper_proto::nat::{parse_candidates, NatClass};
+use vesper_proto::v1::{
+    ConnectAnswer, ConnectOffer, ConnectRequest, OfferRequest, PunchPlan, PunchRole,
+    PushPlanRequest, RelayGrant,
+};
+use vesper_proto::PeerId;
+
+use crate::error::ServiceError;
+use crate::node::Context;
+use crate::raft::command::PresenceStatus;
+use crate::store::presence;
+
+/// How long the target's library has to answer an offer.
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long both sides try a direct path before the relay.
+pub const DIRECT_DEADLINE_MS: u32 = 3000;
+
+fn nat_class(text: &str) -> Result<NatClass, ServiceError> {
+    text.parse()
+        .map_err(|error: vesper_proto::nat::UnknownNatClass| {
+            ServiceError::BadField(error.to_string())
+        })
+}
+
+/// Roles of (caller, target), and whether only the relay can work.
+pub fn roles(caller: NatClass, target: NatClass) -> (PunchRole, PunchRole, bool) {
+    use NatClass::*;
+    let hopeless = matches!((caller, target), (EndpointDependent, EndpointDependent))
+        || caller == UdpBlocked
+        || target == UdpBlocked;
+    if target == EndpointDependent && caller != EndpointDependent {
+        (PunchRole::Server, PunchRole::Client, hopeless)
+    } else {
+        (PunchRole::Client, PunchRole::Server, hopeless)
+    }
+}
+
+/// Brokers a connection from `from` to the peer named in `request`; returns the caller's plan.
+pub async fn connect(
+    context: &Arc<Context>,
+    from: PeerId,
+    request: ConnectRequest,
+) -> Result<PunchPlan, ServiceError> {
+    let to: PeerId = request
+        .peer_id
+        .parse()
+        .map_err(|error| ServiceError::BadField(format!("peer_id: {error}")))?;
+    if to == from {
+        return Err(ServiceError::BadField(
+            "a peer cannot connect to itself".into(),
+        ));
+    }
+    parse_candidates(&request.candidates)
+        .map_err(|error| ServiceError::BadField(error.to_string()))?;
+    let caller_class = nat_class(&request.nat_class)?;
+    let entry = presence::get(context.reader.db(), to.as_bytes())?
+        .filter(|entry| entry.status != PresenceStatus::Offline)
+        .ok_or_else(|| ServiceError::NotFound(format!("peer {to} is not online")))?;
+
+    let offer_id = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>());
+    let offer = ConnectOffer {
+        offer_id: offer_id.clone(),
+        from_peer_id: from.to_string(),
+        candidates: request.candidates.clone(),
+        nat_class: caller_class.as_str().to_string(),
+    };
+    let answer = offer_to(context, entry.host, &to, offer).await?;
+    if !answer.accept {
+        let reason = if answer.reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            answer.reason.chars().take(200).collect()
+        };
+        return Err(ServiceError::PermissionDenied(format!(
+            "peer {to} refused the connection: {reason}"
+        )));
+    }
+    parse_candidates(&answer.candidates).map_err(|error| {
+        ServiceError::BadField(format!("the peer answered with bad candidates: {error}"))
+    })?;
+    let target_class = nat_class(&answer.nat_class)?;
+
+    let (caller_role, target_role, relay_only) = roles(caller_class, target_class);
+    let nonce: [u8; 16] = rand::random();
+    let grant = context
+        .relay
+        .lock()
+        .expect("relay lock")
+        .grant(Instant::now());
+    let relay = grant.map(|grant| RelayGrant {
+        address: context.me.leaf_addr.clone(),
+        token: grant.token.to_vec(),
+        max_bytes: grant.max_bytes,
+        max_seconds: grant.max_seconds,
+        max_bytes_per_second: grant.max_bytes_per_second,
+    });
+    let target_plan = PunchPlan {
+        offer_id: offer_id.clone(),
+        peer_id: from.to_string(),
+        nonce: nonce.to_vec(),
+        peer_candidates: request.candidates,
+        peer_nat_class: caller_class.as_str().to_string(),
+        role: target_role as i32,
+        start_delay_ms: 0,
+        direct_deadline_ms: DIRECT_DEADLINE_MS,
+        relay_only,
+        relay: relay.clone(),
+    };
+    let caller_plan = PunchPlan {
+        offer_id,
+        peer_id: to.to_string(),
+        nonce: nonce.to_vec(),
+        peer_candidates: answer.candidates,
+        peer_nat_class: target_class.as_str().to_string(),
+        role: caller_role as i32,
+        start_delay_ms: 0,
+        direct_deadline_ms: DIRECT_DEADLINE_MS,
+        relay_only,
+        relay,
+    };
+    if !push_plan_to(context, entry.host, &to, target_plan).await {
+        return Err(ServiceError::NotFound(format!(
+            "peer {to} went away before its plan reached it"
+        )));
+    }
+    Ok(caller_plan)
+}
+
+/// Offers on the target's super peer (this one, or another through the Cluster service).
+async fn offer_to(
+    context: &Arc<Context>,
+    host: u64,
+    to: &PeerId,
+    offer: ConnectOffer,
+) -> Result<ConnectAnswer, ServiceError> {
+    let no_answer = || ServiceError::Timeout("the peer's answer to the connection offer");
+    if Some(host) == context.node_id() {
+        return context
+            .sessions
+            .offer(to, offer, OFFER_TIMEOUT)
+            .await
+            .map_err(|_| no_answer());
+    }
+    let node = context
+        .member_info(host)
+        .ok_or_else(|| ServiceError::NotFound(format!("peer {to} is hosted by an unknown node")))?;
+    let mut client = context
+        .clients
+        .client(&node.cluster_addr)
+        .map_err(|status| ServiceError::Peer {
+            peer: node.cluster_addr.clone(),
+            status,
+        })?;
+    let mut request = tonic::Request::new(OfferRequest {
+        to: to.to_string(),
+        offer: Some(offer),
+    });
+    request.set_timeout(OFFER_TIMEOUT + Duration::from_secs(2));
+    client
+        .offer(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| match status.code() {
+            tonic::Code::DeadlineExceeded => no_answer(),
+            _ => ServiceError::Peer {
+                peer: node.cluster_addr.clone(),
+                status,
+            },
+        })
+}
+
+/// Pushes the target's plan to its super peer (this one, or another through the Cluster service).
+async fn push_plan_to(context: &Arc<Context>, host: u64, to: &PeerId, plan: PunchPlan) -> bool {
+    if Some(host) == context.node_id() {
+        return context.sessions.push_plan(to, plan).await;
+    }
+    let Some(node) = context.member_info(host) else {
+        return false;
+    };
+    let Ok(mut client) = context.clients.client(&node.cluster_addr) else {
+        return false;
+    };
+    client
+        .push_plan(PushPlanRequest {
+            to: to.to_string(),
+            plan: Some(plan),
+        })
+        .await
+        .map(|reply| reply.into_inner().pushed)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_dependent_side_is_the_client_and_hopeless_pairs_relay() {
+        use NatClass::*;
+        assert_eq!(
+            roles(EndpointIndependent, EndpointDependent),
+            (PunchRole::Server, PunchRole::Client, false)
+        );
+        assert_eq!(
+            roles(EndpointDependent, Public),
+            (PunchRole::Client, PunchRole::Server, false)
+        );
+        assert_eq!(
+            roles(EndpointIndependent, EndpointIndependent),
+            (PunchRole::Client, PunchRole::Server, false)
+        );
+        assert!(roles(EndpointDependent, EndpointDependent).2);
+        assert!(roles(UdpBlocked, Public).2);
+    }
+}
