@@ -24,6 +24,12 @@ pub enum LeafError {
     /// The session ended.
     #[error("session closed: {0}")]
     SessionClosed(String),
+    /// A peer-to-peer connection could not be made or broke.
+    #[error("peer connection: {0}")]
+    PeerConnection(String),
+    /// The relay refused or failed.
+    #[error("relay: {0}")]
+    Relay(String),
 }
 
 fn code_name(code: Code) -> &'static str {

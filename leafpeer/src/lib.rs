@@ -16,11 +16,13 @@
 mod error;
 mod leaf;
 pub mod nat;
+pub mod p2p;
 
 pub use error::LeafError;
 pub use leaf::{
     Consistency, Handler, Leaf, LeafConfig, Page, SearchTerm, SendOutcome, WatchItem, WatchSpec,
 };
+pub use p2p::{Path, PeerConnection, RelayCaps};
 pub use vesper_proto::v1::{
     ConferenceChat, ConferenceContext, InvitationState, Member, Message, Presence, PresenceStatus,
     Record,

@@ -166,8 +166,6 @@ enum Command {
         #[arg(required = true)]
         peers: Vec<String>,
     },
-    /// Accept an invitation.
-    Accept { id: String },
     /// Decline an invitation.
     Decline { id: String },
     /// Show a conference's context and roster.
@@ -186,6 +184,27 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
         /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Open an encrypted connection to a peer (direct through NATs, else relayed) and pipe stdin/stdout through
+    /// it, like netcat. The path taken is reported on stderr.
+    Connect {
+        /// PeerId of the peer; it must run `leafpeer accept` allowing you.
+        peer: String,
+    },
+    /// Accept a conference invitation (`accept ID`), or, without an ID, wait for one peer to connect and pipe
+    /// stdin/stdout through the connection, like netcat (`accept --allow PEER`).
+    Accept {
+        /// Conference id of the invitation to accept.
+        id: Option<String>,
+        /// PeerId allowed to connect (repeat). Others are refused.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Accept any peer.
+        #[arg(long, conflicts_with_all = ["allow", "id"])]
+        allow_any: bool,
+        /// Give up after this many seconds without a connection.
         #[arg(long)]
         timeout: Option<u64>,
     },
@@ -370,6 +389,48 @@ fn terms(equals: Vec<(String, String)>, prefixes: Vec<(String, String)>) -> Vec<
         .collect()
 }
 
+/// Reports on stderr which path a peer connection took.
+fn report_connection(
+    json_mode: bool,
+    connection: &vesper_leafpeer::PeerConnection,
+    took: Duration,
+) {
+    let path = connection.path();
+    if json_mode {
+        let (kind, via) = match path {
+            vesper_leafpeer::Path::Direct(addr) => ("direct", addr.to_string()),
+            vesper_leafpeer::Path::Relayed { relay, .. } => ("relayed", relay.to_string()),
+        };
+        eprintln!(
+            "{}",
+            json!({ "event": "connected", "peer": connection.peer().to_string(), "path": kind, "via": via, "elapsed_ms": took.as_millis() as u64 })
+        );
+    } else {
+        eprintln!("connected to {} ({path}) in {took:?}", connection.peer());
+    }
+}
+
+/// Copies stdin into `send` and `recv` into stdout until both directions end.
+async fn pipe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+    let up = async {
+        tokio::io::copy(&mut tokio::io::stdin(), &mut send).await?;
+        send.finish()?;
+        // Wait until the peer has everything before the connection may close.
+        let _ = send.stopped().await;
+        Ok::<_, anyhow::Error>(())
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        tokio::io::copy(&mut recv, &mut stdout).await?;
+        tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    let (up, down) = tokio::join!(up, down);
+    up.context("sending")?;
+    down.context("receiving")?;
+    Ok(())
+}
+
 fn print(json_mode: bool, value: Value, text: impl FnOnce() -> String) {
     if json_mode {
         println!("{value}");
@@ -419,7 +480,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     // One-shot commands do not measure and publish endpoints in the background; sessions that stay do.
     config.publish_endpoints = matches!(
         cli.command,
-        Command::Listen { .. } | Command::Chat { .. } | Command::Join { .. }
+        Command::Listen { .. }
+            | Command::Chat { .. }
+            | Command::Join { .. }
+            | Command::Accept { id: None, .. }
     );
     let leaf = Leaf::connect(config).await.map_err(|error| match error {
         LeafError::Unreachable(_) => anyhow::anyhow!(
@@ -687,7 +751,7 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
                 roster_text(&context)
             });
         }
-        Command::Accept { id } | Command::Decline { id } => {
+        Command::Accept { id: Some(id), .. } | Command::Decline { id } => {
             let accept = matches!(cli.command, Command::Accept { .. });
             let context = leaf.answer_invitation(id, accept).await?;
             print(json_mode, conference_json(&context), || {
@@ -713,6 +777,55 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
             chat(leaf, peer).await?;
         }
         Command::Join { id } => join(leaf, id).await?,
+        Command::Connect { peer } => {
+            let peer: vesper_leafpeer::PeerId = peer
+                .parse()
+                .map_err(|error| CliError::Usage(format!("peer {peer:?}: {error}")))?;
+            let started = std::time::Instant::now();
+            let connection = leaf.connect_to(&peer).await?;
+            report_connection(json_mode, &connection, started.elapsed());
+            let (send, recv) = connection.open_bi().await?;
+            pipe(send, recv).await?;
+            connection.close().await;
+        }
+        Command::Accept {
+            id: None,
+            allow,
+            allow_any,
+            timeout,
+        } => {
+            let allowed: Vec<vesper_leafpeer::PeerId> = allow
+                .iter()
+                .map(|text| {
+                    text.parse()
+                        .map_err(|error| CliError::Usage(format!("--allow {text:?}: {error}")))
+                })
+                .collect::<Result<_, _>>()?;
+            if allowed.is_empty() && !allow_any {
+                bail!(CliError::Usage(
+                    "name who may connect with --allow PEER (repeat), or pass --allow-any".into()
+                ));
+            }
+            let any = *allow_any;
+            leaf.set_connect_policy(move |peer| any || allowed.contains(peer));
+            let mut incoming = leaf
+                .incoming_connections()
+                .context("incoming connections already taken")?;
+            eprintln!("waiting for a connection to {}", leaf.peer_id());
+            let started = std::time::Instant::now();
+            let next = incoming.recv();
+            let connection = match timeout {
+                Some(seconds) => tokio::time::timeout(Duration::from_secs(*seconds), next)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no peer connected within {seconds} s"))?,
+                None => next.await,
+            }
+            .context("the session ended before a peer connected")?;
+            report_connection(json_mode, &connection, started.elapsed());
+            let (send, recv) = connection.accept_bi().await?;
+            pipe(send, recv).await?;
+            connection.close().await;
+        }
         Command::Listen { count, timeout } => {
             let mut messages = leaf.messages().context("message stream already taken")?;
             let deadline =

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod connect;
 mod endpoints;
 mod session;
 mod watches;
@@ -27,6 +28,12 @@ pub use watches::{WatchItem, WatchSpec};
 const INBOX_QUEUE: usize = 1024;
 /// Attempts of a send or chat post while the cluster has no leader or this leaf is re-attaching (same id).
 const SEND_ATTEMPTS: u32 = 5;
+
+/// Decides whether a peer may connect to this leaf (`true` accepts).
+pub type ConnectPolicy = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+
+/// Accepted peer connections held for the app.
+const INCOMING_QUEUE: usize = 64;
 
 /// A function the app registers for one message kind.
 pub type Handler = Arc<dyn Fn(Message) + Send + Sync>;
@@ -119,6 +126,8 @@ struct Inner {
     request_timeout: Duration,
     /// Messages without a handler, until the app takes the stream.
     inbox: std::sync::Mutex<Option<mpsc::Receiver<Message>>>,
+    /// Accepted peer connections, until the app takes the stream.
+    incoming: std::sync::Mutex<Option<mpsc::Receiver<crate::p2p::PeerConnection>>>,
 }
 
 impl Drop for Inner {
@@ -142,6 +151,7 @@ impl Leaf {
         }
         let attached = session::attach_any(&config, &config.seeds).await?;
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let (connection, _) = tokio::sync::watch::channel(None);
         let shared = Arc::new(Shared {
             known: std::sync::RwLock::new(config.seeds.clone()),
@@ -155,6 +165,9 @@ impl Leaf {
             pending_sends: Default::default(),
             next_request: Default::default(),
             nat: Default::default(),
+            connect_policy: Default::default(),
+            pending_accepts: Default::default(),
+            incoming: incoming_tx,
             stop: CancellationToken::new(),
         });
         // Published before returning, so calls work at once.
@@ -168,6 +181,7 @@ impl Leaf {
                 peer_id: config.keypair.peer_id(),
                 request_timeout: config.request_timeout,
                 inbox: std::sync::Mutex::new(Some(inbox_rx)),
+                incoming: std::sync::Mutex::new(Some(incoming_rx)),
             }),
         })
     }
@@ -199,6 +213,28 @@ impl Leaf {
         endpoints::publish(&self.inner.shared, &connection, &report).await?;
         *self.inner.shared.nat.lock().expect("nat lock") = Some(report.clone());
         Ok(report)
+    }
+
+    /// Opens an encrypted QUIC connection to `peer`, directly through NATs when a path can be punched, else
+    /// through a super peer's relay. The peer's app must accept (see [`Leaf::set_connect_policy`]).
+    pub async fn connect_to(&self, peer: &PeerId) -> Result<crate::p2p::PeerConnection, LeafError> {
+        let connection = self.connection().await?;
+        connect::dial(&self.inner.shared, &connection, peer).await
+    }
+
+    /// Sets who may connect to this leaf; without a policy every offer is refused.
+    pub fn set_connect_policy(&self, policy: impl Fn(&PeerId) -> bool + Send + Sync + 'static) {
+        *self
+            .inner
+            .shared
+            .connect_policy
+            .write()
+            .expect("policy lock") = Some(Arc::new(policy));
+    }
+
+    /// The stream of connections other peers opened to this leaf (once; later calls get `None`).
+    pub fn incoming_connections(&self) -> Option<mpsc::Receiver<crate::p2p::PeerConnection>> {
+        self.inner.incoming.lock().expect("incoming lock").take()
     }
 
     /// What the last endpoint discovery found (`None` before the first one finished).

@@ -67,6 +67,12 @@ pub struct Shared {
     pub next_request: std::sync::atomic::AtomicU64,
     /// What the last endpoint discovery found.
     pub nat: Mutex<Option<crate::nat::NatReport>>,
+    /// Decides whether to accept a connection offer from a peer; none refuses every offer.
+    pub connect_policy: RwLock<Option<super::ConnectPolicy>>,
+    /// Sockets measured for accepted offers, waiting for their punch plans, by offer id.
+    pub pending_accepts: Mutex<HashMap<String, tokio::net::UdpSocket>>,
+    /// Accepted connections for the app.
+    pub incoming: mpsc::Sender<crate::p2p::PeerConnection>,
     pub stop: CancellationToken,
 }
 
@@ -274,7 +280,7 @@ fn learn_members(shared: &Shared, members: &[vesper_proto::v1::Member]) {
 }
 
 /// Owns one session stream until it ends or the leaf stops.
-async fn run_stream(shared: &Shared, attached: Attached) {
+async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
     let Attached {
         connection,
         mut inbound,
@@ -299,6 +305,12 @@ async fn run_stream(shared: &Shared, attached: Attached) {
                     if !receive(shared, &connection, message).await {
                         return;
                     }
+                }
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::ConnectOffer(offer)) })) => {
+                    tokio::spawn(super::connect::answer_offer(shared.clone(), connection.clone(), offer));
+                }
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::PunchPlan(plan)) })) => {
+                    tokio::spawn(super::connect::carry_out_plan(shared.clone(), plan));
                 }
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::SendResult(result)) })) => {
                     let waiting = shared.pending_sends.lock().expect("pending sends lock").remove(&result.request_id);

@@ -1,0 +1,125 @@
+//! Connections to other leaves, as seen from the session: asking for one, answering offers, running plans.
+
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use vesper_proto::v1::{
+    client_frame, ClientFrame, ConnectAnswer, ConnectOffer, ConnectRequest, PunchPlan,
+};
+use vesper_proto::{PeerId, SESSION_METADATA_KEY};
+
+use super::endpoints;
+use super::session::{Connection, Shared};
+use crate::error::LeafError;
+use crate::nat;
+use crate::p2p::{self, PeerConnection};
+
+/// How long a connect call waits for the broker (which waits up to 15 s for the peer's answer).
+const CONNECT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A fresh UDP socket and what STUN says about it.
+async fn measured_socket(
+    shared: &Shared,
+    connection: &Connection,
+) -> Result<(UdpSocket, nat::NatReport), LeafError> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0))
+        .await
+        .map_err(|error| LeafError::PeerConnection(format!("cannot bind a UDP socket: {error}")))?;
+    let servers = endpoints::stun_servers(shared, &connection.server).await;
+    let report = nat::discover(&socket, &servers)
+        .await
+        .map_err(|error| LeafError::PeerConnection(format!("STUN discovery failed: {error}")))?;
+    Ok((socket, report))
+}
+
+/// Asks the broker for a connection to `peer` and carries out the plan.
+pub async fn dial(
+    shared: &Shared,
+    connection: &Connection,
+    peer: &PeerId,
+) -> Result<PeerConnection, LeafError> {
+    let (socket, report) = measured_socket(shared, connection).await?;
+    let mut request = tonic::Request::new(ConnectRequest {
+        peer_id: peer.to_string(),
+        candidates: report
+            .candidates()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        nat_class: report.class.as_str().to_string(),
+    });
+    request
+        .metadata_mut()
+        .insert(SESSION_METADATA_KEY, connection.token.clone());
+    request.set_timeout(CONNECT_CALL_TIMEOUT);
+    let plan = connection
+        .client
+        .clone()
+        .connect_peer(request)
+        .await?
+        .into_inner()
+        .plan
+        .ok_or_else(|| LeafError::PeerConnection("the broker answered without a plan".into()))?;
+    p2p::run_plan(socket, plan, &shared.config.keypair).await
+}
+
+/// Answers an offer: asks the app's policy; on accept, measures a socket and keeps it for the plan.
+pub async fn answer_offer(shared: Arc<Shared>, connection: Connection, offer: ConnectOffer) {
+    let policy = shared.connect_policy.read().expect("policy lock").clone();
+    let accepted = match (offer.from_peer_id.parse::<PeerId>(), policy) {
+        (Ok(from), Some(policy)) => policy(&from),
+        _ => false,
+    };
+    let mut answer = ConnectAnswer {
+        offer_id: offer.offer_id.clone(),
+        accept: false,
+        reason: String::from("the peer does not accept connections from you"),
+        candidates: Vec::new(),
+        nat_class: String::new(),
+    };
+    if accepted {
+        match measured_socket(&shared, &connection).await {
+            Ok((socket, report)) => {
+                answer.accept = true;
+                answer.reason.clear();
+                answer.candidates = report
+                    .candidates()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                answer.nat_class = report.class.as_str().to_string();
+                shared
+                    .pending_accepts
+                    .lock()
+                    .expect("pending accepts lock")
+                    .insert(offer.offer_id.clone(), socket);
+            }
+            Err(error) => answer.reason = format!("the peer could not prepare a socket: {error}"),
+        }
+    }
+    let frame = ClientFrame {
+        frame: Some(client_frame::Frame::ConnectAnswer(answer)),
+    };
+    let _ = connection.outbound.send(frame).await;
+}
+
+/// Runs the plan of an accepted offer and hands the connection to the app.
+pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
+    let socket = shared
+        .pending_accepts
+        .lock()
+        .expect("pending accepts lock")
+        .remove(&plan.offer_id);
+    let Some(socket) = socket else {
+        tracing::warn!(offer = %plan.offer_id, "punch plan for an offer this leaf did not accept");
+        return;
+    };
+    let peer = plan.peer_id.clone();
+    match p2p::run_plan(socket, plan, &shared.config.keypair).await {
+        Ok(connection) => {
+            tracing::info!(%peer, path = %connection.path(), "accepted a peer connection");
+            let _ = shared.incoming.send(connection).await;
+        }
+        Err(error) => tracing::warn!(%peer, %error, "an accepted peer connection failed"),
+    }
+}

@@ -1,0 +1,573 @@
+//! Direct connections between leaves: QUIC (quinn) over a punched UDP path, or over a super peer's relay.
+//!
+//! ```text
+//!  plan (from the broker): role, peer candidates, nonce, deadline, relay grant
+//!   client: QUIC Initial to every candidate at once ─┐  the first handshake that completes wins; the client
+//!   server: punch datagrams to every candidate, accept┘  sends the nonce on a first uni stream, the server
+//!                                                       takes the connection that carries it
+//!   no path by the deadline (or relay_only): both bind a fresh socket to the relay with the grant's token, and
+//!   the client connects to the relay's address; the relay passes the (encrypted) QUIC datagrams across
+//! ```
+//!
+//! TLS 1.3 inside QUIC authenticates both ends by their peer keys: each side presents a self-signed
+//! certificate for its Ed25519 key, and each side accepts only the certificate whose key is the PeerId the plan
+//! names. The relay sees only QUIC ciphertext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::net::UdpSocket;
+use vesper_proto::nat::parse_candidates;
+use vesper_proto::v1::{PunchPlan, PunchRole};
+use vesper_proto::{Keypair, PeerId};
+
+use crate::error::LeafError;
+
+/// ALPN of Vesper's peer-to-peer QUIC connections.
+pub const ALPN: &[u8] = b"vesper-p2p/1";
+/// First bytes of a punch datagram (a zero first byte: neither QUIC nor STUN-with-cookie).
+const PUNCH_TAG: [u8; 4] = [0x00, b'V', b'P', b'P'];
+/// Interval between punch datagrams.
+const PUNCH_INTERVAL: Duration = Duration::from_millis(20);
+/// Tag and answer of relay binds (see the super peer's relay module).
+const RELAY_BIND_TAG: [u8; 4] = [0x00, b'V', b'R', b'B'];
+const RELAY_ANSWER_TAG: [u8; 4] = [0x00, b'V', b'R', b'A'];
+/// How long a relayed connection may take to come up once both sides are bound.
+const RELAY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The path a connection runs over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the peer at this address.
+    Direct(SocketAddr),
+    /// Through a super peer's relay, with the caps it enforces.
+    Relayed { relay: SocketAddr, caps: RelayCaps },
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Direct(addr) => write!(f, "direct to {addr}"),
+            Path::Relayed { relay, caps } => write!(
+                f,
+                "relayed by {relay} (caps: {} bytes, {} s, {} bytes/s)",
+                caps.max_bytes, caps.max_seconds, caps.max_bytes_per_second
+            ),
+        }
+    }
+}
+
+/// What a relay allows one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayCaps {
+    pub max_bytes: u64,
+    pub max_seconds: u32,
+    pub max_bytes_per_second: u64,
+}
+
+/// An authenticated, encrypted connection to another leaf.
+pub struct PeerConnection {
+    connection: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    path: Path,
+    peer: PeerId,
+}
+
+impl PeerConnection {
+    /// The peer at the other end (its key was checked in the handshake).
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Which path the connection runs over.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens a bidirectional stream.
+    pub async fn open_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LeafError> {
+        self.connection
+            .open_bi()
+            .await
+            .map_err(|error| LeafError::PeerConnection(error.to_string()))
+    }
+
+    /// Waits for the peer to open a bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LeafError> {
+        self.connection
+            .accept_bi()
+            .await
+            .map_err(|error| LeafError::PeerConnection(error.to_string()))
+    }
+
+    /// The QUIC connection, for everything else (datagrams, stats, more streams).
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// Closes the connection and waits until the peer knows.
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"done");
+        self._endpoint.wait_idle().await;
+    }
+}
+
+/// The self-signed certificate and key that present `keypair` in TLS.
+fn tls_identity(
+    keypair: &Keypair,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), LeafError> {
+    // RFC 8410 PKCS#8 for Ed25519: a fixed prefix, then the 32-byte seed.
+    let mut pkcs8 = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    pkcs8.extend_from_slice(&keypair.secret_bytes());
+    let der = PrivatePkcs8KeyDer::from(pkcs8);
+    let key = rcgen::KeyPair::try_from(&der)
+        .map_err(|error| LeafError::PeerConnection(format!("peer key for TLS: {error}")))?;
+    let params = rcgen::CertificateParams::new(vec!["vesper-peer".to_string()])
+        .map_err(|error| LeafError::PeerConnection(format!("peer certificate: {error}")))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|error| LeafError::PeerConnection(format!("peer certificate: {error}")))?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(der)))
+}
+
+/// Accepts exactly the certificate whose Ed25519 key is `expected` (either end of the handshake).
+#[derive(Debug)]
+struct PinnedPeer {
+    expected: PeerId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedPeer {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        let key = parsed.public_key();
+        let ed25519 = x509_parser::oid_registry::OID_SIG_ED25519;
+        if key.algorithm.algorithm != ed25519
+            || key.subject_public_key.data.as_ref() != self.expected.as_bytes()
+        {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(())
+    }
+
+    fn verify13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+}
+
+impl ServerCertVerifier for PinnedPeer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+impl ClientCertVerifier for PinnedPeer {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .expect("30 s is a valid idle timeout"),
+    ));
+    // Punched paths lose the first Initial when it beats the other side's punch; retransmit soon.
+    transport.initial_rtt(Duration::from_millis(100));
+    Arc::new(transport)
+}
+
+/// A QUIC endpoint on `socket` that talks only to `peer`, as client and (when `serve`) as server.
+fn endpoint(
+    socket: std::net::UdpSocket,
+    keypair: &Keypair,
+    peer: PeerId,
+    serve: bool,
+) -> Result<(quinn::Endpoint, quinn::ClientConfig), LeafError> {
+    let tls_error = |error: rustls::Error| LeafError::PeerConnection(format!("tls: {error}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedPeer {
+        expected: peer,
+        provider: provider.clone(),
+    });
+    let (cert, key) = tls_identity(keypair)?;
+    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_client_auth_cert(vec![cert.clone()], key.clone_key())
+        .map_err(tls_error)?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let mut client_config = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(client)
+            .map_err(|error| LeafError::PeerConnection(format!("quic client: {error}")))?,
+    ));
+    client_config.transport_config(transport());
+    let server_config = if serve {
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_error)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![cert], key)
+            .map_err(tls_error)?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server)
+                .map_err(|error| LeafError::PeerConnection(format!("quic server: {error}")))?,
+        ));
+        config.transport_config(transport());
+        Some(config)
+    } else {
+        None
+    };
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| LeafError::PeerConnection("no async runtime for QUIC".into()))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server_config,
+        socket,
+        runtime,
+    )
+    .map_err(|error| LeafError::PeerConnection(format!("quic endpoint: {error}")))?;
+    Ok((endpoint, client_config))
+}
+
+/// Client side: the first of `targets` to complete a handshake, then the nonce on a uni stream.
+async fn dial_first(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    targets: &[SocketAddr],
+    nonce: &[u8],
+) -> Result<quinn::Connection, LeafError> {
+    let mut attempts = FuturesUnordered::new();
+    for target in targets {
+        match endpoint.connect_with(config.clone(), *target, "vesper-peer") {
+            Ok(connecting) => attempts.push(connecting),
+            Err(error) => tracing::debug!(%target, %error, "cannot start a QUIC attempt"),
+        }
+    }
+    let mut last = String::from("no candidate to try");
+    while let Some(outcome) = attempts.next().await {
+        match outcome {
+            Ok(connection) => {
+                let mut hello = connection
+                    .open_uni()
+                    .await
+                    .map_err(|error| LeafError::PeerConnection(error.to_string()))?;
+                hello
+                    .write_all(nonce)
+                    .await
+                    .map_err(|error| LeafError::PeerConnection(error.to_string()))?;
+                let _ = hello.finish();
+                return Ok(connection);
+            }
+            Err(error) => last = error.to_string(),
+        }
+    }
+    Err(LeafError::PeerConnection(last))
+}
+
+/// Server side: the first incoming connection (from the pinned peer) that carries the nonce.
+async fn accept_with_nonce(endpoint: &quinn::Endpoint, nonce: &[u8]) -> Option<quinn::Connection> {
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(connection) = incoming.await else {
+            continue;
+        };
+        let Ok(mut hello) = connection.accept_uni().await else {
+            continue;
+        };
+        match hello.read_to_end(64).await {
+            Ok(bytes) if bytes == nonce => return Some(connection),
+            _ => connection.close(1u32.into(), b"wrong nonce"),
+        }
+    }
+    None
+}
+
+/// Sends punch datagrams to every target until dropped.
+async fn punch(socket: UdpSocket, targets: Vec<SocketAddr>, nonce: Vec<u8>) {
+    let mut datagram = PUNCH_TAG.to_vec();
+    datagram.extend_from_slice(&nonce[..8.min(nonce.len())]);
+    let mut ticker = tokio::time::interval(PUNCH_INTERVAL);
+    loop {
+        ticker.tick().await;
+        for target in &targets {
+            let _ = socket.send_to(&datagram, target).await;
+        }
+    }
+}
+
+/// Binds `socket` to the relay allocation of `token`; errors name what the relay said.
+async fn bind_relay(socket: &UdpSocket, relay: SocketAddr, token: &[u8]) -> Result<(), LeafError> {
+    let mut request = RELAY_BIND_TAG.to_vec();
+    request.extend_from_slice(token);
+    let mut buffer = [0u8; 64];
+    for wait in [200u64, 400, 800, 1600] {
+        socket
+            .send_to(&request, relay)
+            .await
+            .map_err(|error| LeafError::PeerConnection(format!("relay {relay}: {error}")))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+        while let Ok(Ok((len, from))) =
+            tokio::time::timeout_at(deadline, socket.recv_from(&mut buffer)).await
+        {
+            if from == relay && len == 5 && buffer[..4] == RELAY_ANSWER_TAG {
+                return match buffer[4] {
+                    0 => Ok(()),
+                    1 => Err(LeafError::Relay("unknown or expired relay token".into())),
+                    2 => Err(LeafError::Relay(
+                        "relay token already used by two other addresses".into(),
+                    )),
+                    3 => Err(LeafError::Relay(
+                        "relay allocation ended (a cap was reached)".into(),
+                    )),
+                    other => Err(LeafError::Relay(format!("relay answered status {other}"))),
+                };
+            }
+        }
+    }
+    Err(LeafError::Relay(format!(
+        "relay {relay} did not answer the bind"
+    )))
+}
+
+/// Carries out a punch plan on `socket` (the socket whose candidates were sent to the broker).
+pub async fn run_plan(
+    socket: UdpSocket,
+    plan: PunchPlan,
+    keypair: &Keypair,
+) -> Result<PeerConnection, LeafError> {
+    let peer: PeerId = plan
+        .peer_id
+        .parse()
+        .map_err(|error| LeafError::PeerConnection(format!("plan names a bad peer: {error}")))?;
+    let targets = parse_candidates(&plan.peer_candidates)
+        .map_err(|error| LeafError::PeerConnection(format!("plan candidates: {error}")))?;
+    let nonce = plan.nonce.clone();
+    let role = PunchRole::try_from(plan.role).unwrap_or(PunchRole::Client);
+    let deadline = Duration::from_millis(u64::from(plan.direct_deadline_ms.max(100)));
+    tokio::time::sleep(Duration::from_millis(u64::from(
+        plan.start_delay_ms.min(5000),
+    )))
+    .await;
+
+    let std_socket = socket
+        .into_std()
+        .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
+    let punch_socket = std_socket
+        .try_clone()
+        .and_then(UdpSocket::from_std)
+        .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
+    let (direct, client_config) = endpoint(std_socket, keypair, peer, role == PunchRole::Server)?;
+
+    let mut direct_failure = String::from("the broker planned a relayed connection");
+    if !plan.relay_only {
+        let attempt = async {
+            match role {
+                PunchRole::Server => {
+                    let puncher = tokio::spawn(punch(punch_socket, targets.clone(), nonce.clone()));
+                    let accepted = accept_with_nonce(&direct, &nonce).await;
+                    puncher.abort();
+                    accepted.ok_or_else(|| LeafError::PeerConnection("endpoint closed".into()))
+                }
+                _ => dial_first(&direct, &client_config, &targets, &nonce).await,
+            }
+        };
+        match tokio::time::timeout(deadline, attempt).await {
+            Ok(Ok(connection)) => {
+                let remote = connection.remote_address();
+                return Ok(PeerConnection {
+                    connection,
+                    _endpoint: direct,
+                    path: Path::Direct(remote),
+                    peer,
+                });
+            }
+            Ok(Err(error)) => direct_failure = error.to_string(),
+            Err(_) => direct_failure = format!("no direct path within {deadline:?}"),
+        }
+    }
+
+    let grant = plan.relay.ok_or_else(|| {
+        LeafError::PeerConnection(format!("{direct_failure}, and the broker granted no relay"))
+    })?;
+    let relay: SocketAddr = tokio::net::lookup_host(grant.address.as_str())
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            LeafError::Relay(format!(
+                "relay address {:?} does not resolve",
+                grant.address
+            ))
+        })?;
+    let relay_socket = UdpSocket::bind(("0.0.0.0", 0))
+        .await
+        .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
+    bind_relay(&relay_socket, relay, &grant.token).await?;
+    let relay_std = relay_socket
+        .into_std()
+        .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
+    let (relayed, relay_client) = endpoint(relay_std, keypair, peer, role == PunchRole::Server)?;
+    let caps = RelayCaps {
+        max_bytes: grant.max_bytes,
+        max_seconds: grant.max_seconds,
+        max_bytes_per_second: grant.max_bytes_per_second,
+    };
+    let connection = match role {
+        PunchRole::Server => {
+            // A direct handshake that completes late still counts: accept on both endpoints.
+            let outcome = tokio::time::timeout(RELAY_DEADLINE, async {
+                tokio::select! {
+                    Some(connection) = accept_with_nonce(&relayed, &nonce) => Some((connection, true)),
+                    Some(connection) = accept_with_nonce(&direct, &nonce) => Some((connection, false)),
+                    else => None,
+                }
+            })
+            .await;
+            match outcome {
+                Ok(Some((connection, true))) => connection,
+                Ok(Some((connection, false))) => {
+                    let remote = connection.remote_address();
+                    return Ok(PeerConnection {
+                        connection,
+                        _endpoint: direct,
+                        path: Path::Direct(remote),
+                        peer,
+                    });
+                }
+                _ => {
+                    return Err(LeafError::PeerConnection(format!(
+                        "{direct_failure}; the peer did not come through the relay either"
+                    )))
+                }
+            }
+        }
+        _ => {
+            // The other side may bind a moment later: retry the relayed handshake until the deadline.
+            let started = tokio::time::Instant::now();
+            loop {
+                match tokio::time::timeout(
+                    RELAY_DEADLINE,
+                    dial_first(&relayed, &relay_client, &[relay], &nonce),
+                )
+                .await
+                {
+                    Ok(Ok(connection)) => break connection,
+                    Ok(Err(error)) if started.elapsed() < RELAY_DEADLINE => {
+                        tracing::debug!(%error, "relayed handshake failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => {
+                        return Err(LeafError::PeerConnection(format!(
+                            "{direct_failure}; no connection through the relay within {RELAY_DEADLINE:?}"
+                        )))
+                    }
+                }
+            }
+        }
+    };
+    drop(direct);
+    Ok(PeerConnection {
+        connection,
+        _endpoint: relayed,
+        path: Path::Relayed { relay, caps },
+        peer,
+    })
+}
