@@ -335,3 +335,219 @@ fn a_stun_flood_gets_bounded_unamplified_answers() -> anyhow::Result<()> {
     drop(cluster);
     Ok(())
 }
+
+/// One connection attempt between two lab hosts through real `leafpeer accept` / `leafpeer connect`
+/// processes: returns (path, milliseconds from the connect call to connected) after checking the payload.
+async fn attempt(
+    lab: &Lab,
+    cluster: &Cluster,
+    keys: &std::path::Path,
+    from: &LabHost,
+    from_key: &str,
+    to: &LabHost,
+    to_key: &str,
+    payload: &[u8],
+) -> anyhow::Result<(String, u64)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let seeds = cluster.leaf_addrs().join(",");
+    let ca = cluster.pki.ca_cert();
+    let id_of = |key: &str| {
+        let output = lab
+            .command(&to.ns, vesper_tests::binary("leafpeer"))
+            .arg("--key")
+            .arg(keys.join(key))
+            .arg("id")
+            .output()?;
+        anyhow::Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let (from_id, to_id) = (id_of(from_key)?, id_of(to_key)?);
+    let mut acceptor =
+        tokio::process::Command::from(lab.command(&to.ns, vesper_tests::binary("leafpeer")));
+    acceptor
+        .args(["--seeds", &seeds, "--json", "--key"])
+        .arg(keys.join(to_key))
+        .arg("--ca")
+        .arg(&ca)
+        .args(["accept", "--allow", &from_id, "--timeout", "60"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut acceptor = acceptor.spawn()?;
+    let mut acceptor_err =
+        tokio::io::BufReader::new(acceptor.stderr.take().expect("piped")).lines();
+    // Ready when it says it waits (its session is attached and its policy set).
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = acceptor_err.next_line().await? {
+            if line.starts_with("waiting for a connection") {
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("leafpeer accept ended before waiting")
+    })
+    .await
+    .context("leafpeer accept did not get ready")??;
+    let mut connector =
+        tokio::process::Command::from(lab.command(&from.ns, vesper_tests::binary("leafpeer")));
+    connector
+        .args(["--seeds", &seeds, "--json", "--key"])
+        .arg(keys.join(from_key))
+        .arg("--ca")
+        .arg(&ca)
+        .args(["connect", &to_id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut connector = connector.spawn()?;
+    let mut stdin = connector.stdin.take().expect("piped");
+    let data = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        stdin.write_all(&data).await?;
+        drop(stdin);
+        anyhow::Ok(())
+    });
+    let connected = tokio::time::timeout(Duration::from_secs(60), connector.wait_with_output())
+        .await
+        .context("leafpeer connect timed out")??;
+    writer.await??;
+    let accepted = tokio::time::timeout(Duration::from_secs(30), acceptor.wait_with_output())
+        .await
+        .context("leafpeer accept did not finish")??;
+    let stderr = String::from_utf8_lossy(&connected.stderr);
+    ensure!(
+        connected.status.success(),
+        "{} -> {}: leafpeer connect failed: {stderr}",
+        from.kind,
+        to.kind
+    );
+    ensure!(
+        accepted.status.success(),
+        "{} -> {}: leafpeer accept failed",
+        from.kind,
+        to.kind
+    );
+    ensure!(
+        accepted.stdout == payload,
+        "{} -> {}: {} of {} bytes arrived intact",
+        from.kind,
+        to.kind,
+        accepted.stdout.len(),
+        payload.len()
+    );
+    let event: serde_json::Value = stderr
+        .lines()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .with_context(|| format!("no connected event in {stderr}"))?;
+    Ok((
+        event["path"].as_str().unwrap_or_default().to_string(),
+        event["elapsed_ms"].as_u64().unwrap_or_default(),
+    ))
+}
+
+/// Whether a pair must connect directly: every pair but those whose both sides map endpoint-dependently,
+/// and (for now, see docs/CONNECTIVITY.md) the endpoint-dependent side against port-restricted filtering.
+fn expect_direct(a: NatKind, b: NatKind) -> bool {
+    let port_restricted = |kind| matches!(kind, NatKind::Easy | NatKind::Double);
+    !(a == NatKind::Symmetric && (b == NatKind::Symmetric || port_restricted(b))
+        || b == NatKind::Symmetric && port_restricted(a))
+}
+
+/// Every pair of NAT kinds connects, both ways, with data intact; pairs that can punch connect directly.
+/// Prints the matrix (the same table is in docs/CONNECTIVITY.md).
+#[test]
+fn connection_matrix_across_every_pair_of_nat_kinds() -> anyhow::Result<()> {
+    let mut lab = Lab::new(2)?;
+    // Two hosts of each kind, so that a kind also meets itself.
+    let mut hosts: Vec<(LabHost, LabHost)> = Vec::new();
+    for kind in NatKind::ALL {
+        hosts.push((lab.add_host(kind)?, lab.add_host(kind)?));
+    }
+    let lab = Arc::new(lab);
+    let inet = lab.inet();
+    let ips = vec![lab.super_peer_ip(0).into(), lab.super_peer_ip(1).into()];
+    let task_lab = lab.clone();
+    lab.run_in(&inet, async move {
+        let lab = task_lab;
+        let (cluster, _stun) = cluster_in(ips).await?;
+        let keys = tempfile::tempdir()?;
+        let payload: Vec<u8> = (0..64 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut rows = Vec::new();
+        let mut failures = Vec::new();
+        for (i, (a, _)) in hosts.iter().enumerate() {
+            for (b_pair, b) in hosts.iter().skip(i).map(|pair| (pair, &pair.1)) {
+                let _ = b_pair;
+                for (from, from_key, to, to_key) in [
+                    (
+                        a,
+                        format!("{}-1.key", a.kind),
+                        b,
+                        format!("{}-2.key", b.kind),
+                    ),
+                    (
+                        b,
+                        format!("{}-2.key", b.kind),
+                        a,
+                        format!("{}-1.key", a.kind),
+                    ),
+                ] {
+                    match attempt(
+                        &lab,
+                        &cluster,
+                        keys.path(),
+                        from,
+                        &from_key,
+                        to,
+                        &to_key,
+                        &payload,
+                    )
+                    .await
+                    {
+                        Ok((path, millis)) => {
+                            println!(
+                                "{:<20} -> {:<20} {path:<8} {millis:>5} ms",
+                                from.kind.name(),
+                                to.kind.name()
+                            );
+                            let direct = path == "direct";
+                            if direct != expect_direct(from.kind, to.kind) {
+                                failures.push(format!("{} -> {}: {path}", from.kind, to.kind));
+                            }
+                            rows.push((from.kind, to.kind, path, millis));
+                        }
+                        Err(error) => {
+                            println!(
+                                "{:<20} -> {:<20} FAILED: {error:#}",
+                                from.kind.name(),
+                                to.kind.name()
+                            );
+                            failures.push(format!("{} -> {}: {error:#}", from.kind, to.kind));
+                        }
+                    }
+                }
+            }
+        }
+        println!("\nmatrix (caller row, target column; path and time to connect in ms):");
+        print!("{:<20}", "");
+        for kind in NatKind::ALL {
+            print!("{:<20}", kind.name());
+        }
+        println!();
+        for from in NatKind::ALL {
+            print!("{:<20}", from.name());
+            for to in NatKind::ALL {
+                let cell = rows
+                    .iter()
+                    .find(|(a, b, _, _)| *a == from && *b == to)
+                    .map(|(_, _, path, millis)| format!("{path} {millis}"))
+                    .unwrap_or_else(|| "-".into());
+                print!("{cell:<20}");
+            }
+            println!();
+        }
+        ensure!(failures.is_empty(), "unexpected outcomes: {failures:#?}");
+        Ok(())
+    })
+}

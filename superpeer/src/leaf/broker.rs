@@ -33,6 +33,18 @@ use crate::store::presence;
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long both sides try a direct path before the relay.
 pub const DIRECT_DEADLINE_MS: u32 = 3000;
+/// The QUIC client starts this long after receiving its plan, so that the server's first punch datagrams
+/// (sent as soon as its plan arrives, which is first) have opened its NAT before the client's Initial gets
+/// there; otherwise that Initial is dropped and QUIC retransmits it only about 300 ms later.
+pub const CLIENT_START_DELAY_MS: u32 = 25;
+
+fn start_delay(role: PunchRole) -> u32 {
+    if role == PunchRole::Client {
+        CLIENT_START_DELAY_MS
+    } else {
+        0
+    }
+}
 
 fn nat_class(text: &str) -> Result<NatClass, ServiceError> {
     text.parse()
@@ -120,7 +132,7 @@ pub async fn connect(
         peer_candidates: request.candidates,
         peer_nat_class: caller_class.as_str().to_string(),
         role: target_role as i32,
-        start_delay_ms: 0,
+        start_delay_ms: start_delay(target_role),
         direct_deadline_ms: DIRECT_DEADLINE_MS,
         relay_only,
         relay: relay.clone(),
@@ -132,7 +144,7 @@ pub async fn connect(
         peer_candidates: answer.candidates,
         peer_nat_class: target_class.as_str().to_string(),
         role: caller_role as i32,
-        start_delay_ms: 0,
+        start_delay_ms: start_delay(caller_role),
         direct_deadline_ms: DIRECT_DEADLINE_MS,
         relay_only,
         relay,
