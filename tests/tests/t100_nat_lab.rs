@@ -342,10 +342,8 @@ async fn attempt(
     lab: &Lab,
     cluster: &Cluster,
     keys: &std::path::Path,
-    from: &LabHost,
-    from_key: &str,
-    to: &LabHost,
-    to_key: &str,
+    (from, from_key): (&LabHost, &str),
+    (to, to_key): (&LabHost, &str),
     payload: &[u8],
 ) -> anyhow::Result<(String, u64)> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -477,8 +475,7 @@ fn connection_matrix_across_every_pair_of_nat_kinds() -> anyhow::Result<()> {
         let mut rows = Vec::new();
         let mut failures = Vec::new();
         for (i, (a, _)) in hosts.iter().enumerate() {
-            for (b_pair, b) in hosts.iter().skip(i).map(|pair| (pair, &pair.1)) {
-                let _ = b_pair;
+            for b in hosts.iter().skip(i).map(|pair| &pair.1) {
                 for (from, from_key, to, to_key) in [
                     (
                         a,
@@ -497,10 +494,8 @@ fn connection_matrix_across_every_pair_of_nat_kinds() -> anyhow::Result<()> {
                         &lab,
                         &cluster,
                         keys.path(),
-                        from,
-                        &from_key,
-                        to,
-                        &to_key,
+                        (from, &from_key),
+                        (to, &to_key),
                         &payload,
                     )
                     .await
