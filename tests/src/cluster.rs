@@ -396,10 +396,14 @@ impl Cluster {
         self.leaf_with(index, Keypair::generate()).await
     }
 
-    /// A leaf attached to node `index` with the given key.
+    /// A leaf attached to node `index` with the given key. It does not publish its endpoints by itself after
+    /// attaching (that presence change would interleave with what presence tests watch); the NAT lab tests
+    /// cover publishing.
     pub async fn leaf_with(&self, index: usize, keypair: Keypair) -> anyhow::Result<Leaf> {
         let seed = self.nodes[index].endpoints().leaf.to_string();
-        Ok(Leaf::connect(LeafConfig::new(vec![seed], self.pki.ca_pem(), keypair)).await?)
+        let mut config = LeafConfig::new(vec![seed], self.pki.ca_pem(), keypair);
+        config.publish_endpoints = false;
+        Ok(Leaf::connect(config).await?)
     }
 
     /// Path of node `index`'s log file.

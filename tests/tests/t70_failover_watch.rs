@@ -33,12 +33,10 @@ async fn leaf_on(cluster: &Cluster, first: usize) -> anyhow::Result<Leaf> {
             .into_iter()
             .filter(|addr| *addr != first),
     );
-    Ok(Leaf::connect(LeafConfig::new(
-        seeds,
-        cluster.pki.ca_pem(),
-        Keypair::generate(),
-    ))
-    .await?)
+    let mut config = LeafConfig::new(seeds, cluster.pki.ca_pem(), Keypair::generate());
+    // Endpoint publishing is another presence change; these tests count presence changes exactly.
+    config.publish_endpoints = false;
+    Ok(Leaf::connect(config).await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,11 +302,13 @@ async fn main() -> anyhow::Result<()> {
     let ca_pem = cluster.pki.ca_pem();
     for _ in 0..args.idle {
         idle.push(
-            Leaf::connect(LeafConfig::new(
-                vec![seed.clone()],
-                ca_pem.clone(),
-                Keypair::generate(),
-            ))
+            Leaf::connect({
+                let mut config =
+                    LeafConfig::new(vec![seed.clone()], ca_pem.clone(), Keypair::generate());
+                // Idle sessions as before: no STUN round and presence write per attach.
+                config.publish_endpoints = false;
+                config
+            })
             .await?,
         );
     }
