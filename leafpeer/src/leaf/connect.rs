@@ -17,6 +17,9 @@ use crate::p2p::{self, PeerConnection};
 /// How long a connect call waits for the broker (which waits up to 15 s for the peer's answer).
 const CONNECT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// How long an accepted offer's socket waits for its punch plan.
+const PLAN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A fresh UDP socket and what STUN says about it.
 async fn measured_socket(
     shared: &Shared,
@@ -93,6 +96,16 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Connection, offer: Co
                     .lock()
                     .expect("pending accepts lock")
                     .insert(offer.offer_id.clone(), socket);
+                // A plan that never comes (the caller gave up) must not keep the socket forever.
+                let (shared, offer_id) = (shared.clone(), offer.offer_id.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(PLAN_WAIT).await;
+                    shared
+                        .pending_accepts
+                        .lock()
+                        .expect("pending accepts lock")
+                        .remove(&offer_id);
+                });
             }
             Err(error) => answer.reason = format!("the peer could not prepare a socket: {error}"),
         }
