@@ -126,6 +126,26 @@ fn consistency(value: i32) -> Result<ReadConsistency, ServiceError> {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
 
+impl LeafService {
+    /// Proposes a change of `peer`'s own presence and answers with the stored result.
+    async fn propose_presence(
+        &self,
+        peer: PeerId,
+        op: Op,
+    ) -> Result<Response<SetPresenceResponse>, Status> {
+        match self.context.propose_accepted(op).await? {
+            (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
+                presence: Some(messaging::presence_of(
+                    &self.context,
+                    peer.as_bytes(),
+                    entry,
+                )),
+            })),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Leaf for LeafService {
     type SessionStream = SessionStream;
@@ -348,16 +368,7 @@ impl Leaf for LeafService {
             note: request.note,
             attributes: request.attributes.into_iter().collect(),
         };
-        match self.context.propose_accepted(op).await? {
-            (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
-                presence: Some(messaging::presence_of(
-                    &self.context,
-                    peer.as_bytes(),
-                    entry,
-                )),
-            })),
-            (other, _) => Err(unexpected(other)),
-        }
+        self.propose_presence(peer, op).await
     }
 
     async fn publish_endpoints(
@@ -381,16 +392,7 @@ impl Leaf for LeafService {
             candidates: request.candidates,
             nat_class: nat_class.as_str().to_string(),
         };
-        match self.context.propose_accepted(op).await? {
-            (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
-                presence: Some(messaging::presence_of(
-                    &self.context,
-                    peer.as_bytes(),
-                    entry,
-                )),
-            })),
-            (other, _) => Err(unexpected(other)),
-        }
+        self.propose_presence(peer, op).await
     }
 
     async fn connect_peer(

@@ -279,16 +279,27 @@ impl<'a> PresenceWriter<'a> {
         attributes: BTreeMap<String, String>,
         at_ms: u64,
     ) -> Result<Response, StoreError> {
-        let old = self.current(&peer)?;
-        match old {
+        self.update_attached(batch, peer, session, |entry| PresenceEntry {
+            status,
+            note,
+            attributes,
+            changed_at_ms: at_ms,
+            ..entry.clone()
+        })
+    }
+
+    /// Applies `change` to the entry of a peer attached on `session`; refused when that session is not the
+    /// peer's current one (a stale or foreign session cannot change its presence).
+    fn update_attached(
+        &mut self,
+        batch: &mut WriteBatch,
+        peer: PeerKey,
+        session: u64,
+        change: impl FnOnce(&PresenceEntry) -> PresenceEntry,
+    ) -> Result<Response, StoreError> {
+        match self.current(&peer)? {
             Some(entry) if entry.session == session && entry.status != PresenceStatus::Offline => {
-                let updated = PresenceEntry {
-                    status,
-                    note,
-                    attributes,
-                    changed_at_ms: at_ms,
-                    ..entry.clone()
-                };
+                let updated = change(&entry);
                 self.store(batch, peer, Some(&entry), updated)
             }
             _ => Ok(Response::Rejected(Rejection::NotAttached)),
@@ -305,19 +316,12 @@ impl<'a> PresenceWriter<'a> {
         nat_class: String,
         at_ms: u64,
     ) -> Result<Response, StoreError> {
-        let old = self.current(&peer)?;
-        match old {
-            Some(entry) if entry.session == session && entry.status != PresenceStatus::Offline => {
-                let updated = PresenceEntry {
-                    candidates,
-                    nat_class,
-                    changed_at_ms: at_ms,
-                    ..entry.clone()
-                };
-                self.store(batch, peer, Some(&entry), updated)
-            }
-            _ => Ok(Response::Rejected(Rejection::NotAttached)),
-        }
+        self.update_attached(batch, peer, session, |entry| PresenceEntry {
+            candidates,
+            nat_class,
+            changed_at_ms: at_ms,
+            ..entry.clone()
+        })
     }
 
     pub fn expire_host(
