@@ -9,11 +9,15 @@
 //!   the client connects to the relay's address; the relay passes the (encrypted) QUIC datagrams across
 //! ```
 //!
+//! Port prediction (when the plan asks for it, see the broker): the client opens many sockets and punches
+//! from each, the server sprays probes at random ports of the client's public address, and the client dials
+//! from the first socket a probe reaches, to where the probe came from.
+//!
 //! TLS 1.3 inside QUIC authenticates both ends by their peer keys: each side presents a self-signed
 //! certificate for its Ed25519 key, and each side accepts only the certificate whose key is the PeerId the plan
 //! names. The relay sees only QUIC ciphertext.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::UdpSocket;
 use vesper_proto::nat::parse_candidates;
-use vesper_proto::v1::{PunchPlan, PunchRole};
+use vesper_proto::v1::{PortPrediction, PunchPlan, PunchRole};
 use vesper_proto::{Keypair, PeerId};
 
 use crate::error::LeafError;
@@ -37,6 +41,16 @@ pub const ALPN: &[u8] = b"vesper-p2p/1";
 const PUNCH_TAG: [u8; 4] = [0x00, b'V', b'P', b'P'];
 /// Interval between punch datagrams.
 const PUNCH_INTERVAL: Duration = Duration::from_millis(20);
+/// Upper bounds on what a plan may ask of port prediction (a plan comes from a super peer, but a leaf still
+/// bounds the sockets it opens and the packets it sends).
+const MAX_PREDICTION_SOCKETS: u32 = 512;
+const MAX_PREDICTION_PROBES: u32 = 8192;
+/// Port prediction: probes per punch interval (so 2048 probes take about 320 ms).
+const PROBES_PER_TICK: usize = 128;
+/// Port prediction: the spray starts after this many punch intervals, once the client's sockets have punched.
+const SPRAY_AFTER_TICKS: u32 = 2;
+/// Port prediction: the client's sockets punch again this often.
+const PREDICTION_REPUNCH: Duration = Duration::from_millis(250);
 /// Tag and answer of relay binds (see the super peer's relay module).
 const RELAY_BIND_TAG: [u8; 4] = [0x00, b'V', b'R', b'B'];
 const RELAY_ANSWER_TAG: [u8; 4] = [0x00, b'V', b'R', b'A'];
@@ -379,17 +393,148 @@ async fn accept_with_nonce(endpoint: &quinn::Endpoint, nonce: &[u8]) -> Option<q
     None
 }
 
-/// Sends punch datagrams to every target until dropped.
-async fn punch(socket: UdpSocket, targets: Vec<SocketAddr>, nonce: Vec<u8>) {
+/// The punch datagram of a plan: the tag, then the nonce's first 8 bytes.
+fn punch_datagram(nonce: &[u8]) -> Vec<u8> {
     let mut datagram = PUNCH_TAG.to_vec();
     datagram.extend_from_slice(&nonce[..8.min(nonce.len())]);
+    datagram
+}
+
+/// Whether `ip` can be a NAT's public address worth spraying (not a private, shared, loopback or link-local
+/// one, which would put the probes on someone's LAN).
+fn sprayable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            let shared = a == 100 && (64..128).contains(&b);
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || shared)
+        }
+        IpAddr::V6(v6) => {
+            let unique_local = (v6.segments()[0] & 0xfe00) == 0xfc00;
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || unique_local
+                || link_local)
+        }
+    }
+}
+
+/// Sends punch datagrams to every target until dropped; with `spray`, also that many probes to random ports
+/// (1024 and up) of the targets' public addresses.
+async fn punch(socket: UdpSocket, targets: Vec<SocketAddr>, nonce: Vec<u8>, spray: u32) {
+    let datagram = punch_datagram(&nonce);
+    let mut spray_ips: Vec<IpAddr> = targets
+        .iter()
+        .map(SocketAddr::ip)
+        .filter(|ip| sprayable(*ip))
+        .collect();
+    spray_ips.dedup();
+    let mut left = if spray_ips.is_empty() {
+        0
+    } else {
+        spray as usize
+    };
     let mut ticker = tokio::time::interval(PUNCH_INTERVAL);
+    let mut ticks = 0u32;
     loop {
         ticker.tick().await;
+        ticks += 1;
         for target in &targets {
             let _ = socket.send_to(&datagram, target).await;
         }
+        if ticks > SPRAY_AFTER_TICKS && left > 0 {
+            let batch = left.min(PROBES_PER_TICK);
+            left -= batch;
+            for index in 0..batch {
+                let port = rand::random_range(1024..=u16::MAX);
+                let ip = spray_ips[index % spray_ips.len()];
+                let _ = socket.send_to(&datagram, SocketAddr::new(ip, port)).await;
+            }
+        }
     }
+}
+
+/// Client side of port prediction: `count` fresh sockets punch towards `targets` (each opens its own mapping
+/// on an endpoint-dependent NAT); returns the first socket that hears the server's probe, and the address the
+/// probe came from.
+async fn predicted_socket(
+    targets: &[SocketAddr],
+    nonce: &[u8],
+    count: u32,
+) -> Result<(std::net::UdpSocket, SocketAddr), LeafError> {
+    let datagram = punch_datagram(nonce);
+    let (found_tx, mut found_rx) = tokio::sync::mpsc::channel(1);
+    let mut searchers = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let socket = match UdpSocket::bind(("0.0.0.0", 0)).await {
+            Ok(socket) => socket,
+            Err(error) if searchers.is_empty() => {
+                return Err(LeafError::PeerConnection(format!(
+                    "socket for port prediction: {error}"
+                )))
+            }
+            Err(error) => {
+                tracing::debug!(%error, opened = searchers.len(), "port prediction with fewer sockets");
+                break;
+            }
+        };
+        let targets = targets.to_vec();
+        let datagram = datagram.clone();
+        let found = found_tx.clone();
+        searchers.spawn(async move {
+            let mut buffer = [0u8; 64];
+            let mut repunch = tokio::time::interval(PREDICTION_REPUNCH);
+            let from = loop {
+                tokio::select! {
+                    _ = repunch.tick() => {
+                        for target in &targets {
+                            let _ = socket.send_to(&datagram, target).await;
+                        }
+                    }
+                    received = socket.recv_from(&mut buffer) => {
+                        if let Ok((len, from)) = received {
+                            if buffer[..len] == datagram[..] {
+                                break from;
+                            }
+                        }
+                    }
+                }
+            };
+            let _ = found.send((socket, from)).await;
+        });
+    }
+    drop(found_tx);
+    let found = found_rx.recv().await;
+    searchers.abort_all();
+    let (socket, from) =
+        found.ok_or_else(|| LeafError::PeerConnection("port prediction found no path".into()))?;
+    let socket = socket
+        .into_std()
+        .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
+    Ok((socket, from))
+}
+
+/// Client side with port prediction: dial from the socket a probe reached; returns its endpoint too.
+async fn dial_predicted(
+    targets: &[SocketAddr],
+    nonce: &[u8],
+    count: u32,
+    keypair: &Keypair,
+    peer: PeerId,
+) -> Result<(quinn::Connection, quinn::Endpoint), LeafError> {
+    let (socket, from) = predicted_socket(targets, nonce, count).await?;
+    tracing::debug!(%from, "a port prediction probe got through");
+    let (endpoint, config) = endpoint(socket, keypair, peer, false)?;
+    let connection = dial_first(&endpoint, &config, &[from], nonce).await?;
+    Ok((connection, endpoint))
 }
 
 /// Binds `socket` to the relay allocation of `token`; errors name what the relay said.
@@ -440,6 +585,11 @@ pub async fn run_plan(
         .map_err(|error| LeafError::PeerConnection(format!("plan candidates: {error}")))?;
     let nonce = plan.nonce.clone();
     let role = PunchRole::try_from(plan.role).unwrap_or(PunchRole::Client);
+    let prediction = plan.prediction.unwrap_or_default();
+    let prediction = PortPrediction {
+        sockets: prediction.sockets.min(MAX_PREDICTION_SOCKETS),
+        probes: prediction.probes.min(MAX_PREDICTION_PROBES),
+    };
     let deadline = Duration::from_millis(u64::from(plan.direct_deadline_ms.max(100)));
     tokio::time::sleep(Duration::from_millis(u64::from(
         plan.start_delay_ms.min(5000),
@@ -460,20 +610,48 @@ pub async fn run_plan(
         let attempt = async {
             match role {
                 PunchRole::Server => {
-                    let puncher = tokio::spawn(punch(punch_socket, targets.clone(), nonce.clone()));
+                    let puncher = tokio::spawn(punch(
+                        punch_socket,
+                        targets.clone(),
+                        nonce.clone(),
+                        prediction.probes,
+                    ));
                     let accepted = accept_with_nonce(&direct, &nonce).await;
                     puncher.abort();
-                    accepted.ok_or_else(|| LeafError::PeerConnection("endpoint closed".into()))
+                    accepted
+                        .map(|connection| (connection, None))
+                        .ok_or_else(|| LeafError::PeerConnection("endpoint closed".into()))
                 }
-                _ => dial_first(&direct, &client_config, &targets, &nonce).await,
+                _ if prediction.sockets > 0 => {
+                    // Plain dialing still wins where the other NAT does not filter by port.
+                    let plain = Box::pin(async {
+                        dial_first(&direct, &client_config, &targets, &nonce)
+                            .await
+                            .map(|connection| (connection, None))
+                    });
+                    let predicted = Box::pin(async {
+                        dial_predicted(&targets, &nonce, prediction.sockets, keypair, peer)
+                            .await
+                            .map(|(connection, endpoint)| (connection, Some(endpoint)))
+                    });
+                    futures::future::select_ok([
+                        plain as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+                        predicted,
+                    ])
+                    .await
+                    .map(|(won, _)| won)
+                }
+                _ => dial_first(&direct, &client_config, &targets, &nonce)
+                    .await
+                    .map(|connection| (connection, None)),
             }
         };
         match tokio::time::timeout(deadline, attempt).await {
-            Ok(Ok(connection)) => {
+            Ok(Ok((connection, predicted))) => {
                 let remote = connection.remote_address();
                 return Ok(PeerConnection {
                     connection,
-                    _endpoint: direct,
+                    _endpoint: predicted.unwrap_or(direct),
                     path: Path::Direct(remote),
                     peer,
                 });
@@ -570,4 +748,30 @@ pub async fn run_plan(
         path: Path::Relayed { relay, caps },
         peer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_addresses_are_sprayed() {
+        for public in ["203.0.113.7", "8.8.8.8", "2001:db8::1"] {
+            assert!(sprayable(public.parse().unwrap()), "{public}");
+        }
+        for local in [
+            "10.1.0.2",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.3.2",
+            "127.0.0.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            assert!(!sprayable(local.parse().unwrap()), "{local}");
+        }
+    }
 }
