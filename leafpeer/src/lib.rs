@@ -17,6 +17,7 @@ mod error;
 mod leaf;
 pub mod nat;
 pub mod p2p;
+mod relay_socket;
 
 pub use error::LeafError;
 pub use leaf::{

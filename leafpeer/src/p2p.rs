@@ -29,11 +29,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::UdpSocket;
+use tokio::sync::watch;
 use vesper_proto::nat::parse_candidates;
 use vesper_proto::v1::{PortPrediction, PunchPlan, PunchRole};
 use vesper_proto::{Keypair, PeerId};
 
 use crate::error::LeafError;
+use crate::relay_socket::{RelayEnd, RelaySocket};
 
 /// ALPN of Vesper's peer-to-peer QUIC connections.
 pub const ALPN: &[u8] = b"vesper-p2p/1";
@@ -93,9 +95,53 @@ pub struct PeerConnection {
     _endpoint: quinn::Endpoint,
     path: Path,
     peer: PeerId,
+    /// On a relayed path: whether (and why) the relay ended the allocation.
+    relay_end: Option<watch::Receiver<Option<RelayEnd>>>,
 }
 
+/// Application close code of a connection whose relay ended it.
+const RELAY_ENDED: u32 = 2;
+
 impl PeerConnection {
+    fn direct(connection: quinn::Connection, endpoint: quinn::Endpoint, peer: PeerId) -> Self {
+        let remote = connection.remote_address();
+        Self {
+            connection,
+            _endpoint: endpoint,
+            path: Path::Direct(remote),
+            peer,
+            relay_end: None,
+        }
+    }
+
+    fn relayed(
+        connection: quinn::Connection,
+        endpoint: quinn::Endpoint,
+        peer: PeerId,
+        path: Path,
+        mut relay_end: watch::Receiver<Option<RelayEnd>>,
+    ) -> Self {
+        // When the relay says it is over, close at once rather than wait for the idle timeout.
+        let closing = connection.clone();
+        let mut ended = relay_end.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                Ok(_) = ended.wait_for(Option::is_some) => {
+                    closing.close(RELAY_ENDED.into(), b"the relay ended the allocation");
+                }
+                _ = closing.closed() => {}
+            }
+        });
+        relay_end.mark_unchanged();
+        Self {
+            connection,
+            _endpoint: endpoint,
+            path,
+            peer,
+            relay_end: Some(relay_end),
+        }
+    }
+
     /// The peer at the other end (its key was checked in the handshake).
     pub fn peer(&self) -> PeerId {
         self.peer
@@ -106,12 +152,40 @@ impl PeerConnection {
         &self.path
     }
 
+    /// Why the connection ended, once it has: a relay cap (named, with its value), or what QUIC reports.
+    pub fn close_reason(&self) -> Option<LeafError> {
+        let relay_end = self.relay_end.as_ref().and_then(|ended| *ended.borrow());
+        if let (Some(end), Path::Relayed { relay, caps }) = (relay_end, &self.path) {
+            return Some(LeafError::Relay(match end {
+                RelayEnd::ByteCap => format!(
+                    "{relay} ended the connection: its byte cap ({} bytes) was reached",
+                    caps.max_bytes
+                ),
+                RelayEnd::TimeCap => format!(
+                    "{relay} ended the connection: its time cap ({} s) was reached",
+                    caps.max_seconds
+                ),
+                RelayEnd::Other(code) => {
+                    format!("{relay} ended the connection (reason {code})")
+                }
+            }));
+        }
+        self.connection
+            .close_reason()
+            .map(|error| LeafError::PeerConnection(error.to_string()))
+    }
+
+    fn failed(&self, error: impl std::fmt::Display) -> LeafError {
+        self.close_reason()
+            .unwrap_or_else(|| LeafError::PeerConnection(error.to_string()))
+    }
+
     /// Opens a bidirectional stream.
     pub async fn open_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LeafError> {
         self.connection
             .open_bi()
             .await
-            .map_err(|error| LeafError::PeerConnection(error.to_string()))
+            .map_err(|error| self.failed(error))
     }
 
     /// Waits for the peer to open a bidirectional stream.
@@ -119,10 +193,11 @@ impl PeerConnection {
         self.connection
             .accept_bi()
             .await
-            .map_err(|error| LeafError::PeerConnection(error.to_string()))
+            .map_err(|error| self.failed(error))
     }
 
-    /// The QUIC connection, for everything else (datagrams, stats, more streams).
+    /// The QUIC connection, for everything else (datagrams, stats, more streams). When a stream fails,
+    /// [`PeerConnection::close_reason`] says why.
     pub fn quic(&self) -> &quinn::Connection {
         &self.connection
     }
@@ -285,9 +360,28 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
+/// The async runtime quinn runs on (tokio's).
+fn runtime() -> Result<Arc<dyn quinn::Runtime>, LeafError> {
+    quinn::default_runtime()
+        .ok_or_else(|| LeafError::PeerConnection("no async runtime for QUIC".into()))
+}
+
 /// A QUIC endpoint on `socket` that talks only to `peer`, as client and (when `serve`) as server.
 fn endpoint(
     socket: std::net::UdpSocket,
+    keypair: &Keypair,
+    peer: PeerId,
+    serve: bool,
+) -> Result<(quinn::Endpoint, quinn::ClientConfig), LeafError> {
+    let socket = runtime()?
+        .wrap_udp_socket(socket)
+        .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
+    endpoint_on(socket, keypair, peer, serve)
+}
+
+/// [`endpoint`] on any socket quinn can use.
+fn endpoint_on(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
     keypair: &Keypair,
     peer: PeerId,
     serve: bool,
@@ -329,15 +423,13 @@ fn endpoint(
     } else {
         None
     };
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| LeafError::PeerConnection("no async runtime for QUIC".into()))?;
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server_config,
-        socket,
-        runtime,
-    )
-    .map_err(|error| LeafError::PeerConnection(format!("quic endpoint: {error}")))?;
+    let mut config = quinn::EndpointConfig::default();
+    // Every QUIC packet then has the 0x40 bit set in its first byte, which keeps it apart from punch datagrams
+    // and relay notices (first byte zero).
+    config.grease_quic_bit(false);
+    let endpoint =
+        quinn::Endpoint::new_with_abstract_socket(config, server_config, socket, runtime()?)
+            .map_err(|error| LeafError::PeerConnection(format!("quic endpoint: {error}")))?;
     Ok((endpoint, client_config))
 }
 
@@ -648,13 +740,11 @@ pub async fn run_plan(
         };
         match tokio::time::timeout(deadline, attempt).await {
             Ok(Ok((connection, predicted))) => {
-                let remote = connection.remote_address();
-                return Ok(PeerConnection {
+                return Ok(PeerConnection::direct(
                     connection,
-                    _endpoint: predicted.unwrap_or(direct),
-                    path: Path::Direct(remote),
+                    predicted.unwrap_or(direct),
                     peer,
-                });
+                ));
             }
             Ok(Err(error)) => direct_failure = error.to_string(),
             Err(_) => direct_failure = format!("no direct path within {deadline:?}"),
@@ -681,7 +771,14 @@ pub async fn run_plan(
     let relay_std = relay_socket
         .into_std()
         .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?;
-    let (relayed, relay_client) = endpoint(relay_std, keypair, peer, role == PunchRole::Server)?;
+    let (relay_socket, relay_end) = RelaySocket::new(
+        runtime()?
+            .wrap_udp_socket(relay_std)
+            .map_err(|error| LeafError::PeerConnection(format!("socket: {error}")))?,
+        relay,
+    );
+    let (relayed, relay_client) =
+        endpoint_on(relay_socket, keypair, peer, role == PunchRole::Server)?;
     let caps = RelayCaps {
         max_bytes: grant.max_bytes,
         max_seconds: grant.max_seconds,
@@ -701,13 +798,7 @@ pub async fn run_plan(
             match outcome {
                 Ok(Some((connection, true))) => connection,
                 Ok(Some((connection, false))) => {
-                    let remote = connection.remote_address();
-                    return Ok(PeerConnection {
-                        connection,
-                        _endpoint: direct,
-                        path: Path::Direct(remote),
-                        peer,
-                    });
+                    return Ok(PeerConnection::direct(connection, direct, peer));
                 }
                 _ => {
                     return Err(LeafError::PeerConnection(format!(
@@ -742,12 +833,13 @@ pub async fn run_plan(
         }
     };
     drop(direct);
-    Ok(PeerConnection {
+    Ok(PeerConnection::relayed(
         connection,
-        _endpoint: relayed,
-        path: Path::Relayed { relay, caps },
+        relayed,
         peer,
-    })
+        Path::Relayed { relay, caps },
+        relay_end,
+    ))
 }
 
 #[cfg(test)]

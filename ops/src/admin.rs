@@ -112,23 +112,26 @@ fn member_json(member: &Member) -> serde_json::Value {
         "admin_addr": member.admin_addr,
         "role": role_name(member.role),
         "leader": member.is_leader,
+        "relay_active": member.relay_active,
+        "relay_capacity": member.relay_capacity,
     })
 }
 
 fn print_members(members: &[Member]) {
     println!(
-        "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} PEER ID",
-        "NODE", "ROLE", "LEADER", "CLUSTER", "LEAF", "ADMIN"
+        "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {:<11} PEER ID",
+        "NODE", "ROLE", "LEADER", "CLUSTER", "LEAF", "ADMIN", "RELAY"
     );
     for member in members {
         println!(
-            "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {}",
+            "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {:<11} {}",
             member.node_id,
             role_name(member.role),
             if member.is_leader { "*" } else { "" },
             member.cluster_addr,
             member.leaf_addr,
             member.admin_addr,
+            format!("{}/{}", member.relay_active, member.relay_capacity),
             member.peer_id
         );
     }

@@ -99,6 +99,18 @@ struct Args {
     /// STUN answers per second from this node in all. Default: 20000.
     #[arg(long, env = "VESPER_STUN_MAX_ANSWERS")]
     stun_max_answers: Option<u32>,
+    /// Do not relay for leaves (brokers then pick other super peers as relays).
+    #[arg(long, env = "VESPER_NO_RELAY")]
+    no_relay: bool,
+    /// Bytes one relay allocation may carry, both directions together. Default: 268435456 (256 MiB).
+    #[arg(long, env = "VESPER_RELAY_MAX_BYTES")]
+    relay_max_bytes: Option<u64>,
+    /// Seconds one relay allocation lives. Default: 600.
+    #[arg(long, env = "VESPER_RELAY_MAX_SECONDS")]
+    relay_max_seconds: Option<u32>,
+    /// Relay allocations at once on this node. Default: 1000.
+    #[arg(long, env = "VESPER_RELAY_MAX_ALLOCATIONS")]
+    relay_max_allocations: Option<usize>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     log_json: bool,
@@ -196,6 +208,18 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.stun_max_answers {
         config.stun.max_answers_per_second = value;
+    }
+    if args.no_relay {
+        config.relay.enabled = false;
+    }
+    if let Some(value) = args.relay_max_bytes {
+        config.relay.max_bytes = value;
+    }
+    if let Some(value) = args.relay_max_seconds {
+        config.relay.max_seconds = value;
+    }
+    if let Some(value) = args.relay_max_allocations {
+        config.relay.max_allocations = value;
     }
     if let Err(mut more) = config.validate() {
         problems.append(&mut more);

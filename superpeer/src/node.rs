@@ -161,8 +161,9 @@ impl Context {
         let membership = metrics.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let mut members = Vec::new();
+        let loads = crate::store::state_machine::read_relay_loads(self.reader.db())?;
         for (id, node) in membership.nodes() {
-            members.push(member(
+            let mut entry = member(
                 *id,
                 node,
                 if voters.contains(id) {
@@ -171,7 +172,12 @@ impl Context {
                     MemberRole::Standby
                 },
                 metrics.current_leader == Some(*id),
-            ));
+            );
+            if let Some(load) = loads.get(id) {
+                entry.relay_active = load.active;
+                entry.relay_capacity = load.capacity;
+            }
+            members.push(entry);
         }
         for (id, entry) in self.reader.nodes()? {
             if entry.removed && membership.get_node(&id).is_none() {
@@ -192,6 +198,8 @@ fn member(node_id: u64, node: &NodeInfo, role: MemberRole, is_leader: bool) -> M
         admin_addr: node.admin_addr.clone(),
         role: role as i32,
         is_leader,
+        relay_active: 0,
+        relay_capacity: 0,
     }
 }
 
@@ -460,6 +468,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         ));
     }
     tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
+    tasks.spawn(crate::relay::report_load(context.clone(), shutdown.clone()));
     let membership = Membership {
         context: context.clone(),
         db,

@@ -6,6 +6,7 @@
 //!  side A: [00 'V' 'R' 'B' | T] ──> relay   (bind: A's address joins allocation T)  <── [00 'V' 'R' 'A' | status]
 //!  side B: [00 'V' 'R' 'B' | T] ──> relay   (the second address completes it)
 //!  afterwards every datagram from A's address goes to B's and back, unchanged, until a cap ends the allocation
+//!  cap reached: [00 'V' 'R' 'E' | reason] ──> both sides, and again to every later datagram from either
 //! ```
 //!
 //! The relay never looks inside the datagrams (they are QUIC, encrypted by the peers' own keys). A token is 16
@@ -26,10 +27,36 @@ use crate::limits::TokenBucket;
 pub const BIND_TAG: [u8; 4] = [0x00, b'V', b'R', b'B'];
 /// First bytes of a bind answer.
 pub const BIND_ANSWER_TAG: [u8; 4] = [0x00, b'V', b'R', b'A'];
+/// First bytes of an end notice: the allocation ended, the next byte says why ([`EndReason`]).
+pub const END_TAG: [u8; 4] = [0x00, b'V', b'R', b'E'];
 /// Length of a bind request: the tag and a 16-byte token.
 pub const BIND_LEN: usize = 20;
 /// An unbound or half-bound allocation is dropped after this long.
 const BIND_WINDOW: Duration = Duration::from_secs(30);
+/// A bound allocation with no datagram for this long is over (its peers closed the connection; QUIC keeps a
+/// live one busy with keep-alives every few seconds), and no longer counts as load.
+const IDLE_END: Duration = Duration::from_secs(30);
+/// An ended allocation is remembered this long, so that late datagrams of its sides still hear why.
+const ENDED_LINGER: Duration = Duration::from_secs(60);
+
+/// Why an allocation ended (the byte after [`END_TAG`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndReason {
+    /// Its byte cap was reached.
+    Bytes = 1,
+    /// Its time cap was reached.
+    Time = 2,
+}
+
+impl EndReason {
+    pub fn notice(self) -> [u8; 5] {
+        let mut notice = [0u8; 5];
+        notice[..4].copy_from_slice(&END_TAG);
+        notice[4] = self as u8;
+        notice
+    }
+}
 
 /// Status byte of a bind answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +154,17 @@ struct Allocation {
     max_bytes: u64,
     rate: u64,
     buckets: [TokenBucket; 2],
-    ended: bool,
+    ended: Option<(EndReason, Instant)>,
+    last_datagram: Instant,
+}
+
+impl Allocation {
+    /// Whether it still counts: not ended by a cap, within its time, and not idle once bound.
+    fn live(&self, now: Instant) -> bool {
+        let idle =
+            self.sides[1].is_some() && now.saturating_duration_since(self.last_datagram) > IDLE_END;
+        self.ended.is_none() && now < self.expires_at && !idle
+    }
 }
 
 /// What to do with a datagram that reached the relay/STUN port.
@@ -135,8 +172,10 @@ struct Allocation {
 pub enum Action {
     /// Send it on to this address.
     Forward(SocketAddr),
-    /// Answer the sender with these bytes (a bind answer).
+    /// Answer the sender with these bytes (a bind answer, or an end notice).
     Answer([u8; 5]),
+    /// The allocation just ended: send this notice to both sides.
+    End([u8; 5], [SocketAddr; 2]),
     /// Drop it (over a cap, or the other side is not bound yet).
     Drop,
     /// Not relay traffic: offer it to STUN.
@@ -162,7 +201,7 @@ impl RelayTable {
     /// Grants a new allocation, or `None` when the node is at its allocation limit or relaying is off.
     pub fn grant(&mut self, now: Instant) -> Option<Grant> {
         self.expire(now);
-        if !self.config.enabled || self.allocations.len() >= self.config.max_allocations {
+        if !self.config.enabled || self.active(now) >= self.config.max_allocations {
             return None;
         }
         let token: [u8; 16] = rand::random();
@@ -178,7 +217,8 @@ impl RelayTable {
                 max_bytes: self.config.max_bytes,
                 rate,
                 buckets: [TokenBucket::new(burst, now), TokenBucket::new(burst, now)],
-                ended: false,
+                ended: None,
+                last_datagram: now,
             },
         );
         Some(Grant {
@@ -189,22 +229,46 @@ impl RelayTable {
         })
     }
 
-    /// Allocations in use (for load reports).
+    /// Allocations held, ended ones included until they are forgotten.
     pub fn len(&self) -> usize {
         self.allocations.len()
+    }
+
+    /// Allocations not yet ended (what the allocation limit and load reports count).
+    pub fn active(&self, now: Instant) -> usize {
+        self.allocations
+            .values()
+            .filter(|allocation| allocation.live(now))
+            .count()
+    }
+
+    /// How many allocations this node takes at once (0 when it does not relay).
+    pub fn capacity(&self) -> usize {
+        if self.config.enabled {
+            self.config.max_allocations
+        } else {
+            0
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.allocations.is_empty()
     }
 
-    /// Drops allocations past their lifetime, and unbound ones past the bind window.
+    /// Drops unbound allocations past the bind window, and ended ones (also by time) after a while.
     pub fn expire(&mut self, now: Instant) {
         let by_addr = &mut self.by_addr;
         self.allocations.retain(|_, allocation| {
             let unbound_too_long = allocation.sides[1].is_none()
                 && now.saturating_duration_since(allocation.granted_at) > BIND_WINDOW;
-            let keep = now < allocation.expires_at && !unbound_too_long;
+            let ended_at = match allocation.ended {
+                Some((_, at)) => at,
+                None if allocation.sides[1].is_some() => allocation
+                    .expires_at
+                    .min(allocation.last_datagram + IDLE_END),
+                None => allocation.expires_at,
+            };
+            let keep = now < ended_at + ENDED_LINGER && !unbound_too_long;
             if !keep {
                 for side in allocation.sides.iter().flatten() {
                     by_addr.remove(side);
@@ -225,19 +289,27 @@ impl RelayTable {
                 self.by_addr.remove(&source);
                 return Action::Drop;
             };
-            if allocation.ended || now >= allocation.expires_at {
-                allocation.ended = true;
-                return Action::Drop;
+            if let Some((reason, _)) = allocation.ended {
+                // Smaller than any QUIC datagram: no amplification.
+                return Action::Answer(reason.notice());
             }
             let side = usize::from(allocation.sides[1] == Some(source));
             let Some(other) = allocation.sides[1 - side] else {
                 return Action::Drop;
             };
-            allocation.bytes += datagram.len() as u64;
-            if allocation.bytes > allocation.max_bytes {
-                allocation.ended = true;
-                return Action::Drop;
+            let reason = if now >= allocation.expires_at {
+                Some(EndReason::Time)
+            } else if allocation.bytes + datagram.len() as u64 > allocation.max_bytes {
+                Some(EndReason::Bytes)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                allocation.ended = Some((reason, now));
+                return Action::End(reason.notice(), [source, other]);
             }
+            allocation.bytes += datagram.len() as u64;
+            allocation.last_datagram = now;
             let burst = u32::try_from(allocation.rate).unwrap_or(u32::MAX);
             let rate = u32::try_from(allocation.rate).unwrap_or(u32::MAX);
             // The bucket counts bytes: one token per byte.
@@ -258,7 +330,9 @@ impl RelayTable {
         token.copy_from_slice(&datagram[4..BIND_LEN]);
         let status = match self.allocations.get_mut(&token) {
             None => BindStatus::UnknownToken,
-            Some(allocation) if allocation.ended => BindStatus::Ended,
+            Some(allocation) if allocation.ended.is_some() || now >= allocation.expires_at => {
+                BindStatus::Ended
+            }
             Some(allocation) => {
                 if allocation.sides.contains(&Some(source)) {
                     BindStatus::Bound
@@ -275,6 +349,53 @@ impl RelayTable {
         answer[..4].copy_from_slice(&BIND_ANSWER_TAG);
         answer[4] = status as u8;
         Action::Answer(answer)
+    }
+}
+
+/// How often a node looks at its relay load, and reports it through Raft when it changed.
+const LOAD_CHECK: Duration = Duration::from_secs(2);
+/// A node reports its load at least this often, changed or not.
+const LOAD_REFRESH: Duration = Duration::from_secs(300);
+
+/// Reports this node's relay load (allocations in use, capacity) through Raft whenever it changes, so that
+/// every broker can pick the least loaded relay from its own replica.
+pub async fn report_load(
+    context: std::sync::Arc<crate::node::Context>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(LOAD_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported: Option<((u32, u32), Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(node_id) = context.node_id() else {
+            continue;
+        };
+        let now = Instant::now();
+        let load = {
+            let table = context.relay.lock().expect("relay lock");
+            let clamp = |count: usize| u32::try_from(count).unwrap_or(u32::MAX);
+            (clamp(table.active(now)), clamp(table.capacity()))
+        };
+        let due = match reported {
+            None => true,
+            Some((last, at)) => last != load || now.duration_since(at) >= LOAD_REFRESH,
+        };
+        if !due {
+            continue;
+        }
+        let op = crate::raft::command::Op::RelayLoad {
+            node_id,
+            active: load.0,
+            capacity: load.1,
+        };
+        match context.propose(op).await {
+            Ok(_) => reported = Some((load, now)),
+            Err(error) => tracing::debug!(%error, "relay load report not committed; trying again"),
+        }
     }
 }
 
@@ -336,9 +457,37 @@ mod tests {
         let later = now + Duration::from_secs(2);
         assert_eq!(
             table.handle(&bind_request(grant.token), addr("192.0.2.1:1"), later),
+            Action::Answer([0, b'V', b'R', b'A', BindStatus::Ended as u8]),
+            "past its time, not yet forgotten"
+        );
+        let much_later = later + ENDED_LINGER;
+        assert_eq!(
+            table.handle(&bind_request(grant.token), addr("192.0.2.1:1"), much_later),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::UnknownToken as u8])
         );
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn the_time_cap_ends_the_allocation_with_a_notice() {
+        let config = RelayConfig {
+            max_seconds: 1,
+            ..RelayConfig::default()
+        };
+        let mut table = RelayTable::new(config);
+        let now = Instant::now();
+        let grant = table.grant(now).unwrap();
+        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
+        table.handle(&bind_request(grant.token), a, now);
+        table.handle(&bind_request(grant.token), b, now);
+        assert_eq!(table.handle(b"\xC0quic", a, now), Action::Forward(b));
+        let later = now + Duration::from_secs(1);
+        let notice = [0, b'V', b'R', b'E', EndReason::Time as u8];
+        assert_eq!(
+            table.handle(b"\xC0quic", b, later),
+            Action::End(notice, [b, a])
+        );
+        assert_eq!(table.handle(b"\xC0quic", a, later), Action::Answer(notice));
     }
 
     #[test]
@@ -356,20 +505,37 @@ mod tests {
         let packet = vec![0xC0u8; 1200];
         assert_eq!(table.handle(&packet, a, now), Action::Forward(b));
         assert_eq!(table.handle(&packet, b, now), Action::Forward(a));
+        let notice = [0, b'V', b'R', b'E', EndReason::Bytes as u8];
         assert_eq!(
             table.handle(&packet, a, now),
-            Action::Drop,
-            "3600 bytes > 3000"
+            Action::End(notice, [a, b]),
+            "3600 bytes > 3000: the datagram is not forwarded, both sides hear why"
         );
         assert_eq!(
             table.handle(&packet, b, now),
-            Action::Drop,
+            Action::Answer(notice),
             "ended for both"
         );
         assert_eq!(
             table.handle(&bind_request(grant.token), addr("192.0.2.9:9"), now),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::Ended as u8])
         );
+    }
+
+    #[test]
+    fn an_idle_allocation_stops_counting_and_is_forgotten() {
+        let mut table = RelayTable::new(RelayConfig::default());
+        let now = Instant::now();
+        let grant = table.grant(now).unwrap();
+        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
+        table.handle(&bind_request(grant.token), a, now);
+        table.handle(&bind_request(grant.token), b, now);
+        assert_eq!(table.handle(b"\xC0quic", a, now), Action::Forward(b));
+        assert_eq!(table.active(now), 1);
+        let idle = now + IDLE_END + Duration::from_secs(1);
+        assert_eq!(table.active(idle), 0);
+        table.expire(idle + ENDED_LINGER);
+        assert!(table.is_empty());
     }
 
     #[test]

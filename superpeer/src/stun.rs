@@ -169,6 +169,12 @@ pub async fn serve(
                 }
                 continue;
             }
+            RelayAction::End(notice, sides) => {
+                for side in sides {
+                    let _ = socket.try_send_to(&notice, side);
+                }
+                continue;
+            }
             RelayAction::Drop => continue,
             RelayAction::NotRelay => {}
         }

@@ -51,6 +51,8 @@ pub struct NodeOptions {
     /// IPs the nodes listen on, node i on `listen_ips[i % len]`; empty means 127.0.0.1. The super peer
     /// certificate names them all.
     pub listen_ips: Vec<std::net::IpAddr>,
+    /// More flags for node i only (`node_args[i]`), after `extra_args`.
+    pub node_args: Vec<Vec<String>>,
 }
 
 /// One super peer process.
@@ -226,6 +228,9 @@ impl Cluster {
                 .arg(logs.to_string());
         }
         command.args(&self.options.extra_args);
+        if let Some(args) = self.options.node_args.get(index) {
+            command.args(args);
+        }
         node.child = Some(command.spawn().context("start superpeer")?);
         let name = node.name.clone();
         let endpoints: Endpoints = wait::until(

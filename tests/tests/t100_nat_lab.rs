@@ -4,7 +4,9 @@
 //! check the lab itself (each router maps and filters as its kind says), that a third-party STUN client
 //! (coturn's `turnutils_stunclient`) gets the right mapped address from a super peer, that real `leafpeer`
 //! processes behind every NAT measure the right class and publish it, and that a STUN flood from one source
-//! gets a bounded number of answers no larger than the requests.
+//! gets a bounded number of answers no larger than the requests. Connections: every pair of NAT kinds connects
+//! (directly unless both sides map endpoint-dependently), and relays are picked by replicated load, carry only
+//! ciphertext, and end a connection on a cap with an error that names it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -336,16 +338,73 @@ fn a_stun_flood_gets_bounded_unamplified_answers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a connection attempt reports: the path, the relay or peer address, and milliseconds from the connect
+/// call to connected.
+struct Connected {
+    path: String,
+    via: String,
+    millis: u64,
+}
+
 /// One connection attempt between two lab hosts through real `leafpeer accept` / `leafpeer connect`
-/// processes: returns (path, milliseconds from the connect call to connected) after checking the payload.
+/// processes, checking that the payload arrived intact.
 async fn attempt(
+    lab: &Lab,
+    cluster: &Cluster,
+    keys: &std::path::Path,
+    from: (&LabHost, &str),
+    to: (&LabHost, &str),
+    payload: &[u8],
+) -> anyhow::Result<Connected> {
+    let (connected, accepted) = run_pair(lab, cluster, keys, from, to, payload).await?;
+    let ((from, _), (to, _)) = (from, to);
+    let stderr = String::from_utf8_lossy(&connected.stderr);
+    ensure!(
+        connected.status.success(),
+        "{} -> {}: leafpeer connect failed: {stderr}",
+        from.kind,
+        to.kind
+    );
+    ensure!(
+        accepted.status.success(),
+        "{} -> {}: leafpeer accept failed",
+        from.kind,
+        to.kind
+    );
+    ensure!(
+        accepted.stdout == payload,
+        "{} -> {}: {} of {} bytes arrived intact",
+        from.kind,
+        to.kind,
+        accepted.stdout.len(),
+        payload.len()
+    );
+    connected_event(&stderr)
+}
+
+/// The `connected` event a `leafpeer --json connect` printed on stderr.
+fn connected_event(stderr: &str) -> anyhow::Result<Connected> {
+    let event: serde_json::Value = stderr
+        .lines()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .with_context(|| format!("no connected event in {stderr}"))?;
+    Ok(Connected {
+        path: event["path"].as_str().unwrap_or_default().to_string(),
+        via: event["via"].as_str().unwrap_or_default().to_string(),
+        millis: event["elapsed_ms"].as_u64().unwrap_or_default(),
+    })
+}
+
+/// Runs `leafpeer accept` on `to` and `leafpeer connect` on `from` with `payload` on its stdin; returns both
+/// processes' outputs (connect's, accept's) whatever their exit status.
+async fn run_pair(
     lab: &Lab,
     cluster: &Cluster,
     keys: &std::path::Path,
     (from, from_key): (&LabHost, &str),
     (to, to_key): (&LabHost, &str),
     payload: &[u8],
-) -> anyhow::Result<(String, u64)> {
+) -> anyhow::Result<(std::process::Output, std::process::Output)> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let seeds = cluster.leaf_addrs().join(",");
     let ca = cluster.pki.ca_cert();
@@ -385,6 +444,16 @@ async fn attempt(
     })
     .await
     .context("leafpeer accept did not get ready")??;
+    // Read accept's output while the transfer runs: a full stdout pipe would stall it (and so the sender).
+    let accept_stderr = tokio::spawn(async move {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = acceptor_err.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    });
+    let acceptor = tokio::spawn(acceptor.wait_with_output());
     let mut connector =
         tokio::process::Command::from(lab.command(&from.ns, vesper_tests::binary("leafpeer")));
     connector
@@ -408,39 +477,13 @@ async fn attempt(
     let connected = tokio::time::timeout(Duration::from_secs(60), connector.wait_with_output())
         .await
         .context("leafpeer connect timed out")??;
-    writer.await??;
-    let accepted = tokio::time::timeout(Duration::from_secs(30), acceptor.wait_with_output())
+    // A connect that fails early stops reading its stdin; its own output says why.
+    let _ = writer.await?;
+    let mut accepted = tokio::time::timeout(Duration::from_secs(30), acceptor)
         .await
-        .context("leafpeer accept did not finish")??;
-    let stderr = String::from_utf8_lossy(&connected.stderr);
-    ensure!(
-        connected.status.success(),
-        "{} -> {}: leafpeer connect failed: {stderr}",
-        from.kind,
-        to.kind
-    );
-    ensure!(
-        accepted.status.success(),
-        "{} -> {}: leafpeer accept failed",
-        from.kind,
-        to.kind
-    );
-    ensure!(
-        accepted.stdout == payload,
-        "{} -> {}: {} of {} bytes arrived intact",
-        from.kind,
-        to.kind,
-        accepted.stdout.len(),
-        payload.len()
-    );
-    let event: serde_json::Value = stderr
-        .lines()
-        .find_map(|line| serde_json::from_str(line).ok())
-        .with_context(|| format!("no connected event in {stderr}"))?;
-    Ok((
-        event["path"].as_str().unwrap_or_default().to_string(),
-        event["elapsed_ms"].as_u64().unwrap_or_default(),
-    ))
+        .context("leafpeer accept did not finish")???;
+    accepted.stderr = accept_stderr.await?.into_bytes();
+    Ok((connected, accepted))
 }
 
 /// Whether a pair must connect directly: every pair but those whose both sides map endpoint-dependently
@@ -503,7 +546,7 @@ fn connection_matrix_across_every_pair_of_nat_kinds() -> anyhow::Result<()> {
                     )
                     .await
                     {
-                        Ok((path, millis)) => {
+                        Ok(Connected { path, millis, .. }) => {
                             println!(
                                 "{:<20} -> {:<20} {path:<8} {millis:>5} ms",
                                 from.kind.name(),
@@ -559,6 +602,144 @@ fn connection_matrix_across_every_pair_of_nat_kinds() -> anyhow::Result<()> {
             println!();
         }
         ensure!(failures.is_empty(), "unexpected outcomes: {failures:#?}");
+        Ok(())
+    })
+}
+
+/// Relayed connections: the broker picks the least loaded relay by the replicated load reports; bulk data
+/// arrives intact while a capture on the relay finds none of its plaintext; and a relay's byte cap ends a
+/// connection with an error that names the cap.
+#[test]
+fn relays_are_picked_by_load_carry_only_ciphertext_and_name_their_caps() -> anyhow::Result<()> {
+    const MARKER: &[u8] = b"VESPER-PLAINTEXT-MARKER";
+    const SMALL_CAP: u64 = 1024 * 1024;
+    let mut lab = Lab::new(2)?;
+    // Both sides endpoint-dependent: the broker plans a relayed connection at once.
+    let (a, b) = (
+        lab.add_host(NatKind::Symmetric)?,
+        lab.add_host(NatKind::Symmetric)?,
+    );
+    let lab = Arc::new(lab);
+    let inet = lab.inet();
+    let ips: Vec<std::net::IpAddr> = vec![lab.super_peer_ip(0).into(), lab.super_peer_ip(1).into()];
+    let (task_lab, task_inet) = (lab.clone(), inet.clone());
+    lab.run_in(&inet, async move {
+        let (lab, inet) = (task_lab, task_inet);
+        // The first super peer relays one connection at a time; the second has a small byte cap.
+        let cluster = Cluster::start(
+            2,
+            NodeOptions {
+                listen_ips: ips,
+                node_args: vec![
+                    vec!["--relay-max-allocations".into(), "1".into()],
+                    vec!["--relay-max-bytes".into(), SMALL_CAP.to_string()],
+                ],
+                ..NodeOptions::default()
+            },
+        )
+        .await?;
+        let stun: Vec<SocketAddr> = cluster
+            .nodes
+            .iter()
+            .map(|node| node.endpoints().stun.context("super peer serves STUN"))
+            .collect::<anyhow::Result<_>>()?;
+        let relay_load = |node: usize| {
+            let cluster = &cluster;
+            async move {
+                // Members come sorted by node id, which follows the start order.
+                let status = cluster.status_of(0).await?;
+                anyhow::Ok(
+                    status
+                        .members
+                        .get(node)
+                        .map(|member| (member.relay_active, member.relay_capacity)),
+                )
+            }
+        };
+        // Both nodes have reported their (empty) relays.
+        vesper_tests::wait::until("relay load reports", Duration::from_secs(30), || async {
+            let reported = (relay_load(0).await?, relay_load(1).await?);
+            Ok((reported == (Some((0, 1)), Some((0, 1000)))).then_some(()))
+        })
+        .await?;
+
+        // Capture everything on the first relay's port.
+        let dir = tempfile::tempdir()?;
+        let capture = dir.path().join("relay.pcap");
+        let mut tcpdump = tokio::process::Command::from(lab.command(&inet, "tcpdump"));
+        tcpdump
+            .args(["-i", "any", "-n", "-U", "-w"])
+            .arg(&capture)
+            .arg(format!("udp and host {} and port {}", stun[0].ip(), stun[0].port()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut tcpdump = tcpdump.spawn().context("start tcpdump")?;
+        let mut tcpdump_err = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            tcpdump.stderr.take().expect("piped"),
+        ));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = tcpdump_err.next_line().await? {
+                if line.contains("listening on") {
+                    return anyhow::Ok(());
+                }
+            }
+            anyhow::bail!("tcpdump ended before listening")
+        })
+        .await
+        .context("tcpdump did not start")??;
+        // A control: the marker in the clear to the relay port must show up in the capture.
+        let control = UdpSocket::bind(SocketAddr::new(stun[1].ip(), 0)).await?;
+        control.send_to(MARKER, stun[0]).await?;
+
+        // 8 MiB full of the marker, through the first relay (the emptiest, and the broker's own node).
+        let payload: Vec<u8> = (0..8 * 1024 * 1024 / 32)
+            .flat_map(|i: u32| {
+                let mut block = MARKER.to_vec();
+                block.extend_from_slice(format!("{i:>9}").as_bytes());
+                block
+            })
+            .collect();
+        let keys = tempfile::tempdir()?;
+        let from = (&a, "a.key");
+        let to = (&b, "b.key");
+        let first = attempt(&lab, &cluster, keys.path(), from, to, &payload).await?;
+        println!("first: {} via {} in {} ms", first.path, first.via, first.millis);
+        ensure!(first.path == "relayed" && first.via == stun[0].to_string(), "first connection relayed by {}, expected {}", first.via, stun[0]);
+
+        let pid = tcpdump.id().context("tcpdump pid")?;
+        std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+        tokio::time::timeout(Duration::from_secs(10), tcpdump.wait()).await.context("tcpdump did not stop")??;
+        let captured = std::fs::read(&capture)?;
+        let markers = captured.windows(MARKER.len()).filter(|window| *window == MARKER).count();
+        println!(
+            "capture on the relay: {} bytes, plaintext markers found: {markers} (the control datagram only)",
+            captured.len()
+        );
+        ensure!(
+            captured.len() as u64 > 2 * payload.len() as u64,
+            "the capture holds the relayed traffic both ways ({} bytes)",
+            captured.len()
+        );
+        ensure!(markers == 1, "{markers} plaintext markers in the relay capture; expected only the control's");
+
+        // The first relay is now full (1 of 1): once that load is replicated, the broker picks the second.
+        vesper_tests::wait::until("the first relay's load report", Duration::from_secs(30), || async {
+            Ok((relay_load(0).await? == Some((1, 1))).then_some(()))
+        })
+        .await?;
+        let big: Vec<u8> = payload[..4 * 1024 * 1024].to_vec();
+        let (connected, accepted) = run_pair(&lab, &cluster, keys.path(), from, to, &big).await?;
+        let stderr = String::from_utf8_lossy(&connected.stderr);
+        let second = connected_event(&stderr)?;
+        println!("second: {} via {}; connect said: {}", second.path, second.via, stderr.trim());
+        ensure!(second.via == stun[1].to_string(), "second connection relayed by {}, expected {}", second.via, stun[1]);
+        ensure!(!connected.status.success() && !accepted.status.success(), "4 MiB through a 1 MiB cap must fail");
+        let cap_error = format!("byte cap ({SMALL_CAP} bytes) was reached");
+        ensure!(stderr.contains(&cap_error), "connect's error names the cap: {stderr}");
+        let accept_err = String::from_utf8_lossy(&accepted.stderr);
+        ensure!(accept_err.contains(&cap_error), "accept's error names the cap: {accept_err}");
+        ensure!(accepted.stdout.len() < big.len(), "the cap stopped the transfer");
         Ok(())
     })
 }

@@ -410,6 +410,20 @@ fn report_connection(
     }
 }
 
+/// [`pipe`] on a peer connection; when it fails, the error says why the connection ended (a relay cap, say).
+async fn pipe_through(
+    connection: &vesper_leafpeer::PeerConnection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    pipe(send, recv)
+        .await
+        .map_err(|error| match connection.close_reason() {
+            Some(reason) => anyhow::Error::new(reason),
+            None => error,
+        })
+}
+
 /// Copies stdin into `send` and `recv` into stdout until both directions end.
 async fn pipe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
     let up = async {
@@ -785,7 +799,7 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
             let connection = leaf.connect_to(&peer).await?;
             report_connection(json_mode, &connection, started.elapsed());
             let (send, recv) = connection.open_bi().await?;
-            pipe(send, recv).await?;
+            pipe_through(&connection, send, recv).await?;
             connection.close().await;
         }
         Command::Accept {
@@ -823,7 +837,7 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
             .context("the session ended before a peer connected")?;
             report_connection(json_mode, &connection, started.elapsed());
             let (send, recv) = connection.accept_bi().await?;
-            pipe(send, recv).await?;
+            pipe_through(&connection, send, recv).await?;
             connection.close().await;
         }
         Command::Listen { count, timeout } => {

@@ -106,6 +106,7 @@ impl Admin for AdminService {
                         admin_addr: node.admin_addr,
                         role: MemberRole::Standby as i32,
                         is_leader: false,
+                        ..Member::default()
                     }),
                 }))
             }

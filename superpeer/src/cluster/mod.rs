@@ -7,9 +7,9 @@ use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
     AdoptRequest, AdoptResponse, ConnectAnswer, DeliverRequest, DeliverResponse, DescribeRequest,
-    DescribeResponse, JoinRequest, JoinResponse, NodeDescriptor, OfferRequest, ProposeRequest,
-    ProposeResponse, PushPlanRequest, PushPlanResponse, RaftPayload, ReadIndexRequest,
-    ReadIndexResponse,
+    DescribeResponse, GrantRelayRequest, JoinRequest, JoinResponse, NodeDescriptor, OfferRequest,
+    ProposeRequest, ProposeResponse, PushPlanRequest, PushPlanResponse, RaftPayload,
+    ReadIndexRequest, ReadIndexResponse,
 };
 
 use crate::admin::membership;
@@ -219,6 +219,17 @@ impl Cluster for ClusterService {
             .map(Response::new)
             .map_err(|_| {
                 ServiceError::Timeout("the peer's answer to the connection offer").into_status()
+            })
+    }
+
+    async fn grant_relay(
+        &self,
+        _request: Request<GrantRelayRequest>,
+    ) -> Result<Response<vesper_proto::v1::RelayGrant>, Status> {
+        crate::leaf::broker::local_grant(&self.context)
+            .map(Response::new)
+            .ok_or_else(|| {
+                Status::resource_exhausted("this super peer has no relay allocation to give")
             })
     }
 

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use vesper_proto::nat::{parse_candidates, NatClass};
 use vesper_proto::v1::{
-    ConnectAnswer, ConnectOffer, ConnectRequest, OfferRequest, PortPrediction, PunchPlan,
-    PunchRole, PushPlanRequest, RelayGrant,
+    ConnectAnswer, ConnectOffer, ConnectRequest, GrantRelayRequest, MemberRole, OfferRequest,
+    PortPrediction, PunchPlan, PunchRole, PushPlanRequest, RelayGrant,
 };
 use vesper_proto::PeerId;
 
@@ -34,6 +34,7 @@ use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::command::PresenceStatus;
 use crate::store::presence;
+use crate::store::state_machine::{read_relay_loads, RelayLoad};
 
 /// How long the target's library has to answer an offer.
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -138,18 +139,7 @@ pub async fn connect(
         probes: PREDICTION_PROBES,
     });
     let nonce: [u8; 16] = rand::random();
-    let grant = context
-        .relay
-        .lock()
-        .expect("relay lock")
-        .grant(Instant::now());
-    let relay = grant.map(|grant| RelayGrant {
-        address: context.me.leaf_addr.clone(),
-        token: grant.token.to_vec(),
-        max_bytes: grant.max_bytes,
-        max_seconds: grant.max_seconds,
-        max_bytes_per_second: grant.max_bytes_per_second,
-    });
+    let relay = pick_relay(context).await;
     let target_plan = PunchPlan {
         offer_id: offer_id.clone(),
         peer_id: from.to_string(),
@@ -182,6 +172,82 @@ pub async fn connect(
         )));
     }
     Ok(caller_plan)
+}
+
+/// A relay allocation on this node, if it relays and has room.
+pub fn local_grant(context: &Context) -> Option<RelayGrant> {
+    let grant = context
+        .relay
+        .lock()
+        .expect("relay lock")
+        .grant(Instant::now())?;
+    Some(RelayGrant {
+        address: context.me.leaf_addr.clone(),
+        token: grant.token.to_vec(),
+        max_bytes: grant.max_bytes,
+        max_seconds: grant.max_seconds,
+        max_bytes_per_second: grant.max_bytes_per_second,
+    })
+}
+
+/// How many relays a broker asks before it gives up on a grant.
+const RELAY_TRIES: usize = 3;
+/// How long a broker waits for another node's grant.
+const GRANT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Members in the order a broker should ask them for a relay: least full first (by the replicated load
+/// reports; a node that has not reported counts as empty), this node first among equals (no extra hop), then
+/// by id. Nodes that do not relay come last.
+pub fn relay_order(me: Option<u64>, members: &[(u64, Option<RelayLoad>)]) -> Vec<u64> {
+    let mut ranked: Vec<(f64, bool, u64)> = members
+        .iter()
+        .map(|(id, load)| {
+            let fill = load.map(|load| load.fill()).unwrap_or(0.0);
+            (fill, Some(*id) != me, *id)
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    ranked.into_iter().map(|(_, _, id)| id).collect()
+}
+
+/// Picks the relay by replicated load and gets a grant from it (here, or through `Cluster.GrantRelay`).
+async fn pick_relay(context: &Arc<Context>) -> Option<RelayGrant> {
+    let me = context.node_id();
+    let loads = read_relay_loads(context.reader.db()).unwrap_or_default();
+    let members: Vec<(u64, Option<RelayLoad>)> = context
+        .members()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|member| member.role != MemberRole::Removed as i32)
+        .map(|member| (member.node_id, loads.get(&member.node_id).copied()))
+        .collect();
+    let mut order = relay_order(me, &members);
+    if order.is_empty() {
+        order.extend(me);
+    }
+    for node_id in order.into_iter().take(RELAY_TRIES) {
+        if Some(node_id) == me || me.is_none() {
+            if let Some(grant) = local_grant(context) {
+                return Some(grant);
+            }
+            continue;
+        }
+        let Some(node) = context.member_info(node_id) else {
+            continue;
+        };
+        let Ok(mut client) = context.clients.client(&node.cluster_addr) else {
+            continue;
+        };
+        let mut request = tonic::Request::new(GrantRelayRequest {});
+        request.set_timeout(GRANT_TIMEOUT);
+        match client.grant_relay(request).await {
+            Ok(grant) => return Some(grant.into_inner()),
+            Err(status) => {
+                tracing::debug!(node_id, %status, "relay grant refused; asking the next relay");
+            }
+        }
+    }
+    None
 }
 
 /// Offers on the target's super peer (this one, or another through the Cluster service).
@@ -274,5 +340,34 @@ mod tests {
         assert!(!needs_prediction(EndpointDependent, Public));
         assert!(!needs_prediction(EndpointIndependent, EndpointIndependent));
         assert!(!needs_prediction(EndpointDependent, EndpointDependent));
+    }
+
+    #[test]
+    fn the_least_full_relay_comes_first_and_this_node_wins_ties() {
+        let load = |active, capacity| {
+            Some(RelayLoad {
+                active,
+                capacity,
+                at_ms: 0,
+            })
+        };
+        // All empty: this node first, then by id.
+        assert_eq!(
+            relay_order(Some(2), &[(1, load(0, 10)), (2, load(0, 10)), (3, None)]),
+            vec![2, 1, 3]
+        );
+        // This node is fuller than the others: the emptiest goes first; a non-relaying node comes last.
+        assert_eq!(
+            relay_order(
+                Some(1),
+                &[
+                    (1, load(9, 10)),
+                    (2, load(1, 10)),
+                    (3, load(0, 0)),
+                    (4, load(5, 100))
+                ]
+            ),
+            vec![4, 2, 1, 3]
+        );
     }
 }

@@ -109,6 +109,12 @@ pub enum Op {
         candidates: Vec<String>,
         nat_class: String,
     },
+    /// Super peer `node_id` reports its relay load (brokers pick the least loaded relay).
+    RelayLoad {
+        node_id: u64,
+        active: u32,
+        capacity: u32,
+    },
 }
 
 /// An invitee's answer.
@@ -203,6 +209,11 @@ impl fmt::Display for Command {
             Op::ConferenceStart { id } => write!(f, "start conference {id}"),
             Op::ConferenceChat { id, .. } => write!(f, "chat in {id}"),
             Op::PresenceEndpoints { nat_class, .. } => write!(f, "publish endpoints ({nat_class})"),
+            Op::RelayLoad {
+                node_id,
+                active,
+                capacity,
+            } => write!(f, "relay load of node {node_id}: {active}/{capacity}"),
         }
     }
 }

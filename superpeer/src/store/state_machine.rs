@@ -45,6 +45,36 @@ pub struct NodeEntry {
     pub removed: bool,
 }
 
+/// A node's last relay load report. Kept in the node table under the node's key plus [`RELAY_LOAD_SUFFIX`],
+/// so snapshots carry it with the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayLoad {
+    pub active: u32,
+    pub capacity: u32,
+    pub at_ms: u64,
+}
+
+impl RelayLoad {
+    /// Share of the capacity in use; a node that does not relay is full.
+    pub fn fill(&self) -> f64 {
+        if self.capacity == 0 {
+            f64::INFINITY
+        } else {
+            f64::from(self.active) / f64::from(self.capacity)
+        }
+    }
+}
+
+/// Suffix of a relay load key in the node table (node keys are the 8-byte big-endian id alone).
+const RELAY_LOAD_SUFFIX: u8 = b'L';
+
+fn relay_load_key(node_id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[..8].copy_from_slice(&node_id.to_be_bytes());
+    key[8] = RELAY_LOAD_SUFFIX;
+    key
+}
+
 /// Raw (key, value) pairs of one column family.
 type RawPairs = Vec<(ByteBuf, ByteBuf)>;
 
@@ -111,10 +141,26 @@ impl StateReader {
     }
 }
 
+/// The last relay load report of every node that made one.
+pub fn read_relay_loads(db: &DB) -> Result<BTreeMap<u64, RelayLoad>, StoreError> {
+    let mut loads = BTreeMap::new();
+    for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
+        let (key, bytes) = item?;
+        if key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX {
+            let id = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+            loads.insert(id, decode("relay load", &bytes)?);
+        }
+    }
+    Ok(loads)
+}
+
 fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
     let mut nodes = BTreeMap::new();
     for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
         let (key, bytes) = item?;
+        if key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX {
+            continue;
+        }
         let id = u64::from_be_bytes(
             key.as_ref()
                 .try_into()
@@ -284,6 +330,23 @@ impl StateMachine {
                             attributes.clone(),
                             command.at_ms,
                         )?,
+                        Op::RelayLoad {
+                            node_id,
+                            active,
+                            capacity,
+                        } => {
+                            let load = RelayLoad {
+                                active: *active,
+                                capacity: *capacity,
+                                at_ms: command.at_ms,
+                            };
+                            batch.put_cf(
+                                cf(db, CF_NODES),
+                                relay_load_key(*node_id),
+                                encode("relay load", &load)?,
+                            );
+                            Response::Done
+                        }
                         Op::PresenceEndpoints {
                             peer,
                             session,
