@@ -108,6 +108,9 @@ struct Args {
     /// Seconds one relay allocation lives. Default: 600.
     #[arg(long, env = "VESPER_RELAY_MAX_SECONDS")]
     relay_max_seconds: Option<u32>,
+    /// Bytes per second one relay allocation may carry in each direction (more is dropped). Default: 8388608.
+    #[arg(long, env = "VESPER_RELAY_MAX_BYTES_PER_SECOND")]
+    relay_max_bytes_per_second: Option<u64>,
     /// Relay allocations at once on this node. Default: 1000.
     #[arg(long, env = "VESPER_RELAY_MAX_ALLOCATIONS")]
     relay_max_allocations: Option<usize>,
@@ -217,6 +220,9 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.relay_max_seconds {
         config.relay.max_seconds = value;
+    }
+    if let Some(value) = args.relay_max_bytes_per_second {
+        config.relay.max_bytes_per_second = value;
     }
     if let Some(value) = args.relay_max_allocations {
         config.relay.max_allocations = value;
