@@ -97,6 +97,9 @@ pub struct PeerConnection {
     peer: PeerId,
     /// On a relayed path: whether (and why) the relay ended the allocation.
     relay_end: Option<watch::Receiver<Option<RelayEnd>>>,
+    /// When this side got the broker's plan, and when the connection was up.
+    planned_at: std::time::Instant,
+    connected_at: std::time::Instant,
 }
 
 /// Application close code of a connection whose relay ended it.
@@ -111,6 +114,8 @@ impl PeerConnection {
             path: Path::Direct(remote),
             peer,
             relay_end: None,
+            planned_at: std::time::Instant::now(),
+            connected_at: std::time::Instant::now(),
         }
     }
 
@@ -139,6 +144,8 @@ impl PeerConnection {
             path,
             peer,
             relay_end: Some(relay_end),
+            planned_at: std::time::Instant::now(),
+            connected_at: std::time::Instant::now(),
         }
     }
 
@@ -150,6 +157,16 @@ impl PeerConnection {
     /// Which path the connection runs over.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// When this side received the broker's punch plan (for measuring how long set-up takes after it).
+    pub fn planned_at(&self) -> std::time::Instant {
+        self.planned_at
+    }
+
+    /// When the connection was up (handshake done, peer key checked).
+    pub fn connected_at(&self) -> std::time::Instant {
+        self.connected_at
     }
 
     /// Why the connection ended, once it has: a relay cap (named, with its value), or what QUIC reports.
@@ -433,36 +450,52 @@ fn endpoint_on(
     Ok((endpoint, client_config))
 }
 
-/// Client side: the first of `targets` to complete a handshake, then the nonce on a uni stream.
+/// Client side: the first of `targets` to complete a handshake, then the nonce on a uni stream. With
+/// `again_after`, a second round of attempts starts after that long: the first Initials may reach the server's
+/// NAT before its punch has opened it (on a short path), and QUIC would resend them only after ~300 ms.
 async fn dial_first(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
     targets: &[SocketAddr],
     nonce: &[u8],
+    again_after: Option<Duration>,
 ) -> Result<quinn::Connection, LeafError> {
     let mut attempts = FuturesUnordered::new();
-    for target in targets {
-        match endpoint.connect_with(config.clone(), *target, "vesper-peer") {
-            Ok(connecting) => attempts.push(connecting),
-            Err(error) => tracing::debug!(%target, %error, "cannot start a QUIC attempt"),
-        }
-    }
-    let mut last = String::from("no candidate to try");
-    while let Some(outcome) = attempts.next().await {
-        match outcome {
-            Ok(connection) => {
-                let mut hello = connection
-                    .open_uni()
-                    .await
-                    .map_err(|error| LeafError::PeerConnection(error.to_string()))?;
-                hello
-                    .write_all(nonce)
-                    .await
-                    .map_err(|error| LeafError::PeerConnection(error.to_string()))?;
-                let _ = hello.finish();
-                return Ok(connection);
+    let start_round = |attempts: &mut FuturesUnordered<quinn::Connecting>| {
+        for target in targets {
+            match endpoint.connect_with(config.clone(), *target, "vesper-peer") {
+                Ok(connecting) => attempts.push(connecting),
+                Err(error) => tracing::debug!(%target, %error, "cannot start a QUIC attempt"),
             }
-            Err(error) => last = error.to_string(),
+        }
+    };
+    start_round(&mut attempts);
+    let again = tokio::time::sleep(again_after.unwrap_or_default());
+    tokio::pin!(again);
+    let mut again_pending = again_after.is_some();
+    let mut last = String::from("no candidate to try");
+    loop {
+        tokio::select! {
+            () = &mut again, if again_pending => {
+                again_pending = false;
+                start_round(&mut attempts);
+            }
+            Some(outcome) = attempts.next() => match outcome {
+                Ok(connection) => {
+                    let mut hello = connection
+                        .open_uni()
+                        .await
+                        .map_err(|error| LeafError::PeerConnection(error.to_string()))?;
+                    hello
+                        .write_all(nonce)
+                        .await
+                        .map_err(|error| LeafError::PeerConnection(error.to_string()))?;
+                    let _ = hello.finish();
+                    return Ok(connection);
+                }
+                Err(error) => last = error.to_string(),
+            },
+            else => break,
         }
     }
     Err(LeafError::PeerConnection(last))
@@ -625,7 +658,7 @@ async fn dial_predicted(
     let (socket, from) = predicted_socket(targets, nonce, count).await?;
     tracing::debug!(%from, "a port prediction probe got through");
     let (endpoint, config) = endpoint(socket, keypair, peer, false)?;
-    let connection = dial_first(&endpoint, &config, &[from], nonce).await?;
+    let connection = dial_first(&endpoint, &config, &[from], nonce, None).await?;
     Ok((connection, endpoint))
 }
 
@@ -669,6 +702,17 @@ pub async fn run_plan(
     plan: PunchPlan,
     keypair: &Keypair,
 ) -> Result<PeerConnection, LeafError> {
+    let planned_at = std::time::Instant::now();
+    let mut connection = carry_out(socket, plan, keypair).await?;
+    connection.planned_at = planned_at;
+    Ok(connection)
+}
+
+async fn carry_out(
+    socket: UdpSocket,
+    plan: PunchPlan,
+    keypair: &Keypair,
+) -> Result<PeerConnection, LeafError> {
     let peer: PeerId = plan
         .peer_id
         .parse()
@@ -683,10 +727,12 @@ pub async fn run_plan(
         probes: prediction.probes.min(MAX_PREDICTION_PROBES),
     };
     let deadline = Duration::from_millis(u64::from(plan.direct_deadline_ms.max(100)));
-    tokio::time::sleep(Duration::from_millis(u64::from(
-        plan.start_delay_ms.min(5000),
-    )))
-    .await;
+    let start_delay = Duration::from_millis(u64::from(plan.start_delay_ms.min(5000)));
+    // The client starts at once and again after the start delay (see `dial_first`); a server waits it out.
+    let again = (role == PunchRole::Client && !start_delay.is_zero()).then_some(start_delay);
+    if role == PunchRole::Server {
+        tokio::time::sleep(start_delay).await;
+    }
 
     let std_socket = socket
         .into_std()
@@ -717,7 +763,7 @@ pub async fn run_plan(
                 _ if prediction.sockets > 0 => {
                     // Plain dialing still wins where the other NAT does not filter by port.
                     let plain = Box::pin(async {
-                        dial_first(&direct, &client_config, &targets, &nonce)
+                        dial_first(&direct, &client_config, &targets, &nonce, again)
                             .await
                             .map(|connection| (connection, None))
                     });
@@ -733,7 +779,7 @@ pub async fn run_plan(
                     .await
                     .map(|(won, _)| won)
                 }
-                _ => dial_first(&direct, &client_config, &targets, &nonce)
+                _ => dial_first(&direct, &client_config, &targets, &nonce, again)
                     .await
                     .map(|connection| (connection, None)),
             }
@@ -813,7 +859,7 @@ pub async fn run_plan(
             loop {
                 match tokio::time::timeout(
                     RELAY_DEADLINE,
-                    dial_first(&relayed, &relay_client, &[relay], &nonce),
+                    dial_first(&relayed, &relay_client, &[relay], &nonce, None),
                 )
                 .await
                 {

@@ -29,6 +29,8 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -91,6 +93,9 @@ pub struct LabHost {
     pub ip: Ipv4Addr,
     /// The address the internet sees (the outermost router's WAN address, or `ip` for a public host).
     pub public_ip: Ipv4Addr,
+    /// The namespace facing the internet (the outermost router, or the host itself when public) and its
+    /// interface there: where [`Lab::delay`] holds packets.
+    pub edge: (String, String),
 }
 
 /// The lab: namespaces, links and rules, removed on drop.
@@ -353,11 +358,12 @@ impl Lab {
         let port = format!("p{index}");
         let host = self.add_namespace(&format!("h{index}"))?;
         let inside_ip = Ipv4Addr::new(10, index, 0, 2);
-        match kind {
+        let edge = match kind {
             NatKind::Public => {
                 self.plug_into_internet(&host, "eth0", &port, public_ip)?;
                 return Ok(LabHost {
                     kind,
+                    edge: (host.clone(), "eth0".into()),
                     ns: host,
                     ip: public_ip,
                     public_ip,
@@ -381,6 +387,7 @@ impl Lab {
                 )?;
                 self.configure_router(&cgn, "wan", NatKind::Easy, home_wan)?;
                 self.configure_router(&router, "wan", NatKind::Easy, inside_ip)?;
+                cgn
             }
             _ => {
                 let router = self.add_namespace(&format!("r{index}"))?;
@@ -393,10 +400,12 @@ impl Lab {
                     inside_ip,
                 )?;
                 self.configure_router(&router, "wan", kind, inside_ip)?;
+                router
             }
-        }
+        };
         Ok(LabHost {
             kind,
+            edge: (edge, "wan".into()),
             ns: host,
             ip: inside_ip,
             public_ip,
@@ -433,6 +442,94 @@ impl Lab {
         })
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+/// Packets held by [`Lab::delay`]; dropping it lets every held packet go and stops the delay.
+pub struct Delay {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for Delay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Lab {
+    /// Delays every packet that comes into `host`'s edge from the internet by `inbound`: two delayed hosts then
+    /// see `2 * inbound` of extra round trip between them, and each sees `inbound` to the super peers. This
+    /// kernel has no netem, so it is NFQUEUE in the raw table's PREROUTING (before conntrack looks at the
+    /// packet, as if it were still on the wire) and a thread that holds each packet for its time before
+    /// accepting it; packets keep their order and none is dropped. Only the inbound side is delayed, because a
+    /// hold on the way out would sit between a NAT's mapping and its confirmation, which no real link does.
+    pub fn delay(&self, host: &LabHost, inbound: Duration) -> anyhow::Result<Delay> {
+        let (ns, interface) = host.edge.clone();
+        let queue_num: u16 = 7;
+        let file = std::fs::File::open(format!("/run/netns/{ns}"))
+            .with_context(|| format!("namespace {ns} does not exist"))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread_ns = ns.clone();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let ns = thread_ns;
+            use std::os::fd::AsRawFd;
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns into {ns}: {}", std::io::Error::last_os_error());
+            }
+            let mut queue = nfq::Queue::open().context("open NFQUEUE")?;
+            queue.bind(queue_num).context("bind NFQUEUE")?;
+            queue.set_queue_max_len(queue_num, 65536)?;
+            queue.set_nonblocking(true);
+            let _ = ready_tx.send(());
+            let mut held: std::collections::VecDeque<(std::time::Instant, nfq::Message)> =
+                std::collections::VecDeque::new();
+            loop {
+                let stopped = stopping.load(std::sync::atomic::Ordering::Relaxed);
+                loop {
+                    match queue.recv() {
+                        Ok(message) => {
+                            held.push_back((std::time::Instant::now() + inbound, message))
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(error) => return Err(error).context("NFQUEUE receive"),
+                    }
+                }
+                let now = std::time::Instant::now();
+                while held.front().is_some_and(|(due, _)| stopped || *due <= now) {
+                    let (_, mut message) = held.pop_front().expect("front exists");
+                    message.set_verdict(nfq::Verdict::Accept);
+                    queue.verdict(message)?;
+                }
+                if stopped {
+                    return Ok(());
+                }
+                let next = held
+                    .front()
+                    .map(|(due, _)| due.saturating_duration_since(now))
+                    .unwrap_or(Duration::from_millis(1));
+                std::thread::sleep(next.min(Duration::from_micros(200)));
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the delay thread did not bind its queue")?;
+        // --queue-bypass lets packets pass undelayed should the thread be gone.
+        iptables(
+            &ns,
+            &format!(
+                "-t raw -A PREROUTING -i {interface} -j NFQUEUE --queue-num {queue_num} --queue-bypass"
+            ),
+        )?;
+        Ok(Delay {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 

@@ -40,9 +40,10 @@ use crate::store::state_machine::{read_relay_loads, RelayLoad};
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long both sides try a direct path before the relay.
 pub const DIRECT_DEADLINE_MS: u32 = 3000;
-/// The QUIC client starts this long after receiving its plan, so that the server's first punch datagrams
-/// (sent as soon as its plan arrives, which is first) have opened its NAT before the client's Initial gets
-/// there; otherwise that Initial is dropped and QUIC retransmits it only about 300 ms later.
+/// The QUIC client dials as soon as its plan arrives and again this long after: on a short path its first
+/// Initial can reach the server's NAT before the server's first punch has opened it (the server's plan is sent
+/// first, but both arrive at about the same time), and QUIC would resend it only about 300 ms later. On a
+/// longer path the first round gets through, which keeps set-up at about one round trip after the plan.
 pub const CLIENT_START_DELAY_MS: u32 = 25;
 
 /// Extra sockets (so NAT mappings) the endpoint-dependent side opens for port prediction.
