@@ -56,6 +56,7 @@ const PREDICTION_REPUNCH: Duration = Duration::from_millis(250);
 /// Tag and answer of relay binds (see the super peer's relay module).
 const RELAY_BIND_TAG: [u8; 4] = [0x00, b'V', b'R', b'B'];
 const RELAY_ANSWER_TAG: [u8; 4] = [0x00, b'V', b'R', b'A'];
+const RELAY_RELEASE_TAG: [u8; 4] = [0x00, b'V', b'R', b'X'];
 /// How long a relayed connection may take to come up once both sides are bound.
 const RELAY_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -703,9 +704,33 @@ pub async fn run_plan(
     keypair: &Keypair,
 ) -> Result<PeerConnection, LeafError> {
     let planned_at = std::time::Instant::now();
+    let grant = plan.relay.clone();
     let mut connection = carry_out(socket, plan, keypair).await?;
     connection.planned_at = planned_at;
+    if let (Path::Direct(_), Some(grant)) = (&connection.path, grant) {
+        release_relay(&grant.address, &grant.token).await;
+    }
     Ok(connection)
+}
+
+/// Tells the relay its allocation will not be used (best effort: an unused one also expires by itself).
+async fn release_relay(address: &str, token: &[u8]) {
+    let Ok(Some(relay)) = tokio::net::lookup_host(address)
+        .await
+        .map(|mut addrs| addrs.next())
+    else {
+        return;
+    };
+    let mut datagram = RELAY_RELEASE_TAG.to_vec();
+    datagram.extend_from_slice(token);
+    let unspecified: SocketAddr = if relay.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    if let Ok(socket) = UdpSocket::bind(unspecified).await {
+        let _ = socket.send_to(&datagram, relay).await;
+    }
 }
 
 async fn carry_out(

@@ -7,6 +7,7 @@
 //!  side B: [00 'V' 'R' 'B' | T] ──> relay   (the second address completes it)
 //!  afterwards every datagram from A's address goes to B's and back, unchanged, until a cap ends the allocation
 //!  cap reached: [00 'V' 'R' 'E' | reason] ──> both sides, and again to every later datagram from either
+//!  direct path won instead: [00 'V' 'R' 'X' | T] ──> relay   (release: the unbound allocation is dropped)
 //! ```
 //!
 //! The relay never looks inside the datagrams (they are QUIC, encrypted by the peers' own keys). A token is 16
@@ -29,6 +30,9 @@ pub const BIND_TAG: [u8; 4] = [0x00, b'V', b'R', b'B'];
 pub const BIND_ANSWER_TAG: [u8; 4] = [0x00, b'V', b'R', b'A'];
 /// First bytes of an end notice: the allocation ended, the next byte says why ([`EndReason`]).
 pub const END_TAG: [u8; 4] = [0x00, b'V', b'R', b'E'];
+/// First bytes of a release: `[00 'V' 'R' 'X' | token]`, sent by a leaf whose connection went direct, so the
+/// unused allocation stops holding a place. Only an allocation no address has bound is released; no answer.
+pub const RELEASE_TAG: [u8; 4] = [0x00, b'V', b'R', b'X'];
 /// Length of a bind request: the tag and a 16-byte token.
 pub const BIND_LEN: usize = 20;
 /// An unbound or half-bound allocation is dropped after this long.
@@ -321,6 +325,17 @@ impl RelayTable {
         if datagram.len() == BIND_LEN && datagram[..4] == BIND_TAG {
             return self.bind(datagram, source, now);
         }
+        if datagram.len() == BIND_LEN && datagram[..4] == RELEASE_TAG {
+            let token: [u8; 16] = datagram[4..BIND_LEN].try_into().expect("16 bytes");
+            if self
+                .allocations
+                .get(&token)
+                .is_some_and(|allocation| allocation.sides == [None, None])
+            {
+                self.allocations.remove(&token);
+            }
+            return Action::Drop;
+        }
         Action::NotRelay
     }
 
@@ -536,6 +551,29 @@ mod tests {
         assert_eq!(table.active(idle), 0);
         table.expire(idle + ENDED_LINGER);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn an_unused_allocation_is_released_but_a_bound_one_is_not() {
+        let mut table = RelayTable::new(RelayConfig::default());
+        let now = Instant::now();
+        let release = |token: [u8; 16]| {
+            let mut datagram = RELEASE_TAG.to_vec();
+            datagram.extend_from_slice(&token);
+            datagram
+        };
+        let unused = table.grant(now).unwrap();
+        let used = table.grant(now).unwrap();
+        table.handle(&bind_request(used.token), addr("192.0.2.1:1"), now);
+        assert_eq!(
+            table.handle(&release(unused.token), addr("192.0.2.5:5"), now),
+            Action::Drop
+        );
+        assert_eq!(
+            table.handle(&release(used.token), addr("192.0.2.5:5"), now),
+            Action::Drop
+        );
+        assert_eq!(table.active(now), 1, "only the bound allocation is left");
     }
 
     #[test]

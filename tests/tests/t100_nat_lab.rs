@@ -614,11 +614,13 @@ fn relays_are_picked_by_load_carry_only_ciphertext_and_name_their_caps() -> anyh
     const MARKER: &[u8] = b"VESPER-PLAINTEXT-MARKER";
     const SMALL_CAP: u64 = 1024 * 1024;
     let mut lab = Lab::new(2)?;
-    // Both sides endpoint-dependent: the broker plans a relayed connection at once.
+    // Both sides endpoint-dependent: the broker plans a relayed connection at once. Two easy hosts for the
+    // same transfer over a direct path.
     let (a, b) = (
         lab.add_host(NatKind::Symmetric)?,
         lab.add_host(NatKind::Symmetric)?,
     );
+    let (c, d) = (lab.add_host(NatKind::Easy)?, lab.add_host(NatKind::Easy)?);
     let lab = Arc::new(lab);
     let inet = lab.inet();
     let ips: Vec<std::net::IpAddr> = vec![lab.super_peer_ip(0).into(), lab.super_peer_ip(1).into()];
@@ -722,6 +724,27 @@ fn relays_are_picked_by_load_carry_only_ciphertext_and_name_their_caps() -> anyh
             captured.len()
         );
         ensure!(markers == 1, "{markers} plaintext markers in the relay capture; expected only the control's");
+
+        // The same 8 MiB over a direct path arrive intact too.
+        let direct = attempt(&lab, &cluster, keys.path(), (&c, "c.key"), (&d, "d.key"), &payload).await?;
+        println!("direct: {} via {} in {} ms", direct.path, direct.via, direct.millis);
+        ensure!(direct.path == "direct", "easy to easy went {}", direct.path);
+
+        // A forged token gets the relay's named refusal.
+        let forger = UdpSocket::bind(SocketAddr::new(stun[1].ip(), 0)).await?;
+        let mut bind = vec![0x00, b'V', b'R', b'B'];
+        bind.extend_from_slice(&rand::random::<[u8; 16]>());
+        forger.send_to(&bind, stun[0]).await?;
+        let mut answer = [0u8; 16];
+        let (len, _) = tokio::time::timeout(Duration::from_secs(5), forger.recv_from(&mut answer))
+            .await
+            .context("no answer to a forged relay token")??;
+        ensure!(
+            answer[..len] == [0x00, b'V', b'R', b'A', 1],
+            "forged token answered {:?}",
+            &answer[..len]
+        );
+
 
         // The first relay is now full (1 of 1): once that load is replicated, the broker picks the second.
         vesper_tests::wait::until("the first relay's load report", Duration::from_secs(30), || async {
