@@ -428,6 +428,17 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// A table with one allocation that two addresses have bound.
+    fn bound(config: RelayConfig) -> (RelayTable, Instant, SocketAddr, SocketAddr, Grant) {
+        let mut table = RelayTable::new(config);
+        let now = Instant::now();
+        let grant = table.grant(now).unwrap();
+        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
+        table.handle(&bind_request(grant.token), a, now);
+        table.handle(&bind_request(grant.token), b, now);
+        (table, now, a, b, grant)
+    }
+
     #[test]
     fn two_sides_bind_and_datagrams_cross() {
         let mut table = RelayTable::new(RelayConfig::default());
@@ -489,12 +500,7 @@ mod tests {
             max_seconds: 1,
             ..RelayConfig::default()
         };
-        let mut table = RelayTable::new(config);
-        let now = Instant::now();
-        let grant = table.grant(now).unwrap();
-        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
-        table.handle(&bind_request(grant.token), a, now);
-        table.handle(&bind_request(grant.token), b, now);
+        let (mut table, now, a, b, _) = bound(config);
         assert_eq!(table.handle(b"\xC0quic", a, now), Action::Forward(b));
         let later = now + Duration::from_secs(1);
         let notice = [0, b'V', b'R', b'E', EndReason::Time as u8];
@@ -511,12 +517,7 @@ mod tests {
             max_bytes: 3000,
             ..RelayConfig::default()
         };
-        let mut table = RelayTable::new(config);
-        let now = Instant::now();
-        let grant = table.grant(now).unwrap();
-        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
-        table.handle(&bind_request(grant.token), a, now);
-        table.handle(&bind_request(grant.token), b, now);
+        let (mut table, now, a, b, grant) = bound(config);
         let packet = vec![0xC0u8; 1200];
         assert_eq!(table.handle(&packet, a, now), Action::Forward(b));
         assert_eq!(table.handle(&packet, b, now), Action::Forward(a));
@@ -539,12 +540,7 @@ mod tests {
 
     #[test]
     fn an_idle_allocation_stops_counting_and_is_forgotten() {
-        let mut table = RelayTable::new(RelayConfig::default());
-        let now = Instant::now();
-        let grant = table.grant(now).unwrap();
-        let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
-        table.handle(&bind_request(grant.token), a, now);
-        table.handle(&bind_request(grant.token), b, now);
+        let (mut table, now, a, b, _) = bound(RelayConfig::default());
         assert_eq!(table.handle(b"\xC0quic", a, now), Action::Forward(b));
         assert_eq!(table.active(now), 1);
         let idle = now + IDLE_END + Duration::from_secs(1);
