@@ -3,9 +3,9 @@
 # Installs missing system packages and builds first. `.ci/run` runs exactly this.
 source "$(dirname "$0")/env.sh"
 cd "$VESPER_ROOT"
-# The NAT lab tests build routers from network namespaces and iptables, and check interop with coturn's STUN
-# client.
-vesper_install_packages iproute2 iptables coturn
+# The NAT lab tests build routers from network namespaces and iptables, check interop with coturn's STUN
+# client, and capture a relay's traffic with tcpdump.
+vesper_install_packages iproute2 iptables coturn tcpdump
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
