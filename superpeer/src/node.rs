@@ -346,15 +346,13 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         stun: None,
     };
     let stun_socket = if config.stun.enabled {
-        let socket = tokio::net::UdpSocket::bind(endpoints.leaf)
-            .await
-            .map_err(|source| NodeError::Bind {
-                what: "stun port (udp, same address as the leaf service)",
-                addr: endpoints.leaf,
-                source,
-            })?;
+        let socket = crate::stun::bind(endpoints.leaf).map_err(|source| NodeError::Bind {
+            what: "stun port (udp, same address as the leaf service)",
+            addr: endpoints.leaf,
+            source,
+        })?;
         endpoints.stun = Some(endpoints.leaf);
-        Some(Arc::new(socket))
+        Some(socket)
     } else {
         None
     };
@@ -460,12 +458,13 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     .map_err(io_error("cannot write endpoints", &endpoints_path))?;
 
     if let Some(socket) = stun_socket {
-        tasks.spawn(crate::stun::serve(
-            socket,
-            config.stun,
-            context.relay.clone(),
-            shutdown.clone(),
-        ));
+        let port = crate::stun::spawn(socket, config.stun, context.relay.clone(), shutdown.clone())
+            .map_err(|source| NodeError::Bind {
+                what: "stun port (its thread did not start)",
+                addr: endpoints.leaf,
+                source,
+            })?;
+        tasks.spawn(port);
     }
     tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
     tasks.spawn(crate::relay::report_load(context.clone(), shutdown.clone()));

@@ -12,7 +12,7 @@ use super::endpoints;
 use super::session::{Connection, Shared};
 use crate::error::LeafError;
 use crate::nat;
-use crate::p2p::{self, PeerConnection};
+use crate::p2p::{self, PeerConnection, PreparedSocket};
 
 /// How long a connect call waits for the broker (which waits up to 15 s for the peer's answer).
 const CONNECT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -55,6 +55,7 @@ pub async fn dial(
         .metadata_mut()
         .insert(SESSION_METADATA_KEY, connection.token.clone());
     request.set_timeout(CONNECT_CALL_TIMEOUT);
+    let prepared = PreparedSocket::new(socket, &shared.config.keypair, *peer)?;
     let plan = connection
         .client
         .clone()
@@ -63,14 +64,15 @@ pub async fn dial(
         .into_inner()
         .plan
         .ok_or_else(|| LeafError::PeerConnection("the broker answered without a plan".into()))?;
-    p2p::run_plan(socket, plan, &shared.config.keypair).await
+    p2p::run_plan(prepared, plan, &shared.config.keypair).await
 }
 
 /// Answers an offer: asks the app's policy; on accept, measures a socket and keeps it for the plan.
 pub async fn answer_offer(shared: Arc<Shared>, connection: Connection, offer: ConnectOffer) {
     let policy = shared.connect_policy.read().expect("policy lock").clone();
-    let accepted = match (offer.from_peer_id.parse::<PeerId>(), policy) {
-        (Ok(from), Some(policy)) => policy(&from),
+    let from = offer.from_peer_id.parse::<PeerId>().ok();
+    let accepted = match (from, policy) {
+        (Some(from), Some(policy)) => policy(&from),
         _ => false,
     };
     let mut answer = ConnectAnswer {
@@ -80,8 +82,17 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Connection, offer: Co
         candidates: Vec::new(),
         nat_class: String::new(),
     };
-    if accepted {
-        match measured_socket(&shared, &connection).await {
+    let prepared = match from {
+        Some(from) if accepted => Some(measured_socket(&shared, &connection).await.and_then(
+            |(socket, report)| {
+                PreparedSocket::new(socket, &shared.config.keypair, from)
+                    .map(|prepared| (prepared, report))
+            },
+        )),
+        _ => None,
+    };
+    if let Some(prepared) = prepared {
+        match prepared {
             Ok((socket, report)) => {
                 answer.accept = true;
                 answer.reason.clear();

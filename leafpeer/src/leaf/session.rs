@@ -70,7 +70,7 @@ pub struct Shared {
     /// Decides whether to accept a connection offer from a peer; none refuses every offer.
     pub connect_policy: RwLock<Option<super::ConnectPolicy>>,
     /// Sockets measured for accepted offers, waiting for their punch plans, by offer id.
-    pub pending_accepts: Mutex<HashMap<String, tokio::net::UdpSocket>>,
+    pub pending_accepts: Mutex<HashMap<String, crate::p2p::PreparedSocket>>,
     /// Accepted connections for the app.
     pub incoming: mpsc::Sender<crate::p2p::PeerConnection>,
     pub stop: CancellationToken,
