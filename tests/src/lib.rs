@@ -4,6 +4,7 @@
 //! - [`pki`]: a throwaway CA and certificates made with the real `vesperctl`.
 //! - [`cluster`]: start, kill, stop and restart super peer processes; wait on observable state.
 //! - [`natlab`]: home networks behind real Linux NATs in network namespaces, for connectivity tests.
+//! - [`relay`]: a raw client of a super peer's UDP relay (grants and binds by hand).
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
 
 pub mod cluster;
@@ -11,6 +12,7 @@ pub mod load;
 pub mod natlab;
 pub mod pki;
 pub mod raw;
+pub mod relay;
 pub mod wait;
 
 use std::path::PathBuf;

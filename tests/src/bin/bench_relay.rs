@@ -23,7 +23,6 @@
 //! `cargo build --release -p vesper-superpeer -p vesper-ops --bins && cargo build --release -p vesper-tests
 //! --bin vesper-bench-relay && $CARGO_TARGET_DIR/release/vesper-bench-relay`.
 
-use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -35,10 +34,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use vesper_proto::v1::cluster_client::ClusterClient;
-use vesper_proto::v1::GrantRelayRequest;
 use vesper_tests::cluster::{Cluster, NodeOptions};
+use vesper_tests::relay;
 
 /// Benchmark UDP relaying: direct vs the Vesper super peer's relay vs coturn.
 #[derive(Debug, Parser)]
@@ -116,9 +113,7 @@ fn bind_endpoint() -> anyhow::Result<UdpSocket> {
     Ok(socket)
 }
 
-fn timed_out(error: &std::io::Error) -> bool {
-    matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-}
+use vesper_tests::relay::timed_out;
 
 /// Datagrams the kernel dropped on arrival (receive buffer full) at the IPv4 UDP sockets bound to any of
 /// `ports`, from the `drops` column of /proc/net/udp.
@@ -636,69 +631,22 @@ fn direct() -> anyhow::Result<Prepared> {
 
 // --- path 2: the Vesper super peer's relay ---------------------------------------------------------------
 
-/// A relay token from the node's `Cluster.GrantRelay`, called as a super peer (the Cluster port takes
-/// super peer certificates only).
+/// A relay token from the node's `Cluster.GrantRelay` (see `vesper_tests::relay`).
 async fn grant_relay(cluster: &Cluster) -> anyhow::Result<[u8; 16]> {
-    let (cert, key) = cluster.pki.superpeer_cert();
-    let address = cluster.nodes[0].endpoints().cluster;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cluster.pki.ca_pem()))
-        .identity(Identity::from_pem(
-            std::fs::read(cert)?,
-            std::fs::read(key)?,
-        ))
-        .domain_name(address.ip().to_string());
-    let channel = Endpoint::from_shared(format!("https://{address}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .tls_config(tls)?
-        .connect()
-        .await
-        .context("connect to the Cluster port")?;
-    let grant = ClusterClient::new(channel)
-        .grant_relay(GrantRelayRequest {})
-        .await
-        .context("Cluster.GrantRelay")?
-        .into_inner();
+    let grant = relay::grant(cluster, 0).await?;
     eprintln!(
         "vesper relay grant: max_bytes {}, max_seconds {}, max_bytes_per_second {}",
         grant.max_bytes, grant.max_seconds, grant.max_bytes_per_second
     );
-    grant
-        .token
-        .as_slice()
-        .try_into()
-        .context("the relay token is not 16 bytes")
+    relay::token(&grant)
 }
 
-/// Binds `socket` to the allocation `token` on `relay`: `[00 'V' 'R' 'B' | token]`, answered by
-/// `[00 'V' 'R' 'A' | status]`. Sent again every 200 ms until answered.
+/// Binds `socket` to the allocation `token` on `relay`; an error names the relay's refusal.
 fn vesper_bind(socket: &UdpSocket, relay: SocketAddr, token: &[u8; 16]) -> anyhow::Result<()> {
-    let mut request = vec![0x00, b'V', b'R', b'B'];
-    request.extend_from_slice(token);
-    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut buffer = [0u8; 2048];
-    for _ in 0..25 {
-        socket.send_to(&request, relay)?;
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < deadline {
-            match socket.recv_from(&mut buffer) {
-                Ok((5, from)) if from == relay && buffer[..4] == [0x00, b'V', b'R', b'A'] => {
-                    return match buffer[4] {
-                        0 => Ok(()),
-                        1 => bail!("relay bind refused: unknown or expired relay token"),
-                        2 => bail!("relay bind refused: token already used by two other addresses"),
-                        3 => bail!("relay bind refused: the allocation ended (a cap was reached)"),
-                        other => bail!("relay bind refused with unknown status {other}"),
-                    };
-                }
-                Ok(_) => {}
-                Err(error) if timed_out(&error) => break,
-                Err(error) => return Err(error.into()),
-            }
-        }
+    match relay::bind(socket, relay, token)? {
+        relay::BOUND => Ok(()),
+        status => bail!("relay bind refused: {}", relay::describe(status)),
     }
-    bail!("no answer from the Vesper relay at {relay} to a bind request")
 }
 
 async fn vesper(cluster: &Cluster) -> anyhow::Result<Prepared> {
