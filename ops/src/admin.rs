@@ -299,3 +299,40 @@ pub async fn transfer_leader(
     }
     Ok(())
 }
+
+/// Revokes the certificate with this SHA-256 fingerprint (hex).
+pub async fn revoke(
+    connection: &Connection,
+    fingerprint: &str,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(fingerprint.trim().as_bytes())
+        .ok()
+        .filter(|bytes| bytes.len() == 32)
+        .ok_or_else(|| {
+            UsageError(format!(
+                "fingerprint {fingerprint:?} is not 64 hex digits (a SHA-256)"
+            ))
+        })?;
+    let reply = connection
+        .client()
+        .await?
+        .revoke_certificate(vesper_proto::v1::RevokeCertificateRequest { fingerprint: bytes })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let fingerprint = fingerprint.trim().to_ascii_lowercase();
+    if as_json {
+        println!(
+            "{}",
+            json!({ "fingerprint": fingerprint, "log_index": reply.log_index })
+        );
+    } else {
+        println!(
+            "revoked certificate {fingerprint} (committed at log index {})",
+            reply.log_index
+        );
+    }
+    Ok(())
+}

@@ -78,13 +78,92 @@ pub fn init_ca(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// Issues a certificate named `name` for `role`, valid for the DNS names and IPs in `sans`, into `out_dir`.
 /// Returns the paths of the certificate and key.
+/// How long an issued certificate is valid when no other validity is asked for.
+pub const DEFAULT_VALID_DAYS: u32 = 365;
+/// The longest validity `cert issue` gives (ten years).
+pub const MAX_VALID_DAYS: u32 = 3650;
+
+/// When an issued certificate stops being valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    /// This many days from now (1 to [`MAX_VALID_DAYS`]).
+    Days(u32),
+    /// The end of this UTC date (year, month, day); may be in the past, which makes an expired certificate (for
+    /// testing that expired certificates are refused).
+    Until(i32, u8, u8),
+}
+
+impl Validity {
+    /// Parses `YYYY-MM-DD`.
+    pub fn parse_date(text: &str) -> anyhow::Result<Self> {
+        let parts: Vec<&str> = text.split('-').collect();
+        let [year, month, day] = parts.as_slice() else {
+            bail!("date {text:?} is not YYYY-MM-DD");
+        };
+        let (Ok(year), Ok(month), Ok(day)) =
+            (year.parse::<i32>(), month.parse::<u8>(), day.parse::<u8>())
+        else {
+            bail!("date {text:?} is not YYYY-MM-DD");
+        };
+        if !(1970..=9999).contains(&year)
+            || time::Date::from_calendar_date(year, time::Month::try_from(month)?, day).is_err()
+        {
+            bail!("date {text:?} is not a calendar date between 1970 and 9999");
+        }
+        Ok(Validity::Until(year, month, day))
+    }
+
+    fn not_after(self) -> anyhow::Result<time::OffsetDateTime> {
+        match self {
+            Validity::Days(days) => {
+                if !(1..=MAX_VALID_DAYS).contains(&days) {
+                    bail!("--valid-days must be between 1 and {MAX_VALID_DAYS} (got {days})");
+                }
+                Ok(time::OffsetDateTime::now_utc() + time::Duration::days(i64::from(days)))
+            }
+            Validity::Until(year, month, day) => {
+                let date =
+                    time::Date::from_calendar_date(year, time::Month::try_from(month)?, day)?;
+                Ok(date.with_hms(23, 59, 59)?.assume_utc())
+            }
+        }
+    }
+}
+
+/// What `issue` made.
+#[derive(Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// SHA-256 of the certificate's DER, hex: how `cert revoke` names it.
+    pub fingerprint: String,
+    pub not_after: time::OffsetDateTime,
+}
+
+/// SHA-256 of the first certificate in a PEM file, hex.
+pub fn fingerprint_of(pem_path: &Path) -> anyhow::Result<String> {
+    let pem =
+        std::fs::read(pem_path).with_context(|| format!("cannot read {}", pem_path.display()))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .with_context(|| format!("{} holds no certificate", pem_path.display()))?
+        .with_context(|| format!("{} holds a broken certificate", pem_path.display()))?;
+    Ok(fingerprint(der.as_ref()))
+}
+
+fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der))
+}
+
 pub fn issue(
     ca_dir: &Path,
     role: Role,
     name: &str,
     sans: &[String],
     out_dir: &Path,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
+    validity: Validity,
+) -> anyhow::Result<Issued> {
     if name.is_empty()
         || !name
             .chars()
@@ -115,6 +194,11 @@ pub fn issue(
     subject.push(DnType::CommonName, name);
     subject.push(DnType::OrganizationalUnitName, role.to_string());
     params.distinguished_name = subject;
+    let not_after = validity.not_after()?;
+    // Valid from an hour ago (clocks of the cluster disagree a little), or from a day before an end in the past.
+    params.not_before = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .min(not_after - time::Duration::days(1));
+    params.not_after = not_after;
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -137,7 +221,12 @@ pub fn issue(
     std::fs::write(&cert_path, cert.pem())
         .with_context(|| format!("cannot write {}", cert_path.display()))?;
     write_private(&key_path, &key.serialize_pem())?;
-    Ok((cert_path, key_path))
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+        fingerprint: fingerprint(cert.der()),
+        not_after,
+    })
 }
 
 #[cfg(test)]
@@ -145,26 +234,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dates_are_parsed_strictly() {
+        assert_eq!(
+            Validity::parse_date("2020-01-01").unwrap(),
+            Validity::Until(2020, 1, 1)
+        );
+        for bad in [
+            "2020-13-01",
+            "2020-02-30",
+            "20-01-01x",
+            "2020/01/01",
+            "",
+            "1969-12-31",
+        ] {
+            assert!(Validity::parse_date(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn ca_and_certificates_are_written_and_ca_is_never_overwritten() {
         let dir = std::env::temp_dir().join(format!("vesper-ca-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         init_ca(&dir).unwrap();
         assert!(init_ca(&dir).is_err());
-        let (cert, key) = issue(
+        let issued = issue(
             &dir,
             Role::Superpeer,
             "sp1",
             &["localhost".into(), "127.0.0.1".into()],
             &dir,
+            Validity::Days(DEFAULT_VALID_DAYS),
         )
         .unwrap();
-        assert!(std::fs::read_to_string(cert)
+        assert!(std::fs::read_to_string(&issued.cert)
             .unwrap()
             .contains("BEGIN CERTIFICATE"));
-        assert!(std::fs::read_to_string(key)
+        assert!(std::fs::read_to_string(&issued.key)
             .unwrap()
             .contains("PRIVATE KEY"));
-        assert!(issue(&dir, Role::Operator, "bad name", &[], &dir).is_err());
+        // The printed fingerprint is the one `cert revoke` computes from the file.
+        assert_eq!(fingerprint_of(&issued.cert).unwrap(), issued.fingerprint);
+        assert_eq!(issued.fingerprint.len(), 64);
+        let days = (issued.not_after - time::OffsetDateTime::now_utc()).whole_days();
+        assert!((364..=365).contains(&days), "{days}");
+        let valid = Validity::Days(DEFAULT_VALID_DAYS);
+        assert!(issue(&dir, Role::Operator, "bad name", &[], &dir, valid).is_err());
+        for days in [0, MAX_VALID_DAYS + 1] {
+            let error = issue(&dir, Role::Operator, "op", &[], &dir, Validity::Days(days))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--valid-days"), "{error}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

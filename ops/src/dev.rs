@@ -67,6 +67,9 @@ fn superpeer_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 /// Makes the CA and the certificates the dev cluster needs, keeping any that exist.
+/// A dev folder is kept between runs: its certificates get the longest validity.
+const DEV_VALIDITY: certs::Validity = certs::Validity::Days(certs::MAX_VALID_DAYS);
+
 fn ensure_certificates(dir: &Path, nodes: u16) -> anyhow::Result<()> {
     let ca_dir = dir.join("ca");
     if !ca_dir.join("ca.pem").exists() {
@@ -78,11 +81,11 @@ fn ensure_certificates(dir: &Path, nodes: u16) -> anyhow::Result<()> {
     for index in 1..=nodes {
         let name = format!("sp{index}");
         if !out.join(format!("{name}.pem")).exists() {
-            certs::issue(&ca_dir, Role::Superpeer, &name, &sans, &out)?;
+            certs::issue(&ca_dir, Role::Superpeer, &name, &sans, &out, DEV_VALIDITY)?;
         }
     }
     if !out.join("operator.pem").exists() {
-        certs::issue(&ca_dir, Role::Operator, "operator", &[], &out)?;
+        certs::issue(&ca_dir, Role::Operator, "operator", &[], &out, DEV_VALIDITY)?;
     }
     Ok(())
 }

@@ -118,6 +118,26 @@ enum CertCommand {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
+        /// Days the certificate is valid from now (1 to 3650).
+        #[arg(long, default_value_t = certs::DEFAULT_VALID_DAYS, conflicts_with = "not_after")]
+        valid_days: u32,
+        /// Last day (UTC, YYYY-MM-DD) the certificate is valid, instead of --valid-days. A date in the past
+        /// makes an already expired certificate (to check that super peers refuse it).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        not_after: Option<String>,
+    },
+    /// Revoke a certificate: committed through Raft, then refused by every super peer on every port that takes
+    /// certificates, also on connections already open. Needs an operator certificate.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["certificate", "fingerprint"])))]
+    Revoke {
+        /// The certificate's PEM file (--cert is the operator's own certificate, for the connection).
+        certificate: Option<PathBuf>,
+        /// The certificate's SHA-256 fingerprint (64 hex digits, as `cert issue` printed it).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -136,14 +156,49 @@ async fn main() -> ExitCode {
                     name,
                     sans,
                     out,
+                    valid_days,
+                    not_after,
                 },
-        } => certs::issue(&ca_dir, role, &name, &sans, &out).map(|(cert, key)| {
-            println!(
-                "issued {role} certificate {} (key {})",
-                cert.display(),
-                key.display()
-            )
-        }),
+        } => {
+            let validity = match not_after {
+                Some(date) => certs::Validity::parse_date(&date),
+                None => Ok(certs::Validity::Days(valid_days)),
+            };
+            validity
+                .and_then(|validity| certs::issue(&ca_dir, role, &name, &sans, &out, validity))
+                .map(|issued| {
+                    println!(
+                        "issued {role} certificate {} (key {})\n  sha256 fingerprint {}\n  valid until {}{}",
+                        issued.cert.display(),
+                        issued.key.display(),
+                        issued.fingerprint,
+                        issued.not_after,
+                        if issued.not_after < time::OffsetDateTime::now_utc() {
+                            " (already expired)"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+        }
+        Command::Cert {
+            command:
+                CertCommand::Revoke {
+                    certificate,
+                    fingerprint,
+                    json,
+                },
+        } => {
+            let fingerprint = match (certificate, fingerprint) {
+                (Some(path), _) => certs::fingerprint_of(&path),
+                (None, Some(hex)) => Ok(hex),
+                (None, None) => unreachable!("clap requires --cert or --fingerprint"),
+            };
+            match fingerprint {
+                Ok(fingerprint) => admin::revoke(&cli.connection, &fingerprint, json).await,
+                Err(error) => Err(error),
+            }
+        }
         Command::Status { json } => admin::status(&cli.connection, json).await,
         Command::Members { json } => admin::members(&cli.connection, json).await,
         Command::AddStandby { cluster_addr, json } => {

@@ -410,7 +410,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
             )
             .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
-            crate::roles::cluster_only,
+            crate::roles::Gate::cluster(context.reader.clone()),
         ))
         .serve_with_incoming_shutdown(
             incoming(cluster_listener),
@@ -423,7 +423,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .add_service(
             vesper_proto::v1::admin_server::AdminServer::with_interceptor(
                 crate::admin::AdminService::new(context.clone()),
-                crate::roles::admin_only,
+                crate::roles::Gate::admin(context.reader.clone()),
             ),
         )
         .serve_with_incoming_shutdown(incoming(admin_listener), shutdown.clone().cancelled_owned());

@@ -4,9 +4,12 @@
 //! `superpeer` or `operator`. The Cluster port (Raft, forwarding, joining) takes super peer certificates only;
 //! the Admin port takes operator certificates, and super peer certificates too, because a follower forwards
 //! admin calls to the leader with its own certificate. The TLS layer has already checked that the certificate
-//! chains to the cluster CA; this adds what the certificate may do.
+//! chains to the cluster CA (and is within its validity); this adds what the certificate may do, and refuses
+//! certificates an operator revoked (`vesperctl cert revoke`, committed through Raft).
 
 use tonic::{Request, Status};
+
+use crate::store::state_machine::StateReader;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// A certificate role.
@@ -37,14 +40,15 @@ fn roles_of(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// SHA-256 of a certificate's DER: how revocations name certificates.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(der).into()
+}
+
 /// Checks that the caller's certificate carries one of `allowed`.
 pub fn require<T>(request: &Request<T>, allowed: &[Role]) -> Result<(), Status> {
-    let certificates = request
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let Some(leaf) = certificates.first() else {
-        return Err(Status::unauthenticated("a client certificate is required"));
-    };
+    let leaf = client_certificate(request)?;
     let roles = roles_of(leaf.as_ref());
     if allowed
         .iter()
@@ -61,14 +65,62 @@ pub fn require<T>(request: &Request<T>, allowed: &[Role]) -> Result<(), Status> 
     }
 }
 
-/// An interceptor for the Cluster service: super peers only.
-pub fn cluster_only(request: Request<()>) -> Result<Request<()>, Status> {
-    require(&request, &[Role::Superpeer])?;
-    Ok(request)
+fn client_certificate<T>(
+    request: &Request<T>,
+) -> Result<tonic::transport::CertificateDer<'static>, Status> {
+    request
+        .peer_certs()
+        .and_then(|certificates| certificates.first().cloned())
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))
 }
 
-/// An interceptor for the Admin service: operators, and super peers forwarding an operator's call.
-pub fn admin_only(request: Request<()>) -> Result<Request<()>, Status> {
-    require(&request, &[Role::Operator, Role::Superpeer])?;
-    Ok(request)
+/// Refuses a caller whose certificate was revoked (as far as this node has applied the log).
+fn require_not_revoked<T>(request: &Request<T>, reader: &StateReader) -> Result<(), Status> {
+    let leaf = client_certificate(request)?;
+    let fingerprint = fingerprint(leaf.as_ref());
+    match reader.is_revoked(&fingerprint) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(Status::permission_denied(format!(
+            "certificate {} has been revoked",
+            data_encoding::HEXLOWER.encode(&fingerprint)
+        ))),
+        // Fail closed: a node that cannot read its revocations does not know who is allowed.
+        Err(error) => Err(Status::unavailable(format!(
+            "cannot check revocations: {error}"
+        ))),
+    }
+}
+
+/// The gate in front of an internal service: a certificate of one of `allowed`, not revoked. Checked on every
+/// call, so a revocation also cuts off connections opened before it.
+#[derive(Clone)]
+pub struct Gate {
+    reader: StateReader,
+    allowed: &'static [Role],
+}
+
+impl Gate {
+    /// The Cluster service: super peers only.
+    pub fn cluster(reader: StateReader) -> Self {
+        Self {
+            reader,
+            allowed: &[Role::Superpeer],
+        }
+    }
+
+    /// The Admin service: operators, and super peers forwarding an operator's call.
+    pub fn admin(reader: StateReader) -> Self {
+        Self {
+            reader,
+            allowed: &[Role::Operator, Role::Superpeer],
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Gate {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        require(&request, self.allowed)?;
+        require_not_revoked(&request, &self.reader)?;
+        Ok(request)
+    }
 }

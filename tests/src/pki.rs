@@ -63,6 +63,30 @@ impl Pki {
         Ok(Pki { dir })
     }
 
+    /// Issues one more certificate `name` of `role` ("superpeer" ones name localhost and 127.0.0.1), with
+    /// `extra` flags for `vesperctl cert issue` (e.g. `["--not-after", "2020-01-01"]`).
+    pub fn issue(
+        &self,
+        role: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (ca, certs) = (self.dir.join("ca"), self.dir.join("certs"));
+        let (ca, certs) = (ca.to_str().unwrap(), certs.to_str().unwrap());
+        let mut args = vec![
+            "cert", "issue", "--ca-dir", ca, "--role", role, "--name", name, "--out", certs,
+        ];
+        if role == "superpeer" {
+            args.extend(["--san", "localhost", "--san", "127.0.0.1"]);
+        }
+        args.extend(extra);
+        vesperctl(&args)?;
+        Ok((
+            self.dir.join(format!("certs/{name}.pem")),
+            self.dir.join(format!("certs/{name}.key")),
+        ))
+    }
+
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca/ca.pem")
     }

@@ -11,8 +11,8 @@ use vesper_proto::v1::admin_server::Admin;
 use vesper_proto::v1::{
     AddStandbyRequest, AddStandbyResponse, DemoteRequest, DemoteResponse, Member, MemberRole,
     MembersRequest, MembersResponse, PromoteRequest, PromoteResponse, RemoveNodeRequest,
-    RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    RemoveNodeResponse, RevokeCertificateRequest, RevokeCertificateResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 
 use crate::error::ServiceError;
@@ -181,5 +181,34 @@ impl Admin for AdminService {
                 Ok(Response::new(TransferLeaderResponse { leader_id }))
             }
         }
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<RevokeCertificateResponse>, Status> {
+        // Operators only: super peers reach the Admin port to forward membership calls, not to revoke.
+        crate::roles::require(&request, &[crate::roles::Role::Operator])?;
+        let fingerprint: [u8; 32] = request
+            .get_ref()
+            .fingerprint
+            .as_slice()
+            .try_into()
+            .map_err(|_| {
+                ServiceError::BadField(format!(
+                    "fingerprint: expected the 32-byte SHA-256 of a certificate, got {} bytes",
+                    request.get_ref().fingerprint.len()
+                ))
+            })?;
+        let (_, log_index) = self
+            .context
+            .propose_accepted(crate::raft::command::Op::RevokeCertificate { fingerprint })
+            .await?;
+        tracing::info!(
+            fingerprint = %data_encoding::HEXLOWER.encode(&fingerprint),
+            log_index,
+            "certificate revoked"
+        );
+        Ok(Response::new(RevokeCertificateResponse { log_index }))
     }
 }

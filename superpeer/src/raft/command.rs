@@ -115,6 +115,8 @@ pub enum Op {
         active: u32,
         capacity: u32,
     },
+    /// An operator revokes the certificate whose DER has this SHA-256 (see `roles`).
+    RevokeCertificate { fingerprint: [u8; 32] },
 }
 
 /// An invitee's answer.
@@ -214,6 +216,11 @@ impl fmt::Display for Command {
                 active,
                 capacity,
             } => write!(f, "relay load of node {node_id}: {active}/{capacity}"),
+            Op::RevokeCertificate { fingerprint } => write!(
+                f,
+                "revoke certificate {}",
+                data_encoding::HEXLOWER.encode(fingerprint)
+            ),
         }
     }
 }

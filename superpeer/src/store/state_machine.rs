@@ -141,6 +141,24 @@ impl StateReader {
     }
 }
 
+/// Revocations live in the node table (so snapshots carry them) under this prefix and the certificate's
+/// SHA-256; node entries have 8-byte keys and relay loads 9-byte ones.
+const REVOKED_PREFIX: &[u8; 8] = b"revoked/";
+
+fn revoked_key(fingerprint: &[u8; 32]) -> Vec<u8> {
+    [REVOKED_PREFIX.as_slice(), fingerprint].concat()
+}
+
+impl StateReader {
+    /// Whether the certificate with this SHA-256 was revoked (as of the applied state).
+    pub fn is_revoked(&self, fingerprint: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_NODES), revoked_key(fingerprint))?
+            .is_some())
+    }
+}
+
 /// The last relay load report of every node that made one.
 pub fn read_relay_loads(db: &DB) -> Result<BTreeMap<u64, RelayLoad>, StoreError> {
     let mut loads = BTreeMap::new();
@@ -158,7 +176,9 @@ fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
     let mut nodes = BTreeMap::new();
     for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
         let (key, bytes) = item?;
-        if key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX {
+        let relay_load = key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX;
+        let revocation = key.len() == 40 && key.starts_with(REVOKED_PREFIX);
+        if relay_load || revocation {
             continue;
         }
         let id = u64::from_be_bytes(
@@ -344,6 +364,14 @@ impl StateMachine {
                                 cf(db, CF_NODES),
                                 relay_load_key(*node_id),
                                 encode("relay load", &load)?,
+                            );
+                            Response::Done
+                        }
+                        Op::RevokeCertificate { fingerprint } => {
+                            batch.put_cf(
+                                cf(db, CF_NODES),
+                                revoked_key(fingerprint),
+                                encode("revocation time", &command.at_ms)?,
                             );
                             Response::Done
                         }
