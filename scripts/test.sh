@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting, lints, unit tests and the process-level integration tests.
+# Runs the whole test suite: formatting, lints, unit tests, the process-level integration tests and a short
+# run of every fuzz target.
 # Installs missing system packages and builds first. `.ci/run` runs exactly this.
 source "$(dirname "$0")/env.sh"
 cd "$VESPER_ROOT"
@@ -19,3 +20,5 @@ else
     # Without nextest: one test at a time, so cluster tests do not compete for the two cores.
     cargo test --workspace --no-fail-fast -- --test-threads=1
 fi
+echo "==> fuzz targets, 10 s each (longer runs: docs/FUZZING.md)"
+"$VESPER_ROOT/scripts/fuzz.sh" 10
