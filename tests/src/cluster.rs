@@ -286,6 +286,23 @@ impl Cluster {
             .collect()
     }
 
+    /// Runs `vesperctl ARGS` as the cluster's operator against node `index`'s Admin port.
+    pub fn vesperctl(&self, index: usize, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let (cert, key) = self.pki.operator_cert();
+        Command::new(crate::binary("vesperctl"))
+            .arg("--server")
+            .arg(self.nodes[index].endpoints().admin.to_string())
+            .arg("--ca")
+            .arg(self.pki.ca_cert())
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(args)
+            .output()
+            .context("run vesperctl")
+    }
+
     /// An Admin client for node `index`, with the operator certificate.
     pub async fn admin(&self, index: usize) -> anyhow::Result<AdminClient<Channel>> {
         let (cert, key) = self.pki.operator_cert();

@@ -3,10 +3,8 @@
 //! on connections opened before it too, and stays in force across a restart.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Context;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use vesper_proto::v1::admin_client::AdminClient;
@@ -34,27 +32,6 @@ async fn channel(
         .tls_config(tls)?
         .connect()
         .await?)
-}
-
-/// Runs `vesperctl` as the cluster's operator against node `node`'s Admin port.
-fn vesperctl(
-    cluster: &Cluster,
-    node: usize,
-    args: &[&str],
-) -> anyhow::Result<std::process::Output> {
-    let (cert, key) = cluster.pki.operator_cert();
-    Command::new(vesper_tests::binary("vesperctl"))
-        .arg("--server")
-        .arg(cluster.nodes[node].endpoints().admin.to_string())
-        .arg("--ca")
-        .arg(cluster.pki.ca_cert())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args(args)
-        .output()
-        .context("run vesperctl")
 }
 
 async fn applied_index(cluster: &Cluster, node: usize) -> anyhow::Result<u64> {
@@ -158,7 +135,7 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
     )
     .await?;
     let before = applied_index(&cluster, 0).await?;
-    let output = vesperctl(&cluster, 0, &["cert", "revoke", "--fingerprint", "abc"])?;
+    let output = cluster.vesperctl(0, &["cert", "revoke", "--fingerprint", "abc"])?;
     assert_eq!(output.status.code(), Some(64), "{output:?}"); // EX_USAGE
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("not 64 hex digits"),
@@ -188,11 +165,7 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
 
     // Revoke both through node 1 (a follower or the leader: either forwards the proposal).
     for cert in [&second_op, &extra_sp] {
-        let output = vesperctl(
-            &cluster,
-            1,
-            &["cert", "revoke", cert.to_str().unwrap(), "--json"],
-        )?;
+        let output = cluster.vesperctl(1, &["cert", "revoke", cert.to_str().unwrap(), "--json"])?;
         assert!(output.status.success(), "{output:?}");
         let reply: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         assert!(reply["log_index"].as_u64().unwrap_or(0) > before, "{reply}");

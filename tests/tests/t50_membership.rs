@@ -11,20 +11,7 @@ use vesper_tests::load::{self, Load};
 use vesper_tests::wait;
 
 fn vesperctl(cluster: &Cluster, admin_node: usize, args: &[&str]) -> anyhow::Result<Value> {
-    let (cert, key) = cluster.pki.operator_cert();
-    let output = Command::new(vesper_tests::binary("vesperctl"))
-        .arg("--server")
-        .arg(cluster.nodes[admin_node].endpoints().admin.to_string())
-        .arg("--ca")
-        .arg(cluster.pki.ca_cert())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args(args)
-        .arg("--json")
-        .output()
-        .context("run vesperctl")?;
+    let output = cluster.vesperctl(admin_node, &[args, &["--json"]].concat())?;
     ensure!(
         output.status.success(),
         "vesperctl {args:?} failed: {}",
