@@ -336,3 +336,152 @@ pub async fn revoke(
     }
     Ok(())
 }
+
+/// Who may do something in a namespace, as the command line says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessArg {
+    /// Every attached peer.
+    Anyone,
+    /// Only the listed members.
+    Members,
+}
+
+impl AccessArg {
+    fn wire(self) -> i32 {
+        match self {
+            AccessArg::Anyone => vesper_proto::v1::NamespaceAccess::Anyone as i32,
+            AccessArg::Members => vesper_proto::v1::NamespaceAccess::Members as i32,
+        }
+    }
+}
+
+fn access_name(value: i32) -> &'static str {
+    match vesper_proto::v1::NamespaceAccess::try_from(value) {
+        Ok(vesper_proto::v1::NamespaceAccess::Anyone) => "anyone",
+        Ok(vesper_proto::v1::NamespaceAccess::Members) => "members",
+        _ => "unknown",
+    }
+}
+
+/// The rules `vesperctl namespace set` was given.
+#[derive(Debug)]
+pub struct AclArgs {
+    pub write: AccessArg,
+    pub read: AccessArg,
+    pub members: Vec<String>,
+}
+
+/// Sets (`Some`) or clears (`None`) the access rules of `namespace`.
+pub async fn set_acl(
+    connection: &Connection,
+    namespace: &str,
+    acl: Option<AclArgs>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    vesper_proto::validate::namespace(namespace)
+        .map_err(|error| UsageError(format!("namespace {namespace:?}: {error}")))?;
+    let clear = acl.is_none();
+    let request = match acl {
+        Some(acl) => {
+            for member in &acl.members {
+                member
+                    .parse::<vesper_proto::PeerId>()
+                    .map_err(|error| UsageError(format!("--member {member:?}: {error}")))?;
+            }
+            if acl.members.is_empty()
+                && (acl.write == AccessArg::Members || acl.read == AccessArg::Members)
+            {
+                return Err(UsageError(
+                    "--write members or --read members needs at least one --member".into(),
+                )
+                .into());
+            }
+            vesper_proto::v1::SetNamespaceAclRequest {
+                acl: Some(vesper_proto::v1::NamespaceAcl {
+                    namespace: namespace.to_string(),
+                    write: acl.write.wire(),
+                    read: acl.read.wire(),
+                    members: acl.members,
+                }),
+                clear: false,
+            }
+        }
+        None => vesper_proto::v1::SetNamespaceAclRequest {
+            acl: Some(vesper_proto::v1::NamespaceAcl {
+                namespace: namespace.to_string(),
+                ..Default::default()
+            }),
+            clear: true,
+        },
+    };
+    let reply = connection
+        .client()
+        .await?
+        .set_namespace_acl(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        println!(
+            "{}",
+            json!({ "namespace": namespace, "cleared": clear, "log_index": reply.log_index })
+        );
+    } else if clear {
+        println!(
+            "cleared the rules of namespace {namespace} (committed at log index {})",
+            reply.log_index
+        );
+    } else {
+        println!(
+            "set the rules of namespace {namespace} (committed at log index {})",
+            reply.log_index
+        );
+    }
+    Ok(())
+}
+
+/// Prints every namespace that has access rules.
+pub async fn list_acls(connection: &Connection, as_json: bool) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .list_namespace_acls(vesper_proto::v1::ListNamespaceAclsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        let acls: Vec<_> = reply
+            .acls
+            .iter()
+            .map(|acl| {
+                json!({
+                    "namespace": acl.namespace,
+                    "write": access_name(acl.write),
+                    "read": access_name(acl.read),
+                    "members": acl.members,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({ "acls": acls, "applied_index": reply.applied_index })
+        );
+        return Ok(());
+    }
+    if reply.acls.is_empty() {
+        println!("no namespace has rules (every namespace is open)");
+    }
+    for acl in &reply.acls {
+        println!(
+            "{}: write {}, read {}, {} member(s)",
+            acl.namespace,
+            access_name(acl.write),
+            access_name(acl.read),
+            acl.members.len()
+        );
+        for member in &acl.members {
+            println!("  {member}");
+        }
+    }
+    Ok(())
+}

@@ -1,8 +1,8 @@
 //! `vesperctl`: operate a Vesper cluster.
 //!
 //! Certificates (`ca init`, `cert issue`), cluster inspection (`status`, `members`), membership changes
-//! (`add-standby`, `promote`, `demote`, `remove`, `transfer-leader`) through the Admin service, and a local
-//! development cluster (`dev up`).
+//! (`add-standby`, `promote`, `demote`, `remove`, `transfer-leader`) and namespace access rules (`namespace`)
+//! through the Admin service, and a local development cluster (`dev up`).
 
 mod admin;
 mod certs;
@@ -81,10 +81,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Access rules (ACLs) of record namespaces. Needs an operator certificate.
+    Namespace {
+        #[command(subcommand)]
+        command: NamespaceCommand,
+    },
     /// Local development cluster.
     Dev {
         #[command(subcommand)]
         command: dev::DevCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NamespaceCommand {
+    /// Set who may write and who may read a namespace, replacing its previous rules. Owner-write / public-read:
+    /// `--write members --read anyone --member OWNER`; a group-write namespace lists every member (any member may
+    /// then change any record of it).
+    Set {
+        /// The namespace.
+        namespace: String,
+        /// Who may put and delete records.
+        #[arg(long, value_enum)]
+        write: admin::AccessArg,
+        /// Who may get, list, search and watch records.
+        #[arg(long, value_enum)]
+        read: admin::AccessArg,
+        /// PeerId of a member (repeat the flag; at most 1024).
+        #[arg(long = "member", value_name = "PEER_ID")]
+        members: Vec<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a namespace's rules: anyone may read it and create keys again.
+    Clear {
+        /// The namespace.
+        namespace: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the namespaces that have rules.
+    List {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -210,6 +252,26 @@ async fn main() -> ExitCode {
         Command::TransferLeader { node_id, json } => {
             admin::transfer_leader(&cli.connection, node_id, json).await
         }
+        Command::Namespace { command } => match command {
+            NamespaceCommand::Set {
+                namespace,
+                write,
+                read,
+                members,
+                json,
+            } => {
+                let acl = admin::AclArgs {
+                    write,
+                    read,
+                    members,
+                };
+                admin::set_acl(&cli.connection, &namespace, Some(acl), json).await
+            }
+            NamespaceCommand::Clear { namespace, json } => {
+                admin::set_acl(&cli.connection, &namespace, None, json).await
+            }
+            NamespaceCommand::List { json } => admin::list_acls(&cli.connection, json).await,
+        },
         Command::Dev { command } => dev::run(command).await,
     };
     match result {

@@ -62,7 +62,9 @@ impl ServiceError {
             ServiceError::Invalid(_) | ServiceError::BadField(_) => {
                 Status::invalid_argument(message)
             }
-            ServiceError::Rejected(Rejection::NotOwner) => Status::permission_denied(message),
+            ServiceError::Rejected(
+                Rejection::NotOwner | Rejection::NamespaceWrite(_) | Rejection::NamespaceRead(_),
+            ) => Status::permission_denied(message),
             ServiceError::Rejected(Rejection::VersionMismatch { .. })
             | ServiceError::Rejected(Rejection::NotAttached) => {
                 Status::failed_precondition(message)

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::raft::command::{ChatEntry, ConferenceEntry, PeerKey, PresenceEntry, StoredRecord};
+use crate::raft::command::{
+    ChatEntry, ConferenceEntry, NamespaceAcl, PeerKey, PresenceEntry, StoredRecord,
+};
 
 /// Events kept for resuming watches.
 pub const HISTORY: usize = 100_000;
@@ -38,6 +40,11 @@ pub enum Change {
     Chat {
         conference: String,
         chat: ChatEntry,
+    },
+    /// A namespace's ACL was set or cleared (None): record watches on it re-check their reader.
+    Acl {
+        namespace: String,
+        acl: Option<NamespaceAcl>,
     },
 }
 

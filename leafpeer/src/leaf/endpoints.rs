@@ -55,6 +55,7 @@ pub async fn publish(
             .map(ToString::to_string)
             .collect(),
         nat_class: report.class.as_str().to_string(),
+        sequence: shared.next_presence_sequence(),
     });
     request
         .metadata_mut()

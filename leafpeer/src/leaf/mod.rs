@@ -164,6 +164,8 @@ impl Leaf {
             reattach_times: Default::default(),
             pending_sends: Default::default(),
             next_request: Default::default(),
+            presence_sequence: Default::default(),
+            presence_order: Default::default(),
             nat: Default::default(),
             connect_policy: Default::default(),
             pending_accepts: Default::default(),
@@ -472,11 +474,13 @@ impl Leaf {
         attributes: HashMap<String, String>,
     ) -> Result<Presence, LeafError> {
         validate::attributes(&attributes)?;
+        let _ordered = self.inner.shared.presence_order.lock().await;
         let (mut client, request) = self
             .request(SetPresenceRequest {
                 status: status as i32,
                 note: note.to_string(),
                 attributes,
+                sequence: self.inner.shared.next_presence_sequence(),
             })
             .await?;
         let reply = client.set_presence(request).await?.into_inner();

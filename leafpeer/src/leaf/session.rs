@@ -65,6 +65,11 @@ pub struct Shared {
     /// them (the sender retries them, with the same message id, on the next session).
     pub pending_sends: Mutex<HashMap<u64, oneshot::Sender<SendResult>>>,
     pub next_request: std::sync::atomic::AtomicU64,
+    /// Last sequence number given to a presence update (SetPresence or PublishEndpoints); the super peer
+    /// refuses an update whose number is not above the previous one of its session, so replays change nothing.
+    pub presence_sequence: std::sync::atomic::AtomicU64,
+    /// Held across a SetPresence call so that concurrent calls reach the super peer in sequence order.
+    pub presence_order: tokio::sync::Mutex<()>,
     /// What the last endpoint discovery found.
     pub nat: Mutex<Option<crate::nat::NatReport>>,
     /// Decides whether to accept a connection offer from a peer; none refuses every offer.
@@ -77,6 +82,13 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The sequence number for the next presence update.
+    pub fn next_presence_sequence(&self) -> u64 {
+        self.presence_sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
     pub fn current(&self) -> Option<Connection> {
         self.connection.borrow().clone()
     }

@@ -14,6 +14,10 @@ use vesper_proto::v1::{
     RemoveNodeResponse, RevokeCertificateRequest, RevokeCertificateResponse, StatusRequest,
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
+use vesper_proto::v1::{
+    ListNamespaceAclsRequest, ListNamespaceAclsResponse, NamespaceAccess,
+    NamespaceAcl as ProtoAcl, SetNamespaceAclRequest, SetNamespaceAclResponse,
+};
 
 use crate::error::ServiceError;
 use crate::node::Context;
@@ -210,5 +214,115 @@ impl Admin for AdminService {
             "certificate revoked"
         );
         Ok(Response::new(RevokeCertificateResponse { log_index }))
+    }
+
+    async fn set_namespace_acl(
+        &self,
+        request: Request<SetNamespaceAclRequest>,
+    ) -> Result<Response<SetNamespaceAclResponse>, Status> {
+        crate::roles::require(&request, &[crate::roles::Role::Operator])?;
+        let request = request.into_inner();
+        let proto = request.acl.ok_or_else(|| {
+            ServiceError::BadField("acl is missing (it names the namespace)".into())
+        })?;
+        vesper_proto::validate::namespace(&proto.namespace).map_err(ServiceError::from)?;
+        let acl = if request.clear {
+            None
+        } else {
+            Some(acl_from_proto(&proto)?)
+        };
+        let op = crate::raft::command::Op::SetNamespaceAcl {
+            namespace: proto.namespace.clone(),
+            acl,
+        };
+        tracing::info!(op = ?op, "namespace acl");
+        let (_, log_index) = self.context.propose_accepted(op).await?;
+        Ok(Response::new(SetNamespaceAclResponse { log_index }))
+    }
+
+    async fn list_namespace_acls(
+        &self,
+        _request: Request<ListNamespaceAclsRequest>,
+    ) -> Result<Response<ListNamespaceAclsResponse>, Status> {
+        let applied_index = self
+            .context
+            .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
+            .await?;
+        let reader = self.context.reader.clone();
+        let acls = crate::store::blocking(move || crate::store::records::acls(reader.db()))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(ListNamespaceAclsResponse {
+            acls: acls
+                .into_iter()
+                .map(|(namespace, acl)| acl_to_proto(namespace, &acl))
+                .collect(),
+            applied_index,
+        }))
+    }
+}
+
+/// Most members one namespace ACL may list.
+pub const MAX_ACL_MEMBERS: usize = 1024;
+
+fn access_from_proto(
+    field: &str,
+    value: i32,
+) -> Result<crate::raft::command::Access, ServiceError> {
+    use crate::raft::command::Access;
+    match NamespaceAccess::try_from(value) {
+        Ok(NamespaceAccess::Anyone) => Ok(Access::Anyone),
+        Ok(NamespaceAccess::Members) => Ok(Access::Members),
+        _ => Err(ServiceError::BadField(format!(
+            "{field} access must be ANYONE or MEMBERS, got {value}"
+        ))),
+    }
+}
+
+fn acl_from_proto(proto: &ProtoAcl) -> Result<crate::raft::command::NamespaceAcl, ServiceError> {
+    if proto.members.len() > MAX_ACL_MEMBERS {
+        return Err(vesper_proto::validate::InvalidInput::TooLong {
+            field: "acl members",
+            len: proto.members.len(),
+            max: MAX_ACL_MEMBERS,
+        }
+        .into());
+    }
+    let mut members = std::collections::BTreeSet::new();
+    for text in &proto.members {
+        let peer: vesper_proto::PeerId = text
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("acl member {text:?}: {error}")))?;
+        members.insert(*peer.as_bytes());
+    }
+    let acl = crate::raft::command::NamespaceAcl {
+        write: access_from_proto("write", proto.write)?,
+        read: access_from_proto("read", proto.read)?,
+        members,
+    };
+    let open = crate::raft::command::Access::Anyone;
+    if (acl.write != open || acl.read != open) && acl.members.is_empty() {
+        return Err(ServiceError::BadField(
+            "access MEMBERS needs at least one member (or clear the namespace's rules)".into(),
+        ));
+    }
+    Ok(acl)
+}
+
+fn acl_to_proto(namespace: String, acl: &crate::raft::command::NamespaceAcl) -> ProtoAcl {
+    let access = |access: crate::raft::command::Access| match access {
+        crate::raft::command::Access::Anyone => NamespaceAccess::Anyone as i32,
+        crate::raft::command::Access::Members => NamespaceAccess::Members as i32,
+    };
+    ProtoAcl {
+        namespace,
+        write: access(acl.write),
+        read: access(acl.read),
+        members: acl
+            .members
+            .iter()
+            .filter_map(|key| vesper_proto::PeerId::from_public_key_bytes(key).ok())
+            .map(|peer| peer.to_string())
+            .collect(),
     }
 }

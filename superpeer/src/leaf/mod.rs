@@ -47,11 +47,14 @@ use vesper_proto::v1::{
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
 pub use sessions::SessionRegistry;
+use sessions::UpdateKind;
 
 use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::command::StoredRecord;
-use crate::raft::command::{Op, PresenceStatus as StoredStatus, Response as CommandResponse};
+use crate::raft::command::{
+    may_read, Op, PresenceStatus as StoredStatus, Rejection, Response as CommandResponse,
+};
 use crate::store::conference as store_conference;
 use crate::store::presence;
 use crate::store::records::{self, Condition, Term};
@@ -127,6 +130,33 @@ fn consistency(value: i32) -> Result<ReadConsistency, ServiceError> {
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
 
 impl LeafService {
+    /// Refuses a presence update whose sequence is missing or not above the session's last one of its kind;
+    /// called after every other check, right before the proposal, so a refused update moves nothing.
+    fn check_sequence(
+        &self,
+        session: u64,
+        kind: UpdateKind,
+        sequence: u64,
+    ) -> Result<(), ServiceError> {
+        if sequence == 0 {
+            return Err(ServiceError::BadField(
+                "sequence is missing: presence updates carry a sequence number of at least 1, above the \
+                 session's previous one"
+                    .into(),
+            ));
+        }
+        self.context
+            .sessions
+            .advance_sequence(session, kind, sequence)
+            .map_err(|stale| {
+                ServiceError::Precondition(format!(
+                    "presence update sequence {} is not above {}, the last accepted on this session: a replayed \
+                     or overtaken update, refused",
+                    stale.sequence, stale.last
+                ))
+            })
+    }
+
     /// Proposes a change of `peer`'s own presence and answers with the stored result.
     async fn propose_presence(
         &self,
@@ -218,7 +248,7 @@ impl Leaf for LeafService {
         &self,
         request: Request<GetRecordRequest>,
     ) -> Result<Response<GetRecordResponse>, Status> {
-        self.authenticate(&request)?;
+        let peer = self.authenticate(&request)?;
         let request = request.into_inner();
         validate::namespace(&request.namespace).map_err(ServiceError::from)?;
         validate::key(&request.key).map_err(ServiceError::from)?;
@@ -228,9 +258,16 @@ impl Leaf for LeafService {
             .await?;
         let reader = self.context.reader.clone();
         let (namespace, key) = (request.namespace.clone(), request.key.clone());
-        let record = blocking(move || records::get(reader.db(), &namespace, &key))
-            .await
-            .map_err(ServiceError::from)?;
+        let record = blocking(move || {
+            let db = reader.db();
+            if !may_read(records::acl(db, &namespace)?.as_ref(), peer.as_bytes()) {
+                return Ok(Err(Rejection::NamespaceRead(namespace)));
+            }
+            records::get(db, &namespace, &key).map(Ok)
+        })
+        .await
+        .map_err(ServiceError::from)?
+        .map_err(ServiceError::from)?;
         Ok(Response::new(GetRecordResponse {
             record: record.map(|record| convert::record(&request.namespace, &request.key, record)),
             applied_index,
@@ -281,11 +318,12 @@ impl Leaf for LeafService {
         &self,
         request: Request<ListRecordsRequest>,
     ) -> Result<Response<ListRecordsResponse>, Status> {
-        self.authenticate(&request)?;
+        let peer = self.authenticate(&request)?;
         let request = request.into_inner();
         validate::key_prefix(&request.key_prefix).map_err(ServiceError::from)?;
         let prefix = request.key_prefix;
         let page = PageRequest {
+            reader: *peer.as_bytes(),
             namespace: request.namespace,
             limit: request.limit,
             page_token: request.page_token,
@@ -307,10 +345,11 @@ impl Leaf for LeafService {
         &self,
         request: Request<SearchRecordsRequest>,
     ) -> Result<Response<SearchRecordsResponse>, Status> {
-        self.authenticate(&request)?;
+        let peer = self.authenticate(&request)?;
         let request = request.into_inner();
         let terms = search_terms(&request.terms)?;
         let page = PageRequest {
+            reader: *peer.as_bytes(),
             namespace: request.namespace,
             limit: request.limit,
             page_token: request.page_token,
@@ -361,6 +400,7 @@ impl Leaf for LeafService {
             .into());
         }
         validate::attributes(&request.attributes).map_err(ServiceError::from)?;
+        self.check_sequence(session, UpdateKind::Status, request.sequence)?;
         let op = Op::PresenceSet {
             peer: *peer.as_bytes(),
             session,
@@ -386,6 +426,7 @@ impl Leaf for LeafService {
                 .map_err(|error: vesper_proto::nat::UnknownNatClass| {
                     ServiceError::BadField(error.to_string())
                 })?;
+        self.check_sequence(session, UpdateKind::Endpoints, request.sequence)?;
         let op = Op::PresenceEndpoints {
             peer: *peer.as_bytes(),
             session,
@@ -606,6 +647,8 @@ impl Leaf for LeafService {
 
 /// What list and search share: where, how many, from where, how consistent.
 struct PageRequest {
+    /// The peer reading, for the namespace's ACL.
+    reader: crate::raft::command::PeerKey,
     namespace: String,
     limit: u32,
     page_token: String,
@@ -636,8 +679,15 @@ impl LeafService {
         let reader = self.context.reader.clone();
         let namespace = page.namespace.clone();
         let after = (!page.page_token.is_empty()).then_some(page.page_token);
-        let (found, more) =
-            blocking(move || query(reader.db(), &namespace, after.as_deref(), limit)).await?;
+        let peer = page.reader;
+        let (found, more) = blocking(move || {
+            let db = reader.db();
+            if !may_read(records::acl(db, &namespace)?.as_ref(), &peer) {
+                return Ok(Err(Rejection::NamespaceRead(namespace)));
+            }
+            query(db, &namespace, after.as_deref(), limit).map(Ok)
+        })
+        .await??;
         let (records, next_page_token) = convert::page(&page.namespace, found, more);
         Ok((records, next_page_token, applied_index))
     }
@@ -656,7 +706,7 @@ impl LeafService {
         }
     }
 
-    /// Checks ownership and compare-and-set against the local replica before anything is proposed.
+    /// Checks the namespace ACL, ownership and compare-and-set against the local replica before anything is proposed.
     /// Returns whether the record exists.
     async fn precheck(
         &self,
@@ -666,9 +716,22 @@ impl LeafService {
         expected_version: Option<u64>,
     ) -> Result<bool, ServiceError> {
         let reader = self.context.reader.clone();
-        let (namespace, key) = (namespace.to_string(), key.to_string());
-        let current = blocking(move || records::get(reader.db(), &namespace, &key)).await?;
-        records::check_write(current.as_ref(), peer.as_bytes(), expected_version)?;
+        let (owned_namespace, key) = (namespace.to_string(), key.to_string());
+        let (current, acl) = blocking(move || {
+            let db = reader.db();
+            Ok((
+                records::get(db, &owned_namespace, &key)?,
+                records::acl(db, &owned_namespace)?,
+            ))
+        })
+        .await?;
+        records::check_write(
+            current.as_ref(),
+            peer.as_bytes(),
+            expected_version,
+            namespace,
+            acl.as_ref(),
+        )?;
         Ok(current.is_some())
     }
 }

@@ -45,6 +45,24 @@ struct Inner {
     request_buckets: HashMap<u64, TokenBucket>,
     /// Open session streams by source address.
     streams_by_ip: HashMap<std::net::IpAddr, u32>,
+    /// Highest presence update sequence accepted, by session and kind of update.
+    sequences: HashMap<(u64, UpdateKind), u64>,
+}
+
+/// The kinds of presence update, each with its own sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpdateKind {
+    /// SetPresence: status, note, profile.
+    Status,
+    /// PublishEndpoints: candidates and NAT class.
+    Endpoints,
+}
+
+/// A presence update whose sequence number is not above the last one accepted on its session.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StaleSequence {
+    pub sequence: u64,
+    pub last: u64,
 }
 
 /// One open session stream counted against its source address; the count drops with it.
@@ -141,6 +159,27 @@ impl SessionRegistry {
             .entry(session)
             .or_insert_with(|| TokenBucket::new(burst, now))
             .take(rate, burst, now)
+    }
+
+    /// Accepts `sequence` for an update of `kind` on `session` if it is above every one accepted before, and
+    /// remembers it. The check is here, on the session's host, because a session token is valid only on the
+    /// super peer that issued it: no other node can be handed an update of this session.
+    pub fn advance_sequence(
+        &self,
+        session: u64,
+        kind: UpdateKind,
+        sequence: u64,
+    ) -> Result<(), StaleSequence> {
+        let mut inner = self.lock();
+        let last = inner.sequences.entry((session, kind)).or_insert(0);
+        if sequence <= *last {
+            return Err(StaleSequence {
+                sequence,
+                last: *last,
+            });
+        }
+        *last = sequence;
+        Ok(())
     }
 
     /// Takes one send from `session`'s allowance of `rate` per second with bursts of `burst`; false when the
@@ -311,6 +350,8 @@ impl Drop for SessionGuard {
         inner.by_token.remove(&self.token);
         inner.send_buckets.remove(&self.session);
         inner.request_buckets.remove(&self.session);
+        inner.sequences.remove(&(self.session, UpdateKind::Status));
+        inner.sequences.remove(&(self.session, UpdateKind::Endpoints));
         if inner
             .by_peer
             .get(&self.peer)

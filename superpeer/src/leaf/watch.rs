@@ -11,7 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use vesper_proto::v1::{
-    server_frame, watch_event, RecordChange, ServerFrame, Watch, WatchEvent, WatchReset,
+    server_frame, watch_event, RecordChange, ServerFrame, Watch, WatchEvent, WatchRefused,
+    WatchReset,
 };
 use vesper_proto::{validate, PeerId};
 
@@ -19,7 +20,7 @@ use crate::error::ServiceError;
 use crate::events::{Change, Event};
 use crate::leaf::{convert, messaging};
 use crate::node::Context;
-use crate::raft::command::PeerKey;
+use crate::raft::command::{may_read, PeerKey, Rejection};
 use crate::store::{presence, records};
 
 /// Most watches one session may hold.
@@ -37,6 +38,8 @@ struct Spec {
     reads_chat: bool,
     namespace: String,
     key_prefix: String,
+    /// Whether this session's peer may read the namespace; follows its ACL as changes pass through the watch.
+    reads_records: bool,
     /// Index up to which the catch-up (history replay or reset state) delivered everything.
     delivered: u64,
 }
@@ -46,7 +49,8 @@ impl Spec {
         match change {
             Change::Presence { peer, .. } => self.peers.contains(peer),
             Change::Record { namespace, key, .. } => {
-                !self.namespace.is_empty()
+                self.reads_records
+                    && !self.namespace.is_empty()
                     && *namespace == self.namespace
                     && key.starts_with(self.key_prefix.as_str())
             }
@@ -54,6 +58,8 @@ impl Spec {
             Change::Chat { conference, .. } => {
                 self.reads_chat && !self.conference.is_empty() && *conference == self.conference
             }
+            // Not sent to leaves; `Watches::on_event` applies it to the spec.
+            Change::Acl { .. } => false,
         }
     }
 }
@@ -93,6 +99,7 @@ fn event_frame(context: &Context, watch_id: u64, event: &Event) -> ServerFrame {
         Change::Chat { conference, chat } => {
             watch_event::Change::Chat(crate::leaf::conference::chat(conference, chat))
         }
+        Change::Acl { .. } => unreachable!("ACL changes match no watch (Spec::matches)"),
     };
     ServerFrame {
         frame: Some(server_frame::Frame::WatchEvent(WatchEvent {
@@ -114,15 +121,32 @@ impl Watches {
     /// Frames for a live event, for every watch that wants it and has not seen it.
     pub fn on_event(&mut self, context: &Context, event: &Arc<Event>) -> Vec<ServerFrame> {
         let mut frames = Vec::new();
+        let mut ended = Vec::new();
         for (watch_id, spec) in &mut self.specs {
             if let Change::Conference { id, entry } = &event.change {
                 if *id == spec.conference {
                     spec.reads_chat = reads_chat(entry, &self.peer);
                 }
             }
+            if let Change::Acl { namespace, acl } = &event.change {
+                if *namespace == spec.namespace && !may_read(acl.as_ref(), &self.peer) {
+                    // The peer lost read access: the watch ends here, before any later change of the namespace.
+                    spec.reads_records = false;
+                    ended.push(*watch_id);
+                    frames.push(ServerFrame {
+                        frame: Some(server_frame::Frame::WatchRefused(WatchRefused {
+                            watch_id: *watch_id,
+                            reason: Rejection::NamespaceRead(namespace.clone()).to_string(),
+                        })),
+                    });
+                }
+            }
             if event.index > spec.delivered && spec.matches(&event.change) {
                 frames.push(event_frame(context, *watch_id, event));
             }
+        }
+        for watch_id in ended {
+            self.specs.remove(&watch_id);
         }
         frames
     }
@@ -186,10 +210,17 @@ impl Watches {
             }
             chat_allowed = reads_chat(&entry, &self.peer);
         }
+        if !watch.namespace.is_empty() {
+            let acl = records::acl(context.reader.db(), &watch.namespace)?;
+            if !may_read(acl.as_ref(), &self.peer) {
+                return Err(Rejection::NamespaceRead(watch.namespace).into());
+            }
+        }
         let mut spec = Spec {
             peers,
             conference: watch.conference_id,
             reads_chat: chat_allowed,
+            reads_records: true,
             namespace: watch.namespace,
             key_prefix: watch.key_prefix,
             delivered: current,
@@ -284,7 +315,7 @@ fn current_state(
             frames.push(event_frame(context, watch_id, &event));
         }
     }
-    if !spec.namespace.is_empty() {
+    if !spec.namespace.is_empty() && spec.reads_records {
         let (found, _) = records::list(db, &spec.namespace, &spec.key_prefix, None, RESET_RECORDS)?;
         for (key, record) in found {
             let event = Event {

@@ -117,6 +117,48 @@ pub enum Op {
     },
     /// An operator revokes the certificate whose DER has this SHA-256 (see `roles`).
     RevokeCertificate { fingerprint: [u8; 32] },
+    /// An operator sets (Some) or clears (None) the access rules of a record namespace.
+    SetNamespaceAcl {
+        namespace: String,
+        acl: Option<NamespaceAcl>,
+    },
+}
+
+/// Who may do something in a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Access {
+    /// Every attached peer.
+    Anyone,
+    /// Only the peers listed in the ACL.
+    Members,
+}
+
+/// Access rules of one record namespace. A namespace without rules is open: anyone reads, anyone creates keys,
+/// and a record is changed only by the peer that created it.
+///
+/// With `write: Members` only members write, and any member may change or delete any record of the namespace
+/// (group write; a record keeps the creator as its owner). With `read: Members` only members read, list,
+/// search or watch it. Owner-write / public-read is `write: Members` with the owner as the one member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceAcl {
+    pub write: Access,
+    pub read: Access,
+    pub members: std::collections::BTreeSet<PeerKey>,
+}
+
+impl NamespaceAcl {
+    pub fn may_write(&self, peer: &PeerKey) -> bool {
+        self.write == Access::Anyone || self.members.contains(peer)
+    }
+
+    pub fn may_read(&self, peer: &PeerKey) -> bool {
+        self.read == Access::Anyone || self.members.contains(peer)
+    }
+}
+
+/// Whether `peer` may read `namespace` under `acl` (None: no rules, open).
+pub fn may_read(acl: Option<&NamespaceAcl>, peer: &PeerKey) -> bool {
+    acl.is_none_or(|acl| acl.may_read(peer))
 }
 
 /// An invitee's answer.
@@ -211,6 +253,16 @@ impl fmt::Display for Command {
             Op::ConferenceStart { id } => write!(f, "start conference {id}"),
             Op::ConferenceChat { id, .. } => write!(f, "chat in {id}"),
             Op::PresenceEndpoints { nat_class, .. } => write!(f, "publish endpoints ({nat_class})"),
+            Op::SetNamespaceAcl { namespace, acl } => match acl {
+                Some(acl) => write!(
+                    f,
+                    "set acl of {namespace} (write {:?}, read {:?}, {} members)",
+                    acl.write,
+                    acl.read,
+                    acl.members.len()
+                ),
+                None => write!(f, "clear acl of {namespace}"),
+            },
             Op::RelayLoad {
                 node_id,
                 active,
@@ -286,6 +338,10 @@ pub enum Response {
 pub enum Rejection {
     #[error("record is owned by another peer")]
     NotOwner,
+    #[error("namespace {0} may be written only by the members of its ACL")]
+    NamespaceWrite(String),
+    #[error("namespace {0} may be read only by the members of its ACL")]
+    NamespaceRead(String),
     #[error("version mismatch: expected {expected}, current {current}")]
     VersionMismatch { expected: u64, current: u64 },
     #[error("node {0} is unknown")]

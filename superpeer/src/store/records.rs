@@ -1,10 +1,12 @@
 //! The index (records and their secondary attribute indexes) as stored in RocksDB.
 //!
-//! Layout, in two column families:
+//! Layout, in two column families (plus the namespace ACLs, kept in the node table so that snapshots carry
+//! them without a new snapshot format):
 //!
 //! ```text
 //! records: namespace \0 key                     -> postcard(StoredRecord)
 //! attrs:   namespace \0 name \0 value \0 key    -> (empty)
+//! nodes:   "acl/" namespace                     -> postcard(NamespaceAcl)
 //! ```
 //!
 //! Validation guarantees that namespaces and attribute names are `[a-z0-9._-]` and that keys and values hold no
@@ -16,8 +18,41 @@ use std::collections::{BTreeSet, HashMap};
 
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
-use super::{cf, decode, encode, StoreError, CF_ATTRS, CF_RECORDS};
-use crate::raft::command::{PeerKey, Rejection, Response, StoredRecord};
+use super::{cf, decode, encode, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS};
+use crate::raft::command::{Access, NamespaceAcl, PeerKey, Rejection, Response, StoredRecord};
+
+/// Prefix of namespace ACL keys in the node table.
+pub(crate) const ACL_PREFIX: &[u8; 4] = b"acl/";
+
+fn acl_key(namespace: &str) -> Vec<u8> {
+    [ACL_PREFIX.as_slice(), namespace.as_bytes()].concat()
+}
+
+/// The ACL of `namespace`, None when it has none (open).
+pub fn acl(db: &DB, namespace: &str) -> Result<Option<NamespaceAcl>, StoreError> {
+    db.get_pinned_cf(cf(db, CF_NODES), acl_key(namespace))?
+        .map(|bytes| decode("namespace acl", &bytes))
+        .transpose()
+}
+
+/// Every namespace that has an ACL, in namespace order.
+pub fn acls(db: &DB) -> Result<Vec<(String, NamespaceAcl)>, StoreError> {
+    let mut out = Vec::new();
+    for item in db.iterator_cf(
+        cf(db, CF_NODES),
+        IteratorMode::From(ACL_PREFIX, Direction::Forward),
+    ) {
+        let (key, bytes) = item?;
+        let Some(namespace) = key.strip_prefix(ACL_PREFIX.as_slice()) else {
+            break;
+        };
+        out.push((
+            String::from_utf8_lossy(namespace).into_owned(),
+            decode("namespace acl", &bytes)?,
+        ));
+    }
+    Ok(out)
+}
 
 /// A search condition, already validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +228,8 @@ pub struct RecordWriter<'a> {
     db: &'a DB,
     /// Records written earlier in this batch (None = deleted), so later commands read their own writes.
     pending: HashMap<Vec<u8>, Option<StoredRecord>>,
+    /// ACLs changed earlier in this batch (None = cleared).
+    acls: HashMap<String, Option<NamespaceAcl>>,
 }
 
 impl<'a> RecordWriter<'a> {
@@ -200,7 +237,35 @@ impl<'a> RecordWriter<'a> {
         Self {
             db,
             pending: HashMap::new(),
+            acls: HashMap::new(),
         }
+    }
+
+    /// The ACL of `namespace` as of this point of the batch.
+    fn acl_of(&self, namespace: &str) -> Result<Option<NamespaceAcl>, StoreError> {
+        match self.acls.get(namespace) {
+            Some(pending) => Ok(pending.clone()),
+            None => acl(self.db, namespace),
+        }
+    }
+
+    /// Applies an ACL change (None clears the namespace's rules).
+    pub fn set_acl(
+        &mut self,
+        batch: &mut WriteBatch,
+        namespace: &str,
+        acl: Option<NamespaceAcl>,
+    ) -> Result<Response, StoreError> {
+        match &acl {
+            Some(acl) => batch.put_cf(
+                cf(self.db, CF_NODES),
+                acl_key(namespace),
+                encode("namespace acl", acl)?,
+            ),
+            None => batch.delete_cf(cf(self.db, CF_NODES), acl_key(namespace)),
+        }
+        self.acls.insert(namespace.to_string(), acl);
+        Ok(Response::Done)
     }
 
     fn current(&self, storage_key: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
@@ -234,11 +299,19 @@ impl<'a> RecordWriter<'a> {
     ) -> Result<Response, StoreError> {
         let storage_key = record_key(namespace, key);
         let current = self.current(&storage_key)?;
-        if let Err(rejection) = check_write(current.as_ref(), &owner, expected_version) {
+        let acl = self.acl_of(namespace)?;
+        if let Err(rejection) = check_write(
+            current.as_ref(),
+            &owner,
+            expected_version,
+            namespace,
+            acl.as_ref(),
+        ) {
             return Ok(Response::Rejected(rejection));
         }
         let record = StoredRecord {
-            owner,
+            // The creator stays the owner when a group-write member changes the record.
+            owner: current.as_ref().map_or(owner, |record| record.owner),
             attributes,
             value,
             version: current.as_ref().map_or(1, |record| record.version + 1),
@@ -285,7 +358,14 @@ impl<'a> RecordWriter<'a> {
                 _ => Response::Deleted(false),
             });
         };
-        if let Err(rejection) = check_write(Some(&current), &owner, expected_version) {
+        let acl = self.acl_of(namespace)?;
+        if let Err(rejection) = check_write(
+            Some(&current),
+            &owner,
+            expected_version,
+            namespace,
+            acl.as_ref(),
+        ) {
             return Ok(Response::Rejected(rejection));
         }
         self.unindex(batch, namespace, key, &current);
@@ -295,14 +375,23 @@ impl<'a> RecordWriter<'a> {
     }
 }
 
-/// The ownership and compare-and-set rules, shared by the pre-proposal check and apply.
+/// The namespace ACL, ownership and compare-and-set rules, shared by the pre-proposal check and apply.
 pub fn check_write(
     current: Option<&StoredRecord>,
     writer: &PeerKey,
     expected_version: Option<u64>,
+    namespace: &str,
+    acl: Option<&NamespaceAcl>,
 ) -> Result<(), Rejection> {
+    if let Some(acl) = acl {
+        if !acl.may_write(writer) {
+            return Err(Rejection::NamespaceWrite(namespace.to_string()));
+        }
+    }
+    // In a group-write namespace every member may change every record; elsewhere only the record's creator.
+    let group_write = acl.is_some_and(|acl| acl.write == Access::Members);
     if let Some(record) = current {
-        if &record.owner != writer {
+        if &record.owner != writer && !group_write {
             return Err(Rejection::NotOwner);
         }
     }

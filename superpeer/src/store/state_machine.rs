@@ -178,7 +178,8 @@ fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
         let (key, bytes) = item?;
         let relay_load = key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX;
         let revocation = key.len() == 40 && key.starts_with(REVOKED_PREFIX);
-        if relay_load || revocation {
+        let acl = key.starts_with(super::records::ACL_PREFIX);
+        if relay_load || revocation || acl {
             continue;
         }
         let id = u64::from_be_bytes(
@@ -375,6 +376,9 @@ impl StateMachine {
                             );
                             Response::Done
                         }
+                        Op::SetNamespaceAcl { namespace, acl } => {
+                            records.set_acl(batch, namespace, acl.clone())?
+                        }
                         Op::PresenceEndpoints {
                             peer,
                             session,
@@ -474,6 +478,15 @@ impl StateMachine {
                                 entry: entry.clone(),
                             },
                         }),
+                        (Op::SetNamespaceAcl { namespace, acl }, Response::Done) => {
+                            events.push(Event {
+                                index,
+                                change: Change::Acl {
+                                    namespace: namespace.clone(),
+                                    acl: acl.clone(),
+                                },
+                            })
+                        }
                         (Op::DeleteRecord { namespace, key, .. }, Response::Deleted(true)) => {
                             events.push(Event {
                                 index,

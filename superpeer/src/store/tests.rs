@@ -301,3 +301,73 @@ async fn log_survives_reopen() {
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id(2)));
 }
+
+fn acl(
+    namespace: &str,
+    write: crate::raft::command::Access,
+    read: crate::raft::command::Access,
+    members: &[u8],
+) -> Op {
+    Op::SetNamespaceAcl {
+        namespace: namespace.into(),
+        acl: Some(crate::raft::command::NamespaceAcl {
+            write,
+            read,
+            members: members.iter().map(|byte| [*byte; 32]).collect(),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn apply_enforces_namespace_acls_in_log_order() {
+    use crate::raft::command::Access::{Anyone, Members};
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    let responses = state_machine
+        .apply(stream::iter(
+            vec![
+                // Open namespace: peer 3 creates "x".
+                entry(1, put(3, "x", &[], None)),
+                // Group write for peers 1 and 2: peer 3 (not a member) is refused even on its own record.
+                entry(2, acl("ns", Members, Anyone, &[1, 2])),
+                entry(3, put(3, "x", &[], None)),
+                entry(4, put(1, "a", &[], None)),
+                // Group write: member 2 may change member 1's record, which keeps 1 as its owner.
+                entry(5, put(2, "a", &[("by", "two")], Some(1))),
+                // Cleared in the same batch: peer 3 writes again, but 2 no longer changes 1's record.
+                entry(
+                    6,
+                    Op::SetNamespaceAcl {
+                        namespace: "ns".into(),
+                        acl: None,
+                    },
+                ),
+                entry(7, put(3, "x", &[], None)),
+                entry(8, put(2, "a", &[], None)),
+            ]
+            .into_iter()
+            .map(|entry| Ok::<_, std::io::Error>((entry, None))),
+        ))
+        .await;
+    responses.expect("apply");
+    let reader = StateReader::new(db.clone());
+    let x = records::get(reader.db(), "ns", "x").unwrap().unwrap();
+    assert_eq!(x.version, 2, "put 3 refused, put 7 accepted");
+    let a = records::get(reader.db(), "ns", "a").unwrap().unwrap();
+    assert_eq!((a.owner, a.version), ([1; 32], 2), "put 5 accepted, put 8 refused");
+    assert_eq!(a.attributes["by"], "two");
+    assert!(records::acls(reader.db()).unwrap().is_empty());
+    // ACLs share the node table: the node list must not try to read them as nodes.
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    apply_all(
+        &mut state_machine,
+        vec![entry(9, acl("team", Members, Members, &[1]))],
+    )
+    .await;
+    let acls = records::acls(reader.db()).unwrap();
+    assert_eq!(acls.len(), 1);
+    assert_eq!(acls[0].0, "team");
+    assert!(acls[0].1.may_read(&[1; 32]) && !acls[0].1.may_read(&[2; 32]));
+    reader.nodes().expect("node table still reads");
+}
