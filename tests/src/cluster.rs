@@ -405,6 +405,27 @@ impl Cluster {
         .await
     }
 
+    /// Waits until the relay load report of every node is replicated to node `index`: those are the only writes
+    /// an idle cluster makes by itself, so from then on its log index moves only when someone writes (tests of
+    /// "refused, and the log did not move" need that). Returns the applied index.
+    pub async fn wait_quiet(&self, index: usize) -> anyhow::Result<u64> {
+        let expected = self.nodes.len();
+        wait::until(
+            &format!("every relay load replicated to {}", self.nodes[index].name),
+            CONVERGE_TIMEOUT,
+            || async {
+                let status = self.status_of(index).await?;
+                let reported = status
+                    .members
+                    .iter()
+                    .filter(|member| member.relay_capacity > 0)
+                    .count();
+                Ok((reported == expected).then_some(status.applied_index))
+            },
+        )
+        .await
+    }
+
     /// Leaf addresses of every node.
     pub fn leaf_addrs(&self) -> Vec<String> {
         self.nodes

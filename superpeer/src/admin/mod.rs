@@ -15,8 +15,8 @@ use vesper_proto::v1::{
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use vesper_proto::v1::{
-    ListNamespaceAclsRequest, ListNamespaceAclsResponse, NamespaceAccess,
-    NamespaceAcl as ProtoAcl, SetNamespaceAclRequest, SetNamespaceAclResponse,
+    ListNamespaceAclsRequest, ListNamespaceAclsResponse, NamespaceAccess, NamespaceAcl as ProtoAcl,
+    SetNamespaceAclRequest, SetNamespaceAclResponse,
 };
 
 use crate::error::ServiceError;

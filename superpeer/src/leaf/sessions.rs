@@ -351,7 +351,9 @@ impl Drop for SessionGuard {
         inner.send_buckets.remove(&self.session);
         inner.request_buckets.remove(&self.session);
         inner.sequences.remove(&(self.session, UpdateKind::Status));
-        inner.sequences.remove(&(self.session, UpdateKind::Endpoints));
+        inner
+            .sequences
+            .remove(&(self.session, UpdateKind::Endpoints));
         if inner
             .by_peer
             .get(&self.peer)

@@ -355,7 +355,11 @@ async fn apply_enforces_namespace_acls_in_log_order() {
     let x = records::get(reader.db(), "ns", "x").unwrap().unwrap();
     assert_eq!(x.version, 2, "put 3 refused, put 7 accepted");
     let a = records::get(reader.db(), "ns", "a").unwrap().unwrap();
-    assert_eq!((a.owner, a.version), ([1; 32], 2), "put 5 accepted, put 8 refused");
+    assert_eq!(
+        (a.owner, a.version),
+        ([1; 32], 2),
+        "put 5 accepted, put 8 refused"
+    );
     assert_eq!(a.attributes["by"], "two");
     assert!(records::acls(reader.db()).unwrap().is_empty());
     // ACLs share the node table: the node list must not try to read them as nodes.

@@ -1,0 +1,437 @@
+//! Authorisation beyond record ownership (t10 covers foreign puts and deletes, t90 foreign conference answers):
+//! replayed presence updates and namespace ACLs. Every refusal is checked for its gRPC code AND for the Raft log
+//! not moving, on a two-node cluster where the rules are set through one node and enforced by the other.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::Code;
+use vesper_leafpeer::{Consistency, WatchItem, WatchSpec};
+use vesper_proto::v1::search_term;
+use vesper_proto::v1::{
+    DeleteRecordRequest, GetRecordRequest, ListRecordsRequest, PresenceStatus,
+    PublishEndpointsRequest, PutRecordRequest, SearchRecordsRequest, SearchTerm,
+    SetPresenceRequest,
+};
+use vesper_proto::Keypair;
+use vesper_tests::cluster::{Cluster, NodeOptions};
+use vesper_tests::raw::{self, RawSession, Signing};
+
+async fn session(cluster: &Cluster, node: usize, keypair: &Keypair) -> anyhow::Result<RawSession> {
+    let address = cluster.nodes[node].endpoints().leaf.to_string();
+    let channel = raw::channel(&address, &cluster.pki.ca_pem()).await?;
+    Ok(raw::open(channel, keypair, Signing::Valid).await?)
+}
+
+fn presence(sequence: u64, note: &str) -> SetPresenceRequest {
+    SetPresenceRequest {
+        status: PresenceStatus::Away as i32,
+        note: note.into(),
+        attributes: HashMap::new(),
+        sequence,
+    }
+}
+
+fn put(
+    namespace: &str,
+    key: &str,
+    value: &[u8],
+    expected_version: Option<u64>,
+) -> PutRecordRequest {
+    PutRecordRequest {
+        namespace: namespace.into(),
+        key: key.into(),
+        attributes: HashMap::from([("kind".to_string(), "doc".to_string())]),
+        value: value.to_vec(),
+        expected_version,
+    }
+}
+
+/// Runs `vesperctl` through node `node` and returns its stdout; fails with its output unless it exits 0.
+fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<String> {
+    let output = cluster.vesperctl(node, args)?;
+    anyhow::ensure!(output.status.success(), "vesperctl {args:?}: {output:?}");
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_replayed_presence_updates_are_refused_and_commit_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2, NodeOptions::default()).await?;
+    let alice = session(&cluster, 0, &Keypair::generate()).await?;
+    let mut client = alice.client.clone();
+    let accepted = client
+        .set_presence(alice.request(presence(5, "first")))
+        .await?
+        .into_inner();
+    assert_eq!(accepted.presence.expect("presence").note, "first");
+    let quiet = cluster.wait_quiet(0).await?;
+
+    let cases = [
+        (
+            "the same update again",
+            presence(5, "first"),
+            Code::FailedPrecondition,
+            "not above 5",
+        ),
+        (
+            "an older update",
+            presence(4, "older"),
+            Code::FailedPrecondition,
+            "replayed",
+        ),
+        (
+            "no sequence",
+            presence(0, "unsequenced"),
+            Code::InvalidArgument,
+            "sequence is missing",
+        ),
+    ];
+    for (what, request, code, message) in cases {
+        let status = client
+            .set_presence(alice.request(request))
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(message), "{what}: {status:?}");
+    }
+    assert_eq!(
+        cluster.status_of(0).await?.applied_index,
+        quiet,
+        "a refused presence update moved the log"
+    );
+
+    // Endpoints have their own sequence: 1 is fresh there, and a replay of it is refused in turn.
+    let endpoints = PublishEndpointsRequest {
+        candidates: vec!["192.0.2.7:4000".into()],
+        nat_class: "public".into(),
+        sequence: 1,
+    };
+    client
+        .publish_endpoints(alice.request(endpoints.clone()))
+        .await?;
+    let status = client
+        .publish_endpoints(alice.request(endpoints))
+        .await
+        .expect_err("replayed endpoints");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // The next number goes through, and the stored presence is the one it set, not a replayed one.
+    let accepted = client
+        .set_presence(alice.request(presence(6, "second")))
+        .await?
+        .into_inner()
+        .presence
+        .expect("presence");
+    assert_eq!(accepted.note, "second");
+    assert_eq!(accepted.candidates, ["192.0.2.7:4000"]);
+
+    // A new session starts a new count, and the library numbers its updates by itself.
+    let leaf = cluster.leaf(1).await?;
+    for note in ["one", "two", "three"] {
+        let stored = leaf
+            .set_presence(vesper_leafpeer::PresenceStatus::Busy, note, HashMap::new())
+            .await?;
+        assert_eq!(stored.note, note);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_namespace_acls_are_enforced_before_raft_on_every_node() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2, NodeOptions::default()).await?;
+    let (owner_key, member_key, outsider_key) = (
+        Keypair::generate(),
+        Keypair::generate(),
+        Keypair::generate(),
+    );
+    let (owner_id, member_id) = (
+        owner_key.peer_id().to_string(),
+        member_key.peer_id().to_string(),
+    );
+    let owner = session(&cluster, 0, &owner_key).await?;
+    let outsider = session(&cluster, 0, &outsider_key).await?;
+    let member = cluster.leaf_with(0, member_key).await?;
+
+    // Usage errors name the problem and commit nothing.
+    for (args, message) in [
+        (
+            vec![
+                "namespace",
+                "set",
+                "team",
+                "--write",
+                "members",
+                "--read",
+                "anyone",
+            ],
+            "needs at least one --member",
+        ),
+        (
+            vec![
+                "namespace",
+                "set",
+                "team",
+                "--write",
+                "members",
+                "--read",
+                "members",
+                "--member",
+                "bob",
+            ],
+            "--member \"bob\"",
+        ),
+        (
+            vec![
+                "namespace",
+                "set",
+                "Team!",
+                "--write",
+                "anyone",
+                "--read",
+                "anyone",
+            ],
+            "namespace \"Team!\"",
+        ),
+    ] {
+        let output = cluster.vesperctl(1, &args)?;
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+
+    // Group write, members-only read, set through node 1; the leaves are on node 0.
+    let set = vesperctl(
+        &cluster,
+        1,
+        &[
+            "namespace",
+            "set",
+            "team",
+            "--write",
+            "members",
+            "--read",
+            "members",
+            "--member",
+            &owner_id,
+            "--member",
+            &member_id,
+            "--json",
+        ],
+    )?;
+    let log_index = serde_json::from_str::<serde_json::Value>(&set)?["log_index"]
+        .as_u64()
+        .expect("log_index");
+    cluster.wait_applied(0, log_index).await?;
+    let listed: serde_json::Value =
+        serde_json::from_str(&vesperctl(&cluster, 0, &["namespace", "list", "--json"])?)?;
+    assert_eq!(listed["acls"][0]["namespace"], "team", "{listed}");
+    assert_eq!(listed["acls"][0]["write"], "members", "{listed}");
+    assert_eq!(
+        listed["acls"][0]["members"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // Members write; a member changes the owner's record (group write), which keeps its owner.
+    let mut owner_client = owner.client.clone();
+    owner_client
+        .put_record(owner.request(put("team", "plan", b"v1", Some(0))))
+        .await?;
+    let changed = member
+        .put("team", "plan", HashMap::new(), b"v2".to_vec(), Some(1))
+        .await?;
+    assert_eq!(
+        (changed.version, changed.owner.as_str()),
+        (2, owner_id.as_str())
+    );
+    let quiet = cluster.wait_quiet(0).await?;
+
+    // The outsider can neither write nor read, in any form; nothing reaches the log.
+    let mut outsider_client = outsider.client.clone();
+    let refusals: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "put a new key",
+            outsider_client
+                .put_record(outsider.request(put("team", "mine", b"x", None)))
+                .await
+                .map(drop),
+        ),
+        (
+            "overwrite",
+            outsider_client
+                .put_record(outsider.request(put("team", "plan", b"x", None)))
+                .await
+                .map(drop),
+        ),
+        (
+            "delete",
+            outsider_client
+                .delete_record(outsider.request(DeleteRecordRequest {
+                    namespace: "team".into(),
+                    key: "plan".into(),
+                    expected_version: None,
+                }))
+                .await
+                .map(drop),
+        ),
+        (
+            "get",
+            outsider_client
+                .get_record(outsider.request(GetRecordRequest {
+                    namespace: "team".into(),
+                    key: "plan".into(),
+                    consistency: 0,
+                }))
+                .await
+                .map(drop),
+        ),
+        (
+            "list",
+            outsider_client
+                .list_records(outsider.request(ListRecordsRequest {
+                    namespace: "team".into(),
+                    ..Default::default()
+                }))
+                .await
+                .map(drop),
+        ),
+        (
+            "search",
+            outsider_client
+                .search_records(outsider.request(SearchRecordsRequest {
+                    namespace: "team".into(),
+                    terms: vec![SearchTerm {
+                        attribute: "kind".into(),
+                        condition: Some(search_term::Condition::Equals("doc".into())),
+                    }],
+                    ..Default::default()
+                }))
+                .await
+                .map(drop),
+        ),
+    ];
+    for (what, result) in refusals {
+        let status = result.expect_err(what);
+        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+        assert!(
+            status.message().contains("namespace team"),
+            "{what}: {status:?}"
+        );
+    }
+    assert_eq!(
+        cluster.status_of(0).await?.applied_index,
+        quiet,
+        "a refused write moved the log"
+    );
+    let stored = member
+        .get("team", "plan", Consistency::Linearizable)
+        .await?;
+    assert_eq!(stored.map(|record| record.value), Some(b"v2".to_vec()));
+
+    // A member's watch runs until the member is dropped from the ACL, then ends with the reason.
+    let mut watch = member
+        .watch(WatchSpec {
+            namespace: "team".into(),
+            ..Default::default()
+        })
+        .await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.recv())
+        .await?
+        .expect("watch open");
+    assert!(matches!(first, WatchItem::Reset { .. }), "{first:?}");
+    // Owner-write / public-read: the former member still reads (its watch goes on), but no longer writes.
+    let set = vesperctl(
+        &cluster,
+        1,
+        &[
+            "namespace",
+            "set",
+            "team",
+            "--write",
+            "members",
+            "--read",
+            "anyone",
+            "--member",
+            &owner_id,
+            "--json",
+        ],
+    )?;
+    let log_index = serde_json::from_str::<serde_json::Value>(&set)?["log_index"]
+        .as_u64()
+        .expect("log_index");
+    cluster.wait_applied(0, log_index).await?;
+    let status = member
+        .put("team", "plan", HashMap::new(), b"v3".to_vec(), None)
+        .await
+        .expect_err("a former member wrote");
+    assert_eq!(status.code(), Some(Code::PermissionDenied), "{status}");
+    owner_client
+        .put_record(owner.request(put("team", "plan", b"v3", Some(2))))
+        .await?;
+    let seen = loop {
+        match tokio::time::timeout(Duration::from_secs(10), watch.recv())
+            .await?
+            .expect("watch open")
+        {
+            // The current state the watch began with comes first, at the index it started from.
+            WatchItem::Event(event) if event.applied_index <= log_index => continue,
+            WatchItem::Event(event) => break event,
+            other => panic!("expected the owner's change, got {other:?}"),
+        }
+    };
+    let value = match &seen.change {
+        Some(vesper_proto::v1::watch_event::Change::Record(change)) => {
+            change.record.as_ref().map(|record| record.value.clone())
+        }
+        _ => None,
+    };
+    assert_eq!(value, Some(b"v3".to_vec()), "{seen:?}");
+
+    // Members-only read without the member: its watch ends, with the reason, and nothing after it arrives.
+    vesperctl(
+        &cluster,
+        1,
+        &[
+            "namespace",
+            "set",
+            "team",
+            "--write",
+            "members",
+            "--read",
+            "members",
+            "--member",
+            &owner_id,
+        ],
+    )?;
+    let refused = tokio::time::timeout(Duration::from_secs(10), watch.recv())
+        .await?
+        .expect("watch open");
+    let WatchItem::Refused(reason) = refused else {
+        panic!("expected the watch to be refused, got {refused:?}");
+    };
+    assert!(reason.contains("namespace team"), "{reason}");
+    let status = member
+        .get("team", "plan", Consistency::Linearizable)
+        .await
+        .expect_err("a former member read");
+    assert_eq!(status.code(), Some(Code::PermissionDenied), "{status}");
+
+    // Cleared: open again, the outsider writes.
+    vesperctl(&cluster, 1, &["namespace", "clear", "team"])?;
+    leafpeer_eventually_writes(&cluster, &outsider).await?;
+    Ok(())
+}
+
+/// The outsider's put succeeds once node 0 has applied the clearing (vesperctl returns once it is committed).
+async fn leafpeer_eventually_writes(
+    cluster: &Cluster,
+    outsider: &RawSession,
+) -> anyhow::Result<()> {
+    let leader_index = cluster.status_of(1).await?.applied_index;
+    cluster.wait_applied(0, leader_index).await?;
+    outsider
+        .client
+        .clone()
+        .put_record(outsider.request(put("team", "mine", b"x", None)))
+        .await?;
+    Ok(())
+}
