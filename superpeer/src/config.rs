@@ -97,6 +97,18 @@ pub struct Config {
     /// Open session streams from one IP address at most (NAT gateways share addresses, so this is generous).
     /// Default 1024.
     pub max_sessions_per_ip: u32,
+    /// Time a client gets to finish its TLS handshake, on every port, in milliseconds. Default 10000.
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once, per port; connections beyond it are closed at once. Default 1024.
+    pub max_pending_handshakes: u32,
+    /// TLS handshakes in progress at once from one IP address, per port. Default 64.
+    pub max_pending_handshakes_per_ip: u32,
+    /// Concurrent gRPC streams (calls) one connection to the Leaf port may have open; HTTP/2 refuses streams
+    /// beyond it. Default 256.
+    pub max_streams_per_connection: u32,
+    /// How often the TLS files are checked for a new certificate, in milliseconds (0: only on SIGHUP).
+    /// Default 10000.
+    pub tls_reload_interval_ms: u64,
     /// The STUN port (UDP, same IP and port number as the Leaf service) and its limits.
     pub stun: crate::stun::StunConfig,
     /// The relay on the STUN port and its caps.
@@ -125,6 +137,11 @@ impl Default for Config {
             max_sessions_per_ip: 1024,
             request_rate_per_second: 2000,
             request_burst: 4000,
+            tls_handshake_timeout_ms: 10_000,
+            max_pending_handshakes: 1024,
+            max_pending_handshakes_per_ip: 64,
+            max_streams_per_connection: 256,
+            tls_reload_interval_ms: 10_000,
             stun: crate::stun::StunConfig::default(),
             relay: crate::relay::RelayConfig::default(),
         }
@@ -149,6 +166,22 @@ impl Config {
             problems.push(
                 "a listen address is unspecified (0.0.0.0 or ::): set --advertise-host".to_string(),
             );
+        }
+        for (name, value) in [
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("max_pending_handshakes", u64::from(self.max_pending_handshakes)),
+            (
+                "max_pending_handshakes_per_ip",
+                u64::from(self.max_pending_handshakes_per_ip),
+            ),
+            (
+                "max_streams_per_connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be above 0"));
+            }
         }
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0 {

@@ -90,6 +90,22 @@ struct Args {
     /// Open sessions from one IP address at most. Default: 1024.
     #[arg(long, env = "VESPER_MAX_SESSIONS_PER_IP")]
     max_sessions_per_ip: Option<u32>,
+    /// Milliseconds a client gets to finish its TLS handshake. Default: 10000.
+    #[arg(long, env = "VESPER_TLS_HANDSHAKE_TIMEOUT_MS")]
+    tls_handshake_timeout_ms: Option<u64>,
+    /// TLS handshakes in progress at once per port (more connections are closed at once). Default: 1024.
+    #[arg(long, env = "VESPER_MAX_PENDING_HANDSHAKES")]
+    max_pending_handshakes: Option<u32>,
+    /// TLS handshakes in progress at once from one IP address, per port. Default: 64.
+    #[arg(long, env = "VESPER_MAX_PENDING_HANDSHAKES_PER_IP")]
+    max_pending_handshakes_per_ip: Option<u32>,
+    /// Concurrent calls one connection to the Leaf port may have open. Default: 256.
+    #[arg(long, env = "VESPER_MAX_STREAMS_PER_CONNECTION")]
+    max_streams_per_connection: Option<u32>,
+    /// Milliseconds between checks of the TLS files for a rotated certificate (0: only on SIGHUP).
+    /// Default: 10000.
+    #[arg(long, env = "VESPER_TLS_RELOAD_MS")]
+    tls_reload_ms: Option<u64>,
     /// Do not serve STUN (leaves then cannot learn their public address from this node).
     #[arg(long, env = "VESPER_NO_STUN")]
     no_stun: bool,
@@ -201,6 +217,21 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.max_sessions_per_ip {
         config.max_sessions_per_ip = value;
+    }
+    if let Some(value) = args.tls_handshake_timeout_ms {
+        config.tls_handshake_timeout_ms = value;
+    }
+    if let Some(value) = args.max_pending_handshakes {
+        config.max_pending_handshakes = value;
+    }
+    if let Some(value) = args.max_pending_handshakes_per_ip {
+        config.max_pending_handshakes_per_ip = value;
+    }
+    if let Some(value) = args.max_streams_per_connection {
+        config.max_streams_per_connection = value;
+    }
+    if let Some(value) = args.tls_reload_ms {
+        config.tls_reload_interval_ms = value;
     }
     if args.no_stun {
         config.stun.enabled = false;

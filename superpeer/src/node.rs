@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::SnapshotPolicy;
@@ -22,7 +23,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use vesper_proto::v1::{JoinRequest, Member, MemberRole, NodeDescriptor, ReadConsistency};
@@ -39,7 +39,7 @@ use crate::raft::propose::{self, Backoff};
 use crate::raft::VesperRaft;
 use crate::store::state_machine::StateReader;
 use crate::store::{self, LogStore, StateMachine, StoreError};
-use crate::tls::{TlsError, TlsMaterial};
+use crate::tls::{HandshakeLimits, Port, ServerTls, TlsError};
 
 /// File in the data directory holding the node id once the node belongs to a cluster.
 const NODE_ID_FILE: &str = "node_id";
@@ -254,8 +254,61 @@ fn io_error<'a>(
 
 /// Accepted connections with Nagle's algorithm off: requests and responses are small and latency-bound, and
 /// without it a reply can wait for the peer's delayed ACK (about 40 ms).
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Concurrent calls on one connection to the Cluster port: high, since a super peer multiplexes all its
+/// forwarding and Raft traffic to another on one connection, but bounded.
+const MAX_CLUSTER_STREAMS_PER_CONNECTION: u32 = 4096;
+/// Concurrent calls on one connection to the Admin port.
+const MAX_ADMIN_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Re-reads the TLS files every `interval` (if not zero) and on SIGHUP; installs a changed, usable set for new
+/// handshakes and for dialling other super peers.
+async fn reload_tls(
+    tls: Arc<ServerTls>,
+    clients: ClusterClients,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut ticker = (!interval.is_zero()).then(|| {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    loop {
+        let reason = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
+            _ = async {
+                match ticker.as_mut() {
+                    Some(ticker) => ticker.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => "interval",
+        };
+        let tls = tls.clone();
+        let outcome = tokio::task::spawn_blocking(move || tls.reload()).await;
+        match outcome {
+            Ok(Ok(Some(material))) => {
+                let fingerprint = material
+                    .fingerprint()
+                    .map(|bytes| data_encoding::HEXLOWER.encode(&bytes))
+                    .unwrap_or_default();
+                tracing::info!(reason, %fingerprint, "TLS certificate reloaded");
+                clients.replace_tls(material);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(reason, %error, "new TLS files not usable; keeping the current certificate")
+            }
+            Err(error) => tracing::warn!(%error, "TLS reload task failed"),
+        }
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
@@ -326,7 +379,9 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .map_err(io_error("cannot create data directory", &data_dir))?;
     let key_path = data_dir.join(NODE_KEY_FILE);
     let keypair = Keypair::load_or_generate(&key_path).map_err(io_error("node key", &key_path))?;
-    let tls = TlsMaterial::load(config.tls.as_ref().expect("validate() checked tls is set"))?;
+    let tls = Arc::new(ServerTls::load(
+        config.tls.as_ref().expect("validate() checked tls is set"),
+    )?);
     let db = store::open(&data_dir.join("db"))?;
 
     let leaf_listener = bind("leaf service", config.leaf_listen).await?;
@@ -364,7 +419,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     };
 
     let (adopt_tx, adopt_rx) = mpsc::channel(ADOPT_QUEUE);
-    let clients = ClusterClients::new(tls.clone());
+    let clients = ClusterClients::new(tls.material());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let forwarder = Forwarder::spawn(clients.clone(), shutdown.clone(), &tasks);
@@ -390,19 +445,28 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
 
+    let limits = HandshakeLimits {
+        timeout: Duration::from_millis(config.tls_handshake_timeout_ms),
+        max_pending: config.max_pending_handshakes as usize,
+        max_pending_per_ip: config.max_pending_handshakes_per_ip as usize,
+    };
+    let incoming = |listener, port| {
+        crate::tls::accept(listener, tls.clone(), port, limits, shutdown.clone())
+    };
     let leaf_server = Server::builder()
-        .tls_config(tls.leaf_server())
-        .map_err(|error| NodeError::Config(vec![format!("leaf tls: {error}")]))?
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_service(health_service.clone())
         .add_service(crate::leaf::service(
             context.clone(),
             shutdown.clone(),
             tasks.clone(),
         ))
-        .serve_with_incoming_shutdown(incoming(leaf_listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            incoming(leaf_listener, Port::Leaf),
+            shutdown.clone().cancelled_owned(),
+        );
     let cluster_server = Server::builder()
-        .tls_config(tls.mutual_server())
-        .map_err(|error| NodeError::Config(vec![format!("cluster tls: {error}")]))?
+        .max_concurrent_streams(Some(MAX_CLUSTER_STREAMS_PER_CONNECTION))
         .add_service(health_service.clone())
         .add_service(tonic::service::interceptor::InterceptedService::new(
             vesper_proto::v1::cluster_server::ClusterServer::new(
@@ -413,12 +477,11 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
             crate::roles::Gate::cluster(context.reader.clone()),
         ))
         .serve_with_incoming_shutdown(
-            incoming(cluster_listener),
+            incoming(cluster_listener, Port::Mutual),
             shutdown.clone().cancelled_owned(),
         );
     let admin_server = Server::builder()
-        .tls_config(tls.mutual_server())
-        .map_err(|error| NodeError::Config(vec![format!("admin tls: {error}")]))?
+        .max_concurrent_streams(Some(MAX_ADMIN_STREAMS_PER_CONNECTION))
         .add_service(health_service)
         .add_service(
             vesper_proto::v1::admin_server::AdminServer::with_interceptor(
@@ -426,7 +489,10 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
                 crate::roles::Gate::admin(context.reader.clone()),
             ),
         )
-        .serve_with_incoming_shutdown(incoming(admin_listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            incoming(admin_listener, Port::Mutual),
+            shutdown.clone().cancelled_owned(),
+        );
     for (name, server) in [
         (
             "leaf",
@@ -466,6 +532,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
             })?;
         tasks.spawn(port);
     }
+    tasks.spawn(reload_tls(
+        tls.clone(),
+        context.clients.clone(),
+        Duration::from_millis(config.tls_reload_interval_ms),
+        shutdown.clone(),
+    ));
     tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
     tasks.spawn(crate::relay::report_load(context.clone(), shutdown.clone()));
     let membership = Membership {

@@ -1,15 +1,37 @@
-//! TLS material of a super peer, loaded once at start.
+//! TLS of a super peer: the material it serves and dials with, reloaded in place when its files change, and
+//! the acceptor that runs the handshakes of its three ports.
 //!
-//! Every port is TLS (rustls through tonic). The Leaf port authenticates only the server (leaves prove who they
-//! are with their session signature); the Cluster and Admin ports also require a client certificate issued by the
-//! cluster CA (mutual TLS).
+//! Every port is TLS (rustls). The Leaf port authenticates only the server (leaves prove who they are with their
+//! session signature); the Cluster and Admin ports also require a client certificate issued by the cluster CA
+//! (mutual TLS).
+//!
+//! Rotation: [`ServerTls::reload`] re-reads the three PEM files and, when they changed and form a usable set
+//! (the key matches the certificate, the CA parses), swaps the configs that new handshakes use. Connections
+//! already open keep the session they negotiated, so no request fails; a half-written set (a certificate
+//! replaced before its key) is refused with a warning and the previous material stays until the next try.
+//! The node calls it every `tls_reload_interval_ms` and on SIGHUP.
+//!
+//! Handshakes run here rather than in tonic so that they are bounded: each gets `timeout`, and at most
+//! `max_pending` run at once (`max_pending_per_ip` from one address). A connection beyond those is closed at
+//! once, so a flood of connections that never finish a handshake costs a bounded amount of memory.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-/// Time a client gets to finish the TLS handshake before the connection is dropped.
+/// Default time a client gets to finish the TLS handshake before the connection is dropped.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Paths of the PEM files a super peer needs.
@@ -34,10 +56,12 @@ pub enum TlsError {
     },
     #[error("{what} {path} holds no PEM block")]
     NotPem { what: &'static str, path: PathBuf },
+    #[error("{what} is not usable: {reason}")]
+    Invalid { what: &'static str, reason: String },
 }
 
-/// Loaded TLS material.
-#[derive(Clone)]
+/// Loaded TLS material (PEM bytes).
+#[derive(Clone, PartialEq, Eq)]
 pub struct TlsMaterial {
     ca_pem: Vec<u8>,
     cert_pem: Vec<u8>,
@@ -59,6 +83,20 @@ fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(bytes)
 }
 
+fn invalid(what: &'static str) -> impl Fn(String) -> TlsError {
+    move |reason| TlsError::Invalid { what, reason }
+}
+
+fn certificates(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| invalid(what)(error.to_string()))?;
+    if certificates.is_empty() {
+        return Err(invalid(what)("no CERTIFICATE block".into()));
+    }
+    Ok(certificates)
+}
+
 impl TlsMaterial {
     /// Reads the CA certificate, certificate and key.
     pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
@@ -77,21 +115,6 @@ impl TlsMaterial {
         Certificate::from_pem(&self.ca_pem)
     }
 
-    /// Server config for the public Leaf port: server authentication only.
-    pub fn leaf_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity())
-            .timeout(TLS_HANDSHAKE_TIMEOUT)
-    }
-
-    /// Server config for the Cluster and Admin ports: clients must present a certificate from the cluster CA.
-    pub fn mutual_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity())
-            .client_ca_root(self.ca())
-            .timeout(TLS_HANDSHAKE_TIMEOUT)
-    }
-
     /// Client config for calls to other super peers: verifies them against the CA and presents our certificate.
     pub fn cluster_client(&self, host: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()
@@ -99,6 +122,222 @@ impl TlsMaterial {
             .identity(self.identity())
             .domain_name(host)
             .timeout(TLS_HANDSHAKE_TIMEOUT)
+    }
+
+    /// SHA-256 of this node's certificate (DER), as `vesperctl cert issue` prints it.
+    pub fn fingerprint(&self) -> Result<[u8; 32], TlsError> {
+        let chain = certificates("certificate", &self.cert_pem)?;
+        Ok(crate::roles::fingerprint(chain[0].as_ref()))
+    }
+
+    /// The server configs of the Leaf port and of the mutual-TLS ports. Fails when the key does not match the
+    /// certificate or a file does not parse.
+    fn server_configs(&self) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = certificates("certificate", &self.cert_pem)?;
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &self.key_pem[..])
+            .map_err(|error| invalid("private key")(error.to_string()))?
+            .ok_or_else(|| invalid("private key")("no PRIVATE KEY block".into()))?;
+        let mut roots = RootCertStore::empty();
+        for ca in certificates("CA certificate", &self.ca_pem)? {
+            roots
+                .add(ca)
+                .map_err(|error| invalid("CA certificate")(error.to_string()))?;
+        }
+        let builder = || {
+            ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|error| invalid("TLS versions")(error.to_string()))
+        };
+        let key_mismatch = invalid("certificate and private key");
+        let mut leaf = builder()?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|error| key_mismatch(error.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|error| invalid("CA certificate")(error.to_string()))?;
+        let mut mutual = builder()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|error| key_mismatch(error.to_string()))?;
+        // gRPC runs over HTTP/2 only; tonic's clients insist on negotiating it.
+        leaf.alpn_protocols = vec![b"h2".to_vec()];
+        mutual.alpn_protocols = vec![b"h2".to_vec()];
+        Ok((Arc::new(leaf), Arc::new(mutual)))
+    }
+}
+
+/// Which server config a port uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// The Leaf port: server authentication only.
+    Leaf,
+    /// The Cluster and Admin ports: client certificates of the cluster CA required.
+    Mutual,
+}
+
+struct Installed {
+    material: TlsMaterial,
+    leaf: Arc<ServerConfig>,
+    mutual: Arc<ServerConfig>,
+}
+
+/// The TLS material a node serves with, swapped in place by [`ServerTls::reload`].
+pub struct ServerTls {
+    paths: TlsPaths,
+    installed: RwLock<Installed>,
+}
+
+impl ServerTls {
+    /// Reads and checks the files.
+    pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
+        let material = TlsMaterial::load(paths)?;
+        let (leaf, mutual) = material.server_configs()?;
+        Ok(Self {
+            paths: paths.clone(),
+            installed: RwLock::new(Installed {
+                material,
+                leaf,
+                mutual,
+            }),
+        })
+    }
+
+    fn installed(&self) -> std::sync::RwLockReadGuard<'_, Installed> {
+        self.installed.read().expect("tls lock poisoned")
+    }
+
+    /// The config new handshakes on `port` use.
+    pub fn config(&self, port: Port) -> Arc<ServerConfig> {
+        let installed = self.installed();
+        match port {
+            Port::Leaf => installed.leaf.clone(),
+            Port::Mutual => installed.mutual.clone(),
+        }
+    }
+
+    /// The material in use (for clients of other super peers).
+    pub fn material(&self) -> TlsMaterial {
+        self.installed().material.clone()
+    }
+
+    /// Re-reads the files. Returns the new material when they changed and were installed, None when they are
+    /// unchanged; an error (and the old material stays) when the new files are not a usable set.
+    pub fn reload(&self) -> Result<Option<TlsMaterial>, TlsError> {
+        let material = TlsMaterial::load(&self.paths)?;
+        if material == self.installed().material {
+            return Ok(None);
+        }
+        let (leaf, mutual) = material.server_configs()?;
+        *self.installed.write().expect("tls lock poisoned") = Installed {
+            material: material.clone(),
+            leaf,
+            mutual,
+        };
+        Ok(Some(material))
+    }
+}
+
+/// Bounds on TLS handshakes of one port.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeLimits {
+    /// Time a client gets to finish its handshake.
+    pub timeout: Duration,
+    /// Handshakes in progress at once on the port.
+    pub max_pending: usize,
+    /// Handshakes in progress at once from one IP address.
+    pub max_pending_per_ip: usize,
+}
+
+/// Connections of one port whose handshake finished, for tonic's `serve_with_incoming_shutdown`.
+pub type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+
+/// Completed handshakes waiting for the server to take them.
+const READY_QUEUE: usize = 64;
+
+/// Accepts TCP connections on `listener` and runs their TLS handshakes within `limits`, until `shutdown`.
+pub fn accept(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    port: Port,
+    limits: HandshakeLimits,
+    shutdown: CancellationToken,
+) -> Incoming {
+    let (ready, incoming) = mpsc::channel(READY_QUEUE);
+    let pending = Arc::new(Semaphore::new(limits.max_pending));
+    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    tokio::spawn(async move {
+        loop {
+            let (stream, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, ?port, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, ?port, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
+            let Some(slot) = IpSlot::take(&per_ip, remote.ip(), limits.max_pending_per_ip) else {
+                tracing::debug!(%remote, ?port, "too many TLS handshakes from this address; connection closed");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config(port));
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let outcome = tokio::time::timeout(limits.timeout, acceptor.accept(stream)).await;
+                drop((permit, slot));
+                match outcome {
+                    Ok(Ok(stream)) => {
+                        let _ = ready.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%remote, ?port, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, ?port, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(incoming)
+}
+
+/// One handshake in progress from an address; the count drops with it.
+struct IpSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
+        let mut map = counts.lock().expect("handshake count lock poisoned");
+        let count = map.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("handshake count lock poisoned");
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -128,7 +367,7 @@ mod tests {
             cert: "/nonexistent/c.pem".into(),
             key: "/nonexistent/k.pem".into(),
         };
-        let error = TlsMaterial::load(&paths)
+        let error = ServerTls::load(&paths)
             .err()
             .expect("must fail")
             .to_string();

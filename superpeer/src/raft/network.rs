@@ -35,16 +35,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Cached gRPC channels to other super peers.
 #[derive(Clone)]
 pub struct ClusterClients {
-    tls: TlsMaterial,
+    tls: Arc<Mutex<TlsMaterial>>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl ClusterClients {
     pub fn new(tls: TlsMaterial) -> Self {
         Self {
-            tls,
+            tls: Arc::new(Mutex::new(tls)),
             channels: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Uses `tls` for connections made from now on (after a certificate rotation). Cached channels are
+    /// forgotten, so the next call dials with the new certificate; calls running on the old channels finish
+    /// on them.
+    pub fn replace_tls(&self, tls: TlsMaterial) {
+        *self.tls.lock().expect("tls lock poisoned") = tls;
+        self.channels
+            .lock()
+            .expect("channel cache lock poisoned")
+            .clear();
     }
 
     /// A Cluster client for the super peer at `address` (host:port). Connects lazily.
@@ -69,7 +80,7 @@ impl ClusterClients {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true)
-            .tls_config(self.tls.cluster_client(host_of(address)))
+            .tls_config(self.tls().cluster_client(host_of(address)))
             .map_err(|error| tonic::Status::internal(format!("tls config: {error}")))?;
         let channel = endpoint.connect_lazy();
         channels.insert(address.to_string(), channel.clone());
@@ -77,8 +88,8 @@ impl ClusterClients {
     }
 
     /// The TLS material, for clients of other services (Admin forwarding).
-    pub fn tls(&self) -> &TlsMaterial {
-        &self.tls
+    pub fn tls(&self) -> TlsMaterial {
+        self.tls.lock().expect("tls lock poisoned").clone()
     }
 }
 
