@@ -169,7 +169,10 @@ impl Config {
         }
         for (name, value) in [
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
-            ("max_pending_handshakes", u64::from(self.max_pending_handshakes)),
+            (
+                "max_pending_handshakes",
+                u64::from(self.max_pending_handshakes),
+            ),
             (
                 "max_pending_handshakes_per_ip",
                 u64::from(self.max_pending_handshakes_per_ip),

@@ -450,9 +450,8 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         max_pending: config.max_pending_handshakes as usize,
         max_pending_per_ip: config.max_pending_handshakes_per_ip as usize,
     };
-    let incoming = |listener, port| {
-        crate::tls::accept(listener, tls.clone(), port, limits, shutdown.clone())
-    };
+    let incoming =
+        |listener, port| crate::tls::accept(listener, tls.clone(), port, limits, shutdown.clone());
     let leaf_server = Server::builder()
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_service(health_service.clone())

@@ -154,9 +154,10 @@ impl TlsMaterial {
             .with_no_client_auth()
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|error| key_mismatch(error.to_string()))?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|error| invalid("CA certificate")(error.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|error| invalid("CA certificate")(error.to_string()))?;
         let mut mutual = builder()?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
@@ -299,7 +300,9 @@ pub fn accept(
                     Ok(Ok(stream)) => {
                         let _ = ready.send(Ok(stream)).await;
                     }
-                    Ok(Err(error)) => tracing::debug!(%remote, ?port, %error, "TLS handshake failed"),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%remote, ?port, %error, "TLS handshake failed")
+                    }
                     Err(_) => tracing::debug!(%remote, ?port, "TLS handshake timed out"),
                 }
             });

@@ -5,6 +5,7 @@
 //! - [`cluster`]: start, kill, stop and restart super peer processes; wait on observable state.
 //! - [`natlab`]: home networks behind real Linux NATs in network namespaces, for connectivity tests.
 //! - [`relay`]: a raw client of a super peer's UDP relay (grants and binds by hand).
+//! - [`tlsprobe`]: which certificate a port serves, and raw TCP/TLS clients for flood tests.
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
 
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod natlab;
 pub mod pki;
 pub mod raw;
 pub mod relay;
+pub mod tlsprobe;
 pub mod wait;
 
 use std::path::PathBuf;

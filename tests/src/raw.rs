@@ -23,10 +23,20 @@ pub enum Signing {
 
 /// A TLS channel to a Leaf service.
 pub async fn channel(address: &str, ca_pem: &[u8]) -> anyhow::Result<Channel> {
+    channel_from(address, ca_pem, None).await
+}
+
+/// A TLS channel to a Leaf service from the local address `source` (e.g. 127.0.0.4, to look like another host).
+pub async fn channel_from(
+    address: &str,
+    ca_pem: &[u8],
+    source: Option<std::net::IpAddr>,
+) -> anyhow::Result<Channel> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("127.0.0.1");
     Ok(Endpoint::from_shared(format!("https://{address}"))?
+        .local_address(source)
         .tls_config(tls)?
         .connect()
         .await?)

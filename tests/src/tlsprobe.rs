@@ -1,0 +1,64 @@
+//! Raw TLS and TCP clients: which certificate a port serves to a new handshake, and connections that never
+//! finish one (for the handshake flood test).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The DER of the first certificate in a PEM file.
+pub fn pem_der(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let first = rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .context("no certificate in the PEM file")??;
+    Ok(first.to_vec())
+}
+
+/// Makes a new TLS handshake with `address` (trusting `ca_pem`, presenting no certificate) and returns the
+/// DER of the certificate the server presented.
+pub async fn served_certificate(address: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(certificate?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = TcpStream::connect(address).await?;
+    let name = ServerName::IpAddress(address.ip().into());
+    let tls = connector.connect(name, stream).await?;
+    let (_, session) = tls.get_ref();
+    let served: &CertificateDer<'_> = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .context("the server presented no certificate")?;
+    Ok(served.to_vec())
+}
+
+/// A TCP connection to `address` from `source` (any port), e.g. 127.0.0.3 to look like another host.
+pub async fn connect_from(source: IpAddr, address: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(address).await
+}
+
+/// Resident set size of process `pid` in KiB (from /proc).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")
+}
