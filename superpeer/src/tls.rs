@@ -56,7 +56,7 @@ pub enum TlsError {
     },
     #[error("{what} {path} holds no PEM block")]
     NotPem { what: &'static str, path: PathBuf },
-    #[error("{what} is not usable: {reason}")]
+    #[error("{what} not usable: {reason}")]
     Invalid { what: &'static str, reason: String },
 }
 

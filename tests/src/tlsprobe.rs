@@ -52,13 +52,3 @@ pub async fn connect_from(source: IpAddr, address: SocketAddr) -> std::io::Resul
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(address).await
 }
-
-/// Resident set size of process `pid` in KiB (from /proc).
-pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS line")
-}

@@ -54,6 +54,33 @@ fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<St
     Ok(String::from_utf8(output.stdout)?)
 }
 
+/// Sets the ACL of namespace "team" through node 1 with `vesperctl namespace set` and waits until node 0 (where
+/// the leaves are) has applied it. Returns the log index it was committed at.
+async fn set_team_acl(
+    cluster: &Cluster,
+    write: &str,
+    read: &str,
+    members: &[&str],
+) -> anyhow::Result<u64> {
+    let mut args = vec![
+        "namespace",
+        "set",
+        "team",
+        "--write",
+        write,
+        "--read",
+        read,
+        "--json",
+    ];
+    for member in members {
+        args.extend(["--member", member]);
+    }
+    let set: serde_json::Value = serde_json::from_str(&vesperctl(cluster, 1, &args)?)?;
+    let log_index = set["log_index"].as_u64().expect("log_index");
+    cluster.wait_applied(0, log_index).await?;
+    Ok(log_index)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t16_replayed_presence_updates_are_refused_and_commit_nothing() -> anyhow::Result<()> {
     let cluster = Cluster::start(2, NodeOptions::default()).await?;
@@ -200,28 +227,7 @@ async fn t16_namespace_acls_are_enforced_before_raft_on_every_node() -> anyhow::
     }
 
     // Group write, members-only read, set through node 1; the leaves are on node 0.
-    let set = vesperctl(
-        &cluster,
-        1,
-        &[
-            "namespace",
-            "set",
-            "team",
-            "--write",
-            "members",
-            "--read",
-            "members",
-            "--member",
-            &owner_id,
-            "--member",
-            &member_id,
-            "--json",
-        ],
-    )?;
-    let log_index = serde_json::from_str::<serde_json::Value>(&set)?["log_index"]
-        .as_u64()
-        .expect("log_index");
-    cluster.wait_applied(0, log_index).await?;
+    set_team_acl(&cluster, "members", "members", &[&owner_id, &member_id]).await?;
     let listed: serde_json::Value =
         serde_json::from_str(&vesperctl(&cluster, 0, &["namespace", "list", "--json"])?)?;
     assert_eq!(listed["acls"][0]["namespace"], "team", "{listed}");
@@ -339,26 +345,7 @@ async fn t16_namespace_acls_are_enforced_before_raft_on_every_node() -> anyhow::
         .expect("watch open");
     assert!(matches!(first, WatchItem::Reset { .. }), "{first:?}");
     // Owner-write / public-read: the former member still reads (its watch goes on), but no longer writes.
-    let set = vesperctl(
-        &cluster,
-        1,
-        &[
-            "namespace",
-            "set",
-            "team",
-            "--write",
-            "members",
-            "--read",
-            "anyone",
-            "--member",
-            &owner_id,
-            "--json",
-        ],
-    )?;
-    let log_index = serde_json::from_str::<serde_json::Value>(&set)?["log_index"]
-        .as_u64()
-        .expect("log_index");
-    cluster.wait_applied(0, log_index).await?;
+    let log_index = set_team_acl(&cluster, "members", "anyone", &[&owner_id]).await?;
     let status = member
         .put("team", "plan", HashMap::new(), b"v3".to_vec(), None)
         .await
@@ -387,21 +374,7 @@ async fn t16_namespace_acls_are_enforced_before_raft_on_every_node() -> anyhow::
     assert_eq!(value, Some(b"v3".to_vec()), "{seen:?}");
 
     // Members-only read without the member: its watch ends, with the reason, and nothing after it arrives.
-    vesperctl(
-        &cluster,
-        1,
-        &[
-            "namespace",
-            "set",
-            "team",
-            "--write",
-            "members",
-            "--read",
-            "members",
-            "--member",
-            &owner_id,
-        ],
-    )?;
+    set_team_acl(&cluster, "members", "members", &[&owner_id]).await?;
     let refused = tokio::time::timeout(Duration::from_secs(10), watch.recv())
         .await?
         .expect("watch open");

@@ -14,7 +14,8 @@ use vesper_proto::Keypair;
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::load::Load;
 use vesper_tests::raw::{self, Signing};
-use vesper_tests::tlsprobe::{connect_from, pem_der, rss_kib, served_certificate};
+use vesper_tests::rss_kib;
+use vesper_tests::tlsprobe::{connect_from, pem_der, served_certificate};
 use vesper_tests::wait;
 
 /// Replaces `target` with a copy of `source` in one rename, as a secret update does.

@@ -22,6 +22,7 @@ use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 use vesper_leafpeer::{Keypair, Leaf, LeafConfig};
 use vesper_tests::cluster::{Cluster, NodeOptions};
+use vesper_tests::rss_kib;
 
 /// Benchmark leaf messaging: Vesper vs NATS.
 #[derive(Debug, Parser)]
@@ -50,16 +51,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// Resident set size of a process, in KiB, from /proc.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
 }
 
 /// Raises this process's open-file limit (children inherit it), for thousands of sessions.
