@@ -18,9 +18,13 @@ pub fn pem_der(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(first.to_vec())
 }
 
-/// Makes a new TLS handshake with `address` (trusting `ca_pem`, presenting no certificate) and returns the
-/// DER of the certificate the server presented.
-pub async fn served_certificate(address: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// A TLS connection (ALPN h2, trusting `ca_pem`, presenting no certificate) to `address`, from `source` when
+/// given, as a leaf would open it.
+pub async fn tls_connect(
+    address: SocketAddr,
+    ca_pem: &[u8],
+    source: Option<IpAddr>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls_pemfile::certs(&mut &ca_pem[..]) {
         roots.add(certificate?)?;
@@ -32,9 +36,18 @@ pub async fn served_certificate(address: SocketAddr, ca_pem: &[u8]) -> anyhow::R
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let stream = TcpStream::connect(address).await?;
+    let stream = match source {
+        Some(source) => connect_from(source, address).await?,
+        None => TcpStream::connect(address).await?,
+    };
     let name = ServerName::IpAddress(address.ip().into());
-    let tls = connector.connect(name, stream).await?;
+    Ok(connector.connect(name, stream).await?)
+}
+
+/// Makes a new TLS handshake with `address` (trusting `ca_pem`, presenting no certificate) and returns the
+/// DER of the certificate the server presented.
+pub async fn served_certificate(address: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let tls = tls_connect(address, ca_pem, None).await?;
     let (_, session) = tls.get_ref();
     let served: &CertificateDer<'_> = session
         .peer_certificates()

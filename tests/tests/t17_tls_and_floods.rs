@@ -15,7 +15,7 @@ use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::load::Load;
 use vesper_tests::raw::{self, Signing};
 use vesper_tests::rss_kib;
-use vesper_tests::tlsprobe::{connect_from, pem_der, served_certificate};
+use vesper_tests::tlsprobe::{self, connect_from, pem_der, served_certificate};
 use vesper_tests::wait;
 
 /// Replaces `target` with a copy of `source` in one rename, as a secret update does.
@@ -261,5 +261,257 @@ async fn t17_floods_are_cut_off_while_a_legitimate_client_keeps_working() -> any
         rss_after - rss_before
     );
     drop(sessions);
+    Ok(())
+}
+
+/// Streams a flooding client opened on one connection, more than the Leaf port allows at once.
+const FLOOD_STREAMS: u32 = 1000;
+
+/// Opens `FLOOD_STREAMS` gRPC streams on one connection without ever acknowledging or obeying the server's
+/// SETTINGS, each a PutRecord whose body never comes (so every accepted stream stays open). Returns the
+/// connection (held open by the caller), the advertised stream limit, and how many streams were accepted.
+async fn flood_streams(
+    leaf_addr: std::net::SocketAddr,
+    ca: &[u8],
+    source: IpAddr,
+) -> anyhow::Result<(
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Option<u32>,
+    u32,
+)> {
+    use tokio::io::AsyncWriteExt;
+    use vesper_tests::http2;
+    let mut tls = tlsprobe::tls_connect(leaf_addr, ca, Some(source)).await?;
+    let mut bytes = http2::PREFACE.to_vec();
+    bytes.extend(http2::frame(http2::SETTINGS, 0, 0, &[]));
+    let block =
+        http2::grpc_request_headers("/vesper.v1.Leaf/PutRecord", &leaf_addr.to_string(), &[]);
+    for n in 0..FLOOD_STREAMS {
+        bytes.extend(http2::frame(
+            http2::HEADERS,
+            http2::END_HEADERS,
+            2 * n + 1,
+            &block,
+        ));
+    }
+    tls.write_all(&bytes).await?;
+    tls.flush().await?;
+
+    // Every stream is either refused (RST_STREAM REFUSED_STREAM) or, after a GOAWAY, above its last stream id;
+    // what is left was accepted. Stop once the refusals account for every stream the limit cannot hold, or
+    // when the server has been silent for a while.
+    let mut advertised = None;
+    let mut refused = 0u32;
+    let mut beyond_goaway = 0u32;
+    loop {
+        let frame =
+            match tokio::time::timeout(Duration::from_secs(5), http2::read_frame(&mut tls)).await {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(_)) | Err(_) => break,
+            };
+        match frame.kind {
+            http2::SETTINGS => {
+                for (id, value) in frame.settings() {
+                    if id == http2::SETTINGS_MAX_CONCURRENT_STREAMS {
+                        advertised = Some(value);
+                    }
+                }
+            }
+            http2::RST_STREAM if frame.error_code() == Some(http2::REFUSED_STREAM) => refused += 1,
+            http2::GOAWAY => {
+                let last = frame.last_stream().unwrap_or(0);
+                beyond_goaway = (0..FLOOD_STREAMS).filter(|n| 2 * n + 1 > last).count() as u32;
+                break;
+            }
+            _ => {}
+        }
+        if let Some(limit) = advertised {
+            if refused + beyond_goaway >= FLOOD_STREAMS.saturating_sub(limit) {
+                break;
+            }
+        }
+    }
+    Ok((tls, advertised, FLOOD_STREAMS - refused - beyond_goaway))
+}
+
+/// The grpc-status and grpc-message of one call made with h2 directly, so the test controls every header and
+/// every byte of the body (tonic's client would not send what these cases send).
+async fn raw_grpc_call(
+    leaf_addr: std::net::SocketAddr,
+    ca: &[u8],
+    extra_headers: &[(&str, &str)],
+    body: Vec<u8>,
+    end_stream: bool,
+) -> anyhow::Result<(i32, String)> {
+    let tls = tlsprobe::tls_connect(leaf_addr, ca, None).await?;
+    let (client, connection) = h2::client::handshake(tls).await?;
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://{leaf_addr}/vesper.v1.Leaf/PutRecord"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra_headers {
+        request = request.header(*name, *value);
+    }
+    let mut client = client.ready().await?;
+    let (response, mut send) = client.send_request(request.body(())?, false)?;
+    send.send_data(bytes::Bytes::from(body), end_stream)?;
+    let response = tokio::time::timeout(Duration::from_secs(20), response).await??;
+    let mut headers = response.headers().clone();
+    if !headers.contains_key("grpc-status") {
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk?;
+        }
+        headers = body.trailers().await?.unwrap_or_default();
+    }
+    let status = headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no grpc-status in {headers:?}"))?;
+    // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+    let raw = headers
+        .get("grpc-message")
+        .map(|value| value.as_bytes().to_vec())
+        .unwrap_or_default();
+    let mut message = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter();
+    while let Some(&byte) = bytes.next() {
+        let hex = |byte: Option<&u8>| byte.and_then(|b| char::from(*b).to_digit(16));
+        match byte {
+            b'%' => match (hex(bytes.next()), hex(bytes.next())) {
+                (Some(high), Some(low)) => message.push((high * 16 + low) as u8),
+                _ => anyhow::bail!("bad percent-encoding in grpc-message {raw:?}"),
+            },
+            other => message.push(other),
+        }
+    }
+    Ok((status, String::from_utf8(message)?))
+}
+
+/// A gRPC length-prefixed message: the compressed flag, the length, the bytes.
+fn grpc_frame(compressed: bool, length: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(bytes);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t17_stream_floods_and_compressed_or_oversize_messages_are_refused() -> anyhow::Result<()> {
+    use prost::Message;
+    const STREAM_LIMIT: u32 = 100;
+    let options = NodeOptions {
+        extra_args: vec![
+            "--max-streams-per-connection".into(),
+            STREAM_LIMIT.to_string(),
+        ],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(1, options).await?;
+    let pid = cluster.nodes[0].pid().expect("running");
+    let leaf_addr = cluster.nodes[0].endpoints().leaf;
+    let ca = cluster.pki.ca_pem();
+    let legitimate = cluster.leaf(0).await?;
+    legitimate
+        .put("bombs", "before", HashMap::new(), b"ok".to_vec(), None)
+        .await?;
+    let applied_before = cluster.wait_quiet(0).await?;
+    let rss_before = rss_kib(pid)?;
+
+    // A client that ignores SETTINGS: streams beyond the limit are refused, the rest wait for bodies.
+    let flooder = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+    let (held, advertised, accepted) = flood_streams(leaf_addr, &ca, flooder).await?;
+    assert_eq!(
+        advertised,
+        Some(STREAM_LIMIT),
+        "advertised SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+    assert!(
+        accepted <= STREAM_LIMIT,
+        "{accepted} of {FLOOD_STREAMS} streams were accepted on one connection (limit {STREAM_LIMIT})"
+    );
+    let rss_flood = rss_kib(pid)?;
+
+    // A gzip bomb: 8 MiB of record (twice the 4 MiB message limit) in about 8 KiB. No port takes compressed
+    // messages, so it is refused on its headers, before a byte is inflated.
+    let bomb = vesper_proto::v1::PutRecordRequest {
+        namespace: "bombs".into(),
+        key: "gzip".into(),
+        value: vec![0; 8 << 20],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut encoder, &bomb)?;
+    let compressed = encoder.finish()?;
+    assert!(
+        compressed.len() < 64 << 10,
+        "{} compressed bytes",
+        compressed.len()
+    );
+    let length = u32::try_from(compressed.len())?;
+    let (code, message) = raw_grpc_call(
+        leaf_addr,
+        &ca,
+        &[("grpc-encoding", "gzip")],
+        grpc_frame(true, length, &compressed),
+        true,
+    )
+    .await?;
+    assert_eq!(Code::from_i32(code), Code::Unimplemented, "{message}");
+    assert!(message.contains("gzip"), "{message}");
+    // The same bytes flagged as compressed with no encoding named: a protocol error, nothing decoded.
+    let (code, message) = raw_grpc_call(
+        leaf_addr,
+        &ca,
+        &[],
+        grpc_frame(true, length, &compressed),
+        true,
+    )
+    .await?;
+    assert_eq!(Code::from_i32(code), Code::Internal, "{message}");
+    assert!(message.contains("compressed"), "{message}");
+    // An uncompressed message announcing 64 MiB: refused on its 5-byte prefix, the rest is never awaited.
+    let (code, message) = raw_grpc_call(
+        leaf_addr,
+        &ca,
+        &[],
+        grpc_frame(false, 64 << 20, &[0; 1024]),
+        false,
+    )
+    .await?;
+    assert_eq!(Code::from_i32(code), Code::OutOfRange, "{message}");
+    assert!(message.contains("too large"), "{message}");
+
+    // Nothing was committed, and the legitimate leaf, and a new one, work while the flood's streams are held.
+    assert_eq!(
+        cluster.wait_quiet(0).await?,
+        applied_before,
+        "the log moved"
+    );
+    let found = legitimate
+        .get("bombs", "gzip", Consistency::Linearizable)
+        .await?;
+    assert!(found.is_none(), "{found:?}");
+    legitimate
+        .put("bombs", "during", HashMap::new(), b"ok".to_vec(), None)
+        .await?;
+    cluster.leaf(0).await?;
+    let rss_after = rss_kib(pid)?;
+    println!(
+        "super peer RSS: {rss_before} KiB before, {rss_flood} KiB with {accepted} streams held of \
+         {FLOOD_STREAMS} opened on one connection (+{} KiB), {rss_after} KiB after the compressed and \
+         oversize messages (+{} KiB)",
+        rss_flood.saturating_sub(rss_before),
+        rss_after.saturating_sub(rss_before),
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "RSS grew by {} KiB",
+        rss_after.saturating_sub(rss_before)
+    );
+    drop(held);
     Ok(())
 }
