@@ -31,6 +31,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use vesper_proto::nat::parse_candidates;
+use vesper_proto::relay as relay_wire;
 use vesper_proto::v1::{PortPrediction, PunchPlan, PunchRole};
 use vesper_proto::{Keypair, PeerId};
 
@@ -53,10 +54,6 @@ const PROBES_PER_TICK: usize = 128;
 const SPRAY_AFTER_TICKS: u32 = 2;
 /// Port prediction: the client's sockets punch again this often.
 const PREDICTION_REPUNCH: Duration = Duration::from_millis(250);
-/// Tag and answer of relay binds (see the super peer's relay module).
-const RELAY_BIND_TAG: [u8; 4] = [0x00, b'V', b'R', b'B'];
-const RELAY_ANSWER_TAG: [u8; 4] = [0x00, b'V', b'R', b'A'];
-const RELAY_RELEASE_TAG: [u8; 4] = [0x00, b'V', b'R', b'X'];
 /// How long a relayed connection may take to come up once both sides are bound.
 const RELAY_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -665,8 +662,10 @@ async fn dial_predicted(
 
 /// Binds `socket` to the relay allocation of `token`; errors name what the relay said.
 async fn bind_relay(socket: &UdpSocket, relay: SocketAddr, token: &[u8]) -> Result<(), LeafError> {
-    let mut request = RELAY_BIND_TAG.to_vec();
-    request.extend_from_slice(token);
+    let token: &[u8; 16] = token
+        .try_into()
+        .map_err(|_| LeafError::Relay(format!("relay token of {} bytes, not 16", token.len())))?;
+    let request = relay_wire::bind_request(token);
     let mut buffer = [0u8; 64];
     for wait in [200u64, 400, 800, 1600] {
         socket
@@ -677,19 +676,16 @@ async fn bind_relay(socket: &UdpSocket, relay: SocketAddr, token: &[u8]) -> Resu
         while let Ok(Ok((len, from))) =
             tokio::time::timeout_at(deadline, socket.recv_from(&mut buffer)).await
         {
-            if from == relay && len == 5 && buffer[..4] == RELAY_ANSWER_TAG {
-                return match buffer[4] {
-                    0 => Ok(()),
-                    1 => Err(LeafError::Relay("unknown or expired relay token".into())),
-                    2 => Err(LeafError::Relay(
-                        "relay token already used by two other addresses".into(),
-                    )),
-                    3 => Err(LeafError::Relay(
-                        "relay allocation ended (a cap was reached)".into(),
-                    )),
-                    other => Err(LeafError::Relay(format!("relay answered status {other}"))),
-                };
-            }
+            let Some(status) =
+                relay_wire::parse_bind_answer(&buffer[..len]).filter(|_| from == relay)
+            else {
+                continue;
+            };
+            return match relay_wire::BindStatus::from_byte(status) {
+                Some(relay_wire::BindStatus::Bound) => Ok(()),
+                Some(refused) => Err(LeafError::Relay(refused.describe().into())),
+                None => Err(LeafError::Relay(format!("relay answered status {status}"))),
+            };
         }
     }
     Err(LeafError::Relay(format!(
@@ -755,8 +751,10 @@ async fn release_relay(address: &str, token: &[u8]) {
     else {
         return;
     };
-    let mut datagram = RELAY_RELEASE_TAG.to_vec();
-    datagram.extend_from_slice(token);
+    let Ok(token) = <&[u8; 16]>::try_from(token) else {
+        return;
+    };
+    let datagram = relay_wire::release_request(token);
     let unspecified: SocketAddr = if relay.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

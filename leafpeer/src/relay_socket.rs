@@ -13,8 +13,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::watch;
 
-/// First bytes of the relay's end notice; the fifth byte is the reason.
-const END_TAG: [u8; 4] = [0x00, b'V', b'R', b'E'];
+use vesper_proto::relay::{parse_end_notice, EndReason};
 
 /// Why a relay ended an allocation, from its end notice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +25,11 @@ pub enum RelayEnd {
 
 impl RelayEnd {
     fn parse(datagram: &[u8]) -> Option<RelayEnd> {
-        if datagram.len() != 5 || datagram[..4] != END_TAG {
-            return None;
-        }
-        Some(match datagram[4] {
-            1 => RelayEnd::ByteCap,
-            2 => RelayEnd::TimeCap,
-            other => RelayEnd::Other(other),
+        let reason = parse_end_notice(datagram)?;
+        Some(match EndReason::from_byte(reason) {
+            Some(EndReason::Bytes) => RelayEnd::ByteCap,
+            Some(EndReason::Time) => RelayEnd::TimeCap,
+            None => RelayEnd::Other(reason),
         })
     }
 }

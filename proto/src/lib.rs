@@ -3,6 +3,8 @@
 //! - [`v1`]: generated protobuf messages and tonic clients/servers of package `vesper.v1` (Leaf, Cluster, Admin).
 //! - [`identity`]: Ed25519 keys and [`PeerId`], the stable name of every peer, leaf or super peer.
 //! - [`nat`]: NAT classes and address candidates a leaf publishes.
+//! - [`rate`]: the token bucket behind every rate limit.
+//! - [`relay`]: the relay's datagram format (binds, answers, end notices, releases) and allocation table.
 //! - [`session`]: the message a leaf signs to prove key possession when it attaches.
 //! - [`stun`]: STUN Binding (RFC 8489) as super peers answer it and leaves ask it.
 //! - [`validate`]: the limits on namespaces, keys, attributes and values, checked on both sides of the wire.
@@ -11,6 +13,8 @@
 
 pub mod identity;
 pub mod nat;
+pub mod rate;
+pub mod relay;
 pub mod session;
 pub mod stun;
 pub mod validate;

@@ -84,6 +84,11 @@ pub struct Config {
     pub host_expiry_ms: u64,
     /// Most messages waiting in one peer's mailbox. Default 1000.
     pub mailbox_quota: u32,
+    /// Most records one peer may own in the metadata index. Default 10000.
+    pub max_records_per_peer: u64,
+    /// Most bytes (namespaces, keys, attributes and values) one peer's records may hold together. Default
+    /// 64 MiB.
+    pub max_record_bytes_per_peer: u64,
     /// How long a message waits in a mailbox before it is dropped, in milliseconds. Default 7 days.
     pub mailbox_ttl_ms: u64,
     /// Messages one session may send per second, sustained. Default 200.
@@ -131,6 +136,8 @@ impl Default for Config {
             session_grace_ms: 10_000,
             host_expiry_ms: 15_000,
             mailbox_quota: 1000,
+            max_records_per_peer: 10_000,
+            max_record_bytes_per_peer: 64 << 20,
             mailbox_ttl_ms: 7 * 24 * 3600 * 1000,
             send_rate_per_second: 200,
             send_burst: 400,
@@ -222,6 +229,12 @@ impl Config {
         problems.extend(self.relay.problems());
         if self.mailbox_quota == 0 {
             problems.push("mailbox_quota must be above 0".into());
+        }
+        if self.max_records_per_peer == 0 {
+            problems.push("max_records_per_peer must be above 0".into());
+        }
+        if self.max_record_bytes_per_peer == 0 {
+            problems.push("max_record_bytes_per_peer must be above 0".into());
         }
         if let StartMode::Join(addr) = &self.start {
             if !addr.contains(':') {

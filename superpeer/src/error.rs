@@ -69,9 +69,9 @@ impl ServiceError {
             | ServiceError::Rejected(Rejection::NotAttached) => {
                 Status::failed_precondition(message)
             }
-            ServiceError::Rejected(Rejection::MailboxFull { .. }) => {
-                Status::resource_exhausted(message)
-            }
+            ServiceError::Rejected(
+                Rejection::MailboxFull { .. } | Rejection::IndexQuota { .. },
+            ) => Status::resource_exhausted(message),
             ServiceError::Rejected(Rejection::ConferenceExists) => Status::already_exists(message),
             ServiceError::Rejected(Rejection::UnknownConference) => Status::not_found(message),
             ServiceError::Rejected(

@@ -75,6 +75,14 @@ struct Args {
     /// Most messages waiting in one peer's mailbox. Default: 1000.
     #[arg(long, env = "VESPER_MAILBOX_QUOTA")]
     mailbox_quota: Option<u32>,
+    /// Most records one peer may own in the metadata index; a put beyond it gets RESOURCE_EXHAUSTED.
+    /// Default: 10000.
+    #[arg(long, env = "VESPER_MAX_RECORDS_PER_PEER")]
+    max_records_per_peer: Option<u64>,
+    /// Most bytes one peer's records may hold together (namespaces, keys, attributes, values). Default:
+    /// 67108864 (64 MiB).
+    #[arg(long, env = "VESPER_MAX_RECORD_BYTES_PER_PEER")]
+    max_record_bytes_per_peer: Option<u64>,
     /// Messages one session may send per second, sustained. Default: 200.
     #[arg(long, env = "VESPER_SEND_RATE")]
     send_rate: Option<u32>,
@@ -202,6 +210,12 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.mailbox_quota {
         config.mailbox_quota = value;
+    }
+    if let Some(value) = args.max_records_per_peer {
+        config.max_records_per_peer = value;
+    }
+    if let Some(value) = args.max_record_bytes_per_peer {
+        config.max_record_bytes_per_peer = value;
     }
     if let Some(value) = args.send_rate {
         config.send_rate_per_second = value;

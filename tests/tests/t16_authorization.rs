@@ -1,5 +1,5 @@
 //! Authorisation beyond record ownership (t10 covers foreign puts and deletes, t90 foreign conference answers):
-//! replayed presence updates and namespace ACLs. Every refusal is checked for its gRPC code AND for the Raft log
+//! replayed presence updates, namespace ACLs, and index and mailbox quotas. Every refusal is checked for its gRPC code AND for the Raft log
 //! not moving, on a two-node cluster where the rules are set through one node and enforced by the other.
 
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use vesper_proto::v1::search_term;
 use vesper_proto::v1::{
     DeleteRecordRequest, GetRecordRequest, ListRecordsRequest, PresenceStatus,
     PublishEndpointsRequest, PutRecordRequest, SearchRecordsRequest, SearchTerm,
-    SetPresenceRequest,
+    SendMessageRequest, SetPresenceRequest,
 };
 use vesper_proto::Keypair;
 use vesper_tests::cluster::{Cluster, NodeOptions};
@@ -406,5 +406,133 @@ async fn leafpeer_eventually_writes(
         .clone()
         .put_record(outsider.request(put("team", "mine", b"x", None)))
         .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_index_and_mailbox_quotas_refuse_before_raft() -> anyhow::Result<()> {
+    let options = NodeOptions {
+        extra_args: [
+            "--max-records-per-peer",
+            "3",
+            "--max-record-bytes-per-peer",
+            "2048",
+        ]
+        .into_iter()
+        .chain(["--mailbox-quota", "2"])
+        .map(String::from)
+        .collect(),
+        ..Default::default()
+    };
+    let cluster = Cluster::start(2, options).await?;
+    let alice = session(&cluster, 0, &Keypair::generate()).await?;
+    let mut client = alice.client.clone();
+    for key in ["a", "b", "c"] {
+        client
+            .put_record(alice.request(put("quota", key, b"small", None)))
+            .await?;
+    }
+    let quiet = cluster.wait_quiet(0).await?;
+
+    // A fourth record, and a record grown past 2048 bytes: refused, and the log does not move.
+    let cases = [
+        (
+            "a fourth record",
+            put("quota", "d", b"small", None),
+            "records owned would be 4, the quota is 3",
+        ),
+        (
+            "a record grown past the byte quota",
+            put("quota", "a", &[b'x'; 2100], None),
+            "bytes owned would be",
+        ),
+    ];
+    for (what, request, message) in cases {
+        let status = client
+            .put_record(alice.request(request))
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), Code::ResourceExhausted, "{what}: {status:?}");
+        assert!(status.message().contains(message), "{what}: {status:?}");
+    }
+    assert_eq!(
+        cluster.status_of(0).await?.applied_index,
+        quiet,
+        "a refused put moved the log"
+    );
+    let a = client
+        .get_record(alice.request(GetRecordRequest {
+            namespace: "quota".into(),
+            key: "a".into(),
+            consistency: 0,
+        }))
+        .await?
+        .into_inner()
+        .record
+        .expect("a");
+    assert_eq!((a.version, a.value.as_slice()), (1, b"small".as_slice()));
+
+    // Others are not held back by alice's quota; alice may still replace, and a delete makes room.
+    let bob = cluster.leaf(1).await?;
+    bob.put("quota", "d", HashMap::new(), b"bob's".to_vec(), None)
+        .await?;
+    client
+        .put_record(alice.request(put("quota", "a", b"replaced", None)))
+        .await?;
+    client
+        .delete_record(alice.request(DeleteRecordRequest {
+            namespace: "quota".into(),
+            key: "b".into(),
+            expected_version: None,
+        }))
+        .await?;
+    client
+        .put_record(alice.request(put("quota", "e", b"small", None)))
+        .await?;
+
+    // The mailbox of an offline peer takes two messages; the third is refused before Raft, a retry of one
+    // already queued is answered as queued, and the refusal keeps what was queued.
+    let offline = Keypair::generate();
+    let message = |id: &str| SendMessageRequest {
+        to: offline.peer_id().to_string(),
+        id: id.into(),
+        kind: "note".into(),
+        payload: id.as_bytes().to_vec(),
+    };
+    for id in ["m1", "m2"] {
+        let sent = client
+            .send_message(alice.request(message(id)))
+            .await?
+            .into_inner();
+        assert!(sent.queued, "{id}: {sent:?}");
+    }
+    let quiet = cluster.wait_quiet(0).await?;
+    let status = client
+        .send_message(alice.request(message("m3")))
+        .await
+        .expect_err("a third message");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("mailbox is full (2 messages)"),
+        "{status:?}"
+    );
+    let retry = client
+        .send_message(alice.request(message("m1")))
+        .await?
+        .into_inner();
+    assert!(retry.queued, "{retry:?}");
+    assert_eq!(
+        cluster.status_of(0).await?.applied_index,
+        quiet,
+        "a refused or retried message moved the log"
+    );
+    let recipient = cluster.leaf_with(1, offline).await?;
+    let mut inbox = recipient.messages().expect("first call");
+    for id in ["m1", "m2"] {
+        let received = tokio::time::timeout(Duration::from_secs(20), inbox.recv())
+            .await?
+            .expect("inbox open");
+        assert_eq!(received.id, id);
+    }
     Ok(())
 }

@@ -153,11 +153,23 @@ pub async fn send(
             return Ok(Fate::Delivered);
         }
     }
+    // The quota (and a retry of a message already queued) is checked on this replica first, so a full mailbox
+    // refuses without a Raft round; apply checks again in log order.
+    let message = stored(&message, from);
+    let quota = context.config.mailbox_quota;
+    let queued = presence::mailbox(context.reader.db(), to.as_bytes(), now_ms())?;
+    if presence::mailbox_admits(
+        queued.iter().map(|(_, item)| &item.message),
+        &message,
+        quota,
+    )? {
+        return Ok(Fate::Queued);
+    }
     let op = Op::MailboxPut {
         to: *to.as_bytes(),
-        message: stored(&message, from),
+        message,
         expires_at_ms: now_ms() + context.config.mailbox_ttl_ms,
-        quota: context.config.mailbox_quota,
+        quota,
     };
     context.propose_accepted(op).await?;
     // The recipient may have attached (and drained its mailbox) while this message was being queued:

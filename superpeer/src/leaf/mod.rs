@@ -53,7 +53,8 @@ use crate::error::ServiceError;
 use crate::node::Context;
 use crate::raft::command::StoredRecord;
 use crate::raft::command::{
-    may_read, Op, PresenceStatus as StoredStatus, Rejection, Response as CommandResponse,
+    may_read, Op, PresenceStatus as StoredStatus, RecordQuota, Rejection,
+    Response as CommandResponse,
 };
 use crate::store::conference as store_conference;
 use crate::store::presence;
@@ -218,11 +219,22 @@ impl Leaf for LeafService {
             &request.value,
         )
         .map_err(ServiceError::from)?;
+        let size = records::record_size(
+            &request.namespace,
+            &request.key,
+            &request.attributes,
+            request.value.len(),
+        );
+        let quota = RecordQuota {
+            records: self.context.config.max_records_per_peer,
+            bytes: self.context.config.max_record_bytes_per_peer,
+        };
         self.precheck(
             &peer,
             &request.namespace,
             &request.key,
             request.expected_version,
+            Some((size, quota)),
         )
         .await?;
         let op = Op::PutRecord {
@@ -232,6 +244,7 @@ impl Leaf for LeafService {
             attributes: request.attributes.into_iter().collect(),
             value: request.value,
             expected_version: request.expected_version,
+            quota,
         };
         match self.context.propose_accepted(op).await? {
             (CommandResponse::Record(record), applied_index) => {
@@ -288,6 +301,7 @@ impl Leaf for LeafService {
                 &request.namespace,
                 &request.key,
                 request.expected_version,
+                None,
             )
             .await?;
         if !exists && request.expected_version.is_none() {
@@ -706,22 +720,28 @@ impl LeafService {
         }
     }
 
-    /// Checks the namespace ACL, ownership and compare-and-set against the local replica before anything is proposed.
-    /// Returns whether the record exists.
+    /// Checks the namespace ACL, ownership, compare-and-set and, for a put of `put_size` bytes, the owner's
+    /// index quota against the local replica before anything is proposed. Returns whether the record exists.
     async fn precheck(
         &self,
         peer: &PeerId,
         namespace: &str,
         key: &str,
         expected_version: Option<u64>,
+        put_size: Option<(u64, RecordQuota)>,
     ) -> Result<bool, ServiceError> {
         let reader = self.context.reader.clone();
-        let (owned_namespace, key) = (namespace.to_string(), key.to_string());
-        let (current, acl) = blocking(move || {
+        let (owned_namespace, owned_key) = (namespace.to_string(), key.to_string());
+        let writer = *peer.as_bytes();
+        let (current, acl, usage) = blocking(move || {
             let db = reader.db();
+            let current = records::get(db, &owned_namespace, &owned_key)?;
+            // The creator is charged for its record, also when a group member writes it.
+            let owner = current.as_ref().map_or(writer, |record| record.owner);
             Ok((
-                records::get(db, &owned_namespace, &key)?,
+                current,
                 records::acl(db, &owned_namespace)?,
+                records::usage(db, &owner)?,
             ))
         })
         .await?;
@@ -732,6 +752,12 @@ impl LeafService {
             namespace,
             acl.as_ref(),
         )?;
+        if let Some((size, quota)) = put_size {
+            let old_size = current.as_ref().map(|record| {
+                records::record_size(namespace, key, &record.attributes, record.value.len())
+            });
+            records::charge(usage, old_size, size, quota)?;
+        }
         Ok(current.is_some())
     }
 }

@@ -33,6 +33,8 @@ pub enum Op {
         value: Vec<u8>,
         /// Compare-and-set: `Some(0)` means "must not exist", `Some(v)` "current version is v".
         expected_version: Option<u64>,
+        /// The index quota of the record's owner, from the proposer's configuration (apply must not read it).
+        quota: RecordQuota,
     },
     /// Delete a record owned by `owner`.
     DeleteRecord {
@@ -122,6 +124,33 @@ pub enum Op {
         namespace: String,
         acl: Option<NamespaceAcl>,
     },
+}
+
+/// How much of the metadata index one peer's records may take: a put that would take the owner past either
+/// bound is refused. A put that shrinks the owner's usage always goes through, so a lowered quota never blocks
+/// a peer from cleaning up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordQuota {
+    /// Most records one peer owns.
+    pub records: u64,
+    /// Most bytes (namespace, key, attribute names and values, value) one peer's records hold together.
+    pub bytes: u64,
+}
+
+/// Which bound of a [`RecordQuota`] a put would cross.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaKind {
+    Records,
+    Bytes,
+}
+
+impl fmt::Display for QuotaKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QuotaKind::Records => "records owned",
+            QuotaKind::Bytes => "bytes owned",
+        })
+    }
 }
 
 /// Who may do something in a namespace.
@@ -350,6 +379,12 @@ pub enum Rejection {
     NotAttached,
     #[error("the recipient's mailbox is full ({quota} messages)")]
     MailboxFull { quota: u32 },
+    #[error("the record's owner is at its index quota: {what} would be {would_be}, the quota is {quota}; delete records first")]
+    IndexQuota {
+        what: QuotaKind,
+        would_be: u64,
+        quota: u64,
+    },
     #[error("a conference with this id exists already")]
     ConferenceExists,
     #[error("no such conference")]

@@ -40,6 +40,7 @@ pub const CF_PRESENCE_ATTRS: &str = "presence_attrs";
 pub const CF_MAILBOX: &str = "mailbox";
 pub const CF_CONFERENCES: &str = "conferences";
 pub const CF_CONF_CHAT: &str = "conf_chat";
+pub const CF_USAGE: &str = "usage";
 
 const ALL_CFS: &[&str] = &[
     CF_LOG,
@@ -54,11 +55,14 @@ const ALL_CFS: &[&str] = &[
     CF_MAILBOX,
     CF_CONFERENCES,
     CF_CONF_CHAT,
+    CF_USAGE,
 ];
 
 /// Version of the on-disk encoding. openraft does not promise a stable serde layout across versions, so a
 /// database written by another format is refused rather than misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 2: record puts carry their owner's index quota, and the `usage` column family counts what each
+/// owner's records take.
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format_version";
 
 /// A storage failure.

@@ -132,6 +132,27 @@ pub fn search(
     Ok(out)
 }
 
+/// Whether `message` may join a mailbox that holds `queued` (live messages only): `Ok(true)` when it is there
+/// already (a retry, which is not stored twice), the rejection when the mailbox is at its quota. Shared by the
+/// pre-proposal check and apply.
+pub fn mailbox_admits<'a>(
+    queued: impl IntoIterator<Item = &'a StoredMessage>,
+    message: &StoredMessage,
+    quota: u32,
+) -> Result<bool, Rejection> {
+    let mut live = 0u32;
+    for item in queued {
+        if item.from == message.from && item.id == message.id {
+            return Ok(true);
+        }
+        live += 1;
+    }
+    if live >= quota {
+        return Err(Rejection::MailboxFull { quota });
+    }
+    Ok(false)
+}
+
 /// A peer's mailbox in order: (sequence, item), expired items left out.
 pub fn mailbox(db: &DB, to: &PeerKey, now_ms: u64) -> Result<Vec<(u64, MailboxItem)>, StoreError> {
     let mut out = Vec::new();
@@ -354,21 +375,20 @@ impl<'a> PresenceWriter<'a> {
         sequence: u64,
         at_ms: u64,
     ) -> Result<Response, StoreError> {
-        let mut live = 0u32;
+        let mut live = Vec::new();
         for (key, item) in self.mailbox_view(&to)? {
             if item.expires_at_ms <= at_ms {
                 batch.delete_cf(cf(self.db, CF_MAILBOX), &key);
                 self.mailbox_pending.insert(key, None);
-                continue;
+            } else {
+                live.push(item.message);
             }
-            if item.message.from == message.from && item.message.id == message.id {
-                // A retry of a message already queued.
-                return Ok(Response::Done);
-            }
-            live += 1;
         }
-        if live >= quota {
-            return Ok(Response::Rejected(Rejection::MailboxFull { quota }));
+        match mailbox_admits(&live, &message, quota) {
+            // A retry of a message already queued.
+            Ok(true) => return Ok(Response::Done),
+            Ok(false) => {}
+            Err(rejection) => return Ok(Response::Rejected(rejection)),
         }
         let key = mailbox_key(&to, sequence);
         let item = MailboxItem {

@@ -1,13 +1,16 @@
 //! The index (records and their secondary attribute indexes) as stored in RocksDB.
 //!
-//! Layout, in two column families (plus the namespace ACLs, kept in the node table so that snapshots carry
+//! Layout, in three column families (plus the namespace ACLs, kept in the node table so that snapshots carry
 //! them without a new snapshot format):
 //!
 //! ```text
 //! records: namespace \0 key                     -> postcard(StoredRecord)
 //! attrs:   namespace \0 name \0 value \0 key    -> (empty)
+//! usage:   owner (32 bytes)                     -> postcard(Usage)   what the owner's records take (quotas)
 //! nodes:   "acl/" namespace                     -> postcard(NamespaceAcl)
 //! ```
+//!
+//! `attrs` and `usage` are derived from `records`: snapshots leave them out and they are rebuilt on install.
 //!
 //! Validation guarantees that namespaces and attribute names are `[a-z0-9._-]` and that keys and values hold no
 //! control characters, so `\0` separates the parts unambiguously and a scan of `namespace \0 name \0 value`
@@ -18,8 +21,76 @@ use std::collections::{BTreeSet, HashMap};
 
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
-use super::{cf, decode, encode, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS};
-use crate::raft::command::{Access, NamespaceAcl, PeerKey, Rejection, Response, StoredRecord};
+use serde::{Deserialize, Serialize};
+
+use super::{cf, decode, encode, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_USAGE};
+use crate::raft::command::{
+    Access, NamespaceAcl, PeerKey, QuotaKind, RecordQuota, Rejection, Response, StoredRecord,
+};
+
+/// What one peer's records take of the index: how many it owns and their bytes ([`record_size`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Bytes a record counts against its owner's quota: namespace, key, attribute names and values, value.
+pub fn record_size<'a>(
+    namespace: &str,
+    key: &str,
+    attributes: impl IntoIterator<Item = (&'a String, &'a String)>,
+    value_len: usize,
+) -> u64 {
+    let attributes: usize = attributes
+        .into_iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    (namespace.len() + key.len() + attributes + value_len) as u64
+}
+
+fn stored_size(namespace: &str, key: &str, record: &StoredRecord) -> u64 {
+    record_size(namespace, key, &record.attributes, record.value.len())
+}
+
+/// What `owner`'s records take now.
+pub fn usage(db: &DB, owner: &PeerKey) -> Result<Usage, StoreError> {
+    Ok(db
+        .get_pinned_cf(cf(db, CF_USAGE), owner)?
+        .map(|bytes| decode("index usage", &bytes))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// The owner's usage after a put that replaces a record of `old_size` bytes (None: creates one) with one of
+/// `new_size`, or the rejection when the put would take the owner past its quota. Only growth is refused, so a
+/// peer over a lowered quota can still shrink and delete. Shared by the pre-proposal check and apply.
+pub fn charge(
+    usage: Usage,
+    old_size: Option<u64>,
+    new_size: u64,
+    quota: RecordQuota,
+) -> Result<Usage, Rejection> {
+    let after = Usage {
+        records: usage.records + u64::from(old_size.is_none()),
+        bytes: (usage.bytes.saturating_sub(old_size.unwrap_or(0))).saturating_add(new_size),
+    };
+    if old_size.is_none() && after.records > quota.records {
+        return Err(Rejection::IndexQuota {
+            what: QuotaKind::Records,
+            would_be: after.records,
+            quota: quota.records,
+        });
+    }
+    if new_size > old_size.unwrap_or(0) && after.bytes > quota.bytes {
+        return Err(Rejection::IndexQuota {
+            what: QuotaKind::Bytes,
+            would_be: after.bytes,
+            quota: quota.bytes,
+        });
+    }
+    Ok(after)
+}
 
 /// Prefix of namespace ACL keys in the node table.
 pub(crate) const ACL_PREFIX: &[u8; 4] = b"acl/";
@@ -230,6 +301,8 @@ pub struct RecordWriter<'a> {
     pending: HashMap<Vec<u8>, Option<StoredRecord>>,
     /// ACLs changed earlier in this batch (None = cleared).
     acls: HashMap<String, Option<NamespaceAcl>>,
+    /// Owners' usage changed earlier in this batch.
+    usage: HashMap<PeerKey, Usage>,
 }
 
 impl<'a> RecordWriter<'a> {
@@ -238,7 +311,31 @@ impl<'a> RecordWriter<'a> {
             db,
             pending: HashMap::new(),
             acls: HashMap::new(),
+            usage: HashMap::new(),
         }
+    }
+
+    /// `owner`'s usage as of this point of the batch.
+    fn usage_of(&self, owner: &PeerKey) -> Result<Usage, StoreError> {
+        match self.usage.get(owner) {
+            Some(pending) => Ok(*pending),
+            None => usage(self.db, owner),
+        }
+    }
+
+    fn set_usage(
+        &mut self,
+        batch: &mut WriteBatch,
+        owner: PeerKey,
+        usage: Usage,
+    ) -> Result<(), StoreError> {
+        if usage.records == 0 {
+            batch.delete_cf(cf(self.db, CF_USAGE), owner);
+        } else {
+            batch.put_cf(cf(self.db, CF_USAGE), owner, encode("index usage", &usage)?);
+        }
+        self.usage.insert(owner, usage);
+        Ok(())
     }
 
     /// The ACL of `namespace` as of this point of the batch.
@@ -295,6 +392,7 @@ impl<'a> RecordWriter<'a> {
         attributes: std::collections::BTreeMap<String, String>,
         value: Vec<u8>,
         expected_version: Option<u64>,
+        quota: RecordQuota,
         at_ms: u64,
     ) -> Result<Response, StoreError> {
         let storage_key = record_key(namespace, key);
@@ -309,9 +407,19 @@ impl<'a> RecordWriter<'a> {
         ) {
             return Ok(Response::Rejected(rejection));
         }
+        // The creator stays the owner when a group-write member changes the record, and is charged for it.
+        let owner = current.as_ref().map_or(owner, |record| record.owner);
+        let old_size = current
+            .as_ref()
+            .map(|record| stored_size(namespace, key, record));
+        let new_size = record_size(namespace, key, &attributes, value.len());
+        let usage = match charge(self.usage_of(&owner)?, old_size, new_size, quota) {
+            Ok(usage) => usage,
+            Err(rejection) => return Ok(Response::Rejected(rejection)),
+        };
+        self.set_usage(batch, owner, usage)?;
         let record = StoredRecord {
-            // The creator stays the owner when a group-write member changes the record.
-            owner: current.as_ref().map_or(owner, |record| record.owner),
+            owner,
             attributes,
             value,
             version: current.as_ref().map_or(1, |record| record.version + 1),
@@ -369,6 +477,14 @@ impl<'a> RecordWriter<'a> {
             return Ok(Response::Rejected(rejection));
         }
         self.unindex(batch, namespace, key, &current);
+        let usage = self.usage_of(&current.owner)?;
+        let usage = Usage {
+            records: usage.records.saturating_sub(1),
+            bytes: usage
+                .bytes
+                .saturating_sub(stored_size(namespace, key, &current)),
+        };
+        self.set_usage(batch, current.owner, usage)?;
         batch.delete_cf(cf(self.db, CF_RECORDS), &storage_key);
         self.pending.insert(storage_key, None);
         Ok(Response::Deleted(true))
@@ -405,9 +521,10 @@ pub fn check_write(
     }
 }
 
-/// Adds the index entries of every record to `batch` (used after installing a snapshot, which carries only
-/// records).
+/// Adds the index entries and the owners' usage of every record to `batch` (used after installing a snapshot,
+/// which carries only records).
 pub fn rebuild_index(db: &DB, batch: &mut WriteBatch) -> Result<(), StoreError> {
+    let mut usage: HashMap<PeerKey, Usage> = HashMap::new();
     for item in db.iterator_cf(cf(db, CF_RECORDS), IteratorMode::Start) {
         let (raw_key, bytes) = item?;
         let Some(split) = raw_key.iter().position(|&b| b == 0) else {
@@ -423,6 +540,12 @@ pub fn rebuild_index(db: &DB, batch: &mut WriteBatch) -> Result<(), StoreError> 
                 [],
             );
         }
+        let owner = usage.entry(record.owner).or_default();
+        owner.records += 1;
+        owner.bytes += stored_size(&namespace, &key, &record);
+    }
+    for (owner, usage) in usage {
+        batch.put_cf(cf(db, CF_USAGE), owner, encode("index usage", &usage)?);
     }
     Ok(())
 }

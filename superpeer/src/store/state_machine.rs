@@ -25,7 +25,7 @@ use super::presence::PresenceWriter;
 use super::records::RecordWriter;
 use super::{
     blocking, cf, decode, encode, StoreError, CF_ATTRS, CF_CONFERENCES, CF_CONF_CHAT, CF_MAILBOX,
-    CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT,
+    CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT, CF_USAGE,
 };
 use crate::events::{Change, Event, EventLog};
 use crate::raft::command::{NodeInfo, Op, Rejection, Response};
@@ -270,6 +270,7 @@ impl StateMachine {
                             attributes,
                             value,
                             expected_version,
+                            quota,
                         } => records.put(
                             batch,
                             *owner,
@@ -278,6 +279,7 @@ impl StateMachine {
                             attributes.clone(),
                             value.clone(),
                             *expected_version,
+                            *quota,
                             command.at_ms,
                         )?,
                         Op::DeleteRecord {
@@ -595,6 +597,7 @@ impl StateMachine {
         for name in [
             CF_RECORDS,
             CF_ATTRS,
+            CF_USAGE,
             CF_NODES,
             CF_PRESENCE,
             CF_PRESENCE_ATTRS,

@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use super::records::{self, Condition, Term};
 use super::state_machine::StateReader;
 use super::{open, LogStore, StateMachine};
-use crate::raft::command::{Command, NodeInfo, Op, Rejection, Response};
+use crate::raft::command::{Command, NodeInfo, Op, QuotaKind, RecordQuota, Rejection, Response};
 use crate::raft::{Entry, LogId, TypeConfig};
 
 struct Builder;
@@ -45,7 +45,23 @@ fn entry(index: u64, op: Op) -> Entry {
     }
 }
 
+/// A quota no test of other rules reaches.
+const AMPLE: RecordQuota = RecordQuota {
+    records: 1_000_000,
+    bytes: 1 << 40,
+};
+
 fn put(owner: u8, key: &str, attributes: &[(&str, &str)], expected: Option<u64>) -> Op {
+    put_within(owner, key, attributes, expected, AMPLE)
+}
+
+fn put_within(
+    owner: u8,
+    key: &str,
+    attributes: &[(&str, &str)],
+    expected: Option<u64>,
+    quota: RecordQuota,
+) -> Op {
     Op::PutRecord {
         owner: [owner; 32],
         namespace: "ns".into(),
@@ -56,6 +72,7 @@ fn put(owner: u8, key: &str, attributes: &[(&str, &str)], expected: Option<u64>)
             .collect::<BTreeMap<_, _>>(),
         value: key.as_bytes().to_vec(),
         expected_version: expected,
+        quota,
     }
 }
 
@@ -154,6 +171,7 @@ async fn responses_report_rejections() {
             BTreeMap::new(),
             vec![],
             Some(0),
+            AMPLE,
             5,
         )
         .unwrap();
@@ -167,6 +185,7 @@ async fn responses_report_rejections() {
             BTreeMap::new(),
             vec![],
             Some(0),
+            AMPLE,
             6,
         )
         .unwrap();
@@ -272,6 +291,13 @@ async fn snapshot_moves_records_and_rebuilds_the_index() {
     let (found, _) = records::search(reader.db(), "ns", &[even], None, 100).unwrap();
     assert_eq!(found.len(), 25);
     assert!(records::get(reader.db(), "ns", "stale").unwrap().is_none());
+    // Usage is rebuilt from the records: the snapshot's owner, and nothing left of the stale one.
+    let usage = records::usage(reader.db(), &[1; 32]).unwrap();
+    assert_eq!(usage.records, 50);
+    assert_eq!(
+        records::usage(reader.db(), &[7; 32]).unwrap(),
+        records::Usage::default()
+    );
     let (applied, _) = target.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(50)));
     let current = target.get_current_snapshot().await.unwrap().unwrap();
@@ -374,4 +400,141 @@ async fn apply_enforces_namespace_acls_in_log_order() {
     assert_eq!(acls[0].0, "team");
     assert!(acls[0].1.may_read(&[1; 32]) && !acls[0].1.may_read(&[2; 32]));
     reader.nodes().expect("node table still reads");
+}
+
+#[tokio::test]
+async fn apply_enforces_index_quotas_in_log_order() {
+    use crate::raft::command::Access::{Anyone, Members};
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    // "ns" + a one-byte key + the same one-byte value: 4 bytes a record.
+    let two = RecordQuota {
+        records: 2,
+        bytes: 1_000,
+    };
+    let responses = state_machine
+        .apply(stream::iter(
+            vec![
+                entry(1, put_within(1, "a", &[], None, two)),
+                entry(2, put_within(1, "b", &[], None, two)),
+                // A third record: refused. Peer 2 is not affected by peer 1's usage.
+                entry(3, put_within(1, "c", &[], None, two)),
+                entry(4, put_within(2, "c", &[], None, two)),
+                // Replacing an owned record does not add one; deleting frees a place in the same batch.
+                entry(5, put_within(1, "a", &[("x", "y")], None, two)),
+                entry(
+                    6,
+                    Op::DeleteRecord {
+                        owner: [1; 32],
+                        namespace: "ns".into(),
+                        key: "b".into(),
+                        expected_version: None,
+                    },
+                ),
+                entry(7, put_within(1, "d", &[], None, two)),
+                // Bytes: a put that grows peer 1 past 8 bytes is refused, one that shrinks it goes through.
+                entry(
+                    8,
+                    put_within(
+                        1,
+                        "a",
+                        &[("long", "attribute value")],
+                        None,
+                        RecordQuota {
+                            records: 2,
+                            bytes: 8,
+                        },
+                    ),
+                ),
+                entry(
+                    9,
+                    put_within(
+                        1,
+                        "a",
+                        &[],
+                        None,
+                        RecordQuota {
+                            records: 2,
+                            bytes: 1,
+                        },
+                    ),
+                ),
+                // Group write: peer 2 changing peer 1's record is charged to peer 1, the owner.
+                entry(10, acl("ns", Members, Anyone, &[1, 2])),
+                entry(
+                    11,
+                    put_within(
+                        2,
+                        "d",
+                        &[("grown", "by peer two")],
+                        None,
+                        RecordQuota {
+                            records: 2,
+                            bytes: 8,
+                        },
+                    ),
+                ),
+            ]
+            .into_iter()
+            .map(|entry| Ok::<_, std::io::Error>((entry, None))),
+        ))
+        .await;
+    responses.expect("apply");
+    let reader = StateReader::new(db.clone());
+    let db = reader.db();
+    let present = |key: &str| records::get(db, "ns", key).unwrap();
+    assert!(present("b").is_none(), "deleted at 6");
+    assert_eq!(
+        present("c").unwrap().owner,
+        [2; 32],
+        "peer 1's put 3 refused"
+    );
+    assert_eq!(present("d").unwrap().owner, [1; 32], "put 7 accepted");
+    assert!(
+        present("d").unwrap().attributes.is_empty(),
+        "put 11 refused"
+    );
+    let a = present("a").unwrap();
+    assert_eq!(
+        (a.version, a.attributes.len()),
+        (3, 0),
+        "puts 5 and 9 accepted, 8 refused"
+    );
+    assert_eq!(
+        records::usage(db, &[1; 32]).unwrap(),
+        records::Usage {
+            records: 2,
+            bytes: 8
+        }
+    );
+    assert_eq!(
+        records::usage(db, &[2; 32]).unwrap(),
+        records::Usage {
+            records: 1,
+            bytes: 4
+        }
+    );
+    // The rejection names the bound.
+    let rejection = records::charge(
+        records::Usage {
+            records: 2,
+            bytes: 8,
+        },
+        None,
+        4,
+        RecordQuota {
+            records: 2,
+            bytes: 100,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(
+        rejection,
+        Rejection::IndexQuota {
+            what: QuotaKind::Records,
+            would_be: 3,
+            quota: 2
+        }
+    ));
 }
