@@ -9,7 +9,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use data_encoding::BASE32_NOPAD;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 /// Prefix of the text form; the version digit lets a later key type get another prefix.
 const PEER_ID_PREFIX: &str = "vp1";
@@ -41,7 +41,12 @@ impl PeerId {
         let raw: [u8; 32] = bytes
             .try_into()
             .map_err(|_| PeerIdError::BadKeyLength(bytes.len()))?;
-        VerifyingKey::from_bytes(&raw).map_err(|_| PeerIdError::InvalidKey)?;
+        let key = VerifyingKey::from_bytes(&raw).map_err(|_| PeerIdError::InvalidKey)?;
+        // A small-order ("weak") key has no real owner: a signature made of the identity and zero verifies
+        // under it for every message. Such a key never names a peer.
+        if key.is_weak() {
+            return Err(PeerIdError::InvalidKey);
+        }
         Ok(Self(raw))
     }
 
@@ -55,7 +60,9 @@ impl PeerId {
         let key = VerifyingKey::from_bytes(&self.0).map_err(|_| PeerIdError::InvalidKey)?;
         let signature = Signature::from_slice(signature)
             .map_err(|_| PeerIdError::BadSignatureLength(signature.len()))?;
-        key.verify(message, &signature)
+        // Strict: also refuses non-canonical and small-order signature parts, so one signature never verifies
+        // for more than the message it was made for.
+        key.verify_strict(message, &signature)
             .map_err(|_| PeerIdError::BadSignature)
     }
 }
@@ -208,6 +215,17 @@ mod tests {
         assert!(matches!(
             "vp1aaaa".parse::<PeerId>(),
             Err(PeerIdError::BadKeyLength(_))
+        ));
+    }
+
+    #[test]
+    fn small_order_keys_name_no_peer() {
+        // The identity point: under it, (R = identity, s = 0) would verify for every message.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(matches!(
+            PeerId::from_public_key_bytes(&identity),
+            Err(PeerIdError::InvalidKey)
         ));
     }
 

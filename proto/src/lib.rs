@@ -1,20 +1,24 @@
 //! The Vesper wire protocol and the identity types both sides of it share.
 //!
 //! - [`v1`]: generated protobuf messages and tonic clients/servers of package `vesper.v1` (Leaf, Cluster, Admin).
+//! - [`acl`]: namespace access rules and their conversion from the Admin service's messages.
 //! - [`identity`]: Ed25519 keys and [`PeerId`], the stable name of every peer, leaf or super peer.
 //! - [`nat`]: NAT classes and address candidates a leaf publishes.
 //! - [`rate`]: the token bucket behind every rate limit.
 //! - [`relay`]: the relay's datagram format (binds, answers, end notices, releases) and allocation table.
+//! - [`search`]: search terms, checked and converted from a request, and how they match attributes.
 //! - [`session`]: the message a leaf signs to prove key possession when it attaches.
 //! - [`stun`]: STUN Binding (RFC 8489) as super peers answer it and leaves ask it.
 //! - [`validate`]: the limits on namespaces, keys, attributes and values, checked on both sides of the wire.
 //!
 //! Generated prost types stay at the edge: code on either side converts them into its own domain types.
 
+pub mod acl;
 pub mod identity;
 pub mod nat;
 pub mod rate;
 pub mod relay;
+pub mod search;
 pub mod session;
 pub mod stun;
 pub mod validate;

@@ -47,6 +47,8 @@ pub enum InvalidInput {
     NoCondition { attribute: String },
     #[error("limit {limit} is above the maximum {max}")]
     LimitTooLarge { limit: u32, max: u32 },
+    #[error("{field}: {reason}")]
+    BadValue { field: &'static str, reason: String },
 }
 
 impl InvalidInput {

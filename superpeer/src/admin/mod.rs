@@ -15,9 +15,11 @@ use vesper_proto::v1::{
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use vesper_proto::v1::{
-    ListNamespaceAclsRequest, ListNamespaceAclsResponse, NamespaceAccess, NamespaceAcl as ProtoAcl,
-    SetNamespaceAclRequest, SetNamespaceAclResponse,
+    ListNamespaceAclsRequest, ListNamespaceAclsResponse, SetNamespaceAclRequest,
+    SetNamespaceAclResponse,
 };
+
+use vesper_proto::acl::NamespaceAcl;
 
 use crate::error::ServiceError;
 use crate::node::Context;
@@ -229,7 +231,7 @@ impl Admin for AdminService {
         let acl = if request.clear {
             None
         } else {
-            Some(acl_from_proto(&proto)?)
+            Some(NamespaceAcl::from_proto(&proto).map_err(ServiceError::from)?)
         };
         let op = crate::raft::command::Op::SetNamespaceAcl {
             namespace: proto.namespace.clone(),
@@ -255,74 +257,9 @@ impl Admin for AdminService {
         Ok(Response::new(ListNamespaceAclsResponse {
             acls: acls
                 .into_iter()
-                .map(|(namespace, acl)| acl_to_proto(namespace, &acl))
+                .map(|(namespace, acl)| acl.to_proto(namespace))
                 .collect(),
             applied_index,
         }))
-    }
-}
-
-/// Most members one namespace ACL may list.
-pub const MAX_ACL_MEMBERS: usize = 1024;
-
-fn access_from_proto(
-    field: &str,
-    value: i32,
-) -> Result<crate::raft::command::Access, ServiceError> {
-    use crate::raft::command::Access;
-    match NamespaceAccess::try_from(value) {
-        Ok(NamespaceAccess::Anyone) => Ok(Access::Anyone),
-        Ok(NamespaceAccess::Members) => Ok(Access::Members),
-        _ => Err(ServiceError::BadField(format!(
-            "{field} access must be ANYONE or MEMBERS, got {value}"
-        ))),
-    }
-}
-
-fn acl_from_proto(proto: &ProtoAcl) -> Result<crate::raft::command::NamespaceAcl, ServiceError> {
-    if proto.members.len() > MAX_ACL_MEMBERS {
-        return Err(vesper_proto::validate::InvalidInput::TooLong {
-            field: "acl members",
-            len: proto.members.len(),
-            max: MAX_ACL_MEMBERS,
-        }
-        .into());
-    }
-    let mut members = std::collections::BTreeSet::new();
-    for text in &proto.members {
-        let peer: vesper_proto::PeerId = text
-            .parse()
-            .map_err(|error| ServiceError::BadField(format!("acl member {text:?}: {error}")))?;
-        members.insert(*peer.as_bytes());
-    }
-    let acl = crate::raft::command::NamespaceAcl {
-        write: access_from_proto("write", proto.write)?,
-        read: access_from_proto("read", proto.read)?,
-        members,
-    };
-    let open = crate::raft::command::Access::Anyone;
-    if (acl.write != open || acl.read != open) && acl.members.is_empty() {
-        return Err(ServiceError::BadField(
-            "access MEMBERS needs at least one member (or clear the namespace's rules)".into(),
-        ));
-    }
-    Ok(acl)
-}
-
-fn acl_to_proto(namespace: String, acl: &crate::raft::command::NamespaceAcl) -> ProtoAcl {
-    let access = |access: crate::raft::command::Access| match access {
-        crate::raft::command::Access::Anyone => NamespaceAccess::Anyone as i32,
-        crate::raft::command::Access::Members => NamespaceAccess::Members as i32,
-    };
-    ProtoAcl {
-        namespace,
-        write: access(acl.write),
-        read: access(acl.read),
-        members: acl
-            .members
-            .iter()
-            .filter_map(|key| vesper_proto::PeerId::from_public_key_bytes(key).ok())
-            .map(|peer| peer.to_string())
-            .collect(),
     }
 }

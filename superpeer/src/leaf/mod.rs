@@ -31,10 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
-use vesper_proto::session::{attach_message, NONCE_LEN};
+use vesper_proto::search;
+use vesper_proto::session::{self, NONCE_LEN};
 use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
-    client_frame, search_term, server_frame, AnswerInvitationRequest, Challenge, ClientFrame,
+    client_frame, server_frame, AnswerInvitationRequest, Challenge, ClientFrame,
     ConferenceResponse, ConnectRequest, ConnectResponse, CreateConferenceRequest,
     DeleteRecordRequest, DeleteRecordResponse, GetConferenceRequest, GetRecordRequest,
     GetRecordResponse, InviteRequest, ListRecordsRequest, ListRecordsResponse, LookupPeerRequest,
@@ -58,7 +59,7 @@ use crate::raft::command::{
 };
 use crate::store::conference as store_conference;
 use crate::store::presence;
-use crate::store::records::{self, Condition, Term};
+use crate::store::records;
 use crate::store::{blocking, StoreError};
 
 /// Time a leaf has to answer the challenge after opening a session.
@@ -361,7 +362,7 @@ impl Leaf for LeafService {
     ) -> Result<Response<SearchRecordsResponse>, Status> {
         let peer = self.authenticate(&request)?;
         let request = request.into_inner();
-        let terms = search_terms(&request.terms)?;
+        let terms = search::terms(&request.terms).map_err(ServiceError::from)?;
         let page = PageRequest {
             reader: *peer.as_bytes(),
             namespace: request.namespace,
@@ -488,7 +489,7 @@ impl Leaf for LeafService {
     ) -> Result<Response<SearchPeersResponse>, Status> {
         self.authenticate(&request)?;
         let request = request.into_inner();
-        let terms = search_terms(&request.terms)?;
+        let terms = search::terms(&request.terms).map_err(ServiceError::from)?;
         let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
         let applied_index = self
             .context
@@ -768,46 +769,6 @@ fn unexpected(response: CommandResponse) -> Status {
     ))
 }
 
-/// Validates and converts search terms.
-fn search_terms(terms: &[vesper_proto::v1::SearchTerm]) -> Result<Vec<Term>, ServiceError> {
-    if terms.is_empty() {
-        return Err(validate::InvalidInput::NoTerms.into());
-    }
-    if terms.len() > validate::MAX_SEARCH_TERMS {
-        return Err(validate::InvalidInput::TooManyTerms {
-            count: terms.len(),
-            max: validate::MAX_SEARCH_TERMS,
-        }
-        .into());
-    }
-    terms
-        .iter()
-        .map(|term| {
-            validate::attribute_name(&term.attribute)?;
-            let condition = match &term.condition {
-                Some(search_term::Condition::Equals(value)) => {
-                    validate::attribute_value(value)?;
-                    Condition::Equals(value.clone())
-                }
-                Some(search_term::Condition::Prefix(prefix)) => {
-                    validate::attribute_value(prefix)?;
-                    Condition::Prefix(prefix.clone())
-                }
-                None => {
-                    return Err(validate::InvalidInput::NoCondition {
-                        attribute: term.attribute.clone(),
-                    }
-                    .into())
-                }
-            };
-            Ok(Term {
-                attribute: term.attribute.clone(),
-                condition,
-            })
-        })
-        .collect()
-}
-
 /// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
 /// acknowledgements until the leaf goes away or the node stops. A session that ends without a goodbye leaves
 /// the peer online for the grace period, so it can re-attach anywhere without an offline flap.
@@ -830,10 +791,12 @@ async fn run_session(
     let peer = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(ClientFrame {
             frame: Some(client_frame::Frame::Attach(attach)),
-        }))) => match verify_attach(&attach, &nonce, &context.me.peer_id) {
+        }))) => match session::verify_attach(&attach, &nonce, &context.me.peer_id) {
             Ok(peer) => peer,
-            Err(status) => {
-                let _ = tx.send(Err(status)).await;
+            Err(error) => {
+                let _ = tx
+                    .send(Err(Status::unauthenticated(error.to_string())))
+                    .await;
                 return;
             }
         },
@@ -1057,16 +1020,4 @@ fn send_result(request_id: u64, outcome: Result<messaging::Fate, Status>) -> Ser
     ServerFrame {
         frame: Some(server_frame::Frame::SendResult(result)),
     }
-}
-
-fn verify_attach(
-    attach: &vesper_proto::v1::Attach,
-    nonce: &[u8],
-    server_peer_id: &str,
-) -> Result<PeerId, Status> {
-    let peer = PeerId::from_public_key_bytes(&attach.public_key)
-        .map_err(|error| Status::unauthenticated(format!("attach public key: {error}")))?;
-    peer.verify(&attach_message(nonce, server_peer_id), &attach.signature)
-        .map_err(|error| Status::unauthenticated(format!("attach signature: {error}")))?;
-    Ok(peer)
 }

@@ -153,37 +153,7 @@ impl fmt::Display for QuotaKind {
     }
 }
 
-/// Who may do something in a namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Access {
-    /// Every attached peer.
-    Anyone,
-    /// Only the peers listed in the ACL.
-    Members,
-}
-
-/// Access rules of one record namespace. A namespace without rules is open: anyone reads, anyone creates keys,
-/// and a record is changed only by the peer that created it.
-///
-/// With `write: Members` only members write, and any member may change or delete any record of the namespace
-/// (group write; a record keeps the creator as its owner). With `read: Members` only members read, list,
-/// search or watch it. Owner-write / public-read is `write: Members` with the owner as the one member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NamespaceAcl {
-    pub write: Access,
-    pub read: Access,
-    pub members: std::collections::BTreeSet<PeerKey>,
-}
-
-impl NamespaceAcl {
-    pub fn may_write(&self, peer: &PeerKey) -> bool {
-        self.write == Access::Anyone || self.members.contains(peer)
-    }
-
-    pub fn may_read(&self, peer: &PeerKey) -> bool {
-        self.read == Access::Anyone || self.members.contains(peer)
-    }
-}
+pub use vesper_proto::acl::{Access, NamespaceAcl};
 
 /// Whether `peer` may read `namespace` under `acl` (None: no rules, open).
 pub fn may_read(acl: Option<&NamespaceAcl>, peer: &PeerKey) -> bool {

@@ -115,13 +115,7 @@ pub fn search(
                 "profile index points at a missing peer",
             ));
         };
-        let matches = terms.iter().all(|term| {
-            match (entry.attributes.get(&term.attribute), &term.condition) {
-                (Some(value), Condition::Equals(wanted)) => value == wanted,
-                (Some(value), Condition::Prefix(prefix)) => value.starts_with(prefix.as_str()),
-                (None, _) => false,
-            }
-        });
+        let matches = terms.iter().all(|term| term.matches(&entry.attributes));
         if matches && (!online_only || entry.status != PresenceStatus::Offline) {
             out.push((peer, entry));
             if out.len() == limit {

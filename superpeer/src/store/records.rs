@@ -125,29 +125,7 @@ pub fn acls(db: &DB) -> Result<Vec<(String, NamespaceAcl)>, StoreError> {
     Ok(out)
 }
 
-/// A search condition, already validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Condition {
-    Equals(String),
-    Prefix(String),
-}
-
-/// One attribute condition of a search.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Term {
-    pub attribute: String,
-    pub condition: Condition,
-}
-
-impl Term {
-    fn matches(&self, record: &StoredRecord) -> bool {
-        match (record.attributes.get(&self.attribute), &self.condition) {
-            (Some(value), Condition::Equals(wanted)) => value == wanted,
-            (Some(value), Condition::Prefix(prefix)) => value.starts_with(prefix.as_str()),
-            (None, _) => false,
-        }
-    }
-}
+pub use vesper_proto::search::{Condition, Term};
 
 /// Storage key of a record.
 pub fn record_key(namespace: &str, key: &str) -> Vec<u8> {
@@ -284,7 +262,7 @@ pub fn search(
                 "attribute index points at a missing record",
             ));
         };
-        if terms.iter().all(|term| term.matches(&record)) {
+        if terms.iter().all(|term| term.matches(&record.attributes)) {
             if out.len() == limit {
                 return Ok((out, true));
             }
