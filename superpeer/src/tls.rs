@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -158,6 +158,14 @@ impl TlsMaterial {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|error| invalid("CA certificate")(error.to_string()))?;
+        // Other super peers check our certificate with the same verifier (we are their client on the Cluster
+        // port), so one it refuses would be refused by every peer: a certificate of another CA or an expired
+        // one is not installed, neither at start nor on a reload.
+        verifier
+            .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            .map_err(|error| {
+                invalid("certificate")(format!("not valid under the cluster CA: {error}"))
+            })?;
         let mut mutual = builder()?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)

@@ -63,6 +63,27 @@ async fn t17_certificates_rotate_on_live_super_peers_without_failed_requests() -
     })
     .await?;
 
+    // A pair from another CA (a mistake in the secret store) is not installed: every peer would refuse it. The
+    // old pair stays in use and each node logs why.
+    let foreign = vesper_tests::pki::Pki::create(&cluster.root().join("foreign-ca"))?;
+    let (foreign_cert, foreign_key) = foreign.issue("superpeer", "superpeer-foreign", &[])?;
+    replace_file(&foreign_key, &key)?;
+    replace_file(&foreign_cert, &cert)?;
+    for node in 0..cluster.nodes.len() {
+        wait::until(
+            "the certificate from another CA refused",
+            Duration::from_secs(20),
+            || async {
+                let log = std::fs::read_to_string(cluster.log_path(node))?;
+                Ok(log.contains("not valid under the cluster CA").then_some(()))
+            },
+        )
+        .await?;
+    }
+    for &port in &ports {
+        assert_eq!(served_certificate(port, &ca).await?, old, "{port}");
+    }
+
     // Rotate the way a secret update does: the key first, then the certificate, each in one rename. In
     // between the two files do not match; the nodes must keep the old pair until the new one is whole.
     let (next_cert, next_key) = cluster.pki.issue("superpeer", "superpeer-next", &[])?;
