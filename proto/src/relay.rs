@@ -37,20 +37,21 @@ pub const RELEASE_TAG: [u8; 4] = [0x00, b'V', b'R', b'X'];
 /// Length of a bind request: the tag and a 16-byte token.
 pub const BIND_LEN: usize = 20;
 
-/// A bind request for the allocation of `token`.
-pub fn bind_request(token: &[u8; 16]) -> [u8; BIND_LEN] {
+fn tagged(tag: [u8; 4], token: &[u8; 16]) -> [u8; BIND_LEN] {
     let mut request = [0u8; BIND_LEN];
-    request[..4].copy_from_slice(&BIND_TAG);
+    request[..4].copy_from_slice(&tag);
     request[4..].copy_from_slice(token);
     request
 }
 
+/// A bind request for the allocation of `token`.
+pub fn bind_request(token: &[u8; 16]) -> [u8; BIND_LEN] {
+    tagged(BIND_TAG, token)
+}
+
 /// A release of the allocation of `token`.
 pub fn release_request(token: &[u8; 16]) -> [u8; BIND_LEN] {
-    let mut request = [0u8; BIND_LEN];
-    request[..4].copy_from_slice(&RELEASE_TAG);
-    request[4..].copy_from_slice(token);
-    request
+    tagged(RELEASE_TAG, token)
 }
 
 /// The status byte of a bind answer, or None when `datagram` is not one.
@@ -412,12 +413,6 @@ impl RelayTable {
 mod tests {
     use super::*;
 
-    fn bind_request(token: [u8; 16]) -> Vec<u8> {
-        let mut request = BIND_TAG.to_vec();
-        request.extend_from_slice(&token);
-        request
-    }
-
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()
     }
@@ -428,8 +423,8 @@ mod tests {
         let now = Instant::now();
         let grant = table.grant(now).unwrap();
         let (a, b) = (addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
-        table.handle(&bind_request(grant.token), a, now);
-        table.handle(&bind_request(grant.token), b, now);
+        table.handle(&bind_request(&grant.token), a, now);
+        table.handle(&bind_request(&grant.token), b, now);
         (table, now, a, b, grant)
     }
 
@@ -444,17 +439,17 @@ mod tests {
             addr("192.0.2.3:3000"),
         );
         assert_eq!(
-            table.handle(&bind_request(grant.token), a, now),
+            table.handle(&bind_request(&grant.token), a, now),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::Bound as u8])
         );
         // Before the other side binds, traffic is dropped.
         assert_eq!(table.handle(b"\xC0quic", a, now), Action::Drop);
-        table.handle(&bind_request(grant.token), b, now);
+        table.handle(&bind_request(&grant.token), b, now);
         assert_eq!(table.handle(b"\xC0quic", a, now), Action::Forward(b));
         assert_eq!(table.handle(b"\x40quic", b, now), Action::Forward(a));
         // A third address cannot join.
         assert_eq!(
-            table.handle(&bind_request(grant.token), c, now),
+            table.handle(&bind_request(&grant.token), c, now),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::Taken as u8])
         );
         assert_eq!(table.handle(b"\xC0quic", c, now), Action::NotRelay);
@@ -470,19 +465,19 @@ mod tests {
         let now = Instant::now();
         let forged = [7u8; 16];
         assert_eq!(
-            table.handle(&bind_request(forged), addr("192.0.2.1:1"), now),
+            table.handle(&bind_request(&forged), addr("192.0.2.1:1"), now),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::UnknownToken as u8])
         );
         let grant = table.grant(now).unwrap();
         let later = now + Duration::from_secs(2);
         assert_eq!(
-            table.handle(&bind_request(grant.token), addr("192.0.2.1:1"), later),
+            table.handle(&bind_request(&grant.token), addr("192.0.2.1:1"), later),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::Ended as u8]),
             "past its time, not yet forgotten"
         );
         let much_later = later + ENDED_LINGER;
         assert_eq!(
-            table.handle(&bind_request(grant.token), addr("192.0.2.1:1"), much_later),
+            table.handle(&bind_request(&grant.token), addr("192.0.2.1:1"), much_later),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::UnknownToken as u8])
         );
         assert!(table.is_empty());
@@ -527,7 +522,7 @@ mod tests {
             "ended for both"
         );
         assert_eq!(
-            table.handle(&bind_request(grant.token), addr("192.0.2.9:9"), now),
+            table.handle(&bind_request(&grant.token), addr("192.0.2.9:9"), now),
             Action::Answer([0, b'V', b'R', b'A', BindStatus::Ended as u8])
         );
     }
@@ -547,20 +542,15 @@ mod tests {
     fn an_unused_allocation_is_released_but_a_bound_one_is_not() {
         let mut table = RelayTable::new(RelayConfig::default());
         let now = Instant::now();
-        let release = |token: [u8; 16]| {
-            let mut datagram = RELEASE_TAG.to_vec();
-            datagram.extend_from_slice(&token);
-            datagram
-        };
         let unused = table.grant(now).unwrap();
         let used = table.grant(now).unwrap();
-        table.handle(&bind_request(used.token), addr("192.0.2.1:1"), now);
+        table.handle(&bind_request(&used.token), addr("192.0.2.1:1"), now);
         assert_eq!(
-            table.handle(&release(unused.token), addr("192.0.2.5:5"), now),
+            table.handle(&release_request(&unused.token), addr("192.0.2.5:5"), now),
             Action::Drop
         );
         assert_eq!(
-            table.handle(&release(used.token), addr("192.0.2.5:5"), now),
+            table.handle(&release_request(&used.token), addr("192.0.2.5:5"), now),
             Action::Drop
         );
         assert_eq!(table.active(now), 1, "only the bound allocation is left");

@@ -473,38 +473,48 @@ async fn t17_stream_floods_and_compressed_or_oversize_messages_are_refused() -> 
         compressed.len()
     );
     let length = u32::try_from(compressed.len())?;
-    let (code, message) = raw_grpc_call(
-        leaf_addr,
-        &ca,
-        &[("grpc-encoding", "gzip")],
-        grpc_frame(true, length, &compressed),
-        true,
-    )
-    .await?;
-    assert_eq!(Code::from_i32(code), Code::Unimplemented, "{message}");
-    assert!(message.contains("gzip"), "{message}");
-    // The same bytes flagged as compressed with no encoding named: a protocol error, nothing decoded.
-    let (code, message) = raw_grpc_call(
-        leaf_addr,
-        &ca,
-        &[],
-        grpc_frame(true, length, &compressed),
-        true,
-    )
-    .await?;
-    assert_eq!(Code::from_i32(code), Code::Internal, "{message}");
-    assert!(message.contains("compressed"), "{message}");
-    // An uncompressed message announcing 64 MiB: refused on its 5-byte prefix, the rest is never awaited.
-    let (code, message) = raw_grpc_call(
-        leaf_addr,
-        &ca,
-        &[],
-        grpc_frame(false, 64 << 20, &[0; 1024]),
-        false,
-    )
-    .await?;
-    assert_eq!(Code::from_i32(code), Code::OutOfRange, "{message}");
-    assert!(message.contains("too large"), "{message}");
+    // (what, extra headers, body, whether the body ends the stream, expected code, expected wording)
+    type Case = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        Vec<u8>,
+        bool,
+        Code,
+        &'static str,
+    );
+    let cases: [Case; 3] = [
+        (
+            "a gzip bomb",
+            &[("grpc-encoding", "gzip")],
+            grpc_frame(true, length, &compressed),
+            true,
+            Code::Unimplemented,
+            "gzip",
+        ),
+        // The same bytes flagged as compressed with no encoding named: a protocol error, nothing decoded.
+        (
+            "a compressed flag without an encoding",
+            &[],
+            grpc_frame(true, length, &compressed),
+            true,
+            Code::Internal,
+            "compressed",
+        ),
+        // An uncompressed message announcing 64 MiB: refused on its 5-byte prefix, the rest never awaited.
+        (
+            "a prefix announcing 64 MiB",
+            &[],
+            grpc_frame(false, 64 << 20, &[0; 1024]),
+            false,
+            Code::OutOfRange,
+            "too large",
+        ),
+    ];
+    for (what, headers, body, end_stream, code, wording) in cases {
+        let (got, message) = raw_grpc_call(leaf_addr, &ca, headers, body, end_stream).await?;
+        assert_eq!(Code::from_i32(got), code, "{what}: {message}");
+        assert!(message.contains(wording), "{what}: {message}");
+    }
 
     // Nothing was committed, and the legitimate leaf, and a new one, work while the flood's streams are held.
     assert_eq!(
