@@ -12,8 +12,8 @@ use vesper_proto::acl::{NamespaceAcl, MAX_ACL_MEMBERS};
 use vesper_proto::search::{self, Condition};
 use vesper_proto::session::verify_attach;
 use vesper_proto::v1::{
-    client_frame, ClientFrame, ReadConsistency, SearchPeersRequest,
-    SearchRecordsRequest, SetNamespaceAclRequest,
+    client_frame, ClientFrame, ReadConsistency, SearchPeersRequest, SearchRecordsRequest,
+    SetNamespaceAclRequest,
 };
 use vesper_proto::validate;
 
@@ -25,9 +25,13 @@ fn check_terms(terms: &[vesper_proto::v1::SearchTerm]) {
     for term in &checked {
         validate::attribute_name(&term.attribute).expect("a checked attribute name");
         let (Condition::Equals(value) | Condition::Prefix(value)) = &term.condition;
-        validate::attribute_value(value).expect("a checked attribute value");
+        validate::attribute_value(&validate::SizeLimits::CEILING, value)
+            .expect("a checked attribute value");
         let attributes = BTreeMap::from([(term.attribute.clone(), value.clone())]);
-        assert!(term.matches(&attributes), "{term:?} does not match its own value");
+        assert!(
+            term.matches(&attributes),
+            "{term:?} does not match its own value"
+        );
         assert!(!term.matches(&BTreeMap::new()));
     }
 }

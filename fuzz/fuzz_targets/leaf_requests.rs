@@ -15,21 +15,30 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
+    // The defaults, as a super peer started without size flags checks.
+    let limits = validate::SizeLimits::DEFAULT;
     match which % 6 {
         0 => {
             if let Ok(put) = PutRecordRequest::decode(bytes) {
-                let _ = validate::record(&put.namespace, &put.key, &put.attributes, &put.value);
+                let _ = validate::record(
+                    &limits,
+                    &put.namespace,
+                    &put.key,
+                    &put.attributes,
+                    &put.value,
+                );
             }
         }
         1 => {
             if let Ok(presence) = SetPresenceRequest::decode(bytes) {
-                let _ = validate::attributes(&presence.attributes);
+                let _ = validate::attributes(&limits, &presence.attributes);
             }
         }
         2 => {
             if let Ok(send) = SendMessageRequest::decode(bytes) {
                 let _ = send.to.parse::<PeerId>();
                 let _ = validate::kind(&send.kind);
+                let _ = validate::message_payload(&limits, &send.payload);
             }
         }
         3 => {

@@ -49,11 +49,11 @@ pub fn terms(terms: &[SearchTerm]) -> Result<Vec<Term>, InvalidInput> {
             validate::attribute_name(&term.attribute)?;
             let condition = match &term.condition {
                 Some(search_term::Condition::Equals(value)) => {
-                    validate::attribute_value(value)?;
+                    validate::attribute_value(&validate::SizeLimits::CEILING, value)?;
                     Condition::Equals(value.clone())
                 }
                 Some(search_term::Condition::Prefix(prefix)) => {
-                    validate::attribute_value(prefix)?;
+                    validate::attribute_value(&validate::SizeLimits::CEILING, prefix)?;
                     Condition::Prefix(prefix.clone())
                 }
                 None => {

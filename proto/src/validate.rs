@@ -1,5 +1,7 @@
 //! Limits on what a record may hold, checked by the super peer before anything is proposed to Raft (and by the
-//! leaf library before anything is sent). Every limit is a named constant, listed in `docs/LIMITS.md`.
+//! leaf library before anything is sent). Every limit is listed in `docs/LIMITS.md`: the shapes of names and keys
+//! are fixed constants, the sizes of values, attributes and messages are [`SizeLimits`] a super peer's operator
+//! sets (up to a protocol ceiling).
 
 use std::collections::HashMap;
 
@@ -7,20 +9,97 @@ use std::collections::HashMap;
 pub const MAX_NAMESPACE_LEN: usize = 64;
 /// Longest record key, in bytes.
 pub const MAX_KEY_LEN: usize = 256;
-/// Most attributes on one record.
-pub const MAX_ATTRIBUTES: usize = 32;
 /// Longest attribute name, in bytes.
 pub const MAX_ATTRIBUTE_NAME_LEN: usize = 64;
-/// Longest attribute value, in bytes.
-pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 256;
-/// Largest record value, in bytes (64 KiB).
-pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// Most terms in one search.
 pub const MAX_SEARCH_TERMS: usize = 8;
 /// Most records one list or search page returns.
 pub const MAX_PAGE_LIMIT: u32 = 1000;
 /// Records per page when the request says 0.
 pub const DEFAULT_PAGE_LIMIT: u32 = 100;
+/// A list or search page (of records or of peers) stops growing once it holds this many bytes of records, even
+/// below its count limit; it always holds at least one. This bounds every answer whatever the size limits are.
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+/// Largest answer a leaf accepts from a super peer: a full page plus one record at the ceilings, with room for
+/// framing. Super peers never send more (see [`MAX_PAGE_BYTES`]).
+pub const MAX_ANSWER_BYTES: usize = 2 * MAX_PAGE_BYTES;
+
+/// The sizes an operator may set on a super peer (`--max-value-bytes`, `--max-attributes`,
+/// `--max-attribute-value-bytes`, `--max-message-bytes`, or a `[limits]` table in the config file), each from 1
+/// up to its protocol ceiling ([`SizeLimits::CEILING`]). The super peer checks requests against its own values;
+/// the leaf library checks against the ceilings, which no super peer exceeds, so it fails early without knowing
+/// the server's settings. Give every super peer of a cluster the same values: a peer's requests are checked by
+/// whichever super peer it is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SizeLimits {
+    /// Largest record value, in bytes. Default 64 KiB.
+    pub value_bytes: usize,
+    /// Most attributes on one record or presence profile. Default 32.
+    pub attributes: usize,
+    /// Longest attribute value, in bytes. Default 256.
+    pub attribute_value_bytes: usize,
+    /// Largest message payload, in bytes (1:1 messages and mailbox entries). Default 64 KiB.
+    pub message_bytes: usize,
+}
+
+impl SizeLimits {
+    /// What a super peer enforces unless its operator says otherwise.
+    pub const DEFAULT: SizeLimits = SizeLimits {
+        value_bytes: 64 << 10,
+        attributes: 32,
+        attribute_value_bytes: 256,
+        message_bytes: 64 << 10,
+    };
+
+    /// The most any super peer may be set to: what the protocol carries in one Raft entry and one gRPC
+    /// message without strain.
+    pub const CEILING: SizeLimits = SizeLimits {
+        value_bytes: 1 << 20,
+        attributes: 256,
+        attribute_value_bytes: 4 << 10,
+        message_bytes: 1 << 20,
+    };
+
+    /// Every value that is 0 or above its ceiling, named.
+    pub fn problems(&self) -> Vec<String> {
+        let ceiling = Self::CEILING;
+        [
+            ("value_bytes", self.value_bytes, ceiling.value_bytes),
+            ("attributes", self.attributes, ceiling.attributes),
+            (
+                "attribute_value_bytes",
+                self.attribute_value_bytes,
+                ceiling.attribute_value_bytes,
+            ),
+            ("message_bytes", self.message_bytes, ceiling.message_bytes),
+        ]
+        .into_iter()
+        .filter(|&(_, value, max)| value == 0 || value > max)
+        .map(|(name, value, max)| format!("limits.{name} is {value}; it must be 1 to {max}"))
+        .collect()
+    }
+
+    /// The largest request a leaf may need to send under these limits (a record at the limits with its key and
+    /// namespace, or a message), with room for the other fields and framing: the Leaf port refuses longer
+    /// gRPC messages from their length prefix, before reading them.
+    pub fn largest_request(&self) -> usize {
+        let attributes =
+            self.attributes * (MAX_ATTRIBUTE_NAME_LEN + self.attribute_value_bytes + 8);
+        let record = self.value_bytes + attributes + MAX_KEY_LEN + MAX_NAMESPACE_LEN;
+        record.max(self.message_bytes) + REQUEST_FRAMING_BYTES
+    }
+}
+
+impl Default for SizeLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// What [`SizeLimits::largest_request`] adds for fields without a size limit of their own (ids, kinds, tokens)
+/// and for bounded lists (a watch names up to 1024 peers, an invitation 256).
+const REQUEST_FRAMING_BYTES: usize = 256 << 10;
 
 /// What was wrong with a request, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,29 +215,44 @@ pub fn attribute_name(name: &str) -> Result<(), InvalidInput> {
     check_name("attribute name", name, MAX_ATTRIBUTE_NAME_LEN)
 }
 
-/// Checks an attribute value (may be empty).
-pub fn attribute_value(value: &str) -> Result<(), InvalidInput> {
-    if value.len() > MAX_ATTRIBUTE_VALUE_LEN {
+/// Checks an attribute value (may be empty) against `limits`.
+pub fn attribute_value(limits: &SizeLimits, value: &str) -> Result<(), InvalidInput> {
+    if value.len() > limits.attribute_value_bytes {
         return Err(InvalidInput::TooLong {
             field: "attribute value",
             len: value.len(),
-            max: MAX_ATTRIBUTE_VALUE_LEN,
+            max: limits.attribute_value_bytes,
         });
     }
     check_text("attribute value", value)
 }
 
-/// Checks an attribute map (record attributes, presence profiles).
-pub fn attributes(attributes: &HashMap<String, String>) -> Result<(), InvalidInput> {
-    if attributes.len() > MAX_ATTRIBUTES {
+/// Checks an attribute map (record attributes, presence profiles) against `limits`.
+pub fn attributes(
+    limits: &SizeLimits,
+    attributes: &HashMap<String, String>,
+) -> Result<(), InvalidInput> {
+    if attributes.len() > limits.attributes {
         return Err(InvalidInput::TooManyAttributes {
             count: attributes.len(),
-            max: MAX_ATTRIBUTES,
+            max: limits.attributes,
         });
     }
     for (name, attribute) in attributes {
         attribute_name(name)?;
-        attribute_value(attribute)?;
+        attribute_value(limits, attribute)?;
+    }
+    Ok(())
+}
+
+/// Checks a message payload against `limits`.
+pub fn message_payload(limits: &SizeLimits, payload: &[u8]) -> Result<(), InvalidInput> {
+    if payload.len() > limits.message_bytes {
+        return Err(InvalidInput::TooLong {
+            field: "payload",
+            len: payload.len(),
+            max: limits.message_bytes,
+        });
     }
     Ok(())
 }
@@ -168,8 +262,9 @@ pub fn kind(kind: &str) -> Result<(), InvalidInput> {
     check_name("kind", kind, MAX_NAMESPACE_LEN)
 }
 
-/// Checks everything a put carries.
+/// Checks everything a put carries against `limits`.
 pub fn record(
+    limits: &SizeLimits,
     ns: &str,
     record_key: &str,
     attributes: &HashMap<String, String>,
@@ -177,12 +272,12 @@ pub fn record(
 ) -> Result<(), InvalidInput> {
     namespace(ns)?;
     key(record_key)?;
-    self::attributes(attributes)?;
-    if value.len() > MAX_VALUE_LEN {
+    self::attributes(limits, attributes)?;
+    if value.len() > limits.value_bytes {
         return Err(InvalidInput::TooLong {
             field: "value",
             len: value.len(),
-            max: MAX_VALUE_LEN,
+            max: limits.value_bytes,
         });
     }
     Ok(())
@@ -223,22 +318,72 @@ mod tests {
     }
 
     #[test]
-    fn record_limits() {
-        let mut attributes = HashMap::new();
-        assert!(record("ns", "k", &attributes, &[0; MAX_VALUE_LEN]).is_ok());
-        assert!(record("ns", "k", &attributes, &[0; MAX_VALUE_LEN + 1])
-            .unwrap_err()
-            .is_limit());
-        for i in 0..=MAX_ATTRIBUTES {
-            attributes.insert(format!("a{i}"), "v".into());
+    fn record_limits_follow_the_configured_sizes() {
+        for limits in [
+            SizeLimits::DEFAULT,
+            SizeLimits::CEILING,
+            SizeLimits {
+                value_bytes: 10,
+                attributes: 2,
+                attribute_value_bytes: 3,
+                message_bytes: 4,
+            },
+        ] {
+            let mut attributes = HashMap::new();
+            let value = vec![0; limits.value_bytes];
+            assert!(record(&limits, "ns", "k", &attributes, &value).is_ok());
+            let over = vec![0; limits.value_bytes + 1];
+            assert_eq!(
+                record(&limits, "ns", "k", &attributes, &over),
+                Err(InvalidInput::TooLong {
+                    field: "value",
+                    len: limits.value_bytes + 1,
+                    max: limits.value_bytes
+                })
+            );
+            attributes.insert("a".into(), "v".repeat(limits.attribute_value_bytes + 1));
+            assert!(record(&limits, "ns", "k", &attributes, b"")
+                .unwrap_err()
+                .is_limit());
+            attributes.clear();
+            for i in 0..=limits.attributes {
+                attributes.insert(format!("a{i}"), "v".into());
+            }
+            assert_eq!(
+                record(&limits, "ns", "k", &attributes, b""),
+                Err(InvalidInput::TooManyAttributes {
+                    count: limits.attributes + 1,
+                    max: limits.attributes
+                })
+            );
+            assert!(message_payload(&limits, &vec![0; limits.message_bytes]).is_ok());
+            assert!(message_payload(&limits, &vec![0; limits.message_bytes + 1])
+                .unwrap_err()
+                .is_limit());
         }
+    }
+
+    #[test]
+    fn size_limits_stay_within_their_ceilings() {
+        assert!(SizeLimits::DEFAULT.problems().is_empty());
+        assert!(SizeLimits::CEILING.problems().is_empty());
+        let wrong = SizeLimits {
+            value_bytes: 0,
+            message_bytes: SizeLimits::CEILING.message_bytes + 1,
+            ..SizeLimits::DEFAULT
+        };
         assert_eq!(
-            record("ns", "k", &attributes, b""),
-            Err(InvalidInput::TooManyAttributes {
-                count: MAX_ATTRIBUTES + 1,
-                max: MAX_ATTRIBUTES
-            })
+            wrong.problems(),
+            [
+                "limits.value_bytes is 0; it must be 1 to 1048576",
+                "limits.message_bytes is 1048577; it must be 1 to 1048576"
+            ]
         );
+        // The Leaf port's request limit covers a record and a message at the ceilings, and stays far below the
+        // largest answer a leaf accepts.
+        let ceiling = SizeLimits::CEILING;
+        assert!(ceiling.largest_request() > ceiling.value_bytes + ceiling.attributes * 4096);
+        assert!(ceiling.largest_request() < MAX_ANSWER_BYTES);
     }
 
     #[test]

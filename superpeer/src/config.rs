@@ -89,6 +89,9 @@ pub struct Config {
     /// Most bytes (namespaces, keys, attributes and values) one peer's records may hold together. Default
     /// 64 MiB.
     pub max_record_bytes_per_peer: u64,
+    /// Sizes of record values, attributes and message payloads (the `[limits]` table), each up to its protocol
+    /// ceiling. The Leaf port's largest accepted gRPC message follows from them.
+    pub limits: vesper_proto::validate::SizeLimits,
     /// How long a message waits in a mailbox before it is dropped, in milliseconds. Default 7 days.
     pub mailbox_ttl_ms: u64,
     /// Messages one session may send per second, sustained. Default 200.
@@ -138,6 +141,7 @@ impl Default for Config {
             mailbox_quota: 1000,
             max_records_per_peer: 10_000,
             max_record_bytes_per_peer: 64 << 20,
+            limits: vesper_proto::validate::SizeLimits::DEFAULT,
             mailbox_ttl_ms: 7 * 24 * 3600 * 1000,
             send_rate_per_second: 200,
             send_burst: 400,
@@ -225,6 +229,7 @@ impl Config {
         if self.max_sessions_per_ip == 0 {
             problems.push("max_sessions_per_ip must be above 0".into());
         }
+        problems.extend(self.limits.problems());
         problems.extend(self.stun.problems());
         problems.extend(self.relay.problems());
         if self.mailbox_quota == 0 {

@@ -26,6 +26,8 @@ pub enum ServiceError {
     NotInCluster,
     #[error("no leader is known right now; retry shortly")]
     NoLeader,
+    #[error("{0}")]
+    Unavailable(String),
     #[error("not the leader; the leader is node {leader_id} at {leader_addr}")]
     NotLeader { leader_id: u64, leader_addr: String },
     #[error("timed out waiting for {0}")]
@@ -83,6 +85,7 @@ impl ServiceError {
             ServiceError::Unauthenticated(_) => Status::unauthenticated(message),
             ServiceError::NotInCluster
             | ServiceError::NoLeader
+            | ServiceError::Unavailable(_)
             | ServiceError::Raft(_)
             | ServiceError::OutcomeUnknown { .. } => Status::unavailable(message),
             ServiceError::NotLeader { leader_addr, .. } => {

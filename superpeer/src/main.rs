@@ -83,6 +83,18 @@ struct Args {
     /// 67108864 (64 MiB).
     #[arg(long, env = "VESPER_MAX_RECORD_BYTES_PER_PEER")]
     max_record_bytes_per_peer: Option<u64>,
+    /// Largest record value, in bytes (at most 1048576). Default: 65536.
+    #[arg(long, env = "VESPER_MAX_VALUE_BYTES")]
+    max_value_bytes: Option<usize>,
+    /// Most attributes on one record or presence profile (at most 256). Default: 32.
+    #[arg(long, env = "VESPER_MAX_ATTRIBUTES")]
+    max_attributes: Option<usize>,
+    /// Longest attribute value, in bytes (at most 4096). Default: 256.
+    #[arg(long, env = "VESPER_MAX_ATTRIBUTE_VALUE_BYTES")]
+    max_attribute_value_bytes: Option<usize>,
+    /// Largest message payload, in bytes (at most 1048576). Default: 65536.
+    #[arg(long, env = "VESPER_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
     /// Messages one session may send per second, sustained. Default: 200.
     #[arg(long, env = "VESPER_SEND_RATE")]
     send_rate: Option<u32>,
@@ -210,6 +222,19 @@ fn build_config(args: &Args) -> Result<Config, Vec<String>> {
     }
     if let Some(value) = args.mailbox_quota {
         config.mailbox_quota = value;
+    }
+    for (flag, field) in [
+        (args.max_value_bytes, &mut config.limits.value_bytes),
+        (args.max_attributes, &mut config.limits.attributes),
+        (
+            args.max_attribute_value_bytes,
+            &mut config.limits.attribute_value_bytes,
+        ),
+        (args.max_message_bytes, &mut config.limits.message_bytes),
+    ] {
+        if let Some(value) = flag {
+            *field = value;
+        }
     }
     if let Some(value) = args.max_records_per_peer {
         config.max_records_per_peer = value;

@@ -2,8 +2,8 @@
 //!
 //! Certificates from `vesperctl cert issue` carry their role in the subject's organizational unit:
 //! `superpeer` or `operator`. The Cluster port (Raft, forwarding, joining) takes super peer certificates only;
-//! the Admin port takes operator certificates, and super peer certificates too, because a follower forwards
-//! admin calls to the leader with its own certificate. The TLS layer has already checked that the certificate
+//! the Admin port takes operator certificates only (a follower forwards an operator's membership call to the
+//! leader over the Cluster port, not the leader's Admin port). The TLS layer has already checked that the certificate
 //! chains to the cluster CA (and is within its validity); this adds what the certificate may do, and refuses
 //! certificates an operator revoked (`vesperctl cert revoke`, committed through Raft).
 
@@ -47,7 +47,7 @@ pub fn fingerprint(der: &[u8]) -> [u8; 32] {
 }
 
 /// Checks that the caller's certificate carries one of `allowed`.
-pub fn require<T>(request: &Request<T>, allowed: &[Role]) -> Result<(), Status> {
+fn require<T>(request: &Request<T>, allowed: &[Role]) -> Result<(), Status> {
     let leaf = client_certificate(request)?;
     let roles = roles_of(leaf.as_ref());
     if allowed
@@ -108,11 +108,11 @@ impl Gate {
         }
     }
 
-    /// The Admin service: operators, and super peers forwarding an operator's call.
+    /// The Admin service: operators only.
     pub fn admin(reader: StateReader) -> Self {
         Self {
             reader,
-            allowed: &[Role::Operator, Role::Superpeer],
+            allowed: &[Role::Operator],
         }
     }
 }

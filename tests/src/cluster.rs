@@ -408,19 +408,27 @@ impl Cluster {
     /// Waits until the relay load report of every node is replicated to node `index`: those are the only writes
     /// an idle cluster makes by itself, so from then on its log index moves only when someone writes (tests of
     /// "refused, and the log did not move" need that). Returns the applied index.
+    ///
+    /// A status answer reads the applied index and the member table at two moments, so one answer can show a
+    /// report whose entry its applied index does not count yet; the index is taken from two answers in a row that
+    /// both show every report and agree on it.
     pub async fn wait_quiet(&self, index: usize) -> anyhow::Result<u64> {
         let expected = self.nodes.len();
+        let previous = std::cell::Cell::new(None);
+        let previous = &previous;
         wait::until(
             &format!("every relay load replicated to {}", self.nodes[index].name),
             CONVERGE_TIMEOUT,
-            || async {
+            || async move {
                 let status = self.status_of(index).await?;
                 let reported = status
                     .members
                     .iter()
                     .filter(|member| member.relay_capacity > 0)
                     .count();
-                Ok((reported == expected).then_some(status.applied_index))
+                let now = (reported == expected).then_some(status.applied_index);
+                let earlier = previous.replace(now);
+                Ok(now.filter(|_| now == earlier))
             },
         )
         .await

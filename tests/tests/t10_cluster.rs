@@ -546,14 +546,20 @@ async fn t10_certificates_are_checked_for_their_ca_and_role() -> anyhow::Result<
         .expect_err("operator on the cluster port");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("role superpeer"), "{status:?}");
-    // Operators (and super peers forwarding for them) reach the Admin service.
-    for (cert, key) in [
-        (&operator_cert, &operator_key),
-        (&superpeer_cert, &superpeer_key),
-    ] {
-        let mut admin = AdminClient::new(channel(endpoints.admin, tls(&ca, cert, key)?).await?);
-        admin.status(StatusRequest {}).await?;
-    }
+    // Only operators reach the Admin service; a super peer certificate is refused there too (followers forward
+    // membership calls over the Cluster port, t50 runs them through followers).
+    let mut admin =
+        AdminClient::new(channel(endpoints.admin, tls(&ca, &operator_cert, &operator_key)?).await?);
+    admin.status(StatusRequest {}).await?;
+    let mut as_superpeer = AdminClient::new(
+        channel(endpoints.admin, tls(&ca, &superpeer_cert, &superpeer_key)?).await?,
+    );
+    let status = as_superpeer
+        .status(StatusRequest {})
+        .await
+        .expect_err("super peer on the admin port");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("role operator"), "{status:?}");
 
     // Certificates of another CA get nowhere, on any port.
     let other = vesper_tests::pki::Pki::create(&cluster.root().join("other-pki"))?;

@@ -536,3 +536,179 @@ async fn t16_index_and_mailbox_quotas_refuse_before_raft() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_size_limits_follow_the_configuration_and_answers_stay_bounded() -> anyhow::Result<()> {
+    // Out-of-range sizes stop the super peer at start, naming the setting and its range.
+    let refused = std::process::Command::new(vesper_tests::binary("superpeer"))
+        .args(["--max-value-bytes", "2000000", "--max-attributes", "0"])
+        .output()?;
+    assert_eq!(refused.status.code(), Some(64), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    for problem in [
+        "limits.value_bytes is 2000000; it must be 1 to 1048576",
+        "limits.attributes is 0; it must be 1 to 256",
+    ] {
+        assert!(stderr.contains(problem), "{stderr}");
+    }
+
+    let options = NodeOptions {
+        extra_args: [
+            "--max-value-bytes",
+            "1000",
+            "--max-attributes",
+            "2",
+            "--max-attribute-value-bytes",
+            "10",
+            "--max-message-bytes",
+            "500",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        ..Default::default()
+    };
+    let cluster = Cluster::start(1, options).await?;
+    let alice = session(&cluster, 0, &Keypair::generate()).await?;
+    let mut client = alice.client.clone();
+    let with = |value: usize, attributes: &[(&str, usize)]| PutRecordRequest {
+        namespace: "sizes".into(),
+        key: "k".into(),
+        attributes: attributes
+            .iter()
+            .map(|(name, len)| (name.to_string(), "v".repeat(*len)))
+            .collect(),
+        value: vec![1; value],
+        expected_version: None,
+    };
+    // Exactly at every limit: accepted.
+    client
+        .put_record(alice.request(with(1000, &[("a", 10), ("b", 10)])))
+        .await?;
+    let quiet = cluster.wait_quiet(0).await?;
+
+    let cases = [
+        (
+            "a value one byte over",
+            with(1001, &[]),
+            Code::ResourceExhausted,
+            "value is 1001 bytes, the limit is 1000",
+        ),
+        (
+            "a third attribute",
+            with(1, &[("a", 1), ("b", 1), ("c", 1)]),
+            Code::ResourceExhausted,
+            "3 attributes, the limit is 2",
+        ),
+        (
+            "an attribute value one byte over",
+            with(1, &[("a", 11)]),
+            Code::ResourceExhausted,
+            "attribute value is 11 bytes, the limit is 10",
+        ),
+        // Larger than any request these limits allow: refused from its length prefix, before it is read.
+        (
+            "a request past the Leaf port's message limit",
+            with(400 << 10, &[]),
+            Code::OutOfRange,
+            "message length too large",
+        ),
+    ];
+    for (what, request, code, message) in cases {
+        let status = client
+            .put_record(alice.request(request))
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(message), "{what}: {status:?}");
+    }
+    let mut profile = presence(1, "busy");
+    profile.attributes = (0..3).map(|i| (format!("p{i}"), "v".into())).collect();
+    let status = client
+        .set_presence(alice.request(profile))
+        .await
+        .expect_err("a profile with a third attribute");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let send = |payload: usize| SendMessageRequest {
+        to: Keypair::generate().peer_id().to_string(),
+        id: format!("m{payload}"),
+        kind: "note".into(),
+        payload: vec![2; payload],
+    };
+    let status = client
+        .send_message(alice.request(send(501)))
+        .await
+        .expect_err("a payload one byte over");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("payload is 501 bytes, the limit is 500"),
+        "{status:?}"
+    );
+    assert_eq!(
+        cluster.status_of(0).await?.applied_index,
+        quiet,
+        "a refused request moved the log"
+    );
+    let stored = client
+        .get_record(alice.request(GetRecordRequest {
+            namespace: "sizes".into(),
+            key: "k".into(),
+            consistency: 0,
+        }))
+        .await?
+        .into_inner()
+        .record
+        .expect("the record at the limits");
+    assert_eq!((stored.version, stored.value.len()), (1, 1000));
+    // The limits leave the rest working: a payload at the limit is queued for the offline recipient.
+    let queued = client
+        .send_message(alice.request(send(500)))
+        .await?
+        .into_inner();
+    assert!(queued.queued, "{queued:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_pages_of_large_records_stay_within_the_answer_limit() -> anyhow::Result<()> {
+    // 100 records at the default value limit (64 KiB) are 6.4 MiB: more than one answer may carry. Pages stop
+    // at 4 MiB of records and the library pages through all of them.
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let leaf = cluster.leaf(0).await?;
+    let value = vec![9u8; 64 << 10];
+    for index in 0..100 {
+        leaf.put(
+            "big",
+            &format!("r{index:03}"),
+            HashMap::from([("kind".to_string(), "big".to_string())]),
+            value.clone(),
+            None,
+        )
+        .await?;
+    }
+    let mut keys = Vec::new();
+    let mut pages = 0;
+    let mut token = None;
+    loop {
+        let page = leaf
+            .list("big", "", 1000, token, Consistency::Linearizable)
+            .await?;
+        pages += 1;
+        assert!(
+            page.records.len() * value.len() <= vesper_proto::validate::MAX_PAGE_BYTES,
+            "page {pages} holds {} records",
+            page.records.len()
+        );
+        keys.extend(page.records.into_iter().map(|record| record.key));
+        match page.next_page_token {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..100).map(|index| format!("r{index:03}")).collect();
+    assert_eq!(keys, expected);
+    assert_eq!(pages, 2, "6.4 MiB of records in 4 MiB pages");
+    Ok(())
+}

@@ -313,6 +313,7 @@ impl Leaf {
         payload: Vec<u8>,
     ) -> Result<SendOutcome, LeafError> {
         validate::kind(kind)?;
+        validate::message_payload(&validate::SizeLimits::CEILING, &payload)?;
         let id = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>());
         let mut attempt = 0;
         loop {
@@ -473,7 +474,7 @@ impl Leaf {
         note: &str,
         attributes: HashMap<String, String>,
     ) -> Result<Presence, LeafError> {
-        validate::attributes(&attributes)?;
+        validate::attributes(&validate::SizeLimits::CEILING, &attributes)?;
         let _ordered = self.inner.shared.presence_order.lock().await;
         let (mut client, request) = self
             .request(SetPresenceRequest {
@@ -504,7 +505,8 @@ impl Leaf {
         Ok(client.lookup_peer(request).await?.into_inner().presence)
     }
 
-    /// Finds peers by profile attributes.
+    /// Finds peers by profile attributes: at most `limit` (1-1000, 100 when 0), in PeerId order, and no more
+    /// than fit in 4 MiB of profiles (`validate::MAX_PAGE_BYTES`); narrow the terms to see the rest.
     pub async fn search_peers(
         &self,
         terms: &[SearchTerm],
@@ -570,7 +572,13 @@ impl Leaf {
         value: Vec<u8>,
         expected_version: Option<u64>,
     ) -> Result<Record, LeafError> {
-        validate::record(namespace, key, &attributes, &value)?;
+        validate::record(
+            &validate::SizeLimits::CEILING,
+            namespace,
+            key,
+            &attributes,
+            &value,
+        )?;
         let (mut client, request) = self
             .request(PutRecordRequest {
                 namespace: namespace.into(),

@@ -26,6 +26,7 @@ use vesper_proto::v1::{
     client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, Ping, SendResult,
     ServerFrame,
 };
+use vesper_proto::validate;
 
 use super::watches::WatchRegistry;
 use super::{Handlers, LeafConfig};
@@ -121,7 +122,11 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         .connect()
         .await
         .map_err(|error| LeafError::Connect(format!("cannot connect: {error}")))?;
-    let mut client = LeafClient::new(channel);
+    // Answers are bounded by the super peer's page byte budget; requests by its size limits, which it checks
+    // (this library checks the protocol ceilings, see `validate::SizeLimits`).
+    let mut client = LeafClient::new(channel)
+        .max_decoding_message_size(validate::MAX_ANSWER_BYTES)
+        .max_encoding_message_size(validate::MAX_ANSWER_BYTES);
     let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     let challenge = match inbound.message().await? {

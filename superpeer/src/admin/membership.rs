@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::ChangeMembers;
-use vesper_proto::v1::admin_client::AdminClient;
-use vesper_proto::v1::{AdoptRequest, DescribeRequest};
+use vesper_proto::v1::membership_call::Call;
+use vesper_proto::v1::membership_reply::Reply;
+use vesper_proto::v1::{
+    AddStandbyResponse, AdoptRequest, DemoteResponse, DescribeRequest, Member, MemberRole,
+    MembershipCall, PromoteResponse, RemoveNodeResponse, TransferLeaderResponse,
+};
 
 use crate::cluster::node_info;
 use crate::error::ServiceError;
@@ -22,42 +26,111 @@ use crate::raft::propose::{Backoff, PROPOSE_TIMEOUT};
 /// How long a leadership transfer may take before the call reports failure.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a membership call must run.
-pub enum Leader {
-    /// This node leads: run here.
-    Local,
-    /// Another node leads: forward to its Admin service.
-    Remote(AdminClient<tonic::transport::Channel>),
-}
-
-/// Finds the leader, waiting (with backoff) while there is none.
-pub async fn leader(context: &Context) -> Result<Leader, ServiceError> {
+/// Runs an operator's membership call on the leader: here when this node leads, otherwise forwarded to the
+/// leader's Cluster service (`Cluster.Membership`), so operator calls never need the Admin port of another node
+/// and that port can take operator certificates only. Waits (with backoff) while there is no leader.
+pub async fn on_leader(context: &Context, call: Call) -> Result<Reply, tonic::Status> {
     let raft = context.raft()?;
     let deadline = Instant::now() + PROPOSE_TIMEOUT;
     let mut backoff = Backoff::default();
     loop {
         let metrics = raft.metrics().borrow_watched().clone();
         match metrics.current_leader {
-            Some(id) if id == *raft.node_id() => return Ok(Leader::Local),
+            Some(id) if id == *raft.node_id() => return Ok(run_here(context, call).await?),
             Some(id) => {
                 if let Some(node) = metrics.membership_config.membership().get_node(&id) {
-                    let channel = context
-                        .clients
-                        .channel(&node.admin_addr)
-                        .map_err(|status| ServiceError::Peer {
-                            peer: node.admin_addr.clone(),
-                            status,
-                        })?;
-                    return Ok(Leader::Remote(AdminClient::new(channel)));
+                    let mut client =
+                        context
+                            .clients
+                            .client(&node.cluster_addr)
+                            .map_err(|status| ServiceError::Peer {
+                                peer: node.cluster_addr.clone(),
+                                status,
+                            })?;
+                    // The leader's status reaches the operator unchanged: it carries the real reason.
+                    let reply = client
+                        .membership(MembershipCall { call: Some(call) })
+                        .await?
+                        .into_inner();
+                    return reply.reply.ok_or_else(|| {
+                        tonic::Status::internal(format!(
+                            "the leader (node {id}) sent an empty membership reply"
+                        ))
+                    });
                 }
             }
             None => {}
         }
         if Instant::now() >= deadline {
-            return Err(ServiceError::NoLeader);
+            return Err(ServiceError::NoLeader.into());
         }
         backoff.wait().await;
     }
+}
+
+/// Runs a membership call forwarded by another member, if this node leads. It does not forward again: a
+/// leadership change while the call travelled is reported, and the operator retries.
+pub async fn run_forwarded(context: &Context, call: Call) -> Result<Reply, ServiceError> {
+    let raft = context.raft()?;
+    let metrics = raft.metrics().borrow_watched().clone();
+    if metrics.current_leader != Some(*raft.node_id()) {
+        return Err(ServiceError::Unavailable(format!(
+            "node {} does not lead any more (leader: {}); retry",
+            raft.node_id(),
+            metrics
+                .current_leader
+                .map_or_else(|| "none yet".to_string(), |id| format!("node {id}"))
+        )));
+    }
+    run_here(context, call).await
+}
+
+/// Runs a membership call on this node, which leads.
+async fn run_here(context: &Context, call: Call) -> Result<Reply, ServiceError> {
+    Ok(match call {
+        Call::AddStandby(request) => {
+            let cluster_addr = request.cluster_addr;
+            if !cluster_addr.contains(':') {
+                return Err(ServiceError::BadField(format!(
+                    "cluster_addr {cluster_addr:?} must be host:port"
+                )));
+            }
+            let (node_id, node) = add_standby(context, &cluster_addr).await?;
+            Reply::AddStandby(AddStandbyResponse {
+                member: Some(Member {
+                    node_id,
+                    peer_id: node.peer_id,
+                    cluster_addr: node.cluster_addr,
+                    leaf_addr: node.leaf_addr,
+                    admin_addr: node.admin_addr,
+                    role: MemberRole::Standby as i32,
+                    is_leader: false,
+                    ..Member::default()
+                }),
+            })
+        }
+        Call::Promote(request) => {
+            promote(context, request.node_id).await?;
+            Reply::Promote(PromoteResponse {
+                members: context.members()?,
+            })
+        }
+        Call::Demote(request) => {
+            demote(context, request.node_id).await?;
+            Reply::Demote(DemoteResponse {
+                members: context.members()?,
+            })
+        }
+        Call::RemoveNode(request) => {
+            remove(context, request.node_id).await?;
+            Reply::RemoveNode(RemoveNodeResponse {
+                members: context.members()?,
+            })
+        }
+        Call::TransferLeader(request) => Reply::TransferLeader(TransferLeaderResponse {
+            leader_id: transfer_leader(context, request.node_id).await?,
+        }),
+    })
 }
 
 fn raft_error(error: impl std::fmt::Display) -> ServiceError {

@@ -1,5 +1,6 @@
-//! The Admin service: what `vesperctl` calls. Read calls answer from the local replica; membership changes run on
-//! the leader (a follower forwards the call to the leader's Admin service).
+//! The Admin service: what `vesperctl` calls, with an operator certificate (the gate in `roles` refuses any
+//! other). Read calls answer from the local replica; membership changes run on the leader (a follower forwards
+//! the call to the leader's Cluster service, see `membership::on_leader`).
 
 pub mod membership;
 
@@ -8,11 +9,13 @@ use std::sync::Arc;
 use openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::admin_server::Admin;
+use vesper_proto::v1::membership_call::Call;
+use vesper_proto::v1::membership_reply::Reply;
 use vesper_proto::v1::{
-    AddStandbyRequest, AddStandbyResponse, DemoteRequest, DemoteResponse, Member, MemberRole,
-    MembersRequest, MembersResponse, PromoteRequest, PromoteResponse, RemoveNodeRequest,
-    RemoveNodeResponse, RevokeCertificateRequest, RevokeCertificateResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddStandbyRequest, AddStandbyResponse, DemoteRequest, DemoteResponse, MembersRequest,
+    MembersResponse, PromoteRequest, PromoteResponse, RemoveNodeRequest, RemoveNodeResponse,
+    RevokeCertificateRequest, RevokeCertificateResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use vesper_proto::v1::{
     ListNamespaceAclsRequest, ListNamespaceAclsResponse, SetNamespaceAclRequest,
@@ -23,7 +26,6 @@ use vesper_proto::acl::NamespaceAcl;
 
 use crate::error::ServiceError;
 use crate::node::Context;
-use membership::Leader;
 
 pub struct AdminService {
     context: Arc<Context>,
@@ -35,9 +37,17 @@ impl AdminService {
     }
 }
 
-fn forwarded(status: Status) -> Status {
-    // Keep the leader's code and message: the operator sees the real reason.
-    status
+/// Runs the Admin membership call `$request` on the leader and unwraps the reply of the same kind.
+macro_rules! on_leader {
+    ($self:ident, $request:ident, $kind:ident) => {
+        match membership::on_leader(&$self.context, Call::$kind($request.into_inner())).await? {
+            Reply::$kind(reply) => Ok(Response::new(reply)),
+            other => Err(Status::internal(format!(
+                "the leader answered a {} call with {other:?}",
+                stringify!($kind)
+            ))),
+        }
+    };
 }
 
 #[tonic::async_trait]
@@ -89,112 +99,41 @@ impl Admin for AdminService {
         &self,
         request: Request<AddStandbyRequest>,
     ) -> Result<Response<AddStandbyResponse>, Status> {
-        let cluster_addr = request.get_ref().cluster_addr.clone();
-        if !cluster_addr.contains(':') {
-            return Err(ServiceError::BadField(format!(
-                "cluster_addr {cluster_addr:?} must be host:port"
-            ))
-            .into());
-        }
-        match membership::leader(&self.context).await? {
-            Leader::Remote(mut client) => client
-                .add_standby(request.into_inner())
-                .await
-                .map_err(forwarded),
-            Leader::Local => {
-                let (node_id, node) = membership::add_standby(&self.context, &cluster_addr).await?;
-                Ok(Response::new(AddStandbyResponse {
-                    member: Some(Member {
-                        node_id,
-                        peer_id: node.peer_id,
-                        cluster_addr: node.cluster_addr,
-                        leaf_addr: node.leaf_addr,
-                        admin_addr: node.admin_addr,
-                        role: MemberRole::Standby as i32,
-                        is_leader: false,
-                        ..Member::default()
-                    }),
-                }))
-            }
-        }
+        on_leader!(self, request, AddStandby)
     }
 
     async fn promote(
         &self,
         request: Request<PromoteRequest>,
     ) -> Result<Response<PromoteResponse>, Status> {
-        match membership::leader(&self.context).await? {
-            Leader::Remote(mut client) => client
-                .promote(request.into_inner())
-                .await
-                .map_err(forwarded),
-            Leader::Local => {
-                membership::promote(&self.context, request.get_ref().node_id).await?;
-                Ok(Response::new(PromoteResponse {
-                    members: self.context.members()?,
-                }))
-            }
-        }
+        on_leader!(self, request, Promote)
     }
 
     async fn demote(
         &self,
         request: Request<DemoteRequest>,
     ) -> Result<Response<DemoteResponse>, Status> {
-        match membership::leader(&self.context).await? {
-            Leader::Remote(mut client) => {
-                client.demote(request.into_inner()).await.map_err(forwarded)
-            }
-            Leader::Local => {
-                membership::demote(&self.context, request.get_ref().node_id).await?;
-                Ok(Response::new(DemoteResponse {
-                    members: self.context.members()?,
-                }))
-            }
-        }
+        on_leader!(self, request, Demote)
     }
 
     async fn remove_node(
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
-        match membership::leader(&self.context).await? {
-            Leader::Remote(mut client) => client
-                .remove_node(request.into_inner())
-                .await
-                .map_err(forwarded),
-            Leader::Local => {
-                membership::remove(&self.context, request.get_ref().node_id).await?;
-                Ok(Response::new(RemoveNodeResponse {
-                    members: self.context.members()?,
-                }))
-            }
-        }
+        on_leader!(self, request, RemoveNode)
     }
 
     async fn transfer_leader(
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        match membership::leader(&self.context).await? {
-            Leader::Remote(mut client) => client
-                .transfer_leader(request.into_inner())
-                .await
-                .map_err(forwarded),
-            Leader::Local => {
-                let leader_id =
-                    membership::transfer_leader(&self.context, request.get_ref().node_id).await?;
-                Ok(Response::new(TransferLeaderResponse { leader_id }))
-            }
-        }
+        on_leader!(self, request, TransferLeader)
     }
 
     async fn revoke_certificate(
         &self,
         request: Request<RevokeCertificateRequest>,
     ) -> Result<Response<RevokeCertificateResponse>, Status> {
-        // Operators only: super peers reach the Admin port to forward membership calls, not to revoke.
-        crate::roles::require(&request, &[crate::roles::Role::Operator])?;
         let fingerprint: [u8; 32] = request
             .get_ref()
             .fingerprint
@@ -222,7 +161,6 @@ impl Admin for AdminService {
         &self,
         request: Request<SetNamespaceAclRequest>,
     ) -> Result<Response<SetNamespaceAclResponse>, Status> {
-        crate::roles::require(&request, &[crate::roles::Role::Operator])?;
         let request = request.into_inner();
         let proto = request.acl.ok_or_else(|| {
             ServiceError::BadField("acl is missing (it names the namespace)".into())

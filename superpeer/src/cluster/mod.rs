@@ -7,9 +7,9 @@ use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
     AdoptRequest, AdoptResponse, ConnectAnswer, DeliverRequest, DeliverResponse, DescribeRequest,
-    DescribeResponse, GrantRelayRequest, JoinRequest, JoinResponse, NodeDescriptor, OfferRequest,
-    ProposeRequest, ProposeResponse, PushPlanRequest, PushPlanResponse, RaftPayload,
-    ReadIndexRequest, ReadIndexResponse,
+    DescribeResponse, GrantRelayRequest, JoinRequest, JoinResponse, MembershipCall,
+    MembershipReply, NodeDescriptor, OfferRequest, ProposeRequest, ProposeResponse,
+    PushPlanRequest, PushPlanResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 
 use crate::admin::membership;
@@ -148,6 +148,18 @@ impl Cluster for ClusterService {
         let raft = self.context.raft()?;
         let read_index = propose::local_read_index(raft).await?;
         Ok(Response::new(ReadIndexResponse { read_index }))
+    }
+
+    async fn membership(
+        &self,
+        request: Request<MembershipCall>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let call = request
+            .into_inner()
+            .call
+            .ok_or_else(|| ServiceError::BadField("membership call is empty".into()))?;
+        let reply = membership::run_forwarded(&self.context, call).await?;
+        Ok(Response::new(MembershipReply { reply: Some(reply) }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {

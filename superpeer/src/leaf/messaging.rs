@@ -27,8 +27,6 @@ use crate::store::presence;
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest message id, in bytes.
 pub const MAX_MESSAGE_ID_LEN: usize = 64;
-/// Largest message payload (64 KiB).
-pub const MAX_MESSAGE_PAYLOAD: usize = 64 * 1024;
 /// Longest presence note, in bytes.
 pub const MAX_NOTE_LEN: usize = 256;
 
@@ -112,14 +110,7 @@ pub async fn send_checked(
         .into());
     }
     validate::kind(&request.kind).map_err(ServiceError::from)?;
-    if request.payload.len() > MAX_MESSAGE_PAYLOAD {
-        return Err(ServiceError::from(validate::InvalidInput::TooLong {
-            field: "payload",
-            len: request.payload.len(),
-            max: MAX_MESSAGE_PAYLOAD,
-        })
-        .into());
-    }
+    validate::message_payload(&config.limits, &request.payload).map_err(ServiceError::from)?;
     let message = Message {
         id: request.id,
         from: from.to_string(),

@@ -75,11 +75,16 @@ pub fn service(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) -> LeafServer<LeafService> {
+    // Requests longer than the size limits allow are refused from their 5-byte length prefix, before the body is
+    // read; answers are bounded by the page byte budget (`validate::MAX_PAGE_BYTES`).
+    let largest_request = context.config.limits.largest_request();
     LeafServer::new(LeafService {
         context,
         shutdown,
         tasks,
     })
+    .max_decoding_message_size(largest_request)
+    .max_encoding_message_size(validate::MAX_ANSWER_BYTES)
 }
 
 /// The Leaf service of one super peer.
@@ -214,6 +219,7 @@ impl Leaf for LeafService {
         let peer = self.authenticate(&request)?;
         let request = request.into_inner();
         validate::record(
+            &self.context.config.limits,
             &request.namespace,
             &request.key,
             &request.attributes,
@@ -346,7 +352,14 @@ impl Leaf for LeafService {
         };
         let (records, next_page_token, applied_index) = self
             .read_page(page, move |db, namespace, after, limit| {
-                records::list(db, namespace, &prefix, after, limit)
+                records::list(
+                    db,
+                    namespace,
+                    &prefix,
+                    after,
+                    limit,
+                    validate::MAX_PAGE_BYTES,
+                )
             })
             .await?;
         Ok(Response::new(ListRecordsResponse {
@@ -372,7 +385,14 @@ impl Leaf for LeafService {
         };
         let (records, next_page_token, applied_index) = self
             .read_page(page, move |db, namespace, after, limit| {
-                records::search(db, namespace, &terms, after, limit)
+                records::search(
+                    db,
+                    namespace,
+                    &terms,
+                    after,
+                    limit,
+                    validate::MAX_PAGE_BYTES,
+                )
             })
             .await?;
         Ok(Response::new(SearchRecordsResponse {
@@ -414,7 +434,8 @@ impl Leaf for LeafService {
             })
             .into());
         }
-        validate::attributes(&request.attributes).map_err(ServiceError::from)?;
+        validate::attributes(&self.context.config.limits, &request.attributes)
+            .map_err(ServiceError::from)?;
         self.check_sequence(session, UpdateKind::Status, request.sequence)?;
         let op = Op::PresenceSet {
             peer: *peer.as_bytes(),
@@ -497,15 +518,24 @@ impl Leaf for LeafService {
             .await?;
         let reader = self.context.reader.clone();
         let online_only = request.online_only;
-        let found = blocking(move || presence::search(reader.db(), &terms, online_only, limit))
-            .await
-            .map_err(ServiceError::from)?;
+        let (found, more) = blocking(move || {
+            presence::search(
+                reader.db(),
+                &terms,
+                online_only,
+                limit,
+                validate::MAX_PAGE_BYTES,
+            )
+        })
+        .await
+        .map_err(ServiceError::from)?;
         Ok(Response::new(SearchPeersResponse {
             peers: found
                 .into_iter()
                 .map(|(peer, entry)| messaging::presence_of(&self.context, &peer, entry))
                 .collect(),
             applied_index,
+            more,
         }))
     }
 

@@ -316,7 +316,14 @@ fn current_state(
         }
     }
     if !spec.namespace.is_empty() && spec.reads_records {
-        let (found, _) = records::list(db, &spec.namespace, &spec.key_prefix, None, RESET_RECORDS)?;
+        let (found, _) = records::list(
+            db,
+            &spec.namespace,
+            &spec.key_prefix,
+            None,
+            RESET_RECORDS,
+            usize::MAX,
+        )?;
         for (key, record) in found {
             let event = Event {
                 index,

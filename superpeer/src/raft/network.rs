@@ -87,8 +87,8 @@ impl ClusterClients {
         Ok(channel)
     }
 
-    /// The TLS material, for clients of other services (Admin forwarding).
-    pub fn tls(&self) -> TlsMaterial {
+    /// The TLS material channels are made with.
+    fn tls(&self) -> TlsMaterial {
         self.tls.lock().expect("tls lock poisoned").clone()
     }
 }

@@ -147,6 +147,42 @@ pub(crate) fn encode<T: serde::Serialize>(
     postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })
 }
 
+/// Gathers one page of a list or search: at most `count` items and, once it holds one, nothing that would take it
+/// past `bytes` (so an answer stays bounded whatever the record size limits are).
+pub struct Page<T> {
+    items: Vec<T>,
+    count: usize,
+    bytes: usize,
+    used: usize,
+}
+
+impl<T> Page<T> {
+    pub fn new(count: usize, bytes: usize) -> Self {
+        Self {
+            items: Vec::new(),
+            count,
+            bytes,
+            used: 0,
+        }
+    }
+
+    /// Adds `item`, which takes `size` bytes; false, and the item is not added, when the page is full (the
+    /// caller stops there and reports that there is more).
+    pub fn push(&mut self, item: T, size: usize) -> bool {
+        let over_bytes = !self.items.is_empty() && self.used.saturating_add(size) > self.bytes;
+        if self.items.len() >= self.count || over_bytes {
+            return false;
+        }
+        self.used += size;
+        self.items.push(item);
+        true
+    }
+
+    pub fn into_items(self) -> Vec<T> {
+        self.items
+    }
+}
+
 /// Runs a blocking RocksDB job off the async threads.
 pub async fn blocking<T, F>(job: F) -> Result<T, StoreError>
 where

@@ -15,7 +15,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::records::{Condition, Term};
-use super::{cf, decode, encode, StoreError, CF_MAILBOX, CF_PRESENCE, CF_PRESENCE_ATTRS};
+use super::{cf, decode, encode, Page, StoreError, CF_MAILBOX, CF_PRESENCE, CF_PRESENCE_ATTRS};
 use crate::raft::command::{
     PeerKey, PresenceEntry, PresenceStatus, Rejection, Response, StoredMessage,
 };
@@ -68,19 +68,21 @@ fn hosted_by(db: &DB, host: u64) -> Result<Vec<(PeerKey, PresenceEntry)>, StoreE
     Ok(out)
 }
 
-/// Peers whose profile matches every term, in peer key order, at most `limit`.
+/// Peers whose profile matches every term, in peer key order, at most `limit` and about `max_bytes` of them;
+/// true with them when more matched.
 pub fn search(
     db: &DB,
     terms: &[Term],
     online_only: bool,
     limit: usize,
-) -> Result<Vec<(PeerKey, PresenceEntry)>, StoreError> {
+    max_bytes: usize,
+) -> Result<(Vec<(PeerKey, PresenceEntry)>, bool), StoreError> {
     let Some(driver) = terms
         .iter()
         .position(|term| matches!(term.condition, Condition::Equals(_)))
         .or(if terms.is_empty() { None } else { Some(0) })
     else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     };
     let term = &terms[driver];
     let (value, exact) = match &term.condition {
@@ -108,7 +110,7 @@ pub fn search(
             .map_err(|_| StoreError::Corrupt("profile index key too short"))?;
         candidates.insert(peer);
     }
-    let mut out = Vec::new();
+    let mut page = Page::new(limit, max_bytes);
     for peer in candidates {
         let Some(entry) = get(db, &peer)? else {
             return Err(StoreError::Corrupt(
@@ -117,13 +119,24 @@ pub fn search(
         };
         let matches = terms.iter().all(|term| term.matches(&entry.attributes));
         if matches && (!online_only || entry.status != PresenceStatus::Offline) {
-            out.push((peer, entry));
-            if out.len() == limit {
-                break;
+            let size = entry_size(&entry);
+            if !page.push((peer, entry), size) {
+                return Ok((page.into_items(), true));
             }
         }
     }
-    Ok(out)
+    Ok((page.into_items(), false))
+}
+
+/// About what a presence entry takes in an answer (its variable-length parts), for the page byte budget.
+fn entry_size(entry: &PresenceEntry) -> usize {
+    let attributes: usize = entry
+        .attributes
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    let candidates: usize = entry.candidates.iter().map(String::len).sum();
+    attributes + candidates + entry.note.len() + entry.nat_class.len() + 64
 }
 
 /// Whether `message` may join a mailbox that holds `queued` (live messages only): `Ok(true)` when it is there

@@ -23,7 +23,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
 use serde::{Deserialize, Serialize};
 
-use super::{cf, decode, encode, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_USAGE};
+use super::{cf, decode, encode, Page, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_USAGE};
 use crate::raft::command::{
     Access, NamespaceAcl, PeerKey, QuotaKind, RecordQuota, Rejection, Response, StoredRecord,
 };
@@ -172,6 +172,7 @@ pub fn list(
     key_prefix: &str,
     after: Option<&str>,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<(Vec<(String, StoredRecord)>, bool), StoreError> {
     let scan_prefix = record_key(namespace, key_prefix);
     let start = match after {
@@ -184,7 +185,7 @@ pub fn list(
         _ => scan_prefix.clone(),
     };
     let key_offset = namespace.len() + 1;
-    let mut out = Vec::new();
+    let mut page = Page::new(limit, max_bytes);
     for item in db.iterator_cf(
         cf(db, CF_RECORDS),
         IteratorMode::From(&start, Direction::Forward),
@@ -193,13 +194,14 @@ pub fn list(
         if !raw_key.starts_with(&scan_prefix) {
             break;
         }
-        if out.len() == limit {
-            return Ok((out, true));
-        }
         let key = String::from_utf8_lossy(&raw_key[key_offset..]).into_owned();
-        out.push((key, decode_record(&bytes)?));
+        let record = decode_record(&bytes)?;
+        let size = stored_size(namespace, &key, &record) as usize;
+        if !page.push((key, record), size) {
+            return Ok((page.into_items(), true));
+        }
     }
-    Ok((out, false))
+    Ok((page.into_items(), false))
 }
 
 /// Keys of `namespace` whose attribute matches `term`, from the attribute index, in key order.
@@ -243,6 +245,7 @@ pub fn search(
     terms: &[Term],
     after: Option<&str>,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<(Vec<(String, StoredRecord)>, bool), StoreError> {
     let Some(driver) = terms
         .iter()
@@ -252,7 +255,7 @@ pub fn search(
         return Ok((Vec::new(), false));
     };
     let candidates = keys_for_term(db, namespace, &terms[driver])?;
-    let mut out = Vec::new();
+    let mut page = Page::new(limit, max_bytes);
     for key in candidates {
         if after.is_some_and(|after| key.as_str() <= after) {
             continue;
@@ -263,13 +266,13 @@ pub fn search(
             ));
         };
         if terms.iter().all(|term| term.matches(&record.attributes)) {
-            if out.len() == limit {
-                return Ok((out, true));
+            let size = stored_size(namespace, &key, &record) as usize;
+            if !page.push((key, record), size) {
+                return Ok((page.into_items(), true));
             }
-            out.push((key, record));
         }
     }
-    Ok((out, false))
+    Ok((page.into_items(), false))
 }
 
 /// Applies record commands into one write batch, seeing the effect of earlier commands of the same batch.

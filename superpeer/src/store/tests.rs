@@ -136,24 +136,68 @@ async fn apply_enforces_ownership_and_versions_and_keeps_the_index_exact() {
         attribute: name.into(),
         condition: Condition::Equals(value.into()),
     };
-    let (found, _) = records::search(db.db(), "ns", &[equals("color", "red")], None, 10).unwrap();
+    let (found, _) = records::search(
+        db.db(),
+        "ns",
+        &[equals("color", "red")],
+        None,
+        10,
+        usize::MAX,
+    )
+    .unwrap();
     assert!(
         found.is_empty(),
         "a was recoloured and c deleted: {:?}",
         keys(&found)
     );
-    let (found, _) = records::search(db.db(), "ns", &[equals("color", "blue")], None, 10).unwrap();
+    let (found, _) = records::search(
+        db.db(),
+        "ns",
+        &[equals("color", "blue")],
+        None,
+        10,
+        usize::MAX,
+    )
+    .unwrap();
     assert_eq!(keys(&found), ["a"]);
     let prefix = Term {
         attribute: "color".into(),
         condition: Condition::Prefix("g".into()),
     };
-    let (found, _) = records::search(db.db(), "ns", &[prefix], None, 10).unwrap();
+    let (found, _) = records::search(db.db(), "ns", &[prefix], None, 10, usize::MAX).unwrap();
     assert_eq!(keys(&found), ["b"]);
-    let (found, more) = records::list(db.db(), "ns", "", None, 1).unwrap();
+    let (found, more) = records::list(db.db(), "ns", "", None, 1, usize::MAX).unwrap();
     assert_eq!((keys(&found), more), (vec!["a"], true));
-    let (found, more) = records::list(db.db(), "ns", "", Some("a"), 1).unwrap();
+    let (found, more) = records::list(db.db(), "ns", "", Some("a"), 1, usize::MAX).unwrap();
     assert_eq!((keys(&found), more), (vec!["b"], false));
+}
+
+#[tokio::test]
+async fn pages_stop_at_their_byte_budget_but_hold_at_least_one_record() {
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    let entries = ["a", "b", "c"]
+        .into_iter()
+        .enumerate()
+        .map(|(index, key)| {
+            let mut op = put(1, key, &[], None);
+            if let Op::PutRecord { value, .. } = &mut op {
+                *value = vec![7; 1000];
+            }
+            entry(index as u64 + 1, op)
+        })
+        .collect();
+    apply_all(&mut state_machine, entries).await;
+    let db = StateReader::new(db);
+    // Each record takes 2 (namespace) + 1 (key) + 1000 (value) bytes.
+    let (found, more) = records::list(db.db(), "ns", "", None, 10, 2 * 1003).unwrap();
+    assert_eq!((keys(&found), more), (vec!["a", "b"], true));
+    let (found, more) = records::list(db.db(), "ns", "", Some("b"), 10, 2 * 1003).unwrap();
+    assert_eq!((keys(&found), more), (vec!["c"], false));
+    // A budget smaller than one record still makes progress, one record per page.
+    let (found, more) = records::list(db.db(), "ns", "", None, 10, 1).unwrap();
+    assert_eq!((keys(&found), more), (vec!["a"], true));
 }
 
 #[tokio::test]
@@ -288,7 +332,7 @@ async fn snapshot_moves_records_and_rebuilds_the_index() {
         attribute: "parity".into(),
         condition: Condition::Equals("even".into()),
     };
-    let (found, _) = records::search(reader.db(), "ns", &[even], None, 100).unwrap();
+    let (found, _) = records::search(reader.db(), "ns", &[even], None, 100, usize::MAX).unwrap();
     assert_eq!(found.len(), 25);
     assert!(records::get(reader.db(), "ns", "stale").unwrap().is_none());
     // Usage is rebuilt from the records: the snapshot's owner, and nothing left of the stale one.
