@@ -19,9 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("vesper_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
+    // Every generated client and server uses our codec: prost with small per-call buffers (see src/codec.rs).
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -14,6 +14,7 @@
 //! Generated prost types stay at the edge: code on either side converts them into its own domain types.
 
 pub mod acl;
+pub mod codec;
 pub mod identity;
 pub mod nat;
 pub mod rate;

@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -209,7 +209,9 @@ impl Leaf for LeafService {
             // The address's count drops when the session ends, however it ends.
             drop(slot);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|item| item.map(|frame| *frame)),
+        )))
     }
 
     async fn put_record(
@@ -805,7 +807,7 @@ fn unexpected(response: CommandResponse) -> Status {
 async fn run_session(
     context: Arc<Context>,
     mut inbound: Streaming<ClientFrame>,
-    tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    tx: sessions::Outbound,
     shutdown: CancellationToken,
 ) {
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -815,7 +817,7 @@ async fn run_session(
             server_peer_id: context.me.peer_id.clone(),
         })),
     };
-    if tx.send(Ok(challenge)).await.is_err() {
+    if tx.send(Ok(Box::new(challenge))).await.is_err() {
         return;
     }
     let peer = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
@@ -879,7 +881,7 @@ async fn run_session(
             keepalive_interval_ms: context.config.keepalive_interval_ms as u32,
         })),
     };
-    if tx.send(Ok(welcome)).await.is_err() {
+    if tx.send(Ok(Box::new(welcome))).await.is_err() {
         return;
     }
     // The mailbox drains while this loop reads the acknowledgements it waits for.
@@ -915,7 +917,7 @@ async fn run_session(
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 };
                 for frame in frames {
-                    if tx.send(Ok(frame)).await.is_err() {
+                    if tx.send(Ok(Box::new(frame))).await.is_err() {
                         break;
                     }
                 }
@@ -923,7 +925,7 @@ async fn run_session(
             frame = tokio::time::timeout(ttl, inbound.message()) => match frame {
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) }))) => {
                     let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { nonce: ping.nonce })) };
-                    if tx.send(Ok(pong)).await.is_err() {
+                    if tx.send(Ok(Box::new(pong))).await.is_err() {
                         break;
                     }
                 }
@@ -945,7 +947,7 @@ async fn run_session(
                         }],
                     };
                     for frame in frames {
-                        if tx.send(Ok(frame)).await.is_err() {
+                        if tx.send(Ok(Box::new(frame))).await.is_err() {
                             break;
                         }
                     }
@@ -960,14 +962,14 @@ async fn run_session(
                         let (context, tx, session_id) = (context.clone(), tx.clone(), session.id());
                         sends.spawn(async move {
                             let outcome = messaging::send_checked(&context, peer, session_id, message).await;
-                            let _ = tx.send(Ok(send_result(request_id, outcome))).await;
+                            let _ = tx.send(Ok(Box::new(send_result(request_id, outcome)))).await;
                         });
                         None
                     } else {
                         Some(send_result(request_id, Err(Status::invalid_argument("send frame without a message"))))
                     };
                     if let Some(frame) = result {
-                        if tx.send(Ok(frame)).await.is_err() {
+                        if tx.send(Ok(Box::new(frame))).await.is_err() {
                             break;
                         }
                     }
