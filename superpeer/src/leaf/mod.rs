@@ -867,7 +867,9 @@ async fn run_session(
         host,
         session: session.id(),
     };
-    if let Err(error) = context.propose(attach).await {
+    // Boxed, here and below: the session task lives as long as the leaf is attached, and its size is that of
+    // its largest state; a proposal inlined there would be carried by every idle session.
+    if let Err(error) = Box::pin(context.propose(attach)).await {
         tracing::warn!(%error, "cannot record the attach");
         let _ = tx.send(Err(error.into_status())).await;
         return;
@@ -937,7 +939,7 @@ async fn run_session(
                     if events.is_none() {
                         events = Some(context.events.subscribe());
                     }
-                    let frames = match watches.add(&context, request).await {
+                    let frames = match Box::pin(watches.add(&context, request)).await {
                         Ok(frames) => frames,
                         Err(error) => vec![ServerFrame {
                             frame: Some(server_frame::Frame::WatchRefused(WatchRefused {
@@ -1015,7 +1017,7 @@ async fn run_session(
             _ = tokio::time::sleep(context.config.session_grace()) => {}
         }
     }
-    if let Err(error) = context.propose(detach).await {
+    if let Err(error) = Box::pin(context.propose(detach)).await {
         tracing::warn!(%error, "cannot record the detach; the host expiry will");
     }
     }
