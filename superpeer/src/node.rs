@@ -84,6 +84,8 @@ pub struct Context {
     pub reader: StateReader,
     pub clients: ClusterClients,
     pub sessions: SessionRegistry,
+    /// Streams that carry deliveries to leaves of other members.
+    pub deliveries: crate::cluster::deliver::Links,
     /// Batches writes forwarded to the leader.
     pub forwarder: Forwarder,
     /// Changes applied here, for watches.
@@ -430,6 +432,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         reader: StateReader::new(db.clone()),
         clients,
         sessions: SessionRegistry::default(),
+        deliveries: Default::default(),
         forwarder,
         events: EventLog::default(),
         tasks: tasks.clone(),

@@ -74,15 +74,24 @@ fn client_certificate<T>(
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))
 }
 
+/// The fingerprint of the caller's certificate.
+pub fn caller_fingerprint<T>(request: &Request<T>) -> Result<[u8; 32], Status> {
+    Ok(fingerprint(client_certificate(request)?.as_ref()))
+}
+
 /// Refuses a caller whose certificate was revoked (as far as this node has applied the log).
 fn require_not_revoked<T>(request: &Request<T>, reader: &StateReader) -> Result<(), Status> {
-    let leaf = client_certificate(request)?;
-    let fingerprint = fingerprint(leaf.as_ref());
-    match reader.is_revoked(&fingerprint) {
+    require_unrevoked(reader, &caller_fingerprint(request)?)
+}
+
+/// Refuses the certificate with `fingerprint` if it was revoked. Long-lived streams call this for every message
+/// they carry, since the gate only sees the call that opened them.
+pub fn require_unrevoked(reader: &StateReader, fingerprint: &[u8; 32]) -> Result<(), Status> {
+    match reader.is_revoked(fingerprint) {
         Ok(false) => Ok(()),
         Ok(true) => Err(Status::permission_denied(format!(
             "certificate {} has been revoked",
-            data_encoding::HEXLOWER.encode(&fingerprint)
+            data_encoding::HEXLOWER.encode(fingerprint)
         ))),
         // Fail closed: a node that cannot read its revocations does not know who is allowed.
         Err(error) => Err(Status::unavailable(format!(

@@ -1,14 +1,16 @@
 //! The Cluster service: Raft RPCs, forwarded writes and reads, and joining. Reached only over mutual TLS by
 //! holders of a cluster certificate.
 
+pub mod deliver;
+
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
-    AdoptRequest, AdoptResponse, ConnectAnswer, DeliverRequest, DeliverResponse, DescribeRequest,
-    DescribeResponse, GrantRelayRequest, JoinRequest, JoinResponse, MembershipCall,
-    MembershipReply, NodeDescriptor, OfferRequest, ProposeRequest, ProposeResponse,
+    AdoptRequest, AdoptResponse, ConnectAnswer, DeliverCall, DeliverRequest, DeliverResponse,
+    DescribeRequest, DescribeResponse, GrantRelayRequest, JoinRequest, JoinResponse,
+    MembershipCall, MembershipReply, NodeDescriptor, OfferRequest, ProposeRequest, ProposeResponse,
     PushPlanRequest, PushPlanResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 
@@ -148,6 +150,20 @@ impl Cluster for ClusterService {
         let raft = self.context.raft()?;
         let read_index = propose::local_read_index(raft).await?;
         Ok(Response::new(ReadIndexResponse { read_index }))
+    }
+
+    type DeliverStreamStream = deliver::OutcomeStream;
+
+    async fn deliver_stream(
+        &self,
+        request: Request<tonic::Streaming<DeliverCall>>,
+    ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        let caller = crate::roles::caller_fingerprint(&request)?;
+        Ok(Response::new(deliver::serve(
+            self.context.clone(),
+            request.into_inner(),
+            caller,
+        )))
     }
 
     async fn membership(

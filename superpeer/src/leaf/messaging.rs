@@ -200,22 +200,20 @@ async fn deliver_remote(context: &Context, host: u64, to: &PeerId, message: Mess
     let Some(node) = context.member_info(host) else {
         return false;
     };
-    let Ok(mut client) = context.clients.client(&node.cluster_addr) else {
-        return false;
-    };
-    let mut request = tonic::Request::new(vesper_proto::v1::DeliverRequest {
-        to: to.to_string(),
-        message: Some(message),
-        drain_mailbox: false,
-    });
-    request.set_timeout(DELIVERY_TIMEOUT + Duration::from_secs(2));
-    match client.deliver(request).await {
-        Ok(reply) => reply.into_inner().delivered,
-        Err(status) => {
-            tracing::debug!(host, %status, "remote delivery failed; queueing");
-            false
-        }
+    let delivered = context
+        .deliveries
+        .deliver(
+            &context.clients,
+            &node.cluster_addr,
+            to.to_string(),
+            message,
+            DELIVERY_TIMEOUT + Duration::from_secs(2),
+        )
+        .await;
+    if !delivered {
+        tracing::debug!(host, "remote delivery not acknowledged; queueing");
     }
+    delivered
 }
 
 /// Pushes `peer`'s mailbox into its new session, in order, and removes what was acknowledged.
