@@ -9,7 +9,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Code;
 use vesper_proto::v1::admin_client::AdminClient;
 use vesper_proto::v1::cluster_client::ClusterClient;
-use vesper_proto::v1::{DescribeRequest, MembersRequest, StatusRequest};
+use vesper_proto::v1::{DeliverCall, DescribeRequest, MembersRequest, Message, StatusRequest};
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
 
@@ -110,6 +110,29 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
         peer.describe(DescribeRequest {}).await?;
         peers.push(peer);
     }
+    // A delivery stream the extra super peer keeps open: the Cluster gate sees only the call that opens it, so
+    // each delivery on it is checked against the revocations too. One delivery to a peer that is not attached
+    // shows the stream works.
+    let (calls, call_stream) = tokio::sync::mpsc::unbounded_channel();
+    let mut outcomes = peers[0]
+        .clone()
+        .deliver_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            call_stream,
+        ))
+        .await?
+        .into_inner();
+    let delivery = |id: u64| DeliverCall {
+        id,
+        to: vesper_proto::Keypair::generate().peer_id().to_string(),
+        message: Some(Message {
+            id: format!("m{id}"),
+            kind: "note".into(),
+            ..Message::default()
+        }),
+    };
+    calls.send(delivery(1))?;
+    let outcome = outcomes.message().await?.expect("an outcome");
+    assert_eq!((outcome.id, outcome.delivered), (1, false));
 
     // Bad revocations are refused and commit nothing. (First wait for both nodes' relay load reports, the only
     // writes an idle cluster makes by itself, so that the log index stands still.)
@@ -170,6 +193,26 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
         let reply: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         assert!(reply["log_index"].as_u64().unwrap_or(0) > before, "{reply}");
     }
+
+    // The open delivery stream is cut off with the reason once node 0 has applied the revocation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut id = 1;
+    let status = loop {
+        id += 1;
+        calls.send(delivery(id))?;
+        match outcomes.message().await {
+            Ok(Some(outcome)) => assert_eq!((outcome.id, outcome.delivered), (id, false)),
+            Ok(None) => anyhow::bail!("the delivery stream ended without a status"),
+            Err(status) => break status,
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a revoked super peer kept delivering on its open stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
 
     // Within seconds every node refuses them on the connections opened before, and on new ones.
     for node in 0..2 {
