@@ -36,17 +36,16 @@ pub enum PeerIdError {
 pub struct PeerId([u8; 32]);
 
 impl PeerId {
-    /// Builds a `PeerId` from raw public key bytes, checking that they are a valid Ed25519 key.
+    /// Builds a `PeerId` from raw public key bytes (32 of them).
+    ///
+    /// Whether the bytes are a usable Ed25519 key is checked where it matters, when the peer proves it owns the
+    /// key ([`PeerId::verify`], at attach): that check decompresses a curve point, about as costly as the rest
+    /// of a message's handling, and every message names two peers. A `PeerId` that is not a usable key can be
+    /// written to (its mailbox fills up to its quota) but nobody can ever attach as it.
     pub fn from_public_key_bytes(bytes: &[u8]) -> Result<Self, PeerIdError> {
         let raw: [u8; 32] = bytes
             .try_into()
             .map_err(|_| PeerIdError::BadKeyLength(bytes.len()))?;
-        let key = VerifyingKey::from_bytes(&raw).map_err(|_| PeerIdError::InvalidKey)?;
-        // A small-order ("weak") key has no real owner: a signature made of the identity and zero verifies
-        // under it for every message. Such a key never names a peer.
-        if key.is_weak() {
-            return Err(PeerIdError::InvalidKey);
-        }
         Ok(Self(raw))
     }
 
@@ -58,6 +57,11 @@ impl PeerId {
     /// Verifies an Ed25519 signature made by this peer over `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), PeerIdError> {
         let key = VerifyingKey::from_bytes(&self.0).map_err(|_| PeerIdError::InvalidKey)?;
+        // A small-order ("weak") key has no real owner: a signature made of the identity and zero verifies
+        // under it for every message. Nothing verifies under such a key, so nobody attaches as it.
+        if key.is_weak() {
+            return Err(PeerIdError::InvalidKey);
+        }
         let signature = Signature::from_slice(signature)
             .map_err(|_| PeerIdError::BadSignatureLength(signature.len()))?;
         // Strict: also refuses non-canonical and small-order signature parts, so one signature never verifies
@@ -219,12 +223,23 @@ mod tests {
     }
 
     #[test]
-    fn small_order_keys_name_no_peer() {
+    fn nothing_verifies_under_small_order_or_invalid_keys() {
         // The identity point: under it, (R = identity, s = 0) would verify for every message.
         let mut identity = [0u8; 32];
         identity[0] = 1;
+        let mut forged = [0u8; 64];
+        forged[..32].copy_from_slice(&identity);
+        let weak = PeerId::from_public_key_bytes(&identity).expect("32 bytes name a peer");
         assert!(matches!(
-            PeerId::from_public_key_bytes(&identity),
+            weak.verify(b"any message", &forged),
+            Err(PeerIdError::InvalidKey)
+        ));
+        // Not a curve point at all (y = 2 has no x on the curve): also refused when it would sign.
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        let off_curve = PeerId::from_public_key_bytes(&off_curve).expect("32 bytes name a peer");
+        assert!(matches!(
+            off_curve.verify(b"any message", &forged),
             Err(PeerIdError::InvalidKey)
         ));
     }
