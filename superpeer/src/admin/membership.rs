@@ -39,14 +39,7 @@ pub async fn on_leader(context: &Context, call: Call) -> Result<Reply, tonic::St
             Some(id) if id == *raft.node_id() => return Ok(run_here(context, call).await?),
             Some(id) => {
                 if let Some(node) = metrics.membership_config.membership().get_node(&id) {
-                    let mut client =
-                        context
-                            .clients
-                            .client(&node.cluster_addr)
-                            .map_err(|status| ServiceError::Peer {
-                                peer: node.cluster_addr.clone(),
-                                status,
-                            })?;
+                    let mut client = context.clients.peer(&node.cluster_addr)?;
                     // The leader's status reaches the operator unchanged: it carries the real reason.
                     let reply = client
                         .membership(MembershipCall { call: Some(call) })
@@ -163,14 +156,7 @@ pub async fn register_standby(context: &Context, node: NodeInfo) -> Result<u64, 
                     if let (Some(_), Some(leader)) =
                         (forward.leader_id, forward.leader_node.as_ref())
                     {
-                        let mut client =
-                            context
-                                .clients
-                                .client(&leader.cluster_addr)
-                                .map_err(|status| ServiceError::Peer {
-                                    peer: leader.cluster_addr.clone(),
-                                    status,
-                                })?;
+                        let mut client = context.clients.peer(&leader.cluster_addr)?;
                         let request = vesper_proto::v1::JoinRequest {
                             node: Some(vesper_proto::v1::NodeDescriptor {
                                 peer_id: node.peer_id.clone(),
@@ -211,7 +197,7 @@ pub async fn add_standby(
         peer: cluster_addr.to_string(),
         status,
     };
-    let mut client = context.clients.client(cluster_addr).map_err(peer_error)?;
+    let mut client = context.clients.peer(cluster_addr)?;
     let described = client
         .describe(DescribeRequest {})
         .await

@@ -269,13 +269,7 @@ async fn offer_to(
     let node = context
         .member_info(host)
         .ok_or_else(|| ServiceError::NotFound(format!("peer {to} is hosted by an unknown node")))?;
-    let mut client = context
-        .clients
-        .client(&node.cluster_addr)
-        .map_err(|status| ServiceError::Peer {
-            peer: node.cluster_addr.clone(),
-            status,
-        })?;
+    let mut client = context.clients.peer(&node.cluster_addr)?;
     let mut request = tonic::Request::new(OfferRequest {
         to: to.to_string(),
         offer: Some(offer),

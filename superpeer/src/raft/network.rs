@@ -66,6 +66,18 @@ impl ClusterClients {
             .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES))
     }
 
+    /// [`ClusterClients::client`] for service code: a failure names the peer.
+    pub fn peer(
+        &self,
+        address: &str,
+    ) -> Result<ClusterClient<Channel>, crate::error::ServiceError> {
+        self.client(address)
+            .map_err(|status| crate::error::ServiceError::Peer {
+                peer: address.to_string(),
+                status,
+            })
+    }
+
     /// A channel to `address`, shared by every client of that address.
     pub fn channel(&self, address: &str) -> Result<Channel, tonic::Status> {
         let mut channels = self.channels.lock().expect("channel cache lock poisoned");
