@@ -9,7 +9,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Code;
 use vesper_proto::v1::admin_client::AdminClient;
 use vesper_proto::v1::cluster_client::ClusterClient;
-use vesper_proto::v1::{DeliverCall, DescribeRequest, MembersRequest, Message, StatusRequest};
+use vesper_proto::v1::{DeliverCall, DescribeRequest, Message, StatusRequest};
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
 
@@ -136,28 +136,7 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
 
     // Bad revocations are refused and commit nothing. (First wait for both nodes' relay load reports, the only
     // writes an idle cluster makes by itself, so that the log index stands still.)
-    let (op_cert, op_key) = cluster.pki.operator_cert();
-    let operator = AdminClient::new(
-        channel(cluster.nodes[0].endpoints().admin, &ca, &op_cert, &op_key).await?,
-    );
-    wait::until(
-        "both relay loads replicated",
-        Duration::from_secs(20),
-        || {
-            let mut operator = operator.clone();
-            async move {
-                let members = operator
-                    .members(MembersRequest {})
-                    .await?
-                    .into_inner()
-                    .members;
-                let reported = members.iter().filter(|m| m.relay_capacity > 0).count();
-                Ok((reported == 2).then_some(()))
-            }
-        },
-    )
-    .await?;
-    let before = applied_index(&cluster, 0).await?;
+    let before = cluster.wait_quiet(0).await?;
     let output = cluster.vesperctl(0, &["cert", "revoke", "--fingerprint", "abc"])?;
     assert_eq!(output.status.code(), Some(64), "{output:?}"); // EX_USAGE
     assert!(
