@@ -21,7 +21,8 @@ mod relay_socket;
 
 pub use error::LeafError;
 pub use leaf::{
-    Consistency, Handler, Leaf, LeafConfig, Page, SearchTerm, SendOutcome, WatchItem, WatchSpec,
+    Consistency, Handler, Leaf, LeafConfig, Page, PeerMatches, SearchTerm, SendOutcome, WatchItem,
+    WatchSpec,
 };
 pub use p2p::{Path, PeerConnection, RelayCaps};
 pub use vesper_proto::v1::{

@@ -73,8 +73,9 @@ async fn t60_leaves_on_different_super_peers_see_and_message_each_other() -> any
             10,
         )
         .await?;
-    assert_eq!(found.len(), 1);
-    assert_eq!(found[0].peer_id, bob.peer_id().to_string());
+    assert!(!found.more);
+    assert_eq!(found.peers.len(), 1);
+    assert_eq!(found.peers[0].peer_id, bob.peer_id().to_string());
     assert!(alice
         .search_peers(
             &[SearchTerm::Prefix("city".into(), "par".into())],
@@ -82,7 +83,24 @@ async fn t60_leaves_on_different_super_peers_see_and_message_each_other() -> any
             10
         )
         .await?
+        .peers
         .is_empty());
+    // A search that finds more than its limit says so.
+    alice
+        .set_presence(
+            PresenceStatus::Online,
+            "",
+            HashMap::from([("city".to_string(), "lisbon".to_string())]),
+        )
+        .await?;
+    let first = alice
+        .search_peers(
+            &[SearchTerm::Equals("city".into(), "lisbon".into())],
+            false,
+            1,
+        )
+        .await?;
+    assert_eq!((first.peers.len(), first.more), (1, true));
 
     // Messages across super peers are delivered and acknowledged, in order.
     for n in 0..20 {

@@ -596,9 +596,15 @@ async fn command(cli: &Cli, leaf: &Leaf) -> anyhow::Result<()> {
             prefixes,
             online,
         } => {
-            let found = leaf
+            let matches = leaf
                 .search_peers(&terms(equals.clone(), prefixes.clone()), *online, 100)
                 .await?;
+            if matches.more {
+                eprintln!(
+                    "leafpeer: more peers matched than shown; add terms to narrow the search"
+                );
+            }
+            let found = matches.peers;
             print(
                 json_mode,
                 Value::Array(found.iter().map(presence_json).collect()),

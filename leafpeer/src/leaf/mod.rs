@@ -110,6 +110,15 @@ pub enum SearchTerm {
     Prefix(String, String),
 }
 
+/// Peers found by [`Leaf::search_peers`].
+#[derive(Debug, Clone, Default)]
+pub struct PeerMatches {
+    /// Matching peers, in PeerId order.
+    pub peers: Vec<Presence>,
+    /// More peers matched than were returned (the limit, or 4 MiB of profiles); narrow the terms to see them.
+    pub more: bool,
+}
+
 /// A page of records.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
@@ -506,13 +515,13 @@ impl Leaf {
     }
 
     /// Finds peers by profile attributes: at most `limit` (1-1000, 100 when 0), in PeerId order, and no more
-    /// than fit in 4 MiB of profiles (`validate::MAX_PAGE_BYTES`); narrow the terms to see the rest.
+    /// than fit in 4 MiB of profiles (`validate::MAX_PAGE_BYTES`); `more` says when others matched too.
     pub async fn search_peers(
         &self,
         terms: &[SearchTerm],
         online_only: bool,
         limit: u32,
-    ) -> Result<Vec<Presence>, LeafError> {
+    ) -> Result<PeerMatches, LeafError> {
         let (mut client, request) = self
             .request(SearchPeersRequest {
                 terms: terms.iter().map(wire_term).collect(),
@@ -521,7 +530,11 @@ impl Leaf {
                 consistency: Consistency::Linearizable.into(),
             })
             .await?;
-        Ok(client.search_peers(request).await?.into_inner().peers)
+        let found = client.search_peers(request).await?.into_inner();
+        Ok(PeerMatches {
+            peers: found.peers,
+            more: found.more,
+        })
     }
 
     /// The current connection, waiting (up to the request timeout) while the leaf re-attaches.
