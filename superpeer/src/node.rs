@@ -313,6 +313,47 @@ async fn reload_tls(
     }
 }
 
+/// Tries for a leaf port whose UDP twin is free too, when the port is left to the system.
+const LEAF_PORT_ATTEMPTS: usize = 32;
+
+/// Binds the Leaf service (TCP) and, when STUN is on, the UDP port with the same number. With port 0 the system
+/// picks a free TCP port, but the UDP port of that number may be in use (by any program's UDP socket); then
+/// another port is tried. A port given explicitly is used as given, or start-up fails naming it.
+async fn bind_leaf(
+    config: &Config,
+) -> Result<(TcpListener, Option<std::net::UdpSocket>), NodeError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let listener = bind("leaf service", config.leaf_listen).await?;
+        if !config.stun.enabled {
+            return Ok((listener, None));
+        }
+        let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+            what: "leaf service",
+            addr: config.leaf_listen,
+            source,
+        })?;
+        match crate::stun::bind(addr) {
+            Ok(socket) => return Ok((listener, Some(socket))),
+            Err(source)
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && config.leaf_listen.port() == 0
+                    && attempt < LEAF_PORT_ATTEMPTS =>
+            {
+                tracing::debug!(%addr, "udp twin of the picked leaf port is taken; picking another");
+            }
+            Err(source) => {
+                return Err(NodeError::Bind {
+                    what: "stun port (udp, same address as the leaf service)",
+                    addr,
+                    source,
+                })
+            }
+        }
+    }
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr)
         .await
@@ -386,7 +427,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     )?);
     let db = store::open(&data_dir.join("db"))?;
 
-    let leaf_listener = bind("leaf service", config.leaf_listen).await?;
+    let (leaf_listener, stun_socket) = bind_leaf(&config).await?;
     let cluster_listener = bind("cluster service", config.cluster_listen).await?;
     let admin_listener = bind("admin service", config.admin_listen).await?;
     let local = |listener: &TcpListener, what| {
@@ -402,17 +443,9 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         admin: local(&admin_listener, "admin service")?,
         stun: None,
     };
-    let stun_socket = if config.stun.enabled {
-        let socket = crate::stun::bind(endpoints.leaf).map_err(|source| NodeError::Bind {
-            what: "stun port (udp, same address as the leaf service)",
-            addr: endpoints.leaf,
-            source,
-        })?;
+    if stun_socket.is_some() {
         endpoints.stun = Some(endpoints.leaf);
-        Some(socket)
-    } else {
-        None
-    };
+    }
     let me = NodeInfo {
         peer_id: keypair.peer_id().to_string(),
         cluster_addr: advertised(&config.advertise_host, endpoints.cluster),

@@ -589,3 +589,47 @@ async fn t10_certificates_are_checked_for_their_ca_and_role() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_a_leaf_port_whose_udp_twin_is_taken_is_refused_by_name() -> anyhow::Result<()> {
+    // The STUN and relay port is the UDP port with the Leaf port's number. Given explicitly and taken, start-up
+    // fails naming it (with port 0 the node picks another pair instead; the other tests start every node so).
+    let dir = tempfile::tempdir()?;
+    let pki = vesper_tests::pki::Pki::create(&dir.path().join("pki"))?;
+    let (cert, key) = pki.superpeer_cert();
+    for attempt in 0..5 {
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let address = taken.local_addr()?.to_string();
+        let output = std::process::Command::new(vesper_tests::binary("superpeer"))
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data-{attempt}")))
+            .args(["--leaf-listen", &address])
+            .args([
+                "--cluster-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--tls-ca")
+            .arg(pki.ca_cert())
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--bootstrap")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        // Another program may hold the TCP port of that number too (then the Leaf port itself is named); take
+        // another UDP port and try again.
+        if stderr.contains("cannot bind leaf service") {
+            continue;
+        }
+        assert!(
+            stderr.contains("stun port (udp") && stderr.contains(&address),
+            "{stderr}"
+        );
+        return Ok(());
+    }
+    anyhow::bail!("five UDP ports in a row had their TCP twin taken too")
+}

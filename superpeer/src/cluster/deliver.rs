@@ -13,8 +13,8 @@
 //!
 //! A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
 //! mailboxes; a leaf drops a message id it already has), and the next delivery opens a new stream. Both sides
-//! bound the deliveries in flight per stream; past the bound a delivery fails at once instead of waiting, so
-//! neither side can block the other.
+//! bound the deliveries in flight per stream; past the bound a delivery fails at once instead of waiting. The
+//! sender always reads outcomes while it sends, so the receiver's bounded answer queue never stalls it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Status, Streaming};
 use vesper_proto::v1::{DeliverCall, DeliverOutcome, Message};
 
@@ -143,7 +143,9 @@ pub fn serve(
     mut calls: Streaming<DeliverCall>,
     caller: [u8; 32],
 ) -> OutcomeStream {
-    let (outcomes, stream) = mpsc::unbounded_channel();
+    // Bounded: a member that stops reading its outcomes stalls its own stream (the tasks wait to answer, then
+    // this loop stops reading calls), and holds no more than this much memory here.
+    let (outcomes, stream) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
     tokio::spawn(async move {
         let mut running = JoinSet::new();
         loop {
@@ -158,17 +160,20 @@ pub fn serve(
                         }
                     };
                     if let Err(status) = crate::roles::require_unrevoked(&context.reader, &caller) {
-                        let _ = outcomes.send(Err(status));
+                        let _ = outcomes.send(Err(status)).await;
                         break;
                     }
                     if running.len() >= MAX_IN_FLIGHT_PER_STREAM {
-                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered: false }));
+                        let refused = DeliverOutcome { id: call.id, delivered: false };
+                        if outcomes.send(Ok(refused)).await.is_err() {
+                            break;
+                        }
                         continue;
                     }
                     let (context, outcomes) = (context.clone(), outcomes.clone());
                     running.spawn(async move {
                         let delivered = deliver_here(&context, &call.to, call.message).await;
-                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered }));
+                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered })).await;
                     });
                 }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
@@ -177,7 +182,7 @@ pub fn serve(
         // Let the deliveries already started finish (each is bounded by the delivery timeout).
         while running.join_next().await.is_some() {}
     });
-    Box::pin(UnboundedReceiverStream::new(stream))
+    Box::pin(ReceiverStream::new(stream))
 }
 
 /// Delivers to a leaf attached here; false when it is not attached, the call is malformed, or it did not
