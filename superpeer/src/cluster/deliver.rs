@@ -59,6 +59,7 @@ impl Links {
         let (reply, outcome) = oneshot::channel();
         let mut call = (to, message, reply);
         // A link whose stream broke has dropped its receiver: replace it once and try again.
+        let mut sent = false;
         for _ in 0..2 {
             let link = {
                 let mut links = self.links.lock().expect("delivery links lock poisoned");
@@ -76,11 +77,15 @@ impl Links {
                 }
             };
             match link.send(call) {
-                Ok(()) => break,
+                Ok(()) => {
+                    sent = true;
+                    break;
+                }
                 Err(mpsc::error::SendError(returned)) => call = returned,
             }
         }
-        matches!(tokio::time::timeout(timeout, outcome).await, Ok(Ok(true)))
+        // Not sent twice over: fail now rather than wait out the timeout.
+        sent && matches!(tokio::time::timeout(timeout, outcome).await, Ok(Ok(true)))
     }
 }
 
