@@ -55,6 +55,26 @@ impl RawSession {
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         with_token(message, &self.token)
     }
+
+    /// Reads record `namespace`/`key` (linearizable) through this session; `None` when it does not exist.
+    pub async fn record(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<vesper_proto::v1::Record>, tonic::Status> {
+        let request = vesper_proto::v1::GetRecordRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+            consistency: 0,
+        };
+        Ok(self
+            .client
+            .clone()
+            .get_record(self.request(request))
+            .await?
+            .into_inner()
+            .record)
+    }
 }
 
 /// A request carrying `token` as its session.

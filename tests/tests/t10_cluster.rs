@@ -409,18 +409,7 @@ async fn t10_bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     // Nothing reached Raft, and the record is as it was.
     let after = cluster.status_of(leader).await?.last_log_index;
     assert_eq!(before, after, "a refused request moved the Raft log");
-    let record = owner
-        .client
-        .clone()
-        .get_record(owner.request(GetRecordRequest {
-            namespace: "ns".into(),
-            key: "k".into(),
-            consistency: 0,
-        }))
-        .await?
-        .into_inner()
-        .record
-        .expect("record still there");
+    let record = owner.record("ns", "k").await?.expect("record still there");
     assert_eq!(record.value, b"original");
     assert_eq!(record.version, 1);
     assert_eq!(record.owner, owner_key.peer_id().to_string());

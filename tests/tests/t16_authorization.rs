@@ -460,16 +460,7 @@ async fn t16_index_and_mailbox_quotas_refuse_before_raft() -> anyhow::Result<()>
         quiet,
         "a refused put moved the log"
     );
-    let a = client
-        .get_record(alice.request(GetRecordRequest {
-            namespace: "quota".into(),
-            key: "a".into(),
-            consistency: 0,
-        }))
-        .await?
-        .into_inner()
-        .record
-        .expect("a");
+    let a = alice.record("quota", "a").await?.expect("a");
     assert_eq!((a.version, a.value.as_slice()), (1, b"small".as_slice()));
 
     // Others are not held back by alice's quota; alice may still replace, and a delete makes room.
@@ -651,15 +642,9 @@ async fn t16_size_limits_follow_the_configuration_and_answers_stay_bounded() -> 
         quiet,
         "a refused request moved the log"
     );
-    let stored = client
-        .get_record(alice.request(GetRecordRequest {
-            namespace: "sizes".into(),
-            key: "k".into(),
-            consistency: 0,
-        }))
+    let stored = alice
+        .record("sizes", "k")
         .await?
-        .into_inner()
-        .record
         .expect("the record at the limits");
     assert_eq!((stored.version, stored.value.len()), (1, 1000));
     // The limits leave the rest working: a payload at the limit is queued for the offline recipient.
