@@ -24,6 +24,14 @@ pub const MAX_PAGE_BYTES: usize = 4 << 20;
 /// framing. Super peers never send more (see [`MAX_PAGE_BYTES`]).
 pub const MAX_ANSWER_BYTES: usize = 2 * MAX_PAGE_BYTES;
 
+/// Most messages in one batch: a `SendBatch` from a leaf, a `MessageBatch` to a leaf, or a `DeliverCall` between
+/// super peers. Batches form only when several sends are queued at once; a lone send travels alone.
+pub const MAX_BATCH_MESSAGES: usize = 64;
+/// Largest encoded batch, in bytes. Below the room every Leaf port leaves for framing
+/// ([`SizeLimits::largest_request`]), so a batch fits whatever the operator's size limits are; a single message
+/// larger than this travels alone.
+pub const MAX_BATCH_BYTES: usize = 128 << 10;
+
 /// The sizes an operator may set on a super peer (`--max-value-bytes`, `--max-attributes`,
 /// `--max-attribute-value-bytes`, `--max-message-bytes`, or a `[limits]` table in the config file), each from 1
 /// up to its protocol ceiling ([`SizeLimits::CEILING`]). The super peer checks requests against its own values;
@@ -100,6 +108,8 @@ impl Default for SizeLimits {
 /// What [`SizeLimits::largest_request`] adds for fields without a size limit of their own (ids, kinds, tokens)
 /// and for bounded lists (a watch names up to 1024 peers, an invitation 256).
 const REQUEST_FRAMING_BYTES: usize = 256 << 10;
+// A batch fits in any Leaf port's request limit, even with every size limit set to 1.
+const _: () = assert!(MAX_BATCH_BYTES + 1024 < REQUEST_FRAMING_BYTES);
 
 /// What was wrong with a request, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -42,12 +42,13 @@ pub async fn channel_from(
         .await?)
 }
 
-/// An open raw session: the client, its token and the stream halves that keep it alive.
+/// An open raw session: the client, its token and the stream halves that keep it alive (frames to send on the
+/// session go into `outbound`; what the super peer pushes arrives on `inbound`).
 pub struct RawSession {
     pub client: LeafClient<Channel>,
     pub token: String,
-    _tx: mpsc::Sender<ClientFrame>,
-    _inbound: tonic::Streaming<ServerFrame>,
+    pub outbound: mpsc::Sender<ClientFrame>,
+    pub inbound: tonic::Streaming<ServerFrame>,
 }
 
 impl RawSession {
@@ -124,8 +125,8 @@ pub async fn open(
         }) => Ok(RawSession {
             client,
             token: welcome.session_token,
-            _tx: tx,
-            _inbound: inbound,
+            outbound: tx,
+            inbound,
         }),
         other => Err(tonic::Status::internal(format!(
             "unexpected frame {other:?}"

@@ -10,6 +10,9 @@ use tonic::Code;
 use vesper_leafpeer::{
     Consistency, Keypair, Leaf, Message, PresenceStatus, SearchTerm, SendOutcome,
 };
+use vesper_proto::v1::{
+    client_frame, server_frame, ClientFrame, MessageAcks, SendBatch, SendFrame, SendMessageRequest,
+};
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
 
@@ -141,6 +144,24 @@ async fn t60_leaves_on_different_super_peers_see_and_message_each_other() -> any
         SendOutcome::Delivered
     );
     assert_eq!(next_message(&mut bob_inbox).await?.payload, b"local");
+
+    // Many sends at once (the library batches what queues up together): each is delivered, once.
+    let bob_id = bob.peer_id();
+    let sends = (0..200u32).map(|n| alice.send(&bob_id, "chat", n.to_be_bytes().to_vec()));
+    for outcome in futures::future::join_all(sends).await {
+        assert_eq!(outcome?, SendOutcome::Delivered);
+    }
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        let payload = next_message(&mut bob_inbox).await?.payload;
+        got.push(u32::from_be_bytes(payload.try_into().expect("4 bytes")));
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..200).collect::<Vec<_>>());
+    assert!(
+        bob_inbox.try_recv().is_err(),
+        "a message reached the app twice"
+    );
     Ok(())
 }
 
@@ -381,6 +402,119 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
     for n in 0..3u8 {
         assert_eq!(next_message(&mut inbox).await?.payload, vec![n]);
     }
+    Ok(())
+}
+
+/// The next frame a raw session gets that is not a pong.
+async fn next_frame(
+    session: &mut vesper_tests::raw::RawSession,
+) -> anyhow::Result<server_frame::Frame> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), session.inbound.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("no frame within 20 s"))??
+            .ok_or_else(|| anyhow::anyhow!("session stream ended"))?;
+        match frame.frame {
+            Some(server_frame::Frame::Pong(_)) | None => {}
+            Some(frame) => return Ok(frame),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_sends_queued_together_travel_as_one_batch_across_super_peers() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2, options(&[])).await?;
+    let observer = cluster.leaf(0).await?;
+    let raw = |node: usize, keypair: Keypair| {
+        let address = cluster.nodes[node].endpoints().leaf.to_string();
+        let ca = cluster.pki.ca_pem();
+        async move {
+            let channel = vesper_tests::raw::channel(&address, &ca).await?;
+            anyhow::Ok(
+                vesper_tests::raw::open(channel, &keypair, vesper_tests::raw::Signing::Valid)
+                    .await?,
+            )
+        }
+    };
+    let (alice_key, bob_key) = (Keypair::generate(), Keypair::generate());
+    let (alice_id, bob_id) = (alice_key.peer_id().to_string(), bob_key.peer_id());
+    let mut alice = raw(0, alice_key).await?;
+    let mut bob = raw(1, bob_key).await?;
+    assert_eq!(
+        status_of(&observer, &bob_id).await?,
+        PresenceStatus::Online as i32
+    );
+
+    // One SendBatch: 63 messages for bob (hosted by the other super peer), one send without a message, and one
+    // past the batch limit of 64.
+    let mut sends: Vec<SendFrame> = (0..63u8)
+        .map(|n| SendFrame {
+            request_id: u64::from(n),
+            message: Some(SendMessageRequest {
+                to: bob_id.to_string(),
+                id: format!("batch-{n}"),
+                kind: "note".into(),
+                payload: vec![n],
+            }),
+        })
+        .collect();
+    sends.push(SendFrame {
+        request_id: 63,
+        message: None,
+    });
+    let mut past_limit = sends[0].clone();
+    past_limit.request_id = 64;
+    sends.push(past_limit);
+    alice
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::SendBatch(SendBatch { sends })),
+        })
+        .await?;
+
+    // The two refusals come back at once, each naming its problem.
+    let server_frame::Frame::SendResults(refused) = next_frame(&mut alice).await? else {
+        anyhow::bail!("expected the refusals first");
+    };
+    let refused: HashMap<u64, (i32, String)> = refused
+        .results
+        .into_iter()
+        .map(|result| (result.request_id, (result.error_code, result.error_message)))
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(refused[&63].0, Code::InvalidArgument as i32);
+    assert!(refused[&63].1.contains("without a message"), "{refused:?}");
+    assert_eq!(refused[&64].0, Code::InvalidArgument as i32);
+    assert!(refused[&64].1.contains("at most 64 sends"), "{refused:?}");
+
+    // Bob gets the 63 messages in one frame, in order, and acknowledges them in one frame.
+    let server_frame::Frame::MessageBatch(batch) = next_frame(&mut bob).await? else {
+        anyhow::bail!("expected one MessageBatch");
+    };
+    let payloads: Vec<u8> = batch.messages.iter().map(|m| m.payload[0]).collect();
+    assert_eq!(payloads, (0..63u8).collect::<Vec<_>>());
+    assert!(batch.messages.iter().all(|m| m.from == alice_id));
+    let acks = MessageAcks {
+        message_ids: batch.messages.iter().map(|m| m.id.clone()).collect(),
+    };
+    bob.outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::MessageAcks(acks)),
+        })
+        .await?;
+
+    // Alice learns that each was delivered (none queued), in one SendResults frame.
+    let server_frame::Frame::SendResults(results) = next_frame(&mut alice).await? else {
+        anyhow::bail!("expected the results");
+    };
+    let mut delivered: Vec<u64> = results
+        .results
+        .iter()
+        .filter(|result| result.delivered && result.error_code == 0)
+        .map(|result| result.request_id)
+        .collect();
+    delivered.sort_unstable();
+    assert_eq!(delivered, (0..63u64).collect::<Vec<_>>(), "{results:?}");
     Ok(())
 }
 

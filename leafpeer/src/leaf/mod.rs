@@ -6,6 +6,7 @@ use std::time::Duration;
 
 mod connect;
 mod endpoints;
+mod outgoing;
 mod session;
 mod watches;
 

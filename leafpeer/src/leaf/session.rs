@@ -16,15 +16,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
-    client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, Ping, SendResult,
-    ServerFrame,
+    client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, MessageAcks, Ping,
+    SendResult, ServerFrame,
 };
 use vesper_proto::validate;
 
@@ -128,7 +127,10 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         .max_decoding_message_size(validate::MAX_ANSWER_BYTES)
         .max_encoding_message_size(validate::MAX_ANSWER_BYTES);
     let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
-    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = client
+        .session(super::outgoing::Outgoing::new(rx))
+        .await?
+        .into_inner();
     let challenge = match inbound.message().await? {
         Some(ServerFrame {
             frame: Some(server_frame::Frame::Challenge(challenge)),
@@ -319,7 +321,12 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
             }
             frame = inbound.message() => match frame {
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Message(message)) })) => {
-                    if !receive(shared, &connection, message).await {
+                    if !receive(shared, &connection, vec![message]).await {
+                        return;
+                    }
+                }
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::MessageBatch(batch)) })) => {
+                    if !receive(shared, &connection, batch.messages).await {
                         return;
                     }
                 }
@@ -330,10 +337,10 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
                     tokio::spawn(super::connect::carry_out_plan(shared.clone(), plan));
                 }
                 Ok(Some(ServerFrame { frame: Some(server_frame::Frame::SendResult(result)) })) => {
-                    let waiting = shared.pending_sends.lock().expect("pending sends lock").remove(&result.request_id);
-                    if let Some(waiting) = waiting {
-                        let _ = waiting.send(result);
-                    }
+                    send_done(shared, vec![result]);
+                }
+                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::SendResults(results)) })) => {
+                    send_done(shared, results.results);
                 }
                 Ok(Some(ServerFrame { frame: Some(frame) })) => shared.watches.route(frame).await,
                 Ok(Some(_)) => {}
@@ -343,15 +350,30 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
     }
 }
 
-/// Hands `message` to the app (unless it is a retry) and acknowledges it. False when the session is gone.
-async fn receive(shared: &Shared, connection: &Connection, message: Message) -> bool {
-    let id = message.id.clone();
-    let first = shared
-        .seen
-        .lock()
-        .expect("seen lock")
-        .first_time(&message.from, &message.id);
-    if first {
+/// Completes the pipelined sends these results answer.
+fn send_done(shared: &Shared, results: Vec<SendResult>) {
+    let mut pending = shared.pending_sends.lock().expect("pending sends lock");
+    for result in results {
+        if let Some(waiting) = pending.remove(&result.request_id) {
+            let _ = waiting.send(result);
+        }
+    }
+}
+
+/// Hands `messages` to the app in order (except retries of messages it already has) and acknowledges them, in
+/// one frame. False when the session is gone.
+async fn receive(shared: &Shared, connection: &Connection, messages: Vec<Message>) -> bool {
+    let mut ids = Vec::with_capacity(messages.len());
+    for message in messages {
+        ids.push(message.id.clone());
+        let first = shared
+            .seen
+            .lock()
+            .expect("seen lock")
+            .first_time(&message.from, &message.id);
+        if !first {
+            continue;
+        }
         let handler = shared
             .handlers
             .read()
@@ -366,10 +388,13 @@ async fn receive(shared: &Shared, connection: &Connection, message: Message) -> 
             }
         }
     }
-    let ack = ClientFrame {
-        frame: Some(client_frame::Frame::MessageAck(MessageAck {
-            message_id: id,
-        })),
+    let frame = match <[String; 1]>::try_from(ids) {
+        Ok([message_id]) => client_frame::Frame::MessageAck(MessageAck { message_id }),
+        Err(message_ids) => client_frame::Frame::MessageAcks(MessageAcks { message_ids }),
     };
-    connection.outbound.send(ack).await.is_ok()
+    connection
+        .outbound
+        .send(ClientFrame { frame: Some(frame) })
+        .await
+        .is_ok()
 }

@@ -6,12 +6,14 @@
 //! (or could not take it), so many deliveries are in flight on one stream and a slow recipient holds up no other.
 //!
 //! ```text
-//!  send_checked --(to, message, reply)--> link task --DeliverCall{id}--> receiver: one task per delivery
-//!       ^                                     |                                 | sessions.deliver (waits for the ack)
-//!       +------------- delivered? ------------+<------- DeliverOutcome{id} -----+
+//!  send_all --(to, messages, reply)--> link task --DeliverCall{id}--> receiver: one task per delivery
+//!       ^                                  |                                 | sessions.deliver_all (waits for acks)
+//!       +---------- delivered? each -------+<------- DeliverOutcome{id} -----+
 //! ```
 //!
-//! A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
+//! A delivery carries the messages one session sent to one recipient together (up to
+//! `validate::MAX_BATCH_MESSAGES`), pushed to the leaf in one frame; the outcome says, for each, whether the leaf
+//! acknowledged it. A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
 //! mailboxes; a leaf drops a message id it already has), and the next delivery opens a new stream. Both sides
 //! bound the deliveries in flight per stream; past the bound a delivery fails at once instead of waiting. The
 //! sender always reads outcomes while it sends, so the receiver's bounded answer queue never stalls it.
@@ -27,17 +29,19 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Status, Streaming};
 use vesper_proto::v1::{DeliverCall, DeliverOutcome, Message};
+use vesper_proto::validate;
 
 use crate::node::Context;
 use crate::raft::network::ClusterClients;
 
-/// Deliveries in flight on one stream, on each side; past it a delivery fails at once (and is queued).
+/// Messages in flight on one stream, on each side; past it a delivery fails at once (and is queued).
 pub const MAX_IN_FLIGHT_PER_STREAM: usize = 8192;
 
 /// The answer stream of `Cluster.DeliverStream`.
 pub type OutcomeStream = Pin<Box<dyn Stream<Item = Result<DeliverOutcome, Status>> + Send>>;
 
-type Call = (String, Message, oneshot::Sender<bool>);
+/// The recipient, its messages (sent together, in order), and where their outcomes go.
+type Call = (String, Vec<Message>, oneshot::Sender<Vec<bool>>);
 
 /// The sending side: one link (a stream and the task that owns it) per member delivered to.
 #[derive(Clone, Default)]
@@ -46,18 +50,19 @@ pub struct Links {
 }
 
 impl Links {
-    /// Delivers `message` to leaf `to` on the member at `address` and waits up to `timeout` for the outcome:
-    /// true when the leaf acknowledged it.
+    /// Delivers `messages` to leaf `to` on the member at `address`, together and in order, and waits up to
+    /// `timeout` for the outcomes: one entry per message, true when the leaf acknowledged it.
     pub async fn deliver(
         &self,
         clients: &ClusterClients,
         address: &str,
         to: String,
-        message: Message,
+        messages: Vec<Message>,
         timeout: Duration,
-    ) -> bool {
+    ) -> Vec<bool> {
+        let count = messages.len();
         let (reply, outcome) = oneshot::channel();
-        let mut call = (to, message, reply);
+        let mut call = (to, messages, reply);
         // A link whose stream broke has dropped its receiver: replace it once and try again.
         let mut sent = false;
         for _ in 0..2 {
@@ -67,7 +72,7 @@ impl Links {
                     Some(link) if !link.is_closed() => link.clone(),
                     _ => {
                         let Ok(client) = clients.client(address) else {
-                            return false;
+                            return vec![false; count];
                         };
                         let (link, calls) = mpsc::unbounded_channel();
                         tokio::spawn(run_link(client, calls, address.to_string()));
@@ -85,7 +90,17 @@ impl Links {
             }
         }
         // Not sent twice over: fail now rather than wait out the timeout.
-        sent && matches!(tokio::time::timeout(timeout, outcome).await, Ok(Ok(true)))
+        if !sent {
+            return vec![false; count];
+        }
+        match tokio::time::timeout(timeout, outcome).await {
+            Ok(Ok(mut delivered)) => {
+                // A member answers one entry per message; anything missing counts as not delivered.
+                delivered.resize(count, false);
+                delivered
+            }
+            _ => vec![false; count],
+        }
     }
 }
 
@@ -106,26 +121,30 @@ async fn run_link(
             return;
         }
     };
-    let mut pending: HashMap<u64, oneshot::Sender<bool>> = HashMap::new();
+    // Calls waiting for their outcome, with how many messages each carries.
+    let mut pending: HashMap<u64, (oneshot::Sender<Vec<bool>>, usize)> = HashMap::new();
+    let mut in_flight = 0usize;
     let mut next_id = 0u64;
     loop {
         tokio::select! {
             call = calls.recv() => {
-                let Some((to, message, reply)) = call else { break };
-                if pending.len() >= MAX_IN_FLIGHT_PER_STREAM {
-                    let _ = reply.send(false);
+                let Some((to, messages, reply)) = call else { break };
+                if in_flight + messages.len() > MAX_IN_FLIGHT_PER_STREAM {
+                    let _ = reply.send(vec![false; messages.len()]);
                     continue;
                 }
                 next_id += 1;
-                pending.insert(next_id, reply);
-                let call = DeliverCall { id: next_id, to, message: Some(message) };
+                in_flight += messages.len();
+                pending.insert(next_id, (reply, messages.len()));
+                let call = DeliverCall { id: next_id, to, messages };
                 if out.send(call).is_err() {
                     break;
                 }
             }
             outcome = outcomes.message() => match outcome {
                 Ok(Some(outcome)) => {
-                    if let Some(reply) = pending.remove(&outcome.id) {
+                    if let Some((reply, count)) = pending.remove(&outcome.id) {
+                        in_flight -= count;
                         let _ = reply.send(outcome.delivered);
                     }
                 }
@@ -143,6 +162,7 @@ async fn run_link(
 
 /// The receiving side of one stream: runs each delivery as its own task and answers it when it ends. Every call
 /// is checked against the revocations first, since the Cluster gate only saw the call that opened the stream.
+/// A call with no message or more than [`validate::MAX_BATCH_MESSAGES`] is answered "not delivered" for each.
 pub fn serve(
     context: Arc<Context>,
     mut calls: Streaming<DeliverCall>,
@@ -152,7 +172,9 @@ pub fn serve(
     // this loop stops reading calls), and holds no more than this much memory here.
     let (outcomes, stream) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
     tokio::spawn(async move {
-        let mut running = JoinSet::new();
+        // Each task returns how many messages it carried.
+        let mut running = JoinSet::<usize>::new();
+        let mut in_flight = 0usize;
         loop {
             tokio::select! {
                 call = calls.message() => {
@@ -168,20 +190,28 @@ pub fn serve(
                         let _ = outcomes.send(Err(status)).await;
                         break;
                     }
-                    if running.len() >= MAX_IN_FLIGHT_PER_STREAM {
-                        let refused = DeliverOutcome { id: call.id, delivered: false };
+                    let count = call.messages.len();
+                    if count == 0
+                        || count > validate::MAX_BATCH_MESSAGES
+                        || in_flight + count > MAX_IN_FLIGHT_PER_STREAM
+                    {
+                        let refused = DeliverOutcome { id: call.id, delivered: vec![false; count] };
                         if outcomes.send(Ok(refused)).await.is_err() {
                             break;
                         }
                         continue;
                     }
+                    in_flight += count;
                     let (context, outcomes) = (context.clone(), outcomes.clone());
                     running.spawn(async move {
-                        let delivered = deliver_here(&context, &call.to, call.message).await;
+                        let delivered = deliver_here(&context, &call.to, call.messages).await;
                         let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered })).await;
+                        count
                     });
                 }
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    in_flight -= done.unwrap_or(0);
+                }
             }
         }
         // Let the deliveries already started finish (each is bounded by the delivery timeout).
@@ -190,15 +220,16 @@ pub fn serve(
     Box::pin(ReceiverStream::new(stream))
 }
 
-/// Delivers to a leaf attached here; false when it is not attached, the call is malformed, or it did not
-/// acknowledge in time.
-async fn deliver_here(context: &Context, to: &str, message: Option<Message>) -> bool {
-    let (Ok(to), Some(message)) = (to.parse::<vesper_proto::PeerId>(), message) else {
-        return false;
+/// Delivers to a leaf attached here, one entry per message: false when it is not attached, the recipient is
+/// malformed, or it did not acknowledge in time.
+async fn deliver_here(context: &Context, to: &str, messages: Vec<Message>) -> Vec<bool> {
+    let count = messages.len();
+    let Ok(to) = to.parse::<vesper_proto::PeerId>() else {
+        return vec![false; count];
     };
     context
         .sessions
-        .deliver(&to, message, crate::leaf::messaging::DELIVERY_TIMEOUT)
+        .deliver_all(&to, messages, crate::leaf::messaging::DELIVERY_TIMEOUT)
         .await
-        .is_ok()
+        .unwrap_or_else(|_| vec![false; count])
 }

@@ -81,13 +81,26 @@ fn stored(message: &Message, from: &PeerId) -> StoredMessage {
 }
 
 /// Checks a send from session `session` of `from` (rate, recipient, id, kind, payload) and carries it out.
-/// Shared by the `SendMessage` call and the pipelined `SendFrame` on the session stream.
+/// The unary `SendMessage` call; sends on the session stream go through [`check`] and [`send_all`] in batches.
 pub async fn send_checked(
     context: &Arc<Context>,
     from: PeerId,
     session: u64,
     request: SendMessageRequest,
 ) -> Result<Fate, tonic::Status> {
+    let (to, message) = check(context, &from, session, request)?;
+    let fate = send_all(context, &from, &to, vec![message]).await.pop();
+    Ok(fate.expect("one fate per message")?)
+}
+
+/// Checks one send from session `session` of `from` (rate, recipient, id, kind, payload): the recipient and the
+/// message as it will be delivered.
+pub fn check(
+    context: &Context,
+    from: &PeerId,
+    session: u64,
+    request: SendMessageRequest,
+) -> Result<(PeerId, Message), tonic::Status> {
     let config = &context.config;
     if !context
         .sessions
@@ -119,34 +132,56 @@ pub async fn send_checked(
         sent_at_ms: now_ms(),
         from_mailbox: false,
     };
-    Ok(send(context, &from, &to, message).await?)
+    Ok((to, message))
 }
 
-/// Delivers `message` from `from` to `to`, directly when it is attached somewhere, else into its mailbox.
-pub async fn send(
+/// Delivers `messages` from `from` to `to`, in order: directly, pushed together, when `to` is attached
+/// somewhere; each one that was not acknowledged goes into its mailbox. One fate per message.
+pub async fn send_all(
     context: &Arc<Context>,
     from: &PeerId,
     to: &PeerId,
-    message: Message,
-) -> Result<Fate, ServiceError> {
-    let entry = presence::get(context.reader.db(), to.as_bytes())?;
-    if let Some(entry) = entry.filter(|entry| entry.status != PresenceStatus::Offline) {
-        let delivered = if Some(entry.host) == context.node_id() {
-            context
-                .sessions
-                .deliver(to, message.clone(), DELIVERY_TIMEOUT)
-                .await
-                .is_ok()
-        } else {
-            deliver_remote(context, entry.host, to, message.clone()).await
-        };
-        if delivered {
-            return Ok(Fate::Delivered);
+    messages: Vec<Message>,
+) -> Vec<Result<Fate, ServiceError>> {
+    let count = messages.len();
+    let entry = match presence::get(context.reader.db(), to.as_bytes()) {
+        Ok(entry) => entry,
+        Err(error) => {
+            // The mailbox path reads presence again and reports its error for each message.
+            tracing::warn!(%error, "cannot read the recipient's presence");
+            None
         }
+    };
+    let delivered = match entry.filter(|entry| entry.status != PresenceStatus::Offline) {
+        Some(entry) if Some(entry.host) == context.node_id() => context
+            .sessions
+            .deliver_all(to, messages.clone(), DELIVERY_TIMEOUT)
+            .await
+            .unwrap_or_default(),
+        Some(entry) => deliver_remote(context, entry.host, to, messages.clone()).await,
+        None => Vec::new(),
+    };
+    let mut fates = Vec::with_capacity(count);
+    for (index, message) in messages.into_iter().enumerate() {
+        fates.push(if delivered.get(index).copied().unwrap_or(false) {
+            Ok(Fate::Delivered)
+        } else {
+            queue(context, from, to, &message).await
+        });
     }
+    fates
+}
+
+/// Puts `message` into `to`'s mailbox (a retry of a message already there is not queued twice).
+async fn queue(
+    context: &Arc<Context>,
+    from: &PeerId,
+    to: &PeerId,
+    message: &Message,
+) -> Result<Fate, ServiceError> {
     // The quota (and a retry of a message already queued) is checked on this replica first, so a full mailbox
     // refuses without a Raft round; apply checks again in log order.
-    let message = stored(&message, from);
+    let message = stored(message, from);
     let quota = context.config.mailbox_quota;
     let queued = presence::mailbox(context.reader.db(), to.as_bytes(), now_ms())?;
     if presence::mailbox_admits(
@@ -195,10 +230,16 @@ async fn poke_drain(context: &Arc<Context>, host: u64, to: &PeerId) {
     }
 }
 
-/// Asks super peer `host` to deliver; false when it could not (not attached there, no ack, host down).
-async fn deliver_remote(context: &Context, host: u64, to: &PeerId, message: Message) -> bool {
+/// Asks super peer `host` to deliver `messages`; one entry per message, false when it could not (not attached
+/// there, no ack, host down).
+async fn deliver_remote(
+    context: &Context,
+    host: u64,
+    to: &PeerId,
+    messages: Vec<Message>,
+) -> Vec<bool> {
     let Some(node) = context.member_info(host) else {
-        return false;
+        return Vec::new();
     };
     let delivered = context
         .deliveries
@@ -206,11 +247,11 @@ async fn deliver_remote(context: &Context, host: u64, to: &PeerId, message: Mess
             &context.clients,
             &node.cluster_addr,
             to.to_string(),
-            message,
+            messages,
             DELIVERY_TIMEOUT + Duration::from_secs(2),
         )
         .await;
-    if !delivered {
+    if delivered.contains(&false) {
         tracing::debug!(host, "remote delivery not acknowledged; queueing");
     }
     delivered

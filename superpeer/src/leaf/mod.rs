@@ -42,8 +42,8 @@ use vesper_proto::v1::{
     LookupPeerResponse, Pong, PostChatRequest, PostChatResponse, PresenceStatus,
     PublishEndpointsRequest, PutRecordRequest, PutRecordResponse, ReadConsistency,
     SearchPeersRequest, SearchPeersResponse, SearchRecordsRequest, SearchRecordsResponse,
-    SendMessageRequest, SendMessageResponse, SendResult, ServerFrame, SetPresenceRequest,
-    SetPresenceResponse, WatchRefused, Welcome,
+    SendFrame, SendMessageRequest, SendMessageResponse, SendResult, SendResults, ServerFrame,
+    SetPresenceRequest, SetPresenceResponse, WatchRefused, Welcome,
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
@@ -617,8 +617,11 @@ impl Leaf for LeafService {
                     sent_at_ms: crate::raft::propose::now_ms(),
                     from_mailbox: false,
                 };
-                if let Err(error) = messaging::send(&self.context, &owner, invitee, message).await {
-                    tracing::warn!(%error, invitee = %invitee, "cannot deliver an invitation");
+                for fate in messaging::send_all(&self.context, &owner, invitee, vec![message]).await
+                {
+                    if let Err(error) = fate {
+                        tracing::warn!(%error, invitee = %invitee, "cannot deliver an invitation");
+                    }
                 }
             }
         }
@@ -900,14 +903,18 @@ async fn run_session(
     // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
     let mut drain = Some(Box::pin(drain));
     let ttl = context.config.session_ttl();
-    let mut sends = tokio::task::JoinSet::new();
+    // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns how many sends it carried.
+    let mut sends = tokio::task::JoinSet::<usize>::new();
+    let mut sends_in_flight = 0usize;
     let mut goodbye = false;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
-            Some(_) = sends.join_next(), if !sends.is_empty() => {}
+            Some(done) = sends.join_next(), if !sends.is_empty() => {
+                sends_in_flight -= done.unwrap_or(0);
+            }
             event = next_event(&mut events) => {
                 let frames = match event {
                     Ok(event) => watches.on_event(&context, &event),
@@ -934,6 +941,11 @@ async fn run_session(
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAck(ack)) }))) => {
                     session.acknowledge(&ack.message_id);
                 }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAcks(acks)) }))) => {
+                    for id in &acks.message_ids {
+                        session.acknowledge(id);
+                    }
+                }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Watch(request)) }))) => {
                     let watch_id = request.watch_id;
                     if events.is_none() {
@@ -955,25 +967,15 @@ async fn run_session(
                     }
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Send(frame)) }))) => {
-                    let request_id = frame.request_id;
-                    let result = if sends.len() >= MAX_SENDS_IN_FLIGHT {
-                        Some(send_result(request_id, Err(Status::resource_exhausted(format!(
-                            "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
-                        )))))
-                    } else if let Some(message) = frame.message {
-                        let (context, tx, session_id) = (context.clone(), tx.clone(), session.id());
-                        sends.spawn(async move {
-                            let outcome = messaging::send_checked(&context, peer, session_id, message).await;
-                            let _ = tx.send(Ok(Box::new(send_result(request_id, outcome)))).await;
-                        });
-                        None
-                    } else {
-                        Some(send_result(request_id, Err(Status::invalid_argument("send frame without a message"))))
-                    };
-                    if let Some(frame) = result {
-                        if tx.send(Ok(Box::new(frame))).await.is_err() {
-                            break;
-                        }
+                    let context = context.clone();
+                    if !start_sends(&context, peer, session.id(), vec![frame], &tx, &mut sends, &mut sends_in_flight).await {
+                        break;
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::SendBatch(batch)) }))) => {
+                    let context = context.clone();
+                    if !start_sends(&context, peer, session.id(), batch.sends, &tx, &mut sends, &mut sends_in_flight).await {
+                        break;
                     }
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::ConnectAnswer(answer)) }))) => {
@@ -1035,9 +1037,120 @@ async fn next_event(
     }
 }
 
-/// The SendResult frame for a pipelined send.
-fn send_result(request_id: u64, outcome: Result<messaging::Fate, Status>) -> ServerFrame {
-    let result = match outcome {
+/// Starts the sends of one SendFrame or SendBatch as one task, within the session's limit of sends in flight;
+/// a send over that limit, past the batch size or without a message is answered at once with its error. False
+/// when the session's stream is gone.
+async fn start_sends(
+    context: &Arc<Context>,
+    peer: PeerId,
+    session: u64,
+    frames: Vec<SendFrame>,
+    tx: &sessions::Outbound,
+    sends: &mut tokio::task::JoinSet<usize>,
+    in_flight: &mut usize,
+) -> bool {
+    let room = MAX_SENDS_IN_FLIGHT.saturating_sub(*in_flight);
+    let mut refused = Vec::new();
+    let mut accepted = Vec::new();
+    for (index, frame) in frames.into_iter().enumerate() {
+        let refusal = if index >= validate::MAX_BATCH_MESSAGES {
+            Some(Status::invalid_argument(format!(
+                "a SendBatch holds at most {} sends",
+                validate::MAX_BATCH_MESSAGES
+            )))
+        } else if accepted.len() >= room {
+            Some(Status::resource_exhausted(format!(
+                "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
+            )))
+        } else if frame.message.is_none() {
+            Some(Status::invalid_argument("send frame without a message"))
+        } else {
+            None
+        };
+        match refusal {
+            Some(status) => refused.push(send_result(frame.request_id, Err(status))),
+            None => accepted.push(frame),
+        }
+    }
+    if !refused.is_empty() && tx.send(Ok(Box::new(results_frame(refused)))).await.is_err() {
+        return false;
+    }
+    if accepted.is_empty() {
+        return true;
+    }
+    *in_flight += accepted.len();
+    let (context, tx) = (context.clone(), tx.clone());
+    sends.spawn(async move {
+        let count = accepted.len();
+        run_sends(&context, peer, session, accepted, &tx).await;
+        count
+    });
+    true
+}
+
+/// Checks and carries out sends that arrived together. Sends to the same recipient travel together, in order
+/// (one push into its session, or one delivery to its super peer); the results for each recipient go back as
+/// soon as its sends are done, so a slow recipient holds up no other.
+async fn run_sends(
+    context: &Arc<Context>,
+    peer: PeerId,
+    session: u64,
+    frames: Vec<SendFrame>,
+    tx: &sessions::Outbound,
+) {
+    let mut refused = Vec::new();
+    let mut groups: Vec<(PeerId, Vec<u64>, Vec<vesper_proto::v1::Message>)> = Vec::new();
+    for frame in frames {
+        let Some(request) = frame.message else {
+            continue;
+        };
+        match messaging::check(context, &peer, session, request) {
+            Err(status) => refused.push(send_result(frame.request_id, Err(status))),
+            Ok((to, message)) => match groups.iter_mut().find(|group| group.0 == to) {
+                Some(group) => {
+                    group.1.push(frame.request_id);
+                    group.2.push(message);
+                }
+                None => groups.push((to, vec![frame.request_id], vec![message])),
+            },
+        }
+    }
+    if !refused.is_empty() && tx.send(Ok(Box::new(results_frame(refused)))).await.is_err() {
+        return;
+    }
+    let mut running: futures::stream::FuturesUnordered<_> = groups
+        .into_iter()
+        .map(|(to, request_ids, messages)| async move {
+            let fates = messaging::send_all(context, &peer, &to, messages).await;
+            request_ids
+                .into_iter()
+                .zip(fates)
+                .map(|(request_id, fate)| {
+                    send_result(request_id, fate.map_err(ServiceError::into_status))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    while let Some(results) = running.next().await {
+        if tx.send(Ok(Box::new(results_frame(results)))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One SendResult frame, or a SendResults frame for several.
+fn results_frame(mut results: Vec<SendResult>) -> ServerFrame {
+    let frame = if results.len() == 1 {
+        server_frame::Frame::SendResult(results.pop().expect("one result"))
+    } else {
+        server_frame::Frame::SendResults(SendResults { results })
+    };
+    ServerFrame { frame: Some(frame) }
+}
+
+/// The SendResult for a pipelined send.
+fn send_result(request_id: u64, outcome: Result<messaging::Fate, Status>) -> SendResult {
+    match outcome {
         Ok(fate) => SendResult {
             request_id,
             delivered: matches!(fate, messaging::Fate::Delivered),
@@ -1050,8 +1163,5 @@ fn send_result(request_id: u64, outcome: Result<messaging::Fate, Status>) -> Ser
             error_message: status.message().to_string(),
             ..Default::default()
         },
-    };
-    ServerFrame {
-        frame: Some(server_frame::Frame::SendResult(result)),
     }
 }

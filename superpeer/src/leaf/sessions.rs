@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use vesper_proto::v1::{
-    server_frame, ConnectAnswer, ConnectOffer, Message, PunchPlan, ServerFrame,
+    server_frame, ConnectAnswer, ConnectOffer, Message, MessageBatch, PunchPlan, ServerFrame,
 };
 use vesper_proto::PeerId;
 
@@ -213,36 +213,60 @@ impl SessionRegistry {
         message: Message,
         timeout: Duration,
     ) -> Result<(), DeliveryError> {
+        match self.deliver_all(peer, vec![message], timeout).await?[..] {
+            [true] => Ok(()),
+            _ => Err(DeliveryError::NoAck),
+        }
+    }
+
+    /// Pushes `messages` into `peer`'s session in one frame, in order, and waits up to `timeout` for the leaf's
+    /// acknowledgements: one entry per message, true when the leaf acknowledged it.
+    pub async fn deliver_all(
+        &self,
+        peer: &PeerId,
+        messages: Vec<Message>,
+        timeout: Duration,
+    ) -> Result<Vec<bool>, DeliveryError> {
         let live = self
             .lock()
             .by_peer
             .get(peer)
             .cloned()
             .ok_or(DeliveryError::NotHere)?;
-        let (acked_tx, acked_rx) = oneshot::channel();
-        let id = message.id.clone();
-        live.pending
-            .lock()
-            .expect("pending acks lock poisoned")
-            .insert(id.clone(), acked_tx);
-        let frame = ServerFrame {
-            frame: Some(server_frame::Frame::Message(message)),
+        let ids: Vec<String> = messages.iter().map(|message| message.id.clone()).collect();
+        let mut acks = Vec::with_capacity(ids.len());
+        {
+            let mut pending = live.pending.lock().expect("pending acks lock poisoned");
+            for id in &ids {
+                let (acked_tx, acked_rx) = oneshot::channel();
+                pending.insert(id.clone(), acked_tx);
+                acks.push(acked_rx);
+            }
+        }
+        let frame = match <[Message; 1]>::try_from(messages) {
+            Ok([message]) => server_frame::Frame::Message(message),
+            Err(messages) => server_frame::Frame::MessageBatch(MessageBatch { messages }),
         };
         let outcome = async {
             live.outbound
-                .send(Ok(Box::new(frame)))
+                .send(Ok(Box::new(ServerFrame { frame: Some(frame) })))
                 .await
                 .map_err(|_| DeliveryError::NoAck)?;
-            match tokio::time::timeout(timeout, acked_rx).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(DeliveryError::NoAck),
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut acked = Vec::with_capacity(acks.len());
+            for ack in acks {
+                acked.push(matches!(
+                    tokio::time::timeout_at(deadline, ack).await,
+                    Ok(Ok(()))
+                ));
             }
+            Ok(acked)
         }
         .await;
-        live.pending
-            .lock()
-            .expect("pending acks lock poisoned")
-            .remove(&id);
+        let mut pending = live.pending.lock().expect("pending acks lock poisoned");
+        for id in &ids {
+            pending.remove(id);
+        }
         outcome
     }
 }
@@ -430,6 +454,35 @@ mod tests {
                 .deliver(&other, Message::default(), Duration::from_millis(10))
                 .await,
             Err(DeliveryError::NotHere)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_goes_out_in_one_frame_and_each_message_has_its_own_outcome() {
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = registry.open(peer, tx);
+        let messages = ["a", "b", "c"].map(|id| Message {
+            id: id.into(),
+            ..Default::default()
+        });
+        let delivery = registry.deliver_all(&peer, messages.to_vec(), Duration::from_secs(10));
+        let leaf = async {
+            let frame = rx.recv().await.unwrap().unwrap();
+            let Some(server_frame::Frame::MessageBatch(batch)) = frame.frame else {
+                panic!("expected one MessageBatch frame, got {frame:?}");
+            };
+            assert_eq!(batch.messages, messages);
+            // "b" is never acknowledged: it alone is reported undelivered once the timeout passes.
+            guard.acknowledge("c");
+            guard.acknowledge("a");
+        };
+        let (delivered, ()) = tokio::join!(delivery, leaf);
+        assert_eq!(delivered, Ok(vec![true, false, true]));
+        assert!(
+            guard.pending.lock().unwrap().is_empty(),
+            "nothing is left waiting"
         );
     }
 }
