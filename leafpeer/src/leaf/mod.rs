@@ -540,6 +540,10 @@ impl Leaf {
 
     /// The current connection, waiting (up to the request timeout) while the leaf re-attaches.
     async fn connection(&self) -> Result<Connection, LeafError> {
+        // Attached (the usual case): no subscription and no timer.
+        if let Some(connection) = self.inner.shared.current() {
+            return Ok(connection);
+        }
         let mut updates = self.inner.shared.connection.subscribe();
         let waited = tokio::time::timeout(self.inner.request_timeout, async {
             updates

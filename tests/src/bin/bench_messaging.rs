@@ -36,8 +36,10 @@ struct Args {
     /// Seconds of pipelined sending per system.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Messages in flight in the pipelined test.
-    #[arg(long, default_value_t = 64)]
+    /// Messages in flight in the pipelined test. The default is a super peer's limit of sends in flight per
+    /// session (`vesper_superpeer::leaf::MAX_SENDS_IN_FLIGHT`, 256); NATS publishes with no acknowledgement, so
+    /// it has no such window.
+    #[arg(long, default_value_t = 256)]
     window: usize,
     /// Idle sessions / connections for the memory test.
     #[arg(long, default_value_t = 2000)]
