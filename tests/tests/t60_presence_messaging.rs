@@ -181,7 +181,9 @@ async fn t60_offline_messages_wait_in_the_mailbox_and_arrive_in_order_after_a_le
         Ok((status_of(&alice, &bob_id).await? == PresenceStatus::Offline as i32).then_some(()))
     })
     .await?;
-    for n in 0..10 {
+    // More than one drain batch (64 messages), so the drain's batches follow each other in order.
+    const QUEUED: usize = 100;
+    for n in 0..QUEUED {
         let outcome = alice
             .send(&bob_id, "chat", format!("queued {n}").into_bytes())
             .await?;
@@ -192,7 +194,7 @@ async fn t60_offline_messages_wait_in_the_mailbox_and_arrive_in_order_after_a_le
     cluster.wait_leader().await?;
     let bob = cluster.leaf_with(followers[1], bob_key).await?;
     let mut inbox = bob.messages().expect("stream");
-    for n in 0..10 {
+    for n in 0..QUEUED {
         let message = next_message(&mut inbox).await?;
         assert!(message.from_mailbox);
         assert_eq!(

@@ -302,9 +302,9 @@ impl Cluster for ClusterService {
         let delivered = self
             .context
             .sessions
-            .deliver(&to, message, crate::leaf::messaging::DELIVERY_TIMEOUT)
+            .deliver_all(&to, vec![message], crate::leaf::messaging::DELIVERY_TIMEOUT)
             .await
-            .is_ok();
+            == Ok(vec![true]);
         Ok(Response::new(DeliverResponse { delivered }))
     }
 }

@@ -257,35 +257,56 @@ async fn deliver_remote(
     delivered
 }
 
-/// Pushes `peer`'s mailbox into its new session, in order, and removes what was acknowledged.
+/// Pushes `peer`'s mailbox into its new session, in order, and removes what was acknowledged. Messages go out
+/// in batches (up to `MAX_BATCH_MESSAGES` and about `MAX_BATCH_BYTES` each, at least one message); the next
+/// batch goes once every message of this one was acknowledged, and the drain stops at the first one that was not
+/// (the messages after it stay queued, and the library drops any it already has when they come again).
 pub async fn drain_mailbox(context: &Context, peer: PeerId) -> Result<usize, ServiceError> {
     // The attach that started this session is applied on the leader; read at least that far here.
     context
         .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
         .await?;
     let items = presence::mailbox(context.reader.db(), peer.as_bytes(), now_ms())?;
+    let mut items = items.into_iter().peekable();
     let mut acked = Vec::new();
-    for (sequence, item) in items {
-        let message = Message {
-            id: item.message.id,
-            from: PeerId::from_public_key_bytes(&item.message.from)
-                .map(|peer| peer.to_string())
-                .unwrap_or_default(),
-            kind: item.message.kind,
-            payload: item.message.payload,
-            sent_at_ms: item.message.sent_at_ms,
-            from_mailbox: true,
-        };
-        // In order: the next message goes out only after this one is acknowledged.
-        if context
+    while items.peek().is_some() {
+        let mut sequences = Vec::new();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, item)) = items.peek() {
+            let size =
+                item.message.payload.len() + item.message.id.len() + item.message.kind.len() + 128;
+            if !batch.is_empty()
+                && (batch.len() == validate::MAX_BATCH_MESSAGES
+                    || bytes + size > validate::MAX_BATCH_BYTES)
+            {
+                break;
+            }
+            let (sequence, item) = items.next().expect("peeked");
+            bytes += size;
+            sequences.push(sequence);
+            batch.push(Message {
+                id: item.message.id,
+                from: PeerId::from_public_key_bytes(&item.message.from)
+                    .map(|peer| peer.to_string())
+                    .unwrap_or_default(),
+                kind: item.message.kind,
+                payload: item.message.payload,
+                sent_at_ms: item.message.sent_at_ms,
+                from_mailbox: true,
+            });
+        }
+        let count = batch.len();
+        let delivered = context
             .sessions
-            .deliver(&peer, message, DELIVERY_TIMEOUT)
+            .deliver_all(&peer, batch, DELIVERY_TIMEOUT)
             .await
-            .is_err()
-        {
+            .unwrap_or_default();
+        let in_order = delivered.iter().take_while(|delivered| **delivered).count();
+        acked.extend(sequences.into_iter().take(in_order));
+        if in_order < count {
             break;
         }
-        acked.push(sequence);
     }
     let delivered = acked.len();
     if !acked.is_empty() {

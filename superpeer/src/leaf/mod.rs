@@ -967,13 +967,11 @@ async fn run_session(
                     }
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Send(frame)) }))) => {
-                    let context = context.clone();
                     if !start_sends(&context, peer, session.id(), vec![frame], &tx, &mut sends, &mut sends_in_flight).await {
                         break;
                     }
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::SendBatch(batch)) }))) => {
-                    let context = context.clone();
                     if !start_sends(&context, peer, session.id(), batch.sends, &tx, &mut sends, &mut sends_in_flight).await {
                         break;
                     }

@@ -206,19 +206,6 @@ impl SessionRegistry {
         self.len() == 0
     }
 
-    /// Pushes `message` into `peer`'s session and waits up to `timeout` for the leaf's acknowledgement.
-    pub async fn deliver(
-        &self,
-        peer: &PeerId,
-        message: Message,
-        timeout: Duration,
-    ) -> Result<(), DeliveryError> {
-        match self.deliver_all(peer, vec![message], timeout).await?[..] {
-            [true] => Ok(()),
-            _ => Err(DeliveryError::NoAck),
-        }
-    }
-
     /// Pushes `messages` into `peer`'s session in one frame, in order, and waits up to `timeout` for the leaf's
     /// acknowledgements: one entry per message, true when the leaf acknowledged it.
     pub async fn deliver_all(
@@ -438,7 +425,7 @@ mod tests {
             id: "m1".into(),
             ..Default::default()
         };
-        let delivery = registry.deliver(&peer, message, Duration::from_secs(5));
+        let delivery = registry.deliver_all(&peer, vec![message], Duration::from_secs(5));
         let leaf = async {
             let frame = rx.recv().await.unwrap().unwrap();
             assert!(
@@ -447,11 +434,11 @@ mod tests {
             guard.acknowledge("m1");
         };
         let (delivered, ()) = tokio::join!(delivery, leaf);
-        assert_eq!(delivered, Ok(()));
+        assert_eq!(delivered, Ok(vec![true]));
         let other = Keypair::generate().peer_id();
         assert_eq!(
             registry
-                .deliver(&other, Message::default(), Duration::from_millis(10))
+                .deliver_all(&other, vec![Message::default()], Duration::from_millis(10))
                 .await,
             Err(DeliveryError::NotHere)
         );
