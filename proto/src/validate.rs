@@ -24,6 +24,9 @@ pub const MAX_PAGE_BYTES: usize = 4 << 20;
 /// framing. Super peers never send more (see [`MAX_PAGE_BYTES`]).
 pub const MAX_ANSWER_BYTES: usize = 2 * MAX_PAGE_BYTES;
 
+/// Pipelined sends one session may have in flight at a super peer; more are refused with RESOURCE_EXHAUSTED.
+/// The leaf library holds its own sends to this many, so an app's extra sends wait instead of failing.
+pub const MAX_SENDS_IN_FLIGHT: usize = 256;
 /// Most messages in one batch: a `SendBatch` from a leaf, a `MessageBatch` to a leaf, or a `DeliverCall` between
 /// super peers. Batches form only when several sends are queued at once; a lone send travels alone.
 pub const MAX_BATCH_MESSAGES: usize = 64;

@@ -144,20 +144,36 @@ async fn t60_leaves_on_different_super_peers_see_and_message_each_other() -> any
         SendOutcome::Delivered
     );
     assert_eq!(next_message(&mut bob_inbox).await?.payload, b"local");
+    Ok(())
+}
 
-    // Many sends at once (the library batches what queues up together): each is delivered, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_more_sends_at_once_than_a_session_may_have_in_flight_wait_and_all_arrive_once(
+) -> anyhow::Result<()> {
+    // The send rate is lifted: this is about the in-flight limit (256 per session), not the rate.
+    let cluster = Cluster::start(
+        2,
+        options(&["--send-rate", "100000", "--send-burst", "100000"]),
+    )
+    .await?;
+    let alice = cluster.leaf(0).await?;
+    let bob = cluster.leaf(1).await?;
+    let mut bob_inbox = bob.messages().expect("first call gets the stream");
+    // 1000 sends at once across two super peers: the library holds all but 256 back (none is refused) and
+    // batches what queues up together.
+    const SENDS: u32 = 1000;
     let bob_id = bob.peer_id();
-    let sends = (0..200u32).map(|n| alice.send(&bob_id, "chat", n.to_be_bytes().to_vec()));
+    let sends = (0..SENDS).map(|n| alice.send(&bob_id, "chat", n.to_be_bytes().to_vec()));
     for outcome in futures::future::join_all(sends).await {
         assert_eq!(outcome?, SendOutcome::Delivered);
     }
     let mut got = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..SENDS {
         let payload = next_message(&mut bob_inbox).await?.payload;
         got.push(u32::from_be_bytes(payload.try_into().expect("4 bytes")));
     }
     got.sort_unstable();
-    assert_eq!(got, (0..200).collect::<Vec<_>>());
+    assert_eq!(got, (0..SENDS).collect::<Vec<_>>());
     assert!(
         bob_inbox.try_recv().is_err(),
         "a message reached the app twice"

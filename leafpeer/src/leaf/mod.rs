@@ -173,6 +173,7 @@ impl Leaf {
             seen: Default::default(),
             reattach_times: Default::default(),
             pending_sends: Default::default(),
+            send_permits: tokio::sync::Semaphore::new(validate::MAX_SENDS_IN_FLIGHT),
             next_request: Default::default(),
             presence_sequence: Default::default(),
             presence_order: Default::default(),
@@ -314,7 +315,8 @@ impl Leaf {
 
     /// Sends a message of app-defined `kind` to `to` and waits until the recipient's library acknowledged it
     /// or it is queued in the recipient's mailbox. Sends are pipelined on the session stream, so many may be in
-    /// flight at once. Retries (with the same id, so the recipient gets it once) while the cluster is between
+    /// flight at once: up to the super peer's limit per session (`validate::MAX_SENDS_IN_FLIGHT`, 256); past it
+    /// a send waits for another to finish. Sends queued together travel together. Retries (with the same id, so the recipient gets it once) while the cluster is between
     /// leaders or this leaf is re-attaching.
     pub async fn send(
         &self,
@@ -329,6 +331,11 @@ impl Leaf {
         loop {
             attempt += 1;
             let shared = &self.inner.shared;
+            let permit = shared
+                .send_permits
+                .acquire()
+                .await
+                .expect("the send semaphore is never closed");
             let connection = self.connection().await?;
             let request_id = shared
                 .next_request
@@ -388,6 +395,7 @@ impl Leaf {
             if attempt >= SEND_ATTEMPTS {
                 return Err(retriable.into());
             }
+            drop(permit);
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
         }
     }

@@ -64,6 +64,9 @@ pub struct Shared {
     /// Pipelined sends waiting for their SendResult, by request id. Cleared when a session ends, which fails
     /// them (the sender retries them, with the same message id, on the next session).
     pub pending_sends: Mutex<HashMap<u64, oneshot::Sender<SendResult>>>,
+    /// One permit per send in flight, up to the super peer's limit (`validate::MAX_SENDS_IN_FLIGHT`): past it a
+    /// send waits here for one to finish instead of being refused.
+    pub send_permits: tokio::sync::Semaphore,
     pub next_request: std::sync::atomic::AtomicU64,
     /// Last sequence number given to a presence update (SetPresence or PublishEndpoints); the super peer
     /// refuses an update whose number is not above the previous one of its session, so replays change nothing.

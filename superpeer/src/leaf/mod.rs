@@ -66,8 +66,8 @@ use crate::store::{blocking, StoreError};
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards one leaf before the session task waits for the leaf to read.
 const SESSION_OUTBOUND_QUEUE: usize = 64;
-/// Pipelined sends (SendFrame) one session may have in flight; more are refused with RESOURCE_EXHAUSTED.
-pub const MAX_SENDS_IN_FLIGHT: usize = 256;
+/// Pipelined sends one session may have in flight; more are refused with RESOURCE_EXHAUSTED.
+pub use validate::MAX_SENDS_IN_FLIGHT;
 
 /// Builds the Leaf gRPC service.
 pub fn service(

@@ -37,9 +37,9 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Messages in flight in the pipelined test. The default is a super peer's limit of sends in flight per
-    /// session (`vesper_superpeer::leaf::MAX_SENDS_IN_FLIGHT`, 256); NATS publishes with no acknowledgement, so
-    /// it has no such window.
-    #[arg(long, default_value_t = 256)]
+    /// session (`validate::MAX_SENDS_IN_FLIGHT`; the library holds any further sends back until one finishes);
+    /// NATS publishes with no acknowledgement, so it has no such window.
+    #[arg(long, default_value_t = vesper_proto::validate::MAX_SENDS_IN_FLIGHT)]
     window: usize,
     /// Idle sessions / connections for the memory test.
     #[arg(long, default_value_t = 2000)]
