@@ -1060,14 +1060,16 @@ async fn start_sends(
             Some(Status::resource_exhausted(format!(
                 "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
             )))
-        } else if frame.message.is_none() {
-            Some(Status::invalid_argument("send frame without a message"))
         } else {
             None
         };
-        match refusal {
-            Some(status) => refused.push(send_result(frame.request_id, Err(status))),
-            None => accepted.push(frame),
+        match (refusal, frame.message) {
+            (None, Some(request)) => accepted.push((frame.request_id, request)),
+            (refusal, _) => {
+                let status = refusal
+                    .unwrap_or_else(|| Status::invalid_argument("send frame without a message"));
+                refused.push(send_result(frame.request_id, Err(status)));
+            }
         }
     }
     if !refused.is_empty() && tx.send(Ok(Box::new(results_frame(refused)))).await.is_err() {
@@ -1093,23 +1095,20 @@ async fn run_sends(
     context: &Arc<Context>,
     peer: PeerId,
     session: u64,
-    frames: Vec<SendFrame>,
+    requests: Vec<(u64, SendMessageRequest)>,
     tx: &sessions::Outbound,
 ) {
     let mut refused = Vec::new();
     let mut groups: Vec<(PeerId, Vec<u64>, Vec<vesper_proto::v1::Message>)> = Vec::new();
-    for frame in frames {
-        let Some(request) = frame.message else {
-            continue;
-        };
+    for (request_id, request) in requests {
         match messaging::check(context, &peer, session, request) {
-            Err(status) => refused.push(send_result(frame.request_id, Err(status))),
+            Err(status) => refused.push(send_result(request_id, Err(status))),
             Ok((to, message)) => match groups.iter_mut().find(|group| group.0 == to) {
                 Some(group) => {
-                    group.1.push(frame.request_id);
+                    group.1.push(request_id);
                     group.2.push(message);
                 }
-                None => groups.push((to, vec![frame.request_id], vec![message])),
+                None => groups.push((to, vec![request_id], vec![message])),
             },
         }
     }
