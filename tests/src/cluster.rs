@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use vesper_leafpeer::{Keypair, Leaf, LeafConfig};
 use vesper_proto::v1::admin_client::AdminClient;
+use vesper_proto::v1::cluster_client::ClusterClient;
 use vesper_proto::v1::{MemberRole, PromoteRequest, StatusRequest, StatusResponse};
 
 use crate::pki::Pki;
@@ -306,21 +307,45 @@ impl Cluster {
     /// An Admin client for node `index`, with the operator certificate.
     pub async fn admin(&self, index: usize) -> anyhow::Result<AdminClient<Channel>> {
         let (cert, key) = self.pki.operator_cert();
+        let address = self.nodes[index].endpoints().admin;
+        Ok(AdminClient::new(
+            self.mtls_channel(address, &cert, &key, Duration::from_secs(30))
+                .await?,
+        ))
+    }
+
+    /// A Cluster client for node `index`, with the super peer certificate: calls as another member makes them.
+    pub async fn cluster_client(&self, index: usize) -> anyhow::Result<ClusterClient<Channel>> {
+        let (cert, key) = self.pki.superpeer_cert();
+        let address = self.nodes[index].endpoints().cluster;
+        let channel = self
+            .mtls_channel(address, &cert, &key, Duration::from_secs(10))
+            .await
+            .context("connect to the Cluster port")?;
+        Ok(ClusterClient::new(channel))
+    }
+
+    /// A channel to `address` presenting `cert`/`key`, with `timeout` for each call's answer.
+    async fn mtls_channel(
+        &self,
+        address: std::net::SocketAddr,
+        cert: &Path,
+        key: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<Channel> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.pki.ca_pem()))
             .identity(Identity::from_pem(
                 std::fs::read(cert)?,
                 std::fs::read(key)?,
             ))
-            .domain_name(self.nodes[index].endpoints().admin.ip().to_string());
-        let channel =
-            Endpoint::from_shared(format!("https://{}", self.nodes[index].endpoints().admin))?
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(30))
-                .tls_config(tls)?
-                .connect()
-                .await?;
-        Ok(AdminClient::new(channel))
+            .domain_name(address.ip().to_string());
+        Ok(Endpoint::from_shared(format!("https://{address}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(timeout)
+            .tls_config(tls)?
+            .connect()
+            .await?)
     }
 
     /// Status of node `index`.

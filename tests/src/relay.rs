@@ -6,8 +6,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use vesper_proto::v1::cluster_client::ClusterClient;
 use vesper_proto::v1::{GrantRelayRequest, RelayGrant};
 
 use crate::cluster::Cluster;
@@ -26,23 +24,9 @@ pub const ENDED: u8 = 3;
 
 /// A relay grant from node `index`'s `Cluster.GrantRelay`.
 pub async fn grant(cluster: &Cluster, index: usize) -> anyhow::Result<RelayGrant> {
-    let (cert, key) = cluster.pki.superpeer_cert();
-    let address = cluster.nodes[index].endpoints().cluster;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cluster.pki.ca_pem()))
-        .identity(Identity::from_pem(
-            std::fs::read(cert)?,
-            std::fs::read(key)?,
-        ))
-        .domain_name(address.ip().to_string());
-    let channel = Endpoint::from_shared(format!("https://{address}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .tls_config(tls)?
-        .connect()
-        .await
-        .context("connect to the Cluster port")?;
-    let grant = ClusterClient::new(channel)
+    let grant = cluster
+        .cluster_client(index)
+        .await?
         .grant_relay(GrantRelayRequest {})
         .await
         .context("Cluster.GrantRelay")?

@@ -1,7 +1,8 @@
 //! Presence and messaging across the virtual super peer: leaves on different super peers see each other and
 //! exchange acknowledged messages; messages to an offline peer wait in its replicated mailbox and arrive in
 //! order when it attaches anywhere (also after a leader kill); a leaf that vanishes shows offline after the
-//! grace period; limits give clear errors and lose nothing else.
+//! grace period; limits give clear errors and lose nothing else; sends queued together travel as batches (from
+//! the leaf, between super peers and into the recipient's session), each message still answered on its own.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -11,7 +12,8 @@ use vesper_leafpeer::{
     Consistency, Keypair, Leaf, Message, PresenceStatus, SearchTerm, SendOutcome,
 };
 use vesper_proto::v1::{
-    client_frame, server_frame, ClientFrame, MessageAcks, SendBatch, SendFrame, SendMessageRequest,
+    client_frame, server_frame, ClientFrame, DeliverCall, MessageAcks, SendBatch, SendFrame,
+    SendMessageRequest,
 };
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
@@ -420,6 +422,61 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
     for n in 0..3u8 {
         assert_eq!(next_message(&mut inbox).await?.payload, vec![n]);
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, options(&[])).await?;
+    let bob = cluster.leaf(0).await?;
+    let mut inbox = bob.messages().expect("first call gets the stream");
+    // As another member would deliver to bob's super peer.
+    let (calls, call_stream) = tokio::sync::mpsc::unbounded_channel();
+    let mut outcomes = cluster
+        .cluster_client(0)
+        .await?
+        .deliver_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            call_stream,
+        ))
+        .await?
+        .into_inner();
+    let from = Keypair::generate().peer_id().to_string();
+    let message = |n: u8| vesper_proto::v1::Message {
+        id: format!("d{n}"),
+        from: from.clone(),
+        kind: "chat".into(),
+        payload: vec![n],
+        ..Default::default()
+    };
+    let to = bob.peer_id().to_string();
+    let call = |id: u64, messages: Vec<vesper_proto::v1::Message>| DeliverCall {
+        id,
+        to: to.clone(),
+        messages,
+    };
+    // One over the limit, an empty one, then exactly the limit.
+    calls.send(call(1, (0..65).map(message).collect()))?;
+    calls.send(call(2, Vec::new()))?;
+    calls.send(call(3, (100..164).map(message).collect()))?;
+    let mut delivered = HashMap::new();
+    while delivered.len() < 3 {
+        let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))?;
+        delivered.insert(outcome.id, outcome.delivered);
+    }
+    assert_eq!(
+        delivered[&1],
+        vec![false; 65],
+        "65 messages are one too many"
+    );
+    assert_eq!(delivered[&2], Vec::<bool>::new());
+    assert_eq!(delivered[&3], vec![true; 64]);
+    // Bob got the 64, in order, and nothing of the refused call.
+    for n in 100..164u8 {
+        assert_eq!(next_message(&mut inbox).await?.payload, vec![n]);
+    }
+    assert!(inbox.try_recv().is_err(), "a refused message arrived");
     Ok(())
 }
 
