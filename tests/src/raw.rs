@@ -49,6 +49,8 @@ pub struct RawSession {
     pub token: String,
     pub outbound: mpsc::Sender<ClientFrame>,
     pub inbound: tonic::Streaming<ServerFrame>,
+    /// What the super peer said when the session was accepted.
+    pub welcome: vesper_proto::v1::Welcome,
 }
 
 impl RawSession {
@@ -86,12 +88,22 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-/// Opens a session, answering the challenge as `signing` says. Returns the status the server ended the
-/// session with, if it refused.
+/// Opens a session, answering the challenge as `signing` says, as a current library does (it takes message
+/// batches). Returns the status the server ended the session with, if it refused.
 pub async fn open(
     channel: Channel,
     keypair: &Keypair,
     signing: Signing,
+) -> Result<RawSession, tonic::Status> {
+    open_with(channel, keypair, signing, true).await
+}
+
+/// As [`open`]; `message_batches: false` attaches as a library from before batches did.
+pub async fn open_with(
+    channel: Channel,
+    keypair: &Keypair,
+    signing: Signing,
+    message_batches: bool,
 ) -> Result<RawSession, tonic::Status> {
     let mut client = LeafClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
@@ -114,6 +126,7 @@ pub async fn open(
         frame: Some(client_frame::Frame::Attach(Attach {
             public_key: keypair.peer_id().as_bytes().to_vec(),
             signature: signature.to_vec(),
+            message_batches,
         })),
     };
     tx.send(attach)
@@ -124,9 +137,10 @@ pub async fn open(
             frame: Some(server_frame::Frame::Welcome(welcome)),
         }) => Ok(RawSession {
             client,
-            token: welcome.session_token,
+            token: welcome.session_token.clone(),
             outbound: tx,
             inbound,
+            welcome,
         }),
         other => Err(tonic::Status::internal(format!(
             "unexpected frame {other:?}"

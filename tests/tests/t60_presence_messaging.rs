@@ -12,8 +12,8 @@ use vesper_leafpeer::{
     Consistency, Keypair, Leaf, Message, PresenceStatus, SearchTerm, SendOutcome,
 };
 use vesper_proto::v1::{
-    client_frame, server_frame, ClientFrame, DeliverCall, MessageAcks, SendBatch, SendFrame,
-    SendMessageRequest,
+    client_frame, server_frame, ClientFrame, DeliverCall, MessageAck, MessageAcks, SendBatch,
+    SendFrame, SendMessageRequest,
 };
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
@@ -449,10 +449,14 @@ async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow
         ..Default::default()
     };
     let to = bob.peer_id().to_string();
-    let call = |id: u64, messages: Vec<vesper_proto::v1::Message>| DeliverCall {
-        id,
-        to: to.clone(),
-        messages,
+    let call = |id: u64, messages: Vec<vesper_proto::v1::Message>| {
+        let mut messages = messages.into_iter();
+        DeliverCall {
+            id,
+            to: to.clone(),
+            message: messages.next(),
+            more: messages.collect(),
+        }
     };
     // One over the limit, an empty one, then exactly the limit.
     calls.send(call(1, (0..65).map(message).collect()))?;
@@ -463,15 +467,15 @@ async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow
         let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.message())
             .await??
             .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))?;
-        delivered.insert(outcome.id, outcome.delivered);
+        delivered.insert(outcome.id, (outcome.delivered, outcome.each));
     }
     assert_eq!(
         delivered[&1],
-        vec![false; 65],
+        (false, vec![false; 65]),
         "65 messages are one too many"
     );
-    assert_eq!(delivered[&2], Vec::<bool>::new());
-    assert_eq!(delivered[&3], vec![true; 64]);
+    assert_eq!(delivered[&2], (false, Vec::new()));
+    assert_eq!(delivered[&3], (true, vec![true; 64]));
     // Bob got the 64, in order, and nothing of the refused call.
     for n in 100..164u8 {
         assert_eq!(next_message(&mut inbox).await?.payload, vec![n]);
@@ -500,25 +504,38 @@ async fn next_frame(
 async fn t60_sends_queued_together_travel_as_one_batch_across_super_peers() -> anyhow::Result<()> {
     let cluster = Cluster::start(2, options(&[])).await?;
     let observer = cluster.leaf(0).await?;
-    let raw = |node: usize, keypair: Keypair| {
+    let raw = |node: usize, keypair: Keypair, message_batches: bool| {
         let address = cluster.nodes[node].endpoints().leaf.to_string();
         let ca = cluster.pki.ca_pem();
         async move {
             let channel = vesper_tests::raw::channel(&address, &ca).await?;
+            let signing = vesper_tests::raw::Signing::Valid;
             anyhow::Ok(
-                vesper_tests::raw::open(channel, &keypair, vesper_tests::raw::Signing::Valid)
-                    .await?,
+                vesper_tests::raw::open_with(channel, &keypair, signing, message_batches).await?,
             )
         }
     };
-    let (alice_key, bob_key) = (Keypair::generate(), Keypair::generate());
-    let (alice_id, bob_id) = (alice_key.peer_id().to_string(), bob_key.peer_id());
-    let mut alice = raw(0, alice_key).await?;
-    let mut bob = raw(1, bob_key).await?;
-    assert_eq!(
-        status_of(&observer, &bob_id).await?,
-        PresenceStatus::Online as i32
+    let (alice_key, bob_key, carol_key) = (
+        Keypair::generate(),
+        Keypair::generate(),
+        Keypair::generate(),
     );
+    let (alice_id, bob_id, carol_id) = (
+        alice_key.peer_id().to_string(),
+        bob_key.peer_id(),
+        carol_key.peer_id(),
+    );
+    let mut alice = raw(0, alice_key, true).await?;
+    let mut bob = raw(1, bob_key, true).await?;
+    // Carol attaches as a library from before batches: she must get a frame per message.
+    let mut carol = raw(1, carol_key, false).await?;
+    assert!(alice.welcome.send_batches, "the super peer takes batches");
+    for peer in [&bob_id, &carol_id] {
+        assert_eq!(
+            status_of(&observer, peer).await?,
+            PresenceStatus::Online as i32
+        );
+    }
 
     // One SendBatch: 63 messages for bob (hosted by the other super peer), one send without a message, and one
     // past the batch limit of 64.
@@ -590,6 +607,46 @@ async fn t60_sends_queued_together_travel_as_one_batch_across_super_peers() -> a
         .collect();
     delivered.sort_unstable();
     assert_eq!(delivered, (0..63u64).collect::<Vec<_>>(), "{results:?}");
+
+    // A batch for carol reaches her one message per frame, in order; each acknowledged alone.
+    let sends: Vec<SendFrame> = (0..3u8)
+        .map(|n| SendFrame {
+            request_id: 100 + u64::from(n),
+            message: Some(SendMessageRequest {
+                to: carol_id.to_string(),
+                id: format!("old-{n}"),
+                kind: "note".into(),
+                payload: vec![n],
+            }),
+        })
+        .collect();
+    alice
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::SendBatch(SendBatch { sends })),
+        })
+        .await?;
+    for n in 0..3u8 {
+        let server_frame::Frame::Message(message) = next_frame(&mut carol).await? else {
+            anyhow::bail!("expected a single message frame");
+        };
+        assert_eq!(message.payload, vec![n]);
+        carol
+            .outbound
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::MessageAck(MessageAck {
+                    message_id: message.id,
+                })),
+            })
+            .await?;
+    }
+    let server_frame::Frame::SendResults(results) = next_frame(&mut alice).await? else {
+        anyhow::bail!("expected carol's results");
+    };
+    assert!(
+        results.results.len() == 3 && results.results.iter().all(|result| result.delivered),
+        "{results:?}"
+    );
     Ok(())
 }
 

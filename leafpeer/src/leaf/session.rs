@@ -130,10 +130,9 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         .max_decoding_message_size(validate::MAX_ANSWER_BYTES)
         .max_encoding_message_size(validate::MAX_ANSWER_BYTES);
     let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
-    let mut inbound = client
-        .session(super::outgoing::Outgoing::new(rx))
-        .await?
-        .into_inner();
+    let outgoing = super::outgoing::Outgoing::new(rx);
+    let batching = outgoing.batching();
+    let mut inbound = client.session(outgoing).await?.into_inner();
     let challenge = match inbound.message().await? {
         Some(ServerFrame {
             frame: Some(server_frame::Frame::Challenge(challenge)),
@@ -151,6 +150,7 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         frame: Some(client_frame::Frame::Attach(Attach {
             public_key: config.keypair.peer_id().as_bytes().to_vec(),
             signature: signature.to_vec(),
+            message_batches: true,
         })),
     };
     tx.send(attach)
@@ -166,6 +166,8 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
             )))
         }
     };
+    // Batches only to a super peer that takes them.
+    batching.store(welcome.send_batches, std::sync::atomic::Ordering::Relaxed);
     let token = welcome
         .session_token
         .parse()

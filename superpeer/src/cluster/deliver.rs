@@ -12,8 +12,10 @@
 //! ```
 //!
 //! A delivery carries the messages one session sent to one recipient together (up to
-//! `validate::MAX_BATCH_MESSAGES`), pushed to the leaf in one frame; the outcome says, for each, whether the leaf
-//! acknowledged it. A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
+//! `validate::MAX_BATCH_MESSAGES`: the first in `message`, the rest in `more`), pushed to the leaf in one frame;
+//! the outcome says, for each, whether the leaf acknowledged it. A member from before batches reads only
+//! `message` and answers only `delivered`, so during a rolling upgrade the rest of a batch goes to the mailbox
+//! instead of being lost or merged. A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
 //! mailboxes; a leaf drops a message id it already has), and the next delivery opens a new stream. Both sides
 //! bound the deliveries in flight per stream; past the bound a delivery fails at once instead of waiting. The
 //! sender always reads outcomes while it sends, so the receiver's bounded answer queue never stalls it.
@@ -94,11 +96,7 @@ impl Links {
             return vec![false; count];
         }
         match tokio::time::timeout(timeout, outcome).await {
-            Ok(Ok(mut delivered)) => {
-                // A member answers one entry per message; anything missing counts as not delivered.
-                delivered.resize(count, false);
-                delivered
-            }
+            Ok(Ok(delivered)) => delivered,
             _ => vec![false; count],
         }
     }
@@ -136,7 +134,8 @@ async fn run_link(
                 next_id += 1;
                 in_flight += messages.len();
                 pending.insert(next_id, (reply, messages.len()));
-                let call = DeliverCall { id: next_id, to, messages };
+                let mut messages = messages.into_iter();
+                let call = DeliverCall { id: next_id, to, message: messages.next(), more: messages.collect() };
                 if out.send(call).is_err() {
                     break;
                 }
@@ -145,7 +144,7 @@ async fn run_link(
                 Ok(Some(outcome)) => {
                     if let Some((reply, count)) = pending.remove(&outcome.id) {
                         in_flight -= count;
-                        let _ = reply.send(outcome.delivered);
+                        let _ = reply.send(outcome_of(outcome, count));
                     }
                 }
                 Ok(None) => break,
@@ -190,12 +189,13 @@ pub fn serve(
                         let _ = outcomes.send(Err(status)).await;
                         break;
                     }
-                    let count = call.messages.len();
+                    let messages: Vec<Message> = call.message.into_iter().chain(call.more).collect();
+                    let count = messages.len();
                     if count == 0
                         || count > validate::MAX_BATCH_MESSAGES
                         || in_flight + count > MAX_IN_FLIGHT_PER_STREAM
                     {
-                        let refused = DeliverOutcome { id: call.id, delivered: vec![false; count] };
+                        let refused = DeliverOutcome { id: call.id, delivered: false, each: vec![false; count] };
                         if outcomes.send(Ok(refused)).await.is_err() {
                             break;
                         }
@@ -204,8 +204,9 @@ pub fn serve(
                     in_flight += count;
                     let (context, outcomes) = (context.clone(), outcomes.clone());
                     running.spawn(async move {
-                        let delivered = deliver_here(&context, &call.to, call.messages).await;
-                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered })).await;
+                        let each = deliver_here(&context, &call.to, messages).await;
+                        let delivered = each.iter().all(|delivered| *delivered);
+                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered, each })).await;
                         count
                     });
                 }
@@ -220,6 +221,19 @@ pub fn serve(
     Box::pin(ReceiverStream::new(stream))
 }
 
+/// What an outcome says for each of the `count` messages of its call. A member from before batches answers
+/// `delivered` for the first message alone (it never saw the others).
+fn outcome_of(outcome: DeliverOutcome, count: usize) -> Vec<bool> {
+    let mut each = if outcome.each.is_empty() {
+        vec![outcome.delivered]
+    } else {
+        outcome.each
+    };
+    // Anything missing counts as not delivered.
+    each.resize(count, false);
+    each
+}
+
 /// Delivers to a leaf attached here, one entry per message: false when it is not attached, the recipient is
 /// malformed, or it did not acknowledge in time.
 async fn deliver_here(context: &Context, to: &str, messages: Vec<Message>) -> Vec<bool> {
@@ -232,4 +246,36 @@ async fn deliver_here(context: &Context, to: &str, messages: Vec<Message>) -> Ve
         .deliver_all(&to, messages, crate::leaf::messaging::DELIVERY_TIMEOUT)
         .await
         .unwrap_or_else(|_| vec![false; count])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_from_a_member_before_batches_speaks_for_the_first_message_alone() {
+        let old = |delivered| DeliverOutcome {
+            id: 1,
+            delivered,
+            each: Vec::new(),
+        };
+        assert_eq!(outcome_of(old(true), 3), [true, false, false]);
+        assert_eq!(outcome_of(old(false), 1), [false]);
+        let new = DeliverOutcome {
+            id: 1,
+            delivered: false,
+            each: vec![true, false, true],
+        };
+        assert_eq!(outcome_of(new, 3), [true, false, true]);
+        let short = DeliverOutcome {
+            id: 1,
+            delivered: true,
+            each: vec![true],
+        };
+        assert_eq!(
+            outcome_of(short, 2),
+            [true, false],
+            "missing entries count as not delivered"
+        );
+    }
 }

@@ -823,41 +823,42 @@ async fn run_session(
     if tx.send(Ok(Box::new(challenge))).await.is_err() {
         return;
     }
-    let peer = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(ClientFrame {
-            frame: Some(client_frame::Frame::Attach(attach)),
-        }))) => match session::verify_attach(&attach, &nonce, &context.me.peer_id) {
-            Ok(peer) => peer,
-            Err(error) => {
+    let (peer, message_batches) =
+        match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(ClientFrame {
+                frame: Some(client_frame::Frame::Attach(attach)),
+            }))) => match session::verify_attach(&attach, &nonce, &context.me.peer_id) {
+                Ok(peer) => (peer, attach.message_batches),
+                Err(error) => {
+                    let _ = tx
+                        .send(Err(Status::unauthenticated(error.to_string())))
+                        .await;
+                    return;
+                }
+            },
+            Ok(Ok(Some(_))) => {
                 let _ = tx
-                    .send(Err(Status::unauthenticated(error.to_string())))
+                    .send(Err(Status::unauthenticated(
+                        "the first frame of a session must be attach",
+                    )))
                     .await;
                 return;
             }
-        },
-        Ok(Ok(Some(_))) => {
-            let _ = tx
-                .send(Err(Status::unauthenticated(
-                    "the first frame of a session must be attach",
-                )))
-                .await;
-            return;
-        }
-        Ok(Ok(None)) | Ok(Err(_)) => return,
-        Err(_) => {
-            let _ = tx
-                .send(Err(Status::unauthenticated(format!(
-                    "no attach within {ATTACH_TIMEOUT:?}"
-                ))))
-                .await;
-            return;
-        }
-    };
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = tx
+                    .send(Err(Status::unauthenticated(format!(
+                        "no attach within {ATTACH_TIMEOUT:?}"
+                    ))))
+                    .await;
+                return;
+            }
+        };
     let Some(host) = context.node_id() else {
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
-    let session = context.sessions.open(peer, tx.clone());
+    let session = context.sessions.open(peer, tx.clone(), message_batches);
     // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
     // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
     let mut events: Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>> = None;
@@ -884,6 +885,7 @@ async fn run_session(
             peer_id: peer.to_string(),
             members: context.members().unwrap_or_default(),
             keepalive_interval_ms: context.config.keepalive_interval_ms as u32,
+            send_batches: true,
         })),
     };
     if tx.send(Ok(Box::new(welcome))).await.is_err() {

@@ -33,6 +33,8 @@ type PendingOffers = Arc<Mutex<HashMap<String, oneshot::Sender<ConnectAnswer>>>>
 struct Live {
     session: u64,
     outbound: Outbound,
+    /// The leaf takes MessageBatch frames (it said so in its Attach).
+    message_batches: bool,
     pending: PendingAcks,
     offers: PendingOffers,
 }
@@ -105,8 +107,9 @@ impl SessionRegistry {
         self.inner.lock().expect("session registry lock poisoned")
     }
 
-    /// Registers a new session of `peer`, replacing any older one of the same peer here.
-    pub fn open(&self, peer: PeerId, outbound: Outbound) -> SessionGuard {
+    /// Registers a new session of `peer`, replacing any older one of the same peer here. `message_batches`: the
+    /// leaf takes several messages in one frame.
+    pub fn open(&self, peer: PeerId, outbound: Outbound, message_batches: bool) -> SessionGuard {
         let token = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 32]>());
         // Session ids are random so that a session of a restarted super peer never matches an old one.
         let session = rand::random::<u64>() | 1;
@@ -119,6 +122,7 @@ impl SessionRegistry {
             Live {
                 session,
                 outbound,
+                message_batches,
                 pending: pending.clone(),
                 offers: offers.clone(),
             },
@@ -206,8 +210,8 @@ impl SessionRegistry {
         self.len() == 0
     }
 
-    /// Pushes `messages` into `peer`'s session in one frame, in order, and waits up to `timeout` for the leaf's
-    /// acknowledgements: one entry per message, true when the leaf acknowledged it.
+    /// Pushes `messages` into `peer`'s session in order (in one frame when the leaf takes batches) and waits up to
+    /// `timeout` for the leaf's acknowledgements: one entry per message, true when the leaf acknowledged it.
     pub async fn deliver_all(
         &self,
         peer: &PeerId,
@@ -230,15 +234,21 @@ impl SessionRegistry {
                 acks.push(acked_rx);
             }
         }
-        let frame = match <[Message; 1]>::try_from(messages) {
-            Ok([message]) => server_frame::Frame::Message(message),
-            Err(messages) => server_frame::Frame::MessageBatch(MessageBatch { messages }),
+        let frames = if messages.len() > 1 && live.message_batches {
+            vec![server_frame::Frame::MessageBatch(MessageBatch { messages })]
+        } else {
+            messages
+                .into_iter()
+                .map(server_frame::Frame::Message)
+                .collect()
         };
         let outcome = async {
-            live.outbound
-                .send(Ok(Box::new(ServerFrame { frame: Some(frame) })))
-                .await
-                .map_err(|_| DeliveryError::NoAck)?;
+            for frame in frames {
+                live.outbound
+                    .send(Ok(Box::new(ServerFrame { frame: Some(frame) })))
+                    .await
+                    .map_err(|_| DeliveryError::NoAck)?;
+            }
             let deadline = tokio::time::Instant::now() + timeout;
             let mut acked = Vec::with_capacity(acks.len());
             for ack in acks {
@@ -387,7 +397,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, _rx) = mpsc::channel(1);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         assert_eq!(registry.peer_of(guard.token()), Some((peer, guard.id())));
         assert_eq!(registry.peer_of("nope"), None);
         let token = guard.token().to_string();
@@ -420,7 +430,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         let message = Message {
             id: "m1".into(),
             ..Default::default()
@@ -449,7 +459,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         let messages = ["a", "b", "c"].map(|id| Message {
             id: id.into(),
             ..Default::default()
@@ -471,5 +481,30 @@ mod tests {
             guard.pending.lock().unwrap().is_empty(),
             "nothing is left waiting"
         );
+    }
+
+    #[tokio::test]
+    async fn a_leaf_that_takes_no_batches_gets_a_frame_per_message() {
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = registry.open(peer, tx, false);
+        let messages = ["a", "b"].map(|id| Message {
+            id: id.into(),
+            ..Default::default()
+        });
+        let delivery = registry.deliver_all(&peer, messages.to_vec(), Duration::from_secs(10));
+        let leaf = async {
+            for expected in &messages {
+                let frame = rx.recv().await.unwrap().unwrap();
+                assert_eq!(
+                    frame.frame,
+                    Some(server_frame::Frame::Message(expected.clone()))
+                );
+                guard.acknowledge(&expected.id);
+            }
+        };
+        let (delivered, ()) = tokio::join!(delivery, leaf);
+        assert_eq!(delivered, Ok(vec![true, true]));
     }
 }
