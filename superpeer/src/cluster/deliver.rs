@@ -15,7 +15,9 @@
 //! `validate::MAX_BATCH_MESSAGES`: the first in `message`, the rest in `more`), pushed to the leaf in one frame;
 //! the outcome says, for each, whether the leaf acknowledged it. A member from before batches reads only
 //! `message` and answers only `delivered`, so during a rolling upgrade the rest of a batch goes to the mailbox
-//! instead of being lost or merged. A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
+//! instead of being lost or merged.
+//!
+//! A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
 //! mailboxes; a leaf drops a message id it already has), and the next delivery opens a new stream. Both sides
 //! bound the deliveries in flight per stream; past the bound a delivery fails at once instead of waiting. The
 //! sender always reads outcomes while it sends, so the receiver's bounded answer queue never stalls it.

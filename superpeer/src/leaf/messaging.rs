@@ -1,10 +1,10 @@
 //! Presence and messaging for leaves.
 //!
 //! ```text
-//!  SendMessage on S ─ look up recipient presence (local replica)
-//!     ├─ attached here ───────────────> push into its session, wait for its ack ─┐
-//!     ├─ attached on S2 ─ Cluster.Deliver on S2 ─> push, wait for ack ──────────┤─> delivered
-//!     └─ offline, or delivery failed ─ MailboxPut (Raft) ───────────────────────┴─> queued
+//!  sends to one recipient (one, or a batch) on S ─ look up recipient presence (local replica)
+//!     ├─ attached here ───────────────> push into its session, wait for its acks ────┐
+//!     ├─ attached on S2 ─ DeliverCall on S2's stream ─> push, wait for acks ─────────┤─> delivered
+//!     └─ offline, or not acknowledged ─ MailboxPut (Raft), per message ──────────────┴─> queued
 //!  attach ─ PresenceAttach (Raft) ─> welcome ─> drain mailbox in order ─> MailboxAck (Raft)
 //!  stream ends without goodbye ─ wait the grace period ─> PresenceDetach (no-op if re-attached elsewhere)
 //! ```
