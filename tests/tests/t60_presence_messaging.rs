@@ -484,6 +484,55 @@ async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_delivery_stream_holds_at_most_8192_messages_in_flight() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, options(&[])).await?;
+    // A leaf that attaches and then never reads nor acknowledges: every delivery to it stays in flight until the
+    // delivery timeout (10 s).
+    let silent_key = Keypair::generate();
+    let address = cluster.nodes[0].endpoints().leaf.to_string();
+    let channel = vesper_tests::raw::channel(&address, &cluster.pki.ca_pem()).await?;
+    let silent =
+        vesper_tests::raw::open(channel, &silent_key, vesper_tests::raw::Signing::Valid).await?;
+    let (calls, call_stream) = tokio::sync::mpsc::unbounded_channel();
+    let mut outcomes = cluster
+        .cluster_client(0)
+        .await?
+        .deliver_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            call_stream,
+        ))
+        .await?
+        .into_inner();
+    let from = Keypair::generate().peer_id().to_string();
+    // 128 calls of 64 messages fill the stream's 8192 (docs/LIMITS.md); call 129 is one call too many.
+    for id in 1..=129u64 {
+        let mut messages = (0..64).map(|n| vesper_proto::v1::Message {
+            id: format!("c{id}-{n}"),
+            from: from.clone(),
+            kind: "chat".into(),
+            payload: vec![1],
+            ..Default::default()
+        });
+        calls.send(DeliverCall {
+            id,
+            to: silent_key.peer_id().to_string(),
+            message: messages.next(),
+            more: messages.collect(),
+        })?;
+    }
+    // Only the refusal can come back before the delivery timeout, and it comes at once.
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(8), outcomes.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("call 129 was not refused at once"))??
+        .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))?;
+    assert_eq!(outcome.id, 129, "{outcome:?}");
+    assert_eq!((outcome.delivered, outcome.each), (false, vec![false; 64]));
+    println!("refused after {:?}", started.elapsed());
+    drop(silent);
+    Ok(())
+}
+
 /// The next frame a raw session gets that is not a pong.
 async fn next_frame(
     session: &mut vesper_tests::raw::RawSession,
