@@ -425,21 +425,44 @@ async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow::Result<()> {
-    let cluster = Cluster::start(1, options(&[])).await?;
-    let bob = cluster.leaf(0).await?;
-    let mut inbox = bob.messages().expect("first call gets the stream");
-    // As another member would deliver to bob's super peer.
+/// A delivery stream to node `index`, opened as another member would: calls go in, outcomes come out.
+async fn delivery_stream(
+    cluster: &Cluster,
+    index: usize,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedSender<DeliverCall>,
+    tonic::Streaming<vesper_proto::v1::DeliverOutcome>,
+)> {
     let (calls, call_stream) = tokio::sync::mpsc::unbounded_channel();
-    let mut outcomes = cluster
-        .cluster_client(0)
+    let outcomes = cluster
+        .cluster_client(index)
         .await?
         .deliver_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
             call_stream,
         ))
         .await?
         .into_inner();
+    Ok((calls, outcomes))
+}
+
+/// Delivery call `id` of `messages` for leaf `to`: the first in `message`, the rest in `more`.
+fn deliver_call(id: u64, to: &str, messages: Vec<vesper_proto::v1::Message>) -> DeliverCall {
+    let mut messages = messages.into_iter();
+    DeliverCall {
+        id,
+        to: to.to_string(),
+        message: messages.next(),
+        more: messages.collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, options(&[])).await?;
+    let bob = cluster.leaf(0).await?;
+    let mut inbox = bob.messages().expect("first call gets the stream");
+    // As another member would deliver to bob's super peer.
+    let (calls, mut outcomes) = delivery_stream(&cluster, 0).await?;
     let from = Keypair::generate().peer_id().to_string();
     let message = |n: u8| vesper_proto::v1::Message {
         id: format!("d{n}"),
@@ -449,15 +472,7 @@ async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow
         ..Default::default()
     };
     let to = bob.peer_id().to_string();
-    let call = |id: u64, messages: Vec<vesper_proto::v1::Message>| {
-        let mut messages = messages.into_iter();
-        DeliverCall {
-            id,
-            to: to.clone(),
-            message: messages.next(),
-            more: messages.collect(),
-        }
-    };
+    let call = |id: u64, messages: Vec<vesper_proto::v1::Message>| deliver_call(id, &to, messages);
     // One over the limit, an empty one, then exactly the limit.
     calls.send(call(1, (0..65).map(message).collect()))?;
     calls.send(call(2, Vec::new()))?;
@@ -494,31 +509,19 @@ async fn t60_a_delivery_stream_holds_at_most_8192_messages_in_flight() -> anyhow
     let channel = vesper_tests::raw::channel(&address, &cluster.pki.ca_pem()).await?;
     let silent =
         vesper_tests::raw::open(channel, &silent_key, vesper_tests::raw::Signing::Valid).await?;
-    let (calls, call_stream) = tokio::sync::mpsc::unbounded_channel();
-    let mut outcomes = cluster
-        .cluster_client(0)
-        .await?
-        .deliver_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(
-            call_stream,
-        ))
-        .await?
-        .into_inner();
+    let (calls, mut outcomes) = delivery_stream(&cluster, 0).await?;
     let from = Keypair::generate().peer_id().to_string();
     // 128 calls of 64 messages fill the stream's 8192 (docs/LIMITS.md); call 129 is one call too many.
+    let to = silent_key.peer_id().to_string();
     for id in 1..=129u64 {
-        let mut messages = (0..64).map(|n| vesper_proto::v1::Message {
+        let messages = (0..64).map(|n| vesper_proto::v1::Message {
             id: format!("c{id}-{n}"),
             from: from.clone(),
             kind: "chat".into(),
             payload: vec![1],
             ..Default::default()
         });
-        calls.send(DeliverCall {
-            id,
-            to: silent_key.peer_id().to_string(),
-            message: messages.next(),
-            more: messages.collect(),
-        })?;
+        calls.send(deliver_call(id, &to, messages.collect()))?;
     }
     // Only the refusal can come back before the delivery timeout, and it comes at once.
     let started = Instant::now();
