@@ -72,8 +72,15 @@ impl Stream for Outgoing {
                     match this.ready() {
                         Some(ClientFrame {
                             frame: Some(client_frame::Frame::Send(next)),
-                        }) if bytes + next.encoded_len() + PER_SEND_FRAMING <= MAX_BATCH_BYTES => {
-                            bytes += next.encoded_len() + PER_SEND_FRAMING;
+                        }) => {
+                            let size = next.encoded_len() + PER_SEND_FRAMING;
+                            if bytes + size > MAX_BATCH_BYTES {
+                                this.held = Some(ClientFrame {
+                                    frame: Some(client_frame::Frame::Send(next)),
+                                });
+                                break;
+                            }
+                            bytes += size;
                             sends.push(next);
                         }
                         Some(other) => {
