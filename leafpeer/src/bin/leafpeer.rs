@@ -141,9 +141,11 @@ enum Command {
     },
     /// Send a message to a peer (waits until it is delivered or queued in its mailbox).
     Send {
+        /// The recipient's PeerId (vp1...; `leafpeer id` prints yours).
         peer: String,
+        /// The message text (at most 64 KiB, or the super peer's --max-message-bytes).
         text: String,
-        /// Message kind.
+        /// Message kind: 1-64 characters of [a-z0-9._-]; the recipient's handler for it takes the message.
         #[arg(long, default_value = "chat")]
         kind: String,
     },
