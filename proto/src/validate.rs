@@ -25,8 +25,16 @@ pub const MAX_PAGE_BYTES: usize = 4 << 20;
 pub const MAX_ANSWER_BYTES: usize = 2 * MAX_PAGE_BYTES;
 
 /// Pipelined sends one session may have in flight at a super peer; more are refused with RESOURCE_EXHAUSTED.
-/// The leaf library holds its own sends to this many, so an app's extra sends wait instead of failing.
-pub const MAX_SENDS_IN_FLIGHT: usize = 256;
+/// The leaf library holds its own sends to this many, so an app's extra sends wait instead of failing. Wide
+/// enough that batches fill up under load (docs/BENCHMARKS.md: 256 gave about half the throughput through one
+/// super peer).
+pub const MAX_SENDS_IN_FLIGHT: usize = 1024;
+/// Bytes of payload one session's sends in flight may hold at a super peer, so that many large messages cannot
+/// pile up there: 64 sends at the default 64 KiB, 4 at the 1 MiB ceiling. Refused and held back as
+/// [`MAX_SENDS_IN_FLIGHT`] is.
+pub const MAX_SEND_BYTES_IN_FLIGHT: usize = 4 << 20;
+// Any single message fits, whatever the operator's size limits: a lone send is never held back for good.
+const _: () = assert!(MAX_SEND_BYTES_IN_FLIGHT >= SizeLimits::CEILING.message_bytes);
 /// Most messages in one batch: a `SendBatch` from a leaf, a `MessageBatch` to a leaf, or a `DeliverCall` between
 /// super peers. Batches form only when several sends are queued at once; a lone send travels alone.
 pub const MAX_BATCH_MESSAGES: usize = 64;

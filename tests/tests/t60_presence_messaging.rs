@@ -15,6 +15,7 @@ use vesper_proto::v1::{
     client_frame, server_frame, ClientFrame, DeliverCall, MessageAck, MessageAcks, SendBatch,
     SendFrame, SendMessageRequest,
 };
+use vesper_proto::validate::MAX_SENDS_IN_FLIGHT;
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
 
@@ -152,34 +153,184 @@ async fn t60_leaves_on_different_super_peers_see_and_message_each_other() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_more_sends_at_once_than_a_session_may_have_in_flight_wait_and_all_arrive_once(
 ) -> anyhow::Result<()> {
-    // The send rate is lifted: this is about the in-flight limit (256 per session), not the rate.
+    // The send rate is lifted: this is about the in-flight limits (1024 sends and 4 MiB of payload per session),
+    // not the rate. Messages up to the 1 MiB ceiling are allowed, so a few of them fill the payload budget.
     let cluster = Cluster::start(
         2,
-        options(&["--send-rate", "100000", "--send-burst", "100000"]),
+        options(&[
+            "--send-rate",
+            "100000",
+            "--send-burst",
+            "100000",
+            "--max-message-bytes",
+            "1048576",
+        ]),
     )
     .await?;
     let alice = cluster.leaf(0).await?;
     let bob = cluster.leaf(1).await?;
     let mut bob_inbox = bob.messages().expect("first call gets the stream");
-    // 1000 sends at once across two super peers: the library holds all but 256 back (none is refused) and
-    // batches what queues up together.
-    const SENDS: u32 = 1000;
     let bob_id = bob.peer_id();
-    let sends = (0..SENDS).map(|n| alice.send(&bob_id, "chat", n.to_be_bytes().to_vec()));
+    // More than twice the limit of sends at once, across two super peers: the library holds the excess back
+    // (none is refused) and batches what queues up together. Bob's app reads as they come (its stream holds
+    // 1024; a full stream holds back acknowledgements).
+    let sends_at_once = 2 * MAX_SENDS_IN_FLIGHT as u32 + 100;
+    let sends = (0..sends_at_once).map(|n| alice.send(&bob_id, "chat", n.to_be_bytes().to_vec()));
+    let receive = async {
+        let mut got = Vec::new();
+        for _ in 0..sends_at_once {
+            let payload = next_message(&mut bob_inbox).await?.payload;
+            got.push(u32::from_be_bytes(payload.try_into().expect("4 bytes")));
+        }
+        anyhow::Ok(got)
+    };
+    let (outcomes, got) = tokio::join!(futures::future::join_all(sends), receive);
+    for outcome in outcomes {
+        assert_eq!(outcome?, SendOutcome::Delivered);
+    }
+    let mut got = got?;
+    got.sort_unstable();
+    assert_eq!(got, (0..sends_at_once).collect::<Vec<_>>());
+    // Ten 1 MiB messages at once are 10 MiB of payload, more than the 4 MiB a session may have in flight: the
+    // library holds them back by size too.
+    const BIG: usize = 1 << 20;
+    let sends = (0..10u8).map(|n| alice.send(&bob_id, "chat", vec![n; BIG]));
     for outcome in futures::future::join_all(sends).await {
         assert_eq!(outcome?, SendOutcome::Delivered);
     }
     let mut got = Vec::new();
-    for _ in 0..SENDS {
+    for _ in 0..10 {
         let payload = next_message(&mut bob_inbox).await?.payload;
-        got.push(u32::from_be_bytes(payload.try_into().expect("4 bytes")));
+        assert_eq!(payload.len(), BIG);
+        assert!(payload.iter().all(|&byte| byte == payload[0]));
+        got.push(payload[0]);
     }
     got.sort_unstable();
-    assert_eq!(got, (0..SENDS).collect::<Vec<_>>());
+    assert_eq!(got, (0..10u8).collect::<Vec<_>>());
     assert!(
         bob_inbox.try_recv().is_err(),
         "a message reached the app twice"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_super_peer_refuses_sends_past_1024_or_4_mib_of_payload_in_flight(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start(
+        1,
+        options(&["--send-rate", "100000", "--send-burst", "100000"]),
+    )
+    .await?;
+    let address = cluster.nodes[0].endpoints().leaf.to_string();
+    let open = |keypair: Keypair| {
+        let (address, ca) = (address.clone(), cluster.pki.ca_pem());
+        async move {
+            let channel = vesper_tests::raw::channel(&address, &ca).await?;
+            anyhow::Ok(
+                vesper_tests::raw::open(channel, &keypair, vesper_tests::raw::Signing::Valid)
+                    .await?,
+            )
+        }
+    };
+    // A recipient that never reads nor acknowledges: every send to it stays in flight until the delivery
+    // timeout (10 s), which is far longer than this test needs.
+    let silent_key = Keypair::generate();
+    let silent = open(silent_key.clone()).await?;
+    let to = silent_key.peer_id().to_string();
+    let send = |request_id: u64, payload: Vec<u8>| SendFrame {
+        request_id,
+        message: Some(SendMessageRequest {
+            to: to.clone(),
+            id: format!("m{request_id}"),
+            kind: "chat".into(),
+            payload,
+        }),
+    };
+
+    // Alice: 1024 one-byte sends in batches of 64 are taken; send 1025 is refused at once, by count (a lone
+    // refusal comes back as one SendResult).
+    let alice_key = Keypair::generate();
+    let mut alice = open(alice_key.clone()).await?;
+    let mut request_id = 0u64;
+    for _ in 0..MAX_SENDS_IN_FLIGHT / 64 {
+        let sends = (0..64).map(|_| {
+            request_id += 1;
+            send(request_id, vec![1])
+        });
+        let frame = client_frame::Frame::SendBatch(SendBatch {
+            sends: sends.collect(),
+        });
+        alice
+            .outbound
+            .send(ClientFrame { frame: Some(frame) })
+            .await?;
+    }
+    let frame = client_frame::Frame::Send(send(request_id + 1, vec![1]));
+    alice
+        .outbound
+        .send(ClientFrame { frame: Some(frame) })
+        .await?;
+    let server_frame::Frame::SendResult(refusal) = next_frame(&mut alice).await? else {
+        anyhow::bail!("expected the refusal");
+    };
+    assert_eq!(refusal.request_id, request_id + 1);
+    assert_eq!(refusal.error_code, Code::ResourceExhausted as i32);
+    assert!(
+        refusal
+            .error_message
+            .contains("1024 sends already in flight"),
+        "{refusal:?}"
+    );
+
+    // Carol: 64 sends of 64 KiB are 4 MiB of payload and are taken; one more byte is refused at once, by size,
+    // while a send with an empty payload still fits: it goes to alice, who acknowledges it.
+    let mut carol = open(Keypair::generate()).await?;
+    let mut frames: Vec<SendFrame> = (1..=64u64)
+        .map(|request_id| send(request_id, vec![7; 64 << 10]))
+        .collect();
+    frames.push(send(65, vec![7]));
+    let mut empty = send(66, vec![]);
+    empty.message.as_mut().expect("built with one").to = alice_key.peer_id().to_string();
+    frames.push(empty);
+    for frame in frames {
+        let frame = client_frame::Frame::Send(frame);
+        carol
+            .outbound
+            .send(ClientFrame { frame: Some(frame) })
+            .await?;
+    }
+    let server_frame::Frame::SendResult(refusal) = next_frame(&mut carol).await? else {
+        anyhow::bail!("expected the refusal");
+    };
+    assert_eq!(refusal.request_id, 65);
+    assert_eq!(refusal.error_code, Code::ResourceExhausted as i32);
+    assert!(
+        refusal
+            .error_message
+            .contains("would put more than 4194304 bytes of payload in flight"),
+        "{refusal:?}"
+    );
+    let server_frame::Frame::Message(message) = next_frame(&mut alice).await? else {
+        anyhow::bail!("expected carol's empty message");
+    };
+    assert_eq!(message.id, "m66");
+    let ack = client_frame::Frame::MessageAck(MessageAck {
+        message_id: message.id,
+    });
+    alice
+        .outbound
+        .send(ClientFrame { frame: Some(ack) })
+        .await?;
+    let server_frame::Frame::SendResult(result) = next_frame(&mut carol).await? else {
+        anyhow::bail!("expected the empty message's result");
+    };
+    assert_eq!(
+        (result.request_id, result.delivered),
+        (66, true),
+        "{result:?}"
+    );
+    drop(silent);
     Ok(())
 }
 

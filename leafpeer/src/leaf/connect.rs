@@ -68,7 +68,7 @@ pub async fn dial(
 }
 
 /// Answers an offer: asks the app's policy; on accept, measures a socket and keeps it for the plan.
-pub async fn answer_offer(shared: Arc<Shared>, connection: Connection, offer: ConnectOffer) {
+pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offer: ConnectOffer) {
     let policy = shared.connect_policy.read().expect("policy lock").clone();
     let from = offer.from_peer_id.parse::<PeerId>().ok();
     let accepted = match (from, policy) {

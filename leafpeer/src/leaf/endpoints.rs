@@ -66,7 +66,7 @@ pub async fn publish(
 }
 
 /// Measures and publishes in the background after an attach; failures are logged, the session goes on.
-pub fn publish_in_background(shared: Arc<Shared>, connection: Connection) {
+pub fn publish_in_background(shared: Arc<Shared>, connection: Arc<Connection>) {
     tokio::spawn(async move {
         let outcome = async {
             let report = measure(&shared, &connection).await?;

@@ -174,6 +174,7 @@ impl Leaf {
             reattach_times: Default::default(),
             pending_sends: Default::default(),
             send_permits: tokio::sync::Semaphore::new(validate::MAX_SENDS_IN_FLIGHT),
+            send_bytes: tokio::sync::Semaphore::new(validate::MAX_SEND_BYTES_IN_FLIGHT),
             next_request: Default::default(),
             presence_sequence: Default::default(),
             presence_order: Default::default(),
@@ -209,7 +210,7 @@ impl Leaf {
         self.inner
             .shared
             .current()
-            .map(|connection| connection.server)
+            .map(|connection| connection.server.clone())
             .unwrap_or_default()
     }
 
@@ -315,9 +316,10 @@ impl Leaf {
 
     /// Sends a message of app-defined `kind` to `to` and waits until the recipient's library acknowledged it
     /// or it is queued in the recipient's mailbox. Sends are pipelined on the session stream, so many may be in
-    /// flight at once: up to the super peer's limit per session (`validate::MAX_SENDS_IN_FLIGHT`, 256); past it
-    /// a send waits for another to finish. Sends queued together travel together. Retries (with the same id, so the recipient gets it once) while the cluster is between
-    /// leaders or this leaf is re-attaching.
+    /// flight at once, up to the super peer's limits per session (`validate::MAX_SENDS_IN_FLIGHT`, 1024 sends,
+    /// and `validate::MAX_SEND_BYTES_IN_FLIGHT`, 4 MiB of payload); past them a send waits for others to finish.
+    /// Sends queued together travel together. Retries (with the same id, so the recipient gets it once) while
+    /// the cluster is between leaders or this leaf is re-attaching.
     pub async fn send(
         &self,
         to: &PeerId,
@@ -326,16 +328,29 @@ impl Leaf {
     ) -> Result<SendOutcome, LeafError> {
         validate::kind(kind)?;
         validate::message_payload(&validate::SizeLimits::CEILING, &payload)?;
-        let id = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>());
+        // Every attempt carries the same message, id included, so the recipient's app gets it once.
+        let message = SendMessageRequest {
+            to: to.to_string(),
+            id: data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>()),
+            kind: kind.to_string(),
+            payload,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
             let shared = &self.inner.shared;
+            // Payload bytes first, then a slot, both in arrival order; a payload is at most the message ceiling,
+            // which the byte budget holds (checked where it is defined).
+            let bytes = shared
+                .send_bytes
+                .acquire_many(message.payload.len() as u32)
+                .await
+                .expect("the send semaphores are never closed");
             let permit = shared
                 .send_permits
                 .acquire()
                 .await
-                .expect("the send semaphore is never closed");
+                .expect("the send semaphores are never closed");
             let connection = self.connection().await?;
             let request_id = shared
                 .next_request
@@ -349,12 +364,7 @@ impl Leaf {
             let frame = ClientFrame {
                 frame: Some(client_frame::Frame::Send(SendFrame {
                     request_id,
-                    message: Some(SendMessageRequest {
-                        to: to.to_string(),
-                        id: id.clone(),
-                        kind: kind.to_string(),
-                        payload: payload.clone(),
-                    }),
+                    message: Some(message.clone()),
                 })),
             };
             let sent = connection.outbound.send(frame).await.is_ok();
@@ -395,7 +405,7 @@ impl Leaf {
             if attempt >= SEND_ATTEMPTS {
                 return Err(retriable.into());
             }
-            drop(permit);
+            drop((permit, bytes));
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
         }
     }
@@ -547,7 +557,7 @@ impl Leaf {
     }
 
     /// The current connection, waiting (up to the request timeout) while the leaf re-attaches.
-    async fn connection(&self) -> Result<Connection, LeafError> {
+    async fn connection(&self) -> Result<Arc<Connection>, LeafError> {
         // Attached (the usual case): no subscription and no timer.
         if let Some(connection) = self.inner.shared.current() {
             return Ok(connection);
@@ -585,7 +595,7 @@ impl Leaf {
             .metadata_mut()
             .insert(SESSION_METADATA_KEY, connection.token.clone());
         request.set_timeout(self.inner.request_timeout);
-        Ok((connection.client, request))
+        Ok((connection.client.clone(), request))
     }
 
     /// Creates or replaces the record `namespace/key`, owned by this leaf. With `expected_version`, the put

@@ -52,7 +52,7 @@ pub struct Connection {
 pub struct Shared {
     pub config: LeafConfig,
     /// The current connection; None while re-attaching.
-    pub connection: watch::Sender<Option<Connection>>,
+    pub connection: watch::Sender<Option<Arc<Connection>>>,
     /// Leaf addresses of super peers known to be members (seeds first, then what welcomes said).
     pub known: RwLock<Vec<String>>,
     pub handlers: Handlers,
@@ -63,10 +63,13 @@ pub struct Shared {
     pub reattach_times: Mutex<Vec<Duration>>,
     /// Pipelined sends waiting for their SendResult, by request id. Cleared when a session ends, which fails
     /// them (the sender retries them, with the same message id, on the next session).
-    pub pending_sends: Mutex<HashMap<u64, oneshot::Sender<SendResult>>>,
+    pub pending_sends: Mutex<foldhash::HashMap<u64, oneshot::Sender<SendResult>>>,
     /// One permit per send in flight, up to the super peer's limit (`validate::MAX_SENDS_IN_FLIGHT`): past it a
     /// send waits here for one to finish instead of being refused.
     pub send_permits: tokio::sync::Semaphore,
+    /// One permit per byte of payload in flight, up to the super peer's limit
+    /// (`validate::MAX_SEND_BYTES_IN_FLIGHT`), held back the same way.
+    pub send_bytes: tokio::sync::Semaphore,
     pub next_request: std::sync::atomic::AtomicU64,
     /// Last sequence number given to a presence update (SetPresence or PublishEndpoints); the super peer
     /// refuses an update whose number is not above the previous one of its session, so replays change nothing.
@@ -92,7 +95,7 @@ impl Shared {
             + 1
     }
 
-    pub fn current(&self) -> Option<Connection> {
+    pub fn current(&self) -> Option<Arc<Connection>> {
         self.connection.borrow().clone()
     }
 }
@@ -104,7 +107,7 @@ fn host_of(address: &str) -> &str {
 
 /// What an attach gives: the connection, the stream to read, and the member list.
 pub struct Attached {
-    pub connection: Connection,
+    pub connection: Arc<Connection>,
     pub inbound: tonic::Streaming<ServerFrame>,
     pub members: Vec<vesper_proto::v1::Member>,
     pub keepalive: Duration,
@@ -173,12 +176,12 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         .parse()
         .map_err(|_| LeafError::SessionClosed("session token is not valid metadata".into()))?;
     Ok(Attached {
-        connection: Connection {
+        connection: Arc::new(Connection {
             client,
             token,
             server: seed.to_string(),
             outbound: tx,
-        },
+        }),
         inbound,
         members: welcome.members,
         keepalive: Duration::from_millis(u64::from(welcome.keepalive_interval_ms.max(100))),
@@ -202,16 +205,19 @@ pub async fn attach_any(config: &LeafConfig, candidates: &[String]) -> Result<At
 }
 
 /// Message ids already handed to the app, so a retried message reaches it once.
+///
+/// Each (sender, id) pair is kept as one shared string, `<sender's length>:<sender><id>`, which no two
+/// different pairs share: one allocation per message, shared by the set and the eviction order.
 #[derive(Default)]
 pub struct SeenMessages {
-    order: std::collections::VecDeque<(String, String)>,
-    set: std::collections::HashSet<(String, String)>,
+    order: std::collections::VecDeque<Arc<str>>,
+    set: foldhash::HashSet<Arc<str>>,
 }
 
 impl SeenMessages {
     /// Records a message; false when it was seen before.
     fn first_time(&mut self, from: &str, id: &str) -> bool {
-        let key = (from.to_string(), id.to_string());
+        let key: Arc<str> = format!("{}:{from}{id}", from.len()).into();
         if self.set.contains(&key) {
             return false;
         }
@@ -402,4 +408,38 @@ async fn receive(shared: &Shared, connection: &Connection, messages: Vec<Message
         .send(ClientFrame { frame: Some(frame) })
         .await
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_new_once_per_sender_and_id() {
+        let mut seen = SeenMessages::default();
+        assert!(seen.first_time("vp1alice", "m1"));
+        assert!(!seen.first_time("vp1alice", "m1"));
+        // The same id from another sender is another message.
+        assert!(seen.first_time("vp1bob", "m1"));
+        // Pairs that join to the same text are still told apart.
+        assert!(seen.first_time("ab", "c"));
+        assert!(seen.first_time("a", "bc"));
+        assert!(!seen.first_time("ab", "c"));
+    }
+
+    #[test]
+    fn the_oldest_ids_are_forgotten_past_the_bound() {
+        let mut seen = SeenMessages::default();
+        for n in 0..SEEN_MESSAGES {
+            assert!(seen.first_time("vp1alice", &n.to_string()));
+        }
+        assert!(!seen.first_time("vp1alice", "0"));
+        assert!(seen.first_time("vp1alice", "new"));
+        // "new" pushed "0" out, "0" coming back pushes "1" out and "1" pushes "2"; "3" is still remembered.
+        assert!(seen.first_time("vp1alice", "0"));
+        assert!(seen.first_time("vp1alice", "1"));
+        assert!(!seen.first_time("vp1alice", "3"));
+        assert_eq!(seen.order.len(), SEEN_MESSAGES);
+        assert_eq!(seen.set.len(), SEEN_MESSAGES);
+    }
 }

@@ -66,8 +66,46 @@ use crate::store::{blocking, StoreError};
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards one leaf before the session task waits for the leaf to read.
 const SESSION_OUTBOUND_QUEUE: usize = 64;
-/// Pipelined sends one session may have in flight; more are refused with RESOURCE_EXHAUSTED.
-pub use validate::MAX_SENDS_IN_FLIGHT;
+/// Pipelined sends (and bytes of their payloads) one session may have in flight; more are refused with
+/// RESOURCE_EXHAUSTED.
+pub use validate::{MAX_SENDS_IN_FLIGHT, MAX_SEND_BYTES_IN_FLIGHT};
+
+/// What a session's sends hold at this super peer until they are answered, counted against
+/// [`MAX_SENDS_IN_FLIGHT`] and [`MAX_SEND_BYTES_IN_FLIGHT`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct InFlight {
+    sends: usize,
+    payload_bytes: usize,
+}
+
+impl InFlight {
+    /// Why one more send with `payload_bytes` of payload does not fit, if it does not.
+    fn refusal(&self, payload_bytes: usize) -> Option<Status> {
+        if self.sends >= MAX_SENDS_IN_FLIGHT {
+            Some(Status::resource_exhausted(format!(
+                "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
+            )))
+        } else if self.payload_bytes + payload_bytes > MAX_SEND_BYTES_IN_FLIGHT {
+            Some(Status::resource_exhausted(format!(
+                "a {payload_bytes}-byte payload would put more than {MAX_SEND_BYTES_IN_FLIGHT} bytes of payload \
+                 in flight on this session ({} already are)",
+                self.payload_bytes
+            )))
+        } else {
+            None
+        }
+    }
+
+    fn add(&mut self, payload_bytes: usize) {
+        self.sends += 1;
+        self.payload_bytes += payload_bytes;
+    }
+
+    fn remove(&mut self, done: InFlight) {
+        self.sends -= done.sends;
+        self.payload_bytes -= done.payload_bytes;
+    }
+}
 
 /// Builds the Leaf gRPC service.
 pub fn service(
@@ -905,9 +943,9 @@ async fn run_session(
     // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
     let mut drain = Some(Box::pin(drain));
     let ttl = context.config.session_ttl();
-    // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns how many sends it carried.
-    let mut sends = tokio::task::JoinSet::<usize>::new();
-    let mut sends_in_flight = 0usize;
+    // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns what it held in flight.
+    let mut sends = tokio::task::JoinSet::<InFlight>::new();
+    let mut sends_in_flight = InFlight::default();
     let mut goodbye = false;
     loop {
         tokio::select! {
@@ -915,7 +953,8 @@ async fn run_session(
             _ = shutdown.cancelled() => break,
             () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
             Some(done) = sends.join_next(), if !sends.is_empty() => {
-                sends_in_flight -= done.unwrap_or(0);
+                // A send task catches its own panic, so it always gives its share back.
+                sends_in_flight.remove(done.unwrap_or_default());
             }
             event = next_event(&mut events) => {
                 let frames = match event {
@@ -1046,27 +1085,28 @@ async fn start_sends(
     session: u64,
     frames: Vec<SendFrame>,
     tx: &sessions::Outbound,
-    sends: &mut tokio::task::JoinSet<usize>,
-    in_flight: &mut usize,
+    sends: &mut tokio::task::JoinSet<InFlight>,
+    in_flight: &mut InFlight,
 ) -> bool {
-    let room = MAX_SENDS_IN_FLIGHT.saturating_sub(*in_flight);
     let mut refused = Vec::new();
     let mut accepted = Vec::new();
+    let mut taken = InFlight::default();
     for (index, frame) in frames.into_iter().enumerate() {
+        let payload_bytes = frame.message.as_ref().map_or(0, |m| m.payload.len());
         let refusal = if index >= validate::MAX_BATCH_MESSAGES {
             Some(Status::invalid_argument(format!(
                 "a SendBatch holds at most {} sends",
                 validate::MAX_BATCH_MESSAGES
             )))
-        } else if accepted.len() >= room {
-            Some(Status::resource_exhausted(format!(
-                "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
-            )))
         } else {
-            None
+            in_flight.refusal(payload_bytes)
         };
         match (refusal, frame.message) {
-            (None, Some(request)) => accepted.push((frame.request_id, request)),
+            (None, Some(request)) => {
+                in_flight.add(payload_bytes);
+                taken.add(payload_bytes);
+                accepted.push((frame.request_id, request));
+            }
             (refusal, _) => {
                 let status = refusal
                     .unwrap_or_else(|| Status::invalid_argument("send frame without a message"));
@@ -1080,12 +1120,13 @@ async fn start_sends(
     if accepted.is_empty() {
         return true;
     }
-    *in_flight += accepted.len();
     let (context, tx) = (context.clone(), tx.clone());
     sends.spawn(async move {
-        let count = accepted.len();
-        run_sends(&context, peer, session, accepted, &tx).await;
-        count
+        let run = std::panic::AssertUnwindSafe(run_sends(&context, peer, session, accepted, &tx));
+        if futures::FutureExt::catch_unwind(run).await.is_err() {
+            tracing::error!("a send task panicked; its sends are not answered");
+        }
+        taken
     });
     true
 }
