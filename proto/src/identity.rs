@@ -7,12 +7,25 @@
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
-use data_encoding::BASE32_NOPAD;
+use data_encoding::{Encoding, Specification};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 /// Prefix of the text form; the version digit lets a later key type get another prefix.
 const PEER_ID_PREFIX: &str = "vp1";
+/// Characters of the base32 body of a 32-byte key.
+const BODY_LEN: usize = 52;
+
+/// RFC 4648 base32 without padding, written in lowercase; reading also takes uppercase. Trailing bits must be
+/// zero, so each key has exactly one text form.
+static BASE32_LOWER: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.translate.from.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+    spec.translate.to.push_str("abcdefghijklmnopqrstuvwxyz");
+    spec.encoding().expect("a valid base32 specification")
+});
 
 /// Why a `PeerId`, key or signature was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -73,11 +86,11 @@ impl PeerId {
 
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{PEER_ID_PREFIX}{}",
-            BASE32_NOPAD.encode(&self.0).to_lowercase()
-        )
+        // On the stack: peer ids are written for every message a super peer forwards.
+        let mut body = [0u8; BODY_LEN];
+        BASE32_LOWER.encode_mut(&self.0, &mut body);
+        f.write_str(PEER_ID_PREFIX)?;
+        f.write_str(std::str::from_utf8(&body).expect("base32 is ASCII"))
     }
 }
 
@@ -96,7 +109,7 @@ impl FromStr for PeerId {
         let body = text
             .strip_prefix(PEER_ID_PREFIX)
             .ok_or(PeerIdError::BadPrefix)?;
-        let bytes = BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes())?;
+        let bytes = BASE32_LOWER.decode(body.as_bytes())?;
         Self::from_public_key_bytes(&bytes)
     }
 }
@@ -197,6 +210,13 @@ mod tests {
         assert!(text.starts_with("vp1"));
         assert_eq!(text.len(), 55);
         assert_eq!(text.parse::<PeerId>().unwrap(), id);
+        // The same text as RFC 4648 base32 in lowercase, and uppercase reads too.
+        let rfc = data_encoding::BASE32_NOPAD.encode(&id.0).to_lowercase();
+        assert_eq!(text, format!("vp1{rfc}"));
+        assert_eq!(
+            format!("vp1{}", rfc.to_uppercase()).parse::<PeerId>().unwrap(),
+            id
+        );
     }
 
     #[test]
@@ -219,6 +239,18 @@ mod tests {
         assert!(matches!(
             "vp1aaaa".parse::<PeerId>(),
             Err(PeerIdError::BadKeyLength(_))
+        ));
+        // 52 characters carry 260 bits for 256: the last 4 must be zero, so a key has one text form only.
+        let text = Keypair::generate().peer_id().to_string();
+        let (head, last) = text.split_at(54);
+        let other = match last {
+            "a" => "b",
+            "q" => "r",
+            other => panic!("last character {other:?} has trailing bits"),
+        };
+        assert!(matches!(
+            format!("{head}{other}").parse::<PeerId>(),
+            Err(PeerIdError::BadEncoding(_))
         ));
     }
 
