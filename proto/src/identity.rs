@@ -214,7 +214,9 @@ mod tests {
         let rfc = data_encoding::BASE32_NOPAD.encode(&id.0).to_lowercase();
         assert_eq!(text, format!("vp1{rfc}"));
         assert_eq!(
-            format!("vp1{}", rfc.to_uppercase()).parse::<PeerId>().unwrap(),
+            format!("vp1{}", rfc.to_uppercase())
+                .parse::<PeerId>()
+                .unwrap(),
             id
         );
     }
