@@ -206,19 +206,37 @@ pub async fn attach_any(config: &LeafConfig, candidates: &[String]) -> Result<At
 
 /// Message ids already handed to the app, so a retried message reaches it once.
 ///
-/// Each (sender, id) pair is kept as one shared string, `<sender's length>:<sender><id>`, which no two
-/// different pairs share: one allocation per message, shared by the set and the eviction order.
-#[derive(Default)]
+/// Each (sender, id) pair is remembered as a 128-bit fingerprint: two SipHash values under independent random
+/// keys of this process. A fingerprint is 16 bytes kept inline (no allocation, no pointer to follow on a hot
+/// path), and two different pairs share one with odds of about 1 in 2^128 per pair; the keys are secret, so a
+/// sender cannot aim for another sender's fingerprint either.
 pub struct SeenMessages {
-    order: std::collections::VecDeque<Arc<str>>,
-    set: foldhash::HashSet<Arc<str>>,
+    keys: (std::hash::RandomState, std::hash::RandomState),
+    order: std::collections::VecDeque<u128>,
+    set: foldhash::HashSet<u128>,
+}
+
+impl Default for SeenMessages {
+    fn default() -> Self {
+        Self {
+            keys: (
+                std::hash::RandomState::new(),
+                std::hash::RandomState::new(),
+            ),
+            order: std::collections::VecDeque::with_capacity(SEEN_MESSAGES),
+            set: foldhash::HashSet::with_capacity_and_hasher(SEEN_MESSAGES, Default::default()),
+        }
+    }
 }
 
 impl SeenMessages {
     /// Records a message; false when it was seen before.
     fn first_time(&mut self, from: &str, id: &str) -> bool {
-        let key: Arc<str> = format!("{}:{from}{id}", from.len()).into();
-        if self.set.contains(&key) {
+        use std::hash::BuildHasher;
+        // A str hashes with a terminator, so the pair (from, id) is hashed unambiguously.
+        let fingerprint = u128::from(self.keys.0.hash_one((from, id))) << 64
+            | u128::from(self.keys.1.hash_one((from, id)));
+        if !self.set.insert(fingerprint) {
             return false;
         }
         if self.order.len() == SEEN_MESSAGES {
@@ -226,8 +244,7 @@ impl SeenMessages {
                 self.set.remove(&oldest);
             }
         }
-        self.order.push_back(key.clone());
-        self.set.insert(key);
+        self.order.push_back(fingerprint);
         true
     }
 }
