@@ -219,10 +219,7 @@ pub struct SeenMessages {
 impl Default for SeenMessages {
     fn default() -> Self {
         Self {
-            keys: (
-                std::hash::RandomState::new(),
-                std::hash::RandomState::new(),
-            ),
+            keys: (std::hash::RandomState::new(), std::hash::RandomState::new()),
             order: std::collections::VecDeque::with_capacity(SEEN_MESSAGES),
             set: foldhash::HashSet::with_capacity_and_hasher(SEEN_MESSAGES, Default::default()),
         }

@@ -3,8 +3,10 @@
 //! 1. Round trip: Vesper `send` returns when the recipient's library acknowledged the message (leaf -> super
 //!    peer -> [super peer ->] leaf -> ack back), through one super peer and across two; NATS request/reply
 //!    through one server. Same payload.
-//! 2. Pipelined throughput: a window of sends in flight from one leaf to another (across two super peers) vs
-//!    NATS publish to a subscriber, counting what the receiver got per second.
+//! 2. Pipelined throughput: a window of sends in flight from one leaf to another (through one super peer and
+//!    across two) vs NATS publish to a subscriber, counting what the receiver got per second. The cases take
+//!    turns for `--rounds` rounds and the medians are compared, so a slow stretch of a shared machine hits
+//!    every case.
 //! 3. Memory per idle attached leaf: RSS growth of a super peer over N idle sessions vs nats-server's RSS growth
 //!    over N idle connections.
 //!
