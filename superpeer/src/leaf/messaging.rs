@@ -88,24 +88,49 @@ pub async fn send_checked(
     session: u64,
     request: SendMessageRequest,
 ) -> Result<Fate, tonic::Status> {
-    let (to, message) = check(context, &from, session, request)?;
-    let fate = send_all(context, &from, &to, vec![message]).await.pop();
+    let origin = Origin::now(from, session);
+    let (to, message) = check(context, &origin, request)?;
+    let fate = send_all(context, &origin.peer, &to, vec![message])
+        .await
+        .pop();
     Ok(fate.expect("one fate per message")?)
 }
 
-/// Checks one send from session `session` of `from` (rate, recipient, id, kind, payload): the recipient and the
-/// message as it will be delivered.
+/// Where the sends of one frame come from, worked out once for all of them.
+pub struct Origin {
+    pub peer: PeerId,
+    /// `peer` as text, as each message carries it.
+    text: String,
+    session: u64,
+    /// When the super peer took the frame, stamped on each message.
+    at_ms: u64,
+}
+
+impl Origin {
+    /// Sends of session `session` of `peer`, taken now.
+    pub fn now(peer: PeerId, session: u64) -> Self {
+        Self {
+            text: peer.to_string(),
+            peer,
+            session,
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// Checks one send from `origin` (rate, recipient, id, kind, payload): the recipient and the message as it will
+/// be delivered.
 pub fn check(
     context: &Context,
-    from: &PeerId,
-    session: u64,
+    origin: &Origin,
     request: SendMessageRequest,
 ) -> Result<(PeerId, Message), tonic::Status> {
     let config = &context.config;
-    if !context
-        .sessions
-        .take_send(session, config.send_rate_per_second, config.send_burst)
-    {
+    if !context.sessions.take_send(
+        origin.session,
+        config.send_rate_per_second,
+        config.send_burst,
+    ) {
         return Err(tonic::Status::resource_exhausted(format!(
             "send rate limit: {} messages per second per session (bursts of {}); slow down and retry",
             config.send_rate_per_second, config.send_burst
@@ -126,10 +151,10 @@ pub fn check(
     validate::message_payload(&config.limits, &request.payload).map_err(ServiceError::from)?;
     let message = Message {
         id: request.id,
-        from: from.to_string(),
+        from: origin.text.clone(),
         kind: request.kind,
         payload: request.payload,
-        sent_at_ms: now_ms(),
+        sent_at_ms: origin.at_ms,
         from_mailbox: false,
     };
     Ok((to, message))

@@ -1143,8 +1143,9 @@ async fn run_sends(
 ) {
     let mut refused = Vec::new();
     let mut groups: Vec<(PeerId, Vec<u64>, Vec<vesper_proto::v1::Message>)> = Vec::new();
+    let origin = messaging::Origin::now(peer, session);
     for (request_id, request) in requests {
-        match messaging::check(context, &peer, session, request) {
+        match messaging::check(context, &origin, request) {
             Err(status) => refused.push(send_result(request_id, Err(status))),
             Ok((to, message)) => match groups.iter_mut().find(|group| group.0 == to) {
                 Some(group) => {
