@@ -393,6 +393,12 @@ async fn main() -> anyhow::Result<()> {
         "| nats-server (idle connection) | {:.1} KiB |",
         nats_per / 1024.0
     );
-    println!("\nmemory ratio vesper/nats: {:.2}x", vesper_per / nats_per);
+    if nats_per > 0.0 {
+        println!("\nmemory ratio vesper/nats: {:.2}x", vesper_per / nats_per);
+    } else {
+        println!(
+            "\nmemory ratio vesper/nats: n/a (nats-server's RSS did not grow; use more --idle)"
+        );
+    }
     Ok(())
 }
