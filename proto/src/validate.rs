@@ -26,8 +26,8 @@ pub const MAX_ANSWER_BYTES: usize = 2 * MAX_PAGE_BYTES;
 
 /// Pipelined sends one session may have in flight at a super peer; more are refused with RESOURCE_EXHAUSTED.
 /// The leaf library holds its own sends to this many, so an app's extra sends wait instead of failing. Wide
-/// enough that batches fill up under load (docs/BENCHMARKS.md: 256 gave about half the throughput through one
-/// super peer).
+/// enough that batches fill up under load: batches form only from waiting sends, and of 256, 1024 and 2048 in
+/// one run, 1024 carried the most messages per second (docs/BENCHMARKS.md).
 pub const MAX_SENDS_IN_FLIGHT: usize = 1024;
 /// Bytes of payload one session's sends in flight may hold at a super peer, so that many large messages cannot
 /// pile up there: 64 sends at the default 64 KiB, 4 at the 1 MiB ceiling. Refused and held back as
