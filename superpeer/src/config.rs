@@ -118,9 +118,9 @@ pub struct Config {
     /// Default 10000.
     pub tls_reload_interval_ms: u64,
     /// The STUN port (UDP, same IP and port number as the Leaf service) and its limits.
-    pub stun: crate::stun::StunConfig,
+    pub stun: crate::udp::stun::StunConfig,
     /// The relay on the STUN port and its caps.
-    pub relay: crate::relay::RelayConfig,
+    pub relay: crate::udp::RelayConfig,
 }
 
 impl Default for Config {
@@ -153,8 +153,8 @@ impl Default for Config {
             max_pending_handshakes_per_ip: 64,
             max_streams_per_connection: 256,
             tls_reload_interval_ms: 10_000,
-            stun: crate::stun::StunConfig::default(),
-            relay: crate::relay::RelayConfig::default(),
+            stun: crate::udp::stun::StunConfig::default(),
+            relay: crate::udp::RelayConfig::default(),
         }
     }
 }

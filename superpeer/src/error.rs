@@ -8,7 +8,7 @@
 use tonic::{Code, Status};
 use vesper_proto::validate::InvalidInput;
 
-use crate::raft::command::Rejection;
+use crate::command::Rejection;
 use crate::store::StoreError;
 
 /// An error of a super peer service call.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use crate::raft::command::{
+use crate::command::{
     ChatEntry, ConferenceEntry, NamespaceAcl, PeerKey, PresenceEntry, StoredRecord,
 };
 

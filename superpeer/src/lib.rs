@@ -19,18 +19,24 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod command;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod leader;
 pub mod leaf;
 pub mod limits;
+pub mod membership;
 pub mod node;
 pub mod raft;
-pub mod relay;
+pub mod raft_types;
+pub mod replica;
 pub mod roles;
+pub mod router;
+pub mod sessions;
 pub mod store;
-pub mod stun;
 pub mod tls;
+pub mod udp;
 
 pub use config::Config;
 pub use node::{spawn, RunningNode};

@@ -4,8 +4,8 @@
 //!  Node::spawn(config)
 //!    ├─ open RocksDB, load node key and TLS, bind the three listeners (port 0 allowed)
 //!    ├─ serve Leaf (TLS), Cluster (mTLS), Admin (mTLS), each with gRPC health
-//!    └─ membership task: resume (node id on disk) | bootstrap | join via a member | wait for adoption
-//!         └─ start Raft -> Context::raft is set -> health of vesper.v1.Leaf becomes SERVING
+//!    └─ start-up task: resume (node id on disk) | bootstrap | join via a member | wait for adoption
+//!         └─ start Raft -> Replica::set_raft -> health of vesper.v1.Leaf becomes SERVING
 //! ```
 //!
 //! Shutdown (`RunningNode::shutdown` or a dropped handle's token): servers stop accepting and drain, sessions end,
@@ -13,33 +13,38 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::async_runtime::WatchReceiver;
 use openraft::SnapshotPolicy;
 use rocksdb::DB;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
-use vesper_proto::v1::{JoinRequest, Member, MemberRole, NodeDescriptor, ReadConsistency};
+use vesper_proto::v1::{JoinRequest, NodeDescriptor};
 use vesper_proto::Keypair;
 
+use crate::command::NodeInfo;
 use crate::config::{Config, StartMode};
 use crate::error::ServiceError;
 use crate::events::EventLog;
-use crate::leaf::SessionRegistry;
-use crate::raft::command::{NodeInfo, Op, Response};
+use crate::leaf::state::LeafState;
+use crate::membership::{AdoptRequests, Adoption, Membership};
 use crate::raft::forward::Forwarder;
 use crate::raft::network::{ClusterClients, Network, MAX_CLUSTER_MESSAGE_BYTES};
-use crate::raft::propose::{self, Backoff};
+use crate::raft::propose::Backoff;
 use crate::raft::VesperRaft;
+use crate::replica::Replica;
+use crate::router::links::Links;
+use crate::router::Router;
+use crate::sessions::SessionRegistry;
 use crate::store::state_machine::StateReader;
 use crate::store::{self, LogStore, StateMachine, StoreError};
 use crate::tls::{HandshakeLimits, Port, ServerTls, TlsError};
+use crate::udp::Relay;
 
 /// File in the data directory holding the node id once the node belongs to a cluster.
 const NODE_ID_FILE: &str = "node_id";
@@ -47,8 +52,6 @@ const NODE_ID_FILE: &str = "node_id";
 const NODE_KEY_FILE: &str = "node.key";
 /// File in the data directory where the bound addresses are written (for scripts and tests).
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
-/// Pending adoption requests; one is plenty, a second waits.
-const ADOPT_QUEUE: usize = 1;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,136 +78,6 @@ pub enum NodeError {
     Raft(String),
 }
 
-/// State shared by every service of a node.
-pub struct Context {
-    pub config: Config,
-    pub keypair: Keypair,
-    /// This node's identity and advertised addresses.
-    pub me: NodeInfo,
-    pub reader: StateReader,
-    pub clients: ClusterClients,
-    pub sessions: SessionRegistry,
-    /// Streams that carry deliveries to leaves of other members.
-    pub deliveries: crate::cluster::deliver::Links,
-    /// Batches writes forwarded to the leader.
-    pub forwarder: Forwarder,
-    /// Changes applied here, for watches.
-    pub events: EventLog,
-    /// Background tasks of the node (drains on request), waited for at shutdown.
-    pub tasks: TaskTracker,
-    /// Relay allocations served on the STUN port.
-    pub relay: Arc<std::sync::Mutex<crate::relay::RelayTable>>,
-    raft: OnceLock<VesperRaft>,
-    adopt_tx: mpsc::Sender<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
-}
-
-impl Context {
-    /// The Raft handle, once the node belongs to a cluster.
-    pub fn raft(&self) -> Result<&VesperRaft, ServiceError> {
-        self.raft.get().ok_or(ServiceError::NotInCluster)
-    }
-
-    /// This node's id, once it belongs to a cluster.
-    pub fn node_id(&self) -> Option<u64> {
-        self.raft.get().map(|raft| *raft.node_id())
-    }
-
-    /// Proposes `op` from this node (forwarded to the leader when needed).
-    pub async fn propose(&self, op: Op) -> Result<(Response, u64), ServiceError> {
-        propose::propose(self.raft()?, &self.forwarder, op).await
-    }
-
-    /// Like [`Context::propose`], with a command the state machine refused turned into its error, so callers
-    /// handle only the responses they expect.
-    pub async fn propose_accepted(&self, op: Op) -> Result<(Response, u64), ServiceError> {
-        match self.propose(op).await? {
-            (Response::Rejected(rejection), _) => Err(rejection.into()),
-            accepted => Ok(accepted),
-        }
-    }
-
-    /// Makes a read of the given consistency safe to serve locally; returns the applied index to report.
-    pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<u64, ServiceError> {
-        let raft = self.raft()?;
-        match consistency {
-            ReadConsistency::Stale => Ok(propose::applied_index(raft)),
-            ReadConsistency::Linearizable => {
-                propose::linearizable_barrier(raft, &self.clients).await
-            }
-        }
-    }
-
-    /// Asks the membership task to adopt `node_id` (from the Cluster service's `Adopt`).
-    pub async fn adopt(&self, node_id: u64) -> Result<(), ServiceError> {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.adopt_tx.send((node_id, reply_tx)).await.map_err(|_| {
-            ServiceError::Precondition("this node is already a cluster member".into())
-        })?;
-        reply_rx.await.map_err(|_| {
-            ServiceError::Precondition("this node is already a cluster member".into())
-        })?
-    }
-
-    /// Addresses of member `node_id`, from the Raft membership.
-    pub fn member_info(&self, node_id: u64) -> Option<NodeInfo> {
-        let raft = self.raft.get()?;
-        let metrics = raft.metrics().borrow_watched().clone();
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&node_id)
-            .cloned()
-    }
-
-    /// The member list: voters and standbys from the Raft membership, plus tombstones of removed nodes.
-    pub fn members(&self) -> Result<Vec<Member>, ServiceError> {
-        let raft = self.raft()?;
-        let metrics = raft.metrics().borrow_watched().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-        let mut members = Vec::new();
-        let loads = crate::store::state_machine::read_relay_loads(self.reader.db())?;
-        for (id, node) in membership.nodes() {
-            let mut entry = member(
-                *id,
-                node,
-                if voters.contains(id) {
-                    MemberRole::Voter
-                } else {
-                    MemberRole::Standby
-                },
-                metrics.current_leader == Some(*id),
-            );
-            if let Some(load) = loads.get(id) {
-                entry.relay_active = load.active;
-                entry.relay_capacity = load.capacity;
-            }
-            members.push(entry);
-        }
-        for (id, entry) in self.reader.nodes()? {
-            if entry.removed && membership.get_node(&id).is_none() {
-                members.push(member(id, &entry.info, MemberRole::Removed, false));
-            }
-        }
-        members.sort_by_key(|member| member.node_id);
-        Ok(members)
-    }
-}
-
-fn member(node_id: u64, node: &NodeInfo, role: MemberRole, is_leader: bool) -> Member {
-    Member {
-        node_id,
-        peer_id: node.peer_id.clone(),
-        cluster_addr: node.cluster_addr.clone(),
-        leaf_addr: node.leaf_addr.clone(),
-        admin_addr: node.admin_addr.clone(),
-        role: role as i32,
-        is_leader,
-        relay_active: 0,
-        relay_capacity: 0,
-    }
-}
-
 /// The bound addresses of a running node.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {
@@ -216,25 +89,51 @@ pub struct Endpoints {
     pub stun: Option<SocketAddr>,
 }
 
+/// How long [`RunningNode::shutdown`] waits for the node's tasks (servers draining, sessions, deliveries)
+/// before it stops Raft anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Handle on a running node.
 pub struct RunningNode {
     pub endpoints: Endpoints,
-    pub context: Arc<Context>,
+    /// This node's replica (proposals, reads, the member view), for embedding programs and tests.
+    pub replica: Replica,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl RunningNode {
-    /// Stops the node: servers drain, Raft stops, storage closes. Returns when everything finished.
+    /// Stops the node: servers drain, sessions end, Raft stops, storage closes. Waits up to [`SHUTDOWN_GRACE`]
+    /// for the node's tasks, then stops Raft regardless (a task still running is logged with the count).
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
-        self.tasks.wait().await;
-        if let Some(raft) = self.context.raft.get() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                still_running = self.tasks.len(),
+                grace = ?SHUTDOWN_GRACE,
+                "tasks did not end within the shutdown grace; stopping raft anyway"
+            );
+        }
+        if let Ok(raft) = self.replica.raft() {
             if let Err(error) = raft.shutdown().await {
                 tracing::warn!(%error, "raft shutdown failed");
             }
         }
+    }
+
+    /// Tasks of the node still running (servers, sessions, deliveries, timed jobs); 0 once `shutdown` returned
+    /// within its grace. For tests that check nothing outlives the node.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// A handle on the node's task tracker, to see that every task ended after `shutdown`.
+    pub fn task_tracker(&self) -> TaskTracker {
+        self.tasks.clone()
     }
 
     /// A token that stops the node when cancelled.
@@ -334,7 +233,7 @@ async fn bind_leaf(
             addr: config.leaf_listen,
             source,
         })?;
-        match crate::stun::bind(addr) {
+        match crate::udp::stun::bind(addr) {
             Ok(socket) => return Ok((listener, Some(socket))),
             Err(source)
                 if source.kind() == std::io::ErrorKind::AddrInUse
@@ -453,30 +352,38 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         admin_addr: advertised(&config.advertise_host, endpoints.admin),
     };
 
-    let (adopt_tx, adopt_rx) = mpsc::channel(ADOPT_QUEUE);
+    let (adoption, adopt_rx) = Adoption::new();
     let clients = ClusterClients::new(tls.material());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let forwarder = Forwarder::spawn(clients.clone(), shutdown.clone(), &tasks);
-    let context = Arc::new(Context {
+    let events = EventLog::default();
+    let reader = StateReader::new(db.clone());
+    let replica = Replica::new(reader.clone(), clients.clone(), forwarder);
+    let sessions = SessionRegistry::default();
+    let relay = Relay::new(
+        crate::udp::RelayConfig {
+            enabled: config.relay.enabled && stun_socket.is_some(),
+            ..config.relay
+        },
+        me.leaf_addr.clone(),
+    );
+    let (router, drain_requests) = Router::new(
+        replica.clone(),
+        sessions.clone(),
+        clients.clone(),
+        relay.clone(),
+        Links::new(tasks.clone(), shutdown.clone()),
+    );
+    let membership_ops = Membership::new(replica.clone(), clients.clone());
+    let leaf_state = Arc::new(LeafState {
         config: config.clone(),
-        keypair,
         me: me.clone(),
-        reader: StateReader::new(db.clone()),
-        clients,
-        sessions: SessionRegistry::default(),
-        deliveries: Default::default(),
-        forwarder,
-        events: EventLog::default(),
+        replica: replica.clone(),
+        router: router.clone(),
+        sessions,
+        events: events.clone(),
         tasks: tasks.clone(),
-        raft: OnceLock::new(),
-        adopt_tx,
-        relay: Arc::new(std::sync::Mutex::new(crate::relay::RelayTable::new(
-            crate::relay::RelayConfig {
-                enabled: config.relay.enabled && stun_socket.is_some(),
-                ..config.relay
-            },
-        ))),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -492,7 +399,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_service(health_service.clone())
         .add_service(crate::leaf::service(
-            context.clone(),
+            leaf_state.clone(),
             shutdown.clone(),
             tasks.clone(),
         ))
@@ -504,12 +411,18 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .max_concurrent_streams(Some(MAX_CLUSTER_STREAMS_PER_CONNECTION))
         .add_service(health_service.clone())
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            vesper_proto::v1::cluster_server::ClusterServer::new(
-                crate::cluster::ClusterService::new(context.clone()),
-            )
+            vesper_proto::v1::cluster_server::ClusterServer::new(crate::cluster::ClusterService {
+                replica: replica.clone(),
+                router: router.clone(),
+                membership: membership_ops.clone(),
+                adoption,
+                me: me.clone(),
+                tasks: tasks.clone(),
+                shutdown: shutdown.clone(),
+            })
             .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
-            crate::roles::Gate::cluster(context.reader.clone()),
+            crate::roles::Gate::cluster(reader.clone()),
         ))
         .serve_with_incoming_shutdown(
             incoming(cluster_listener, Port::Mutual),
@@ -520,8 +433,8 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         .add_service(health_service)
         .add_service(
             vesper_proto::v1::admin_server::AdminServer::with_interceptor(
-                crate::admin::AdminService::new(context.clone()),
-                crate::roles::Gate::admin(context.reader.clone()),
+                crate::admin::AdminService::new(replica.clone(), membership_ops, me.clone()),
+                crate::roles::Gate::admin(reader.clone()),
             ),
         )
         .serve_with_incoming_shutdown(
@@ -559,7 +472,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     .map_err(io_error("cannot write endpoints", &endpoints_path))?;
 
     if let Some(socket) = stun_socket {
-        let port = crate::stun::spawn(socket, config.stun, context.relay.clone(), shutdown.clone())
+        let port = crate::udp::stun::spawn(socket, config.stun, relay.table(), shutdown.clone())
             .map_err(|source| NodeError::Bind {
                 what: "stun port (its thread did not start)",
                 addr: endpoints.leaf,
@@ -569,43 +482,61 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     }
     tasks.spawn(reload_tls(
         tls.clone(),
-        context.clients.clone(),
+        clients.clone(),
         Duration::from_millis(config.tls_reload_interval_ms),
         shutdown.clone(),
     ));
-    tasks.spawn(crate::leaf::expiry::run(context.clone(), shutdown.clone()));
-    tasks.spawn(crate::relay::report_load(context.clone(), shutdown.clone()));
-    let membership = Membership {
-        context: context.clone(),
+    tasks.spawn(crate::leader::expiry::run(
+        replica.clone(),
+        Duration::from_millis(config.host_expiry_ms),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::udp::load::report(
+        replica.clone(),
+        relay,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::leaf::messaging::run_drains(
+        leaf_state,
+        drain_requests,
+        shutdown.clone(),
+    ));
+    let start_up = StartUp {
+        config: config.clone(),
+        me,
+        replica: replica.clone(),
+        clients,
+        events,
         db,
         health,
         data_dir,
         shutdown: shutdown.clone(),
     };
-    tasks.spawn(membership.run(adopt_rx));
+    tasks.spawn(start_up.run(adopt_rx));
 
     Ok(RunningNode {
         endpoints,
-        context,
+        replica,
         shutdown,
         tasks,
     })
 }
 
 /// The task that gets the node into a cluster and starts Raft.
-struct Membership {
-    context: Arc<Context>,
+struct StartUp {
+    config: Config,
+    me: NodeInfo,
+    replica: Replica,
+    clients: ClusterClients,
+    events: EventLog,
     db: Arc<DB>,
     health: HealthReporter,
     data_dir: PathBuf,
     shutdown: CancellationToken,
 }
 
-impl Membership {
-    async fn run(
-        self,
-        mut adopt_rx: mpsc::Receiver<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
-    ) {
+impl StartUp {
+    async fn run(self, mut adopt_rx: AdoptRequests) {
         let result = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return,
@@ -619,22 +550,18 @@ impl Membership {
         }
     }
 
-    async fn enter(
-        &self,
-        adopt_rx: &mut mpsc::Receiver<(u64, oneshot::Sender<Result<(), ServiceError>>)>,
-    ) -> Result<(), NodeError> {
+    async fn enter(&self, adopt_rx: &mut AdoptRequests) -> Result<(), NodeError> {
         if let Some(node_id) = read_node_id(&self.data_dir)? {
             tracing::info!(node_id, "resuming as a cluster member");
             return self.start_raft(node_id).await;
         }
-        match self.context.config.start.clone() {
+        match self.config.start.clone() {
             StartMode::Bootstrap => {
                 let node_id = 1;
                 self.persist_node_id(node_id)?;
                 self.start_raft(node_id).await?;
-                let raft = self.context.raft().expect("raft was just started");
-                let members =
-                    std::collections::BTreeMap::from([(node_id, self.context.me.clone())]);
+                let raft = self.replica.raft().expect("raft was just started");
+                let members = std::collections::BTreeMap::from([(node_id, self.me.clone())]);
                 match raft.initialize(members).await {
                     Ok(()) => tracing::info!(node_id, "bootstrapped a new cluster"),
                     Err(error) => return Err(NodeError::Raft(error.to_string())),
@@ -647,9 +574,9 @@ impl Membership {
             }
             StartMode::Idle => {
                 tracing::info!(
-                    cluster_addr = %self.context.me.cluster_addr,
+                    cluster_addr = %self.me.cluster_addr,
                     "waiting to be added to a cluster: vesperctl add-standby {}",
-                    self.context.me.cluster_addr
+                    self.me.cluster_addr
                 );
                 let Some((node_id, reply)) = adopt_rx.recv().await else {
                     return Ok(());
@@ -670,14 +597,14 @@ impl Membership {
 
     /// Asks the member at `seed` to register us; retries with backoff until it answers.
     async fn join(&self, seed: &str) -> Result<u64, NodeError> {
-        let me = &self.context.me;
+        let me = &self.me;
         let mut backoff = Backoff::new(
             std::time::Duration::from_millis(100),
             std::time::Duration::from_secs(5),
         );
         loop {
             let attempt = async {
-                let mut client = self.context.clients.client(seed)?;
+                let mut client = self.clients.client(seed)?;
                 let request = JoinRequest {
                     node: Some(NodeDescriptor {
                         peer_id: me.peer_id.clone(),
@@ -711,19 +638,18 @@ impl Membership {
     }
 
     async fn start_raft(&self, node_id: u64) -> Result<(), NodeError> {
-        let raft_config = raft_config(&self.context.config)?;
-        let state_machine =
-            StateMachine::open_with_events(self.db.clone(), self.context.events.clone())?;
+        let raft_config = raft_config(&self.config)?;
+        let state_machine = StateMachine::open_with_events(self.db.clone(), self.events.clone())?;
         let raft = VesperRaft::new(
             node_id,
             raft_config,
-            Network::new(self.context.clients.clone()),
+            Network::new(self.clients.clone()),
             LogStore::new(self.db.clone()),
             state_machine,
         )
         .await
         .map_err(|error| NodeError::Raft(error.to_string()))?;
-        if self.context.raft.set(raft).is_err() {
+        if self.replica.set_raft(raft).is_err() {
             return Err(NodeError::Raft("raft was started twice".into()));
         }
         self.health

@@ -316,7 +316,7 @@ async fn t60_a_super_peer_refuses_sends_past_1024_or_4_mib_of_payload_in_flight(
     };
     assert_eq!(message.id, "m66");
     let ack = client_frame::Frame::MessageAck(MessageAck {
-        message_id: message.id,
+        delivery_id: message.delivery_id,
     });
     alice
         .outbound
@@ -790,7 +790,7 @@ async fn t60_sends_queued_together_travel_as_one_batch_across_super_peers() -> a
     assert_eq!(payloads, (0..63u8).collect::<Vec<_>>());
     assert!(batch.messages.iter().all(|m| m.from == alice_id));
     let acks = MessageAcks {
-        message_ids: batch.messages.iter().map(|m| m.id.clone()).collect(),
+        delivery_ids: batch.messages.iter().map(|m| m.delivery_id).collect(),
     };
     bob.outbound
         .send(ClientFrame {
@@ -838,7 +838,7 @@ async fn t60_sends_queued_together_travel_as_one_batch_across_super_peers() -> a
             .outbound
             .send(ClientFrame {
                 frame: Some(client_frame::Frame::MessageAck(MessageAck {
-                    message_id: message.id,
+                    delivery_id: message.delivery_id,
                 })),
             })
             .await?;
@@ -894,5 +894,127 @@ async fn t60_a_session_without_keepalives_expires_after_ttl_plus_grace() -> anyh
         "expired before the TTL: {took:?}"
     );
     drop(silent);
+    Ok(())
+}
+
+/// One send from a raw session, with a message id of the test's choosing.
+fn send_frame(request_id: u64, to: &str, id: &str, payload: &[u8]) -> ClientFrame {
+    ClientFrame {
+        frame: Some(client_frame::Frame::Send(SendFrame {
+            request_id,
+            message: Some(SendMessageRequest {
+                to: to.to_string(),
+                id: id.to_string(),
+                kind: "note".into(),
+                payload: payload.to_vec(),
+            }),
+        })),
+    }
+}
+
+/// The next message pushed into a raw session (a lone message or the first of a batch is all these sends make).
+async fn next_pushed(
+    session: &mut vesper_tests::raw::RawSession,
+) -> anyhow::Result<vesper_proto::v1::Message> {
+    match next_frame(session).await? {
+        server_frame::Frame::Message(message) => Ok(message),
+        server_frame::Frame::MessageBatch(mut batch) if batch.messages.len() == 1 => {
+            Ok(batch.messages.remove(0))
+        }
+        other => anyhow::bail!("expected a message, got {other:?}"),
+    }
+}
+
+/// Two senders (on different super peers) pick the same message id toward one recipient, and both messages are
+/// in flight at once: the recipient's super peer keys its wait for each acknowledgement by the delivery id it
+/// gave the push, so both are delivered once, both senders hear "delivered", and nothing reaches the mailbox.
+/// (Keyed by message id, the second push took the first one's slot: that sender heard "queued" and the message
+/// came again from the mailbox at the next attach.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_two_senders_using_one_message_id_toward_one_recipient_are_both_delivered_once(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start(2, options(&[])).await?;
+    let observer = cluster.leaf(0).await?;
+    let raw = |node: usize, keypair: Keypair| {
+        let address = cluster.nodes[node].endpoints().leaf.to_string();
+        let ca = cluster.pki.ca_pem();
+        async move {
+            let channel = vesper_tests::raw::channel(&address, &ca).await?;
+            let signing = vesper_tests::raw::Signing::Valid;
+            anyhow::Ok(vesper_tests::raw::open(channel, &keypair, signing).await?)
+        }
+    };
+    let (alice_key, bob_key, carol_key) = (
+        Keypair::generate(),
+        Keypair::generate(),
+        Keypair::generate(),
+    );
+    let (alice_id, bob_id, carol_id) = (
+        alice_key.peer_id().to_string(),
+        bob_key.peer_id().to_string(),
+        carol_key.peer_id(),
+    );
+    let mut alice = raw(0, alice_key).await?;
+    let mut bob = raw(1, bob_key).await?;
+    let mut carol = raw(0, carol_key.clone()).await?;
+    assert_eq!(
+        status_of(&observer, &carol_id).await?,
+        PresenceStatus::Online as i32
+    );
+
+    // Alice (same super peer as carol) and bob (the other one) both send id "same"; carol holds her
+    // acknowledgements until both pushes arrived, so both wait for an acknowledgement at the same time.
+    let to = carol_id.to_string();
+    alice
+        .outbound
+        .send(send_frame(1, &to, "same", b"from alice"))
+        .await?;
+    bob.outbound
+        .send(send_frame(1, &to, "same", b"from bob"))
+        .await?;
+    let first = next_pushed(&mut carol).await?;
+    let second = next_pushed(&mut carol).await?;
+    let mut senders = [first.from.clone(), second.from.clone()];
+    senders.sort();
+    let mut expected = [alice_id.clone(), bob_id.clone()];
+    expected.sort();
+    assert_eq!(senders, expected, "one push from each sender");
+    assert!(first.id == "same" && second.id == "same");
+    assert!(!first.from_mailbox && !second.from_mailbox);
+    assert_ne!(first.delivery_id, second.delivery_id);
+    carol
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::MessageAcks(MessageAcks {
+                delivery_ids: vec![first.delivery_id, second.delivery_id],
+            })),
+        })
+        .await?;
+
+    // Both senders hear "delivered".
+    for (name, sender) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let server_frame::Frame::SendResult(result) = next_frame(sender).await? else {
+            anyhow::bail!("expected {name}'s send result");
+        };
+        assert_eq!(
+            (result.request_id, result.error_code, result.delivered),
+            (1, 0, true),
+            "{name}: {result:?}"
+        );
+    }
+
+    // Nothing waits in carol's mailbox: a new session of hers gets the next message first, not a drained copy.
+    drop(carol);
+    let mut carol = raw(0, carol_key).await?;
+    alice
+        .outbound
+        .send(send_frame(2, &to, "after", b"after"))
+        .await?;
+    let next = next_pushed(&mut carol).await?;
+    assert_eq!(
+        (next.id.as_str(), next.from_mailbox),
+        ("after", false),
+        "{next:?}"
+    );
     Ok(())
 }

@@ -96,13 +96,13 @@ impl Stream for Outgoing {
                 }
             }
             Some(client_frame::Frame::MessageAck(ack)) => {
-                let mut ids = vec![ack.message_id];
-                // Ids are at most 64 bytes: a full run is a few KiB.
+                let mut ids = vec![ack.delivery_id];
+                // Delivery ids are 8 bytes each: a full run is well under a KiB.
                 while ids.len() < MAX_BATCH_MESSAGES {
                     match this.ready() {
                         Some(ClientFrame {
                             frame: Some(client_frame::Frame::MessageAck(next)),
-                        }) => ids.push(next.message_id),
+                        }) => ids.push(next.delivery_id),
                         Some(other) => {
                             this.held = Some(other);
                             break;
@@ -111,9 +111,11 @@ impl Stream for Outgoing {
                     }
                 }
                 match <[_; 1]>::try_from(ids) {
-                    Ok([message_id]) => client_frame::Frame::MessageAck(MessageAck { message_id }),
-                    Err(message_ids) => {
-                        client_frame::Frame::MessageAcks(MessageAcks { message_ids })
+                    Ok([delivery_id]) => {
+                        client_frame::Frame::MessageAck(MessageAck { delivery_id })
+                    }
+                    Err(delivery_ids) => {
+                        client_frame::Frame::MessageAcks(MessageAcks { delivery_ids })
                     }
                 }
             }
@@ -143,11 +145,9 @@ mod tests {
         }
     }
 
-    fn ack(id: &str) -> ClientFrame {
+    fn ack(delivery_id: u64) -> ClientFrame {
         ClientFrame {
-            frame: Some(client_frame::Frame::MessageAck(MessageAck {
-                message_id: id.into(),
-            })),
+            frame: Some(client_frame::Frame::MessageAck(MessageAck { delivery_id })),
         }
     }
 
@@ -166,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_merges_until_the_super_peer_takes_batches() {
         let (tx, rx) = mpsc::channel(256);
-        let queued = [send(1, 10), send(2, 10), ack("a"), ack("b")];
+        let queued = [send(1, 10), send(2, 10), ack(1), ack(2)];
         for frame in queued.clone() {
             tx.send(frame).await.unwrap();
         }
@@ -193,8 +193,8 @@ mod tests {
             send(1, 10),
             send(2, 10),
             ping(),
-            ack("a"),
-            ack("b"),
+            ack(1),
+            ack(2),
             send(3, 10),
         ] {
             tx.send(frame).await.unwrap();
@@ -211,7 +211,7 @@ mod tests {
         assert_eq!(
             frames[2].frame,
             Some(client_frame::Frame::MessageAcks(MessageAcks {
-                message_ids: vec!["a".into(), "b".into()]
+                delivery_ids: vec![1, 2]
             }))
         );
         // A lone send stays a plain SendFrame.

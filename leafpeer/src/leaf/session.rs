@@ -390,7 +390,8 @@ fn send_done(shared: &Shared, results: Vec<SendResult>) {
 async fn receive(shared: &Shared, connection: &Connection, messages: Vec<Message>) -> bool {
     let mut ids = Vec::with_capacity(messages.len());
     for message in messages {
-        ids.push(message.id.clone());
+        // Acknowledged by the id its super peer gave this push; the seen-set below is keyed by sender and id.
+        ids.push(message.delivery_id);
         let first = shared
             .seen
             .lock()
@@ -413,9 +414,9 @@ async fn receive(shared: &Shared, connection: &Connection, messages: Vec<Message
             }
         }
     }
-    let frame = match <[String; 1]>::try_from(ids) {
-        Ok([message_id]) => client_frame::Frame::MessageAck(MessageAck { message_id }),
-        Err(message_ids) => client_frame::Frame::MessageAcks(MessageAcks { message_ids }),
+    let frame = match <[u64; 1]>::try_from(ids) {
+        Ok([delivery_id]) => client_frame::Frame::MessageAck(MessageAck { delivery_id }),
+        Err(delivery_ids) => client_frame::Frame::MessageAcks(MessageAcks { delivery_ids }),
     };
     connection
         .outbound

@@ -2,10 +2,6 @@
 //! other). Read calls answer from the local replica; membership changes run on the leader (a follower forwards
 //! the call to the leader's Cluster service, see `membership::on_leader`).
 
-pub mod membership;
-
-use std::sync::Arc;
-
 use openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::admin_server::Admin;
@@ -24,23 +20,32 @@ use vesper_proto::v1::{
 
 use vesper_proto::acl::NamespaceAcl;
 
+use crate::command::NodeInfo;
 use crate::error::ServiceError;
-use crate::node::Context;
+use crate::membership::{self, Membership};
+use crate::replica::Replica;
 
 pub struct AdminService {
-    context: Arc<Context>,
+    replica: Replica,
+    membership: Membership,
+    /// This node's identity and addresses, for `Status`.
+    me: NodeInfo,
 }
 
 impl AdminService {
-    pub fn new(context: Arc<Context>) -> Self {
-        Self { context }
+    pub fn new(replica: Replica, membership: Membership, me: NodeInfo) -> Self {
+        Self {
+            replica,
+            membership,
+            me,
+        }
     }
 }
 
 /// Runs the Admin membership call `$request` on the leader and unwraps the reply of the same kind.
 macro_rules! on_leader {
     ($self:ident, $request:ident, $kind:ident) => {
-        match membership::on_leader(&$self.context, Call::$kind($request.into_inner())).await? {
+        match membership::on_leader(&$self.membership, Call::$kind($request.into_inner())).await? {
             Reply::$kind(reply) => Ok(Response::new(reply)),
             other => Err(Status::internal(format!(
                 "the leader answered a {} call with {other:?}",
@@ -56,8 +61,8 @@ impl Admin for AdminService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let context = &self.context;
-        let Ok(raft) = context.raft() else {
+        let context = self;
+        let Ok(raft) = context.replica.raft() else {
             // An idle node still answers, so operators can see it is waiting to be added.
             return Ok(Response::new(StatusResponse {
                 peer_id: context.me.peer_id.clone(),
@@ -66,7 +71,8 @@ impl Admin for AdminService {
             }));
         };
         let metrics = raft.metrics().borrow_watched().clone();
-        let index = |log_id: &Option<crate::raft::LogId>| log_id.as_ref().map_or(0, |id| id.index);
+        let index =
+            |log_id: &Option<crate::raft_types::LogId>| log_id.as_ref().map_or(0, |id| id.index);
         Ok(Response::new(StatusResponse {
             node_id: *raft.node_id(),
             peer_id: context.me.peer_id.clone(),
@@ -77,7 +83,7 @@ impl Admin for AdminService {
             raft_state: format!("{:?}", metrics.state).to_lowercase(),
             purged_index: index(&metrics.purged),
             snapshot_index: index(&metrics.snapshot),
-            members: context.members()?,
+            members: context.replica.members()?,
         }))
     }
 
@@ -85,10 +91,10 @@ impl Admin for AdminService {
         &self,
         _request: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.replica.raft()?;
         let metrics = raft.metrics().borrow_watched().clone();
         Ok(Response::new(MembersResponse {
-            members: self.context.members()?,
+            members: self.replica.members()?,
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
             applied_index: metrics.last_applied.as_ref().map_or(0, |id| id.index),
@@ -146,8 +152,8 @@ impl Admin for AdminService {
                 ))
             })?;
         let (_, log_index) = self
-            .context
-            .propose_accepted(crate::raft::command::Op::RevokeCertificate { fingerprint })
+            .replica
+            .propose_accepted(crate::command::Op::RevokeCertificate { fingerprint })
             .await?;
         tracing::info!(
             fingerprint = %data_encoding::HEXLOWER.encode(&fingerprint),
@@ -171,12 +177,12 @@ impl Admin for AdminService {
         } else {
             Some(NamespaceAcl::from_proto(&proto).map_err(ServiceError::from)?)
         };
-        let op = crate::raft::command::Op::SetNamespaceAcl {
+        let op = crate::command::Op::SetNamespaceAcl {
             namespace: proto.namespace.clone(),
             acl,
         };
         tracing::info!(op = ?op, "namespace acl");
-        let (_, log_index) = self.context.propose_accepted(op).await?;
+        let (_, log_index) = self.replica.propose_accepted(op).await?;
         Ok(Response::new(SetNamespaceAclResponse { log_index }))
     }
 
@@ -185,10 +191,10 @@ impl Admin for AdminService {
         _request: Request<ListNamespaceAclsRequest>,
     ) -> Result<Response<ListNamespaceAclsResponse>, Status> {
         let applied_index = self
-            .context
+            .replica
             .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
             .await?;
-        let reader = self.context.reader.clone();
+        let reader = self.replica.reader().clone();
         let acls = crate::store::blocking(move || crate::store::records::acls(reader.db()))
             .await
             .map_err(ServiceError::from)?;

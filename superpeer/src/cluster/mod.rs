@@ -3,7 +3,8 @@
 
 pub mod deliver;
 
-use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
@@ -14,49 +15,32 @@ use vesper_proto::v1::{
     PushPlanRequest, PushPlanResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 
-use crate::admin::membership;
+use crate::command::{Command, NodeInfo};
 use crate::error::ServiceError;
-use crate::node::Context;
+use crate::membership::{node_info, Adoption, Membership};
 use crate::raft::codec;
-use crate::raft::command::{Command, NodeInfo};
 use crate::raft::{forward, propose};
-use crate::raft::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::raft_types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::replica::Replica;
+use crate::router::Router;
 
+/// The Cluster service of one node, holding the handles its calls use.
 pub struct ClusterService {
-    context: Arc<Context>,
+    pub replica: Replica,
+    pub router: Router,
+    pub membership: Membership,
+    pub adoption: Adoption,
+    /// This node's identity and addresses, for `Describe` and `Adopt`.
+    pub me: NodeInfo,
+    /// Tasks of delivery streams from other members, ended at shutdown.
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
 }
 
 impl ClusterService {
-    pub fn new(context: Arc<Context>) -> Self {
-        Self { context }
+    fn raft(&self) -> Result<&crate::raft::VesperRaft, ServiceError> {
+        self.replica.raft()
     }
-}
-
-/// Converts a descriptor from the wire, checking that its peer id is well formed.
-pub fn node_info(descriptor: Option<NodeDescriptor>) -> Result<NodeInfo, ServiceError> {
-    let descriptor =
-        descriptor.ok_or_else(|| ServiceError::BadField("node descriptor is missing".into()))?;
-    descriptor
-        .peer_id
-        .parse::<vesper_proto::PeerId>()
-        .map_err(|error| ServiceError::BadField(format!("peer id: {error}")))?;
-    for (field, address) in [
-        ("cluster_addr", &descriptor.cluster_addr),
-        ("leaf_addr", &descriptor.leaf_addr),
-        ("admin_addr", &descriptor.admin_addr),
-    ] {
-        if !address.contains(':') {
-            return Err(ServiceError::BadField(format!(
-                "{field} {address:?} must be host:port"
-            )));
-        }
-    }
-    Ok(NodeInfo {
-        peer_id: descriptor.peer_id,
-        cluster_addr: descriptor.cluster_addr,
-        leaf_addr: descriptor.leaf_addr,
-        admin_addr: descriptor.admin_addr,
-    })
 }
 
 #[tonic::async_trait]
@@ -65,7 +49,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.raft()?;
         let rpc = codec::from_payload("append entries", request.get_ref())?;
         let result = raft.append_entries(rpc).await;
         Ok(Response::new(codec::payload(
@@ -75,7 +59,7 @@ impl Cluster for ClusterService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.raft()?;
         let rpc = codec::from_payload("vote", request.get_ref())?;
         let result = raft.vote(rpc).await;
         Ok(Response::new(codec::payload("vote result", &result)?))
@@ -85,7 +69,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.raft()?;
         let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) =
             codec::from_payload("snapshot", request.get_ref())?;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installing snapshot from the leader");
@@ -105,7 +89,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.raft()?;
         let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> =
             codec::from_payload("transfer leader", request.get_ref())?;
         let result = raft.handle_transfer_leader(rpc).await;
@@ -119,7 +103,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeResponse>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.raft()?;
         let request = request.into_inner();
         let mut commands = Vec::with_capacity(request.commands.len());
         for bytes in &request.commands {
@@ -147,7 +131,7 @@ impl Cluster for ClusterService {
         &self,
         _request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
-        let raft = self.context.raft()?;
+        let raft = self.raft()?;
         let read_index = propose::local_read_index(raft).await?;
         Ok(Response::new(ReadIndexResponse { read_index }))
     }
@@ -159,8 +143,14 @@ impl Cluster for ClusterService {
         request: Request<tonic::Streaming<DeliverCall>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
         let caller = crate::roles::caller_fingerprint(&request)?;
+        let serving = deliver::Serving {
+            router: self.router.clone(),
+            reader: self.replica.reader().clone(),
+            tasks: self.tasks.clone(),
+            shutdown: self.shutdown.clone(),
+        };
         Ok(Response::new(deliver::serve(
-            self.context.clone(),
+            serving,
             request.into_inner(),
             caller,
         )))
@@ -174,16 +164,16 @@ impl Cluster for ClusterService {
             .into_inner()
             .call
             .ok_or_else(|| ServiceError::BadField("membership call is empty".into()))?;
-        let reply = membership::run_forwarded(&self.context, call).await?;
+        let reply = crate::membership::run_forwarded(&self.membership, call).await?;
         Ok(Response::new(MembershipReply { reply: Some(reply) }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let node = node_info(request.into_inner().node)?;
-        let node_id = membership::register_standby(&self.context, node).await?;
+        let node_id = crate::membership::register_standby(&self.membership, node).await?;
         Ok(Response::new(JoinResponse {
             node_id,
-            members: self.context.members().unwrap_or_default(),
+            members: self.membership.members().unwrap_or_default(),
         }))
     }
 
@@ -191,7 +181,7 @@ impl Cluster for ClusterService {
         &self,
         _request: Request<DescribeRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
-        let me = &self.context.me;
+        let me = &self.me;
         Ok(Response::new(DescribeResponse {
             node: Some(NodeDescriptor {
                 peer_id: me.peer_id.clone(),
@@ -199,7 +189,7 @@ impl Cluster for ClusterService {
                 leaf_addr: me.leaf_addr.clone(),
                 admin_addr: me.admin_addr.clone(),
             }),
-            node_id: self.context.node_id().unwrap_or(0),
+            node_id: self.replica.node_id().unwrap_or(0),
         }))
     }
 
@@ -208,23 +198,23 @@ impl Cluster for ClusterService {
         request: Request<AdoptRequest>,
     ) -> Result<Response<AdoptResponse>, Status> {
         let request = request.into_inner();
-        if request.peer_id != self.context.me.peer_id {
+        if request.peer_id != self.me.peer_id {
             return Err(ServiceError::Precondition(format!(
                 "adoption is for {}, but this node is {}",
-                request.peer_id, self.context.me.peer_id
+                request.peer_id, self.me.peer_id
             ))
             .into());
         }
         if request.node_id == 0 {
             return Err(ServiceError::BadField("node id 0 is reserved".into()).into());
         }
-        if let Some(current) = self.context.node_id() {
+        if let Some(current) = self.replica.node_id() {
             return Err(ServiceError::Precondition(format!(
                 "this node is already cluster member {current}"
             ))
             .into());
         }
-        self.context.adopt(request.node_id).await?;
+        self.adoption.adopt(request.node_id).await?;
         Ok(Response::new(AdoptResponse {}))
     }
 
@@ -240,25 +230,16 @@ impl Cluster for ClusterService {
         let offer = request
             .offer
             .ok_or_else(|| ServiceError::BadField("offer is missing".into()))?;
-        self.context
-            .sessions
-            .offer(&to, offer, crate::leaf::broker::OFFER_TIMEOUT)
-            .await
-            .map(Response::new)
-            .map_err(|_| {
-                ServiceError::Timeout("the peer's answer to the connection offer").into_status()
-            })
+        Ok(Response::new(self.router.offer_here(&to, offer).await?))
     }
 
     async fn grant_relay(
         &self,
         _request: Request<GrantRelayRequest>,
     ) -> Result<Response<vesper_proto::v1::RelayGrant>, Status> {
-        crate::leaf::broker::local_grant(&self.context)
-            .map(Response::new)
-            .ok_or_else(|| {
-                Status::resource_exhausted("this super peer has no relay allocation to give")
-            })
+        self.router.grant_here().map(Response::new).ok_or_else(|| {
+            Status::resource_exhausted("this super peer has no relay allocation to give")
+        })
     }
 
     async fn push_plan(
@@ -273,7 +254,7 @@ impl Cluster for ClusterService {
         let plan = request
             .plan
             .ok_or_else(|| ServiceError::BadField("plan is missing".into()))?;
-        let pushed = self.context.sessions.push_plan(&to, plan).await;
+        let pushed = self.router.push_plan_here(&to, plan).await;
         Ok(Response::new(PushPlanResponse { pushed }))
     }
 
@@ -287,24 +268,15 @@ impl Cluster for ClusterService {
             .parse()
             .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
         if request.drain_mailbox {
-            let context = self.context.clone();
-            // In the background: the caller (the sender's super peer) must not wait for the whole mailbox.
-            self.context.tasks.spawn(async move {
-                if let Err(error) = crate::leaf::messaging::drain_mailbox(&context, to).await {
-                    tracing::debug!(%error, "mailbox drain on request failed");
-                }
-            });
+            // Queued for this node's drainer: the caller (the sender's super peer) must not wait for the whole
+            // mailbox.
+            self.router.drain_here(to);
             return Ok(Response::new(DeliverResponse { delivered: false }));
         }
         let message = request
             .message
             .ok_or_else(|| ServiceError::BadField("message is missing".into()))?;
-        let delivered = self
-            .context
-            .sessions
-            .deliver_all(&to, vec![message], crate::leaf::messaging::DELIVERY_TIMEOUT)
-            .await
-            == Ok(vec![true]);
+        let delivered = self.router.deliver_here(&to, vec![message]).await == [true];
         Ok(Response::new(DeliverResponse { delivered }))
     }
 }

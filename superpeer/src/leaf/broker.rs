@@ -3,10 +3,10 @@
 //!
 //! ```text
 //!  A ─ConnectPeer(B, A's candidates)─> S_A (broker) ─ B's presence (local replica)
-//!        S_A ─ offer ─> B's session (here, or through Cluster.Offer on B's super peer) ─> B's policy
+//!        S_A ─ Router::offer ─> B's session (here, or through Cluster.Offer on B's super peer) ─> B's policy
 //!        S_A <─ answer (accept + B's candidates | refuse + reason)
 //!        S_A: nonce, roles, relay grant on this node
-//!        S_A ─ plan ─> B (PunchPlan frame, or Cluster.PushPlan)      S_A ─ plan ─> A (the call's answer)
+//!        S_A ─ Router::push_plan ─> B (PunchPlan frame, or Cluster.PushPlan)   S_A ─ plan ─> A (the answer)
 //! ```
 //!
 //! Roles: the QUIC client sends Initial packets, which open its own NAT; the server sends punch datagrams to
@@ -20,24 +20,18 @@
 //! ([`PREDICTION_SOCKETS`] mappings on the hard side, [`PREDICTION_PROBES`] probes to random ports from the easy
 //! side): the chance that no probe lands on a mapping is about (1 - 256/64512)^2048, under 0.1 %.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use vesper_proto::nat::{parse_candidates, NatClass};
 use vesper_proto::v1::{
-    ConnectAnswer, ConnectOffer, ConnectRequest, GrantRelayRequest, MemberRole, OfferRequest,
-    PortPrediction, PunchPlan, PunchRole, PushPlanRequest, RelayGrant,
+    ConnectOffer, ConnectRequest, MemberRole, PortPrediction, PunchPlan, PunchRole, RelayGrant,
 };
 use vesper_proto::PeerId;
 
+use crate::command::PresenceStatus;
 use crate::error::ServiceError;
-use crate::node::Context;
-use crate::raft::command::PresenceStatus;
+use crate::leaf::state::LeafState;
 use crate::store::presence;
 use crate::store::state_machine::{read_relay_loads, RelayLoad};
 
-/// How long the target's library has to answer an offer.
-pub const OFFER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long both sides try a direct path before the relay.
 pub const DIRECT_DEADLINE_MS: u32 = 3000;
 /// The QUIC client dials as soon as its plan arrives and again this long after: on a short path its first
@@ -91,7 +85,7 @@ pub fn needs_prediction(caller: NatClass, target: NatClass) -> bool {
 
 /// Brokers a connection from `from` to the peer named in `request`; returns the caller's plan.
 pub async fn connect(
-    context: &Arc<Context>,
+    context: &LeafState,
     from: PeerId,
     request: ConnectRequest,
 ) -> Result<PunchPlan, ServiceError> {
@@ -107,7 +101,7 @@ pub async fn connect(
     parse_candidates(&request.candidates)
         .map_err(|error| ServiceError::BadField(error.to_string()))?;
     let caller_class = nat_class(&request.nat_class)?;
-    let entry = presence::get(context.reader.db(), to.as_bytes())?
+    let entry = presence::get(context.replica.reader().db(), to.as_bytes())?
         .filter(|entry| entry.status != PresenceStatus::Offline)
         .ok_or_else(|| ServiceError::NotFound(format!("peer {to} is not online")))?;
 
@@ -118,7 +112,7 @@ pub async fn connect(
         candidates: request.candidates.clone(),
         nat_class: caller_class.as_str().to_string(),
     };
-    let answer = offer_to(context, entry.host, &to, offer).await?;
+    let answer = context.router.offer(entry.host, &to, offer).await?;
     if !answer.accept {
         let reason = if answer.reason.is_empty() {
             "no reason given".to_string()
@@ -167,7 +161,7 @@ pub async fn connect(
         relay,
         prediction,
     };
-    if !push_plan_to(context, entry.host, &to, target_plan).await {
+    if !context.router.push_plan(entry.host, &to, target_plan).await {
         return Err(ServiceError::NotFound(format!(
             "peer {to} went away before its plan reached it"
         )));
@@ -175,26 +169,8 @@ pub async fn connect(
     Ok(caller_plan)
 }
 
-/// A relay allocation on this node, if it relays and has room.
-pub fn local_grant(context: &Context) -> Option<RelayGrant> {
-    let grant = context
-        .relay
-        .lock()
-        .expect("relay lock")
-        .grant(Instant::now())?;
-    Some(RelayGrant {
-        address: context.me.leaf_addr.clone(),
-        token: grant.token.to_vec(),
-        max_bytes: grant.max_bytes,
-        max_seconds: grant.max_seconds,
-        max_bytes_per_second: grant.max_bytes_per_second,
-    })
-}
-
 /// How many relays a broker asks before it gives up on a grant.
 const RELAY_TRIES: usize = 3;
-/// How long a broker waits for another node's grant.
-const GRANT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Members in the order a broker should ask them for a relay: least full first (by the replicated load
 /// reports; a node that has not reported counts as empty), this node first among equals (no extra hop), then
@@ -211,11 +187,12 @@ pub fn relay_order(me: Option<u64>, members: &[(u64, Option<RelayLoad>)]) -> Vec
     ranked.into_iter().map(|(_, _, id)| id).collect()
 }
 
-/// Picks the relay by replicated load and gets a grant from it (here, or through `Cluster.GrantRelay`).
-async fn pick_relay(context: &Arc<Context>) -> Option<RelayGrant> {
-    let me = context.node_id();
-    let loads = read_relay_loads(context.reader.db()).unwrap_or_default();
+/// Picks the relay by replicated load and gets a grant from it (here, or from another member).
+async fn pick_relay(context: &LeafState) -> Option<RelayGrant> {
+    let me = context.replica.node_id();
+    let loads = read_relay_loads(context.replica.reader().db()).unwrap_or_default();
     let members: Vec<(u64, Option<RelayLoad>)> = context
+        .replica
         .members()
         .unwrap_or_default()
         .into_iter()
@@ -226,87 +203,15 @@ async fn pick_relay(context: &Arc<Context>) -> Option<RelayGrant> {
     if order.is_empty() {
         order.extend(me);
     }
+    if me.is_none() {
+        return context.router.grant_here();
+    }
     for node_id in order.into_iter().take(RELAY_TRIES) {
-        if Some(node_id) == me || me.is_none() {
-            if let Some(grant) = local_grant(context) {
-                return Some(grant);
-            }
-            continue;
-        }
-        let Some(node) = context.member_info(node_id) else {
-            continue;
-        };
-        let Ok(mut client) = context.clients.client(&node.cluster_addr) else {
-            continue;
-        };
-        let mut request = tonic::Request::new(GrantRelayRequest {});
-        request.set_timeout(GRANT_TIMEOUT);
-        match client.grant_relay(request).await {
-            Ok(grant) => return Some(grant.into_inner()),
-            Err(status) => {
-                tracing::debug!(node_id, %status, "relay grant refused; asking the next relay");
-            }
+        if let Some(grant) = context.router.grant_relay(node_id).await {
+            return Some(grant);
         }
     }
     None
-}
-
-/// Offers on the target's super peer (this one, or another through the Cluster service).
-async fn offer_to(
-    context: &Arc<Context>,
-    host: u64,
-    to: &PeerId,
-    offer: ConnectOffer,
-) -> Result<ConnectAnswer, ServiceError> {
-    let no_answer = || ServiceError::Timeout("the peer's answer to the connection offer");
-    if Some(host) == context.node_id() {
-        return context
-            .sessions
-            .offer(to, offer, OFFER_TIMEOUT)
-            .await
-            .map_err(|_| no_answer());
-    }
-    let node = context
-        .member_info(host)
-        .ok_or_else(|| ServiceError::NotFound(format!("peer {to} is hosted by an unknown node")))?;
-    let mut client = context.clients.peer(&node.cluster_addr)?;
-    let mut request = tonic::Request::new(OfferRequest {
-        to: to.to_string(),
-        offer: Some(offer),
-    });
-    request.set_timeout(OFFER_TIMEOUT + Duration::from_secs(2));
-    client
-        .offer(request)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|status| match status.code() {
-            tonic::Code::DeadlineExceeded => no_answer(),
-            _ => ServiceError::Peer {
-                peer: node.cluster_addr.clone(),
-                status,
-            },
-        })
-}
-
-/// Pushes the target's plan to its super peer (this one, or another through the Cluster service).
-async fn push_plan_to(context: &Arc<Context>, host: u64, to: &PeerId, plan: PunchPlan) -> bool {
-    if Some(host) == context.node_id() {
-        return context.sessions.push_plan(to, plan).await;
-    }
-    let Some(node) = context.member_info(host) else {
-        return false;
-    };
-    let Ok(mut client) = context.clients.client(&node.cluster_addr) else {
-        return false;
-    };
-    client
-        .push_plan(PushPlanRequest {
-            to: to.to_string(),
-            plan: Some(plan),
-        })
-        .await
-        .map(|reply| reply.into_inner().pushed)
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

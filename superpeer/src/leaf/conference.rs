@@ -3,8 +3,8 @@
 use vesper_proto::v1::{ConferenceChat, ConferenceContext, InvitationState, Invitee};
 use vesper_proto::{validate, PeerId};
 
+use crate::command::{ChatEntry, ConferenceEntry, Invitation};
 use crate::error::ServiceError;
-use crate::raft::command::{ChatEntry, ConferenceEntry, Invitation};
 
 /// Longest conference title, in bytes.
 pub const MAX_TITLE_LEN: usize = 256;

@@ -3,7 +3,7 @@
 use vesper_proto::v1::Record;
 use vesper_proto::PeerId;
 
-use crate::raft::command::StoredRecord;
+use crate::command::StoredRecord;
 
 /// Text form of a stored owner key. Owners are written only from authenticated sessions, whose keys were
 /// validated, so the fallback (hex) shows only if storage was tampered with.

@@ -12,19 +12,16 @@
 //! Payloads never go through Raft except while they wait in a mailbox.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus, SendMessageRequest};
 use vesper_proto::{validate, PeerId};
 
+use crate::command::{Op, PeerKey, PresenceEntry, PresenceStatus, StoredMessage};
 use crate::error::ServiceError;
-use crate::node::Context;
-use crate::raft::command::{Op, PeerKey, PresenceEntry, PresenceStatus, StoredMessage};
+use crate::leaf::state::LeafState;
 use crate::raft::propose::now_ms;
 use crate::store::presence;
 
-/// How long a delivery waits for the recipient's acknowledgement before the message goes to the mailbox.
-pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest message id, in bytes.
 pub const MAX_MESSAGE_ID_LEN: usize = 64;
 /// Longest presence note, in bytes.
@@ -46,11 +43,12 @@ pub fn wire_status(status: PresenceStatus) -> WireStatus {
 }
 
 /// Converts a stored presence to its wire form.
-pub fn presence_of(context: &Context, peer: &PeerKey, entry: PresenceEntry) -> Presence {
+pub fn presence_of(context: &LeafState, peer: &PeerKey, entry: PresenceEntry) -> Presence {
     let host_leaf_addr = if entry.host == 0 {
         String::new()
     } else {
         context
+            .replica
             .member_info(entry.host)
             .map(|node| node.leaf_addr)
             .unwrap_or_default()
@@ -83,7 +81,7 @@ fn stored(message: &Message, from: &PeerId) -> StoredMessage {
 /// Checks a send from session `session` of `from` (rate, recipient, id, kind, payload) and carries it out.
 /// The unary `SendMessage` call; sends on the session stream go through [`check`] and [`send_all`] in batches.
 pub async fn send_checked(
-    context: &Arc<Context>,
+    context: &LeafState,
     from: PeerId,
     session: u64,
     request: SendMessageRequest,
@@ -121,7 +119,7 @@ impl Origin {
 /// Checks one send from `origin` (rate, recipient, id, kind, payload): the recipient and the message as it will
 /// be delivered.
 pub fn check(
-    context: &Context,
+    context: &LeafState,
     origin: &Origin,
     request: SendMessageRequest,
 ) -> Result<(PeerId, Message), tonic::Status> {
@@ -156,6 +154,7 @@ pub fn check(
         payload: request.payload,
         sent_at_ms: origin.at_ms,
         from_mailbox: false,
+        delivery_id: 0,
     };
     Ok((to, message))
 }
@@ -163,13 +162,13 @@ pub fn check(
 /// Delivers `messages` from `from` to `to`, in order: directly, pushed together, when `to` is attached
 /// somewhere; each one that was not acknowledged goes into its mailbox. One fate per message.
 pub async fn send_all(
-    context: &Arc<Context>,
+    context: &LeafState,
     from: &PeerId,
     to: &PeerId,
     messages: Vec<Message>,
 ) -> Vec<Result<Fate, ServiceError>> {
     let count = messages.len();
-    let entry = match presence::get(context.reader.db(), to.as_bytes()) {
+    let entry = match presence::get(context.replica.reader().db(), to.as_bytes()) {
         Ok(entry) => entry,
         Err(error) => {
             // The mailbox path reads presence again and reports its error for each message.
@@ -178,12 +177,12 @@ pub async fn send_all(
         }
     };
     let delivered = match entry.filter(|entry| entry.status != PresenceStatus::Offline) {
-        Some(entry) if Some(entry.host) == context.node_id() => context
-            .sessions
-            .deliver_all(to, messages.clone(), DELIVERY_TIMEOUT)
-            .await
-            .unwrap_or_default(),
-        Some(entry) => deliver_remote(context, entry.host, to, messages.clone()).await,
+        Some(entry) => {
+            context
+                .router
+                .deliver(entry.host, to, messages.clone())
+                .await
+        }
         None => Vec::new(),
     };
     let mut fates = Vec::with_capacity(count);
@@ -199,7 +198,7 @@ pub async fn send_all(
 
 /// Puts `message` into `to`'s mailbox (a retry of a message already there is not queued twice).
 async fn queue(
-    context: &Arc<Context>,
+    context: &LeafState,
     from: &PeerId,
     to: &PeerId,
     message: &Message,
@@ -208,7 +207,7 @@ async fn queue(
     // refuses without a Raft round; apply checks again in log order.
     let message = stored(message, from);
     let quota = context.config.mailbox_quota;
-    let queued = presence::mailbox(context.reader.db(), to.as_bytes(), now_ms())?;
+    let queued = presence::mailbox(context.replica.reader().db(), to.as_bytes(), now_ms())?;
     if presence::mailbox_admits(
         queued.iter().map(|(_, item)| &item.message),
         &message,
@@ -222,76 +221,28 @@ async fn queue(
         expires_at_ms: now_ms() + context.config.mailbox_ttl_ms,
         quota,
     };
-    context.propose_accepted(op).await?;
+    context.replica.propose_accepted(op).await?;
     // The recipient may have attached (and drained its mailbox) while this message was being queued:
     // if it is online now, have its super peer drain again, so the message does not wait for the next
     // attach. A double drain is harmless: the library delivers each message id once.
-    let now = presence::get(context.reader.db(), to.as_bytes())?;
+    let now = presence::get(context.replica.reader().db(), to.as_bytes())?;
     if let Some(entry) = now.filter(|entry| entry.status != PresenceStatus::Offline) {
-        poke_drain(context, entry.host, to).await;
+        context.router.drain(entry.host, to).await;
     }
     Ok(Fate::Queued)
-}
-
-/// Asks super peer `host` (maybe this one) to push `to`'s mailbox into its session.
-async fn poke_drain(context: &Arc<Context>, host: u64, to: &PeerId) {
-    if Some(host) == context.node_id() {
-        let (context_owned, to) = (context.clone(), *to);
-        context.tasks.spawn(async move {
-            let _ = drain_mailbox(&context_owned, to).await;
-        });
-        return;
-    }
-    let Some(node) = context.member_info(host) else {
-        return;
-    };
-    if let Ok(mut client) = context.clients.client(&node.cluster_addr) {
-        let request = vesper_proto::v1::DeliverRequest {
-            to: to.to_string(),
-            message: None,
-            drain_mailbox: true,
-        };
-        let _ = client.deliver(request).await;
-    }
-}
-
-/// Asks super peer `host` to deliver `messages`; one entry per message, false when it could not (not attached
-/// there, no ack, host down).
-async fn deliver_remote(
-    context: &Context,
-    host: u64,
-    to: &PeerId,
-    messages: Vec<Message>,
-) -> Vec<bool> {
-    let Some(node) = context.member_info(host) else {
-        return Vec::new();
-    };
-    let delivered = context
-        .deliveries
-        .deliver(
-            &context.clients,
-            &node.cluster_addr,
-            to.to_string(),
-            messages,
-            DELIVERY_TIMEOUT + Duration::from_secs(2),
-        )
-        .await;
-    if delivered.contains(&false) {
-        tracing::debug!(host, "remote delivery not acknowledged; queueing");
-    }
-    delivered
 }
 
 /// Pushes `peer`'s mailbox into its new session, in order, and removes what was acknowledged. Messages go out
 /// in batches (up to `MAX_BATCH_MESSAGES` and about `MAX_BATCH_BYTES` each, at least one message); the next
 /// batch goes once every message of this one was acknowledged, and the drain stops at the first one that was not
 /// (the messages after it stay queued, and the library drops any it already has when they come again).
-pub async fn drain_mailbox(context: &Context, peer: PeerId) -> Result<usize, ServiceError> {
+pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, ServiceError> {
     // The attach that started this session is applied on the leader; read at least that far here.
     context
+        .replica
         .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
         .await?;
-    let items = presence::mailbox(context.reader.db(), peer.as_bytes(), now_ms())?;
+    let items = presence::mailbox(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
     let mut items = items.into_iter().peekable();
     let mut acked = Vec::new();
     while items.peek().is_some() {
@@ -319,14 +270,11 @@ pub async fn drain_mailbox(context: &Context, peer: PeerId) -> Result<usize, Ser
                 payload: item.message.payload,
                 sent_at_ms: item.message.sent_at_ms,
                 from_mailbox: true,
+                delivery_id: 0,
             });
         }
         let count = batch.len();
-        let delivered = context
-            .sessions
-            .deliver_all(&peer, batch, DELIVERY_TIMEOUT)
-            .await
-            .unwrap_or_default();
+        let delivered = context.router.deliver_here(&peer, batch).await;
         let in_order = delivered.iter().take_while(|delivered| **delivered).count();
         acked.extend(sequences.into_iter().take(in_order));
         if in_order < count {
@@ -336,6 +284,7 @@ pub async fn drain_mailbox(context: &Context, peer: PeerId) -> Result<usize, Ser
     let delivered = acked.len();
     if !acked.is_empty() {
         context
+            .replica
             .propose(Op::MailboxAck {
                 to: *peer.as_bytes(),
                 sequences: acked,
@@ -343,4 +292,50 @@ pub async fn drain_mailbox(context: &Context, peer: PeerId) -> Result<usize, Ser
             .await?;
     }
     Ok(delivered)
+}
+
+/// Mailbox drains running at once on this node, at most; more requests wait in the router's queue.
+pub const MAX_CONCURRENT_DRAINS: usize = 64;
+
+/// Runs the mailbox drains asked of this node (a message was queued while its recipient re-attached here), a
+/// peer at a time: a request for a peer whose drain is running starts one more after it, no more. Ends at
+/// shutdown, after the drains it started (each bounded by the delivery timeout per batch).
+pub async fn run_drains(
+    context: Arc<LeafState>,
+    mut requests: crate::router::DrainRequests,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use std::collections::HashMap;
+    let mut running = tokio::task::JoinSet::new();
+    // Peers being drained, and whether another drain was asked for meanwhile.
+    let mut draining: HashMap<PeerId, bool> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.recv(), if running.len() < MAX_CONCURRENT_DRAINS => {
+                let Some(peer) = request else { break };
+                if let Some(again) = draining.get_mut(&peer) {
+                    *again = true;
+                    continue;
+                }
+                draining.insert(peer, false);
+                running.spawn(drain_logged(context.clone(), peer));
+            }
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let Ok(peer) = done else { continue };
+                if draining.remove(&peer) == Some(true) {
+                    draining.insert(peer, false);
+                    running.spawn(drain_logged(context.clone(), peer));
+                }
+            }
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn drain_logged(context: Arc<LeafState>, peer: PeerId) -> PeerId {
+    if let Err(error) = drain_mailbox(&context, peer).await {
+        tracing::debug!(%error, "mailbox drain on request failed");
+    }
+    peer
 }

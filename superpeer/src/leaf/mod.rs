@@ -15,9 +15,10 @@
 pub mod broker;
 pub mod conference;
 pub(crate) mod convert;
-pub mod expiry;
+
 pub mod messaging;
-mod sessions;
+
+pub mod state;
 pub mod watch;
 
 use std::pin::Pin;
@@ -47,16 +48,16 @@ use vesper_proto::v1::{
 };
 use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 
-pub use sessions::SessionRegistry;
-use sessions::UpdateKind;
+use crate::sessions;
+use crate::sessions::UpdateKind;
 
-use crate::error::ServiceError;
-use crate::node::Context;
-use crate::raft::command::StoredRecord;
-use crate::raft::command::{
+use crate::command::StoredRecord;
+use crate::command::{
     may_read, Op, PresenceStatus as StoredStatus, RecordQuota, Rejection,
     Response as CommandResponse,
 };
+use crate::error::ServiceError;
+use crate::leaf::state::LeafState;
 use crate::store::conference as store_conference;
 use crate::store::presence;
 use crate::store::records;
@@ -109,7 +110,7 @@ impl InFlight {
 
 /// Builds the Leaf gRPC service.
 pub fn service(
-    context: Arc<Context>,
+    context: Arc<LeafState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) -> LeafServer<LeafService> {
@@ -127,7 +128,7 @@ pub fn service(
 
 /// The Leaf service of one super peer.
 pub struct LeafService {
-    context: Arc<Context>,
+    context: Arc<LeafState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -208,7 +209,7 @@ impl LeafService {
         peer: PeerId,
         op: Op,
     ) -> Result<Response<SetPresenceResponse>, Status> {
-        match self.context.propose_accepted(op).await? {
+        match self.context.replica.propose_accepted(op).await? {
             (CommandResponse::Presence(entry), _) => Ok(Response::new(SetPresenceResponse {
                 presence: Some(messaging::presence_of(
                     &self.context,
@@ -293,7 +294,7 @@ impl Leaf for LeafService {
             expected_version: request.expected_version,
             quota,
         };
-        match self.context.propose_accepted(op).await? {
+        match self.context.replica.propose_accepted(op).await? {
             (CommandResponse::Record(record), applied_index) => {
                 Ok(Response::new(PutRecordResponse {
                     record: Some(convert::record(&request.namespace, &request.key, record)),
@@ -314,9 +315,10 @@ impl Leaf for LeafService {
         validate::key(&request.key).map_err(ServiceError::from)?;
         let applied_index = self
             .context
+            .replica
             .read_barrier(consistency(request.consistency)?)
             .await?;
-        let reader = self.context.reader.clone();
+        let reader = self.context.replica.reader().clone();
         let (namespace, key) = (request.namespace.clone(), request.key.clone());
         let record = blocking(move || {
             let db = reader.db();
@@ -364,7 +366,7 @@ impl Leaf for LeafService {
             key: request.key,
             expected_version: request.expected_version,
         };
-        match self.context.propose_accepted(op).await? {
+        match self.context.replica.propose_accepted(op).await? {
             (CommandResponse::Deleted(deleted), applied_index) => {
                 Ok(Response::new(DeleteRecordResponse {
                     deleted,
@@ -533,10 +535,11 @@ impl Leaf for LeafService {
             .map_err(|error| ServiceError::BadField(format!("peer_id: {error}")))?;
         let applied_index = self
             .context
+            .replica
             .read_barrier(consistency(request.consistency)?)
             .await?;
-        let entry =
-            presence::get(self.context.reader.db(), peer.as_bytes()).map_err(ServiceError::from)?;
+        let entry = presence::get(self.context.replica.reader().db(), peer.as_bytes())
+            .map_err(ServiceError::from)?;
         Ok(Response::new(LookupPeerResponse {
             presence: entry
                 .map(|entry| messaging::presence_of(&self.context, peer.as_bytes(), entry)),
@@ -554,9 +557,10 @@ impl Leaf for LeafService {
         let limit = validate::page_limit(request.limit).map_err(ServiceError::from)? as usize;
         let applied_index = self
             .context
+            .replica
             .read_barrier(consistency(request.consistency)?)
             .await?;
-        let reader = self.context.reader.clone();
+        let reader = self.context.replica.reader().clone();
         let online_only = request.online_only;
         let (found, more) = blocking(move || {
             presence::search(
@@ -654,6 +658,7 @@ impl Leaf for LeafService {
                     payload: payload.clone(),
                     sent_at_ms: crate::raft::propose::now_ms(),
                     from_mailbox: false,
+                    delivery_id: 0,
                 };
                 for fate in messaging::send_all(&self.context, &owner, invitee, vec![message]).await
                 {
@@ -689,17 +694,16 @@ impl Leaf for LeafService {
         let request = request.into_inner();
         conference::check_id(&request.conference_id)?;
         self.context
+            .replica
             .read_barrier(ReadConsistency::Linearizable)
             .await?;
-        match store_conference::get(self.context.reader.db(), &request.conference_id)
+        match store_conference::get(self.context.replica.reader().db(), &request.conference_id)
             .map_err(ServiceError::from)?
         {
             Some(entry) => Ok(Response::new(ConferenceResponse {
                 conference: Some(conference::context(&request.conference_id, &entry)),
             })),
-            None => {
-                Err(ServiceError::from(crate::raft::command::Rejection::UnknownConference).into())
-            }
+            None => Err(ServiceError::from(crate::command::Rejection::UnknownConference).into()),
         }
     }
 
@@ -724,7 +728,7 @@ impl Leaf for LeafService {
             message_id: request.id,
             text: request.text,
         };
-        match self.context.propose_accepted(op).await? {
+        match self.context.replica.propose_accepted(op).await? {
             (CommandResponse::Chat(chat), _) => Ok(Response::new(PostChatResponse {
                 sequence: chat.sequence,
             })),
@@ -736,7 +740,7 @@ impl Leaf for LeafService {
 /// What list and search share: where, how many, from where, how consistent.
 struct PageRequest {
     /// The peer reading, for the namespace's ACL.
-    reader: crate::raft::command::PeerKey,
+    reader: crate::command::PeerKey,
     namespace: String,
     limit: u32,
     page_token: String,
@@ -762,9 +766,10 @@ impl LeafService {
         let limit = validate::page_limit(page.limit)? as usize;
         let applied_index = self
             .context
+            .replica
             .read_barrier(consistency(page.consistency)?)
             .await?;
-        let reader = self.context.reader.clone();
+        let reader = self.context.replica.reader().clone();
         let namespace = page.namespace.clone();
         let after = (!page.page_token.is_empty()).then_some(page.page_token);
         let peer = page.reader;
@@ -786,7 +791,7 @@ impl LeafService {
         id: &str,
         op: Op,
     ) -> Result<Response<ConferenceResponse>, Status> {
-        match self.context.propose_accepted(op).await? {
+        match self.context.replica.propose_accepted(op).await? {
             (CommandResponse::Conference(entry), _) => Ok(Response::new(ConferenceResponse {
                 conference: Some(conference::context(id, &entry)),
             })),
@@ -804,7 +809,7 @@ impl LeafService {
         expected_version: Option<u64>,
         put_size: Option<(u64, RecordQuota)>,
     ) -> Result<bool, ServiceError> {
-        let reader = self.context.reader.clone();
+        let reader = self.context.replica.reader().clone();
         let (owned_namespace, owned_key) = (namespace.to_string(), key.to_string());
         let writer = *peer.as_bytes();
         let (current, acl, usage) = blocking(move || {
@@ -846,7 +851,7 @@ fn unexpected(response: CommandResponse) -> Status {
 /// acknowledgements until the leaf goes away or the node stops. A session that ends without a goodbye leaves
 /// the peer online for the grace period, so it can re-attach anywhere without an offline flap.
 async fn run_session(
-    context: Arc<Context>,
+    context: Arc<LeafState>,
     mut inbound: Streaming<ClientFrame>,
     tx: sessions::Outbound,
     shutdown: CancellationToken,
@@ -892,7 +897,7 @@ async fn run_session(
                 return;
             }
         };
-    let Some(host) = context.node_id() else {
+    let Some(host) = context.replica.node_id() else {
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
@@ -911,7 +916,7 @@ async fn run_session(
     };
     // Boxed, here and below: the session task lives as long as the leaf is attached, and its size is that of
     // its largest state; a proposal inlined there would be carried by every idle session.
-    if let Err(error) = Box::pin(context.propose(attach)).await {
+    if let Err(error) = Box::pin(context.replica.propose(attach)).await {
         tracing::warn!(%error, "cannot record the attach");
         let _ = tx.send(Err(error.into_status())).await;
         return;
@@ -921,7 +926,7 @@ async fn run_session(
         frame: Some(server_frame::Frame::Welcome(Welcome {
             session_token: session.token().to_string(),
             peer_id: peer.to_string(),
-            members: context.members().unwrap_or_default(),
+            members: context.replica.members().unwrap_or_default(),
             keepalive_interval_ms: context.config.keepalive_interval_ms as u32,
             send_batches: true,
         })),
@@ -961,7 +966,7 @@ async fn run_session(
                     Ok(event) => watches.on_event(&context, &event),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "session fell behind the event feed; resetting its watches");
-                        let current = context.raft().map(crate::raft::propose::applied_index).unwrap_or(0);
+                        let current = context.replica.raft().map(crate::raft::propose::applied_index).unwrap_or(0);
                         watches.reset_all(&context, current).unwrap_or_default()
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -980,10 +985,10 @@ async fn run_session(
                     }
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAck(ack)) }))) => {
-                    session.acknowledge(&ack.message_id);
+                    session.acknowledge(ack.delivery_id);
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAcks(acks)) }))) => {
-                    for id in &acks.message_ids {
+                    for id in acks.delivery_ids {
                         session.acknowledge(id);
                     }
                 }
@@ -1058,7 +1063,7 @@ async fn run_session(
             _ = tokio::time::sleep(context.config.session_grace()) => {}
         }
     }
-    if let Err(error) = Box::pin(context.propose(detach)).await {
+    if let Err(error) = Box::pin(context.replica.propose(detach)).await {
         tracing::warn!(%error, "cannot record the detach; the host expiry will");
     }
     }
@@ -1080,7 +1085,7 @@ async fn next_event(
 /// a send over that limit, past the batch size or without a message is answered at once with its error. False
 /// when the session's stream is gone.
 async fn start_sends(
-    context: &Arc<Context>,
+    context: &Arc<LeafState>,
     peer: PeerId,
     session: u64,
     frames: Vec<SendFrame>,
@@ -1135,7 +1140,7 @@ async fn start_sends(
 /// (one push into its session, or one delivery to its super peer); the results for each recipient go back as
 /// soon as its sends are done, so a slow recipient holds up no other.
 async fn run_sends(
-    context: &Arc<Context>,
+    context: &Arc<LeafState>,
     peer: PeerId,
     session: u64,
     requests: Vec<(u64, SendMessageRequest)>,

@@ -16,11 +16,11 @@ use vesper_proto::v1::{
 };
 use vesper_proto::{validate, PeerId};
 
+use crate::command::{may_read, PeerKey, Rejection};
 use crate::error::ServiceError;
 use crate::events::{Change, Event};
+use crate::leaf::state::LeafState;
 use crate::leaf::{convert, messaging};
-use crate::node::Context;
-use crate::raft::command::{may_read, PeerKey, Rejection};
 use crate::store::{presence, records};
 
 /// Most watches one session may hold.
@@ -72,12 +72,11 @@ pub struct Watches {
 }
 
 /// Whether `peer` may read `entry`'s chat.
-fn reads_chat(entry: &crate::raft::command::ConferenceEntry, peer: &PeerKey) -> bool {
-    entry.owner == *peer
-        || entry.invitees.get(peer) == Some(&crate::raft::command::Invitation::Accepted)
+fn reads_chat(entry: &crate::command::ConferenceEntry, peer: &PeerKey) -> bool {
+    entry.owner == *peer || entry.invitees.get(peer) == Some(&crate::command::Invitation::Accepted)
 }
 
-fn event_frame(context: &Context, watch_id: u64, event: &Event) -> ServerFrame {
+fn event_frame(context: &LeafState, watch_id: u64, event: &Event) -> ServerFrame {
     let change = match &event.change {
         Change::Presence { peer, entry } => {
             watch_event::Change::Presence(messaging::presence_of(context, peer, entry.clone()))
@@ -119,7 +118,7 @@ impl Watches {
     }
 
     /// Frames for a live event, for every watch that wants it and has not seen it.
-    pub fn on_event(&mut self, context: &Context, event: &Arc<Event>) -> Vec<ServerFrame> {
+    pub fn on_event(&mut self, context: &LeafState, event: &Arc<Event>) -> Vec<ServerFrame> {
         let mut frames = Vec::new();
         let mut ended = Vec::new();
         for (watch_id, spec) in &mut self.specs {
@@ -159,7 +158,7 @@ impl Watches {
     /// Adds a watch; returns the frames that bring it up to date (history or reset + state).
     pub async fn add(
         &mut self,
-        context: &Context,
+        context: &LeafState,
         watch: Watch,
     ) -> Result<Vec<ServerFrame>, ServiceError> {
         if self.specs.len() >= MAX_WATCHES_PER_SESSION && !self.specs.contains_key(&watch.watch_id)
@@ -198,20 +197,22 @@ impl Watches {
         // Catch up to the cluster first, so "the current state" and "history after N" mean the same here as
         // on the super peer the leaf came from.
         let current = context
+            .replica
             .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
             .await?;
         let mut chat_allowed = false;
         if !watch.conference_id.is_empty() {
             crate::leaf::conference::check_id(&watch.conference_id)?;
-            let entry = crate::store::conference::get(context.reader.db(), &watch.conference_id)?
-                .ok_or(crate::raft::command::Rejection::UnknownConference)?;
+            let entry =
+                crate::store::conference::get(context.replica.reader().db(), &watch.conference_id)?
+                    .ok_or(crate::command::Rejection::UnknownConference)?;
             if entry.owner != self.peer && !entry.invitees.contains_key(&self.peer) {
-                return Err(crate::raft::command::Rejection::NotInvited.into());
+                return Err(crate::command::Rejection::NotInvited.into());
             }
             chat_allowed = reads_chat(&entry, &self.peer);
         }
         if !watch.namespace.is_empty() {
-            let acl = records::acl(context.reader.db(), &watch.namespace)?;
+            let acl = records::acl(context.replica.reader().db(), &watch.namespace)?;
             if !may_read(acl.as_ref(), &self.peer) {
                 return Err(Rejection::NamespaceRead(watch.namespace).into());
             }
@@ -267,7 +268,7 @@ impl Watches {
     /// Resets every watch after the session fell behind the live feed.
     pub fn reset_all(
         &mut self,
-        context: &Context,
+        context: &LeafState,
         current: u64,
     ) -> Result<Vec<ServerFrame>, ServiceError> {
         let mut frames = Vec::new();
@@ -287,12 +288,12 @@ impl Watches {
 
 /// The current state a watch covers, as events at `index`.
 fn current_state(
-    context: &Context,
+    context: &LeafState,
     watch_id: u64,
     spec: &Spec,
     index: u64,
 ) -> Result<Vec<ServerFrame>, ServiceError> {
-    let db = context.reader.db();
+    let db = context.replica.reader().db();
     let mut frames = Vec::new();
     for peer in &spec.peers {
         if let Some(entry) = presence::get(db, peer)? {

@@ -48,7 +48,7 @@ pub fn from_payload<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::command::{Command, Op};
+    use crate::command::{Command, Op};
 
     #[test]
     fn commands_round_trip_and_foreign_encodings_are_refused() {

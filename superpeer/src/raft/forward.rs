@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use vesper_proto::v1::{ProposeOutcome, ProposeRequest};
 
 use super::codec;
-use super::command::{Command, NodeInfo, Response};
 use super::network::ClusterClients;
+use crate::command::{Command, NodeInfo, Response};
 use crate::error::{ServiceError, LEADER_HINT_METADATA_KEY};
 
 /// Most commands in one forwarded call.

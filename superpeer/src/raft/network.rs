@@ -21,8 +21,8 @@ use tonic::Code;
 use vesper_proto::v1::cluster_client::ClusterClient;
 
 use super::codec;
-use super::command::NodeInfo;
-use super::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::command::NodeInfo;
+use crate::raft_types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::tls::{host_of, TlsMaterial};
 
 /// Largest message on the Cluster service: snapshots travel in one message.

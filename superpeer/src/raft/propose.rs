@@ -10,10 +10,10 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
 use vesper_proto::v1::ReadIndexRequest;
 
-use super::command::{Command, NodeInfo, Op, Response};
 use super::forward::Forwarder;
 use super::network::ClusterClients;
 use super::VesperRaft;
+use crate::command::{Command, NodeInfo, Op, Response};
 use crate::error::ServiceError;
 
 /// How long a write or a linearizable read may wait for a leader before failing with UNAVAILABLE.
@@ -114,7 +114,7 @@ pub async fn propose(
 /// is none, or the failure itself.
 fn not_here(
     raft: &VesperRaft,
-    forward: Option<&openraft::errors::ForwardToLeader<super::TypeConfig>>,
+    forward: Option<&openraft::errors::ForwardToLeader<crate::raft_types::TypeConfig>>,
     error: &dyn std::fmt::Display,
 ) -> ServiceError {
     match forward {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::{cf, decode, encode, StoreError, CF_CONFERENCES, CF_CONF_CHAT};
-use crate::raft::command::{ChatEntry, ConferenceEntry, Invitation, PeerKey, Rejection, Response};
+use crate::command::{ChatEntry, ConferenceEntry, Invitation, PeerKey, Rejection, Response};
 
 /// Reads a conference.
 pub fn get(db: &DB, id: &str) -> Result<Option<ConferenceEntry>, StoreError> {

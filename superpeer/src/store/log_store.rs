@@ -18,7 +18,7 @@ use openraft::OptionalSend;
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::{blocking, decode, encode, StoreError, CF_LOG, CF_RAFT};
-use crate::raft::{Entry, LogId, TypeConfig, Vote};
+use crate::raft_types::{Entry, LogId, TypeConfig, Vote};
 
 const VOTE_KEY: &[u8] = b"vote";
 const COMMITTED_KEY: &[u8] = b"committed";

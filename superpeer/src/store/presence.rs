@@ -16,9 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::records::{Condition, Term};
 use super::{cf, decode, encode, Page, StoreError, CF_MAILBOX, CF_PRESENCE, CF_PRESENCE_ATTRS};
-use crate::raft::command::{
-    PeerKey, PresenceEntry, PresenceStatus, Rejection, Response, StoredMessage,
-};
+use crate::command::{PeerKey, PresenceEntry, PresenceStatus, Rejection, Response, StoredMessage};
 
 /// A stored mailbox message and when it stops being worth delivering.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

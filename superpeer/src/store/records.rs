@@ -24,7 +24,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Page, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_USAGE};
-use crate::raft::command::{
+use crate::command::{
     Access, NamespaceAcl, PeerKey, QuotaKind, RecordQuota, Rejection, Response, StoredRecord,
 };
 

@@ -27,9 +27,9 @@ use super::{
     blocking, cf, decode, encode, StoreError, CF_ATTRS, CF_CONFERENCES, CF_CONF_CHAT, CF_MAILBOX,
     CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT, CF_USAGE,
 };
+use crate::command::{NodeInfo, Op, Rejection, Response};
 use crate::events::{Change, Event, EventLog};
-use crate::raft::command::{NodeInfo, Op, Rejection, Response};
-use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft_types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 const MEMBERSHIP_KEY: &[u8] = b"membership";
@@ -225,7 +225,7 @@ impl StateMachine {
     /// Applies a batch of entries in one write batch. Returns one response per entry, in order.
     fn apply_batch(
         db: &DB,
-        entries: &[crate::raft::Entry],
+        entries: &[crate::raft_types::Entry],
         mut membership: StoredMembership,
     ) -> Result<(Vec<Response>, StoredMembership, Vec<Event>), StoreError> {
         let mut batch = WriteBatch::default();

@@ -12,8 +12,8 @@ use tempfile::TempDir;
 use super::records::{self, Condition, Term};
 use super::state_machine::StateReader;
 use super::{open, LogStore, StateMachine};
-use crate::raft::command::{Command, NodeInfo, Op, QuotaKind, RecordQuota, Rejection, Response};
-use crate::raft::{Entry, LogId, TypeConfig};
+use crate::command::{Command, NodeInfo, Op, QuotaKind, RecordQuota, Rejection, Response};
+use crate::raft_types::{Entry, LogId, TypeConfig};
 
 struct Builder;
 
@@ -86,7 +86,7 @@ async fn apply_all(state_machine: &mut StateMachine, entries: Vec<Entry>) {
         .expect("apply");
 }
 
-fn keys(found: &[(String, crate::raft::command::StoredRecord)]) -> Vec<&str> {
+fn keys(found: &[(String, crate::command::StoredRecord)]) -> Vec<&str> {
     found.iter().map(|(key, _)| key.as_str()).collect()
 }
 
@@ -374,13 +374,13 @@ async fn log_survives_reopen() {
 
 fn acl(
     namespace: &str,
-    write: crate::raft::command::Access,
-    read: crate::raft::command::Access,
+    write: crate::command::Access,
+    read: crate::command::Access,
     members: &[u8],
 ) -> Op {
     Op::SetNamespaceAcl {
         namespace: namespace.into(),
-        acl: Some(crate::raft::command::NamespaceAcl {
+        acl: Some(crate::command::NamespaceAcl {
             write,
             read,
             members: members.iter().map(|byte| [*byte; 32]).collect(),
@@ -390,7 +390,7 @@ fn acl(
 
 #[tokio::test]
 async fn apply_enforces_namespace_acls_in_log_order() {
-    use crate::raft::command::Access::{Anyone, Members};
+    use crate::command::Access::{Anyone, Members};
     let dir = TempDir::new().unwrap();
     let db = open(dir.path()).unwrap();
     let mut state_machine = StateMachine::open(db.clone()).unwrap();
@@ -448,7 +448,7 @@ async fn apply_enforces_namespace_acls_in_log_order() {
 
 #[tokio::test]
 async fn apply_enforces_index_quotas_in_log_order() {
-    use crate::raft::command::Access::{Anyone, Members};
+    use crate::command::Access::{Anyone, Members};
     let dir = TempDir::new().unwrap();
     let db = open(dir.path()).unwrap();
     let mut state_machine = StateMachine::open(db.clone()).unwrap();

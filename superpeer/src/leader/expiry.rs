@@ -8,21 +8,23 @@
 //! their new host.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::Instant as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::Context;
-use crate::raft::command::{Op, Response};
+use crate::command::{Op, Response};
+use crate::replica::Replica;
 
 /// How often the leader checks.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
-    let expiry = Duration::from_millis(context.config.host_expiry_ms);
+/// Runs the leader's timed duties on `replica` (doing nothing while this node does not lead) until shutdown;
+/// `host_expiry` is how long a silent member keeps its leaves online.
+pub async fn run(replica: Replica, host_expiry: Duration, shutdown: CancellationToken) {
+    let context = &replica;
+    let expiry = host_expiry;
     let mut expired: HashSet<u64> = HashSet::new();
     let mut leading_since: Option<Instant> = None;
     let mut ticker = tokio::time::interval(CHECK_INTERVAL);
@@ -38,7 +40,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
             leading_since = None;
             continue;
         };
-        start_due_conferences(&context).await;
+        start_due_conferences(context).await;
         let since = *leading_since.get_or_insert_with(Instant::now);
         let mut stale = Vec::new();
         for (node, last) in heartbeats {
@@ -75,15 +77,17 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
 }
 
 /// Marks conferences whose scheduled start has passed as started (a Raft write, so every watcher sees it).
-async fn start_due_conferences(context: &Context) {
-    let due =
-        match crate::store::conference::due(context.reader.db(), crate::raft::propose::now_ms()) {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read conferences");
-                return;
-            }
-        };
+async fn start_due_conferences(context: &Replica) {
+    let due = match crate::store::conference::due(
+        context.reader().db(),
+        crate::raft::propose::now_ms(),
+    ) {
+        Ok(due) => due,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read conferences");
+            return;
+        }
+    };
     for id in due {
         if let Err(error) = context
             .propose(Op::ConferenceStart { id: id.clone() })

@@ -17,11 +17,92 @@ use vesper_proto::v1::{
     MembershipCall, PromoteResponse, RemoveNodeResponse, TransferLeaderResponse,
 };
 
-use crate::cluster::node_info;
+use crate::command::{NodeInfo, Op, Response};
 use crate::error::ServiceError;
-use crate::node::Context;
-use crate::raft::command::{NodeInfo, Op, Response};
+use crate::raft::network::ClusterClients;
 use crate::raft::propose::{Backoff, PROPOSE_TIMEOUT};
+use crate::replica::Replica;
+
+/// What membership changes need: this node's replica and clients for the other members. The Admin service
+/// (operator calls) and the Cluster service (calls forwarded to the leader, joins) both go through it.
+#[derive(Clone)]
+pub struct Membership {
+    replica: Replica,
+    clients: ClusterClients,
+}
+
+impl Membership {
+    pub fn new(replica: Replica, clients: ClusterClients) -> Self {
+        Self { replica, clients }
+    }
+
+    /// The member list (see [`Replica::members`]).
+    pub fn members(&self) -> Result<Vec<Member>, ServiceError> {
+        self.replica.members()
+    }
+}
+
+/// Converts a node descriptor from the wire, checking that its peer id and addresses are well formed.
+pub fn node_info(
+    descriptor: Option<vesper_proto::v1::NodeDescriptor>,
+) -> Result<NodeInfo, ServiceError> {
+    let descriptor =
+        descriptor.ok_or_else(|| ServiceError::BadField("node descriptor is missing".into()))?;
+    descriptor
+        .peer_id
+        .parse::<vesper_proto::PeerId>()
+        .map_err(|error| ServiceError::BadField(format!("peer id: {error}")))?;
+    for (field, address) in [
+        ("cluster_addr", &descriptor.cluster_addr),
+        ("leaf_addr", &descriptor.leaf_addr),
+        ("admin_addr", &descriptor.admin_addr),
+    ] {
+        if !address.contains(':') {
+            return Err(ServiceError::BadField(format!(
+                "{field} {address:?} must be host:port"
+            )));
+        }
+    }
+    Ok(NodeInfo {
+        peer_id: descriptor.peer_id,
+        cluster_addr: descriptor.cluster_addr,
+        leaf_addr: descriptor.leaf_addr,
+        admin_addr: descriptor.admin_addr,
+    })
+}
+
+/// An idle node's answer to `Cluster.Adopt`, once it has started Raft under its new id (or failed to).
+pub type AdoptReply = tokio::sync::oneshot::Sender<Result<(), ServiceError>>;
+/// Adoption requests, taken by the node's start-up task while it waits to be added to a cluster.
+pub type AdoptRequests = tokio::sync::mpsc::Receiver<(u64, AdoptReply)>;
+/// Pending adoption requests; one is plenty, a second waits.
+const ADOPT_QUEUE: usize = 1;
+
+/// How the Cluster service hands an adoption (`vesperctl add-standby` on another member) to the start-up task of
+/// this idle node.
+#[derive(Clone)]
+pub struct Adoption {
+    requests: tokio::sync::mpsc::Sender<(u64, AdoptReply)>,
+}
+
+impl Adoption {
+    /// The handle and the queue the start-up task reads; the task closes the queue once the node is a member.
+    pub fn new() -> (Self, AdoptRequests) {
+        let (requests, queue) = tokio::sync::mpsc::channel(ADOPT_QUEUE);
+        (Self { requests }, queue)
+    }
+
+    /// Asks the start-up task to adopt `node_id` and waits until Raft runs under it.
+    pub async fn adopt(&self, node_id: u64) -> Result<(), ServiceError> {
+        let already = || ServiceError::Precondition("this node is already a cluster member".into());
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        self.requests
+            .send((node_id, reply_tx))
+            .await
+            .map_err(|_| already())?;
+        reply_rx.await.map_err(|_| already())?
+    }
+}
 
 /// How long a leadership transfer may take before the call reports failure.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,8 +110,8 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs an operator's membership call on the leader: here when this node leads, otherwise forwarded to the
 /// leader's Cluster service (`Cluster.Membership`), so operator calls never need the Admin port of another node
 /// and that port can take operator certificates only. Waits (with backoff) while there is no leader.
-pub async fn on_leader(context: &Context, call: Call) -> Result<Reply, tonic::Status> {
-    let raft = context.raft()?;
+pub async fn on_leader(context: &Membership, call: Call) -> Result<Reply, tonic::Status> {
+    let raft = context.replica.raft()?;
     let deadline = Instant::now() + PROPOSE_TIMEOUT;
     let mut backoff = Backoff::default();
     loop {
@@ -63,8 +144,8 @@ pub async fn on_leader(context: &Context, call: Call) -> Result<Reply, tonic::St
 
 /// Runs a membership call forwarded by another member, if this node leads. It does not forward again: a
 /// leadership change while the call travelled is reported, and the operator retries.
-pub async fn run_forwarded(context: &Context, call: Call) -> Result<Reply, ServiceError> {
-    let raft = context.raft()?;
+pub async fn run_forwarded(context: &Membership, call: Call) -> Result<Reply, ServiceError> {
+    let raft = context.replica.raft()?;
     let metrics = raft.metrics().borrow_watched().clone();
     if metrics.current_leader != Some(*raft.node_id()) {
         return Err(ServiceError::Unavailable(format!(
@@ -79,7 +160,7 @@ pub async fn run_forwarded(context: &Context, call: Call) -> Result<Reply, Servi
 }
 
 /// Runs a membership call on this node, which leads.
-async fn run_here(context: &Context, call: Call) -> Result<Reply, ServiceError> {
+async fn run_here(context: &Membership, call: Call) -> Result<Reply, ServiceError> {
     Ok(match call {
         Call::AddStandby(request) => {
             let cluster_addr = request.cluster_addr;
@@ -105,19 +186,19 @@ async fn run_here(context: &Context, call: Call) -> Result<Reply, ServiceError> 
         Call::Promote(request) => {
             promote(context, request.node_id).await?;
             Reply::Promote(PromoteResponse {
-                members: context.members()?,
+                members: context.replica.members()?,
             })
         }
         Call::Demote(request) => {
             demote(context, request.node_id).await?;
             Reply::Demote(DemoteResponse {
-                members: context.members()?,
+                members: context.replica.members()?,
             })
         }
         Call::RemoveNode(request) => {
             remove(context, request.node_id).await?;
             Reply::RemoveNode(RemoveNodeResponse {
-                members: context.members()?,
+                members: context.replica.members()?,
             })
         }
         Call::TransferLeader(request) => Reply::TransferLeader(TransferLeaderResponse {
@@ -132,9 +213,10 @@ fn raft_error(error: impl std::fmt::Display) -> ServiceError {
 
 /// Registers `node` (allocating its node id) and adds it as a learner. Runs on the leader; from another member
 /// the registration is forwarded by the proposer and `add_learner` reports the leader to retry on.
-pub async fn register_standby(context: &Context, node: NodeInfo) -> Result<u64, ServiceError> {
-    let raft = context.raft()?;
+pub async fn register_standby(context: &Membership, node: NodeInfo) -> Result<u64, ServiceError> {
+    let raft = context.replica.raft()?;
     let node_id = match context
+        .replica
         .propose(Op::RegisterNode { node: node.clone() })
         .await?
     {
@@ -190,7 +272,7 @@ pub async fn register_standby(context: &Context, node: NodeInfo) -> Result<u64, 
 /// Adds the idle node at `cluster_addr` as a standby: describe it, register it, tell it its id, add it as a
 /// learner.
 pub async fn add_standby(
-    context: &Context,
+    context: &Membership,
     cluster_addr: &str,
 ) -> Result<(u64, NodeInfo), ServiceError> {
     let peer_error = |status| ServiceError::Peer {
@@ -211,6 +293,7 @@ pub async fn add_standby(
     }
     let node = node_info(described.node)?;
     let node_id = match context
+        .replica
         .propose(Op::RegisterNode { node: node.clone() })
         .await?
     {
@@ -229,6 +312,7 @@ pub async fn add_standby(
         .await
         .map_err(peer_error)?;
     context
+        .replica
         .raft()?
         .add_learner(node_id, node.clone(), false)
         .await
@@ -238,9 +322,9 @@ pub async fn add_standby(
 }
 
 fn current_sets(
-    context: &Context,
+    context: &Membership,
 ) -> Result<(BTreeSet<u64>, BTreeMap<u64, NodeInfo>), ServiceError> {
-    let raft = context.raft()?;
+    let raft = context.replica.raft()?;
     let metrics = raft.metrics().borrow_watched().clone();
     let membership = metrics.membership_config.membership();
     let voters = membership.voter_ids().collect();
@@ -252,7 +336,7 @@ fn current_sets(
 }
 
 /// Promotes standby `node_id` to voter.
-pub async fn promote(context: &Context, node_id: u64) -> Result<(), ServiceError> {
+pub async fn promote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
     let (voters, nodes) = current_sets(context)?;
     if voters.contains(&node_id) {
         return Err(ServiceError::Precondition(format!(
@@ -265,6 +349,7 @@ pub async fn promote(context: &Context, node_id: u64) -> Result<(), ServiceError
         )));
     }
     context
+        .replica
         .raft()?
         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), true)
         .await
@@ -274,7 +359,7 @@ pub async fn promote(context: &Context, node_id: u64) -> Result<(), ServiceError
 }
 
 /// Demotes voter `node_id` to standby.
-pub async fn demote(context: &Context, node_id: u64) -> Result<(), ServiceError> {
+pub async fn demote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
     let (voters, _) = current_sets(context)?;
     if !voters.contains(&node_id) {
         return Err(ServiceError::Precondition(format!(
@@ -287,6 +372,7 @@ pub async fn demote(context: &Context, node_id: u64) -> Result<(), ServiceError>
         )));
     }
     context
+        .replica
         .raft()?
         .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), true)
         .await
@@ -296,7 +382,7 @@ pub async fn demote(context: &Context, node_id: u64) -> Result<(), ServiceError>
 }
 
 /// Removes standby `node_id` from the group and tombstones its id.
-pub async fn remove(context: &Context, node_id: u64) -> Result<(), ServiceError> {
+pub async fn remove(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
     let (voters, nodes) = current_sets(context)?;
     if voters.contains(&node_id) {
         return Err(ServiceError::Precondition(format!(
@@ -305,12 +391,14 @@ pub async fn remove(context: &Context, node_id: u64) -> Result<(), ServiceError>
     }
     if nodes.contains_key(&node_id) {
         context
+            .replica
             .raft()?
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false)
             .await
             .map_err(raft_error)?;
     }
     context
+        .replica
         .propose_accepted(Op::TombstoneNode { node_id })
         .await?;
     tracing::info!(node_id, "removed node");
@@ -318,8 +406,8 @@ pub async fn remove(context: &Context, node_id: u64) -> Result<(), ServiceError>
 }
 
 /// Transfers leadership to voter `node_id` and waits until it leads.
-pub async fn transfer_leader(context: &Context, node_id: u64) -> Result<u64, ServiceError> {
-    let raft = context.raft()?;
+pub async fn transfer_leader(context: &Membership, node_id: u64) -> Result<u64, ServiceError> {
+    let raft = context.replica.raft()?;
     let (voters, _) = current_sets(context)?;
     if !voters.contains(&node_id) {
         return Err(ServiceError::Precondition(format!(

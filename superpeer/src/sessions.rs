@@ -22,8 +22,16 @@ use vesper_proto::PeerId;
 /// pointer and not a whole frame: that is 7 KiB less per idle session.
 pub type Outbound = mpsc::Sender<Result<Box<ServerFrame>, Status>>;
 
-/// Messages pushed into a session and not yet acknowledged, by message id.
-type PendingAcks = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
+/// Messages pushed into a session and not yet acknowledged, by the delivery id this super peer gave each one.
+/// Not by message id: senders choose those, and two senders may pick the same one (by chance or on purpose).
+#[derive(Default)]
+struct Pending {
+    /// The delivery id the next pushed message gets (starts at 1; 0 means "none" on the wire).
+    next: u64,
+    waiting: HashMap<u64, oneshot::Sender<()>>,
+}
+
+type PendingAcks = Arc<Mutex<Pending>>;
 
 /// Connection offers pushed into a session and not yet answered, by offer id.
 type PendingOffers = Arc<Mutex<HashMap<String, oneshot::Sender<ConnectAnswer>>>>;
@@ -224,13 +232,18 @@ impl SessionRegistry {
             .get(peer)
             .cloned()
             .ok_or(DeliveryError::NotHere)?;
-        let ids: Vec<String> = messages.iter().map(|message| message.id.clone()).collect();
-        let mut acks = Vec::with_capacity(ids.len());
+        let mut messages = messages;
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut acks = Vec::with_capacity(messages.len());
         {
             let mut pending = live.pending.lock().expect("pending acks lock poisoned");
-            for id in &ids {
+            for message in &mut messages {
+                pending.next += 1;
+                let id = pending.next;
                 let (acked_tx, acked_rx) = oneshot::channel();
-                pending.insert(id.clone(), acked_tx);
+                pending.waiting.insert(id, acked_tx);
+                message.delivery_id = id;
+                ids.push(id);
                 acks.push(acked_rx);
             }
         }
@@ -262,7 +275,7 @@ impl SessionRegistry {
         .await;
         let mut pending = live.pending.lock().expect("pending acks lock poisoned");
         for id in &ids {
-            pending.remove(id);
+            pending.waiting.remove(id);
         }
         outcome
     }
@@ -354,13 +367,15 @@ impl SessionGuard {
         }
     }
 
-    /// Completes the delivery of message `id` (the leaf acknowledged it).
-    pub fn acknowledge(&self, id: &str) {
+    /// Completes the delivery with id `delivery_id` (the leaf acknowledged it). An id this session is not
+    /// waiting for (acknowledged before, timed out, or never given) is ignored.
+    pub fn acknowledge(&self, delivery_id: u64) {
         if let Some(waiting) = self
             .pending
             .lock()
             .expect("pending acks lock poisoned")
-            .remove(id)
+            .waiting
+            .remove(&delivery_id)
         {
             let _ = waiting.send(());
         }
@@ -438,10 +453,15 @@ mod tests {
         let delivery = registry.deliver_all(&peer, vec![message], Duration::from_secs(5));
         let leaf = async {
             let frame = rx.recv().await.unwrap().unwrap();
-            assert!(
-                matches!(frame.frame, Some(server_frame::Frame::Message(ref m)) if m.id == "m1")
+            let Some(server_frame::Frame::Message(message)) = frame.frame else {
+                panic!("expected a Message frame, got {frame:?}");
+            };
+            assert_eq!(message.id, "m1");
+            assert_ne!(
+                message.delivery_id, 0,
+                "a pushed message carries its delivery id"
             );
-            guard.acknowledge("m1");
+            guard.acknowledge(message.delivery_id);
         };
         let (delivered, ()) = tokio::join!(delivery, leaf);
         assert_eq!(delivered, Ok(vec![true]));
@@ -470,15 +490,16 @@ mod tests {
             let Some(server_frame::Frame::MessageBatch(batch)) = frame.frame else {
                 panic!("expected one MessageBatch frame, got {frame:?}");
             };
-            assert_eq!(batch.messages, messages);
+            let ids: Vec<&str> = batch.messages.iter().map(|m| m.id.as_str()).collect();
+            assert_eq!(ids, ["a", "b", "c"]);
             // "b" is never acknowledged: it alone is reported undelivered once the timeout passes.
-            guard.acknowledge("c");
-            guard.acknowledge("a");
+            guard.acknowledge(batch.messages[2].delivery_id);
+            guard.acknowledge(batch.messages[0].delivery_id);
         };
         let (delivered, ()) = tokio::join!(delivery, leaf);
         assert_eq!(delivered, Ok(vec![true, false, true]));
         assert!(
-            guard.pending.lock().unwrap().is_empty(),
+            guard.pending.lock().unwrap().waiting.is_empty(),
             "nothing is left waiting"
         );
     }
@@ -497,14 +518,53 @@ mod tests {
         let leaf = async {
             for expected in &messages {
                 let frame = rx.recv().await.unwrap().unwrap();
-                assert_eq!(
-                    frame.frame,
-                    Some(server_frame::Frame::Message(expected.clone()))
-                );
-                guard.acknowledge(&expected.id);
+                let Some(server_frame::Frame::Message(message)) = frame.frame else {
+                    panic!("expected a Message frame, got {frame:?}");
+                };
+                assert_eq!(message.id, expected.id);
+                guard.acknowledge(message.delivery_id);
             }
         };
         let (delivered, ()) = tokio::join!(delivery, leaf);
         assert_eq!(delivered, Ok(vec![true, true]));
+    }
+
+    /// Two senders that pick the same message id toward one recipient, in flight at once: each delivery waits
+    /// for its own acknowledgement (keyed by message id, the second push took the first one's slot and the
+    /// first was reported unacknowledged).
+    #[tokio::test(start_paused = true)]
+    async fn the_same_message_id_from_two_senders_is_two_deliveries() {
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = registry.open(peer, tx, true);
+        let from_alice = Message {
+            id: "same".into(),
+            from: "vp1alice".into(),
+            ..Default::default()
+        };
+        let from_bob = Message {
+            id: "same".into(),
+            from: "vp1bob".into(),
+            ..Default::default()
+        };
+        let alice = registry.deliver_all(&peer, vec![from_alice], Duration::from_secs(10));
+        let bob = registry.deliver_all(&peer, vec![from_bob], Duration::from_secs(10));
+        let leaf = async {
+            let mut pushed = Vec::new();
+            for _ in 0..2 {
+                let frame = rx.recv().await.unwrap().unwrap();
+                let Some(server_frame::Frame::Message(message)) = frame.frame else {
+                    panic!("expected a Message frame, got {frame:?}");
+                };
+                pushed.push(message);
+            }
+            assert_ne!(pushed[0].delivery_id, pushed[1].delivery_id);
+            for message in &pushed {
+                guard.acknowledge(message.delivery_id);
+            }
+        };
+        let (alice, bob, ()) = tokio::join!(alice, bob, leaf);
+        assert_eq!((alice, bob), (Ok(vec![true]), Ok(vec![true])));
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::{Action as RelayAction, RelayTable};
 use crate::limits::{SourceBuckets, TokenBucket};
-use crate::relay::{Action as RelayAction, RelayTable};
 
 /// Slots in the per-source table (each a few bytes); see [`SourceBuckets`].
 const SOURCE_SLOTS: usize = 4096;

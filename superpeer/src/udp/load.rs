@@ -1,10 +1,11 @@
-//! The relay on this super peer: the allocation table and datagram format are in [`vesper_proto::relay`]
-//! (leaves speak the same format, and the fuzz targets reach it there); this module reports the node's relay
-//! load through Raft so that brokers pick the least loaded relay.
+//! The report of this node's relay load through Raft, so that brokers pick the least loaded relay. (The
+//! allocation table and datagram format are in [`vesper_proto::relay`]: leaves speak the same format, and the
+//! fuzz targets reach it there.)
 
 use std::time::{Duration, Instant};
 
-pub use vesper_proto::relay::{Action, RelayConfig, RelayTable};
+use super::Relay;
+use crate::replica::Replica;
 
 /// How often a node looks at its relay load, and reports it through Raft when it changed.
 const LOAD_CHECK: Duration = Duration::from_secs(2);
@@ -13,10 +14,7 @@ const LOAD_REFRESH: Duration = Duration::from_secs(300);
 
 /// Reports this node's relay load (allocations in use, capacity) through Raft whenever it changes, so that
 /// every broker can pick the least loaded relay from its own replica.
-pub async fn report_load(
-    context: std::sync::Arc<crate::node::Context>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
+pub async fn report(replica: Replica, relay: Relay, shutdown: tokio_util::sync::CancellationToken) {
     let mut ticker = tokio::time::interval(LOAD_CHECK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported: Option<((u32, u32), Instant)> = None;
@@ -25,14 +23,14 @@ pub async fn report_load(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let Some(node_id) = context.node_id() else {
+        let Some(node_id) = replica.node_id() else {
             continue;
         };
         let now = Instant::now();
         let load = {
-            let table = context.relay.lock().expect("relay lock");
+            let (active, capacity) = relay.load();
             let clamp = |count: usize| u32::try_from(count).unwrap_or(u32::MAX);
-            (clamp(table.active(now)), clamp(table.capacity()))
+            (clamp(active), clamp(capacity))
         };
         let due = match reported {
             None => true,
@@ -41,12 +39,12 @@ pub async fn report_load(
         if !due {
             continue;
         }
-        let op = crate::raft::command::Op::RelayLoad {
+        let op = crate::command::Op::RelayLoad {
             node_id,
             active: load.0,
             capacity: load.1,
         };
-        match context.propose(op).await {
+        match replica.propose(op).await {
             Ok(_) => reported = Some((load, now)),
             Err(error) => tracing::debug!(%error, "relay load report not committed; trying again"),
         }
