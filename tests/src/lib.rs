@@ -4,6 +4,7 @@
 //! - [`pki`]: a throwaway CA and certificates made with the real `vesperctl`.
 //! - [`cluster`]: start, kill, stop and restart super peer processes; wait on observable state.
 //! - [`http2`]: HTTP/2 frames written by hand, for clients that break the protocol's rules on purpose.
+//! - [`modgraph`]: the module graph of a crate from its sources, and the import circles in it.
 //! - [`natlab`]: home networks behind real Linux NATs in network namespaces, for connectivity tests.
 //! - [`relay`]: a raw client of a super peer's UDP relay (grants and binds by hand).
 //! - [`tlsprobe`]: which certificate a port serves, and raw TCP/TLS clients for flood tests.
@@ -12,6 +13,7 @@
 pub mod cluster;
 pub mod http2;
 pub mod load;
+pub mod modgraph;
 pub mod natlab;
 pub mod pki;
 pub mod raw;
