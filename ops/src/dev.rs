@@ -260,8 +260,8 @@ async fn stop(children: Vec<Child>) {
     for child in &children {
         if let Some(pid) = child.id() {
             // SIGTERM lets each node shut down cleanly.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
     }

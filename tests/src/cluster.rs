@@ -263,8 +263,8 @@ impl Cluster {
     /// SIGTERMs node `index` and waits for it to exit.
     pub async fn stop(&mut self, index: usize) -> anyhow::Result<()> {
         if let Some(mut child) = self.nodes[index].child.take() {
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
             let name = self.nodes[index].name.clone();
             let status = tokio::task::spawn_blocking(move || child.wait()).await??;

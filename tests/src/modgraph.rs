@@ -107,7 +107,8 @@ fn references(code: &str) -> Vec<(&'static str, Vec<String>)> {
         while let Some(offset) = code[start..].find(anchor) {
             let at = start + offset;
             start = at + anchor.len();
-            let before_ok = at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+            let before_ok =
+                at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
             if !before_ok || !code[start..].starts_with("::") {
                 continue;
             }
@@ -167,7 +168,11 @@ fn strongly_connected(graph: &BTreeMap<&str, BTreeSet<&str>>) -> Vec<BTreeSet<St
         next: usize,
         found: Vec<BTreeSet<String>>,
     }
-    fn visit<'a>(node: &'a str, graph: &BTreeMap<&'a str, BTreeSet<&'a str>>, state: &mut State<'a>) {
+    fn visit<'a>(
+        node: &'a str,
+        graph: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+        state: &mut State<'a>,
+    ) {
         state.index.insert(node, state.next);
         state.low.insert(node, state.next);
         state.next += 1;
@@ -222,7 +227,10 @@ pub fn report(circles: &[(ModulePath, BTreeSet<String>, Vec<Edge>)]) -> String {
         };
         text.push_str(&format!("circle in {parent}: {members:?}\n"));
         for edge in edges {
-            text.push_str(&format!("  {} -> {}  ({})\n", edge.from, edge.to, edge.evidence));
+            text.push_str(&format!(
+                "  {} -> {}  ({})\n",
+                edge.from, edge.to, edge.evidence
+            ));
         }
     }
     text
@@ -241,7 +249,10 @@ mod tests {
                 } else {
                     path.split("::").map(str::to_string).collect()
                 };
-                (path.clone(), (PathBuf::from(path.join("/")), text.to_string()))
+                (
+                    path.clone(),
+                    (PathBuf::from(path.join("/")), text.to_string()),
+                )
             })
             .collect()
     }
@@ -278,9 +289,18 @@ mod tests {
     fn a_folder_using_its_own_items_and_a_one_way_graph_have_no_circle() {
         let modules = crate_of(&[
             ("", ""),
-            ("store", "pub use records::Page; fn f() { self::records::get(); }"),
-            ("store::records", "use super::{cf, StoreError}; use super::presence::x;"),
-            ("store::presence", "use super::cf; // crate::store::records::y in a comment"),
+            (
+                "store",
+                "pub use records::Page; fn f() { self::records::get(); }",
+            ),
+            (
+                "store::records",
+                "use super::{cf, StoreError}; use super::presence::x;",
+            ),
+            (
+                "store::presence",
+                "use super::cf; // crate::store::records::y in a comment",
+            ),
             ("raft", "use crate::store::records::Page;"),
         ]);
         let all = edges(&modules);
@@ -288,7 +308,9 @@ mod tests {
         assert!(all
             .iter()
             .any(|edge| edge.from == "records" && edge.to == "presence"));
-        assert!(all.iter().any(|edge| edge.from == "raft" && edge.to == "store"));
+        assert!(all
+            .iter()
+            .any(|edge| edge.from == "raft" && edge.to == "store"));
         assert!(
             !all.iter().any(|edge| edge.from == "presence"),
             "comments are not code"

@@ -163,10 +163,20 @@ fn remove_stale_namespaces() {
     }
 }
 
+/// Moves the calling thread into the network namespace `file` (opened from `/run/netns/NAME`).
+fn enter_network_namespace(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    rustix::thread::move_into_link_name_space(
+        file.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(std::io::Error::from)
+}
+
 impl Lab {
     /// Builds the internet segment with `super_peers` addresses for super peers.
     pub fn new(super_peers: u8) -> anyhow::Result<Lab> {
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             bail!("the NAT lab needs root (network namespaces and iptables)");
         }
         remove_stale_namespaces();
@@ -429,10 +439,7 @@ impl Lab {
         let file = std::fs::File::open(format!("/run/netns/{ns}"))
             .with_context(|| format!("namespace {ns} does not exist"))?;
         std::thread::spawn(move || -> anyhow::Result<T> {
-            use std::os::fd::AsRawFd;
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns into {ns}: {}", std::io::Error::last_os_error());
-            }
+            enter_network_namespace(&file).with_context(|| format!("setns into {ns}"))?;
             // Worker threads are created by this thread, so they inherit its namespace.
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -478,10 +485,7 @@ impl Lab {
         let thread_ns = ns.clone();
         let thread = std::thread::spawn(move || -> anyhow::Result<()> {
             let ns = thread_ns;
-            use std::os::fd::AsRawFd;
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns into {ns}: {}", std::io::Error::last_os_error());
-            }
+            enter_network_namespace(&file).with_context(|| format!("setns into {ns}"))?;
             let mut queue = nfq::Queue::open().context("open NFQUEUE")?;
             queue.bind(queue_num).context("bind NFQUEUE")?;
             queue.set_queue_max_len(queue_num, 65536)?;

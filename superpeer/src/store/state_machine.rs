@@ -554,8 +554,8 @@ impl StateMachine {
     }
 
     fn build_payload(view: &OwnedSnapshot) -> Result<Vec<u8>, StoreError> {
-        let db = &*view.db;
-        let snapshot = &view.snapshot;
+        let db = view.db();
+        let snapshot = view.borrow_dependent();
         let collect = |name: &str| -> Result<RawPairs, StoreError> {
             snapshot
                 .iterator_cf(cf(db, name), IteratorMode::Start)
@@ -660,26 +660,27 @@ impl StateMachine {
     }
 }
 
-/// A RocksDB point-in-time view that owns a handle on its database, so it can move to another thread.
-pub struct OwnedSnapshot {
-    // Declared before `db` so it is dropped first: the view must not outlive the database.
-    snapshot: rocksdb::SnapshotWithThreadMode<'static, DB>,
-    db: Arc<DB>,
-}
+/// A RocksDB point-in-time view borrowing its database.
+type DbSnapshot<'db> = rocksdb::SnapshotWithThreadMode<'db, DB>;
+
+self_cell::self_cell!(
+    /// A RocksDB point-in-time view that owns a handle on its database, so it can move to another thread. The
+    /// view borrows the database; `self_cell` keeps the two together without `unsafe` here (the view is dropped
+    /// before the handle, and the borrow never escapes).
+    pub struct OwnedSnapshot {
+        owner: Arc<DB>,
+        #[covariant]
+        dependent: DbSnapshot,
+    }
+);
 
 impl OwnedSnapshot {
-    fn new(db: Arc<DB>) -> Self {
-        let snapshot = db.snapshot();
-        // SAFETY: the snapshot borrows the database, which `self.db` keeps alive for as long as the snapshot
-        // exists (fields drop in declaration order, the snapshot first). The 'static lifetime never escapes:
-        // the field is private and only read through `&self`.
-        let snapshot = unsafe {
-            std::mem::transmute::<
-                rocksdb::SnapshotWithThreadMode<'_, DB>,
-                rocksdb::SnapshotWithThreadMode<'static, DB>,
-            >(snapshot)
-        };
-        Self { snapshot, db }
+    fn take(db: Arc<DB>) -> Self {
+        Self::new(db, |db| db.snapshot())
+    }
+
+    fn db(&self) -> &DB {
+        self.borrow_owner()
     }
 }
 
@@ -706,8 +707,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 meta,
                 data: data.clone(),
             };
-            view.db.put_cf(
-                cf(&view.db, CF_SNAPSHOT),
+            view.db().put_cf(
+                cf(view.db(), CF_SNAPSHOT),
                 SNAPSHOT_KEY,
                 encode("snapshot", &stored)?,
             )?;
@@ -762,7 +763,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
-            view: Arc::new(OwnedSnapshot::new(self.db.clone())),
+            view: Arc::new(OwnedSnapshot::take(self.db.clone())),
             meta: SnapshotMeta {
                 last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),

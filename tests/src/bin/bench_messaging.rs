@@ -62,17 +62,10 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Raises this process's open-file limit (children inherit it), for thousands of sessions.
 fn raise_fd_limit(wanted: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = Some(limit.maximum.map_or(wanted, |maximum| wanted.min(maximum)));
+    let _ = setrlimit(Resource::Nofile, limit);
 }
 
 fn summary(histogram: &Histogram<u64>) -> (f64, f64, f64) {

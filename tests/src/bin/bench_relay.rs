@@ -24,7 +24,6 @@
 //! --bin vesper-bench-relay && $CARGO_TARGET_DIR/release/vesper-bench-relay`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,27 +88,17 @@ fn seq_of(datagram: &[u8]) -> Option<u64> {
 }
 
 /// Socket buffers of A and B (both directions); the kernel caps them at `net.core.{r,w}mem_max`.
-const ENDPOINT_BUFFER_BYTES: libc::c_int = 4 << 20;
+const ENDPOINT_BUFFER_BYTES: usize = 4 << 20;
 
 fn bind_endpoint() -> anyhow::Result<UdpSocket> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt on an open socket with a pointer to a local int of the size given.
-        let result = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&ENDPOINT_BUFFER_BYTES as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        ensure!(
-            result == 0,
-            "setsockopt: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let options = socket2::SockRef::from(&socket);
+    options
+        .set_recv_buffer_size(ENDPOINT_BUFFER_BYTES)
+        .context("SO_RCVBUF")?;
+    options
+        .set_send_buffer_size(ENDPOINT_BUFFER_BYTES)
+        .context("SO_SNDBUF")?;
     Ok(socket)
 }
 
@@ -381,8 +370,7 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     ensure!(fields.len() > 12, "short stat line");
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
 }
 
