@@ -7,6 +7,21 @@ cd "$VESPER_ROOT"
 # The NAT lab tests build routers from network namespaces and iptables, check interop with coturn's STUN
 # client, and capture a relay's traffic with tcpdump.
 vesper_install_packages iproute2 iptables coturn tcpdump
+echo "==> dependency boundary: the leaf library's tree holds no RocksDB or openraft"
+# What an app embeds must not pull in the super peer's storage or consensus. The same query on the super peer
+# must find them, or the check itself is broken.
+server_side='^(rocksdb|librocksdb-sys|openraft) '
+leaf_tree() { cargo tree -p vesper-leafpeer "$@" -e normal,build --prefix none --quiet; }
+for features in "" "--no-default-features"; do
+    if leaf_tree $features | grep -E "$server_side"; then
+        echo "the leaf library (${features:-default features}) depends on the crates above" >&2
+        exit 1
+    fi
+done
+if ! cargo tree -p vesper-superpeer -e normal --prefix none --quiet | grep -qE "$server_side"; then
+    echo "the dependency boundary check found no RocksDB/openraft in the super peer: the check is broken" >&2
+    exit 1
+fi
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
