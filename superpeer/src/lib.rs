@@ -12,10 +12,9 @@
 //!   other super peers ─mTLS─> cluster::ClusterService ─> openraft (append, vote, snapshot, transfer)
 //! ```
 //!
-//! Modules: [`config`] (settings and validation), [`node`] (start-up, listeners, membership task),
-//! [`leaf`] (sessions and index calls), [`cluster`] (Raft RPCs, forwarding, joining), [`admin`] (operator calls
-//! and membership changes), [`raft`] (openraft types, codec, network, proposer), [`store`] (RocksDB log and state
-//! machine), [`tls`] (certificates), [`error`] (errors and their gRPC codes).
+//! Services hold narrow handles ([`replica::Replica`], [`router::Router`], [`sessions::SessionRegistry`],
+//! [`membership::Membership`], ...); [`node`] alone builds and wires them. docs/ARCHITECTURE.md has the module
+//! map and the layers; no two sibling modules import each other (checked by `tests/tests/t00_structure.rs`).
 
 pub mod admin;
 pub mod cluster;
