@@ -393,8 +393,16 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         max_pending: config.max_pending_handshakes as usize,
         max_pending_per_ip: config.max_pending_handshakes_per_ip as usize,
     };
-    let incoming =
-        |listener, port| crate::tls::accept(listener, tls.clone(), port, limits, shutdown.clone());
+    let incoming = |listener, port| {
+        crate::tls::accept(
+            listener,
+            tls.clone(),
+            port,
+            limits,
+            shutdown.clone(),
+            &tasks,
+        )
+    };
     let leaf_server = Server::builder()
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_service(health_service.clone())
@@ -486,6 +494,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         Duration::from_millis(config.tls_reload_interval_ms),
         shutdown.clone(),
     ));
+    tokio::spawn(std::future::pending::<()>());
     tasks.spawn(crate::leader::expiry::run(
         replica.clone(),
         Duration::from_millis(config.host_expiry_ms),

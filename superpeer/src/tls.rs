@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// Default time a client gets to finish the TLS handshake before the connection is dropped.
@@ -265,18 +266,21 @@ pub type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>
 /// Completed handshakes waiting for the server to take them.
 const READY_QUEUE: usize = 64;
 
-/// Accepts TCP connections on `listener` and runs their TLS handshakes within `limits`, until `shutdown`.
+/// Accepts TCP connections on `listener` and runs their TLS handshakes within `limits`, until `shutdown`. The
+/// accept loop and every handshake are tasks on `tasks` (a handshake ends within `limits.timeout`).
 pub fn accept(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     port: Port,
     limits: HandshakeLimits,
     shutdown: CancellationToken,
+    tasks: &TaskTracker,
 ) -> Incoming {
     let (ready, incoming) = mpsc::channel(READY_QUEUE);
     let pending = Arc::new(Semaphore::new(limits.max_pending));
     let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    tokio::spawn(async move {
+    let handshakes = tasks.clone();
+    tasks.spawn(async move {
         loop {
             let (stream, remote) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -301,7 +305,7 @@ pub fn accept(
             let _ = stream.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config(port));
             let ready = ready.clone();
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 let outcome = tokio::time::timeout(limits.timeout, acceptor.accept(stream)).await;
                 drop((permit, slot));
                 match outcome {
