@@ -48,6 +48,15 @@ pub enum ServiceError {
     RateLimited(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// A limit of this super peer (in-flight sends, sessions per address, relay allocations) is reached.
+    #[error("{0}")]
+    LimitReached(String),
+    /// A frame or wire value that breaks the protocol (not a field of a request).
+    #[error("{0}")]
+    Malformed(String),
+    /// Something that should not happen did (a response of the wrong kind); a bug, reported as INTERNAL.
+    #[error("{0}")]
+    Internal(String),
     #[error("the leader at {leader} went away before answering ({reason}); the write may or may not have been applied")]
     OutcomeUnknown { leader: String, reason: String },
 }
@@ -98,7 +107,11 @@ impl ServiceError {
                 status
             }
             ServiceError::Timeout(_) => Status::deadline_exceeded(message),
-            ServiceError::RateLimited(_) => Status::resource_exhausted(message),
+            ServiceError::RateLimited(_) | ServiceError::LimitReached(_) => {
+                Status::resource_exhausted(message)
+            }
+            ServiceError::Malformed(_) => Status::invalid_argument(message),
+            ServiceError::Internal(_) => Status::internal(message),
             ServiceError::PermissionDenied(_) => Status::permission_denied(message),
             ServiceError::Precondition(_) => Status::failed_precondition(message),
             ServiceError::Store(_) | ServiceError::Codec(_) => Status::internal(message),
@@ -121,6 +134,11 @@ impl ServiceError {
             _ => false,
         }
     }
+}
+
+/// A status another member sent as a code and a message (a forwarded outcome): not a code this node picks.
+pub fn status_from_wire(code: i32, message: String) -> Status {
+    Status::new(Code::from(code), message)
 }
 
 impl From<ServiceError> for Status {
@@ -168,6 +186,39 @@ mod tests {
         assert_eq!(
             not_leader.metadata().get(LEADER_HINT_METADATA_KEY).unwrap(),
             "127.0.0.1:9"
+        );
+    }
+
+    #[test]
+    fn limits_protocol_breaks_and_bugs_keep_their_message_and_get_their_code() {
+        for (error, code) in [
+            (
+                ServiceError::LimitReached("at most 8".into()),
+                Code::ResourceExhausted,
+            ),
+            (
+                ServiceError::RateLimited("slow down".into()),
+                Code::ResourceExhausted,
+            ),
+            (
+                ServiceError::Malformed("bad frame".into()),
+                Code::InvalidArgument,
+            ),
+            (ServiceError::Internal("odd answer".into()), Code::Internal),
+            (ServiceError::Unavailable("later".into()), Code::Unavailable),
+            (
+                ServiceError::PermissionDenied("no".into()),
+                Code::PermissionDenied,
+            ),
+        ] {
+            let message = error.to_string();
+            let status = error.into_status();
+            assert_eq!((status.code(), status.message()), (code, message.as_str()));
+        }
+        let forwarded = status_from_wire(Code::NotFound as i32, "gone".into());
+        assert_eq!(
+            (forwarded.code(), forwarded.message()),
+            (Code::NotFound, "gone")
         );
     }
 }

@@ -127,9 +127,10 @@ pub async fn on_leader(context: &Membership, call: Call) -> Result<Reply, tonic:
                         .await?
                         .into_inner();
                     return reply.reply.ok_or_else(|| {
-                        tonic::Status::internal(format!(
+                        ServiceError::Internal(format!(
                             "the leader (node {id}) sent an empty membership reply"
                         ))
+                        .into()
                     });
                 }
             }

@@ -9,6 +9,7 @@
 
 use tonic::{Request, Status};
 
+use crate::error::ServiceError;
 use crate::store::state_machine::StateReader;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -57,11 +58,12 @@ fn require<T>(request: &Request<T>, allowed: &[Role]) -> Result<(), Status> {
         Ok(())
     } else {
         let wanted: Vec<&str> = allowed.iter().map(|role| role.name()).collect();
-        Err(Status::permission_denied(format!(
+        Err(ServiceError::PermissionDenied(format!(
             "this port takes certificates of role {} (the certificate has {:?})",
             wanted.join(" or "),
             roles
-        )))
+        ))
+        .into())
     }
 }
 
@@ -71,7 +73,9 @@ fn client_certificate<T>(
     request
         .peer_certs()
         .and_then(|certificates| certificates.first().cloned())
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))
+        .ok_or_else(|| {
+            ServiceError::Unauthenticated("a client certificate is required".into()).into()
+        })
 }
 
 /// The fingerprint of the caller's certificate.
@@ -89,14 +93,15 @@ fn require_not_revoked<T>(request: &Request<T>, reader: &StateReader) -> Result<
 pub fn require_unrevoked(reader: &StateReader, fingerprint: &[u8; 32]) -> Result<(), Status> {
     match reader.is_revoked(fingerprint) {
         Ok(false) => Ok(()),
-        Ok(true) => Err(Status::permission_denied(format!(
+        Ok(true) => Err(ServiceError::PermissionDenied(format!(
             "certificate {} has been revoked",
             data_encoding::HEXLOWER.encode(fingerprint)
-        ))),
+        ))
+        .into()),
         // Fail closed: a node that cannot read its revocations does not know who is allowed.
-        Err(error) => Err(Status::unavailable(format!(
-            "cannot check revocations: {error}"
-        ))),
+        Err(error) => {
+            Err(ServiceError::Unavailable(format!("cannot check revocations: {error}")).into())
+        }
     }
 }
 

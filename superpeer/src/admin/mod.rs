@@ -47,10 +47,11 @@ macro_rules! on_leader {
     ($self:ident, $request:ident, $kind:ident) => {
         match membership::on_leader(&$self.membership, Call::$kind($request.into_inner())).await? {
             Reply::$kind(reply) => Ok(Response::new(reply)),
-            other => Err(Status::internal(format!(
+            other => Err(ServiceError::Internal(format!(
                 "the leader answered a {} call with {other:?}",
                 stringify!($kind)
-            ))),
+            ))
+            .into()),
         }
     };
 }

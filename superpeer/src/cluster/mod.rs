@@ -238,7 +238,8 @@ impl Cluster for ClusterService {
         _request: Request<GrantRelayRequest>,
     ) -> Result<Response<vesper_proto::v1::RelayGrant>, Status> {
         self.router.grant_here().map(Response::new).ok_or_else(|| {
-            Status::resource_exhausted("this super peer has no relay allocation to give")
+            ServiceError::LimitReached("this super peer has no relay allocation to give".into())
+                .into_status()
         })
     }
 

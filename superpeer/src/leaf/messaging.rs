@@ -129,10 +129,11 @@ pub fn check(
         config.send_rate_per_second,
         config.send_burst,
     ) {
-        return Err(tonic::Status::resource_exhausted(format!(
+        return Err(ServiceError::RateLimited(format!(
             "send rate limit: {} messages per second per session (bursts of {}); slow down and retry",
             config.send_rate_per_second, config.send_burst
-        )));
+        ))
+        .into());
     }
     let to: PeerId = request
         .to

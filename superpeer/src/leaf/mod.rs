@@ -81,13 +81,13 @@ struct InFlight {
 
 impl InFlight {
     /// Why one more send with `payload_bytes` of payload does not fit, if it does not.
-    fn refusal(&self, payload_bytes: usize) -> Option<Status> {
+    fn refusal(&self, payload_bytes: usize) -> Option<ServiceError> {
         if self.sends >= MAX_SENDS_IN_FLIGHT {
-            Some(Status::resource_exhausted(format!(
+            Some(ServiceError::LimitReached(format!(
                 "{MAX_SENDS_IN_FLIGHT} sends already in flight on this session"
             )))
         } else if self.payload_bytes + payload_bytes > MAX_SEND_BYTES_IN_FLIGHT {
-            Some(Status::resource_exhausted(format!(
+            Some(ServiceError::LimitReached(format!(
                 "a {payload_bytes}-byte payload would put more than {MAX_SEND_BYTES_IN_FLIGHT} bytes of payload \
                  in flight on this session ({} already are)",
                 self.payload_bytes
@@ -235,7 +235,7 @@ impl Leaf for LeafService {
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |addr| addr.ip());
         let max = self.context.config.max_sessions_per_ip;
         let slot = self.context.sessions.open_stream(ip, max).ok_or_else(|| {
-            Status::resource_exhausted(format!(
+            ServiceError::LimitReached(format!(
                 "too many sessions from {ip} (at most {max} at once); close some or retry later"
             ))
         })?;
@@ -842,9 +842,10 @@ impl LeafService {
 }
 
 fn unexpected(response: CommandResponse) -> Status {
-    Status::internal(format!(
+    ServiceError::Internal(format!(
         "state machine answered with an unexpected response: {response:?}"
     ))
+    .into()
 }
 
 /// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
@@ -874,25 +875,27 @@ async fn run_session(
                 Ok(peer) => (peer, attach.message_batches),
                 Err(error) => {
                     let _ = tx
-                        .send(Err(Status::unauthenticated(error.to_string())))
+                        .send(Err(ServiceError::Unauthenticated(error.to_string()).into()))
                         .await;
                     return;
                 }
             },
             Ok(Ok(Some(_))) => {
                 let _ = tx
-                    .send(Err(Status::unauthenticated(
-                        "the first frame of a session must be attach",
-                    )))
+                    .send(Err(ServiceError::Unauthenticated(
+                        "the first frame of a session must be attach".into(),
+                    )
+                    .into()))
                     .await;
                 return;
             }
             Ok(Ok(None)) | Ok(Err(_)) => return,
             Err(_) => {
                 let _ = tx
-                    .send(Err(Status::unauthenticated(format!(
+                    .send(Err(ServiceError::Unauthenticated(format!(
                         "no attach within {ATTACH_TIMEOUT:?}"
-                    ))))
+                    ))
+                    .into()))
                     .await;
                 return;
             }
@@ -1033,7 +1036,7 @@ async fn run_session(
                     break;
                 }
                 Ok(Ok(Some(_))) => {
-                    let _ = tx.send(Err(Status::invalid_argument("unexpected frame on an attached session"))).await;
+                    let _ = tx.send(Err(ServiceError::Malformed("unexpected frame on an attached session".into()).into())).await;
                     break;
                 }
                 Ok(Ok(None)) | Ok(Err(_)) => break,
@@ -1099,7 +1102,7 @@ async fn start_sends(
     for (index, frame) in frames.into_iter().enumerate() {
         let payload_bytes = frame.message.as_ref().map_or(0, |m| m.payload.len());
         let refusal = if index >= validate::MAX_BATCH_MESSAGES {
-            Some(Status::invalid_argument(format!(
+            Some(ServiceError::Malformed(format!(
                 "a SendBatch holds at most {} sends",
                 validate::MAX_BATCH_MESSAGES
             )))
@@ -1114,7 +1117,10 @@ async fn start_sends(
             }
             (refusal, _) => {
                 let status = refusal
-                    .unwrap_or_else(|| Status::invalid_argument("send frame without a message"));
+                    .unwrap_or_else(|| {
+                        ServiceError::Malformed("send frame without a message".into())
+                    })
+                    .into_status();
                 refused.push(send_result(frame.request_id, Err(status)));
             }
         }

@@ -6,24 +6,27 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::Status;
 
+use crate::error::ServiceError;
+
 /// The one encoding this build speaks (2 since record puts carry their owner's index quota).
 pub const ENCODING: u32 = 2;
 
 /// Encodes `value` for the wire.
 pub fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, Status> {
     postcard::to_stdvec(value)
-        .map_err(|error| Status::internal(format!("cannot encode {what}: {error}")))
+        .map_err(|error| ServiceError::Internal(format!("cannot encode {what}: {error}")).into())
 }
 
 /// Decodes `bytes` sent with encoding `encoding`.
 pub fn decode<T: DeserializeOwned>(what: &str, encoding: u32, bytes: &[u8]) -> Result<T, Status> {
     if encoding != ENCODING {
-        return Err(Status::failed_precondition(format!(
+        return Err(ServiceError::Precondition(format!(
             "{what} uses encoding {encoding}; this super peer speaks encoding {ENCODING} (mixed versions?)"
-        )));
+        ))
+        .into());
     }
     postcard::from_bytes(bytes)
-        .map_err(|error| Status::invalid_argument(format!("cannot decode {what}: {error}")))
+        .map_err(|error| ServiceError::Malformed(format!("cannot decode {what}: {error}")).into())
 }
 
 /// Wraps an encoded value into the Cluster service's payload message.

@@ -211,8 +211,7 @@ fn outcome_result(
             })?;
         return Ok((response, outcome.applied_index));
     }
-    let mut status =
-        tonic::Status::new(tonic::Code::from(outcome.error_code), outcome.error_message);
+    let mut status = crate::error::status_from_wire(outcome.error_code, outcome.error_message);
     if let Ok(hint) = outcome.leader_hint.parse() {
         if !outcome.leader_hint.is_empty() {
             status.metadata_mut().insert(LEADER_HINT_METADATA_KEY, hint);

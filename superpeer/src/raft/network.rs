@@ -22,6 +22,7 @@ use vesper_proto::v1::cluster_client::ClusterClient;
 
 use super::codec;
 use crate::command::NodeInfo;
+use crate::error::ServiceError;
 use crate::raft_types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::tls::{host_of, TlsMaterial};
 
@@ -86,14 +87,16 @@ impl ClusterClients {
         }
         let endpoint = Endpoint::from_shared(format!("https://{address}"))
             .map_err(|error| {
-                tonic::Status::invalid_argument(format!("bad address {address:?}: {error}"))
+                ServiceError::Malformed(format!("bad address {address:?}: {error}")).into_status()
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .tls_config(self.tls().cluster_client(host_of(address)))
-            .map_err(|error| tonic::Status::internal(format!("tls config: {error}")))?;
+            .map_err(|error| {
+                ServiceError::Internal(format!("tls config: {error}")).into_status()
+            })?;
         let channel = endpoint.connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
