@@ -29,6 +29,11 @@ use vesper_proto::PeerId;
 use crate::command::PresenceStatus;
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
+
+use tonic::{Request, Response, Status};
+use vesper_proto::v1::ConnectResponse;
+
+use super::LeafService;
 use crate::store::presence;
 use crate::store::state_machine::{read_relay_loads, RelayLoad};
 
@@ -212,6 +217,16 @@ async fn pick_relay(context: &LeafState) -> Option<RelayGrant> {
         }
     }
     None
+}
+
+/// `Leaf.ConnectPeer`.
+pub(super) async fn connect_peer(
+    service: &LeafService,
+    request: Request<ConnectRequest>,
+) -> Result<Response<ConnectResponse>, Status> {
+    let (peer, _session) = service.session_of(&request)?;
+    let plan = connect(&service.context, peer, request.into_inner()).await?;
+    Ok(Response::new(ConnectResponse { plan: Some(plan) }))
 }
 
 #[cfg(test)]

@@ -1,10 +1,20 @@
-//! Conferences for leaves: conversions and the checks before anything is proposed.
+//! Conferences for leaves: the Leaf service's conference calls (create, invite, answer, get, chat),
+//! conversions, and the checks before anything is proposed.
 
 use vesper_proto::v1::{ConferenceChat, ConferenceContext, InvitationState, Invitee};
 use vesper_proto::{validate, PeerId};
 
+use super::messaging;
+use super::{unexpected, LeafService};
 use crate::command::{ChatEntry, ConferenceEntry, Invitation};
+use crate::command::{Op, Response as CommandResponse};
 use crate::error::ServiceError;
+use crate::store::conference as store_conference;
+use tonic::{Request, Response, Status};
+use vesper_proto::v1::{
+    AnswerInvitationRequest, ConferenceResponse, CreateConferenceRequest, GetConferenceRequest,
+    InviteRequest, PostChatRequest, PostChatResponse, ReadConsistency,
+};
 
 /// Longest conference title, in bytes.
 pub const MAX_TITLE_LEN: usize = 256;
@@ -75,5 +85,168 @@ pub fn chat(conference: &str, entry: &ChatEntry) -> ConferenceChat {
         id: entry.message_id.clone(),
         text: entry.text.clone(),
         sent_at_ms: entry.sent_at_ms,
+    }
+}
+
+// The conference calls of the Leaf service.
+
+impl LeafService {
+    /// Proposes a conference command and answers with the conference it produced.
+    async fn conference_op(
+        &self,
+        id: &str,
+        op: Op,
+    ) -> Result<Response<ConferenceResponse>, Status> {
+        match self.context.replica.propose_accepted(op).await? {
+            (CommandResponse::Conference(entry), _) => Ok(Response::new(ConferenceResponse {
+                conference: Some(context(id, &entry)),
+            })),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+}
+
+/// `Leaf.CreateConference`.
+pub(super) async fn create_conference(
+    service: &LeafService,
+    request: Request<CreateConferenceRequest>,
+) -> Result<Response<ConferenceResponse>, Status> {
+    let owner = service.authenticate(&request)?;
+    let request = request.into_inner();
+    check_id(&request.id)?;
+    check_text("title", &request.title, MAX_TITLE_LEN)?;
+    check_text("description", &request.description, MAX_TEXT_LEN)?;
+    let op = Op::ConferenceCreate {
+        owner: *owner.as_bytes(),
+        id: request.id.clone(),
+        title: request.title,
+        description: request.description,
+        start_at_ms: request.start_at_ms,
+    };
+    service.conference_op(&request.id, op).await
+}
+
+/// `Leaf.Invite`.
+pub(super) async fn invite(
+    service: &LeafService,
+    request: Request<InviteRequest>,
+) -> Result<Response<ConferenceResponse>, Status> {
+    let owner = service.authenticate(&request)?;
+    let request = request.into_inner();
+    check_id(&request.conference_id)?;
+    if request.peers.is_empty() || request.peers.len() > MAX_INVITES_PER_CALL {
+        return Err(ServiceError::BadField(format!(
+            "invite 1-{} peers per call, got {}",
+            MAX_INVITES_PER_CALL,
+            request.peers.len()
+        ))
+        .into());
+    }
+    let mut invitees = Vec::with_capacity(request.peers.len());
+    for text in &request.peers {
+        let peer: PeerId = text
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("invitee {text:?}: {error}")))?;
+        invitees.push(peer);
+    }
+    let op = Op::ConferenceInvite {
+        owner: *owner.as_bytes(),
+        id: request.conference_id.clone(),
+        invitees: invitees.iter().map(|peer| *peer.as_bytes()).collect(),
+    };
+    let response = service.conference_op(&request.conference_id, op).await?;
+    // The invitation carries the context: each invitee gets it as a message (or in its mailbox).
+    if let Some(context) = &response.get_ref().conference {
+        let payload = prost::Message::encode_to_vec(context);
+        for invitee in &invitees {
+            let message = vesper_proto::v1::Message {
+                id: format!("invite-{}", request.conference_id),
+                from: owner.to_string(),
+                kind: INVITE_KIND.into(),
+                payload: payload.clone(),
+                sent_at_ms: crate::raft::propose::now_ms(),
+                from_mailbox: false,
+                delivery_id: 0,
+            };
+            for fate in messaging::send_all(&service.context, &owner, invitee, vec![message]).await
+            {
+                if let Err(error) = fate {
+                    tracing::warn!(%error, invitee = %invitee, "cannot deliver an invitation");
+                }
+            }
+        }
+    }
+    Ok(response)
+}
+
+/// `Leaf.AnswerInvitation`.
+pub(super) async fn answer_invitation(
+    service: &LeafService,
+    request: Request<AnswerInvitationRequest>,
+) -> Result<Response<ConferenceResponse>, Status> {
+    let peer = service.authenticate(&request)?;
+    let request = request.into_inner();
+    check_id(&request.conference_id)?;
+    let op = Op::ConferenceAnswer {
+        peer: *peer.as_bytes(),
+        id: request.conference_id.clone(),
+        accept: request.accept,
+    };
+    service.conference_op(&request.conference_id, op).await
+}
+
+/// `Leaf.GetConference`.
+pub(super) async fn get_conference(
+    service: &LeafService,
+    request: Request<GetConferenceRequest>,
+) -> Result<Response<ConferenceResponse>, Status> {
+    service.authenticate(&request)?;
+    let request = request.into_inner();
+    check_id(&request.conference_id)?;
+    service
+        .context
+        .replica
+        .read_barrier(ReadConsistency::Linearizable)
+        .await?;
+    match store_conference::get(
+        service.context.replica.reader().db(),
+        &request.conference_id,
+    )
+    .map_err(ServiceError::from)?
+    {
+        Some(entry) => Ok(Response::new(ConferenceResponse {
+            conference: Some(context(&request.conference_id, &entry)),
+        })),
+        None => Err(ServiceError::from(crate::command::Rejection::UnknownConference).into()),
+    }
+}
+
+/// `Leaf.PostChat`.
+pub(super) async fn post_chat(
+    service: &LeafService,
+    request: Request<PostChatRequest>,
+) -> Result<Response<PostChatResponse>, Status> {
+    let from = service.authenticate(&request)?;
+    let request = request.into_inner();
+    check_id(&request.conference_id)?;
+    check_text("text", &request.text, MAX_TEXT_LEN)?;
+    if request.id.is_empty() || request.id.len() > messaging::MAX_MESSAGE_ID_LEN {
+        return Err(ServiceError::BadField(format!(
+            "chat id must be 1-{} bytes",
+            messaging::MAX_MESSAGE_ID_LEN
+        ))
+        .into());
+    }
+    let op = Op::ConferenceChat {
+        from: *from.as_bytes(),
+        id: request.conference_id,
+        message_id: request.id,
+        text: request.text,
+    };
+    match service.context.replica.propose_accepted(op).await? {
+        (CommandResponse::Chat(chat), _) => Ok(Response::new(PostChatResponse {
+            sequence: chat.sequence,
+        })),
+        (other, _) => Err(unexpected(other)),
     }
 }

@@ -1,0 +1,254 @@
+//! The session actor: one task per session stream. Challenge, attach (presence goes online through Raft),
+//! mailbox drain, then the frames of an attached session until the leaf goes away or the node stops.
+
+use super::sends::{start_sends, InFlight};
+use super::ATTACH_TIMEOUT;
+use super::{messaging, watch};
+use crate::command::Op;
+use crate::error::ServiceError;
+use crate::leaf::state::LeafState;
+use crate::sessions;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tracing::Instrument;
+use vesper_proto::session::{self, NONCE_LEN};
+use vesper_proto::v1::{
+    client_frame, server_frame, Challenge, ClientFrame, Pong, ServerFrame, WatchRefused, Welcome,
+};
+
+/// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
+/// acknowledgements until the leaf goes away or the node stops. A session that ends without a goodbye leaves
+/// the peer online for the grace period, so it can re-attach anywhere without an offline flap.
+pub(super) async fn run_session(
+    context: Arc<LeafState>,
+    mut inbound: Streaming<ClientFrame>,
+    tx: sessions::Outbound,
+    shutdown: CancellationToken,
+) {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let challenge = ServerFrame {
+        frame: Some(server_frame::Frame::Challenge(Challenge {
+            nonce: nonce.to_vec(),
+            server_peer_id: context.me.peer_id.clone(),
+        })),
+    };
+    if tx.send(Ok(Box::new(challenge))).await.is_err() {
+        return;
+    }
+    let (peer, message_batches) =
+        match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(ClientFrame {
+                frame: Some(client_frame::Frame::Attach(attach)),
+            }))) => match session::verify_attach(&attach, &nonce, &context.me.peer_id) {
+                Ok(peer) => (peer, attach.message_batches),
+                Err(error) => {
+                    let _ = tx
+                        .send(Err(ServiceError::Unauthenticated(error.to_string()).into()))
+                        .await;
+                    return;
+                }
+            },
+            Ok(Ok(Some(_))) => {
+                let _ = tx
+                    .send(Err(ServiceError::Unauthenticated(
+                        "the first frame of a session must be attach".into(),
+                    )
+                    .into()))
+                    .await;
+                return;
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = tx
+                    .send(Err(ServiceError::Unauthenticated(format!(
+                        "no attach within {ATTACH_TIMEOUT:?}"
+                    ))
+                    .into()))
+                    .await;
+                return;
+            }
+        };
+    let Some(host) = context.replica.node_id() else {
+        let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
+        return;
+    };
+    let session = context.sessions.open(peer, tx.clone(), message_batches);
+    // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
+    // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
+    let mut events: Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>> = None;
+    let mut watches = watch::Watches::new(*peer.as_bytes());
+    let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
+    // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
+    async move {
+    let attach = Op::PresenceAttach {
+        peer: *peer.as_bytes(),
+        host,
+        session: session.id(),
+    };
+    // Boxed, here and below: the session task lives as long as the leaf is attached, and its size is that of
+    // its largest state; a proposal inlined there would be carried by every idle session.
+    if let Err(error) = Box::pin(context.replica.propose(attach)).await {
+        tracing::warn!(%error, "cannot record the attach");
+        let _ = tx.send(Err(error.into_status())).await;
+        return;
+    }
+    tracing::info!("leaf attached");
+    let welcome = ServerFrame {
+        frame: Some(server_frame::Frame::Welcome(Welcome {
+            session_token: session.token().to_string(),
+            peer_id: peer.to_string(),
+            members: context.replica.members().unwrap_or_default(),
+            keepalive_interval_ms: context.config.keepalive_interval_ms as u32,
+            send_batches: true,
+        })),
+    };
+    if tx.send(Ok(Box::new(welcome))).await.is_err() {
+        return;
+    }
+    // The mailbox drains while this loop reads the acknowledgements it waits for.
+    let drain = {
+        let context = context.clone();
+        async move {
+            match messaging::drain_mailbox(&context, peer).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, "delivered mailbox"),
+                Err(error) => tracing::warn!(%error, "mailbox drain stopped"),
+            }
+        }
+    };
+    // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
+    let mut drain = Some(Box::pin(drain));
+    let ttl = context.config.session_ttl();
+    // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns what it held in flight.
+    let mut sends = tokio::task::JoinSet::<InFlight>::new();
+    let mut sends_in_flight = InFlight::default();
+    let mut goodbye = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
+            Some(done) = sends.join_next(), if !sends.is_empty() => {
+                // A send task catches its own panic, so it always gives its share back.
+                sends_in_flight.remove(done.unwrap_or_default());
+            }
+            event = next_event(&mut events) => {
+                let frames = match event {
+                    Ok(event) => watches.on_event(&context, &event),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "session fell behind the event feed; resetting its watches");
+                        let current = context.replica.raft().map(crate::raft::propose::applied_index).unwrap_or(0);
+                        watches.reset_all(&context, current).unwrap_or_default()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                for frame in frames {
+                    if tx.send(Ok(Box::new(frame))).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            frame = tokio::time::timeout(ttl, inbound.message()) => match frame {
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) }))) => {
+                    let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { nonce: ping.nonce })) };
+                    if tx.send(Ok(Box::new(pong))).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAck(ack)) }))) => {
+                    session.acknowledge(ack.delivery_id);
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::MessageAcks(acks)) }))) => {
+                    for id in acks.delivery_ids {
+                        session.acknowledge(id);
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Watch(request)) }))) => {
+                    let watch_id = request.watch_id;
+                    if events.is_none() {
+                        events = Some(context.events.subscribe());
+                    }
+                    let frames = match Box::pin(watches.add(&context, request)).await {
+                        Ok(frames) => frames,
+                        Err(error) => vec![ServerFrame {
+                            frame: Some(server_frame::Frame::WatchRefused(WatchRefused {
+                                watch_id,
+                                reason: error.to_string(),
+                            })),
+                        }],
+                    };
+                    for frame in frames {
+                        if tx.send(Ok(Box::new(frame))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Send(frame)) }))) => {
+                    if !start_sends(&context, peer, session.id(), vec![frame], &tx, &mut sends, &mut sends_in_flight).await {
+                        break;
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::SendBatch(batch)) }))) => {
+                    if !start_sends(&context, peer, session.id(), batch.sends, &tx, &mut sends, &mut sends_in_flight).await {
+                        break;
+                    }
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::ConnectAnswer(answer)) }))) => {
+                    session.answer(answer);
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Unwatch(request)) }))) => {
+                    watches.remove(request.watch_id);
+                }
+                Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Detach(_)) }))) => {
+                    goodbye = true;
+                    break;
+                }
+                Ok(Ok(Some(_))) => {
+                    let _ = tx.send(Err(ServiceError::Malformed("unexpected frame on an attached session".into()).into())).await;
+                    break;
+                }
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!(?ttl, "no keepalive within the session TTL; closing");
+                    break;
+                }
+            }
+        }
+    }
+    let session_id = session.id();
+    // Stop taking deliveries and calls for this session at once.
+    drop(session);
+    let detach = Op::PresenceDetach {
+        peer: *peer.as_bytes(),
+        session: session_id,
+    };
+    if goodbye {
+        tracing::info!("leaf detached");
+    } else {
+        // No goodbye: give the leaf the grace period to come back (here or elsewhere) before it shows offline.
+        // A re-attach changes the session in presence, which turns this detach into a no-op.
+        tracing::info!(grace = ?context.config.session_grace(), "session lost");
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(context.config.session_grace()) => {}
+        }
+    }
+    if let Err(error) = Box::pin(context.replica.propose(detach)).await {
+        tracing::warn!(%error, "cannot record the detach; the host expiry will");
+    }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The next event of the feed, or never when the session has not subscribed (it has no watch).
+async fn next_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>>,
+) -> Result<Arc<crate::events::Event>, tokio::sync::broadcast::error::RecvError> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
