@@ -124,16 +124,15 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
     let delivery = |id: u64| DeliverCall {
         id,
         to: vesper_proto::Keypair::generate().peer_id().to_string(),
-        message: Some(Message {
+        messages: vec![Message {
             id: format!("m{id}"),
             kind: "note".into(),
             ..Message::default()
-        }),
-        more: Vec::new(),
+        }],
     };
     calls.send(delivery(1))?;
     let outcome = outcomes.message().await?.expect("an outcome");
-    assert_eq!((outcome.id, outcome.delivered), (1, false));
+    assert_eq!((outcome.id, outcome.each), (1, vec![false]));
 
     // Bad revocations are refused and commit nothing. (First wait for both nodes' relay load reports, the only
     // writes an idle cluster makes by itself, so that the log index stands still.)
@@ -181,7 +180,7 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
         id += 1;
         calls.send(delivery(id))?;
         match outcomes.message().await {
-            Ok(Some(outcome)) => assert_eq!((outcome.id, outcome.delivered), (id, false)),
+            Ok(Some(outcome)) => assert_eq!((outcome.id, outcome.each), (id, vec![false])),
             Ok(None) => anyhow::bail!("the delivery stream ended without a status"),
             Err(status) => break status,
         }

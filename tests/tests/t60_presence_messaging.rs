@@ -596,14 +596,12 @@ async fn delivery_stream(
     Ok((calls, outcomes))
 }
 
-/// Delivery call `id` of `messages` for leaf `to`: the first in `message`, the rest in `more`.
+/// Delivery call `id` of `messages` for leaf `to`.
 fn deliver_call(id: u64, to: &str, messages: Vec<vesper_proto::v1::Message>) -> DeliverCall {
-    let mut messages = messages.into_iter();
     DeliverCall {
         id,
         to: to.to_string(),
-        message: messages.next(),
-        more: messages.collect(),
+        messages,
     }
 }
 
@@ -633,15 +631,15 @@ async fn t60_a_delivery_between_super_peers_carries_1_to_64_messages() -> anyhow
         let outcome = tokio::time::timeout(Duration::from_secs(20), outcomes.message())
             .await??
             .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))?;
-        delivered.insert(outcome.id, (outcome.delivered, outcome.each));
+        delivered.insert(outcome.id, outcome.each);
     }
     assert_eq!(
         delivered[&1],
-        (false, vec![false; 65]),
+        vec![false; 65],
         "65 messages are one too many"
     );
-    assert_eq!(delivered[&2], (false, Vec::new()));
-    assert_eq!(delivered[&3], (true, vec![true; 64]));
+    assert_eq!(delivered[&2], Vec::<bool>::new());
+    assert_eq!(delivered[&3], vec![true; 64]);
     // Bob got the 64, in order, and nothing of the refused call.
     for n in 100..164u8 {
         assert_eq!(next_message(&mut inbox).await?.payload, vec![n]);
@@ -681,7 +679,7 @@ async fn t60_a_delivery_stream_holds_at_most_8192_messages_in_flight() -> anyhow
         .map_err(|_| anyhow::anyhow!("call 129 was not refused at once"))??
         .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))?;
     assert_eq!(outcome.id, 129, "{outcome:?}");
-    assert_eq!((outcome.delivered, outcome.each), (false, vec![false; 64]));
+    assert_eq!(outcome.each, vec![false; 64]);
     println!("refused after {:?}", started.elapsed());
     drop(silent);
     Ok(())

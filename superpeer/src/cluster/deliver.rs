@@ -69,13 +69,13 @@ pub fn serve(
                         let _ = outcomes.send(Err(status)).await;
                         break;
                     }
-                    let messages: Vec<Message> = call.message.into_iter().chain(call.more).collect();
+                    let messages: Vec<Message> = call.messages;
                     let count = messages.len();
                     if count == 0
                         || count > validate::MAX_BATCH_MESSAGES
                         || in_flight + count > MAX_IN_FLIGHT_PER_STREAM
                     {
-                        let refused = DeliverOutcome { id: call.id, delivered: false, each: vec![false; count] };
+                        let refused = DeliverOutcome { id: call.id, each: vec![false; count] };
                         if outcomes.send(Ok(refused)).await.is_err() {
                             break;
                         }
@@ -88,8 +88,7 @@ pub fn serve(
                             Ok(to) => router.deliver_here(&to, messages).await,
                             Err(_) => vec![false; count],
                         };
-                        let delivered = each.iter().all(|delivered| *delivered);
-                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, delivered, each })).await;
+                        let _ = outcomes.send(Ok(DeliverOutcome { id: call.id, each })).await;
                         count
                     });
                 }

@@ -9,8 +9,8 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
-    AdoptRequest, AdoptResponse, ConnectAnswer, DeliverCall, DeliverRequest, DeliverResponse,
-    DescribeRequest, DescribeResponse, GrantRelayRequest, JoinRequest, JoinResponse,
+    AdoptRequest, AdoptResponse, ConnectAnswer, DeliverCall, DescribeRequest, DescribeResponse,
+    DrainMailboxRequest, DrainMailboxResponse, GrantRelayRequest, JoinRequest, JoinResponse,
     MembershipCall, MembershipReply, NodeDescriptor, OfferRequest, ProposeRequest, ProposeResponse,
     PushPlanRequest, PushPlanResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
@@ -259,25 +259,18 @@ impl Cluster for ClusterService {
         Ok(Response::new(PushPlanResponse { pushed }))
     }
 
-    async fn deliver(
+    async fn drain_mailbox(
         &self,
-        request: Request<DeliverRequest>,
-    ) -> Result<Response<DeliverResponse>, Status> {
-        let request = request.into_inner();
+        request: Request<DrainMailboxRequest>,
+    ) -> Result<Response<DrainMailboxResponse>, Status> {
         let to: vesper_proto::PeerId = request
+            .into_inner()
             .to
             .parse()
             .map_err(|error| ServiceError::BadField(format!("to: {error}")))?;
-        if request.drain_mailbox {
-            // Queued for this node's drainer: the caller (the sender's super peer) must not wait for the whole
-            // mailbox.
-            self.router.drain_here(to);
-            return Ok(Response::new(DeliverResponse { delivered: false }));
-        }
-        let message = request
-            .message
-            .ok_or_else(|| ServiceError::BadField("message is missing".into()))?;
-        let delivered = self.router.deliver_here(&to, vec![message]).await == [true];
-        Ok(Response::new(DeliverResponse { delivered }))
+        // Queued for this node's drainer: the caller (the sender's super peer) must not wait for the whole
+        // mailbox.
+        self.router.drain_here(to);
+        Ok(Response::new(DrainMailboxResponse {}))
     }
 }

@@ -1,22 +1,19 @@
 //! The sending side of deliveries between super peers on long-lived streams (`Cluster.DeliverStream`); the
 //! receiving side is `cluster::deliver`.
 //!
-//! A message for a leaf attached to another super peer used to be one unary `Cluster.Deliver` call: a new HTTP/2
-//! stream, its headers and a server task per message. Now each member keeps one stream per member it delivers to
-//! and sends every delivery on it with an id; the receiver answers each as soon as the recipient acknowledged it
+//! Each member keeps one stream per member it delivers to (not a unary call per message, with a new HTTP/2
+//! stream, its headers and a server task each) and sends every delivery on it with an id; the receiver answers each as soon as the recipient acknowledged it
 //! (or could not take it), so many deliveries are in flight on one stream and a slow recipient holds up no other.
 //!
 //! ```text
-//!  send_all --(to, messages, reply)--> link task --DeliverCall{id}--> receiver: one task per delivery
-//!       ^                                  |                                 | sessions.deliver_all (waits for acks)
-//!       +---------- delivered? each -------+<------- DeliverOutcome{id} -----+
+//!  Router::deliver --(to, messages, reply)--> link task --DeliverCall{id}--> receiver: one task per delivery
+//!       ^                                         |                              | Router::deliver_here (acks)
+//!       +---------- delivered? each --------------+<---- DeliverOutcome{id} -----+
 //! ```
 //!
 //! A delivery carries the messages one session sent to one recipient together (up to
-//! `validate::MAX_BATCH_MESSAGES`: the first in `message`, the rest in `more`), pushed to the leaf in one frame;
-//! the outcome says, for each, whether the leaf acknowledged it. A member from before batches reads only
-//! `message` and answers only `delivered`, so during a rolling upgrade the rest of a batch goes to the mailbox
-//! instead of being lost or merged.
+//! `validate::MAX_BATCH_MESSAGES`), pushed to the leaf in one frame; the outcome says, for each, whether the
+//! leaf acknowledged it.
 //!
 //! A broken stream fails every delivery in flight on it (their senders queue the messages in the recipients'
 //! mailboxes; a leaf drops a message id it already has), and the next delivery opens a new stream. Both sides
@@ -154,8 +151,7 @@ async fn run_link(
                 next_id += 1;
                 in_flight += messages.len();
                 pending.insert(next_id, (reply, messages.len()));
-                let mut messages = messages.into_iter();
-                let call = DeliverCall { id: next_id, to, message: messages.next(), more: messages.collect() };
+                let call = DeliverCall { id: next_id, to, messages };
                 if out.try_send(call).is_err() {
                     break;
                 }
@@ -179,15 +175,10 @@ async fn run_link(
     // stream.
 }
 
-/// What an outcome says for each of the `count` messages of its call. A member from before batches answers
-/// `delivered` for the first message alone (it never saw the others).
+/// What an outcome says for each of the `count` messages of its call: an entry missing (a malformed answer)
+/// counts as not delivered, an extra one is ignored.
 fn outcome_of(outcome: DeliverOutcome, count: usize) -> Vec<bool> {
-    let mut each = if outcome.each.is_empty() {
-        vec![outcome.delivered]
-    } else {
-        outcome.each
-    };
-    // Anything missing counts as not delivered.
+    let mut each = outcome.each;
     each.resize(count, false);
     each
 }
@@ -197,29 +188,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_outcome_from_a_member_before_batches_speaks_for_the_first_message_alone() {
-        let old = |delivered| DeliverOutcome {
-            id: 1,
-            delivered,
-            each: Vec::new(),
-        };
-        assert_eq!(outcome_of(old(true), 3), [true, false, false]);
-        assert_eq!(outcome_of(old(false), 1), [false]);
-        let new = DeliverOutcome {
-            id: 1,
-            delivered: false,
-            each: vec![true, false, true],
-        };
-        assert_eq!(outcome_of(new, 3), [true, false, true]);
-        let short = DeliverOutcome {
-            id: 1,
-            delivered: true,
-            each: vec![true],
-        };
+    fn each_message_has_its_own_outcome_and_a_missing_one_is_not_delivered() {
+        let outcome = |each: Vec<bool>| DeliverOutcome { id: 1, each };
         assert_eq!(
-            outcome_of(short, 2),
-            [true, false],
-            "missing entries count as not delivered"
+            outcome_of(outcome(vec![true, false, true]), 3),
+            [true, false, true]
         );
+        assert_eq!(outcome_of(outcome(vec![true]), 2), [true, false]);
+        assert_eq!(outcome_of(outcome(vec![true, true]), 1), [true]);
+        assert_eq!(outcome_of(outcome(Vec::new()), 1), [false]);
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use vesper_proto::v1::{
-    ConnectAnswer, ConnectOffer, DeliverRequest, GrantRelayRequest, Message, OfferRequest,
+    ConnectAnswer, ConnectOffer, DrainMailboxRequest, GrantRelayRequest, Message, OfferRequest,
     PunchPlan, PushPlanRequest, RelayGrant,
 };
 use vesper_proto::PeerId;
@@ -132,12 +132,8 @@ impl Router {
             return;
         };
         if let Ok(mut client) = self.clients.client(&address) {
-            let request = DeliverRequest {
-                to: to.to_string(),
-                message: None,
-                drain_mailbox: true,
-            };
-            if let Err(status) = client.deliver(request).await {
+            let request = DrainMailboxRequest { to: to.to_string() };
+            if let Err(status) = client.drain_mailbox(request).await {
                 tracing::debug!(host, %status, "mailbox drain request not taken");
             }
         }
