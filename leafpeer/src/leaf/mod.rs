@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod connect;
+mod dispatch;
 mod endpoints;
 mod outgoing;
 mod session;
@@ -161,6 +162,7 @@ impl Leaf {
         }
         let attached = session::attach_any(&config, &config.seeds).await?;
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
+        let (dispatch_tx, dispatch_rx) = mpsc::channel(dispatch::DISPATCH_QUEUE);
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let (connection, _) = tokio::sync::watch::channel(None);
         let shared = Arc::new(Shared {
@@ -168,6 +170,7 @@ impl Leaf {
             config: config.clone(),
             connection,
             handlers: Handlers::default(),
+            dispatch: dispatch_tx,
             inbox: inbox_tx,
             watches: watches::WatchRegistry::default(),
             seen: Default::default(),
@@ -183,12 +186,18 @@ impl Leaf {
             pending_accepts: Default::default(),
             incoming: incoming_tx,
             stop: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
         // Published before returning, so calls work at once.
         shared
             .connection
             .send_replace(Some(attached.connection.clone()));
-        tokio::spawn(session::supervise(shared.clone(), attached));
+        shared
+            .tasks
+            .spawn(dispatch::run(shared.clone(), dispatch_rx));
+        shared
+            .tasks
+            .spawn(session::supervise(shared.clone(), attached));
         Ok(Leaf {
             inner: Arc::new(Inner {
                 shared,
@@ -298,13 +307,20 @@ impl Leaf {
         self.inner.shared.stop.cancel();
     }
 
-    /// The stream of incoming messages that have no handler, in arrival order. Returns `None` after the first
-    /// call (there is one stream).
+    /// The stream of incoming messages that have no handler, in arrival order, each once. A message is
+    /// acknowledged to its sender once it is on the stream; while the stream is full (`INBOX_QUEUE`, 1024
+    /// messages) the next one waits, and so does its sender. Returns `None` after the first call (there is one
+    /// stream).
     pub fn messages(&self) -> Option<mpsc::Receiver<Message>> {
         self.inner.inbox.lock().expect("inbox lock poisoned").take()
     }
 
-    /// Calls `handler` for every incoming message of `kind` (instead of putting it on the stream).
+    /// Calls `handler` for every incoming message of `kind` (instead of putting it on the stream), each once.
+    ///
+    /// Calls for one kind run one at a time in arrival order, on tokio's blocking pool, so a handler may block
+    /// (or sleep) without stalling the session: keepalives, other kinds and the stream go on meanwhile. A message
+    /// is acknowledged to its sender when its handler returns, so a slow handler slows its senders (whose sends
+    /// wait up to the super peer's delivery timeout) and holds back later messages of its kind only.
     pub fn on_message(&self, kind: &str, handler: impl Fn(Message) + Send + Sync + 'static) {
         self.inner
             .shared

@@ -2,10 +2,14 @@
 //!
 //! ```text
 //!  Supervisor (one task per Leaf) ── attach(seed) ──> Connection { client, token } published to the Leaf
-//!     │   runs SessionTask on the stream: pings, messages (once, acked), watch events (routed, index kept)
+//!     │   reads the stream: messages (deduplicated, queued for the dispatcher, see `dispatch`), send results,
+//!     │   watch events (routed, index kept), connection offers; a keepalive task per session pings meanwhile
 //!     └── stream ends without close/detach ──> backoff with jitter ──> attach to another known super peer
 //!                                              ──> re-send every watch with resume_after_index = last seen
 //! ```
+//!
+//! The read loop never runs app code: a slow handler or a full stream delays acknowledgements (and, once the
+//! dispatch queue is full, reading), never keepalives, so the session stays up.
 //!
 //! While it re-attaches within the super peers' grace period, the peer stays online: watchers see no flap.
 //! Messages the old session never acknowledged are redelivered by their senders or the mailbox; the seen-id
@@ -17,16 +21,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
-    client_frame, server_frame, Attach, ClientFrame, Message, MessageAck, MessageAcks, Ping,
-    SendResult, ServerFrame,
+    client_frame, server_frame, Attach, ClientFrame, Message, Ping, SendResult, ServerFrame,
 };
 use vesper_proto::validate;
 
+use super::dispatch::Arrival;
 use super::watches::WatchRegistry;
 use super::{Handlers, LeafConfig};
 use crate::error::LeafError;
@@ -56,6 +61,8 @@ pub struct Shared {
     /// Leaf addresses of super peers known to be members (seeds first, then what welcomes said).
     pub known: RwLock<Vec<String>>,
     pub handlers: Handlers,
+    /// Received messages for the dispatcher, which hands them to handlers or the stream and acknowledges them.
+    pub dispatch: mpsc::Sender<Arrival>,
     pub inbox: mpsc::Sender<Message>,
     pub watches: WatchRegistry,
     pub seen: Mutex<SeenMessages>,
@@ -84,7 +91,10 @@ pub struct Shared {
     pub pending_accepts: Mutex<HashMap<String, crate::p2p::PreparedSocket>>,
     /// Accepted connections for the app.
     pub incoming: mpsc::Sender<crate::p2p::PeerConnection>,
+    /// Cancels every task of the leaf (`close`, `detach`, or the last handle dropped).
     pub stop: CancellationToken,
+    /// Every task of the leaf, so that none outlives it unseen.
+    pub tasks: TaskTracker,
 }
 
 impl Shared {
@@ -331,46 +341,86 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
         keepalive,
         ..
     } = attached;
+    // Keepalives go out on their own task, so that nothing the read loop waits for can silence the session.
+    let ended = shared.stop.child_token();
+    let _end_keepalives = ended.clone().drop_guard();
+    shared
+        .tasks
+        .spawn(keep_alive(connection.clone(), keepalive, ended));
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => return,
+            frame = inbound.message() => frame,
+        };
+        match frame {
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::Message(message)),
+            })) => {
+                if !receive(shared, &connection, vec![message]).await {
+                    return;
+                }
+            }
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::MessageBatch(batch)),
+            })) => {
+                if !receive(shared, &connection, batch.messages).await {
+                    return;
+                }
+            }
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::ConnectOffer(offer)),
+            })) => {
+                shared.tasks.spawn(super::connect::answer_offer(
+                    shared.clone(),
+                    connection.clone(),
+                    offer,
+                ));
+            }
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::PunchPlan(plan)),
+            })) => {
+                shared
+                    .tasks
+                    .spawn(super::connect::carry_out_plan(shared.clone(), plan));
+            }
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::SendResult(result)),
+            })) => send_done(shared, vec![result]),
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::SendResults(results)),
+            })) => send_done(shared, results.results),
+            Ok(Some(ServerFrame { frame: Some(frame) })) => {
+                tokio::select! {
+                    biased;
+                    _ = shared.stop.cancelled() => return,
+                    _ = shared.watches.route(frame) => {}
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// Pings every `keepalive` on `connection` until `ended` (the session's read loop returned) or the stream closed.
+async fn keep_alive(connection: Arc<Connection>, keepalive: Duration, ended: CancellationToken) {
     let mut ticker = tokio::time::interval(keepalive);
     let mut nonce = 0u64;
     loop {
         tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => return,
-            _ = ticker.tick() => {
-                nonce += 1;
-                let ping = ClientFrame { frame: Some(client_frame::Frame::Ping(Ping { nonce })) };
-                if connection.outbound.send(ping).await.is_err() {
-                    return;
-                }
-            }
-            frame = inbound.message() => match frame {
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::Message(message)) })) => {
-                    if !receive(shared, &connection, vec![message]).await {
-                        return;
-                    }
-                }
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::MessageBatch(batch)) })) => {
-                    if !receive(shared, &connection, batch.messages).await {
-                        return;
-                    }
-                }
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::ConnectOffer(offer)) })) => {
-                    tokio::spawn(super::connect::answer_offer(shared.clone(), connection.clone(), offer));
-                }
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::PunchPlan(plan)) })) => {
-                    tokio::spawn(super::connect::carry_out_plan(shared.clone(), plan));
-                }
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::SendResult(result)) })) => {
-                    send_done(shared, vec![result]);
-                }
-                Ok(Some(ServerFrame { frame: Some(server_frame::Frame::SendResults(results)) })) => {
-                    send_done(shared, results.results);
-                }
-                Ok(Some(ServerFrame { frame: Some(frame) })) => shared.watches.route(frame).await,
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return,
-            }
+            _ = ended.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        nonce += 1;
+        let ping = ClientFrame {
+            frame: Some(client_frame::Frame::Ping(Ping { nonce })),
+        };
+        tokio::select! {
+            biased;
+            _ = ended.cancelled() => return,
+            sent = connection.outbound.send(ping) => if sent.is_err() { return },
         }
     }
 }
@@ -385,44 +435,30 @@ fn send_done(shared: &Shared, results: Vec<SendResult>) {
     }
 }
 
-/// Hands `messages` to the app in order (except retries of messages it already has) and acknowledges them, in
-/// one frame. False when the session is gone.
-async fn receive(shared: &Shared, connection: &Connection, messages: Vec<Message>) -> bool {
-    let mut ids = Vec::with_capacity(messages.len());
-    for message in messages {
-        // Acknowledged by the id its super peer gave this push; the seen-set below is keyed by sender and id.
-        ids.push(message.delivery_id);
-        let first = shared
-            .seen
-            .lock()
-            .expect("seen lock")
-            .first_time(&message.from, &message.id);
-        if !first {
-            continue;
-        }
-        let handler = shared
-            .handlers
-            .read()
-            .expect("handlers lock poisoned")
-            .get(&message.kind)
-            .cloned();
-        match handler {
-            Some(handler) => handler(message),
-            // If the app dropped the stream, the message is acknowledged and dropped.
-            None => {
-                let _ = shared.inbox.send(message).await;
-            }
-        }
-    }
-    let frame = match <[u64; 1]>::try_from(ids) {
-        Ok([delivery_id]) => client_frame::Frame::MessageAck(MessageAck { delivery_id }),
-        Err(delivery_ids) => client_frame::Frame::MessageAcks(MessageAcks { delivery_ids }),
+/// Marks which of `messages` the app already has (retries) and queues them for the dispatcher, which hands the
+/// others to the app in order and acknowledges all of them. Waits while the dispatch queue is full. False when
+/// the leaf stopped.
+async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Message>) -> bool {
+    let messages = {
+        let mut seen = shared.seen.lock().expect("seen lock");
+        messages
+            .into_iter()
+            .map(|message| {
+                // Acknowledged by the id its super peer gave this push; the seen-set is keyed by sender and id.
+                let first = seen.first_time(&message.from, &message.id);
+                (message, first)
+            })
+            .collect()
     };
-    connection
-        .outbound
-        .send(ClientFrame { frame: Some(frame) })
-        .await
-        .is_ok()
+    let arrival = Arrival {
+        connection: connection.clone(),
+        messages,
+    };
+    tokio::select! {
+        biased;
+        _ = shared.stop.cancelled() => false,
+        sent = shared.dispatch.send(arrival) => sent.is_ok(),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,150 @@
+//! Handing received messages to the app, off the session's read loop.
+//!
+//! ```text
+//!  read loop ── dedup ──> dispatch queue (DISPATCH_QUEUE frames) ──> dispatcher (one task per Leaf)
+//!                                      ├─ kind with a handler ──> that kind's lane: spawn_blocking(handler), one
+//!                                      │                          at a time, in arrival order ──> ack
+//!                                      └─ no handler ──> the messages() stream (waits while it is full) ──> ack
+//! ```
+//!
+//! A message is acknowledged, on the session that delivered it, once the app has it: its handler returned, or it
+//! is on the stream. A slow handler holds up later messages of its kind only; the stream, other kinds, keepalives
+//! and send results go on. A retry of a message the app already has is acknowledged after the first copy, in the
+//! same lane, without reaching the app again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use vesper_proto::v1::{client_frame, ClientFrame, Message, MessageAck, MessageAcks};
+
+use super::session::{Connection, Shared};
+use super::Handler;
+
+/// Frames of received messages waiting for the dispatcher; past it the read loop waits (keepalives do not).
+pub const DISPATCH_QUEUE: usize = 64;
+/// Messages waiting for one kind's handler; past it the dispatcher waits for that handler.
+const LANE_QUEUE: usize = 256;
+
+/// The messages of one frame, as the read loop received them.
+pub struct Arrival {
+    /// The session that delivered them, which their acknowledgements go back on.
+    pub connection: Arc<Connection>,
+    /// Each message, with false when the app already has it (a retry to acknowledge only).
+    pub messages: Vec<(Message, bool)>,
+}
+
+/// One message for a kind's lane.
+struct LaneJob {
+    /// None for a retry: acknowledged once the messages ahead of it were handled.
+    handler: Option<Handler>,
+    message: Message,
+    connection: Arc<Connection>,
+}
+
+/// Runs until the leaf stops: takes arrivals in order and hands each message to its handler's lane or the stream.
+pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
+    let mut lanes: HashMap<String, mpsc::Sender<LaneJob>> = HashMap::new();
+    loop {
+        let arrival = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => return,
+            arrival = arrivals.recv() => match arrival {
+                Some(arrival) => arrival,
+                None => return,
+            },
+        };
+        // Acknowledged together once they are all on the stream.
+        let mut streamed = Vec::new();
+        for (message, first) in arrival.messages {
+            let handler = shared
+                .handlers
+                .read()
+                .expect("handlers lock poisoned")
+                .get(&message.kind)
+                .cloned();
+            // A retry goes to the lane of its kind if it has one, so that its ack follows the first copy's.
+            let lane = match (&handler, lanes.get(&message.kind)) {
+                (_, Some(lane)) => Some(lane.clone()),
+                (Some(_), None) => {
+                    let (sender, receiver) = mpsc::channel(LANE_QUEUE);
+                    shared.tasks.spawn(run_lane(shared.clone(), receiver));
+                    lanes.insert(message.kind.clone(), sender.clone());
+                    Some(sender)
+                }
+                (None, None) => None,
+            };
+            match lane {
+                Some(lane) => {
+                    let job = LaneJob {
+                        handler: handler.filter(|_| first),
+                        message,
+                        connection: arrival.connection.clone(),
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = shared.stop.cancelled() => return,
+                        sent = lane.send(job) => if sent.is_err() { return },
+                    }
+                }
+                None => {
+                    streamed.push(message.delivery_id);
+                    if first {
+                        // If the app dropped the stream, the message is acknowledged and dropped.
+                        tokio::select! {
+                            biased;
+                            _ = shared.stop.cancelled() => return,
+                            _ = shared.inbox.send(message) => {}
+                        }
+                    }
+                }
+            }
+        }
+        if !streamed.is_empty() {
+            acknowledge(&arrival.connection, streamed).await;
+        }
+    }
+}
+
+/// Runs one kind's handler on each message in turn, on the blocking pool (a handler may block), and acknowledges
+/// it when the handler returns.
+async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::Receiver<LaneJob>) {
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => return,
+            job = jobs.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let delivery_id = job.message.delivery_id;
+        if let Some(handler) = job.handler {
+            let (kind, message) = (job.message.kind.clone(), job.message);
+            let call = shared.tasks.spawn_blocking(move || handler(message));
+            tokio::select! {
+                biased;
+                // The call runs to its end on the blocking pool; the tracker counts it until then.
+                _ = shared.stop.cancelled() => return,
+                outcome = call => if outcome.is_err() {
+                    // The app had the message; a panicking handler does not make the sender retry it forever.
+                    tracing::warn!(%kind, "a message handler panicked");
+                },
+            }
+        }
+        acknowledge(&job.connection, vec![delivery_id]).await;
+    }
+}
+
+/// Sends the acknowledgement of `delivery_ids` on `connection`; nothing when that session is gone (the senders
+/// retry, and the retries are acknowledged without reaching the app again).
+pub async fn acknowledge(connection: &Connection, delivery_ids: Vec<u64>) {
+    let frame = match <[u64; 1]>::try_from(delivery_ids) {
+        Ok([delivery_id]) => client_frame::Frame::MessageAck(MessageAck { delivery_id }),
+        Err(delivery_ids) => client_frame::Frame::MessageAcks(MessageAcks { delivery_ids }),
+    };
+    let _ = connection
+        .outbound
+        .send(ClientFrame { frame: Some(frame) })
+        .await;
+}
