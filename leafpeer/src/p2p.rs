@@ -30,6 +30,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use vesper_proto::nat::parse_candidates;
 use vesper_proto::relay as relay_wire;
 use vesper_proto::v1::{PortPrediction, PunchPlan, PunchRole};
@@ -90,6 +92,8 @@ pub struct RelayCaps {
 /// An authenticated, encrypted connection to another leaf.
 pub struct PeerConnection {
     connection: quinn::Connection,
+    /// On a relayed path: the task that closes the connection when the relay ends it (ends with it).
+    _relay_watch: Option<AbortOnDropHandle<()>>,
     _endpoint: quinn::Endpoint,
     path: Path,
     peer: PeerId,
@@ -108,6 +112,7 @@ impl PeerConnection {
         let remote = connection.remote_address();
         Self {
             connection,
+            _relay_watch: None,
             _endpoint: endpoint,
             path: Path::Direct(remote),
             peer,
@@ -127,7 +132,7 @@ impl PeerConnection {
         // When the relay says it is over, close at once rather than wait for the idle timeout.
         let closing = connection.clone();
         let mut ended = relay_end.clone();
-        tokio::spawn(async move {
+        let watch = tokio::spawn(async move {
             tokio::select! {
                 Ok(_) = ended.wait_for(Option::is_some) => {
                     closing.close(RELAY_ENDED.into(), b"the relay ended the allocation");
@@ -138,6 +143,7 @@ impl PeerConnection {
         relay_end.mark_unchanged();
         Self {
             connection,
+            _relay_watch: Some(AbortOnDropHandle::new(watch)),
             _endpoint: endpoint,
             path,
             peer,
@@ -726,11 +732,14 @@ impl PreparedSocket {
     }
 }
 
-/// Carries out a punch plan on a prepared socket (the socket whose candidates were sent to the broker).
+/// Carries out a punch plan on a prepared socket (the socket whose candidates were sent to the broker). A relay
+/// allocation a direct path made useless is released afterwards, on `tasks`, unless `stop` comes first.
 pub async fn run_plan(
     prepared: PreparedSocket,
     plan: PunchPlan,
     keypair: &Keypair,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
 ) -> Result<PeerConnection, LeafError> {
     let planned_at = std::time::Instant::now();
     let grant = plan.relay.clone();
@@ -738,7 +747,14 @@ pub async fn run_plan(
     connection.planned_at = planned_at;
     if let (Path::Direct(_), Some(grant)) = (&connection.path, grant) {
         // Off the critical path: the app gets its connection now.
-        tokio::spawn(async move { release_relay(&grant.address, &grant.token).await });
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {}
+                _ = release_relay(&grant.address, &grant.token) => {}
+            }
+        });
     }
     Ok(connection)
 }
@@ -812,14 +828,11 @@ async fn carry_out(
         let attempt = async {
             match role {
                 PunchRole::Server => {
-                    let puncher = tokio::spawn(punch(
-                        punch_socket,
-                        targets.clone(),
-                        nonce.clone(),
-                        prediction.probes,
-                    ));
-                    let accepted = accept_with_nonce(&direct, &nonce).await;
-                    puncher.abort();
+                    // Punches until a connection is accepted, or the attempt is dropped at its deadline.
+                    let accepted = tokio::select! {
+                        accepted = accept_with_nonce(&direct, &nonce) => accepted,
+                        () = punch(punch_socket, targets.clone(), nonce.clone(), prediction.probes) => None,
+                    };
                     accepted
                         .map(|connection| (connection, None))
                         .ok_or_else(|| LeafError::PeerConnection("endpoint closed".into()))

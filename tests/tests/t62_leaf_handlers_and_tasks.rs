@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vesper_leafpeer::{Consistency, Leaf, Message, PresenceStatus, SendOutcome};
+use vesper_leafpeer::{
+    Consistency, Keypair, Leaf, LeafConfig, Message, PresenceStatus, SendOutcome, WatchSpec,
+};
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
 
@@ -129,5 +131,92 @@ async fn t62_a_handler_blocking_past_the_session_ttl_does_not_stall_the_session(
     assert!(receiver.reattach_times().is_empty(), "no re-attach");
     assert_eq!(receiver.server(), server);
     assert!(is_online(&sender, &to).await?, "the receiver is online");
+    Ok(())
+}
+
+/// Waits until `leaf` runs no task.
+async fn no_task_left(leaf: &Leaf, what: &str) -> anyhow::Result<()> {
+    wait::until(what, Duration::from_secs(10), || async {
+        let left = leaf.task_count();
+        if left == 0 {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!("{left} tasks still running"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t62_a_leaf_that_detached_or_closed_leaves_no_task() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    // Tasks of this runtime before any leaf: what is left once the leaves are gone must be back to it.
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let before = runtime.num_alive_tasks();
+    // One leaf publishes its endpoints after attaching (a task of its own); the others do not.
+    let mut config = LeafConfig::new(
+        cluster.leaf_addrs(),
+        cluster.pki.ca_pem(),
+        Keypair::generate(),
+    );
+    config.publish_endpoints = true;
+    let publishing = Leaf::connect(config).await?;
+    let detaching = cluster.leaf(0).await?;
+    let closing = cluster.leaf(0).await?;
+    for leaf in [&detaching, &closing] {
+        // Busy with a stream message, a handler's kind and a watch before it goes.
+        let mut stream = leaf.messages().expect("first call gets the stream");
+        let (handled_tx, mut handled_rx) = tokio::sync::mpsc::channel(1);
+        leaf.on_message("handled", move |message| {
+            let _ = handled_tx.try_send(message);
+        });
+        let mut watch = leaf
+            .watch(WatchSpec {
+                peers: vec![publishing.peer_id().to_string()],
+                ..WatchSpec::default()
+            })
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), watch.recv())
+            .await?
+            .expect("the watch starts");
+        publishing
+            .send(&leaf.peer_id(), "streamed", b"s".to_vec())
+            .await?;
+        publishing
+            .send(&leaf.peer_id(), "handled", b"h".to_vec())
+            .await?;
+        assert_eq!(next_message(&mut stream).await?.payload, b"s");
+        tokio::time::timeout(Duration::from_secs(10), handled_rx.recv())
+            .await?
+            .expect("handled");
+        // The session, its keepalives, the dispatcher and the handler's lane at least.
+        assert!(leaf.task_count() >= 4, "{} tasks", leaf.task_count());
+    }
+
+    detaching.detach().await;
+    no_task_left(&detaching, "no task of the detached leaf").await?;
+    closing.close();
+    no_task_left(&closing, "no task of the closed leaf").await?;
+    publishing.detach().await;
+    no_task_left(&publishing, "no task of the publishing leaf").await?;
+
+    // By the runtime's own count, which also sees tasks spawned outside the leaves' trackers: with the handles
+    // dropped (and their gRPC channels with them), nothing of the leaves is left.
+    drop((detaching, closing, publishing));
+    wait::until(
+        "the runtime's task count back to before the leaves",
+        Duration::from_secs(10),
+        || async {
+            let alive = runtime.num_alive_tasks();
+            if alive <= before {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!(
+                    "{alive} tasks alive, {before} before the leaves"
+                ))
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -64,7 +64,14 @@ pub async fn dial(
         .into_inner()
         .plan
         .ok_or_else(|| LeafError::PeerConnection("the broker answered without a plan".into()))?;
-    p2p::run_plan(prepared, plan, &shared.config.keypair).await
+    p2p::run_plan(
+        prepared,
+        plan,
+        &shared.config.keypair,
+        &shared.tasks,
+        &shared.stop,
+    )
+    .await
 }
 
 /// Answers an offer: asks the app's policy; on accept, measures a socket and keeps it for the plan.
@@ -108,10 +115,10 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
                     .expect("pending accepts lock")
                     .insert(offer.offer_id.clone(), socket);
                 // A plan that never comes (the caller gave up) must not keep the socket forever.
-                let (shared, offer_id) = (shared.clone(), offer.offer_id.clone());
-                tokio::spawn(async move {
+                let (owner, offer_id) = (shared.clone(), offer.offer_id.clone());
+                shared.spawn(async move {
                     tokio::time::sleep(PLAN_WAIT).await;
-                    shared
+                    owner
                         .pending_accepts
                         .lock()
                         .expect("pending accepts lock")
@@ -139,7 +146,15 @@ pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
         return;
     };
     let peer = plan.peer_id.clone();
-    match p2p::run_plan(socket, plan, &shared.config.keypair).await {
+    match p2p::run_plan(
+        socket,
+        plan,
+        &shared.config.keypair,
+        &shared.tasks,
+        &shared.stop,
+    )
+    .await
+    {
         Ok(connection) => {
             tracing::info!(%peer, path = %connection.path(), "accepted a peer connection");
             let _ = shared.incoming.send(connection).await;

@@ -68,7 +68,7 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
                 (_, Some(lane)) => Some(lane.clone()),
                 (Some(_), None) => {
                     let (sender, receiver) = mpsc::channel(LANE_QUEUE);
-                    shared.tasks.spawn(run_lane(shared.clone(), receiver));
+                    shared.spawn(run_lane(shared.clone(), receiver));
                     lanes.insert(message.kind.clone(), sender.clone());
                     Some(sender)
                 }

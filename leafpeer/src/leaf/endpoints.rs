@@ -67,21 +67,18 @@ pub async fn publish(
 
 /// Measures and publishes in the background after an attach; failures are logged, the session goes on.
 pub fn publish_in_background(shared: Arc<Shared>, connection: Arc<Connection>) {
-    tokio::spawn(async move {
+    shared.clone().spawn(async move {
         let outcome = async {
             let report = measure(&shared, &connection).await?;
             publish(&shared, &connection, &report).await?;
             Ok::<_, LeafError>(report)
         };
-        tokio::select! {
-            _ = shared.stop.cancelled() => {}
-            result = outcome => match result {
-                Ok(report) => {
-                    tracing::debug!(class = %report.class, local = %report.local, "published endpoints");
-                    *shared.nat.lock().expect("nat lock") = Some(report);
-                }
-                Err(error) => tracing::warn!(%error, "could not publish endpoints"),
-            },
+        match outcome.await {
+            Ok(report) => {
+                tracing::debug!(class = %report.class, local = %report.local, "published endpoints");
+                *shared.nat.lock().expect("nat lock") = Some(report);
+            }
+            Err(error) => tracing::warn!(%error, "could not publish endpoints"),
         }
     });
 }

@@ -192,12 +192,8 @@ impl Leaf {
         shared
             .connection
             .send_replace(Some(attached.connection.clone()));
-        shared
-            .tasks
-            .spawn(dispatch::run(shared.clone(), dispatch_rx));
-        shared
-            .tasks
-            .spawn(session::supervise(shared.clone(), attached));
+        shared.spawn(dispatch::run(shared.clone(), dispatch_rx));
+        shared.spawn(session::supervise(shared.clone(), attached));
         Ok(Leaf {
             inner: Arc::new(Inner {
                 shared,
@@ -263,6 +259,13 @@ impl Leaf {
     /// What the last endpoint discovery found (`None` before the first one finished).
     pub fn nat_report(&self) -> Option<crate::nat::NatReport> {
         self.inner.shared.nat.lock().expect("nat lock").clone()
+    }
+
+    /// Tasks of this leaf still running (the session, keepalives, message dispatch, handler calls, connection
+    /// set-up); 0 soon after `close` or `detach`, except for handler calls, which run to their end.
+    #[doc(hidden)]
+    pub fn task_count(&self) -> usize {
+        self.inner.shared.tasks.len()
     }
 
     /// How long each re-attach after losing a super peer took.

@@ -108,6 +108,18 @@ impl Shared {
     pub fn current(&self) -> Option<Arc<Connection>> {
         self.connection.borrow().clone()
     }
+
+    /// Runs `task` on the leaf's tracker until it ends or the leaf stops.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
 }
 
 fn host_of(address: &str) -> &str {
@@ -344,9 +356,7 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
     // Keepalives go out on their own task, so that nothing the read loop waits for can silence the session.
     let ended = shared.stop.child_token();
     let _end_keepalives = ended.clone().drop_guard();
-    shared
-        .tasks
-        .spawn(keep_alive(connection.clone(), keepalive, ended));
+    shared.spawn(keep_alive(connection.clone(), keepalive, ended));
     loop {
         let frame = tokio::select! {
             biased;
@@ -371,7 +381,7 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::ConnectOffer(offer)),
             })) => {
-                shared.tasks.spawn(super::connect::answer_offer(
+                shared.spawn(super::connect::answer_offer(
                     shared.clone(),
                     connection.clone(),
                     offer,
@@ -380,9 +390,7 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::PunchPlan(plan)),
             })) => {
-                shared
-                    .tasks
-                    .spawn(super::connect::carry_out_plan(shared.clone(), plan));
+                shared.spawn(super::connect::carry_out_plan(shared.clone(), plan));
             }
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::SendResult(result)),
