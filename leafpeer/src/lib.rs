@@ -9,9 +9,12 @@
 //!
 //! ```text
 //!  Leaf::connect ──> try seeds in order ──> Session stream: challenge -> attach(sig) -> welcome(token)
-//!                                            └─ keepalive task: ping every interval while the Leaf lives
+//!                                            ├─ keepalive task: ping every interval while the session lives
+//!                                            └─ dispatcher: messages to handlers (blocking pool) or the stream
 //!  leaf.put/get/...  ──> unary call with x-vesper-session: token ──> super peer
 //! ```
+
+#![warn(missing_docs)]
 
 mod error;
 mod leaf;

@@ -51,16 +51,28 @@ impl NatReport {
 /// Why a STUN query gave no address.
 #[derive(Debug, thiserror::Error)]
 pub enum StunError {
+    /// The server stayed silent through every retransmission.
     #[error("no STUN answer from {server} after {attempts} attempts")]
-    Timeout { server: SocketAddr, attempts: usize },
+    Timeout {
+        /// The STUN server asked.
+        server: SocketAddr,
+        /// Requests sent.
+        attempts: usize,
+    },
+    /// The server answered with something other than a good Binding success.
     #[error("STUN server {server}: {error}")]
     Refused {
+        /// The STUN server asked.
         server: SocketAddr,
+        /// What was wrong with its answer.
         error: stun::ResponseError,
     },
+    /// Sending or receiving on the socket failed.
     #[error("STUN query to {server}: {error}")]
     Io {
+        /// The STUN server asked.
         server: SocketAddr,
+        /// The socket's error.
         error: std::io::Error,
     },
 }

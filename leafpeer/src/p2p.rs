@@ -65,7 +65,12 @@ pub enum Path {
     /// Straight to the peer at this address.
     Direct(SocketAddr),
     /// Through a super peer's relay, with the caps it enforces.
-    Relayed { relay: SocketAddr, caps: RelayCaps },
+    Relayed {
+        /// The relay's UDP address.
+        relay: SocketAddr,
+        /// What the relay allows this connection.
+        caps: RelayCaps,
+    },
 }
 
 impl std::fmt::Display for Path {
@@ -84,8 +89,11 @@ impl std::fmt::Display for Path {
 /// What a relay allows one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayCaps {
+    /// The relay ends the connection after this many bytes (both directions together).
     pub max_bytes: u64,
+    /// ... or this many seconds after it granted the allocation.
     pub max_seconds: u32,
+    /// Traffic above this many bytes per second (each direction) is dropped.
     pub max_bytes_per_second: u64,
 }
 

@@ -124,6 +124,7 @@ pub struct PeerMatches {
 /// A page of records.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
+    /// The records of this page, in key order.
     pub records: Vec<Record>,
     /// Token for the next page; `None` when there is none.
     pub next_page_token: Option<String>,

@@ -13,7 +13,10 @@ pub enum WatchItem {
     /// A change, with the log index that made it.
     Event(Box<WatchEvent>),
     /// History was gone: the current state follows as events at this index.
-    Reset { applied_index: u64 },
+    Reset {
+        /// The log index of the state that follows.
+        applied_index: u64,
+    },
     /// The super peer refused the watch.
     Refused(String),
 }
