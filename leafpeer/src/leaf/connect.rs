@@ -9,7 +9,7 @@ use vesper_proto::v1::{
 use vesper_proto::{PeerId, SESSION_METADATA_KEY};
 
 use super::endpoints;
-use super::session::{Connection, Shared};
+use super::shared::{Connection, Shared};
 use crate::error::LeafError;
 use crate::nat;
 use crate::p2p::{self, PeerConnection, PreparedSocket};

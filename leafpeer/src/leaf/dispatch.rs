@@ -18,21 +18,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use vesper_proto::v1::{client_frame, ClientFrame, Message, MessageAck, MessageAcks};
 
-use super::session::{Connection, Shared};
+use super::shared::{Arrival, Connection, Shared};
 use super::Handler;
 
 /// Frames of received messages waiting for the dispatcher; past it the read loop waits (keepalives do not).
 pub const DISPATCH_QUEUE: usize = 64;
 /// Messages waiting for one kind's handler; past it the dispatcher waits for that handler.
 const LANE_QUEUE: usize = 256;
-
-/// The messages of one frame, as the read loop received them.
-pub struct Arrival {
-    /// The session that delivered them, which their acknowledgements go back on.
-    pub connection: Arc<Connection>,
-    /// Each message, with false when the app already has it (a retry to acknowledge only).
-    pub messages: Vec<(Message, bool)>,
-}
 
 /// One message for a kind's lane.
 struct LaneJob {

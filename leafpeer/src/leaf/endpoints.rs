@@ -7,7 +7,7 @@ use tokio::net::UdpSocket;
 use vesper_proto::v1::PublishEndpointsRequest;
 use vesper_proto::SESSION_METADATA_KEY;
 
-use super::session::{Connection, Shared};
+use super::shared::{Connection, Shared};
 use crate::error::LeafError;
 use crate::nat::{self, NatReport};
 

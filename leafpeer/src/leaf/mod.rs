@@ -8,7 +8,9 @@ mod connect;
 mod dispatch;
 mod endpoints;
 mod outgoing;
+mod seen;
 mod session;
+mod shared;
 mod watches;
 
 use tokio::sync::mpsc;
@@ -23,7 +25,7 @@ use vesper_proto::v1::{
 use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
 
 use crate::error::LeafError;
-use session::{Connection, Shared};
+use shared::{Connection, Shared};
 pub use watches::{WatchItem, WatchSpec};
 
 /// Messages held for the app's stream before delivery waits for the app to read (and acknowledgements with it).

@@ -15,15 +15,12 @@
 //! Messages the old session never acknowledged are redelivered by their senders or the mailbox; the seen-id
 //! set, kept across sessions, gives each to the app once.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
@@ -31,96 +28,15 @@ use vesper_proto::v1::{
 };
 use vesper_proto::validate;
 
-use super::dispatch::Arrival;
-use super::watches::WatchRegistry;
-use super::{Handlers, LeafConfig};
+use super::shared::{Arrival, Connection, Shared};
+use super::LeafConfig;
 use crate::error::LeafError;
 
 /// Frames queued towards the super peer on the session stream (keepalives, acknowledgements, watches, goodbye).
 const SESSION_OUTBOUND_QUEUE: usize = 256;
-/// Message ids remembered to deliver retries to the app once.
-const SEEN_MESSAGES: usize = 10_000;
 /// First wait before re-attaching; doubles up to `MAX_BACKOFF`, each wait drawn from [d/2, d].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// A live attachment: what calls need.
-#[derive(Clone)]
-pub struct Connection {
-    pub client: LeafClient<Channel>,
-    pub token: MetadataValue<Ascii>,
-    pub server: String,
-    pub outbound: mpsc::Sender<ClientFrame>,
-}
-
-/// State shared by the Leaf handle and its supervisor.
-pub struct Shared {
-    pub config: LeafConfig,
-    /// The current connection; None while re-attaching.
-    pub connection: watch::Sender<Option<Arc<Connection>>>,
-    /// Leaf addresses of super peers known to be members (seeds first, then what welcomes said).
-    pub known: RwLock<Vec<String>>,
-    pub handlers: Handlers,
-    /// Received messages for the dispatcher, which hands them to handlers or the stream and acknowledges them.
-    pub dispatch: mpsc::Sender<Arrival>,
-    pub inbox: mpsc::Sender<Message>,
-    pub watches: WatchRegistry,
-    pub seen: Mutex<SeenMessages>,
-    /// How long each re-attach took, for apps and tests that want to know.
-    pub reattach_times: Mutex<Vec<Duration>>,
-    /// Pipelined sends waiting for their SendResult, by request id. Cleared when a session ends, which fails
-    /// them (the sender retries them, with the same message id, on the next session).
-    pub pending_sends: Mutex<foldhash::HashMap<u64, oneshot::Sender<SendResult>>>,
-    /// One permit per send in flight, up to the super peer's limit (`validate::MAX_SENDS_IN_FLIGHT`): past it a
-    /// send waits here for one to finish instead of being refused.
-    pub send_permits: tokio::sync::Semaphore,
-    /// One permit per byte of payload in flight, up to the super peer's limit
-    /// (`validate::MAX_SEND_BYTES_IN_FLIGHT`), held back the same way.
-    pub send_bytes: tokio::sync::Semaphore,
-    pub next_request: std::sync::atomic::AtomicU64,
-    /// Last sequence number given to a presence update (SetPresence or PublishEndpoints); the super peer
-    /// refuses an update whose number is not above the previous one of its session, so replays change nothing.
-    pub presence_sequence: std::sync::atomic::AtomicU64,
-    /// Held across a SetPresence call so that concurrent calls reach the super peer in sequence order.
-    pub presence_order: tokio::sync::Mutex<()>,
-    /// What the last endpoint discovery found.
-    pub nat: Mutex<Option<crate::nat::NatReport>>,
-    /// Decides whether to accept a connection offer from a peer; none refuses every offer.
-    pub connect_policy: RwLock<Option<super::ConnectPolicy>>,
-    /// Sockets measured for accepted offers, waiting for their punch plans, by offer id.
-    pub pending_accepts: Mutex<HashMap<String, crate::p2p::PreparedSocket>>,
-    /// Accepted connections for the app.
-    pub incoming: mpsc::Sender<crate::p2p::PeerConnection>,
-    /// Cancels every task of the leaf (`close`, `detach`, or the last handle dropped).
-    pub stop: CancellationToken,
-    /// Every task of the leaf, so that none outlives it unseen.
-    pub tasks: TaskTracker,
-}
-
-impl Shared {
-    /// The sequence number for the next presence update.
-    pub fn next_presence_sequence(&self) -> u64 {
-        self.presence_sequence
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1
-    }
-
-    pub fn current(&self) -> Option<Arc<Connection>> {
-        self.connection.borrow().clone()
-    }
-
-    /// Runs `task` on the leaf's tracker until it ends or the leaf stops.
-    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let stop = self.stop.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => {}
-                _ = task => {}
-            }
-        });
-    }
-}
 
 fn host_of(address: &str) -> &str {
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
@@ -224,48 +140,6 @@ pub async fn attach_any(config: &LeafConfig, candidates: &[String]) -> Result<At
         }
     }
     Err(LeafError::Unreachable(failures))
-}
-
-/// Message ids already handed to the app, so a retried message reaches it once.
-///
-/// Each (sender, id) pair is remembered as a 128-bit fingerprint: two SipHash values under independent random
-/// keys of this process. A fingerprint is 16 bytes kept inline (no allocation, no pointer to follow on a hot
-/// path), and two different pairs share one with odds of about 1 in 2^128 per pair; the keys are secret, so a
-/// sender cannot aim for another sender's fingerprint either.
-pub struct SeenMessages {
-    keys: (std::hash::RandomState, std::hash::RandomState),
-    order: std::collections::VecDeque<u128>,
-    set: foldhash::HashSet<u128>,
-}
-
-impl Default for SeenMessages {
-    fn default() -> Self {
-        Self {
-            keys: (std::hash::RandomState::new(), std::hash::RandomState::new()),
-            order: std::collections::VecDeque::with_capacity(SEEN_MESSAGES),
-            set: foldhash::HashSet::with_capacity_and_hasher(SEEN_MESSAGES, Default::default()),
-        }
-    }
-}
-
-impl SeenMessages {
-    /// Records a message; false when it was seen before.
-    fn first_time(&mut self, from: &str, id: &str) -> bool {
-        use std::hash::BuildHasher;
-        // A str hashes with a terminator, so the pair (from, id) is hashed unambiguously.
-        let fingerprint = u128::from(self.keys.0.hash_one((from, id))) << 64
-            | u128::from(self.keys.1.hash_one((from, id)));
-        if !self.set.insert(fingerprint) {
-            return false;
-        }
-        if self.order.len() == SEEN_MESSAGES {
-            if let Some(oldest) = self.order.pop_front() {
-                self.set.remove(&oldest);
-            }
-        }
-        self.order.push_back(fingerprint);
-        true
-    }
 }
 
 /// Runs the session on `attached`, then keeps re-attaching until the leaf stops.
@@ -466,39 +340,5 @@ async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Me
         biased;
         _ = shared.stop.cancelled() => false,
         sent = shared.dispatch.send(arrival) => sent.is_ok(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_message_is_new_once_per_sender_and_id() {
-        let mut seen = SeenMessages::default();
-        assert!(seen.first_time("vp1alice", "m1"));
-        assert!(!seen.first_time("vp1alice", "m1"));
-        // The same id from another sender is another message.
-        assert!(seen.first_time("vp1bob", "m1"));
-        // Pairs that join to the same text are still told apart.
-        assert!(seen.first_time("ab", "c"));
-        assert!(seen.first_time("a", "bc"));
-        assert!(!seen.first_time("ab", "c"));
-    }
-
-    #[test]
-    fn the_oldest_ids_are_forgotten_past_the_bound() {
-        let mut seen = SeenMessages::default();
-        for n in 0..SEEN_MESSAGES {
-            assert!(seen.first_time("vp1alice", &n.to_string()));
-        }
-        assert!(!seen.first_time("vp1alice", "0"));
-        assert!(seen.first_time("vp1alice", "new"));
-        // "new" pushed "0" out, "0" coming back pushes "1" out and "1" pushes "2"; "3" is still remembered.
-        assert!(seen.first_time("vp1alice", "0"));
-        assert!(seen.first_time("vp1alice", "1"));
-        assert!(!seen.first_time("vp1alice", "3"));
-        assert_eq!(seen.order.len(), SEEN_MESSAGES);
-        assert_eq!(seen.set.len(), SEEN_MESSAGES);
     }
 }
