@@ -836,11 +836,15 @@ async fn carry_out(
         let attempt = async {
             match role {
                 PunchRole::Server => {
-                    // Punches until a connection is accepted, or the attempt is dropped at its deadline.
-                    let accepted = tokio::select! {
-                        accepted = accept_with_nonce(&direct, &nonce) => accepted,
-                        () = punch(punch_socket, targets.clone(), nonce.clone(), prediction.probes) => None,
-                    };
+                    // Aborted once a connection is accepted, or when the attempt is dropped at its deadline.
+                    let puncher = AbortOnDropHandle::new(tokio::spawn(punch(
+                        punch_socket,
+                        targets.clone(),
+                        nonce.clone(),
+                        prediction.probes,
+                    )));
+                    let accepted = accept_with_nonce(&direct, &nonce).await;
+                    drop(puncher);
                     accepted
                         .map(|connection| (connection, None))
                         .ok_or_else(|| LeafError::PeerConnection("endpoint closed".into()))
