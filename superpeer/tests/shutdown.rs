@@ -2,10 +2,10 @@
 //! shuts down: the node's tracker is empty once `shutdown` returns.
 //!
 //! The tokio runtime's own count of live tasks is a stronger check (it also sees a `tokio::spawn` that nothing
-//! owns). On an idle machine it reached 0 (two runs); with the cores busy one task outlived the node for good (all
-//! runs made with two busy loops beside it, 2026-12-01). That task is not the node's (the tracker is empty), and is not
-//! yet attributed (openraft's or tonic's internals are the candidates), so that check runs on demand only:
-//! `cargo nextest run --workspace --test shutdown --run-ignored all`.
+//! owns). On an idle machine it reached 0 (two runs); with the cores busy, one task outlived the node for good
+//! (every run made with two busy loops beside it, 2026-12-01). That task is not the node's (the tracker is
+//! empty) and is not yet attributed (openraft's or tonic's internals are the candidates), so that check runs on
+//! demand only: `cargo nextest run --workspace --test shutdown --run-ignored all`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
