@@ -70,6 +70,8 @@ impl Links {
         timeout: Duration,
     ) -> Vec<bool> {
         let count = messages.len();
+        // One deadline for waiting on a full link queue and for the outcome, as when the queue was unbounded.
+        let deadline = tokio::time::Instant::now() + timeout;
         let (reply, outcome) = oneshot::channel();
         let mut call = (to, messages, reply);
         // A link whose stream broke has dropped its receiver: replace it once and try again.
@@ -95,19 +97,21 @@ impl Links {
                     }
                 }
             };
-            match link.send(call).await {
-                Ok(()) => {
+            match tokio::time::timeout_at(deadline, link.send(call)).await {
+                Ok(Ok(())) => {
                     sent = true;
                     break;
                 }
-                Err(mpsc::error::SendError(returned)) => call = returned,
+                Ok(Err(mpsc::error::SendError(returned))) => call = returned,
+                // The link stayed full until the deadline.
+                Err(_) => return vec![false; count],
             }
         }
         // Not sent twice over: fail now rather than wait out the timeout.
         if !sent {
             return vec![false; count];
         }
-        match tokio::time::timeout(timeout, outcome).await {
+        match tokio::time::timeout_at(deadline, outcome).await {
             Ok(Ok(delivered)) => delivered,
             _ => vec![false; count],
         }
