@@ -24,3 +24,15 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The next item of `stream`, or an error naming `what` when none comes within `timeout` or the stream ended.
+pub async fn next<T>(
+    what: &str,
+    timeout: Duration,
+    stream: &mut tokio::sync::mpsc::Receiver<T>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(timeout, stream.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no {what} within {timeout:?}"))?
+        .ok_or_else(|| anyhow::anyhow!("the {what} stream ended"))
+}

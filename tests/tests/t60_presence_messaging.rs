@@ -29,10 +29,7 @@ fn options(extra: &[&str]) -> NodeOptions {
 async fn next_message(
     stream: &mut tokio::sync::mpsc::Receiver<Message>,
 ) -> anyhow::Result<Message> {
-    tokio::time::timeout(Duration::from_secs(20), stream.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("no message within 20 s"))?
-        .ok_or_else(|| anyhow::anyhow!("message stream ended"))
+    wait::next("message", Duration::from_secs(20), stream).await
 }
 
 async fn status_of(observer: &Leaf, peer: &vesper_leafpeer::PeerId) -> anyhow::Result<i32> {

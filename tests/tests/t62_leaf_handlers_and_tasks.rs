@@ -21,10 +21,7 @@ const SLOW_HANDLER: Duration = Duration::from_millis(3000);
 async fn next_message(
     stream: &mut tokio::sync::mpsc::Receiver<Message>,
 ) -> anyhow::Result<Message> {
-    tokio::time::timeout(Duration::from_secs(10), stream.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("no message within 10 s"))?
-        .ok_or_else(|| anyhow::anyhow!("message stream ended"))
+    wait::next("message", Duration::from_secs(10), stream).await
 }
 
 async fn is_online(observer: &Leaf, peer: &vesper_leafpeer::PeerId) -> anyhow::Result<bool> {

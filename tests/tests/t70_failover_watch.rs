@@ -17,10 +17,7 @@ use vesper_tests::wait;
 async fn next_item(
     stream: &mut tokio::sync::mpsc::Receiver<WatchItem>,
 ) -> anyhow::Result<WatchItem> {
-    tokio::time::timeout(Duration::from_secs(20), stream.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("no watch item within 20 s"))?
-        .ok_or_else(|| anyhow::anyhow!("watch stream ended"))
+    wait::next("watch item", Duration::from_secs(20), stream).await
 }
 
 /// A leaf attached first to `first` but knowing every super peer.
