@@ -164,8 +164,15 @@ impl Keypair {
             }),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate();
-                key.save(path)?;
-                Ok(key)
+                match key.save(path) {
+                    Ok(()) => Ok(key),
+                    // Another process (say `leafpeer id` beside `leafpeer listen`) created the key at the same
+                    // moment: both use that one. `save` publishes only a complete file, so it reads whole.
+                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::load_or_generate(path)
+                    }
+                    Err(error) => Err(error),
+                }
             }
             Err(error) => Err(error),
         }
@@ -177,6 +184,13 @@ impl Keypair {
             std::fs::create_dir_all(parent)?;
         }
         let text = format!("{}\n", data_encoding::HEXLOWER.encode(&self.secret_bytes()));
+        // Written whole to a file of its own, then linked into place: `path` never holds a partial key, and a
+        // key already there is never replaced (the link fails with AlreadyExists).
+        let temporary = path.with_extension(format!(
+            "tmp-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -184,8 +198,15 @@ impl Keypair {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
-        use std::io::Write;
-        options.open(path)?.write_all(text.as_bytes())
+        let written = (|| {
+            use std::io::Write;
+            let mut file = options.open(&temporary)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::hard_link(&temporary, path)
+        })();
+        let _ = std::fs::remove_file(&temporary);
+        written
     }
 
     fn from_hex(text: &str) -> Result<Self, String> {
@@ -227,6 +248,31 @@ mod tests {
                 .unwrap(),
             id
         );
+    }
+
+    /// Several processes (here threads) asking for the same new key file at once all get the one key that was
+    /// written; before, the losers failed with "File exists" or could read a half-written file.
+    #[test]
+    fn concurrent_first_uses_of_a_key_file_agree_on_one_key() {
+        for round in 0..20 {
+            let dir = std::env::temp_dir().join(format!(
+                "vesper-key-{}-{round}-{:x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let path = dir.join("leaf.key");
+            let ids: Vec<PeerId> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| scope.spawn(|| Keypair::load_or_generate(&path).unwrap().peer_id()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(ids.iter().all(|id| *id == ids[0]), "round {round}: {ids:?}");
+            assert_eq!(Keypair::load_or_generate(&path).unwrap().peer_id(), ids[0]);
+            let leftovers = std::fs::read_dir(&dir).unwrap().count();
+            assert_eq!(leftovers, 1, "only the key file remains");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 
     #[test]
