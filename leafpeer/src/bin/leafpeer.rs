@@ -22,12 +22,15 @@ const EXIT_USAGE: u8 = 64;
 /// The dev cluster's CA (made by `scripts/up.sh`), used when --ca is not given and it exists.
 const DEV_CA: &str = ".vesper/dev/ca/ca.pem";
 
+/// Leaf ports of the local dev cluster (`vesperctl dev up`, `scripts/up.sh`): node i at 7400 + 10(i - 1).
+const DEV_SEEDS: [&str; 3] = ["127.0.0.1:7400", "127.0.0.1:7410", "127.0.0.1:7420"];
+
 /// A Vesper leaf peer on the command line.
 #[derive(Debug, Parser)]
 #[command(name = "leafpeer", version)]
 struct Cli {
-    /// Leaf addresses (host:port) of super peers, comma-separated. Default: the config file's, else
-    /// 127.0.0.1:7400 (the local dev cluster).
+    /// Leaf addresses (host:port) of super peers, comma-separated. Default: the config file's, else the three
+    /// leaf ports of the local dev cluster (127.0.0.1:7400, :7410, :7420), so one stopped node is no obstacle.
     #[arg(long, global = true, env = "VESPER_SEEDS", value_delimiter = ',')]
     seeds: Option<Vec<String>>,
     /// Config file (TOML: seeds = [..], ca = "..", key = ".."). Default: ~/.config/vesper/leafpeer.toml when it
@@ -491,7 +494,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let seeds = cli
         .seeds
         .clone()
-        .unwrap_or_else(|| vec!["127.0.0.1:7400".to_string()]);
+        .unwrap_or_else(|| DEV_SEEDS.iter().map(|seed| seed.to_string()).collect());
     let mut config = LeafConfig::new(seeds, ca_pem(&cli.ca)?, keypair);
     // One-shot commands do not measure and publish endpoints in the background; sessions that stay do.
     config.publish_endpoints = matches!(
