@@ -30,6 +30,9 @@ pub enum LeafError {
     /// The relay refused or failed.
     #[error("relay: {0}")]
     Relay(String),
+    /// The super peer and this library speak no protocol version in common.
+    #[error("incompatible protocol: {0}")]
+    Incompatible(String),
 }
 
 fn code_name(code: Code) -> &'static str {

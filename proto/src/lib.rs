@@ -10,6 +10,7 @@
 //! - [`session`]: the message a leaf signs to prove key possession when it attaches.
 //! - [`stun`]: STUN Binding (RFC 8489) as super peers answer it and leaves ask it.
 //! - [`validate`]: the limits on namespaces, keys, attributes and values, checked on both sides of the wire.
+//! - [`version`]: which protocol versions a build speaks and how two sides agree on one.
 //!
 //! Generated prost types stay at the edge: code on either side converts them into its own domain types.
 
@@ -23,6 +24,7 @@ pub mod search;
 pub mod session;
 pub mod stun;
 pub mod validate;
+pub mod version;
 
 pub use identity::{Keypair, PeerId, PeerIdError};
 

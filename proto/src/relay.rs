@@ -141,14 +141,15 @@ impl BindStatus {
 
 /// Relay caps; see docs/LIMITS.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
     /// Offer relaying at all. Default true.
     pub enabled: bool,
     /// Bytes one allocation may carry, both directions together. Default 256 MiB.
     pub max_bytes: u64,
-    /// Seconds an allocation lives. Default 600.
-    pub max_seconds: u32,
+    /// How long an allocation lives, in whole seconds (grants carry seconds). Default 10 minutes.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
     /// Bytes per second in each direction; more is dropped. Default 8 MiB/s.
     pub max_bytes_per_second: u64,
     /// Allocations at once on this node. Default 1000.
@@ -160,7 +161,7 @@ impl Default for RelayConfig {
         Self {
             enabled: true,
             max_bytes: 256 * 1024 * 1024,
-            max_seconds: 600,
+            max_lifetime: Duration::from_secs(600),
             max_bytes_per_second: 8 * 1024 * 1024,
             max_allocations: 1000,
         }
@@ -170,11 +171,17 @@ impl Default for RelayConfig {
 impl RelayConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.max_bytes == 0 || self.max_seconds == 0 || self.max_bytes_per_second == 0 {
-            problems.push(
-                "relay.max_bytes, relay.max_seconds and relay.max_bytes_per_second must be above 0"
-                    .into(),
-            );
+        if self.max_bytes == 0 || self.max_bytes_per_second == 0 {
+            problems.push("relay.max_bytes and relay.max_bytes_per_second must be above 0".into());
+        }
+        if self.max_lifetime < Duration::from_secs(1)
+            || self.max_lifetime > Duration::from_secs(u64::from(u32::MAX))
+        {
+            problems.push(format!(
+                "relay.max_lifetime must be between 1s and {}s, not {:?}",
+                u32::MAX,
+                self.max_lifetime
+            ));
         }
         if self.max_allocations == 0 {
             problems.push("relay.max_allocations must be above 0".into());
@@ -253,12 +260,14 @@ impl RelayTable {
         let token: [u8; 16] = rand::random();
         let rate = self.config.max_bytes_per_second;
         let burst = u32::try_from(rate).unwrap_or(u32::MAX);
+        // Whole seconds, as the grant tells the leaf (a fraction of a second is dropped).
+        let seconds = u32::try_from(self.config.max_lifetime.as_secs()).unwrap_or(u32::MAX);
         self.allocations.insert(
             token,
             Allocation {
                 sides: [None, None],
                 granted_at: now,
-                expires_at: now + Duration::from_secs(u64::from(self.config.max_seconds)),
+                expires_at: now + Duration::from_secs(u64::from(seconds)),
                 bytes: 0,
                 max_bytes: self.config.max_bytes,
                 rate,
@@ -270,7 +279,7 @@ impl RelayTable {
         Some(Grant {
             token,
             max_bytes: self.config.max_bytes,
-            max_seconds: self.config.max_seconds,
+            max_seconds: seconds,
             max_bytes_per_second: rate,
         })
     }
@@ -458,7 +467,7 @@ mod tests {
     #[test]
     fn forged_and_expired_tokens_are_refused() {
         let config = RelayConfig {
-            max_seconds: 1,
+            max_lifetime: Duration::from_secs(1),
             ..RelayConfig::default()
         };
         let mut table = RelayTable::new(config);
@@ -486,7 +495,7 @@ mod tests {
     #[test]
     fn the_time_cap_ends_the_allocation_with_a_notice() {
         let config = RelayConfig {
-            max_seconds: 1,
+            max_lifetime: Duration::from_secs(1),
             ..RelayConfig::default()
         };
         let (mut table, now, a, b, _) = bound(config);

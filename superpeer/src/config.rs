@@ -1,5 +1,9 @@
 //! Super peer configuration: a plain struct with defaults and `validate()`. The binary layers it as
 //! defaults -> TOML file -> `VESPER_*` environment -> flags (see `main.rs`); tests build it directly.
+//!
+//! Durations are written with their unit (`"150ms"`, `"10s"`, `"7days"`; humantime syntax) in the TOML and on
+//! flags. docs/CONFIG.md lists every key; a test in `main.rs` checks that list, its defaults and its flags against
+//! this struct and the flag definitions, so the page cannot drift from the code.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,12 +31,15 @@ pub enum StartMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
-    /// Leader heartbeat interval in milliseconds. Default 150.
-    pub heartbeat_interval_ms: u64,
-    /// Lower bound of the election timeout in milliseconds. Default 1000.
-    pub election_timeout_min_ms: u64,
-    /// Upper bound of the election timeout in milliseconds. Default 2000.
-    pub election_timeout_max_ms: u64,
+    /// Leader heartbeat interval. Default 150 ms.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the election timeout. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    /// Upper bound of the election timeout. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
     /// Build a snapshot after this many log entries since the last one. Default 100000 (as etcd).
     pub snapshot_after_logs: u64,
     /// Log entries kept behind a snapshot, so slightly lagging members catch up from the log. Default 5000.
@@ -42,9 +49,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 150,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
+            heartbeat_interval: Duration::from_millis(150),
+            election_timeout_min: Duration::from_secs(1),
+            election_timeout_max: Duration::from_secs(2),
             snapshot_after_logs: 100_000,
             logs_kept_after_snapshot: 5000,
         }
@@ -72,16 +79,19 @@ pub struct Config {
     pub start: StartMode,
     /// Raft timing and compaction.
     pub raft: RaftConfig,
-    /// Interval at which leaves should send keepalives, in milliseconds. Default 5000.
-    pub keepalive_interval_ms: u64,
-    /// A session that sends nothing for this long is closed, in milliseconds. Default 15000 (3 keepalives).
-    pub session_ttl_ms: u64,
+    /// Interval at which leaves should send keepalives. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A session that sends nothing for this long is closed. Default 15 s (3 keepalives).
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
     /// After a session ends without a goodbye, the peer stays online this long so it can re-attach (to any super
-    /// peer) without an offline flap, in milliseconds. Default 10000.
-    pub session_grace_ms: u64,
-    /// The leader takes the peers of a super peer it has not heard from for this long offline, in
-    /// milliseconds. Default 15000.
-    pub host_expiry_ms: u64,
+    /// peer) without an offline flap. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub session_grace: Duration,
+    /// The leader takes the peers of a super peer it has not heard from for this long offline. Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub host_expiry: Duration,
     /// Most messages waiting in one peer's mailbox. Default 1000.
     pub mailbox_quota: u32,
     /// Most records one peer may own in the metadata index. Default 10000.
@@ -92,8 +102,9 @@ pub struct Config {
     /// Sizes of record values, attributes and message payloads (the `[limits]` table), each up to its protocol
     /// ceiling. The Leaf port's largest accepted gRPC message follows from them.
     pub limits: vesper_proto::validate::SizeLimits,
-    /// How long a message waits in a mailbox before it is dropped, in milliseconds. Default 7 days.
-    pub mailbox_ttl_ms: u64,
+    /// How long a message waits in a mailbox before it is dropped. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub mailbox_ttl: Duration,
     /// Messages one session may send per second, sustained. Default 200.
     pub send_rate_per_second: u32,
     /// Messages one session may send in a burst above the sustained rate. Default 400.
@@ -105,8 +116,9 @@ pub struct Config {
     /// Open session streams from one IP address at most (NAT gateways share addresses, so this is generous).
     /// Default 1024.
     pub max_sessions_per_ip: u32,
-    /// Time a client gets to finish its TLS handshake, on every port, in milliseconds. Default 10000.
-    pub tls_handshake_timeout_ms: u64,
+    /// Time a client gets to finish its TLS handshake, on every port. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
     /// TLS handshakes in progress at once, per port; connections beyond it are closed at once. Default 1024.
     pub max_pending_handshakes: u32,
     /// TLS handshakes in progress at once from one IP address, per port. Default 64.
@@ -114,9 +126,9 @@ pub struct Config {
     /// Concurrent gRPC streams (calls) one connection to the Leaf port may have open; HTTP/2 refuses streams
     /// beyond it. Default 256.
     pub max_streams_per_connection: u32,
-    /// How often the TLS files are checked for a new certificate, in milliseconds (0: only on SIGHUP).
-    /// Default 10000.
-    pub tls_reload_interval_ms: u64,
+    /// How often the TLS files are checked for a new certificate (0s: only on SIGHUP). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub tls_reload_interval: Duration,
     /// The STUN port (UDP, same IP and port number as the Leaf service) and its limits.
     pub stun: crate::udp::stun::StunConfig,
     /// The relay on the STUN port and its caps.
@@ -134,25 +146,25 @@ impl Default for Config {
             tls: None,
             start: StartMode::Idle,
             raft: RaftConfig::default(),
-            keepalive_interval_ms: 5000,
-            session_ttl_ms: 15_000,
-            session_grace_ms: 10_000,
-            host_expiry_ms: 15_000,
+            keepalive_interval: Duration::from_secs(5),
+            session_ttl: Duration::from_secs(15),
+            session_grace: Duration::from_secs(10),
+            host_expiry: Duration::from_secs(15),
             mailbox_quota: 1000,
             max_records_per_peer: 10_000,
             max_record_bytes_per_peer: 64 << 20,
             limits: vesper_proto::validate::SizeLimits::DEFAULT,
-            mailbox_ttl_ms: 7 * 24 * 3600 * 1000,
+            mailbox_ttl: Duration::from_secs(7 * 24 * 3600),
             send_rate_per_second: 200,
             send_burst: 400,
             max_sessions_per_ip: 1024,
             request_rate_per_second: 2000,
             request_burst: 4000,
-            tls_handshake_timeout_ms: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 64,
             max_streams_per_connection: 256,
-            tls_reload_interval_ms: 10_000,
+            tls_reload_interval: Duration::from_secs(10),
             stun: crate::udp::stun::StunConfig::default(),
             relay: crate::udp::RelayConfig::default(),
         }
@@ -178,8 +190,10 @@ impl Config {
                 "a listen address is unspecified (0.0.0.0 or ::): set --advertise-host".to_string(),
             );
         }
+        if self.tls_handshake_timeout.is_zero() {
+            problems.push("tls_handshake_timeout must be above 0".into());
+        }
         for (name, value) in [
-            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
             (
                 "max_pending_handshakes",
                 u64::from(self.max_pending_handshakes),
@@ -198,27 +212,31 @@ impl Config {
             }
         }
         let raft = &self.raft;
-        if raft.heartbeat_interval_ms == 0 {
-            problems.push("raft.heartbeat_interval_ms must be above 0".into());
+        if raft.heartbeat_interval < Duration::from_millis(1) {
+            problems.push("raft.heartbeat_interval must be at least 1ms".into());
         }
-        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms {
-            problems.push(
-                "raft.election_timeout_min_ms must be above raft.heartbeat_interval_ms".into(),
-            );
+        if raft.election_timeout_min <= raft.heartbeat_interval {
+            problems.push("raft.election_timeout_min must be above raft.heartbeat_interval".into());
         }
-        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
-            problems.push(
-                "raft.election_timeout_max_ms must be above raft.election_timeout_min_ms".into(),
-            );
+        if raft.election_timeout_max <= raft.election_timeout_min {
+            problems
+                .push("raft.election_timeout_max must be above raft.election_timeout_min".into());
         }
         if raft.snapshot_after_logs == 0 {
             problems.push("raft.snapshot_after_logs must be above 0".into());
         }
-        if self.keepalive_interval_ms == 0 {
-            problems.push("keepalive_interval_ms must be above 0".into());
+        if self.keepalive_interval < Duration::from_millis(100) {
+            // The welcome carries it in whole milliseconds and the library pings at most every 100 ms.
+            problems.push("keepalive_interval must be at least 100ms".into());
         }
-        if self.session_ttl_ms <= self.keepalive_interval_ms {
-            problems.push("session_ttl_ms must be above keepalive_interval_ms".into());
+        if self.keepalive_interval > Duration::from_secs(3600) {
+            problems.push("keepalive_interval must be at most 1h".into());
+        }
+        if self.session_ttl <= self.keepalive_interval {
+            problems.push("session_ttl must be above keepalive_interval".into());
+        }
+        if self.mailbox_ttl.is_zero() {
+            problems.push("mailbox_ttl must be above 0".into());
         }
         if self.send_rate_per_second == 0 || self.send_burst == 0 {
             problems.push("send_rate_per_second and send_burst must be above 0".into());
@@ -252,21 +270,6 @@ impl Config {
             Err(problems)
         }
     }
-
-    /// The keepalive interval leaves are told to use.
-    pub fn keepalive_interval(&self) -> Duration {
-        Duration::from_millis(self.keepalive_interval_ms)
-    }
-
-    /// How long a silent session lives.
-    pub fn session_ttl(&self) -> Duration {
-        Duration::from_millis(self.session_ttl_ms)
-    }
-
-    /// How long a peer stays online after its session broke.
-    pub fn session_grace(&self) -> Duration {
-        Duration::from_millis(self.session_grace_ms)
-    }
 }
 
 #[cfg(test)]
@@ -285,7 +288,7 @@ mod tests {
         let config = Config {
             leaf_listen: "0.0.0.0:1".parse().unwrap(),
             raft: RaftConfig {
-                election_timeout_max_ms: 10,
+                election_timeout_max: Duration::from_millis(10),
                 ..RaftConfig::default()
             },
             ..Config::default()
@@ -296,13 +299,17 @@ mod tests {
     #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {
         let config: Config = toml::from_str(
-            "data_dir = \"/var/lib/vesper\"\nstart = \"bootstrap\"\n[raft]\nsnapshot_after_logs = 50\n",
+            "data_dir = \"/var/lib/vesper\"\nstart = \"bootstrap\"\nsession_ttl = \"1m 30s\"\n[raft]\nsnapshot_after_logs = 50\nheartbeat_interval = \"50ms\"\n",
         )
         .unwrap();
+        assert_eq!(config.session_ttl, Duration::from_secs(90));
+        assert_eq!(config.raft.heartbeat_interval, Duration::from_millis(50));
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/vesper"));
         assert_eq!(config.start, StartMode::Bootstrap);
         assert_eq!(config.raft.snapshot_after_logs, 50);
-        assert_eq!(config.raft.heartbeat_interval_ms, 150);
+        assert_eq!(config.raft.election_timeout_min, Duration::from_secs(1));
+        let unitless = toml::from_str::<Config>("session_ttl = 15000").unwrap_err();
+        assert!(unitless.to_string().contains("session_ttl"), "{unitless}");
         assert!(toml::from_str::<Config>("data_dri = \"x\"").is_err());
     }
 

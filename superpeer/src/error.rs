@@ -2,7 +2,7 @@
 //!
 //! Every variant names what failed; `into_status` is the only place that chooses a code:
 //! bad input -> INVALID_ARGUMENT, a size or count limit -> RESOURCE_EXHAUSTED, ownership -> PERMISSION_DENIED,
-//! stale compare-and-set -> FAILED_PRECONDITION, no or bad session -> UNAUTHENTICATED, no leader or not yet part
+//! stale compare-and-set or no common protocol version -> FAILED_PRECONDITION, no or bad session -> UNAUTHENTICATED, no leader or not yet part
 //! of a cluster -> UNAVAILABLE (retry), storage failure -> INTERNAL.
 
 use tonic::{Code, Status};
@@ -57,6 +57,9 @@ pub enum ServiceError {
     /// Something that should not happen did (a response of the wrong kind); a bug, reported as INTERNAL.
     #[error("{0}")]
     Internal(String),
+    /// The other side speaks no protocol version this super peer speaks (or names none).
+    #[error("{0}")]
+    Incompatible(#[from] vesper_proto::version::VersionError),
     #[error("the leader at {leader} went away before answering ({reason}); the write may or may not have been applied")]
     OutcomeUnknown { leader: String, reason: String },
 }
@@ -113,7 +116,9 @@ impl ServiceError {
             ServiceError::Malformed(_) => Status::invalid_argument(message),
             ServiceError::Internal(_) => Status::internal(message),
             ServiceError::PermissionDenied(_) => Status::permission_denied(message),
-            ServiceError::Precondition(_) => Status::failed_precondition(message),
+            ServiceError::Precondition(_) | ServiceError::Incompatible(_) => {
+                Status::failed_precondition(message)
+            }
             ServiceError::Store(_) | ServiceError::Codec(_) => Status::internal(message),
             ServiceError::Peer { status, .. } => Status::new(status.code(), message),
         }
@@ -209,6 +214,13 @@ mod tests {
             (
                 ServiceError::PermissionDenied("no".into()),
                 Code::PermissionDenied,
+            ),
+            (
+                ServiceError::Incompatible(
+                    vesper_proto::version::Range::from_wire(0, 0, "Attach.protocol_newest")
+                        .unwrap_err(),
+                ),
+                Code::FailedPrecondition,
             ),
         ] {
             let message = error.to_string();

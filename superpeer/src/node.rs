@@ -293,13 +293,18 @@ fn read_node_id(data_dir: &Path) -> Result<Option<u64>, NodeError> {
     }
 }
 
+/// Whole milliseconds, as openraft takes its timings.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
     let raft = &config.raft;
     let built = openraft::Config {
         cluster_name: "vesper".into(),
-        heartbeat_interval: raft.heartbeat_interval_ms,
-        election_timeout_min: raft.election_timeout_min_ms,
-        election_timeout_max: raft.election_timeout_max_ms,
+        heartbeat_interval: millis(raft.heartbeat_interval),
+        election_timeout_min: millis(raft.election_timeout_min),
+        election_timeout_max: millis(raft.election_timeout_max),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(raft.snapshot_after_logs),
         max_in_snapshot_log_to_keep: raft.logs_kept_after_snapshot,
         // Purge in large steps: every purge is one delete_range, cheap whatever its size.
@@ -389,7 +394,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
 
     let limits = HandshakeLimits {
-        timeout: Duration::from_millis(config.tls_handshake_timeout_ms),
+        timeout: config.tls_handshake_timeout,
         max_pending: config.max_pending_handshakes as usize,
         max_pending_per_ip: config.max_pending_handshakes_per_ip as usize,
     };
@@ -491,13 +496,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     tasks.spawn(reload_tls(
         tls.clone(),
         clients.clone(),
-        Duration::from_millis(config.tls_reload_interval_ms),
+        config.tls_reload_interval,
         shutdown.clone(),
     ));
-    tokio::spawn(std::future::pending::<()>());
     tasks.spawn(crate::leader::expiry::run(
         replica.clone(),
-        Duration::from_millis(config.host_expiry_ms),
+        config.host_expiry,
         shutdown.clone(),
     ));
     tasks.spawn(crate::udp::load::report(

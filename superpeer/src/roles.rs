@@ -5,7 +5,8 @@
 //! the Admin port takes operator certificates only (a follower forwards an operator's membership call to the
 //! leader over the Cluster port, not the leader's Admin port). The TLS layer has already checked that the certificate
 //! chains to the cluster CA (and is within its validity); this adds what the certificate may do, and refuses
-//! certificates an operator revoked (`vesperctl cert revoke`, committed through Raft).
+//! certificates an operator revoked (`vesperctl cert revoke`, committed through Raft). On the Cluster port it also
+//! refuses calls whose protocol range does not meet this build's (`vesper_proto::version`).
 
 use tonic::{Request, Status};
 
@@ -111,6 +112,9 @@ pub fn require_unrevoked(reader: &StateReader, fingerprint: &[u8; 32]) -> Result
 pub struct Gate {
     reader: StateReader,
     allowed: &'static [Role],
+    /// Calls must carry the caller's protocol range (members stamp every Cluster call; operators' tools do not
+    /// speak the Cluster protocol).
+    stamped: bool,
 }
 
 impl Gate {
@@ -119,6 +123,7 @@ impl Gate {
         Self {
             reader,
             allowed: &[Role::Superpeer],
+            stamped: true,
         }
     }
 
@@ -127,6 +132,7 @@ impl Gate {
         Self {
             reader,
             allowed: &[Role::Operator],
+            stamped: false,
         }
     }
 }
@@ -135,6 +141,10 @@ impl tonic::service::Interceptor for Gate {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         require(&request, self.allowed)?;
         require_not_revoked(&request, &self.reader)?;
+        if self.stamped {
+            vesper_proto::version::check_cluster_stamp(request.metadata())
+                .map_err(ServiceError::Incompatible)?;
+        }
         Ok(request)
     }
 }

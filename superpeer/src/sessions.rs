@@ -41,8 +41,6 @@ type PendingOffers = Arc<Mutex<HashMap<String, oneshot::Sender<ConnectAnswer>>>>
 struct Live {
     session: u64,
     outbound: Outbound,
-    /// The leaf takes MessageBatch frames (it said so in its Attach).
-    message_batches: bool,
     pending: PendingAcks,
     offers: PendingOffers,
 }
@@ -115,9 +113,8 @@ impl SessionRegistry {
         self.inner.lock().expect("session registry lock poisoned")
     }
 
-    /// Registers a new session of `peer`, replacing any older one of the same peer here. `message_batches`: the
-    /// leaf takes several messages in one frame.
-    pub fn open(&self, peer: PeerId, outbound: Outbound, message_batches: bool) -> SessionGuard {
+    /// Registers a new session of `peer`, replacing any older one of the same peer here.
+    pub fn open(&self, peer: PeerId, outbound: Outbound) -> SessionGuard {
         let token = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 32]>());
         // Session ids are random so that a session of a restarted super peer never matches an old one.
         let session = rand::random::<u64>() | 1;
@@ -130,7 +127,6 @@ impl SessionRegistry {
             Live {
                 session,
                 outbound,
-                message_batches,
                 pending: pending.clone(),
                 offers: offers.clone(),
             },
@@ -247,7 +243,7 @@ impl SessionRegistry {
                 acks.push(acked_rx);
             }
         }
-        let frames = if messages.len() > 1 && live.message_batches {
+        let frames = if messages.len() > 1 {
             vec![server_frame::Frame::MessageBatch(MessageBatch { messages })]
         } else {
             messages
@@ -412,7 +408,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, _rx) = mpsc::channel(1);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx);
         assert_eq!(registry.peer_of(guard.token()), Some((peer, guard.id())));
         assert_eq!(registry.peer_of("nope"), None);
         let token = guard.token().to_string();
@@ -445,7 +441,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx);
         let message = Message {
             id: "m1".into(),
             ..Default::default()
@@ -479,7 +475,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx);
         let messages = ["a", "b", "c"].map(|id| Message {
             id: id.into(),
             ..Default::default()
@@ -504,31 +500,6 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_leaf_that_takes_no_batches_gets_a_frame_per_message() {
-        let registry = SessionRegistry::default();
-        let peer = Keypair::generate().peer_id();
-        let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, false);
-        let messages = ["a", "b"].map(|id| Message {
-            id: id.into(),
-            ..Default::default()
-        });
-        let delivery = registry.deliver_all(&peer, messages.to_vec(), Duration::from_secs(10));
-        let leaf = async {
-            for expected in &messages {
-                let frame = rx.recv().await.unwrap().unwrap();
-                let Some(server_frame::Frame::Message(message)) = frame.frame else {
-                    panic!("expected a Message frame, got {frame:?}");
-                };
-                assert_eq!(message.id, expected.id);
-                guard.acknowledge(message.delivery_id);
-            }
-        };
-        let (delivered, ()) = tokio::join!(delivery, leaf);
-        assert_eq!(delivered, Ok(vec![true, true]));
-    }
-
     /// Two senders that pick the same message id toward one recipient, in flight at once: each delivery waits
     /// for its own acknowledgement (keyed by message id, the second push took the first one's slot and the
     /// first was reported unacknowledged).
@@ -537,7 +508,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx);
         let from_alice = Message {
             id: "same".into(),
             from: "vp1alice".into(),

@@ -9,7 +9,7 @@
 //! (the key matches the certificate, the CA parses), swaps the configs that new handshakes use. Connections
 //! already open keep the session they negotiated, so no request fails; a half-written set (a certificate
 //! replaced before its key) is refused with a warning and the previous material stays until the next try.
-//! The node calls it every `tls_reload_interval_ms` and on SIGHUP.
+//! The node calls it every `tls_reload_interval` and on SIGHUP.
 //!
 //! Handshakes run here rather than in tonic so that they are bounded: each gets `timeout`, and at most
 //! `max_pending` run at once (`max_pending_per_ip` from one address). A connection beyond those is closed at

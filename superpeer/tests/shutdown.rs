@@ -1,11 +1,6 @@
-//! An in-process super peer (`vesper_superpeer::spawn`, every port 0) leaves no task of its own behind when it
-//! shuts down: the node's tracker is empty once `shutdown` returns.
-//!
-//! The tokio runtime's own count of live tasks is a stronger check (it also sees a `tokio::spawn` that nothing
-//! owns). On an idle machine it reached 0 (two runs); with the cores busy, one task outlived the node for good
-//! (every run made with two busy loops beside it, 2026-12-01). That task is not the node's (the tracker is
-//! empty) and is not yet attributed (openraft's or tonic's internals are the candidates), so that check runs on
-//! demand only: `cargo nextest run --workspace --test shutdown --run-ignored all`.
+//! An in-process super peer (`vesper_superpeer::spawn`, every port 0) leaves no task behind when it shuts down:
+//! the node's tracker is empty once `shutdown` returns, and so is the tokio runtime's own count of live tasks
+//! (which also sees a `tokio::spawn` that nothing owns).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -123,7 +118,6 @@ fn a_shut_down_node_leaves_no_task_of_its_own_running() {
 }
 
 #[test]
-#[ignore = "one task outside the node's tracker outlives shutdown when the cores are busy; see the module doc"]
 fn a_shut_down_node_leaves_no_task_at_all_by_the_runtime_count() {
     let alive = run_a_node_and_shut_it_down();
     assert_eq!(alive, 0, "{alive} tasks are still alive after shutdown");

@@ -47,7 +47,7 @@ pub struct NodeOptions {
     pub snapshot_after_logs: Option<u64>,
     /// `--logs-kept-after-snapshot`.
     pub logs_kept_after_snapshot: Option<u64>,
-    /// More flags for every node, e.g. `["--session-grace-ms", "500"]`.
+    /// More flags for every node, e.g. `["--session-grace", "500ms"]`.
     pub extra_args: Vec<String>,
     /// IPs the nodes listen on, node i on `listen_ips[i % len]`; empty means 127.0.0.1. The super peer
     /// certificate names them all.
@@ -315,14 +315,24 @@ impl Cluster {
     }
 
     /// A Cluster client for node `index`, with the super peer certificate: calls as another member makes them.
-    pub async fn cluster_client(&self, index: usize) -> anyhow::Result<ClusterClient<Channel>> {
+    pub async fn cluster_client(
+        &self,
+        index: usize,
+    ) -> anyhow::Result<ClusterClient<vesper_proto::version::StampedChannel>> {
+        Ok(ClusterClient::with_interceptor(
+            self.cluster_channel(index).await?,
+            vesper_proto::version::ClusterStamp,
+        ))
+    }
+
+    /// A channel to node `index`'s Cluster port with the super peer certificate, for clients that stamp their
+    /// calls themselves (or, to test refusals, do not).
+    pub async fn cluster_channel(&self, index: usize) -> anyhow::Result<Channel> {
         let (cert, key) = self.pki.superpeer_cert();
         let address = self.nodes[index].endpoints().cluster;
-        let channel = self
-            .mtls_channel(address, &cert, &key, Duration::from_secs(10))
+        self.mtls_channel(address, &cert, &key, Duration::from_secs(10))
             .await
-            .context("connect to the Cluster port")?;
-        Ok(ClusterClient::new(channel))
+            .context("connect to the Cluster port")
     }
 
     /// A channel to `address` presenting `cert`/`key`, with `timeout` for each call's answer.

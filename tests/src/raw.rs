@@ -88,22 +88,23 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-/// Opens a session, answering the challenge as `signing` says, as a current library does (it takes message
-/// batches). Returns the status the server ended the session with, if it refused.
+/// Opens a session, answering the challenge as `signing` says and naming this build's protocol range, as the
+/// library does. Returns the status the server ended the session with, if it refused.
 pub async fn open(
     channel: Channel,
     keypair: &Keypair,
     signing: Signing,
 ) -> Result<RawSession, tonic::Status> {
-    open_with(channel, keypair, signing, true).await
+    let ours = vesper_proto::version::OURS;
+    open_with(channel, keypair, signing, (ours.oldest, ours.newest)).await
 }
 
-/// As [`open`]; `message_batches: false` attaches as a library from before batches did.
+/// As [`open`], naming `protocol` (oldest, newest) in the attach, as it is sent: (0, 0) names none.
 pub async fn open_with(
     channel: Channel,
     keypair: &Keypair,
     signing: Signing,
-    message_batches: bool,
+    protocol: (u32, u32),
 ) -> Result<RawSession, tonic::Status> {
     let mut client = LeafClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
@@ -126,7 +127,8 @@ pub async fn open_with(
         frame: Some(client_frame::Frame::Attach(Attach {
             public_key: keypair.peer_id().as_bytes().to_vec(),
             signature: signature.to_vec(),
-            message_batches,
+            protocol_oldest: protocol.0,
+            protocol_newest: protocol.1,
         })),
     };
     tx.send(attach)

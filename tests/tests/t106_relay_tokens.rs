@@ -40,8 +40,8 @@ async fn relay_refuses_bad_tokens_strangers_and_traffic_past_its_caps() -> anyho
             extra_args: vec![
                 "--relay-max-bytes".into(),
                 MAX_BYTES.to_string(),
-                "--relay-max-seconds".into(),
-                "1".into(),
+                "--relay-max-lifetime".into(),
+                "1s".into(),
             ],
             ..NodeOptions::default()
         },

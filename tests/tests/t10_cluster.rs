@@ -622,3 +622,75 @@ async fn t10_a_leaf_port_whose_udp_twin_is_taken_is_refused_by_name() -> anyhow:
     }
     anyhow::bail!("five UDP ports in a row had their TCP twin taken too")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_protocol_versions_are_agreed_at_attach_and_between_members() -> anyhow::Result<()> {
+    use vesper_proto::v1::cluster_client::ClusterClient;
+    use vesper_proto::v1::DescribeRequest;
+    use vesper_proto::version::{CLUSTER_METADATA_KEY, NEWEST, OLDEST};
+
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let leaf_address = cluster.nodes[0].endpoints().leaf.to_string();
+    let ca = cluster.pki.ca_pem();
+    let attach = |protocol: (u32, u32)| {
+        let (address, ca) = (leaf_address.clone(), ca.clone());
+        async move {
+            let channel = raw::channel(&address, &ca).await?;
+            anyhow::Ok(
+                raw::open_with(channel, &Keypair::generate(), Signing::Valid, protocol).await,
+            )
+        }
+    };
+    // A leaf that names no version, or only versions this build does not speak, is refused with both ranges.
+    for (protocol, expected) in [
+        ((0, 0), "names no protocol version (Attach.protocol_newest)"),
+        (
+            (90, 99),
+            "the peer speaks 90-99, this side speaks 1; this side is older",
+        ),
+    ] {
+        let Err(status) = attach(protocol).await? else {
+            anyhow::bail!("an attach with protocol {protocol:?} was welcomed");
+        };
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(expected), "{status:?}");
+    }
+    // A leaf of this build, and one of a later release that still speaks this one: the highest common version.
+    for protocol in [(OLDEST, NEWEST), (OLDEST, NEWEST + 1)] {
+        let session = attach(protocol).await?.map_err(anyhow::Error::from)?;
+        assert_eq!(session.welcome.protocol_version, NEWEST, "{protocol:?}");
+    }
+
+    // Between members: every Cluster call carries the caller's range.
+    cluster
+        .cluster_client(0)
+        .await?
+        .describe(DescribeRequest {})
+        .await?;
+    let unstamped = ClusterClient::new(cluster.cluster_channel(0).await?)
+        .describe(DescribeRequest {})
+        .await
+        .expect_err("a Cluster call without a protocol range");
+    assert_eq!(unstamped.code(), Code::FailedPrecondition, "{unstamped:?}");
+    assert!(
+        unstamped.message().contains("x-vesper-protocol"),
+        "{unstamped:?}"
+    );
+    let future = ClusterClient::with_interceptor(
+        cluster.cluster_channel(0).await?,
+        |mut request: tonic::Request<()>| {
+            let range = tonic::metadata::MetadataValue::from_static("90-99");
+            request.metadata_mut().insert(CLUSTER_METADATA_KEY, range);
+            Ok(request)
+        },
+    )
+    .describe(DescribeRequest {})
+    .await
+    .expect_err("a Cluster call from a far newer member");
+    assert_eq!(future.code(), Code::FailedPrecondition, "{future:?}");
+    assert!(
+        future.message().contains("the peer speaks 90-99"),
+        "{future:?}"
+    );
+    Ok(())
+}

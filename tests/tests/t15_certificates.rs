@@ -105,8 +105,10 @@ async fn t15_expired_and_revoked_certificates_are_refused_everywhere() -> anyhow
             AdminClient::new(channel(endpoints.admin, &ca, &second_op, &second_op_key).await?);
         admin.status(StatusRequest {}).await?;
         admins.push(admin);
-        let mut peer =
-            ClusterClient::new(channel(endpoints.cluster, &ca, &extra_sp, &extra_sp_key).await?);
+        let mut peer = ClusterClient::with_interceptor(
+            channel(endpoints.cluster, &ca, &extra_sp, &extra_sp_key).await?,
+            vesper_proto::version::ClusterStamp,
+        );
         peer.describe(DescribeRequest {}).await?;
         peers.push(peer);
     }

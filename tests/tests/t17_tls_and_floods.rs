@@ -30,7 +30,7 @@ fn replace_file(source: &std::path::Path, target: &std::path::Path) -> anyhow::R
 async fn t17_certificates_rotate_on_live_super_peers_without_failed_requests() -> anyhow::Result<()>
 {
     let options = NodeOptions {
-        extra_args: vec!["--tls-reload-ms".into(), "200".into()],
+        extra_args: vec!["--tls-reload-interval".into(), "200ms".into()],
         ..Default::default()
     };
     let cluster = Cluster::start(2, options).await?;
@@ -167,8 +167,8 @@ async fn t17_floods_are_cut_off_while_a_legitimate_client_keeps_working() -> any
     const SESSIONS_PER_IP: usize = 20;
     let options = NodeOptions {
         extra_args: vec![
-            "--tls-handshake-timeout-ms".into(),
-            HANDSHAKE_TIMEOUT.as_millis().to_string(),
+            "--tls-handshake-timeout".into(),
+            format!("{}ms", HANDSHAKE_TIMEOUT.as_millis()),
             "--max-pending-handshakes-per-ip".into(),
             PER_IP.to_string(),
             "--max-sessions-per-ip".into(),

@@ -47,12 +47,14 @@ impl Calls {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t62_a_handler_blocking_past_the_session_ttl_does_not_stall_the_session(
 ) -> anyhow::Result<()> {
-    // The keepalive interval has no flag; the configuration file sets it.
+    // Set through the configuration file: the TOML layer, end to end.
     let files = tempfile::tempdir()?;
     let config = files.path().join("superpeer.toml");
     std::fs::write(
         &config,
-        format!("keepalive_interval_ms = {KEEPALIVE_MS}\nsession_ttl_ms = {SESSION_TTL_MS}\n"),
+        format!(
+            "keepalive_interval = \"{KEEPALIVE_MS}ms\"\nsession_ttl = \"{SESSION_TTL_MS}ms\"\n"
+        ),
     )?;
     let options = NodeOptions {
         extra_args: vec!["--config".into(), config.display().to_string()],

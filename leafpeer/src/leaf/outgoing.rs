@@ -3,12 +3,10 @@
 //!
 //! Under load many sends queue up while a frame is being written; one `SendBatch` then carries them, so the super
 //! peer takes them in one task and pushes those for the same recipient in one frame. A lone send still goes out
-//! as a plain `SendFrame` the moment it is queued: nothing waits for a batch to fill. Nothing is merged until the
-//! super peer's welcome said it takes batches (`Welcome.send_batches`).
+//! as a plain `SendFrame` the moment it is queued: nothing waits for a batch to fill. (Every super peer of
+//! protocol 1 takes batches.)
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures::Stream;
@@ -25,22 +23,11 @@ pub struct Outgoing {
     queue: mpsc::Receiver<ClientFrame>,
     /// A frame read while looking for more of a run, which goes out next.
     held: Option<ClientFrame>,
-    /// Whether runs are merged: set once the super peer said it takes batches.
-    batching: Arc<AtomicBool>,
 }
 
 impl Outgoing {
     pub fn new(queue: mpsc::Receiver<ClientFrame>) -> Self {
-        Self {
-            queue,
-            held: None,
-            batching: Arc::default(),
-        }
-    }
-
-    /// The switch that turns merging on (off at first).
-    pub fn batching(&self) -> Arc<AtomicBool> {
-        self.batching.clone()
+        Self { queue, held: None }
     }
 
     /// The next queued frame, if one is ready now.
@@ -61,9 +48,6 @@ impl Stream for Outgoing {
                 None => return Poll::Ready(None),
             },
         };
-        if !this.batching.load(Ordering::Relaxed) {
-            return Poll::Ready(Some(first));
-        }
         let frame = match first.frame {
             Some(client_frame::Frame::Send(send)) => {
                 let mut bytes = send.encoded_len() + PER_SEND_FRAMING;
@@ -157,24 +141,6 @@ mod tests {
         }
     }
 
-    fn batching(queue: mpsc::Receiver<ClientFrame>) -> Outgoing {
-        let outgoing = Outgoing::new(queue);
-        outgoing.batching().store(true, Ordering::Relaxed);
-        outgoing
-    }
-
-    #[tokio::test]
-    async fn nothing_merges_until_the_super_peer_takes_batches() {
-        let (tx, rx) = mpsc::channel(256);
-        let queued = [send(1, 10), send(2, 10), ack(1), ack(2)];
-        for frame in queued.clone() {
-            tx.send(frame).await.unwrap();
-        }
-        drop(tx);
-        let frames: Vec<ClientFrame> = Outgoing::new(rx).collect().await;
-        assert_eq!(frames, queued);
-    }
-
     /// Request ids of a Send or SendBatch frame.
     fn request_ids(frame: &ClientFrame) -> Vec<u64> {
         match &frame.frame {
@@ -200,7 +166,7 @@ mod tests {
             tx.send(frame).await.unwrap();
         }
         drop(tx);
-        let frames: Vec<ClientFrame> = batching(rx).collect().await;
+        let frames: Vec<ClientFrame> = Outgoing::new(rx).collect().await;
         assert_eq!(frames.len(), 4, "{frames:?}");
         assert!(matches!(
             frames[0].frame,
@@ -231,7 +197,7 @@ mod tests {
         // Larger than a batch may be: travels alone.
         tx.send(send(200, MAX_BATCH_BYTES + 1)).await.unwrap();
         drop(tx);
-        let frames: Vec<ClientFrame> = batching(rx).collect().await;
+        let frames: Vec<ClientFrame> = Outgoing::new(rx).collect().await;
         let ids: Vec<Vec<u64>> = frames.iter().map(request_ids).collect();
         assert_eq!(ids[0], (0..MAX_BATCH_MESSAGES as u64).collect::<Vec<_>>());
         assert_eq!(ids[1], [MAX_BATCH_MESSAGES as u64, 100, 101]);

@@ -26,7 +26,7 @@ use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
     client_frame, server_frame, Attach, ClientFrame, Message, Ping, SendResult, ServerFrame,
 };
-use vesper_proto::validate;
+use vesper_proto::{validate, version};
 
 use super::shared::{Arrival, Connection, Shared};
 use super::LeafConfig;
@@ -72,7 +72,6 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         .max_encoding_message_size(validate::MAX_ANSWER_BYTES);
     let (tx, rx) = mpsc::channel(SESSION_OUTBOUND_QUEUE);
     let outgoing = super::outgoing::Outgoing::new(rx);
-    let batching = outgoing.batching();
     let mut inbound = client.session(outgoing).await?.into_inner();
     let challenge = match inbound.message().await? {
         Some(ServerFrame {
@@ -91,7 +90,8 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
         frame: Some(client_frame::Frame::Attach(Attach {
             public_key: config.keypair.peer_id().as_bytes().to_vec(),
             signature: signature.to_vec(),
-            message_batches: true,
+            protocol_oldest: version::OLDEST,
+            protocol_newest: version::NEWEST,
         })),
     };
     tx.send(attach)
@@ -107,8 +107,15 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
             )))
         }
     };
-    // Batches only to a super peer that takes them.
-    batching.store(welcome.send_batches, std::sync::atomic::Ordering::Relaxed);
+    // The super peer picks a version both speak; one outside our range is a super peer that does not follow
+    // the protocol (or names none: a build from before versions).
+    if !version::OURS.holds(welcome.protocol_version) {
+        return Err(LeafError::Incompatible(format!(
+            "the super peer at {seed} chose protocol {}, this library speaks {}",
+            welcome.protocol_version,
+            version::OURS
+        )));
+    }
     let token = welcome
         .session_token
         .parse()

@@ -2,7 +2,7 @@
 //! whose scheduled start has passed are marked started.
 //!
 //! The leader learns when each member last acknowledged it from openraft's heartbeat metrics. A member silent
-//! for longer than `host_expiry_ms` (after this node has led at least that long, so a fresh leader does not
+//! for longer than `host_expiry` (after this node has led at least that long, so a fresh leader does not
 //! expire members it simply has not heard from yet) gets one `ExpireHost` proposal; it is proposed again only
 //! after the member answered in between. Leaves that re-attached elsewhere are untouched: their presence names
 //! their new host.

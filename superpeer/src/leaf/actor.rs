@@ -14,8 +14,28 @@ use tonic::Streaming;
 use tracing::Instrument;
 use vesper_proto::session::{self, NONCE_LEN};
 use vesper_proto::v1::{
-    client_frame, server_frame, Challenge, ClientFrame, Pong, ServerFrame, WatchRefused, Welcome,
+    client_frame, server_frame, Attach, Challenge, ClientFrame, Pong, ServerFrame, WatchRefused,
+    Welcome,
 };
+use vesper_proto::{version, PeerId};
+
+/// Checks an attach: a protocol version both sides speak (the highest), then the signature over the challenge.
+fn accept_attach(
+    attach: &Attach,
+    nonce: &[u8],
+    server_peer_id: &str,
+) -> Result<(PeerId, u32), ServiceError> {
+    let protocol = version::Range::from_wire(
+        attach.protocol_oldest,
+        attach.protocol_newest,
+        "Attach.protocol_newest",
+    )
+    .and_then(|theirs| theirs.agree(version::OURS))
+    .map_err(ServiceError::Incompatible)?;
+    let peer = session::verify_attach(attach, nonce, server_peer_id)
+        .map_err(|error| ServiceError::Unauthenticated(error.to_string()))?;
+    Ok((peer, protocol))
+}
 
 /// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
 /// acknowledgements until the leaf goes away or the node stops. A session that ends without a goodbye leaves
@@ -36,49 +56,46 @@ pub(super) async fn run_session(
     if tx.send(Ok(Box::new(challenge))).await.is_err() {
         return;
     }
-    let (peer, message_batches) =
-        match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(ClientFrame {
-                frame: Some(client_frame::Frame::Attach(attach)),
-            }))) => match session::verify_attach(&attach, &nonce, &context.me.peer_id) {
-                Ok(peer) => (peer, attach.message_batches),
-                Err(error) => {
-                    let _ = tx
-                        .send(Err(ServiceError::Unauthenticated(error.to_string()).into()))
-                        .await;
-                    return;
-                }
-            },
-            Ok(Ok(Some(_))) => {
-                let _ = tx
-                    .send(Err(ServiceError::Unauthenticated(
-                        "the first frame of a session must be attach".into(),
-                    )
-                    .into()))
-                    .await;
+    let (peer, protocol) = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(ClientFrame {
+            frame: Some(client_frame::Frame::Attach(attach)),
+        }))) => match accept_attach(&attach, &nonce, &context.me.peer_id) {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                let _ = tx.send(Err(error.into_status())).await;
                 return;
             }
-            Ok(Ok(None)) | Ok(Err(_)) => return,
-            Err(_) => {
-                let _ = tx
-                    .send(Err(ServiceError::Unauthenticated(format!(
-                        "no attach within {ATTACH_TIMEOUT:?}"
-                    ))
-                    .into()))
-                    .await;
-                return;
-            }
-        };
+        },
+        Ok(Ok(Some(_))) => {
+            let _ = tx
+                .send(Err(ServiceError::Unauthenticated(
+                    "the first frame of a session must be attach".into(),
+                )
+                .into()))
+                .await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = tx
+                .send(Err(ServiceError::Unauthenticated(format!(
+                    "no attach within {ATTACH_TIMEOUT:?}"
+                ))
+                .into()))
+                .await;
+            return;
+        }
+    };
     let Some(host) = context.replica.node_id() else {
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
-    let session = context.sessions.open(peer, tx.clone(), message_batches);
+    let session = context.sessions.open(peer, tx.clone());
     // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
     // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
     let mut events: Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>> = None;
     let mut watches = watch::Watches::new(*peer.as_bytes());
-    let span = tracing::info_span!("session", peer_id = %peer, session = session.id());
+    let span = tracing::info_span!("session", peer_id = %peer, session = session.id(), protocol);
     // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
     async move {
     let attach = Op::PresenceAttach {
@@ -99,8 +116,9 @@ pub(super) async fn run_session(
             session_token: session.token().to_string(),
             peer_id: peer.to_string(),
             members: context.replica.members().unwrap_or_default(),
-            keepalive_interval_ms: context.config.keepalive_interval_ms as u32,
-            send_batches: true,
+            // At most an hour (validated): fits.
+            keepalive_interval_ms: context.config.keepalive_interval.as_millis() as u32,
+            protocol_version: protocol,
         })),
     };
     if tx.send(Ok(Box::new(welcome))).await.is_err() {
@@ -119,7 +137,7 @@ pub(super) async fn run_session(
     };
     // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
     let mut drain = Some(Box::pin(drain));
-    let ttl = context.config.session_ttl();
+    let ttl = context.config.session_ttl;
     // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns what it held in flight.
     let mut sends = tokio::task::JoinSet::<InFlight>::new();
     let mut sends_in_flight = InFlight::default();
@@ -228,11 +246,11 @@ pub(super) async fn run_session(
     } else {
         // No goodbye: give the leaf the grace period to come back (here or elsewhere) before it shows offline.
         // A re-attach changes the session in presence, which turns this detach into a no-op.
-        tracing::info!(grace = ?context.config.session_grace(), "session lost");
+        tracing::info!(grace = ?context.config.session_grace, "session lost");
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(context.config.session_grace()) => {}
+            _ = tokio::time::sleep(context.config.session_grace) => {}
         }
     }
     if let Err(error) = Box::pin(context.replica.propose(detach)).await {

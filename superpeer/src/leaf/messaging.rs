@@ -219,7 +219,9 @@ async fn queue(
     let op = Op::MailboxPut {
         to: *to.as_bytes(),
         message,
-        expires_at_ms: now_ms() + context.config.mailbox_ttl_ms,
+        expires_at_ms: now_ms().saturating_add(
+            u64::try_from(context.config.mailbox_ttl.as_millis()).unwrap_or(u64::MAX),
+        ),
         quota,
     };
     context.replica.propose_accepted(op).await?;

@@ -18,7 +18,10 @@ use openraft::raft::{
 use openraft::OptionalSend;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
-use vesper_proto::v1::cluster_client::ClusterClient;
+use vesper_proto::version::{ClusterStamp, StampedChannel};
+
+/// A client of another member's Cluster service; every call carries this build's protocol range.
+pub type ClusterClient = vesper_proto::v1::cluster_client::ClusterClient<StampedChannel>;
 
 use super::codec;
 use crate::command::NodeInfo;
@@ -60,18 +63,20 @@ impl ClusterClients {
     }
 
     /// A Cluster client for the super peer at `address` (host:port). Connects lazily.
-    pub fn client(&self, address: &str) -> Result<ClusterClient<Channel>, tonic::Status> {
+    pub fn client(&self, address: &str) -> Result<ClusterClient, tonic::Status> {
         let channel = self.channel(address)?;
-        Ok(ClusterClient::new(channel)
+        Ok(
+            vesper_proto::v1::cluster_client::ClusterClient::with_interceptor(
+                channel,
+                ClusterStamp,
+            )
             .max_decoding_message_size(MAX_CLUSTER_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES))
+            .max_encoding_message_size(MAX_CLUSTER_MESSAGE_BYTES),
+        )
     }
 
     /// [`ClusterClients::client`] for service code: a failure names the peer.
-    pub fn peer(
-        &self,
-        address: &str,
-    ) -> Result<ClusterClient<Channel>, crate::error::ServiceError> {
+    pub fn peer(&self, address: &str) -> Result<ClusterClient, crate::error::ServiceError> {
         self.client(address)
             .map_err(|status| crate::error::ServiceError::Peer {
                 peer: address.to_string(),
@@ -160,7 +165,7 @@ where
     Req: serde::Serialize,
     T: serde::de::DeserializeOwned,
     E: serde::de::DeserializeOwned,
-    F: FnOnce(ClusterClient<Channel>, tonic::Request<vesper_proto::v1::RaftPayload>) -> Fut,
+    F: FnOnce(ClusterClient, tonic::Request<vesper_proto::v1::RaftPayload>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<vesper_proto::v1::RaftPayload>, tonic::Status>>,
 {
     let client = connection.clients.client(&connection.address)?;

@@ -120,7 +120,7 @@ impl Links {
 
 /// Owns one stream to one member: numbers the calls, sends them, and routes each outcome to its caller.
 async fn run_link(
-    mut client: vesper_proto::v1::cluster_client::ClusterClient<tonic::transport::Channel>,
+    mut client: crate::raft::network::ClusterClient,
     mut calls: mpsc::Receiver<Call>,
     address: String,
     shutdown: CancellationToken,

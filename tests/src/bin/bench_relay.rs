@@ -1079,8 +1079,8 @@ async fn main() -> anyhow::Result<()> {
             "100000000000",
             "--relay-max-bytes-per-second",
             "100000000000",
-            "--relay-max-seconds",
-            "3600",
+            "--relay-max-lifetime",
+            "1h",
         ]
         .map(String::from)
         .to_vec(),
@@ -1090,7 +1090,7 @@ async fn main() -> anyhow::Result<()> {
     let coturn = start_coturn(&args.turnserver, cluster.root()).await?;
     println!(
         "Vesper relay caps lifted for this run: --relay-max-bytes 100000000000 --relay-max-bytes-per-second \
-         100000000000 --relay-max-seconds 3600\n"
+         100000000000 --relay-max-lifetime 1h\n"
     );
 
     let paths = vec![
