@@ -1,8 +1,9 @@
-//! Super peer configuration: a plain struct with defaults and `validate()`. The binary layers it as
-//! defaults -> TOML file -> `VESPER_*` environment -> flags (see `main.rs`); tests build it directly.
+//! Super peer configuration: a plain struct with defaults and `validate()`. The command line layers it as
+//! defaults -> TOML file -> flags and their `VESPER_*` variables (see `cli.rs`); tests build it directly or
+//! through `cli::config_from_args`.
 //!
 //! Durations are written with their unit (`"150ms"`, `"10s"`, `"7days"`; humantime syntax) in the TOML and on
-//! flags. docs/CONFIG.md lists every key; a test in `main.rs` checks that list, its defaults and its flags against
+//! flags. docs/CONFIG.md lists every key; a test in `cli.rs` checks that list, its defaults and its flags against
 //! this struct and the flag definitions, so the page cannot drift from the code.
 
 use std::net::SocketAddr;

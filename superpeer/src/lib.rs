@@ -17,6 +17,7 @@
 //! map and the layers; no two sibling modules import each other (checked by `tests/tests/t00_structure.rs`).
 
 pub mod admin;
+pub mod cli;
 pub mod cluster;
 pub mod command;
 pub mod config;
