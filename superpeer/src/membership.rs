@@ -17,7 +17,7 @@ use vesper_proto::v1::{
     MembershipCall, PromoteResponse, RemoveNodeResponse, TransferLeaderResponse,
 };
 
-use crate::command::{NodeInfo, Op, Response};
+use crate::command::{NodeInfo, RegisterNode, Response, TombstoneNode};
 use crate::error::ServiceError;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose::{Backoff, PROPOSE_TIMEOUT};
@@ -218,7 +218,7 @@ pub async fn register_standby(context: &Membership, node: NodeInfo) -> Result<u6
     let raft = context.replica.raft()?;
     let node_id = match context
         .replica
-        .propose(Op::RegisterNode { node: node.clone() })
+        .propose(RegisterNode { node: node.clone() }.into())
         .await?
     {
         (Response::NodeId(id), _) => id,
@@ -295,7 +295,7 @@ pub async fn add_standby(
     let node = node_info(described.node)?;
     let node_id = match context
         .replica
-        .propose(Op::RegisterNode { node: node.clone() })
+        .propose(RegisterNode { node: node.clone() }.into())
         .await?
     {
         (Response::NodeId(id), _) => id,
@@ -400,7 +400,7 @@ pub async fn remove(context: &Membership, node_id: u64) -> Result<(), ServiceErr
     }
     context
         .replica
-        .propose_accepted(Op::TombstoneNode { node_id })
+        .propose_accepted(TombstoneNode { node_id }.into())
         .await?;
     tracing::info!(node_id, "removed node");
     Ok(())
