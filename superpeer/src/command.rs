@@ -20,110 +20,220 @@ pub struct Command {
     pub op: Op,
 }
 
-/// The operations of the state machine.
+/// The operations of the state machine, one named command type each (below). Each converts into an `Op`
+/// (`PutRecord { .. }.into()`).
+///
+/// The encoding of a newtype variant over a struct (postcard: the variant index, then the fields in order) is the
+/// encoding of the struct variant it replaced, so the order of variants and of fields is the wire and log format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// Create or replace a record owned by `owner`.
-    PutRecord {
-        owner: PeerKey,
-        namespace: String,
-        key: String,
-        attributes: BTreeMap<String, String>,
-        #[serde(with = "serde_bytes")]
-        value: Vec<u8>,
-        /// Compare-and-set: `Some(0)` means "must not exist", `Some(v)` "current version is v".
-        expected_version: Option<u64>,
-        /// The index quota of the record's owner, from the proposer's configuration (apply must not read it).
-        quota: RecordQuota,
-    },
-    /// Delete a record owned by `owner`.
-    DeleteRecord {
-        owner: PeerKey,
-        namespace: String,
-        key: String,
-        expected_version: Option<u64>,
-    },
-    /// Allocate a node id for a new super peer and remember its addresses.
-    RegisterNode { node: NodeInfo },
-    /// Mark a node as removed; its id stays reserved.
-    TombstoneNode { node_id: u64 },
-    /// A peer attached to super peer `host` with session `session`: it is online there.
-    PresenceAttach {
-        peer: PeerKey,
-        host: u64,
-        session: u64,
-    },
-    /// Session `session` of a peer ended: offline, unless the peer has attached again since (other session).
-    PresenceDetach { peer: PeerKey, session: u64 },
-    /// A peer on session `session` changes its status, note and profile attributes.
-    PresenceSet {
-        peer: PeerKey,
-        session: u64,
-        status: PresenceStatus,
-        note: String,
-        attributes: BTreeMap<String, String>,
-    },
-    /// Super peer `host` is gone: every peer still attached to it goes offline.
-    ExpireHost { host: u64 },
-    /// Store a message for an offline peer. Refused beyond the quota; a message already stored (same sender
-    /// and id) is not stored twice. Expired messages of the recipient are dropped on the way.
-    MailboxPut {
-        to: PeerKey,
-        message: StoredMessage,
-        expires_at_ms: u64,
-        quota: u32,
-    },
-    /// Remove delivered messages (by their mailbox sequence numbers) from a peer's mailbox.
-    MailboxAck { to: PeerKey, sequences: Vec<u64> },
-    /// Create conference `id` owned by `owner`.
-    ConferenceCreate {
-        owner: PeerKey,
-        id: String,
-        title: String,
-        description: String,
-        start_at_ms: u64,
-    },
-    /// The owner invites peers.
-    ConferenceInvite {
-        owner: PeerKey,
-        id: String,
-        invitees: Vec<PeerKey>,
-    },
-    /// An invitee answers for itself.
-    ConferenceAnswer {
-        peer: PeerKey,
-        id: String,
-        accept: bool,
-    },
-    /// The scheduled start has passed (proposed by the leader).
-    ConferenceStart { id: String },
-    /// A chat line; the state machine gives it the conference's next sequence number.
-    ConferenceChat {
-        from: PeerKey,
-        id: String,
-        message_id: String,
-        text: String,
-    },
-    /// A peer on session `session` publishes its address candidates and NAT class.
-    PresenceEndpoints {
-        peer: PeerKey,
-        session: u64,
-        candidates: Vec<String>,
-        nat_class: String,
-    },
-    /// Super peer `node_id` reports its relay load (brokers pick the least loaded relay).
-    RelayLoad {
-        node_id: u64,
-        active: u32,
-        capacity: u32,
-    },
-    /// An operator revokes the certificate whose DER has this SHA-256 (see `roles`).
-    RevokeCertificate { fingerprint: [u8; 32] },
-    /// An operator sets (Some) or clears (None) the access rules of a record namespace.
-    SetNamespaceAcl {
-        namespace: String,
-        acl: Option<NamespaceAcl>,
-    },
+    PutRecord(PutRecord),
+    DeleteRecord(DeleteRecord),
+    RegisterNode(RegisterNode),
+    TombstoneNode(TombstoneNode),
+    PresenceAttach(PresenceAttach),
+    PresenceDetach(PresenceDetach),
+    PresenceSet(PresenceSet),
+    ExpireHost(ExpireHost),
+    MailboxPut(MailboxPut),
+    MailboxAck(MailboxAck),
+    ConferenceCreate(ConferenceCreate),
+    ConferenceInvite(ConferenceInvite),
+    ConferenceAnswer(ConferenceAnswer),
+    ConferenceStart(ConferenceStart),
+    ConferenceChat(ConferenceChat),
+    PresenceEndpoints(PresenceEndpoints),
+    RelayLoad(RelayLoad),
+    RevokeCertificate(RevokeCertificate),
+    SetNamespaceAcl(SetNamespaceAcl),
+}
+
+/// `From<T> for Op` for each command type.
+macro_rules! into_op {
+    ($($variant:ident),* $(,)?) => {
+        $(impl From<$variant> for Op {
+            fn from(op: $variant) -> Self {
+                Op::$variant(op)
+            }
+        })*
+    };
+}
+
+into_op!(
+    PutRecord,
+    DeleteRecord,
+    RegisterNode,
+    TombstoneNode,
+    PresenceAttach,
+    PresenceDetach,
+    PresenceSet,
+    ExpireHost,
+    MailboxPut,
+    MailboxAck,
+    ConferenceCreate,
+    ConferenceInvite,
+    ConferenceAnswer,
+    ConferenceStart,
+    ConferenceChat,
+    PresenceEndpoints,
+    RelayLoad,
+    RevokeCertificate,
+    SetNamespaceAcl,
+);
+
+/// Create or replace a record owned by `owner`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRecord {
+    pub owner: PeerKey,
+    pub namespace: String,
+    pub key: String,
+    pub attributes: BTreeMap<String, String>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// Compare-and-set: `Some(0)` means "must not exist", `Some(v)` "current version is v".
+    pub expected_version: Option<u64>,
+    /// The index quota of the record's owner, from the proposer's configuration (apply must not read it).
+    pub quota: RecordQuota,
+}
+
+/// Delete a record owned by `owner`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRecord {
+    pub owner: PeerKey,
+    pub namespace: String,
+    pub key: String,
+    pub expected_version: Option<u64>,
+}
+
+/// Allocate a node id for a new super peer and remember its addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterNode {
+    pub node: NodeInfo,
+}
+
+/// Mark a node as removed; its id stays reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TombstoneNode {
+    pub node_id: u64,
+}
+
+/// A peer attached to super peer `host` with session `session`: it is online there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceAttach {
+    pub peer: PeerKey,
+    pub host: u64,
+    pub session: u64,
+}
+
+/// Session `session` of a peer ended: offline, unless the peer has attached again since (other session).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceDetach {
+    pub peer: PeerKey,
+    pub session: u64,
+}
+
+/// A peer on session `session` changes its status, note and profile attributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceSet {
+    pub peer: PeerKey,
+    pub session: u64,
+    pub status: PresenceStatus,
+    pub note: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Super peer `host` is gone: every peer still attached to it goes offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpireHost {
+    pub host: u64,
+}
+
+/// Store a message for an offline peer. Refused beyond the quota; a message already stored (same sender and id)
+/// is not stored twice. Expired messages of the recipient are dropped on the way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxPut {
+    pub to: PeerKey,
+    pub message: StoredMessage,
+    pub expires_at_ms: u64,
+    pub quota: u32,
+}
+
+/// Remove delivered messages (by their mailbox sequence numbers) from a peer's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxAck {
+    pub to: PeerKey,
+    pub sequences: Vec<u64>,
+}
+
+/// Create conference `id` owned by `owner`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceCreate {
+    pub owner: PeerKey,
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub start_at_ms: u64,
+}
+
+/// The owner invites peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceInvite {
+    pub owner: PeerKey,
+    pub id: String,
+    pub invitees: Vec<PeerKey>,
+}
+
+/// An invitee answers for itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceAnswer {
+    pub peer: PeerKey,
+    pub id: String,
+    pub accept: bool,
+}
+
+/// The scheduled start has passed (proposed by the leader).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceStart {
+    pub id: String,
+}
+
+/// A chat line; the state machine gives it the conference's next sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceChat {
+    pub from: PeerKey,
+    pub id: String,
+    pub message_id: String,
+    pub text: String,
+}
+
+/// A peer on session `session` publishes its address candidates and NAT class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEndpoints {
+    pub peer: PeerKey,
+    pub session: u64,
+    pub candidates: Vec<String>,
+    pub nat_class: String,
+}
+
+/// Super peer `node_id` reports its relay load (brokers pick the least loaded relay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayLoad {
+    pub node_id: u64,
+    pub active: u32,
+    pub capacity: u32,
+}
+
+/// An operator revokes the certificate whose DER has this SHA-256 (see `roles`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeCertificate {
+    pub fingerprint: [u8; 32],
+}
+
+/// An operator sets (Some) or clears (None) the access rules of a record namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetNamespaceAcl {
+    pub namespace: String,
+    pub acl: Option<NamespaceAcl>,
 }
 
 /// How much of the metadata index one peer's records may take: a put that would take the owner past either
@@ -230,47 +340,46 @@ pub struct StoredMessage {
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.op {
-            Op::PutRecord { namespace, key, .. } => write!(f, "put {namespace}/{key}"),
-            Op::DeleteRecord { namespace, key, .. } => write!(f, "delete {namespace}/{key}"),
-            Op::RegisterNode { node } => write!(f, "register node {}", node.peer_id),
-            Op::TombstoneNode { node_id } => write!(f, "tombstone node {node_id}"),
-            Op::PresenceAttach { host, session, .. } => {
-                write!(f, "attach session {session} on node {host}")
+            Op::PutRecord(op) => write!(f, "put {}/{}", op.namespace, op.key),
+            Op::DeleteRecord(op) => write!(f, "delete {}/{}", op.namespace, op.key),
+            Op::RegisterNode(op) => write!(f, "register node {}", op.node.peer_id),
+            Op::TombstoneNode(op) => write!(f, "tombstone node {}", op.node_id),
+            Op::PresenceAttach(op) => {
+                write!(f, "attach session {} on node {}", op.session, op.host)
             }
-            Op::PresenceDetach { session, .. } => write!(f, "detach session {session}"),
-            Op::PresenceSet { status, .. } => write!(f, "set presence {status:?}"),
-            Op::ExpireHost { host } => write!(f, "expire sessions of node {host}"),
-            Op::MailboxPut { message, .. } => write!(f, "mailbox put {}", message.id),
-            Op::MailboxAck { sequences, .. } => {
-                write!(f, "mailbox ack {} messages", sequences.len())
+            Op::PresenceDetach(op) => write!(f, "detach session {}", op.session),
+            Op::PresenceSet(op) => write!(f, "set presence {:?}", op.status),
+            Op::ExpireHost(op) => write!(f, "expire sessions of node {}", op.host),
+            Op::MailboxPut(op) => write!(f, "mailbox put {}", op.message.id),
+            Op::MailboxAck(op) => write!(f, "mailbox ack {} messages", op.sequences.len()),
+            Op::ConferenceCreate(op) => write!(f, "create conference {}", op.id),
+            Op::ConferenceInvite(op) => {
+                write!(f, "invite {} to {}", op.invitees.len(), op.id)
             }
-            Op::ConferenceCreate { id, .. } => write!(f, "create conference {id}"),
-            Op::ConferenceInvite { id, invitees, .. } => {
-                write!(f, "invite {} to {id}", invitees.len())
-            }
-            Op::ConferenceAnswer { id, accept, .. } => write!(f, "answer {id}: {accept}"),
-            Op::ConferenceStart { id } => write!(f, "start conference {id}"),
-            Op::ConferenceChat { id, .. } => write!(f, "chat in {id}"),
-            Op::PresenceEndpoints { nat_class, .. } => write!(f, "publish endpoints ({nat_class})"),
-            Op::SetNamespaceAcl { namespace, acl } => match acl {
+            Op::ConferenceAnswer(op) => write!(f, "answer {}: {}", op.id, op.accept),
+            Op::ConferenceStart(op) => write!(f, "start conference {}", op.id),
+            Op::ConferenceChat(op) => write!(f, "chat in {}", op.id),
+            Op::PresenceEndpoints(op) => write!(f, "publish endpoints ({})", op.nat_class),
+            Op::SetNamespaceAcl(op) => match &op.acl {
                 Some(acl) => write!(
                     f,
-                    "set acl of {namespace} (write {:?}, read {:?}, {} members)",
+                    "set acl of {} (write {:?}, read {:?}, {} members)",
+                    op.namespace,
                     acl.write,
                     acl.read,
                     acl.members.len()
                 ),
-                None => write!(f, "clear acl of {namespace}"),
+                None => write!(f, "clear acl of {}", op.namespace),
             },
-            Op::RelayLoad {
-                node_id,
-                active,
-                capacity,
-            } => write!(f, "relay load of node {node_id}: {active}/{capacity}"),
-            Op::RevokeCertificate { fingerprint } => write!(
+            Op::RelayLoad(op) => write!(
+                f,
+                "relay load of node {}: {}/{}",
+                op.node_id, op.active, op.capacity
+            ),
+            Op::RevokeCertificate(op) => write!(
                 f,
                 "revoke certificate {}",
-                data_encoding::HEXLOWER.encode(fingerprint)
+                data_encoding::HEXLOWER.encode(&op.fingerprint)
             ),
         }
     }
@@ -365,4 +474,96 @@ pub enum Rejection {
     NotInvited,
     #[error("only the owner and participants who accepted may chat")]
     NotParticipant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log and the wire carry postcard's encoding of `Command`: it must not move under the types.
+    #[test]
+    fn commands_encode_as_their_variant_index_then_their_fields_in_order() {
+        let delete = Command {
+            at_ms: 42,
+            op: DeleteRecord {
+                owner: [1; 32],
+                namespace: "ns".into(),
+                key: "k".into(),
+                expected_version: Some(3),
+            }
+            .into(),
+        };
+        let mut expected = vec![42, 1];
+        expected.extend([1; 32]);
+        expected.extend([2, b'n', b's', 1, b'k', 1, 3]);
+        assert_eq!(postcard::to_stdvec(&delete).unwrap(), expected);
+
+        let put = Command {
+            at_ms: 1,
+            op: PutRecord {
+                owner: [2; 32],
+                namespace: "a".into(),
+                key: "b".into(),
+                attributes: BTreeMap::from([("c".into(), "d".into())]),
+                value: vec![9, 9],
+                expected_version: None,
+                quota: RecordQuota {
+                    records: 300,
+                    bytes: 1,
+                },
+            }
+            .into(),
+        };
+        let mut expected = vec![1, 0];
+        expected.extend([2; 32]);
+        // namespace, key, one attribute, the value as one byte string, no expected version, the quota (varints).
+        expected.extend([
+            1, b'a', 1, b'b', 1, 1, b'c', 1, b'd', 2, 9, 9, 0, 0xac, 0x02, 1,
+        ]);
+        assert_eq!(postcard::to_stdvec(&put).unwrap(), expected);
+
+        let acl = Command {
+            at_ms: 0,
+            op: SetNamespaceAcl {
+                namespace: "x".into(),
+                acl: None,
+            }
+            .into(),
+        };
+        assert_eq!(postcard::to_stdvec(&acl).unwrap(), [0, 18, 1, b'x', 0]);
+        for command in [delete, put, acl] {
+            let bytes = postcard::to_stdvec(&command).unwrap();
+            assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), command);
+        }
+    }
+
+    #[test]
+    fn a_command_type_converts_into_its_op_and_displays_as_before() {
+        let op: Op = TombstoneNode { node_id: 4 }.into();
+        assert_eq!(op, Op::TombstoneNode(TombstoneNode { node_id: 4 }));
+        let shown = |op: Op| Command { at_ms: 0, op }.to_string();
+        assert_eq!(shown(op), "tombstone node 4");
+        assert_eq!(
+            shown(
+                RelayLoad {
+                    node_id: 2,
+                    active: 3,
+                    capacity: 8
+                }
+                .into()
+            ),
+            "relay load of node 2: 3/8"
+        );
+        assert_eq!(
+            shown(
+                ConferenceInvite {
+                    owner: [0; 32],
+                    id: "c".into(),
+                    invitees: vec![[1; 32], [2; 32]],
+                }
+                .into()
+            ),
+            "invite 2 to c"
+        );
+    }
 }

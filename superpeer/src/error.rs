@@ -4,12 +4,73 @@
 //! bad input -> INVALID_ARGUMENT, a size or count limit -> RESOURCE_EXHAUSTED, ownership -> PERMISSION_DENIED,
 //! stale compare-and-set or no common protocol version -> FAILED_PRECONDITION, no or bad session -> UNAUTHENTICATED, no leader or not yet part
 //! of a cluster -> UNAVAILABLE (retry), storage failure -> INTERNAL.
+//!
+//! A failed openraft call keeps openraft's own error ([`RaftFailure`]) up to here, where its kind picks the code
+//! (see [`raft_status`]): every kind is UNAVAILABLE, since each one passes (a leader change, a membership change
+//! in progress, a lost quorum) or means Raft stopped on this member while another may serve; when openraft names
+//! the leader, its Cluster address rides along as the leader hint.
 
+use openraft::errors::{ClientWriteError, Fatal, LinearizableReadError, RaftError};
 use tonic::{Code, Status};
 use vesper_proto::validate::InvalidInput;
 
 use crate::command::Rejection;
+use crate::raft_types::TypeConfig;
 use crate::store::StoreError;
+
+/// What an openraft write (a command, adding a learner, a membership change) fails with.
+pub type WriteError = RaftError<TypeConfig, ClientWriteError<TypeConfig>>;
+/// What asking openraft for the leader's read index fails with.
+pub type ReadIndexError = RaftError<TypeConfig, LinearizableReadError<TypeConfig>>;
+
+/// A failure of the Raft layer, with openraft's error kept whole: `into_status` picks the code from its kind.
+/// (openraft's errors are boxed: they are large, and every `ServiceError` would carry their size.)
+#[derive(Debug, thiserror::Error)]
+pub enum RaftFailure {
+    /// A write: a command, adding a learner, a membership change.
+    #[error(transparent)]
+    Write(Box<WriteError>),
+    /// Asking for the leader's read index.
+    #[error(transparent)]
+    ReadIndex(Box<ReadIndexError>),
+    /// Raft stopped (what a call fails with that can fail in no other way, such as a leadership transfer).
+    #[error(transparent)]
+    Fatal(Box<Fatal<TypeConfig>>),
+    /// The Raft layer failed outside an openraft call: the node is shutting down or could not start Raft, or an
+    /// answer had the wrong shape.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<WriteError> for RaftFailure {
+    fn from(error: WriteError) -> Self {
+        RaftFailure::Write(Box::new(error))
+    }
+}
+
+impl From<ReadIndexError> for RaftFailure {
+    fn from(error: ReadIndexError) -> Self {
+        RaftFailure::ReadIndex(Box::new(error))
+    }
+}
+
+impl From<Fatal<TypeConfig>> for RaftFailure {
+    fn from(error: Fatal<TypeConfig>) -> Self {
+        RaftFailure::Fatal(Box::new(error))
+    }
+}
+
+impl From<String> for RaftFailure {
+    fn from(message: String) -> Self {
+        RaftFailure::Other(message)
+    }
+}
+
+impl From<&str> for RaftFailure {
+    fn from(message: &str) -> Self {
+        RaftFailure::Other(message.to_string())
+    }
+}
 
 /// An error of a super peer service call.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +100,7 @@ pub enum ServiceError {
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
     #[error("raft failed: {0}")]
-    Raft(String),
+    Raft(#[from] RaftFailure),
     #[error("call to {peer} failed: {status}")]
     Peer { peer: String, status: Status },
     #[error("encoding failed: {0}")]
@@ -64,8 +125,70 @@ pub enum ServiceError {
     OutcomeUnknown { leader: String, reason: String },
 }
 
-/// Metadata key carrying the leader's Cluster address with NotLeader errors.
+/// Metadata key carrying the leader's Cluster address with NotLeader errors (and with a Raft failure that names
+/// the leader).
 pub const LEADER_HINT_METADATA_KEY: &str = "x-vesper-leader";
+
+impl From<WriteError> for ServiceError {
+    fn from(error: WriteError) -> Self {
+        ServiceError::Raft(error.into())
+    }
+}
+
+impl From<ReadIndexError> for ServiceError {
+    fn from(error: ReadIndexError) -> Self {
+        ServiceError::Raft(error.into())
+    }
+}
+
+impl From<Fatal<TypeConfig>> for ServiceError {
+    fn from(error: Fatal<TypeConfig>) -> Self {
+        ServiceError::Raft(error.into())
+    }
+}
+
+/// The status of a Raft failure, by its kind. Every kind is UNAVAILABLE (the call may succeed later or on another
+/// member); the match names them all so that a new kind, or a kind that deserves another code, is decided here.
+fn raft_status(failure: &RaftFailure, message: String) -> Status {
+    use openraft::errors::ChangeMembershipError as Membership;
+    let forward = match failure {
+        RaftFailure::Write(error) => match error.as_ref() {
+            // Not (or no longer) the leader, or the entry was discarded by a new leader (outcome unknown).
+            RaftError::APIError(
+                ClientWriteError::ForwardToLeader(forward)
+                | ClientWriteError::LogEntryDiscarded(forward),
+            ) => Some(forward),
+            // Another membership change is in progress, or this one cannot be made now.
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                Membership::InProgress(_)
+                | Membership::EmptyMembership(_)
+                | Membership::LearnerNotFound(_)
+                | Membership::UnsupportedMembershipTransition(_)
+                | Membership::UncommittedLeaderLog(_)
+                | Membership::NodeMetadataChanged(_),
+            )) => None,
+            // Vesper attaches no preconditions to its writes.
+            RaftError::APIError(ClientWriteError::PreconditionFailed(_)) => None,
+            // Raft stopped on this member (shutting down, or its storage failed): another member may serve.
+            RaftError::Fatal(_) => None,
+        },
+        RaftFailure::ReadIndex(error) => match error.as_ref() {
+            RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)) => Some(forward),
+            // The leader could not reach a quorum to confirm it still leads.
+            RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)) => None,
+            RaftError::Fatal(_) => None,
+        },
+        RaftFailure::Fatal(_) | RaftFailure::Other(_) => None,
+    };
+    let mut status = Status::unavailable(message);
+    let hint = forward
+        .and_then(|forward| forward.leader_node.as_ref())
+        .and_then(|leader| leader.cluster_addr.parse().ok());
+    if let Some(hint) = hint {
+        status.metadata_mut().insert(LEADER_HINT_METADATA_KEY, hint);
+    }
+    status
+}
 
 impl ServiceError {
     /// The gRPC status for this error.
@@ -98,8 +221,8 @@ impl ServiceError {
             ServiceError::NotInCluster
             | ServiceError::NoLeader
             | ServiceError::Unavailable(_)
-            | ServiceError::Raft(_)
             | ServiceError::OutcomeUnknown { .. } => Status::unavailable(message),
+            ServiceError::Raft(failure) => raft_status(&failure, message),
             ServiceError::NotLeader { leader_addr, .. } => {
                 let mut status = Status::failed_precondition(message);
                 if let Ok(value) = leader_addr.parse() {
@@ -231,6 +354,97 @@ mod tests {
         assert_eq!(
             (forwarded.code(), forwarded.message()),
             (Code::NotFound, "gone")
+        );
+    }
+
+    #[test]
+    fn raft_failures_keep_openraft_messages_get_unavailable_and_name_a_known_leader() {
+        use openraft::errors::{
+            ChangeMembershipError, EmptyMembership, ForwardToLeader, LearnerNotFound,
+            QuorumNotEnough,
+        };
+
+        use crate::command::NodeInfo;
+
+        let leader = || {
+            ForwardToLeader::<TypeConfig>::new(
+                2,
+                NodeInfo {
+                    cluster_addr: "127.0.0.1:9".into(),
+                    ..NodeInfo::default()
+                },
+            )
+        };
+        let write =
+            |error: ClientWriteError<TypeConfig>| RaftFailure::from(WriteError::APIError(error));
+        let read = |error: LinearizableReadError<TypeConfig>| {
+            RaftFailure::from(ReadIndexError::APIError(error))
+        };
+        let membership = |error: ChangeMembershipError<_, u64>| {
+            write(ClientWriteError::ChangeMembershipError(error))
+        };
+        let table: Vec<(RaftFailure, Option<&str>)> = vec![
+            (
+                write(ClientWriteError::ForwardToLeader(leader())),
+                Some("127.0.0.1:9"),
+            ),
+            (
+                write(ClientWriteError::ForwardToLeader(ForwardToLeader::empty())),
+                None,
+            ),
+            (
+                write(ClientWriteError::LogEntryDiscarded(leader())),
+                Some("127.0.0.1:9"),
+            ),
+            (membership(EmptyMembership {}.into()), None),
+            (membership(LearnerNotFound { node_id: 4 }.into()), None),
+            (
+                read(LinearizableReadError::ForwardToLeader(leader())),
+                Some("127.0.0.1:9"),
+            ),
+            (
+                read(LinearizableReadError::QuorumNotEnough(QuorumNotEnough {
+                    cluster: "{1, 2, 3}".into(),
+                    got: [1].into(),
+                })),
+                None,
+            ),
+            (WriteError::Fatal(Fatal::Stopped).into(), None),
+            (ReadIndexError::Fatal(Fatal::Panicked).into(), None),
+            (Fatal::<TypeConfig>::Stopped.into(), None),
+            ("the node is shutting down".into(), None),
+        ];
+        for (failure, hint) in table {
+            let openraft_says = failure.to_string();
+            let error = ServiceError::from(failure);
+            let message = error.to_string();
+            assert_eq!(message, format!("raft failed: {openraft_says}"));
+            let status = error.into_status();
+            assert_eq!(
+                (status.code(), status.message()),
+                (Code::Unavailable, message.as_str())
+            );
+            let sent = status
+                .metadata()
+                .get(LEADER_HINT_METADATA_KEY)
+                .map(|value| value.to_str().unwrap());
+            assert_eq!(sent, hint, "{message}");
+        }
+    }
+
+    #[test]
+    fn raft_failures_read_as_before() {
+        let stopped = ServiceError::from(Fatal::<TypeConfig>::Stopped);
+        assert_eq!(stopped.to_string(), "raft failed: raft stopped");
+        assert!(!stopped.is_retriable());
+        let learner = ServiceError::from(WriteError::APIError(
+            ClientWriteError::ChangeMembershipError(
+                openraft::errors::LearnerNotFound { node_id: 4 }.into(),
+            ),
+        ));
+        assert_eq!(
+            learner.to_string(),
+            "raft failed: Learner 4 not found: add it as learner before adding it as a voter"
         );
     }
 }

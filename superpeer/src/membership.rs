@@ -17,7 +17,7 @@ use vesper_proto::v1::{
     MembershipCall, PromoteResponse, RemoveNodeResponse, TransferLeaderResponse,
 };
 
-use crate::command::{NodeInfo, Op, Response};
+use crate::command::{NodeInfo, RegisterNode, Response, TombstoneNode};
 use crate::error::ServiceError;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose::{Backoff, PROPOSE_TIMEOUT};
@@ -208,24 +208,20 @@ async fn run_here(context: &Membership, call: Call) -> Result<Reply, ServiceErro
     })
 }
 
-fn raft_error(error: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Raft(error.to_string())
-}
-
 /// Registers `node` (allocating its node id) and adds it as a learner. Runs on the leader; from another member
 /// the registration is forwarded by the proposer and `add_learner` reports the leader to retry on.
 pub async fn register_standby(context: &Membership, node: NodeInfo) -> Result<u64, ServiceError> {
     let raft = context.replica.raft()?;
     let node_id = match context
         .replica
-        .propose(Op::RegisterNode { node: node.clone() })
+        .propose(RegisterNode { node: node.clone() }.into())
         .await?
     {
         (Response::NodeId(id), _) => id,
         (other, _) => {
-            return Err(ServiceError::Raft(format!(
-                "register node answered {other:?}"
-            )))
+            return Err(ServiceError::Raft(
+                format!("register node answered {other:?}").into(),
+            ))
         }
     };
     let deadline = Instant::now() + PROPOSE_TIMEOUT;
@@ -260,7 +256,7 @@ pub async fn register_standby(context: &Membership, node: NodeInfo) -> Result<u6
                     }
                 }
                 if Instant::now() >= deadline {
-                    return Err(raft_error(error));
+                    return Err(error.into());
                 }
                 backoff.wait().await;
             }
@@ -295,14 +291,14 @@ pub async fn add_standby(
     let node = node_info(described.node)?;
     let node_id = match context
         .replica
-        .propose(Op::RegisterNode { node: node.clone() })
+        .propose(RegisterNode { node: node.clone() }.into())
         .await?
     {
         (Response::NodeId(id), _) => id,
         (other, _) => {
-            return Err(ServiceError::Raft(format!(
-                "register node answered {other:?}"
-            )))
+            return Err(ServiceError::Raft(
+                format!("register node answered {other:?}").into(),
+            ))
         }
     };
     client
@@ -317,7 +313,7 @@ pub async fn add_standby(
         .raft()?
         .add_learner(node_id, node.clone(), false)
         .await
-        .map_err(raft_error)?;
+        .map_err(ServiceError::from)?;
     tracing::info!(node_id, peer_id = %node.peer_id, "adopted standby");
     Ok((node_id, node))
 }
@@ -354,7 +350,7 @@ pub async fn promote(context: &Membership, node_id: u64) -> Result<(), ServiceEr
         .raft()?
         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), true)
         .await
-        .map_err(raft_error)?;
+        .map_err(ServiceError::from)?;
     tracing::info!(node_id, "promoted to voter");
     Ok(())
 }
@@ -377,7 +373,7 @@ pub async fn demote(context: &Membership, node_id: u64) -> Result<(), ServiceErr
         .raft()?
         .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), true)
         .await
-        .map_err(raft_error)?;
+        .map_err(ServiceError::from)?;
     tracing::info!(node_id, "demoted to standby");
     Ok(())
 }
@@ -396,11 +392,11 @@ pub async fn remove(context: &Membership, node_id: u64) -> Result<(), ServiceErr
             .raft()?
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false)
             .await
-            .map_err(raft_error)?;
+            .map_err(ServiceError::from)?;
     }
     context
         .replica
-        .propose_accepted(Op::TombstoneNode { node_id })
+        .propose_accepted(TombstoneNode { node_id }.into())
         .await?;
     tracing::info!(node_id, "removed node");
     Ok(())
@@ -421,7 +417,7 @@ pub async fn transfer_leader(context: &Membership, node_id: u64) -> Result<u64, 
     raft.trigger()
         .transfer_leader(node_id)
         .await
-        .map_err(raft_error)?;
+        .map_err(ServiceError::from)?;
     raft.wait(Some(TRANSFER_TIMEOUT))
         .current_leader(node_id, "leadership transfer")
         .await

@@ -601,7 +601,7 @@ impl StartUp {
                 let answer = started
                     .as_ref()
                     .map(|_| ())
-                    .map_err(|error| ServiceError::Raft(error.to_string()));
+                    .map_err(|error| ServiceError::Raft(error.to_string().into()));
                 let _ = reply.send(answer);
                 started
             }

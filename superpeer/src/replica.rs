@@ -16,7 +16,8 @@ use crate::raft::forward::Forwarder;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose;
 use crate::raft::VesperRaft;
-use crate::store::state_machine::{read_relay_loads, StateReader};
+use crate::store::nodes::read_relay_loads;
+use crate::store::state_machine::StateReader;
 
 /// Handle on this node's replica; cheap to clone.
 #[derive(Clone)]

@@ -94,7 +94,8 @@ fn run_a_node_and_shut_it_down() -> usize {
             "the node never became leader"
         );
         // A proposal through the whole path, and a stale member view.
-        let op = vesper_superpeer::command::Op::TombstoneNode { node_id: 99 };
+        let op: vesper_superpeer::command::Op =
+            vesper_superpeer::command::TombstoneNode { node_id: 99 }.into();
         let _ = replica.propose(op).await;
         assert!(replica.members().is_ok());
         assert!(metrics.num_alive_tasks() > 0, "the node runs tasks");

@@ -20,7 +20,7 @@ use vesper_proto::v1::{
 
 use vesper_proto::acl::NamespaceAcl;
 
-use crate::command::NodeInfo;
+use crate::command::{NodeInfo, RevokeCertificate, SetNamespaceAcl};
 use crate::error::ServiceError;
 use crate::membership::{self, Membership};
 use crate::replica::Replica;
@@ -154,7 +154,7 @@ impl Admin for AdminService {
             })?;
         let (_, log_index) = self
             .replica
-            .propose_accepted(crate::command::Op::RevokeCertificate { fingerprint })
+            .propose_accepted(RevokeCertificate { fingerprint }.into())
             .await?;
         tracing::info!(
             fingerprint = %data_encoding::HEXLOWER.encode(&fingerprint),
@@ -178,10 +178,11 @@ impl Admin for AdminService {
         } else {
             Some(NamespaceAcl::from_proto(&proto).map_err(ServiceError::from)?)
         };
-        let op = crate::command::Op::SetNamespaceAcl {
+        let op: crate::command::Op = SetNamespaceAcl {
             namespace: proto.namespace.clone(),
             acl,
-        };
+        }
+        .into();
         tracing::info!(op = ?op, "namespace acl");
         let (_, log_index) = self.replica.propose_accepted(op).await?;
         Ok(Response::new(SetNamespaceAclResponse { log_index }))

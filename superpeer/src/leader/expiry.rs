@@ -14,7 +14,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::Instant as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::command::{Op, Response};
+use crate::command::{ConferenceStart, ExpireHost, Response};
 use crate::replica::Replica;
 
 /// How often the leader checks.
@@ -58,7 +58,7 @@ pub async fn run(replica: Replica, host_expiry: Duration, shutdown: Cancellation
             if expired.contains(&node) {
                 continue;
             }
-            match context.propose(Op::ExpireHost { host: node }).await {
+            match context.propose(ExpireHost { host: node }.into()).await {
                 Ok((Response::Expired(count), _)) => {
                     expired.insert(node);
                     if count > 0 {
@@ -90,7 +90,7 @@ async fn start_due_conferences(context: &Replica) {
     };
     for id in due {
         if let Err(error) = context
-            .propose(Op::ConferenceStart { id: id.clone() })
+            .propose(ConferenceStart { id: id.clone() }.into())
             .await
         {
             tracing::warn!(%error, conference = %id, "cannot mark a conference started");

@@ -4,7 +4,7 @@
 use super::sends::{start_sends, InFlight};
 use super::ATTACH_TIMEOUT;
 use super::{messaging, watch};
-use crate::command::Op;
+use crate::command::{Op, PresenceAttach, PresenceDetach};
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
 use crate::sessions;
@@ -98,11 +98,11 @@ pub(super) async fn run_session(
     let span = tracing::info_span!("session", peer_id = %peer, session = session.id(), protocol);
     // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
     async move {
-    let attach = Op::PresenceAttach {
+    let attach: Op = PresenceAttach {
         peer: *peer.as_bytes(),
         host,
         session: session.id(),
-    };
+    }.into();
     // Boxed, here and below: the session task lives as long as the leaf is attached, and its size is that of
     // its largest state; a proposal inlined there would be carried by every idle session.
     if let Err(error) = Box::pin(context.replica.propose(attach)).await {
@@ -237,10 +237,10 @@ pub(super) async fn run_session(
     let session_id = session.id();
     // Stop taking deliveries and calls for this session at once.
     drop(session);
-    let detach = Op::PresenceDetach {
+    let detach: Op = PresenceDetach {
         peer: *peer.as_bytes(),
         session: session_id,
-    };
+    }.into();
     if goodbye {
         tracing::info!("leaf detached");
     } else {

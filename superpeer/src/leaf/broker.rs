@@ -34,8 +34,8 @@ use tonic::{Request, Response, Status};
 use vesper_proto::v1::ConnectResponse;
 
 use super::LeafService;
+use crate::store::nodes::{read_relay_loads, RelayLoad};
 use crate::store::presence;
-use crate::store::state_machine::{read_relay_loads, RelayLoad};
 
 /// How long both sides try a direct path before the relay.
 pub const DIRECT_DEADLINE_MS: u32 = 3000;

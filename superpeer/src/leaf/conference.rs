@@ -6,8 +6,10 @@ use vesper_proto::{validate, PeerId};
 
 use super::messaging;
 use super::{unexpected, LeafService};
+use crate::command::{
+    self, ConferenceAnswer, ConferenceCreate, ConferenceInvite, Op, Response as CommandResponse,
+};
 use crate::command::{ChatEntry, ConferenceEntry, Invitation};
-use crate::command::{Op, Response as CommandResponse};
 use crate::error::ServiceError;
 use crate::store::conference as store_conference;
 use tonic::{Request, Response, Status};
@@ -116,13 +118,14 @@ pub(super) async fn create_conference(
     check_id(&request.id)?;
     check_text("title", &request.title, MAX_TITLE_LEN)?;
     check_text("description", &request.description, MAX_TEXT_LEN)?;
-    let op = Op::ConferenceCreate {
+    let op: Op = ConferenceCreate {
         owner: *owner.as_bytes(),
         id: request.id.clone(),
         title: request.title,
         description: request.description,
         start_at_ms: request.start_at_ms,
-    };
+    }
+    .into();
     service.conference_op(&request.id, op).await
 }
 
@@ -149,11 +152,12 @@ pub(super) async fn invite(
             .map_err(|error| ServiceError::BadField(format!("invitee {text:?}: {error}")))?;
         invitees.push(peer);
     }
-    let op = Op::ConferenceInvite {
+    let op: Op = ConferenceInvite {
         owner: *owner.as_bytes(),
         id: request.conference_id.clone(),
         invitees: invitees.iter().map(|peer| *peer.as_bytes()).collect(),
-    };
+    }
+    .into();
     let response = service.conference_op(&request.conference_id, op).await?;
     // The invitation carries the context: each invitee gets it as a message (or in its mailbox).
     if let Some(context) = &response.get_ref().conference {
@@ -187,11 +191,12 @@ pub(super) async fn answer_invitation(
     let peer = service.authenticate(&request)?;
     let request = request.into_inner();
     check_id(&request.conference_id)?;
-    let op = Op::ConferenceAnswer {
+    let op: Op = ConferenceAnswer {
         peer: *peer.as_bytes(),
         id: request.conference_id.clone(),
         accept: request.accept,
-    };
+    }
+    .into();
     service.conference_op(&request.conference_id, op).await
 }
 
@@ -237,12 +242,13 @@ pub(super) async fn post_chat(
         ))
         .into());
     }
-    let op = Op::ConferenceChat {
+    let op: Op = command::ConferenceChat {
         from: *from.as_bytes(),
         id: request.conference_id,
         message_id: request.id,
         text: request.text,
-    };
+    }
+    .into();
     match service.context.replica.propose_accepted(op).await? {
         (CommandResponse::Chat(chat), _) => Ok(Response::new(PostChatResponse {
             sequence: chat.sequence,

@@ -16,11 +16,13 @@ use std::sync::Arc;
 use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus, SendMessageRequest};
 use vesper_proto::{validate, PeerId};
 
-use crate::command::{Op, PeerKey, PresenceEntry, PresenceStatus, StoredMessage};
+use crate::command::{
+    MailboxAck, MailboxPut, PeerKey, PresenceEntry, PresenceStatus, StoredMessage,
+};
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
 use crate::raft::propose::now_ms;
-use crate::store::presence;
+use crate::store::{mailbox, presence};
 
 /// Longest message id, in bytes.
 pub const MAX_MESSAGE_ID_LEN: usize = 64;
@@ -208,15 +210,15 @@ async fn queue(
     // refuses without a Raft round; apply checks again in log order.
     let message = stored(message, from);
     let quota = context.config.mailbox_quota;
-    let queued = presence::mailbox(context.replica.reader().db(), to.as_bytes(), now_ms())?;
-    if presence::mailbox_admits(
+    let queued = mailbox::items(context.replica.reader().db(), to.as_bytes(), now_ms())?;
+    if mailbox::admits(
         queued.iter().map(|(_, item)| &item.message),
         &message,
         quota,
     )? {
         return Ok(Fate::Queued);
     }
-    let op = Op::MailboxPut {
+    let op = MailboxPut {
         to: *to.as_bytes(),
         message,
         expires_at_ms: now_ms().saturating_add(
@@ -224,7 +226,7 @@ async fn queue(
         ),
         quota,
     };
-    context.replica.propose_accepted(op).await?;
+    context.replica.propose_accepted(op.into()).await?;
     // The recipient may have attached (and drained its mailbox) while this message was being queued:
     // if it is online now, have its super peer drain again, so the message does not wait for the next
     // attach. A double drain is harmless: the library delivers each message id once.
@@ -245,7 +247,7 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
         .replica
         .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
         .await?;
-    let items = presence::mailbox(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
+    let items = mailbox::items(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
     let mut items = items.into_iter().peekable();
     let mut acked = Vec::new();
     while items.peek().is_some() {
@@ -288,10 +290,13 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
     if !acked.is_empty() {
         context
             .replica
-            .propose(Op::MailboxAck {
-                to: *peer.as_bytes(),
-                sequences: acked,
-            })
+            .propose(
+                MailboxAck {
+                    to: *peer.as_bytes(),
+                    sequences: acked,
+                }
+                .into(),
+            )
             .await?;
     }
     Ok(delivered)

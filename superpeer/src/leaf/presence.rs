@@ -3,7 +3,9 @@
 
 use super::messaging;
 use super::{consistency, unexpected, LeafService};
-use crate::command::{Op, PresenceStatus as StoredStatus, Response as CommandResponse};
+use crate::command::{
+    Op, PresenceEndpoints, PresenceSet, PresenceStatus as StoredStatus, Response as CommandResponse,
+};
 use crate::error::ServiceError;
 use crate::sessions::UpdateKind;
 use crate::store::blocking;
@@ -99,13 +101,14 @@ pub(super) async fn set_presence(
     validate::attributes(&service.context.config.limits, &request.attributes)
         .map_err(ServiceError::from)?;
     service.check_sequence(session, UpdateKind::Status, request.sequence)?;
-    let op = Op::PresenceSet {
+    let op: Op = PresenceSet {
         peer: *peer.as_bytes(),
         session,
         status,
         note: request.note,
         attributes: request.attributes.into_iter().collect(),
-    };
+    }
+    .into();
     service.propose_presence(peer, op).await
 }
 
@@ -126,12 +129,13 @@ pub(super) async fn publish_endpoints(
                 ServiceError::BadField(error.to_string())
             })?;
     service.check_sequence(session, UpdateKind::Endpoints, request.sequence)?;
-    let op = Op::PresenceEndpoints {
+    let op: Op = PresenceEndpoints {
         peer: *peer.as_bytes(),
         session,
         candidates: request.candidates,
         nat_class: nat_class.as_str().to_string(),
-    };
+    }
+    .into();
     service.propose_presence(peer, op).await
 }
 

@@ -4,7 +4,9 @@
 use super::convert;
 use super::{consistency, unexpected, LeafService};
 use crate::command::StoredRecord;
-use crate::command::{may_read, Op, RecordQuota, Rejection, Response as CommandResponse};
+use crate::command::{
+    may_read, DeleteRecord, Op, PutRecord, RecordQuota, Rejection, Response as CommandResponse,
+};
 use crate::error::ServiceError;
 use crate::store::records;
 use crate::store::{blocking, StoreError};
@@ -141,7 +143,7 @@ pub(super) async fn put_record(
             Some((size, quota)),
         )
         .await?;
-    let op = Op::PutRecord {
+    let op: Op = PutRecord {
         owner: *peer.as_bytes(),
         namespace: request.namespace.clone(),
         key: request.key.clone(),
@@ -149,7 +151,8 @@ pub(super) async fn put_record(
         value: request.value,
         expected_version: request.expected_version,
         quota,
-    };
+    }
+    .into();
     match service.context.replica.propose_accepted(op).await? {
         (CommandResponse::Record(record), applied_index) => Ok(Response::new(PutRecordResponse {
             record: Some(convert::record(&request.namespace, &request.key, record)),
@@ -216,12 +219,13 @@ pub(super) async fn delete_record(
             applied_index: 0,
         }));
     }
-    let op = Op::DeleteRecord {
+    let op: Op = DeleteRecord {
         owner: *peer.as_bytes(),
         namespace: request.namespace,
         key: request.key,
         expected_version: request.expected_version,
-    };
+    }
+    .into();
     match service.context.replica.propose_accepted(op).await? {
         (CommandResponse::Deleted(deleted), applied_index) => {
             Ok(Response::new(DeleteRecordResponse {

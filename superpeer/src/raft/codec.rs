@@ -51,18 +51,19 @@ pub fn from_payload<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{Command, Op};
+    use crate::command::{Command, DeleteRecord};
 
     #[test]
     fn commands_round_trip_and_foreign_encodings_are_refused() {
         let command = Command {
             at_ms: 42,
-            op: Op::DeleteRecord {
+            op: DeleteRecord {
                 owner: [1; 32],
                 namespace: "ns".into(),
                 key: "k".into(),
                 expected_version: Some(3),
-            },
+            }
+            .into(),
         };
         let wire = payload("command", &command).unwrap();
         assert_eq!(from_payload::<Command>("command", &wire).unwrap(), command);

@@ -161,7 +161,7 @@ async fn send(
                     reply.outcomes.len(),
                     batch.len()
                 );
-                answer_all(batch, |_| Err(ServiceError::Raft(message.clone())));
+                answer_all(batch, |_| Err(ServiceError::Raft(message.as_str().into())));
                 return;
             }
             for (item, outcome) in batch.into_iter().zip(reply.outcomes) {

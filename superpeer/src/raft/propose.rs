@@ -96,7 +96,7 @@ pub async fn propose(
                         Err(no_leader) => Err(no_leader),
                     }
                 }
-                None => return Err(ServiceError::Raft(error.to_string())),
+                None => return Err(error.into()),
             },
         };
         match attempt {
@@ -110,23 +110,22 @@ pub async fn propose(
     }
 }
 
-/// The error for a call that must run on the leader and reached another node: where the leader is, that there
-/// is none, or the failure itself.
+/// The error for a call that must run on the leader and reached another node: where the leader is, or that
+/// there is none. None when the call failed otherwise (the caller reports openraft's error itself).
 fn not_here(
     raft: &VesperRaft,
     forward: Option<&openraft::errors::ForwardToLeader<crate::raft_types::TypeConfig>>,
-    error: &dyn std::fmt::Display,
-) -> ServiceError {
-    match forward {
-        Some(forward) => match leader_of(raft, forward.leader_id, forward.leader_node.as_ref()) {
+) -> Option<ServiceError> {
+    let forward = forward?;
+    Some(
+        match leader_of(raft, forward.leader_id, forward.leader_node.as_ref()) {
             Ok(leader) => ServiceError::NotLeader {
                 leader_id: forward.leader_id.unwrap_or_default(),
                 leader_addr: leader.cluster_addr,
             },
             Err(no_leader) => no_leader,
         },
-        None => ServiceError::Raft(error.to_string()),
-    }
+    )
 }
 
 /// Proposes on this node only (the Cluster service's `Propose`): never forwards again, so a stale hint cannot
@@ -137,7 +136,9 @@ pub async fn propose_local(
 ) -> Result<(Response, u64), ServiceError> {
     match raft.client_write(command).await {
         Ok(written) => Ok((written.data, written.log_id.index)),
-        Err(error) => Err(not_here(raft, error.forward_to_leader(), &error)),
+        Err(error) => {
+            Err(not_here(raft, error.forward_to_leader()).unwrap_or_else(|| error.into()))
+        }
     }
 }
 
@@ -145,7 +146,9 @@ pub async fn propose_local(
 pub async fn local_read_index(raft: &VesperRaft) -> Result<u64, ServiceError> {
     match raft.get_read_log_id(ReadPolicy::ReadIndex).await {
         Ok((read_log_id, _applied)) => Ok(read_log_id.index()),
-        Err(error) => Err(not_here(raft, error.forward_to_leader(), &error)),
+        Err(error) => {
+            Err(not_here(raft, error.forward_to_leader()).unwrap_or_else(|| error.into()))
+        }
     }
 }
 

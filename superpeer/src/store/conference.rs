@@ -13,8 +13,14 @@ use std::collections::HashMap;
 
 use rocksdb::{IteratorMode, WriteBatch, DB};
 
-use super::{cf, decode, encode, StoreError, CF_CONFERENCES, CF_CONF_CHAT};
-use crate::command::{ChatEntry, ConferenceEntry, Invitation, PeerKey, Rejection, Response};
+use super::{
+    cf, decode, encode, Applied, Apply, Changes, StoreError, CF_CONFERENCES, CF_CONF_CHAT,
+};
+use crate::command::{
+    ChatEntry, ConferenceAnswer, ConferenceChat, ConferenceCreate, ConferenceEntry,
+    ConferenceInvite, ConferenceStart, Invitation, PeerKey, Rejection, Response,
+};
+use crate::events::Change;
 
 /// Reads a conference.
 pub fn get(db: &DB, id: &str) -> Result<Option<ConferenceEntry>, StoreError> {
@@ -54,153 +60,181 @@ fn dedup_key(id: &str, from: &PeerKey, message_id: &str) -> Vec<u8> {
 }
 
 /// Applies conference commands into a write batch, seeing earlier commands of the same batch.
-#[derive(Default)]
-pub struct ConferenceWriter {
+pub struct ConferenceWriter<'a> {
+    db: &'a DB,
     pending: HashMap<String, ConferenceEntry>,
     pending_chat: HashMap<Vec<u8>, ChatEntry>,
-    /// Chat lines stored by the current command, taken by `take_new_chats`.
-    new_chats: Vec<(String, ChatEntry)>,
+    /// Changes made since the last `take_changes`: conferences changed and new chat lines.
+    changes: Vec<Change>,
 }
 
-impl ConferenceWriter {
-    /// The chat lines stored since the last call.
-    pub fn take_new_chats(&mut self) -> Vec<(String, ChatEntry)> {
-        std::mem::take(&mut self.new_chats)
-    }
-
-    fn current(&self, db: &DB, id: &str) -> Result<Option<ConferenceEntry>, StoreError> {
-        match self.pending.get(id) {
-            Some(entry) => Ok(Some(entry.clone())),
-            None => get(db, id),
+impl<'a> ConferenceWriter<'a> {
+    pub fn new(db: &'a DB) -> Self {
+        Self {
+            db,
+            pending: HashMap::new(),
+            pending_chat: HashMap::new(),
+            changes: Vec::new(),
         }
     }
 
+    fn current(&self, id: &str) -> Result<Option<ConferenceEntry>, StoreError> {
+        match self.pending.get(id) {
+            Some(entry) => Ok(Some(entry.clone())),
+            None => get(self.db, id),
+        }
+    }
+
+    fn write(
+        &mut self,
+        batch: &mut WriteBatch,
+        id: &str,
+        entry: &ConferenceEntry,
+    ) -> Result<(), StoreError> {
+        batch.put_cf(
+            cf(self.db, CF_CONFERENCES),
+            id.as_bytes(),
+            encode("conference", entry)?,
+        );
+        self.pending.insert(id.to_string(), entry.clone());
+        Ok(())
+    }
+
+    /// Stores a changed conference and answers with it (a change for watches).
     fn store(
         &mut self,
-        db: &DB,
         batch: &mut WriteBatch,
         id: &str,
         entry: ConferenceEntry,
     ) -> Result<Response, StoreError> {
-        batch.put_cf(
-            cf(db, CF_CONFERENCES),
-            id.as_bytes(),
-            encode("conference", &entry)?,
-        );
-        self.pending.insert(id.to_string(), entry.clone());
+        self.write(batch, id, &entry)?;
+        self.changes.push(Change::Conference {
+            id: id.to_string(),
+            entry: entry.clone(),
+        });
         Ok(Response::Conference(entry))
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn create(
+impl Changes for ConferenceWriter<'_> {
+    fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+}
+
+impl Apply<ConferenceCreate> for ConferenceWriter<'_> {
+    fn apply(
         &mut self,
-        db: &DB,
         batch: &mut WriteBatch,
-        owner: PeerKey,
-        id: &str,
-        title: &str,
-        description: &str,
-        start_at_ms: u64,
-        at_ms: u64,
+        op: &ConferenceCreate,
+        at: Applied,
     ) -> Result<Response, StoreError> {
-        if self.current(db, id)?.is_some() {
+        if self.current(&op.id)?.is_some() {
             return Ok(Response::Rejected(Rejection::ConferenceExists));
         }
         let entry = ConferenceEntry {
-            owner,
-            title: title.to_string(),
-            description: description.to_string(),
-            start_at_ms,
+            owner: op.owner,
+            title: op.title.clone(),
+            description: op.description.clone(),
+            start_at_ms: op.start_at_ms,
             invitees: Default::default(),
-            created_at_ms: at_ms,
+            created_at_ms: at.at_ms,
             started: false,
             next_sequence: 1,
         };
-        self.store(db, batch, id, entry)
+        self.store(batch, &op.id, entry)
     }
+}
 
-    pub fn invite(
+impl Apply<ConferenceInvite> for ConferenceWriter<'_> {
+    fn apply(
         &mut self,
-        db: &DB,
         batch: &mut WriteBatch,
-        owner: PeerKey,
-        id: &str,
-        invitees: &[PeerKey],
+        op: &ConferenceInvite,
+        _at: Applied,
     ) -> Result<Response, StoreError> {
-        let Some(mut entry) = self.current(db, id)? else {
+        let Some(mut entry) = self.current(&op.id)? else {
             return Ok(Response::Rejected(Rejection::UnknownConference));
         };
-        if entry.owner != owner {
+        if entry.owner != op.owner {
             return Ok(Response::Rejected(Rejection::NotConferenceOwner));
         }
-        for invitee in invitees {
+        for invitee in &op.invitees {
             // Inviting again keeps an earlier answer.
             entry
                 .invitees
                 .entry(*invitee)
                 .or_insert(Invitation::Invited);
         }
-        self.store(db, batch, id, entry)
+        self.store(batch, &op.id, entry)
     }
+}
 
-    pub fn answer(
+impl Apply<ConferenceAnswer> for ConferenceWriter<'_> {
+    fn apply(
         &mut self,
-        db: &DB,
         batch: &mut WriteBatch,
-        peer: PeerKey,
-        id: &str,
-        accept: bool,
+        op: &ConferenceAnswer,
+        _at: Applied,
     ) -> Result<Response, StoreError> {
-        let Some(mut entry) = self.current(db, id)? else {
+        let Some(mut entry) = self.current(&op.id)? else {
             return Ok(Response::Rejected(Rejection::UnknownConference));
         };
-        let Some(answer) = entry.invitees.get_mut(&peer) else {
+        let Some(answer) = entry.invitees.get_mut(&op.peer) else {
             return Ok(Response::Rejected(Rejection::NotInvited));
         };
-        *answer = if accept {
+        *answer = if op.accept {
             Invitation::Accepted
         } else {
             Invitation::Declined
         };
-        self.store(db, batch, id, entry)
+        self.store(batch, &op.id, entry)
     }
+}
 
-    pub fn start(
+impl Apply<ConferenceStart> for ConferenceWriter<'_> {
+    fn apply(
         &mut self,
-        db: &DB,
         batch: &mut WriteBatch,
-        id: &str,
+        op: &ConferenceStart,
+        _at: Applied,
     ) -> Result<Response, StoreError> {
-        let Some(mut entry) = self.current(db, id)? else {
+        let Some(mut entry) = self.current(&op.id)? else {
             return Ok(Response::Rejected(Rejection::UnknownConference));
         };
         if entry.started {
             return Ok(Response::Done);
         }
         entry.started = true;
-        self.store(db, batch, id, entry)
+        self.store(batch, &op.id, entry)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn chat(
+/// Stores a new chat line under the conference's next sequence; a retried post (same author and message id)
+/// answers with the line stored the first time and changes nothing.
+impl Apply<ConferenceChat> for ConferenceWriter<'_> {
+    fn apply(
         &mut self,
-        db: &DB,
         batch: &mut WriteBatch,
-        from: PeerKey,
-        id: &str,
-        message_id: &str,
-        text: &str,
-        at_ms: u64,
+        op: &ConferenceChat,
+        at: Applied,
     ) -> Result<Response, StoreError> {
-        let Some(mut entry) = self.current(db, id)? else {
+        let ConferenceChat {
+            from,
+            id,
+            message_id,
+            text,
+        } = op;
+        let db = self.db;
+        let Some(mut entry) = self.current(id)? else {
             return Ok(Response::Rejected(Rejection::UnknownConference));
         };
         let participant =
-            entry.owner == from || entry.invitees.get(&from) == Some(&Invitation::Accepted);
+            entry.owner == *from || entry.invitees.get(from) == Some(&Invitation::Accepted);
         if !participant {
             return Ok(Response::Rejected(Rejection::NotParticipant));
         }
-        let dedup = dedup_key(id, &from, message_id);
+        let dedup = dedup_key(id, from, message_id);
         if let Some(existing) = self.pending_chat.get(&dedup) {
             return Ok(Response::Chat(existing.clone()));
         }
@@ -220,10 +254,10 @@ impl ConferenceWriter {
         }
         let chat = ChatEntry {
             sequence: entry.next_sequence,
-            from,
-            message_id: message_id.to_string(),
-            text: text.to_string(),
-            sent_at_ms: at_ms,
+            from: *from,
+            message_id: message_id.clone(),
+            text: text.clone(),
+            sent_at_ms: at.at_ms,
         };
         entry.next_sequence += 1;
         batch.put_cf(
@@ -233,8 +267,12 @@ impl ConferenceWriter {
         );
         batch.put_cf(cf(db, CF_CONF_CHAT), &dedup, chat.sequence.to_be_bytes());
         self.pending_chat.insert(dedup, chat.clone());
-        self.new_chats.push((id.to_string(), chat.clone()));
-        self.store(db, batch, id, entry)?;
+        // The conference's next sequence moved on; only the new line is a change for watches.
+        self.write(batch, id, &entry)?;
+        self.changes.push(Change::Chat {
+            conference: id.clone(),
+            chat: chat.clone(),
+        });
         Ok(Response::Chat(chat))
     }
 }

@@ -3,10 +3,15 @@
 //! ```text
 //!             openraft core
 //!           /               \
-//!   LogStore (log_store.rs)   StateMachine (state_machine.rs)
-//!     cf log:   index -> entry     cf records / attrs (records.rs)
-//!     cf raft:  vote, committed,   cf nodes: node id -> NodeEntry (tombstones)
-//!               last purged        cf sm_meta: last applied, membership, next node id
+//!   LogStore (log_store.rs)   StateMachine (state_machine.rs): one write batch per batch of entries, each
+//!     cf log:   index -> entry   command handed to the writer of its domain (`Apply`):
+//!     cf raft:  vote, committed,   cf records / attrs / usage        records.rs    (and namespace ACLs)
+//!               last purged        cf presence / presence_attrs      presence.rs
+//!                                  cf mailbox                        mailbox.rs
+//!                                  cf conferences / conf_chat        conference.rs
+//!                                  cf nodes: node id -> NodeEntry    nodes.rs      (tombstones, relay loads,
+//!                                                                                   revocations)
+//!                                  cf sm_meta: last applied, membership, next node id
 //!                                  cf snapshot: the current snapshot
 //! ```
 //!
@@ -16,6 +21,8 @@
 
 pub mod conference;
 pub mod log_store;
+pub mod mailbox;
+pub mod nodes;
 pub mod presence;
 pub mod records;
 pub mod state_machine;
@@ -23,7 +30,10 @@ pub mod state_machine;
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+
+use crate::command::Response;
+use crate::events::Change;
 
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
@@ -92,6 +102,34 @@ impl From<StoreError> for std::io::Error {
     fn from(error: StoreError) -> Self {
         std::io::Error::other(error)
     }
+}
+
+/// Where in the log a command is applied: all that apply may use besides the command and the current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Log index of the command's entry.
+    pub index: u64,
+    /// The proposer's clock, from the command.
+    pub at_ms: u64,
+}
+
+/// A writer of one domain of the state machine (records, presence, mailbox, conferences, nodes) applies its
+/// commands of type `T` into the batch of the entries being applied. It sees the effect of the batch's earlier
+/// commands, and it keeps the changes it made for watches until [`Apply::take_changes`].
+pub trait Apply<T> {
+    /// Applies `op`: its response, and its writes added to `batch`. A refusal is a [`Response::Rejected`] that
+    /// changes nothing; an error is a storage failure.
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &T,
+        at: Applied,
+    ) -> Result<Response, StoreError>;
+}
+
+/// Changes a writer made since the last call, in the order it made them (the feed for watches).
+pub trait Changes {
+    fn take_changes(&mut self) -> Vec<Change>;
 }
 
 /// Opens (or creates) the database under `path` with every column family, checking the format version.

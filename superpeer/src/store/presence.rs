@@ -1,29 +1,23 @@
-//! Presence and mailboxes as stored in RocksDB.
+//! Presence as stored in RocksDB (the mailboxes of offline peers are in [`super::mailbox`]).
 //!
 //! ```text
 //! presence:       peer key (32 bytes)                      -> postcard(PresenceEntry)
 //! presence_attrs: name \0 value \0 peer key (32 bytes)     -> (empty)     profile search index
-//! mailbox:        recipient key (32) | sequence (8, BE)    -> postcard(MailboxItem)
 //! ```
-//!
-//! The mailbox sequence is the log index of the `MailboxPut` that stored the message, so it is deterministic,
-//! unique and in arrival order: a recipient drains its mailbox in the order messages were accepted.
 
 use std::collections::{BTreeMap, HashMap};
 
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
-use serde::{Deserialize, Serialize};
 
 use super::records::{Condition, Term};
-use super::{cf, decode, encode, Page, StoreError, CF_MAILBOX, CF_PRESENCE, CF_PRESENCE_ATTRS};
-use crate::command::{PeerKey, PresenceEntry, PresenceStatus, Rejection, Response, StoredMessage};
-
-/// A stored mailbox message and when it stops being worth delivering.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MailboxItem {
-    pub message: StoredMessage,
-    pub expires_at_ms: u64,
-}
+use super::{
+    cf, decode, encode, Applied, Apply, Changes, Page, StoreError, CF_PRESENCE, CF_PRESENCE_ATTRS,
+};
+use crate::command::{
+    ExpireHost, PeerKey, PresenceAttach, PresenceDetach, PresenceEndpoints, PresenceEntry,
+    PresenceSet, PresenceStatus, Rejection, Response,
+};
+use crate::events::Change;
 
 fn attr_key(name: &str, value: &str, peer: &PeerKey) -> Vec<u8> {
     let mut key = Vec::with_capacity(name.len() + value.len() + 34);
@@ -32,13 +26,6 @@ fn attr_key(name: &str, value: &str, peer: &PeerKey) -> Vec<u8> {
     key.extend_from_slice(value.as_bytes());
     key.push(0);
     key.extend_from_slice(peer);
-    key
-}
-
-fn mailbox_key(to: &PeerKey, sequence: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(40);
-    key.extend_from_slice(to);
-    key.extend_from_slice(&sequence.to_be_bytes());
     key
 }
 
@@ -137,59 +124,12 @@ fn entry_size(entry: &PresenceEntry) -> usize {
     attributes + candidates + entry.note.len() + entry.nat_class.len() + 64
 }
 
-/// Whether `message` may join a mailbox that holds `queued` (live messages only): `Ok(true)` when it is there
-/// already (a retry, which is not stored twice), the rejection when the mailbox is at its quota. Shared by the
-/// pre-proposal check and apply.
-pub fn mailbox_admits<'a>(
-    queued: impl IntoIterator<Item = &'a StoredMessage>,
-    message: &StoredMessage,
-    quota: u32,
-) -> Result<bool, Rejection> {
-    let mut live = 0u32;
-    for item in queued {
-        if item.from == message.from && item.id == message.id {
-            return Ok(true);
-        }
-        live += 1;
-    }
-    if live >= quota {
-        return Err(Rejection::MailboxFull { quota });
-    }
-    Ok(false)
-}
-
-/// A peer's mailbox in order: (sequence, item), expired items left out.
-pub fn mailbox(db: &DB, to: &PeerKey, now_ms: u64) -> Result<Vec<(u64, MailboxItem)>, StoreError> {
-    let mut out = Vec::new();
-    for item in db.iterator_cf(
-        cf(db, CF_MAILBOX),
-        IteratorMode::From(to, Direction::Forward),
-    ) {
-        let (key, bytes) = item?;
-        if !key.starts_with(to) {
-            break;
-        }
-        let sequence = u64::from_be_bytes(
-            key[32..]
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("mailbox key is not 40 bytes"))?,
-        );
-        let item: MailboxItem = decode("mailbox item", &bytes)?;
-        if item.expires_at_ms > now_ms {
-            out.push((sequence, item));
-        }
-    }
-    Ok(out)
-}
-
-/// Applies presence and mailbox commands into a write batch, seeing earlier commands of the same batch.
+/// Applies presence commands into a write batch, seeing earlier commands of the same batch.
 pub struct PresenceWriter<'a> {
     db: &'a DB,
     pending: HashMap<PeerKey, Option<PresenceEntry>>,
-    /// Mailbox items added or removed earlier in this batch (None = removed).
-    mailbox_pending: BTreeMap<Vec<u8>, Option<MailboxItem>>,
-    /// Presence changes made by the current command, taken by `take_changes`.
-    changes: Vec<(PeerKey, PresenceEntry)>,
+    /// Presence changes made since the last `take_changes`.
+    changes: Vec<Change>,
 }
 
 impl<'a> PresenceWriter<'a> {
@@ -197,7 +137,6 @@ impl<'a> PresenceWriter<'a> {
         Self {
             db,
             pending: HashMap::new(),
-            mailbox_pending: BTreeMap::new(),
             changes: Vec::new(),
         }
     }
@@ -230,45 +169,14 @@ impl<'a> PresenceWriter<'a> {
         }
         batch.put_cf(cf(self.db, CF_PRESENCE), peer, encode("presence", &entry)?);
         self.pending.insert(peer, Some(entry.clone()));
-        self.changes.push((peer, entry.clone()));
+        self.changes.push(Change::Presence {
+            peer,
+            entry: entry.clone(),
+        });
         Ok(Response::Presence(entry))
     }
 
-    /// The presence changes made since the last call.
-    pub fn take_changes(&mut self) -> Vec<(PeerKey, PresenceEntry)> {
-        std::mem::take(&mut self.changes)
-    }
-
-    pub fn attach(
-        &mut self,
-        batch: &mut WriteBatch,
-        peer: PeerKey,
-        host: u64,
-        session: u64,
-        at_ms: u64,
-    ) -> Result<Response, StoreError> {
-        let old = self.current(&peer)?;
-        let mut entry = old.clone().unwrap_or(PresenceEntry {
-            status: PresenceStatus::Online,
-            note: String::new(),
-            host: 0,
-            session: 0,
-            candidates: Vec::new(),
-            nat_class: String::new(),
-            changed_at_ms: at_ms,
-            attributes: BTreeMap::new(),
-        });
-        // A peer that comes back keeps its away/busy status; one that was offline is online again.
-        if entry.status == PresenceStatus::Offline {
-            entry.status = PresenceStatus::Online;
-        }
-        entry.host = host;
-        entry.session = session;
-        entry.changed_at_ms = at_ms;
-        self.store(batch, peer, old.as_ref(), entry)
-    }
-
-    pub fn detach(
+    fn detach(
         &mut self,
         batch: &mut WriteBatch,
         peer: PeerKey,
@@ -293,27 +201,6 @@ impl<'a> PresenceWriter<'a> {
         }
     }
 
-    // The arguments are the command's fields plus the batch and the proposer's clock.
-    #[allow(clippy::too_many_arguments)]
-    pub fn set(
-        &mut self,
-        batch: &mut WriteBatch,
-        peer: PeerKey,
-        session: u64,
-        status: PresenceStatus,
-        note: String,
-        attributes: BTreeMap<String, String>,
-        at_ms: u64,
-    ) -> Result<Response, StoreError> {
-        self.update_attached(batch, peer, session, |entry| PresenceEntry {
-            status,
-            note,
-            attributes,
-            changed_at_ms: at_ms,
-            ..entry.clone()
-        })
-    }
-
     /// Applies `change` to the entry of a peer attached on `session`; refused when that session is not the
     /// peer's current one (a stale or foreign session cannot change its presence).
     fn update_attached(
@@ -331,121 +218,107 @@ impl<'a> PresenceWriter<'a> {
             _ => Ok(Response::Rejected(Rejection::NotAttached)),
         }
     }
+}
 
-    /// Replaces the address candidates and NAT class of a peer attached on `session`.
-    pub fn set_endpoints(
+impl Changes for PresenceWriter<'_> {
+    fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+}
+
+impl Apply<PresenceAttach> for PresenceWriter<'_> {
+    fn apply(
         &mut self,
         batch: &mut WriteBatch,
-        peer: PeerKey,
-        session: u64,
-        candidates: Vec<String>,
-        nat_class: String,
-        at_ms: u64,
+        op: &PresenceAttach,
+        at: Applied,
     ) -> Result<Response, StoreError> {
-        self.update_attached(batch, peer, session, |entry| PresenceEntry {
-            candidates,
-            nat_class,
-            changed_at_ms: at_ms,
+        let old = self.current(&op.peer)?;
+        let mut entry = old.clone().unwrap_or(PresenceEntry {
+            status: PresenceStatus::Online,
+            note: String::new(),
+            host: 0,
+            session: 0,
+            candidates: Vec::new(),
+            nat_class: String::new(),
+            changed_at_ms: at.at_ms,
+            attributes: BTreeMap::new(),
+        });
+        // A peer that comes back keeps its away/busy status; one that was offline is online again.
+        if entry.status == PresenceStatus::Offline {
+            entry.status = PresenceStatus::Online;
+        }
+        entry.host = op.host;
+        entry.session = op.session;
+        entry.changed_at_ms = at.at_ms;
+        self.store(batch, op.peer, old.as_ref(), entry)
+    }
+}
+
+impl Apply<PresenceDetach> for PresenceWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &PresenceDetach,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        self.detach(batch, op.peer, op.session, at.at_ms)
+    }
+}
+
+impl Apply<PresenceSet> for PresenceWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &PresenceSet,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        self.update_attached(batch, op.peer, op.session, |entry| PresenceEntry {
+            status: op.status,
+            note: op.note.clone(),
+            attributes: op.attributes.clone(),
+            changed_at_ms: at.at_ms,
             ..entry.clone()
         })
     }
+}
 
-    pub fn expire_host(
+/// Replaces the address candidates and NAT class of a peer attached on the command's session.
+impl Apply<PresenceEndpoints> for PresenceWriter<'_> {
+    fn apply(
         &mut self,
         batch: &mut WriteBatch,
-        host: u64,
-        at_ms: u64,
+        op: &PresenceEndpoints,
+        at: Applied,
     ) -> Result<Response, StoreError> {
+        self.update_attached(batch, op.peer, op.session, |entry| PresenceEntry {
+            candidates: op.candidates.clone(),
+            nat_class: op.nat_class.clone(),
+            changed_at_ms: at.at_ms,
+            ..entry.clone()
+        })
+    }
+}
+
+impl Apply<ExpireHost> for PresenceWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &ExpireHost,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        let host = op.host;
         let mut expired = 0;
         for (peer, _) in hosted_by(self.db, host)? {
             // Re-read through the overlay: a later attach in this batch wins.
             if let Some(entry) = self.current(&peer)? {
                 if entry.host == host && entry.status != PresenceStatus::Offline {
-                    self.detach(batch, peer, entry.session, at_ms)?;
+                    self.detach(batch, peer, entry.session, at.at_ms)?;
                     expired += 1;
                 }
             }
         }
         Ok(Response::Expired(expired))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn mailbox_put(
-        &mut self,
-        batch: &mut WriteBatch,
-        to: PeerKey,
-        message: StoredMessage,
-        expires_at_ms: u64,
-        quota: u32,
-        sequence: u64,
-        at_ms: u64,
-    ) -> Result<Response, StoreError> {
-        let mut live = Vec::new();
-        for (key, item) in self.mailbox_view(&to)? {
-            if item.expires_at_ms <= at_ms {
-                batch.delete_cf(cf(self.db, CF_MAILBOX), &key);
-                self.mailbox_pending.insert(key, None);
-            } else {
-                live.push(item.message);
-            }
-        }
-        match mailbox_admits(&live, &message, quota) {
-            // A retry of a message already queued.
-            Ok(true) => return Ok(Response::Done),
-            Ok(false) => {}
-            Err(rejection) => return Ok(Response::Rejected(rejection)),
-        }
-        let key = mailbox_key(&to, sequence);
-        let item = MailboxItem {
-            message,
-            expires_at_ms,
-        };
-        batch.put_cf(
-            cf(self.db, CF_MAILBOX),
-            &key,
-            encode("mailbox item", &item)?,
-        );
-        self.mailbox_pending.insert(key, Some(item));
-        Ok(Response::Done)
-    }
-
-    pub fn mailbox_ack(
-        &mut self,
-        batch: &mut WriteBatch,
-        to: PeerKey,
-        sequences: &[u64],
-    ) -> Result<Response, StoreError> {
-        for sequence in sequences {
-            let key = mailbox_key(&to, *sequence);
-            batch.delete_cf(cf(self.db, CF_MAILBOX), &key);
-            self.mailbox_pending.insert(key, None);
-        }
-        Ok(Response::Done)
-    }
-
-    /// The recipient's mailbox as stored plus this batch's changes: (storage key, item).
-    fn mailbox_view(&self, to: &PeerKey) -> Result<Vec<(Vec<u8>, MailboxItem)>, StoreError> {
-        let mut view: BTreeMap<Vec<u8>, MailboxItem> = BTreeMap::new();
-        for item in self.db.iterator_cf(
-            cf(self.db, CF_MAILBOX),
-            IteratorMode::From(to, Direction::Forward),
-        ) {
-            let (key, bytes) = item?;
-            if !key.starts_with(to) {
-                break;
-            }
-            view.insert(key.to_vec(), decode("mailbox item", &bytes)?);
-        }
-        for (key, item) in self.mailbox_pending.range(to.to_vec()..) {
-            if !key.starts_with(to) {
-                break;
-            }
-            match item {
-                Some(item) => view.insert(key.clone(), item.clone()),
-                None => view.remove(key),
-            };
-        }
-        Ok(view.into_iter().collect())
     }
 }
 

@@ -23,10 +23,15 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
 use serde::{Deserialize, Serialize};
 
-use super::{cf, decode, encode, Page, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS, CF_USAGE};
-use crate::command::{
-    Access, NamespaceAcl, PeerKey, QuotaKind, RecordQuota, Rejection, Response, StoredRecord,
+use super::{
+    cf, decode, encode, Applied, Apply, Changes, Page, StoreError, CF_ATTRS, CF_NODES, CF_RECORDS,
+    CF_USAGE,
 };
+use crate::command::{
+    Access, DeleteRecord, NamespaceAcl, PeerKey, PutRecord, QuotaKind, RecordQuota, Rejection,
+    Response, SetNamespaceAcl, StoredRecord,
+};
+use crate::events::Change;
 
 /// What one peer's records take of the index: how many it owns and their bytes ([`record_size`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,7 +280,8 @@ pub fn search(
     Ok((page.into_items(), false))
 }
 
-/// Applies record commands into one write batch, seeing the effect of earlier commands of the same batch.
+/// Applies record and namespace ACL commands into one write batch, seeing the effect of earlier commands of the
+/// same batch.
 pub struct RecordWriter<'a> {
     db: &'a DB,
     /// Records written earlier in this batch (None = deleted), so later commands read their own writes.
@@ -284,6 +290,8 @@ pub struct RecordWriter<'a> {
     acls: HashMap<String, Option<NamespaceAcl>>,
     /// Owners' usage changed earlier in this batch.
     usage: HashMap<PeerKey, Usage>,
+    /// Changes made since the last `take_changes`.
+    changes: Vec<Change>,
 }
 
 impl<'a> RecordWriter<'a> {
@@ -293,6 +301,7 @@ impl<'a> RecordWriter<'a> {
             pending: HashMap::new(),
             acls: HashMap::new(),
             usage: HashMap::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -327,25 +336,6 @@ impl<'a> RecordWriter<'a> {
         }
     }
 
-    /// Applies an ACL change (None clears the namespace's rules).
-    pub fn set_acl(
-        &mut self,
-        batch: &mut WriteBatch,
-        namespace: &str,
-        acl: Option<NamespaceAcl>,
-    ) -> Result<Response, StoreError> {
-        match &acl {
-            Some(acl) => batch.put_cf(
-                cf(self.db, CF_NODES),
-                acl_key(namespace),
-                encode("namespace acl", acl)?,
-            ),
-            None => batch.delete_cf(cf(self.db, CF_NODES), acl_key(namespace)),
-        }
-        self.acls.insert(namespace.to_string(), acl);
-        Ok(Response::Done)
-    }
-
     fn current(&self, storage_key: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
         if let Some(pending) = self.pending.get(storage_key) {
             return Ok(pending.clone());
@@ -361,53 +351,62 @@ impl<'a> RecordWriter<'a> {
             batch.delete_cf(cf(self.db, CF_ATTRS), attr_key(namespace, name, value, key));
         }
     }
+}
 
-    /// Applies a put. `at_ms` is the proposer's clock.
-    #[allow(clippy::too_many_arguments)]
-    pub fn put(
+impl Changes for RecordWriter<'_> {
+    fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+}
+
+impl Apply<PutRecord> for RecordWriter<'_> {
+    fn apply(
         &mut self,
         batch: &mut WriteBatch,
-        owner: PeerKey,
-        namespace: &str,
-        key: &str,
-        attributes: std::collections::BTreeMap<String, String>,
-        value: Vec<u8>,
-        expected_version: Option<u64>,
-        quota: RecordQuota,
-        at_ms: u64,
+        op: &PutRecord,
+        at: Applied,
     ) -> Result<Response, StoreError> {
+        let PutRecord {
+            owner,
+            namespace,
+            key,
+            attributes,
+            value,
+            expected_version,
+            quota,
+        } = op;
         let storage_key = record_key(namespace, key);
         let current = self.current(&storage_key)?;
         let acl = self.acl_of(namespace)?;
         if let Err(rejection) = check_write(
             current.as_ref(),
-            &owner,
-            expected_version,
+            owner,
+            *expected_version,
             namespace,
             acl.as_ref(),
         ) {
             return Ok(Response::Rejected(rejection));
         }
         // The creator stays the owner when a group-write member changes the record, and is charged for it.
-        let owner = current.as_ref().map_or(owner, |record| record.owner);
+        let owner = current.as_ref().map_or(*owner, |record| record.owner);
         let old_size = current
             .as_ref()
             .map(|record| stored_size(namespace, key, record));
-        let new_size = record_size(namespace, key, &attributes, value.len());
-        let usage = match charge(self.usage_of(&owner)?, old_size, new_size, quota) {
+        let new_size = record_size(namespace, key, attributes, value.len());
+        let usage = match charge(self.usage_of(&owner)?, old_size, new_size, *quota) {
             Ok(usage) => usage,
             Err(rejection) => return Ok(Response::Rejected(rejection)),
         };
         self.set_usage(batch, owner, usage)?;
         let record = StoredRecord {
             owner,
-            attributes,
-            value,
+            attributes: attributes.clone(),
+            value: value.clone(),
             version: current.as_ref().map_or(1, |record| record.version + 1),
             created_at_ms: current
                 .as_ref()
-                .map_or(at_ms, |record| record.created_at_ms),
-            updated_at_ms: at_ms,
+                .map_or(at.at_ms, |record| record.created_at_ms),
+            updated_at_ms: at.at_ms,
         };
         if let Some(old) = &current {
             self.unindex(batch, namespace, key, old);
@@ -425,21 +424,31 @@ impl<'a> RecordWriter<'a> {
             encode("record", &record)?,
         );
         self.pending.insert(storage_key, Some(record.clone()));
+        self.changes.push(Change::Record {
+            namespace: namespace.clone(),
+            key: key.clone(),
+            record: Some(record.clone()),
+        });
         Ok(Response::Record(record))
     }
+}
 
-    /// Applies a delete.
-    pub fn delete(
+impl Apply<DeleteRecord> for RecordWriter<'_> {
+    fn apply(
         &mut self,
         batch: &mut WriteBatch,
-        owner: PeerKey,
-        namespace: &str,
-        key: &str,
-        expected_version: Option<u64>,
+        op: &DeleteRecord,
+        _at: Applied,
     ) -> Result<Response, StoreError> {
+        let DeleteRecord {
+            owner,
+            namespace,
+            key,
+            expected_version,
+        } = op;
         let storage_key = record_key(namespace, key);
         let Some(current) = self.current(&storage_key)? else {
-            return Ok(match expected_version {
+            return Ok(match *expected_version {
                 Some(expected) if expected != 0 => Response::Rejected(Rejection::VersionMismatch {
                     expected,
                     current: 0,
@@ -450,8 +459,8 @@ impl<'a> RecordWriter<'a> {
         let acl = self.acl_of(namespace)?;
         if let Err(rejection) = check_write(
             Some(&current),
-            &owner,
-            expected_version,
+            owner,
+            *expected_version,
             namespace,
             acl.as_ref(),
         ) {
@@ -468,7 +477,38 @@ impl<'a> RecordWriter<'a> {
         self.set_usage(batch, current.owner, usage)?;
         batch.delete_cf(cf(self.db, CF_RECORDS), &storage_key);
         self.pending.insert(storage_key, None);
+        self.changes.push(Change::Record {
+            namespace: namespace.clone(),
+            key: key.clone(),
+            record: None,
+        });
         Ok(Response::Deleted(true))
+    }
+}
+
+/// An ACL change (None clears the namespace's rules).
+impl Apply<SetNamespaceAcl> for RecordWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &SetNamespaceAcl,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let SetNamespaceAcl { namespace, acl } = op;
+        match acl {
+            Some(acl) => batch.put_cf(
+                cf(self.db, CF_NODES),
+                acl_key(namespace),
+                encode("namespace acl", acl)?,
+            ),
+            None => batch.delete_cf(cf(self.db, CF_NODES), acl_key(namespace)),
+        }
+        self.acls.insert(namespace.clone(), acl.clone());
+        self.changes.push(Change::Acl {
+            namespace: namespace.clone(),
+            acl: acl.clone(),
+        });
+        Ok(Response::Done)
     }
 }
 

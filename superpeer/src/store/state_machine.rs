@@ -1,7 +1,8 @@
 //! The replicated state machine in RocksDB (openraft `RaftStateMachine`).
 //!
-//! Apply is deterministic: it reads only the command and the current state. A batch of committed entries becomes
-//! one RocksDB write batch that also records the last applied log id and membership, so the state on disk is
+//! Apply is deterministic: it reads only the command and the current state. Each command goes to the writer of
+//! its domain ([`super::Apply`]: records, presence, mailbox, conferences, nodes). A batch of committed entries
+//! becomes one RocksDB write batch that also records the last applied log id and membership, so the state on disk is
 //! always the state after some whole prefix of the log. That write is not synced on its own: the synced log
 //! appends that follow share the write-ahead log and make it durable, and if a crash loses it openraft re-applies
 //! the entries from the log.
@@ -21,59 +22,24 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::conference::ConferenceWriter;
+use super::mailbox::MailboxWriter;
+use super::nodes::{self, NodeEntry, NodeWriter, NEXT_NODE_ID_KEY};
 use super::presence::PresenceWriter;
 use super::records::RecordWriter;
 use super::{
-    blocking, cf, decode, encode, StoreError, CF_ATTRS, CF_CONFERENCES, CF_CONF_CHAT, CF_MAILBOX,
-    CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META, CF_SNAPSHOT, CF_USAGE,
+    blocking, cf, decode, encode, Applied, Apply, Changes, StoreError, CF_ATTRS, CF_CONFERENCES,
+    CF_CONF_CHAT, CF_MAILBOX, CF_NODES, CF_PRESENCE, CF_PRESENCE_ATTRS, CF_RECORDS, CF_SM_META,
+    CF_SNAPSHOT, CF_USAGE,
 };
-use crate::command::{NodeInfo, Op, Rejection, Response};
+use crate::command::{Op, Response};
 use crate::events::{Change, Event, EventLog};
 use crate::raft_types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 const MEMBERSHIP_KEY: &[u8] = b"membership";
-const NEXT_NODE_ID_KEY: &[u8] = b"next_node_id";
 const SNAPSHOT_KEY: &[u8] = b"current";
 /// Version of [`SnapshotPayload`]'s encoding.
 const SNAPSHOT_VERSION: u32 = 3;
-
-/// A super peer as the node table keeps it. Removed nodes stay as tombstones so their ids are never reused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeEntry {
-    pub info: NodeInfo,
-    pub removed: bool,
-}
-
-/// A node's last relay load report. Kept in the node table under the node's key plus [`RELAY_LOAD_SUFFIX`],
-/// so snapshots carry it with the nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RelayLoad {
-    pub active: u32,
-    pub capacity: u32,
-    pub at_ms: u64,
-}
-
-impl RelayLoad {
-    /// Share of the capacity in use; a node that does not relay is full.
-    pub fn fill(&self) -> f64 {
-        if self.capacity == 0 {
-            f64::INFINITY
-        } else {
-            f64::from(self.active) / f64::from(self.capacity)
-        }
-    }
-}
-
-/// Suffix of a relay load key in the node table (node keys are the 8-byte big-endian id alone).
-const RELAY_LOAD_SUFFIX: u8 = b'L';
-
-fn relay_load_key(node_id: u64) -> [u8; 9] {
-    let mut key = [0u8; 9];
-    key[..8].copy_from_slice(&node_id.to_be_bytes());
-    key[8] = RELAY_LOAD_SUFFIX;
-    key
-}
 
 /// Raw (key, value) pairs of one column family.
 type RawPairs = Vec<(ByteBuf, ByteBuf)>;
@@ -117,14 +83,6 @@ pub struct StateReader {
     db: Arc<DB>,
 }
 
-fn read_next_node_id(db: &DB) -> Result<u64, StoreError> {
-    Ok(db
-        .get_pinned_cf(cf(db, CF_SM_META), NEXT_NODE_ID_KEY)?
-        .map(|bytes| decode::<u64>("next node id", &bytes))
-        .transpose()?
-        .unwrap_or(1))
-}
-
 impl StateReader {
     pub fn new(db: Arc<DB>) -> Self {
         Self { db }
@@ -137,59 +95,72 @@ impl StateReader {
 
     /// Every node ever registered, by node id, including tombstones.
     pub fn nodes(&self) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
-        read_nodes(&self.db)
+        nodes::read_nodes(&self.db)
     }
-}
 
-/// Revocations live in the node table (so snapshots carry them) under this prefix and the certificate's
-/// SHA-256; node entries have 8-byte keys and relay loads 9-byte ones.
-const REVOKED_PREFIX: &[u8; 8] = b"revoked/";
-
-fn revoked_key(fingerprint: &[u8; 32]) -> Vec<u8> {
-    [REVOKED_PREFIX.as_slice(), fingerprint].concat()
-}
-
-impl StateReader {
     /// Whether the certificate with this SHA-256 was revoked (as of the applied state).
     pub fn is_revoked(&self, fingerprint: &[u8; 32]) -> Result<bool, StoreError> {
-        Ok(self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_NODES), revoked_key(fingerprint))?
-            .is_some())
+        nodes::is_revoked(&self.db, fingerprint)
     }
 }
 
-/// The last relay load report of every node that made one.
-pub fn read_relay_loads(db: &DB) -> Result<BTreeMap<u64, RelayLoad>, StoreError> {
-    let mut loads = BTreeMap::new();
-    for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
-        let (key, bytes) = item?;
-        if key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX {
-            let id = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
-            loads.insert(id, decode("relay load", &bytes)?);
-        }
-    }
-    Ok(loads)
+/// The writers of one batch, one per domain of the state machine.
+struct Writers<'a> {
+    records: RecordWriter<'a>,
+    presence: PresenceWriter<'a>,
+    mailbox: MailboxWriter<'a>,
+    conferences: ConferenceWriter<'a>,
+    nodes: NodeWriter<'a>,
 }
 
-fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
-    let mut nodes = BTreeMap::new();
-    for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
-        let (key, bytes) = item?;
-        let relay_load = key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX;
-        let revocation = key.len() == 40 && key.starts_with(REVOKED_PREFIX);
-        let acl = key.starts_with(super::records::ACL_PREFIX);
-        if relay_load || revocation || acl {
-            continue;
-        }
-        let id = u64::from_be_bytes(
-            key.as_ref()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("node key is not 8 bytes"))?,
-        );
-        nodes.insert(id, decode("node entry", &bytes)?);
+impl<'a> Writers<'a> {
+    fn new(db: &'a DB) -> Result<Self, StoreError> {
+        Ok(Self {
+            records: RecordWriter::new(db),
+            presence: PresenceWriter::new(db),
+            mailbox: MailboxWriter::new(db),
+            conferences: ConferenceWriter::new(db),
+            nodes: NodeWriter::new(db)?,
+        })
     }
-    Ok(nodes)
+
+    /// Hands `op` to the writer of its domain.
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &Op,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        match op {
+            Op::PutRecord(op) => self.records.apply(batch, op, at),
+            Op::DeleteRecord(op) => self.records.apply(batch, op, at),
+            Op::SetNamespaceAcl(op) => self.records.apply(batch, op, at),
+            Op::PresenceAttach(op) => self.presence.apply(batch, op, at),
+            Op::PresenceDetach(op) => self.presence.apply(batch, op, at),
+            Op::PresenceSet(op) => self.presence.apply(batch, op, at),
+            Op::PresenceEndpoints(op) => self.presence.apply(batch, op, at),
+            Op::ExpireHost(op) => self.presence.apply(batch, op, at),
+            Op::MailboxPut(op) => self.mailbox.apply(batch, op, at),
+            Op::MailboxAck(op) => self.mailbox.apply(batch, op, at),
+            Op::ConferenceCreate(op) => self.conferences.apply(batch, op, at),
+            Op::ConferenceInvite(op) => self.conferences.apply(batch, op, at),
+            Op::ConferenceAnswer(op) => self.conferences.apply(batch, op, at),
+            Op::ConferenceStart(op) => self.conferences.apply(batch, op, at),
+            Op::ConferenceChat(op) => self.conferences.apply(batch, op, at),
+            Op::RegisterNode(op) => self.nodes.apply(batch, op, at),
+            Op::TombstoneNode(op) => self.nodes.apply(batch, op, at),
+            Op::RelayLoad(op) => self.nodes.apply(batch, op, at),
+            Op::RevokeCertificate(op) => self.nodes.apply(batch, op, at),
+        }
+    }
+
+    /// What the writers changed since the last call, for watches (a command changes one domain only).
+    fn take_changes(&mut self) -> Vec<Change> {
+        let mut changes = self.records.take_changes();
+        changes.extend(self.conferences.take_changes());
+        changes.extend(self.presence.take_changes());
+        changes
+    }
 }
 
 impl StateMachine {
@@ -222,315 +193,39 @@ impl StateMachine {
         })
     }
 
-    /// Applies a batch of entries in one write batch. Returns one response per entry, in order.
+    /// Applies a batch of entries in one write batch. Returns one response per entry, in order, and the events.
     fn apply_batch(
         db: &DB,
         entries: &[crate::raft_types::Entry],
         mut membership: StoredMembership,
     ) -> Result<(Vec<Response>, StoredMembership, Vec<Event>), StoreError> {
         let mut batch = WriteBatch::default();
-        let mut next_node_id = read_next_node_id(db)?;
-        let mut nodes_touched: BTreeMap<u64, NodeEntry> = BTreeMap::new();
+        let mut writers = Writers::new(db)?;
         let mut responses = Vec::with_capacity(entries.len());
         let mut events = Vec::new();
-        {
-            let mut records = RecordWriter::new(db);
-            let mut presence = PresenceWriter::new(db);
-            let mut conferences = ConferenceWriter::default();
-            let batch = &mut batch;
-            for entry in entries {
-                let response = match &entry.payload {
-                    EntryPayload::Blank => Response::Done,
-                    EntryPayload::Membership(config) => {
-                        membership = StoredMembership::new(Some(entry.log_id), config.clone());
-                        // Every node that appears in a membership is in the node table, and its id is taken.
-                        for (id, info) in config.nodes() {
-                            next_node_id = next_node_id.max(id + 1);
-                            let known = nodes_touched.contains_key(id)
-                                || db
-                                    .get_pinned_cf(cf(db, CF_NODES), id.to_be_bytes())?
-                                    .is_some();
-                            if !known {
-                                nodes_touched.insert(
-                                    *id,
-                                    NodeEntry {
-                                        info: info.clone(),
-                                        removed: false,
-                                    },
-                                );
-                            }
-                        }
-                        Response::Done
-                    }
-                    EntryPayload::Normal(command) => match &command.op {
-                        Op::PutRecord {
-                            owner,
-                            namespace,
-                            key,
-                            attributes,
-                            value,
-                            expected_version,
-                            quota,
-                        } => records.put(
-                            batch,
-                            *owner,
-                            namespace,
-                            key,
-                            attributes.clone(),
-                            value.clone(),
-                            *expected_version,
-                            *quota,
-                            command.at_ms,
-                        )?,
-                        Op::DeleteRecord {
-                            owner,
-                            namespace,
-                            key,
-                            expected_version,
-                        } => records.delete(batch, *owner, namespace, key, *expected_version)?,
-                        Op::RegisterNode { node } => {
-                            // Idempotent for a retried join: a live node with the same peer id keeps its id.
-                            let mut existing = None;
-                            for (id, entry) in Self::all_nodes(db, &nodes_touched)? {
-                                if entry.info.peer_id == node.peer_id && !entry.removed {
-                                    existing = Some(id);
-                                }
-                            }
-                            let id = match existing {
-                                Some(id) => id,
-                                None => {
-                                    let id = next_node_id;
-                                    next_node_id += 1;
-                                    id
-                                }
-                            };
-                            nodes_touched.insert(
-                                id,
-                                NodeEntry {
-                                    info: node.clone(),
-                                    removed: false,
-                                },
-                            );
-                            Response::NodeId(id)
-                        }
-                        Op::TombstoneNode { node_id } => {
-                            let current = match nodes_touched.get(node_id) {
-                                Some(entry) => Some(entry.clone()),
-                                None => db
-                                    .get_pinned_cf(cf(db, CF_NODES), node_id.to_be_bytes())?
-                                    .map(|bytes| decode::<NodeEntry>("node entry", &bytes))
-                                    .transpose()?,
-                            };
-                            match current {
-                                Some(mut entry) => {
-                                    entry.removed = true;
-                                    nodes_touched.insert(*node_id, entry);
-                                    Response::Done
-                                }
-                                None => Response::Rejected(Rejection::UnknownNode(*node_id)),
-                            }
-                        }
-                        Op::PresenceAttach {
-                            peer,
-                            host,
-                            session,
-                        } => presence.attach(batch, *peer, *host, *session, command.at_ms)?,
-                        Op::PresenceDetach { peer, session } => {
-                            presence.detach(batch, *peer, *session, command.at_ms)?
-                        }
-                        Op::PresenceSet {
-                            peer,
-                            session,
-                            status,
-                            note,
-                            attributes,
-                        } => presence.set(
-                            batch,
-                            *peer,
-                            *session,
-                            *status,
-                            note.clone(),
-                            attributes.clone(),
-                            command.at_ms,
-                        )?,
-                        Op::RelayLoad {
-                            node_id,
-                            active,
-                            capacity,
-                        } => {
-                            let load = RelayLoad {
-                                active: *active,
-                                capacity: *capacity,
-                                at_ms: command.at_ms,
-                            };
-                            batch.put_cf(
-                                cf(db, CF_NODES),
-                                relay_load_key(*node_id),
-                                encode("relay load", &load)?,
-                            );
-                            Response::Done
-                        }
-                        Op::RevokeCertificate { fingerprint } => {
-                            batch.put_cf(
-                                cf(db, CF_NODES),
-                                revoked_key(fingerprint),
-                                encode("revocation time", &command.at_ms)?,
-                            );
-                            Response::Done
-                        }
-                        Op::SetNamespaceAcl { namespace, acl } => {
-                            records.set_acl(batch, namespace, acl.clone())?
-                        }
-                        Op::PresenceEndpoints {
-                            peer,
-                            session,
-                            candidates,
-                            nat_class,
-                        } => presence.set_endpoints(
-                            batch,
-                            *peer,
-                            *session,
-                            candidates.clone(),
-                            nat_class.clone(),
-                            command.at_ms,
-                        )?,
-                        Op::ExpireHost { host } => {
-                            presence.expire_host(batch, *host, command.at_ms)?
-                        }
-                        Op::MailboxPut {
-                            to,
-                            message,
-                            expires_at_ms,
-                            quota,
-                        } => presence.mailbox_put(
-                            batch,
-                            *to,
-                            message.clone(),
-                            *expires_at_ms,
-                            *quota,
-                            entry.log_id.index,
-                            command.at_ms,
-                        )?,
-                        Op::ConferenceCreate {
-                            owner,
-                            id,
-                            title,
-                            description,
-                            start_at_ms,
-                        } => conferences.create(
-                            db,
-                            batch,
-                            *owner,
-                            id,
-                            title,
-                            description,
-                            *start_at_ms,
-                            command.at_ms,
-                        )?,
-                        Op::ConferenceInvite {
-                            owner,
-                            id,
-                            invitees,
-                        } => conferences.invite(db, batch, *owner, id, invitees)?,
-                        Op::ConferenceAnswer { peer, id, accept } => {
-                            conferences.answer(db, batch, *peer, id, *accept)?
-                        }
-                        Op::ConferenceStart { id } => conferences.start(db, batch, id)?,
-                        Op::ConferenceChat {
-                            from,
-                            id,
-                            message_id,
-                            text,
-                        } => conferences.chat(
-                            db,
-                            batch,
-                            *from,
-                            id,
-                            message_id,
-                            text,
-                            command.at_ms,
-                        )?,
-                        Op::MailboxAck { to, sequences } => {
-                            presence.mailbox_ack(batch, *to, sequences)?
-                        }
-                    },
-                };
-                let index = entry.log_id.index;
-                if let EntryPayload::Normal(command) = &entry.payload {
-                    match (&command.op, &response) {
-                        (Op::PutRecord { namespace, key, .. }, Response::Record(record)) => events
-                            .push(Event {
-                                index,
-                                change: Change::Record {
-                                    namespace: namespace.clone(),
-                                    key: key.clone(),
-                                    record: Some(record.clone()),
-                                },
-                            }),
-                        (
-                            Op::ConferenceCreate { id, .. }
-                            | Op::ConferenceInvite { id, .. }
-                            | Op::ConferenceAnswer { id, .. }
-                            | Op::ConferenceStart { id },
-                            Response::Conference(entry),
-                        ) => events.push(Event {
-                            index,
-                            change: Change::Conference {
-                                id: id.clone(),
-                                entry: entry.clone(),
-                            },
-                        }),
-                        (Op::SetNamespaceAcl { namespace, acl }, Response::Done) => {
-                            events.push(Event {
-                                index,
-                                change: Change::Acl {
-                                    namespace: namespace.clone(),
-                                    acl: acl.clone(),
-                                },
-                            })
-                        }
-                        (Op::DeleteRecord { namespace, key, .. }, Response::Deleted(true)) => {
-                            events.push(Event {
-                                index,
-                                change: Change::Record {
-                                    namespace: namespace.clone(),
-                                    key: key.clone(),
-                                    record: None,
-                                },
-                            })
-                        }
-                        _ => {}
-                    }
+        for entry in entries {
+            let index = entry.log_id.index;
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response::Done,
+                EntryPayload::Membership(config) => {
+                    membership = StoredMembership::new(Some(entry.log_id), config.clone());
+                    writers.nodes.add_members(config.nodes())?;
+                    Response::Done
                 }
-                // Only new chat lines make events: a retried post answers with the stored line.
-                for (conference, chat) in conferences.take_new_chats() {
-                    events.push(Event {
+                EntryPayload::Normal(command) => {
+                    let at = Applied {
                         index,
-                        change: Change::Chat { conference, chat },
-                    });
+                        at_ms: command.at_ms,
+                    };
+                    writers.apply(&mut batch, &command.op, at)?
                 }
-                for (peer, entry) in presence.take_changes() {
-                    events.push(Event {
-                        index,
-                        change: Change::Presence { peer, entry },
-                    });
-                }
-                responses.push(response);
-            }
+            };
+            let changes = writers.take_changes().into_iter();
+            events.extend(changes.map(|change| Event { index, change }));
+            responses.push(response);
         }
-        for (id, entry) in &nodes_touched {
-            batch.put_cf(
-                cf(db, CF_NODES),
-                id.to_be_bytes(),
-                encode("node entry", entry)?,
-            );
-        }
+        writers.nodes.finish(&mut batch)?;
         let meta = cf(db, CF_SM_META);
-        batch.put_cf(
-            meta,
-            NEXT_NODE_ID_KEY,
-            encode("next node id", &next_node_id)?,
-        );
         if let Some(last) = entries.last() {
             batch.put_cf(
                 meta,
@@ -541,16 +236,6 @@ impl StateMachine {
         batch.put_cf(meta, MEMBERSHIP_KEY, encode("membership", &membership)?);
         db.write(batch)?;
         Ok((responses, membership, events))
-    }
-
-    /// The node table with this batch's pending changes laid over it.
-    fn all_nodes(
-        db: &DB,
-        pending: &BTreeMap<u64, NodeEntry>,
-    ) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
-        let mut nodes = read_nodes(db)?;
-        nodes.extend(pending.iter().map(|(id, entry)| (*id, entry.clone())));
-        Ok(nodes)
     }
 
     fn build_payload(view: &OwnedSnapshot) -> Result<Vec<u8>, StoreError> {

@@ -12,7 +12,11 @@ use tempfile::TempDir;
 use super::records::{self, Condition, Term};
 use super::state_machine::StateReader;
 use super::{open, LogStore, StateMachine};
-use crate::command::{Command, NodeInfo, Op, QuotaKind, RecordQuota, Rejection, Response};
+use super::{Applied, Apply};
+use crate::command::{
+    Command, DeleteRecord, NodeInfo, Op, PutRecord, QuotaKind, RecordQuota, RegisterNode,
+    Rejection, Response, SetNamespaceAcl, TombstoneNode,
+};
 use crate::raft_types::{Entry, LogId, TypeConfig};
 
 struct Builder;
@@ -33,6 +37,14 @@ async fn openraft_storage_suite() -> Result<(), StorageError<TypeConfig>> {
 
 fn log_id(index: u64) -> LogId {
     openraft::testing::log_id::<TypeConfig>(1, 1, index)
+}
+
+/// Where a command at `index` is applied (the clock as `entry` sets it).
+fn at(index: u64) -> Applied {
+    Applied {
+        index,
+        at_ms: 1_000 + index,
+    }
 }
 
 fn entry(index: u64, op: Op) -> Entry {
@@ -62,7 +74,7 @@ fn put_within(
     expected: Option<u64>,
     quota: RecordQuota,
 ) -> Op {
-    Op::PutRecord {
+    PutRecord {
         owner: [owner; 32],
         namespace: "ns".into(),
         key: key.into(),
@@ -74,6 +86,7 @@ fn put_within(
         expected_version: expected,
         quota,
     }
+    .into()
 }
 
 /// Applies entries without responders (as a follower does) and returns the state machine.
@@ -108,12 +121,13 @@ async fn apply_enforces_ownership_and_versions_and_keeps_the_index_exact() {
             entry(6, put(2, "b", &[("color", "black")], None)),
             entry(
                 7,
-                Op::DeleteRecord {
+                DeleteRecord {
                     owner: [2; 32],
                     namespace: "ns".into(),
                     key: "c".into(),
                     expected_version: None,
-                },
+                }
+                .into(),
             ),
         ],
     )
@@ -182,8 +196,8 @@ async fn pages_stop_at_their_byte_budget_but_hold_at_least_one_record() {
         .enumerate()
         .map(|(index, key)| {
             let mut op = put(1, key, &[], None);
-            if let Op::PutRecord { value, .. } = &mut op {
-                *value = vec![7; 1000];
+            if let Op::PutRecord(put) = &mut op {
+                put.value = vec![7; 1000];
             }
             entry(index as u64 + 1, op)
         })
@@ -206,33 +220,18 @@ async fn responses_report_rejections() {
     let db = open(dir.path()).unwrap();
     let mut batch = rocksdb::WriteBatch::default();
     let mut writer = records::RecordWriter::new(&db);
-    let first = writer
-        .put(
-            &mut batch,
-            [1; 32],
-            "ns",
-            "k",
-            BTreeMap::new(),
-            vec![],
-            Some(0),
-            AMPLE,
-            5,
-        )
-        .unwrap();
+    let create = PutRecord {
+        owner: [1; 32],
+        namespace: "ns".into(),
+        key: "k".into(),
+        attributes: BTreeMap::new(),
+        value: vec![],
+        expected_version: Some(0),
+        quota: AMPLE,
+    };
+    let first = writer.apply(&mut batch, &create, at(5)).unwrap();
     assert!(matches!(first, Response::Record(ref record) if record.version == 1));
-    let again = writer
-        .put(
-            &mut batch,
-            [1; 32],
-            "ns",
-            "k",
-            BTreeMap::new(),
-            vec![],
-            Some(0),
-            AMPLE,
-            6,
-        )
-        .unwrap();
+    let again = writer.apply(&mut batch, &create, at(6)).unwrap();
     assert_eq!(
         again,
         Response::Rejected(Rejection::VersionMismatch {
@@ -240,7 +239,13 @@ async fn responses_report_rejections() {
             current: 1
         })
     );
-    let foreign = writer.delete(&mut batch, [9; 32], "ns", "k", None).unwrap();
+    let foreign = DeleteRecord {
+        owner: [9; 32],
+        namespace: "ns".into(),
+        key: "k".into(),
+        expected_version: None,
+    };
+    let foreign = writer.apply(&mut batch, &foreign, at(7)).unwrap();
     assert_eq!(foreign, Response::Rejected(Rejection::NotOwner));
 }
 
@@ -268,16 +273,18 @@ async fn node_ids_are_never_reused() {
             },
             entry(
                 2,
-                Op::RegisterNode {
+                RegisterNode {
                     node: node("second"),
-                },
+                }
+                .into(),
             ),
-            entry(3, Op::TombstoneNode { node_id: 2 }),
+            entry(3, TombstoneNode { node_id: 2 }.into()),
             entry(
                 4,
-                Op::RegisterNode {
+                RegisterNode {
                     node: node("second"),
-                },
+                }
+                .into(),
             ),
         ],
     )
@@ -378,7 +385,7 @@ fn acl(
     read: crate::command::Access,
     members: &[u8],
 ) -> Op {
-    Op::SetNamespaceAcl {
+    SetNamespaceAcl {
         namespace: namespace.into(),
         acl: Some(crate::command::NamespaceAcl {
             write,
@@ -386,6 +393,7 @@ fn acl(
             members: members.iter().map(|byte| [*byte; 32]).collect(),
         }),
     }
+    .into()
 }
 
 #[tokio::test]
@@ -408,10 +416,11 @@ async fn apply_enforces_namespace_acls_in_log_order() {
                 // Cleared in the same batch: peer 3 writes again, but 2 no longer changes 1's record.
                 entry(
                     6,
-                    Op::SetNamespaceAcl {
+                    SetNamespaceAcl {
                         namespace: "ns".into(),
                         acl: None,
-                    },
+                    }
+                    .into(),
                 ),
                 entry(7, put(3, "x", &[], None)),
                 entry(8, put(2, "a", &[], None)),
@@ -469,12 +478,13 @@ async fn apply_enforces_index_quotas_in_log_order() {
                 entry(5, put_within(1, "a", &[("x", "y")], None, two)),
                 entry(
                     6,
-                    Op::DeleteRecord {
+                    DeleteRecord {
                         owner: [1; 32],
                         namespace: "ns".into(),
                         key: "b".into(),
                         expected_version: None,
-                    },
+                    }
+                    .into(),
                 ),
                 entry(7, put_within(1, "d", &[], None, two)),
                 // Bytes: a put that grows peer 1 past 8 bytes is refused, one that shrinks it goes through.
@@ -581,4 +591,552 @@ async fn apply_enforces_index_quotas_in_log_order() {
             quota: 2
         }
     ));
+}
+
+/// Writes what a writer added to `batch` (as the end of an apply batch does).
+fn commit(db: &rocksdb::DB, batch: rocksdb::WriteBatch) {
+    db.write(batch).expect("write batch");
+}
+
+#[tokio::test]
+async fn presence_apply_follows_the_current_session_and_host_expiry() {
+    use super::presence::{self, PresenceWriter};
+    use super::Changes;
+    use crate::command::{
+        ExpireHost, PresenceAttach, PresenceDetach, PresenceEndpoints, PresenceSet, PresenceStatus,
+    };
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = PresenceWriter::new(&db);
+    let peer = [1; 32];
+    let attach = |session| PresenceAttach {
+        peer,
+        host: 7,
+        session,
+    };
+    let set = |session| PresenceSet {
+        peer,
+        session,
+        status: PresenceStatus::Busy,
+        note: "in a call".into(),
+        attributes: BTreeMap::from([("team".into(), "blue".into())]),
+    };
+    let presence = |response| match response {
+        Response::Presence(entry) => entry,
+        other => panic!("expected a presence, got {other:?}"),
+    };
+    let attached = presence(writer.apply(&mut batch, &attach(10), at(1)).unwrap());
+    assert_eq!(
+        (attached.status, attached.host, attached.session),
+        (PresenceStatus::Online, 7, 10)
+    );
+    // Another session's update is refused; the current one's goes through.
+    assert_eq!(
+        writer.apply(&mut batch, &set(11), at(2)).unwrap(),
+        Response::Rejected(Rejection::NotAttached)
+    );
+    let busy = presence(writer.apply(&mut batch, &set(10), at(3)).unwrap());
+    assert_eq!(
+        (busy.status, busy.note.as_str()),
+        (PresenceStatus::Busy, "in a call")
+    );
+    let endpoints = PresenceEndpoints {
+        peer,
+        session: 10,
+        candidates: vec!["host 10.0.0.1:5000".into()],
+        nat_class: "open".into(),
+    };
+    let published = presence(writer.apply(&mut batch, &endpoints, at(4)).unwrap());
+    assert_eq!(published.candidates, endpoints.candidates);
+    assert_eq!(
+        published.attributes["team"], "blue",
+        "endpoints keep the profile"
+    );
+    // A re-attach (new session) keeps the busy status; the old session's detach then changes nothing.
+    let again = presence(writer.apply(&mut batch, &attach(12), at(5)).unwrap());
+    assert_eq!((again.status, again.session), (PresenceStatus::Busy, 12));
+    let stale = PresenceDetach { peer, session: 10 };
+    let unchanged = presence(writer.apply(&mut batch, &stale, at(6)).unwrap());
+    assert_eq!(unchanged.session, 12);
+    assert_eq!(
+        writer.take_changes().len(),
+        4,
+        "attach, set, endpoints, attach"
+    );
+    commit(&db, batch);
+
+    // A later batch: host 7 expires, which takes the peer offline (read back from the database).
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = PresenceWriter::new(&db);
+    assert_eq!(
+        writer
+            .apply(&mut batch, &ExpireHost { host: 7 }, at(7))
+            .unwrap(),
+        Response::Expired(1)
+    );
+    assert_eq!(
+        writer
+            .apply(&mut batch, &ExpireHost { host: 8 }, at(8))
+            .unwrap(),
+        Response::Expired(0)
+    );
+    assert!(matches!(
+        writer.take_changes().as_slice(),
+        [crate::events::Change::Presence { entry, .. }] if entry.status == PresenceStatus::Offline
+    ));
+    commit(&db, batch);
+    let stored = presence::get(&db, &peer).unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.status,
+            stored.host,
+            stored.session,
+            stored.changed_at_ms
+        ),
+        (PresenceStatus::Offline, 0, 0, 1_007)
+    );
+    let team = Term {
+        attribute: "team".into(),
+        condition: Condition::Equals("blue".into()),
+    };
+    let (found, _) =
+        presence::search(&db, std::slice::from_ref(&team), false, 10, usize::MAX).unwrap();
+    assert_eq!(found.len(), 1, "the profile index follows the entry");
+    let (online, _) = presence::search(&db, &[team], true, 10, usize::MAX).unwrap();
+    assert!(online.is_empty());
+}
+
+#[tokio::test]
+async fn mailbox_apply_keeps_the_quota_drops_retries_and_expired_messages_and_acks() {
+    use super::mailbox::{self, MailboxWriter};
+    use crate::command::{MailboxAck, MailboxPut, StoredMessage};
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let to = [5; 32];
+    let put = |id: &str, expires_at_ms| MailboxPut {
+        to,
+        message: StoredMessage {
+            id: id.into(),
+            from: [6; 32],
+            kind: "text".into(),
+            payload: id.as_bytes().to_vec(),
+            sent_at_ms: 1,
+        },
+        expires_at_ms,
+        quota: 2,
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = MailboxWriter::new(&db);
+    assert_eq!(
+        writer.apply(&mut batch, &put("m1", 5_000), at(5)).unwrap(),
+        Response::Done
+    );
+    // A retry is not stored twice, and does not count against the quota.
+    assert_eq!(
+        writer.apply(&mut batch, &put("m1", 5_000), at(6)).unwrap(),
+        Response::Done
+    );
+    assert_eq!(
+        writer.apply(&mut batch, &put("m2", 1_500), at(7)).unwrap(),
+        Response::Done
+    );
+    assert_eq!(
+        writer.apply(&mut batch, &put("m3", 5_000), at(8)).unwrap(),
+        Response::Rejected(Rejection::MailboxFull { quota: 2 })
+    );
+    commit(&db, batch);
+    let sequences = |now_ms| -> Vec<u64> {
+        mailbox::items(&db, &to, now_ms)
+            .unwrap()
+            .into_iter()
+            .map(|(sequence, _)| sequence)
+            .collect()
+    };
+    assert_eq!(sequences(0), [5, 7], "the sequence is the log index");
+
+    // Same batch: m1 acknowledged, then a put after m2 expired finds room and drops m2.
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = MailboxWriter::new(&db);
+    let ack = MailboxAck {
+        to,
+        sequences: vec![5],
+    };
+    assert_eq!(
+        writer.apply(&mut batch, &ack, at(9)).unwrap(),
+        Response::Done
+    );
+    let late = Applied {
+        index: 10,
+        at_ms: 1_600,
+    };
+    assert_eq!(
+        writer.apply(&mut batch, &put("m3", 5_000), late).unwrap(),
+        Response::Done
+    );
+    commit(&db, batch);
+    assert_eq!(
+        sequences(0),
+        [10],
+        "m1 acknowledged, m2 expired and dropped"
+    );
+}
+
+#[tokio::test]
+async fn conference_apply_checks_roles_and_numbers_chat_lines_once() {
+    use super::conference::{self, ConferenceWriter};
+    use super::Changes;
+    use crate::command::{
+        ConferenceAnswer, ConferenceChat, ConferenceCreate, ConferenceInvite, ConferenceStart,
+        Invitation,
+    };
+    use crate::events::Change;
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let (owner, guest, decliner, stranger) = ([1; 32], [2; 32], [3; 32], [4; 32]);
+    let create = ConferenceCreate {
+        owner,
+        id: "c".into(),
+        title: "Title".into(),
+        description: "About".into(),
+        start_at_ms: 9_000,
+    };
+    let invite = |by| ConferenceInvite {
+        owner: by,
+        id: "c".into(),
+        invitees: vec![guest, decliner],
+    };
+    let answer = |peer, accept| ConferenceAnswer {
+        peer,
+        id: "c".into(),
+        accept,
+    };
+    let chat = |from, message_id: &str| ConferenceChat {
+        from,
+        id: "c".into(),
+        message_id: message_id.into(),
+        text: format!("line {message_id}"),
+    };
+    let sequence = |response| match response {
+        Response::Chat(chat) => chat.sequence,
+        other => panic!("expected a chat line, got {other:?}"),
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = ConferenceWriter::new(&db);
+    let mut apply_at = 0;
+    let mut next = || {
+        apply_at += 1;
+        at(apply_at)
+    };
+    assert!(matches!(
+        writer.apply(&mut batch, &create, next()).unwrap(),
+        Response::Conference(entry) if entry.created_at_ms == 1_001 && !entry.started
+    ));
+    let rejected = |response: Response| match response {
+        Response::Rejected(rejection) => rejection,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    assert_eq!(
+        rejected(writer.apply(&mut batch, &create, next()).unwrap()),
+        Rejection::ConferenceExists
+    );
+    assert_eq!(
+        rejected(writer.apply(&mut batch, &invite(guest), next()).unwrap()),
+        Rejection::NotConferenceOwner
+    );
+    writer.apply(&mut batch, &invite(owner), next()).unwrap();
+    assert_eq!(
+        rejected(
+            writer
+                .apply(&mut batch, &answer(stranger, true), next())
+                .unwrap()
+        ),
+        Rejection::NotInvited
+    );
+    writer
+        .apply(&mut batch, &answer(guest, true), next())
+        .unwrap();
+    writer
+        .apply(&mut batch, &answer(decliner, false), next())
+        .unwrap();
+    assert_eq!(
+        rejected(
+            writer
+                .apply(&mut batch, &chat(decliner, "x"), next())
+                .unwrap()
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        sequence(
+            writer
+                .apply(&mut batch, &chat(guest, "m1"), next())
+                .unwrap()
+        ),
+        1
+    );
+    // A retried post in the same batch answers with the line already numbered.
+    assert_eq!(
+        sequence(
+            writer
+                .apply(&mut batch, &chat(guest, "m1"), next())
+                .unwrap()
+        ),
+        1
+    );
+    assert_eq!(
+        sequence(
+            writer
+                .apply(&mut batch, &chat(owner, "m2"), next())
+                .unwrap()
+        ),
+        2
+    );
+    let start = ConferenceStart { id: "c".into() };
+    assert!(matches!(
+        writer.apply(&mut batch, &start, next()).unwrap(),
+        Response::Conference(entry) if entry.started
+    ));
+    assert_eq!(
+        writer.apply(&mut batch, &start, next()).unwrap(),
+        Response::Done
+    );
+    let unknown = ConferenceStart { id: "nope".into() };
+    assert_eq!(
+        rejected(writer.apply(&mut batch, &unknown, next()).unwrap()),
+        Rejection::UnknownConference
+    );
+    let kinds: Vec<&str> = writer
+        .take_changes()
+        .iter()
+        .map(|change| match change {
+            Change::Conference { .. } => "conference",
+            Change::Chat { .. } => "chat",
+            other => panic!("unexpected change {other:?}"),
+        })
+        .collect();
+    // Create, invite, two answers, two new lines (not the retry), the start.
+    assert_eq!(
+        kinds,
+        [
+            "conference",
+            "conference",
+            "conference",
+            "conference",
+            "chat",
+            "chat",
+            "conference"
+        ]
+    );
+    commit(&db, batch);
+
+    let stored = conference::get(&db, "c").unwrap().unwrap();
+    assert_eq!(stored.next_sequence, 3);
+    assert_eq!(stored.invitees[&guest], Invitation::Accepted);
+    assert_eq!(stored.invitees[&decliner], Invitation::Declined);
+    // A retry in a later batch finds the stored line.
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = ConferenceWriter::new(&db);
+    assert_eq!(
+        sequence(
+            writer
+                .apply(&mut batch, &chat(guest, "m1"), at(20))
+                .unwrap()
+        ),
+        1
+    );
+    assert!(writer.take_changes().is_empty());
+}
+
+#[tokio::test]
+async fn node_apply_allocates_ids_and_keeps_loads_and_revocations_beside_the_nodes() {
+    use super::nodes::{self, NodeWriter};
+    use crate::command::{RelayLoad, RevokeCertificate};
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let node = |name: &str| NodeInfo {
+        peer_id: name.into(),
+        cluster_addr: format!("{name}:1"),
+        ..NodeInfo::default()
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = NodeWriter::new(&db).unwrap();
+    // A membership names node 4: it is in the table and ids up to 4 are taken.
+    writer.add_members([(&4, &node("first"))]).unwrap();
+    let register = RegisterNode {
+        node: node("second"),
+    };
+    assert_eq!(
+        writer.apply(&mut batch, &register, at(2)).unwrap(),
+        Response::NodeId(5)
+    );
+    assert_eq!(
+        writer.apply(&mut batch, &register, at(3)).unwrap(),
+        Response::NodeId(5),
+        "a retried join keeps its id"
+    );
+    assert_eq!(
+        writer
+            .apply(&mut batch, &TombstoneNode { node_id: 9 }, at(4))
+            .unwrap(),
+        Response::Rejected(Rejection::UnknownNode(9))
+    );
+    let load = RelayLoad {
+        node_id: 5,
+        active: 3,
+        capacity: 10,
+    };
+    assert_eq!(
+        writer.apply(&mut batch, &load, at(5)).unwrap(),
+        Response::Done
+    );
+    let revoke = RevokeCertificate {
+        fingerprint: [8; 32],
+    };
+    assert_eq!(
+        writer.apply(&mut batch, &revoke, at(6)).unwrap(),
+        Response::Done
+    );
+    writer.finish(&mut batch).unwrap();
+    commit(&db, batch);
+
+    let table = nodes::read_nodes(&db).unwrap();
+    assert_eq!(table.keys().copied().collect::<Vec<_>>(), [4, 5]);
+    assert_eq!(table[&5].info.peer_id, "second");
+    let loads = nodes::read_relay_loads(&db).unwrap();
+    assert_eq!(
+        loads.get(&5),
+        Some(&nodes::RelayLoad {
+            active: 3,
+            capacity: 10,
+            at_ms: 1_005
+        })
+    );
+    assert!(nodes::is_revoked(&db, &[8; 32]).unwrap());
+    assert!(!nodes::is_revoked(&db, &[9; 32]).unwrap());
+    // The next batch allocates after what this one took.
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = NodeWriter::new(&db).unwrap();
+    let third = RegisterNode {
+        node: node("third"),
+    };
+    assert_eq!(
+        writer.apply(&mut batch, &third, at(7)).unwrap(),
+        Response::NodeId(6)
+    );
+}
+
+#[tokio::test]
+async fn apply_publishes_one_event_per_change_in_log_order() {
+    use crate::command::{ConferenceChat, ConferenceCreate, PresenceAttach};
+    use crate::events::{Change, EventLog};
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let events = EventLog::default();
+    let mut state_machine = StateMachine::open_with_events(db, events.clone()).unwrap();
+    let owner = [1; 32];
+    apply_all(
+        &mut state_machine,
+        vec![
+            entry(1, put(1, "a", &[], None)),
+            // Refused (another owner): no event.
+            entry(2, put(2, "a", &[], None)),
+            entry(
+                3,
+                DeleteRecord {
+                    owner: [1; 32],
+                    namespace: "ns".into(),
+                    key: "a".into(),
+                    expected_version: None,
+                }
+                .into(),
+            ),
+            // Deleting what is not there: no event.
+            entry(
+                4,
+                DeleteRecord {
+                    owner: [1; 32],
+                    namespace: "ns".into(),
+                    key: "a".into(),
+                    expected_version: None,
+                }
+                .into(),
+            ),
+            entry(
+                5,
+                SetNamespaceAcl {
+                    namespace: "ns".into(),
+                    acl: None,
+                }
+                .into(),
+            ),
+            entry(
+                6,
+                ConferenceCreate {
+                    owner,
+                    id: "c".into(),
+                    title: String::new(),
+                    description: String::new(),
+                    start_at_ms: 0,
+                }
+                .into(),
+            ),
+            entry(
+                7,
+                ConferenceChat {
+                    from: owner,
+                    id: "c".into(),
+                    message_id: "m".into(),
+                    text: "hi".into(),
+                }
+                .into(),
+            ),
+            entry(
+                8,
+                PresenceAttach {
+                    peer: owner,
+                    host: 1,
+                    session: 3,
+                }
+                .into(),
+            ),
+            entry(
+                9,
+                RegisterNode {
+                    node: NodeInfo::default(),
+                }
+                .into(),
+            ),
+        ],
+    )
+    .await;
+    let published: Vec<(u64, &str)> = events
+        .since(0)
+        .unwrap()
+        .iter()
+        .map(|event| {
+            let kind = match &event.change {
+                Change::Record {
+                    record: Some(_), ..
+                } => "put",
+                Change::Record { record: None, .. } => "delete",
+                Change::Acl { .. } => "acl",
+                Change::Conference { .. } => "conference",
+                Change::Chat { .. } => "chat",
+                Change::Presence { .. } => "presence",
+            };
+            (event.index, kind)
+        })
+        .collect();
+    assert_eq!(
+        published,
+        [
+            (1, "put"),
+            (3, "delete"),
+            (5, "acl"),
+            (6, "conference"),
+            (7, "chat"),
+            (8, "presence")
+        ]
+    );
 }

@@ -39,11 +39,12 @@ pub async fn report(replica: Replica, relay: Relay, shutdown: tokio_util::sync::
         if !due {
             continue;
         }
-        let op = crate::command::Op::RelayLoad {
+        let op: crate::command::Op = crate::command::RelayLoad {
             node_id,
             active: load.0,
             capacity: load.1,
-        };
+        }
+        .into();
         match replica.propose(op).await {
             Ok(_) => reported = Some((load, now)),
             Err(error) => tracing::debug!(%error, "relay load report not committed; trying again"),

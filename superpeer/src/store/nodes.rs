@@ -1,0 +1,285 @@
+//! The node table as stored in RocksDB: super peers by node id (tombstones included), their relay loads, and
+//! revoked certificates. They share one column family so that snapshots carry all of them (with the namespace
+//! ACLs of [`super::records`], which live there too).
+//!
+//! ```text
+//! nodes:   node id (8, BE)                -> postcard(NodeEntry)
+//! nodes:   node id (8, BE) 'L'            -> postcard(RelayLoad)     the node's last relay load report
+//! nodes:   "revoked/" SHA-256 (32)        -> postcard(u64)           when the certificate was revoked
+//! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
+//! ```
+
+use std::collections::BTreeMap;
+
+use rocksdb::{IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
+use crate::command::{
+    self, NodeInfo, RegisterNode, Rejection, Response, RevokeCertificate, TombstoneNode,
+};
+
+/// Key of the next node id in `sm_meta`.
+pub(super) const NEXT_NODE_ID_KEY: &[u8] = b"next_node_id";
+
+/// A super peer as the node table keeps it. Removed nodes stay as tombstones so their ids are never reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub info: NodeInfo,
+    pub removed: bool,
+}
+
+/// A node's last relay load report. Kept in the node table under the node's key plus [`RELAY_LOAD_SUFFIX`],
+/// so snapshots carry it with the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayLoad {
+    pub active: u32,
+    pub capacity: u32,
+    pub at_ms: u64,
+}
+
+impl RelayLoad {
+    /// Share of the capacity in use; a node that does not relay is full.
+    pub fn fill(&self) -> f64 {
+        if self.capacity == 0 {
+            f64::INFINITY
+        } else {
+            f64::from(self.active) / f64::from(self.capacity)
+        }
+    }
+}
+
+/// Suffix of a relay load key in the node table (node keys are the 8-byte big-endian id alone).
+const RELAY_LOAD_SUFFIX: u8 = b'L';
+
+fn relay_load_key(node_id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[..8].copy_from_slice(&node_id.to_be_bytes());
+    key[8] = RELAY_LOAD_SUFFIX;
+    key
+}
+
+/// Revocations live in the node table (so snapshots carry them) under this prefix and the certificate's
+/// SHA-256; node entries have 8-byte keys and relay loads 9-byte ones.
+const REVOKED_PREFIX: &[u8; 8] = b"revoked/";
+
+fn revoked_key(fingerprint: &[u8; 32]) -> Vec<u8> {
+    [REVOKED_PREFIX.as_slice(), fingerprint].concat()
+}
+
+/// Whether the certificate with this SHA-256 was revoked (as of the applied state).
+pub fn is_revoked(db: &DB, fingerprint: &[u8; 32]) -> Result<bool, StoreError> {
+    Ok(db
+        .get_pinned_cf(cf(db, CF_NODES), revoked_key(fingerprint))?
+        .is_some())
+}
+
+/// The last relay load report of every node that made one.
+pub fn read_relay_loads(db: &DB) -> Result<BTreeMap<u64, RelayLoad>, StoreError> {
+    let mut loads = BTreeMap::new();
+    for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
+        let (key, bytes) = item?;
+        if key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX {
+            let id = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+            loads.insert(id, decode("relay load", &bytes)?);
+        }
+    }
+    Ok(loads)
+}
+
+/// Every node ever registered, by node id, including tombstones.
+pub fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
+    let mut nodes = BTreeMap::new();
+    for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
+        let (key, bytes) = item?;
+        let relay_load = key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX;
+        let revocation = key.len() == 40 && key.starts_with(REVOKED_PREFIX);
+        let acl = key.starts_with(super::records::ACL_PREFIX);
+        if relay_load || revocation || acl {
+            continue;
+        }
+        let id = u64::from_be_bytes(
+            key.as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("node key is not 8 bytes"))?,
+        );
+        nodes.insert(id, decode("node entry", &bytes)?);
+    }
+    Ok(nodes)
+}
+
+/// The next node id to allocate, as of the applied state.
+pub(super) fn read_next_node_id(db: &DB) -> Result<u64, StoreError> {
+    Ok(db
+        .get_pinned_cf(cf(db, CF_SM_META), NEXT_NODE_ID_KEY)?
+        .map(|bytes| decode::<u64>("next node id", &bytes))
+        .transpose()?
+        .unwrap_or(1))
+}
+
+/// Applies node table commands (and the node side of membership entries) for one batch. Node entries and the
+/// next node id are kept here while the batch is applied and written by [`NodeWriter::finish`]; relay loads and
+/// revocations go into the batch at once (no later command of a batch reads them).
+pub struct NodeWriter<'a> {
+    db: &'a DB,
+    next_node_id: u64,
+    /// Node entries changed earlier in this batch.
+    touched: BTreeMap<u64, NodeEntry>,
+}
+
+impl<'a> NodeWriter<'a> {
+    pub fn new(db: &'a DB) -> Result<Self, StoreError> {
+        Ok(Self {
+            db,
+            next_node_id: read_next_node_id(db)?,
+            touched: BTreeMap::new(),
+        })
+    }
+
+    /// A membership entry: every node that appears in a membership is in the node table, and its id is taken.
+    pub fn add_members<'m>(
+        &mut self,
+        members: impl IntoIterator<Item = (&'m u64, &'m NodeInfo)>,
+    ) -> Result<(), StoreError> {
+        for (id, info) in members {
+            self.next_node_id = self.next_node_id.max(id + 1);
+            let known = self.touched.contains_key(id)
+                || self
+                    .db
+                    .get_pinned_cf(cf(self.db, CF_NODES), id.to_be_bytes())?
+                    .is_some();
+            if !known {
+                self.touched.insert(
+                    *id,
+                    NodeEntry {
+                        info: info.clone(),
+                        removed: false,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the node entries changed in this batch and the next node id.
+    pub fn finish(self, batch: &mut WriteBatch) -> Result<(), StoreError> {
+        for (id, entry) in &self.touched {
+            batch.put_cf(
+                cf(self.db, CF_NODES),
+                id.to_be_bytes(),
+                encode("node entry", entry)?,
+            );
+        }
+        batch.put_cf(
+            cf(self.db, CF_SM_META),
+            NEXT_NODE_ID_KEY,
+            encode("next node id", &self.next_node_id)?,
+        );
+        Ok(())
+    }
+
+    /// The node table with this batch's changes laid over it.
+    fn all_nodes(&self) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
+        let mut nodes = read_nodes(self.db)?;
+        nodes.extend(self.touched.iter().map(|(id, entry)| (*id, entry.clone())));
+        Ok(nodes)
+    }
+}
+
+/// Allocates the next node id, or for a retried join (a live node with the same peer id) answers its id again.
+impl Apply<RegisterNode> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        _batch: &mut WriteBatch,
+        op: &RegisterNode,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let mut existing = None;
+        for (id, entry) in self.all_nodes()? {
+            if entry.info.peer_id == op.node.peer_id && !entry.removed {
+                existing = Some(id);
+            }
+        }
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.next_node_id;
+                self.next_node_id += 1;
+                id
+            }
+        };
+        self.touched.insert(
+            id,
+            NodeEntry {
+                info: op.node.clone(),
+                removed: false,
+            },
+        );
+        Ok(Response::NodeId(id))
+    }
+}
+
+impl Apply<TombstoneNode> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        _batch: &mut WriteBatch,
+        op: &TombstoneNode,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let node_id = op.node_id;
+        let current = match self.touched.get(&node_id) {
+            Some(entry) => Some(entry.clone()),
+            None => self
+                .db
+                .get_pinned_cf(cf(self.db, CF_NODES), node_id.to_be_bytes())?
+                .map(|bytes| decode::<NodeEntry>("node entry", &bytes))
+                .transpose()?,
+        };
+        Ok(match current {
+            Some(mut entry) => {
+                entry.removed = true;
+                self.touched.insert(node_id, entry);
+                Response::Done
+            }
+            None => Response::Rejected(Rejection::UnknownNode(node_id)),
+        })
+    }
+}
+
+impl Apply<command::RelayLoad> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &command::RelayLoad,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        let load = RelayLoad {
+            active: op.active,
+            capacity: op.capacity,
+            at_ms: at.at_ms,
+        };
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            relay_load_key(op.node_id),
+            encode("relay load", &load)?,
+        );
+        Ok(Response::Done)
+    }
+}
+
+/// Remembers the revocation and when it was applied.
+impl Apply<RevokeCertificate> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &RevokeCertificate,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            revoked_key(&op.fingerprint),
+            encode("revocation time", &at.at_ms)?,
+        );
+        Ok(Response::Done)
+    }
+}
