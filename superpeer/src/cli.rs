@@ -253,7 +253,7 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
         )
         .set("limits.message_bytes", args.max_message_bytes)
         .set("send_rate_per_second", args.send_rate)
-        .set("send_burst", args.send_rate)
+        .set("send_burst", args.send_burst)
         .set("request_rate_per_second", args.request_rate)
         .set("request_burst", args.request_burst)
         .set("max_sessions_per_ip", args.max_sessions_per_ip)
