@@ -28,7 +28,7 @@ async fn measured_socket(
     let socket = UdpSocket::bind(("0.0.0.0", 0))
         .await
         .map_err(|error| LeafError::PeerConnection(format!("cannot bind a UDP socket: {error}")))?;
-    let servers = endpoints::stun_servers(shared, &connection.server).await;
+    let servers = endpoints::stun_servers(&shared.attachment, &connection.server).await;
     let report = nat::discover(&socket, &servers)
         .await
         .map_err(|error| LeafError::PeerConnection(format!("STUN discovery failed: {error}")))?;
@@ -76,7 +76,7 @@ pub async fn dial(
 
 /// Answers an offer: asks the app's policy; on accept, measures a socket and keeps it for the plan.
 pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offer: ConnectOffer) {
-    let policy = shared.connect_policy.read().expect("policy lock").clone();
+    let policy = shared.peers.policy.read().expect("policy lock").clone();
     let from = offer.from_peer_id.parse::<PeerId>().ok();
     let accepted = match (from, policy) {
         (Some(from), Some(policy)) => policy(&from),
@@ -110,6 +110,7 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
                     .collect();
                 answer.nat_class = report.class.as_str().to_string();
                 shared
+                    .peers
                     .pending_accepts
                     .lock()
                     .expect("pending accepts lock")
@@ -119,6 +120,7 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
                 shared.spawn(async move {
                     tokio::time::sleep(PLAN_WAIT).await;
                     owner
+                        .peers
                         .pending_accepts
                         .lock()
                         .expect("pending accepts lock")
@@ -137,6 +139,7 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
 /// Runs the plan of an accepted offer and hands the connection to the app.
 pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
     let socket = shared
+        .peers
         .pending_accepts
         .lock()
         .expect("pending accepts lock")
@@ -157,7 +160,7 @@ pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
     {
         Ok(connection) => {
             tracing::info!(%peer, path = %connection.path(), "accepted a peer connection");
-            let _ = shared.incoming.send(connection).await;
+            let _ = shared.peers.incoming.send(connection).await;
         }
         Err(error) => tracing::warn!(%peer, %error, "an accepted peer connection failed"),
     }
