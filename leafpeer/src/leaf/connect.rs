@@ -6,7 +6,7 @@ use tokio::net::UdpSocket;
 use vesper_proto::v1::{
     client_frame, ClientFrame, ConnectAnswer, ConnectOffer, ConnectRequest, PunchPlan,
 };
-use vesper_proto::{PeerId, SESSION_METADATA_KEY};
+use vesper_proto::PeerId;
 
 use super::endpoints;
 use super::shared::{Connection, Shared};
@@ -42,7 +42,7 @@ pub async fn dial(
     peer: &PeerId,
 ) -> Result<PeerConnection, LeafError> {
     let (socket, report) = measured_socket(shared, connection).await?;
-    let mut request = tonic::Request::new(ConnectRequest {
+    let mut request = connection.request(ConnectRequest {
         peer_id: peer.to_string(),
         candidates: report
             .candidates()
@@ -51,9 +51,6 @@ pub async fn dial(
             .collect(),
         nat_class: report.class.as_str().to_string(),
     });
-    request
-        .metadata_mut()
-        .insert(SESSION_METADATA_KEY, connection.token.clone());
     request.set_timeout(CONNECT_CALL_TIMEOUT);
     let prepared = PreparedSocket::new(socket, &shared.config.keypair, *peer)?;
     let plan = connection

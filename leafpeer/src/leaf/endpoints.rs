@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use vesper_proto::v1::PublishEndpointsRequest;
-use vesper_proto::SESSION_METADATA_KEY;
 
 use super::shared::{Attachment, Connection, Shared};
 use crate::error::LeafError;
@@ -48,7 +47,7 @@ pub async fn publish(
     connection: &Connection,
     report: &NatReport,
 ) -> Result<(), LeafError> {
-    let mut request = tonic::Request::new(PublishEndpointsRequest {
+    let mut request = connection.request(PublishEndpointsRequest {
         candidates: report
             .candidates()
             .iter()
@@ -57,9 +56,6 @@ pub async fn publish(
         nat_class: report.class.as_str().to_string(),
         sequence: shared.presence.next_sequence(),
     });
-    request
-        .metadata_mut()
-        .insert(SESSION_METADATA_KEY, connection.token.clone());
     request.set_timeout(shared.config.request_timeout);
     connection.client.clone().publish_endpoints(request).await?;
     Ok(())

@@ -23,7 +23,7 @@ use vesper_proto::v1::{
     SearchPeersRequest, SearchRecordsRequest, SendFrame, SendMessageRequest, SendResult,
     SetPresenceRequest,
 };
-use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
+use vesper_proto::{validate, Keypair, PeerId};
 
 use crate::error::LeafError;
 use shared::{Attachment, Connection, Messaging, PeerLinks, PresenceState, Shared};
@@ -622,10 +622,7 @@ impl Leaf {
         LeafError,
     > {
         let connection = self.connection().await?;
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert(SESSION_METADATA_KEY, connection.token.clone());
+        let mut request = connection.request(message);
         request.set_timeout(self.inner.request_timeout);
         Ok((connection.client.clone(), request))
     }

@@ -14,7 +14,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{ClientFrame, Message, SendResult};
-use vesper_proto::validate;
+use vesper_proto::{validate, SESSION_METADATA_KEY};
 
 use super::seen::SeenMessages;
 use super::watches::WatchRegistry;
@@ -27,6 +27,18 @@ pub struct Connection {
     pub token: MetadataValue<Ascii>,
     pub server: String,
     pub outbound: mpsc::Sender<ClientFrame>,
+}
+
+impl Connection {
+    /// A request on this session: `body` with the session token every unary call of the Leaf service needs
+    /// (callers set the deadline).
+    pub fn request<T>(&self, body: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        request
+            .metadata_mut()
+            .insert(SESSION_METADATA_KEY, self.token.clone());
+        request
+    }
 }
 
 /// State shared by the Leaf handle and its supervisor.
