@@ -6,7 +6,7 @@ use tokio::net::UdpSocket;
 use vesper_proto::v1::{
     client_frame, ClientFrame, ConnectAnswer, ConnectOffer, ConnectRequest, PunchPlan,
 };
-use vesper_proto::{PeerId, SESSION_METADATA_KEY};
+use vesper_proto::PeerId;
 
 use super::endpoints;
 use super::shared::{Connection, Shared};
@@ -28,7 +28,7 @@ async fn measured_socket(
     let socket = UdpSocket::bind(("0.0.0.0", 0))
         .await
         .map_err(|error| LeafError::PeerConnection(format!("cannot bind a UDP socket: {error}")))?;
-    let servers = endpoints::stun_servers(shared, &connection.server).await;
+    let servers = endpoints::stun_servers(&shared.attachment, &connection.server).await;
     let report = nat::discover(&socket, &servers)
         .await
         .map_err(|error| LeafError::PeerConnection(format!("STUN discovery failed: {error}")))?;
@@ -42,7 +42,7 @@ pub async fn dial(
     peer: &PeerId,
 ) -> Result<PeerConnection, LeafError> {
     let (socket, report) = measured_socket(shared, connection).await?;
-    let mut request = tonic::Request::new(ConnectRequest {
+    let mut request = connection.request(ConnectRequest {
         peer_id: peer.to_string(),
         candidates: report
             .candidates()
@@ -51,9 +51,6 @@ pub async fn dial(
             .collect(),
         nat_class: report.class.as_str().to_string(),
     });
-    request
-        .metadata_mut()
-        .insert(SESSION_METADATA_KEY, connection.token.clone());
     request.set_timeout(CONNECT_CALL_TIMEOUT);
     let prepared = PreparedSocket::new(socket, &shared.config.keypair, *peer)?;
     let plan = connection
@@ -76,7 +73,7 @@ pub async fn dial(
 
 /// Answers an offer: asks the app's policy; on accept, measures a socket and keeps it for the plan.
 pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offer: ConnectOffer) {
-    let policy = shared.connect_policy.read().expect("policy lock").clone();
+    let policy = shared.peers.policy.read().expect("policy lock").clone();
     let from = offer.from_peer_id.parse::<PeerId>().ok();
     let accepted = match (from, policy) {
         (Some(from), Some(policy)) => policy(&from),
@@ -110,6 +107,7 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
                     .collect();
                 answer.nat_class = report.class.as_str().to_string();
                 shared
+                    .peers
                     .pending_accepts
                     .lock()
                     .expect("pending accepts lock")
@@ -119,6 +117,7 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
                 shared.spawn(async move {
                     tokio::time::sleep(PLAN_WAIT).await;
                     owner
+                        .peers
                         .pending_accepts
                         .lock()
                         .expect("pending accepts lock")
@@ -137,6 +136,7 @@ pub async fn answer_offer(shared: Arc<Shared>, connection: Arc<Connection>, offe
 /// Runs the plan of an accepted offer and hands the connection to the app.
 pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
     let socket = shared
+        .peers
         .pending_accepts
         .lock()
         .expect("pending accepts lock")
@@ -157,7 +157,7 @@ pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
     {
         Ok(connection) => {
             tracing::info!(%peer, path = %connection.path(), "accepted a peer connection");
-            let _ = shared.incoming.send(connection).await;
+            let _ = shared.peers.incoming.send(connection).await;
         }
         Err(error) => tracing::warn!(%peer, %error, "an accepted peer connection failed"),
     }

@@ -50,6 +50,7 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
         let mut streamed = Vec::new();
         for (message, first) in arrival.messages {
             let handler = shared
+                .messaging
                 .handlers
                 .read()
                 .expect("handlers lock poisoned")
@@ -86,7 +87,7 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
                         tokio::select! {
                             biased;
                             _ = shared.stop.cancelled() => return,
-                            _ = shared.inbox.send(message) => {}
+                            _ = shared.messaging.inbox.send(message) => {}
                         }
                     }
                 }

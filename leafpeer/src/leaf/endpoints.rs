@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use vesper_proto::v1::PublishEndpointsRequest;
-use vesper_proto::SESSION_METADATA_KEY;
 
-use super::shared::{Connection, Shared};
+use super::shared::{Attachment, Connection, Shared};
 use crate::error::LeafError;
 use crate::nat::{self, NatReport};
 
@@ -15,9 +14,9 @@ use crate::nat::{self, NatReport};
 const STUN_SERVERS: usize = 2;
 
 /// STUN addresses of the known super peers, the attached one first, one per distinct IP.
-pub async fn stun_servers(shared: &Shared, attached: &str) -> Vec<SocketAddr> {
+pub async fn stun_servers(attachment: &Attachment, attached: &str) -> Vec<SocketAddr> {
     let mut names = vec![attached.to_string()];
-    for known in shared.known.read().expect("known lock").iter() {
+    for known in attachment.known.read().expect("known lock").iter() {
         if !names.contains(known) {
             names.push(known.clone());
         }
@@ -33,7 +32,7 @@ pub async fn stun_servers(shared: &Shared, attached: &str) -> Vec<SocketAddr> {
 
 /// Binds a fresh UDP socket and measures its NAT class against the known super peers.
 pub async fn measure(shared: &Shared, connection: &Connection) -> Result<NatReport, LeafError> {
-    let servers = stun_servers(shared, &connection.server).await;
+    let servers = stun_servers(&shared.attachment, &connection.server).await;
     let socket = UdpSocket::bind(("0.0.0.0", 0)).await.map_err(|error| {
         LeafError::Connect(format!("cannot bind a UDP socket for STUN: {error}"))
     })?;
@@ -48,18 +47,15 @@ pub async fn publish(
     connection: &Connection,
     report: &NatReport,
 ) -> Result<(), LeafError> {
-    let mut request = tonic::Request::new(PublishEndpointsRequest {
+    let mut request = connection.request(PublishEndpointsRequest {
         candidates: report
             .candidates()
             .iter()
             .map(ToString::to_string)
             .collect(),
         nat_class: report.class.as_str().to_string(),
-        sequence: shared.next_presence_sequence(),
+        sequence: shared.presence.next_sequence(),
     });
-    request
-        .metadata_mut()
-        .insert(SESSION_METADATA_KEY, connection.token.clone());
     request.set_timeout(shared.config.request_timeout);
     connection.client.clone().publish_endpoints(request).await?;
     Ok(())
@@ -76,7 +72,7 @@ pub fn publish_in_background(shared: Arc<Shared>, connection: Arc<Connection>) {
         match outcome.await {
             Ok(report) => {
                 tracing::debug!(class = %report.class, local = %report.local, "published endpoints");
-                *shared.nat.lock().expect("nat lock") = Some(report);
+                *shared.presence.nat.lock().expect("nat lock") = Some(report);
             }
             Err(error) => tracing::warn!(%error, "could not publish endpoints"),
         }

@@ -20,12 +20,13 @@ use vesper_proto::v1::{
     ConferenceResponse, CreateConferenceRequest, DeleteRecordRequest, Detach, GetConferenceRequest,
     GetRecordRequest, InviteRequest, ListRecordsRequest, LookupPeerRequest, Message,
     PostChatRequest, Presence, PresenceStatus, PutRecordRequest, ReadConsistency, Record,
-    SearchPeersRequest, SearchRecordsRequest, SendFrame, SendMessageRequest, SetPresenceRequest,
+    SearchPeersRequest, SearchRecordsRequest, SendFrame, SendMessageRequest, SendResult,
+    SetPresenceRequest,
 };
-use vesper_proto::{validate, Keypair, PeerId, SESSION_METADATA_KEY};
+use vesper_proto::{validate, Keypair, PeerId};
 
 use crate::error::LeafError;
-use shared::{Connection, Shared};
+use shared::{Attachment, Connection, Messaging, PeerLinks, PresenceState, Shared};
 pub use watches::{WatchItem, WatchSpec};
 
 /// Messages held for the app's stream before delivery waits for the app to read (and acknowledgements with it).
@@ -167,32 +168,19 @@ impl Leaf {
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
         let (dispatch_tx, dispatch_rx) = mpsc::channel(dispatch::DISPATCH_QUEUE);
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
-        let (connection, _) = tokio::sync::watch::channel(None);
         let shared = Arc::new(Shared {
-            known: std::sync::RwLock::new(config.seeds.clone()),
             config: config.clone(),
-            connection,
-            handlers: Handlers::default(),
-            dispatch: dispatch_tx,
-            inbox: inbox_tx,
+            attachment: Attachment::new(config.seeds.clone()),
+            messaging: Messaging::new(dispatch_tx, inbox_tx),
+            presence: PresenceState::default(),
+            peers: PeerLinks::new(incoming_tx),
             watches: watches::WatchRegistry::default(),
-            seen: Default::default(),
-            reattach_times: Default::default(),
-            pending_sends: Default::default(),
-            send_permits: tokio::sync::Semaphore::new(validate::MAX_SENDS_IN_FLIGHT),
-            send_bytes: tokio::sync::Semaphore::new(validate::MAX_SEND_BYTES_IN_FLIGHT),
-            next_request: Default::default(),
-            presence_sequence: Default::default(),
-            presence_order: Default::default(),
-            nat: Default::default(),
-            connect_policy: Default::default(),
-            pending_accepts: Default::default(),
-            incoming: incoming_tx,
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
         });
         // Published before returning, so calls work at once.
         shared
+            .attachment
             .connection
             .send_replace(Some(attached.connection.clone()));
         shared.spawn(dispatch::run(shared.clone(), dispatch_rx));
@@ -217,6 +205,7 @@ impl Leaf {
     pub fn server(&self) -> String {
         self.inner
             .shared
+            .attachment
             .current()
             .map(|connection| connection.server.clone())
             .unwrap_or_default()
@@ -224,7 +213,13 @@ impl Leaf {
 
     /// Leaf addresses of the super peers this leaf knows (seeds and members learned from sessions).
     pub fn known_super_peers(&self) -> Vec<String> {
-        self.inner.shared.known.read().expect("known lock").clone()
+        self.inner
+            .shared
+            .attachment
+            .known
+            .read()
+            .expect("known lock")
+            .clone()
     }
 
     /// Measures this leaf's NAT class and reflexive address now (STUN to two super peers at different IPs)
@@ -233,7 +228,7 @@ impl Leaf {
         let connection = self.connection().await?;
         let report = endpoints::measure(&self.inner.shared, &connection).await?;
         endpoints::publish(&self.inner.shared, &connection, &report).await?;
-        *self.inner.shared.nat.lock().expect("nat lock") = Some(report.clone());
+        *self.inner.shared.presence.nat.lock().expect("nat lock") = Some(report.clone());
         Ok(report)
     }
 
@@ -246,12 +241,7 @@ impl Leaf {
 
     /// Sets who may connect to this leaf; without a policy every offer is refused.
     pub fn set_connect_policy(&self, policy: impl Fn(&PeerId) -> bool + Send + Sync + 'static) {
-        *self
-            .inner
-            .shared
-            .connect_policy
-            .write()
-            .expect("policy lock") = Some(Arc::new(policy));
+        *self.inner.shared.peers.policy.write().expect("policy lock") = Some(Arc::new(policy));
     }
 
     /// The stream of connections other peers opened to this leaf (once; later calls get `None`).
@@ -261,7 +251,13 @@ impl Leaf {
 
     /// What the last endpoint discovery found (`None` before the first one finished).
     pub fn nat_report(&self) -> Option<crate::nat::NatReport> {
-        self.inner.shared.nat.lock().expect("nat lock").clone()
+        self.inner
+            .shared
+            .presence
+            .nat
+            .lock()
+            .expect("nat lock")
+            .clone()
     }
 
     /// Tasks of this leaf still running (the session, keepalives, message dispatch, handler calls, connection
@@ -275,6 +271,7 @@ impl Leaf {
     pub fn reattach_times(&self) -> Vec<Duration> {
         self.inner
             .shared
+            .attachment
             .reattach_times
             .lock()
             .expect("reattach lock")
@@ -287,7 +284,7 @@ impl Leaf {
     pub async fn watch(&self, spec: WatchSpec) -> Result<mpsc::Receiver<WatchItem>, LeafError> {
         let (_, receiver, frame) = self.inner.shared.watches.add(spec);
         // If no session is up, the supervisor sends the watch when it re-attaches.
-        if let Some(connection) = self.inner.shared.current() {
+        if let Some(connection) = self.inner.shared.attachment.current() {
             let _ = connection.outbound.send(frame).await;
         }
         Ok(receiver)
@@ -304,7 +301,7 @@ impl Leaf {
         let goodbye = ClientFrame {
             frame: Some(client_frame::Frame::Detach(Detach {})),
         };
-        if let Some(connection) = self.inner.shared.current() {
+        if let Some(connection) = self.inner.shared.attachment.current() {
             let _ = connection.outbound.send(goodbye).await;
             // Give the frame a moment to leave before the stream closes (bounded: it ends either way).
             let _ =
@@ -330,6 +327,7 @@ impl Leaf {
     pub fn on_message(&self, kind: &str, handler: impl Fn(Message) + Send + Sync + 'static) {
         self.inner
             .shared
+            .messaging
             .handlers
             .write()
             .expect("handlers lock poisoned")
@@ -360,47 +358,20 @@ impl Leaf {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let shared = &self.inner.shared;
+            let messaging = &self.inner.shared.messaging;
             // Payload bytes first, then a slot, both in arrival order; a payload is at most the message ceiling,
             // which the byte budget holds (checked where it is defined).
-            let bytes = shared
+            let bytes = messaging
                 .send_bytes
                 .acquire_many(message.payload.len() as u32)
                 .await
                 .expect("the send semaphores are never closed");
-            let permit = shared
+            let permit = messaging
                 .send_permits
                 .acquire()
                 .await
                 .expect("the send semaphores are never closed");
-            let connection = self.connection().await?;
-            let request_id = shared
-                .next_request
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (result_tx, result_rx) = tokio::sync::oneshot::channel();
-            shared
-                .pending_sends
-                .lock()
-                .expect("pending sends lock")
-                .insert(request_id, result_tx);
-            let frame = ClientFrame {
-                frame: Some(client_frame::Frame::Send(SendFrame {
-                    request_id,
-                    message: Some(message.clone()),
-                })),
-            };
-            let sent = connection.outbound.send(frame).await.is_ok();
-            let outcome = match tokio::time::timeout(self.inner.request_timeout, result_rx).await {
-                Ok(Ok(result)) if sent => Some(result),
-                _ => {
-                    shared
-                        .pending_sends
-                        .lock()
-                        .expect("pending sends lock")
-                        .remove(&request_id);
-                    None
-                }
-            };
+            let outcome = self.send_once(&message).await?;
             let retriable = match outcome {
                 Some(result) if result.error_code == 0 => {
                     return Ok(if result.delivered {
@@ -430,6 +401,45 @@ impl Leaf {
             drop((permit, bytes));
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
         }
+    }
+
+    /// One attempt of a send, pipelined on the current session: its result, or None when the session ended or
+    /// did not answer within the request timeout.
+    async fn send_once(
+        &self,
+        message: &SendMessageRequest,
+    ) -> Result<Option<SendResult>, LeafError> {
+        let messaging = &self.inner.shared.messaging;
+        let connection = self.connection().await?;
+        let request_id = messaging
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+        messaging
+            .pending_sends
+            .lock()
+            .expect("pending sends lock")
+            .insert(request_id, result_tx);
+        let frame = ClientFrame {
+            frame: Some(client_frame::Frame::Send(SendFrame {
+                request_id,
+                message: Some(message.clone()),
+            })),
+        };
+        let sent = connection.outbound.send(frame).await.is_ok();
+        Ok(
+            match tokio::time::timeout(self.inner.request_timeout, result_rx).await {
+                Ok(Ok(result)) if sent => Some(result),
+                _ => {
+                    messaging
+                        .pending_sends
+                        .lock()
+                        .expect("pending sends lock")
+                        .remove(&request_id);
+                    None
+                }
+            },
+        )
     }
 
     /// Creates conference `id`, owned by this leaf, starting at `start_at_ms` (milliseconds since the epoch).
@@ -525,13 +535,13 @@ impl Leaf {
         attributes: HashMap<String, String>,
     ) -> Result<Presence, LeafError> {
         validate::attributes(&validate::SizeLimits::CEILING, &attributes)?;
-        let _ordered = self.inner.shared.presence_order.lock().await;
+        let _ordered = self.inner.shared.presence.order.lock().await;
         let (mut client, request) = self
             .request(SetPresenceRequest {
                 status: status as i32,
                 note: note.to_string(),
                 attributes,
-                sequence: self.inner.shared.next_presence_sequence(),
+                sequence: self.inner.shared.presence.next_sequence(),
             })
             .await?;
         let reply = client.set_presence(request).await?.into_inner();
@@ -581,10 +591,10 @@ impl Leaf {
     /// The current connection, waiting (up to the request timeout) while the leaf re-attaches.
     async fn connection(&self) -> Result<Arc<Connection>, LeafError> {
         // Attached (the usual case): no subscription and no timer.
-        if let Some(connection) = self.inner.shared.current() {
+        if let Some(connection) = self.inner.shared.attachment.current() {
             return Ok(connection);
         }
-        let mut updates = self.inner.shared.connection.subscribe();
+        let mut updates = self.inner.shared.attachment.connection.subscribe();
         let waited = tokio::time::timeout(self.inner.request_timeout, async {
             updates
                 .wait_for(|connection| connection.is_some())
@@ -612,10 +622,7 @@ impl Leaf {
         LeafError,
     > {
         let connection = self.connection().await?;
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert(SESSION_METADATA_KEY, connection.token.clone());
+        let mut request = connection.request(message);
         request.set_timeout(self.inner.request_timeout);
         Ok((connection.client.clone(), request))
     }

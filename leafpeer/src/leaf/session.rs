@@ -28,7 +28,7 @@ use vesper_proto::v1::{
 };
 use vesper_proto::{validate, version};
 
-use super::shared::{Arrival, Connection, Shared};
+use super::shared::{Arrival, Attachment, Connection, Messaging, Shared};
 use super::LeafConfig;
 use crate::error::LeafError;
 
@@ -153,8 +153,9 @@ pub async fn attach_any(config: &LeafConfig, candidates: &[String]) -> Result<At
 pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
     let mut first = true;
     loop {
-        learn_members(&shared, &attached.members);
+        learn_members(&shared.attachment, &attached.members);
         shared
+            .attachment
             .connection
             .send_replace(Some(attached.connection.clone()));
         // After a failover every watch resumes where it left off; on the first attach, `Leaf::watch` starts
@@ -170,9 +171,10 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
         }
         let server = attached.connection.server.clone();
         run_stream(&shared, attached).await;
-        shared.connection.send_replace(None);
+        shared.attachment.connection.send_replace(None);
         // Sends waiting on the lost session fail now; their callers retry on the next one.
         shared
+            .messaging
             .pending_sends
             .lock()
             .expect("pending sends lock")
@@ -185,7 +187,7 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
         let mut backoff = FIRST_BACKOFF;
         attached = loop {
             // Prefer another super peer: the one we lost is likely down.
-            let mut candidates = shared.known.read().expect("known lock").clone();
+            let mut candidates = shared.attachment.known.read().expect("known lock").clone();
             candidates.retain(|candidate| *candidate != server);
             candidates.push(server.clone());
             tokio::select! {
@@ -207,6 +209,7 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
         };
         let took = lost_at.elapsed();
         shared
+            .attachment
             .reattach_times
             .lock()
             .expect("reattach lock")
@@ -215,8 +218,8 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
     }
 }
 
-fn learn_members(shared: &Shared, members: &[vesper_proto::v1::Member]) {
-    let mut known = shared.known.write().expect("known lock");
+fn learn_members(attachment: &Attachment, members: &[vesper_proto::v1::Member]) {
+    let mut known = attachment.known.write().expect("known lock");
     for member in members {
         if member.role != vesper_proto::v1::MemberRole::Removed as i32
             && !known.contains(&member.leaf_addr)
@@ -275,10 +278,10 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
             }
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::SendResult(result)),
-            })) => send_done(shared, vec![result]),
+            })) => send_done(&shared.messaging, vec![result]),
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::SendResults(results)),
-            })) => send_done(shared, results.results),
+            })) => send_done(&shared.messaging, results.results),
             Ok(Some(ServerFrame { frame: Some(frame) })) => {
                 tokio::select! {
                     biased;
@@ -315,8 +318,8 @@ async fn keep_alive(connection: Arc<Connection>, keepalive: Duration, ended: Can
 }
 
 /// Completes the pipelined sends these results answer.
-fn send_done(shared: &Shared, results: Vec<SendResult>) {
-    let mut pending = shared.pending_sends.lock().expect("pending sends lock");
+fn send_done(messaging: &Messaging, results: Vec<SendResult>) {
+    let mut pending = messaging.pending_sends.lock().expect("pending sends lock");
     for result in results {
         if let Some(waiting) = pending.remove(&result.request_id) {
             let _ = waiting.send(result);
@@ -329,7 +332,7 @@ fn send_done(shared: &Shared, results: Vec<SendResult>) {
 /// the leaf stopped.
 async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Message>) -> bool {
     let messages = {
-        let mut seen = shared.seen.lock().expect("seen lock");
+        let mut seen = shared.messaging.seen.lock().expect("seen lock");
         messages
             .into_iter()
             .map(|message| {
@@ -346,6 +349,6 @@ async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Me
     tokio::select! {
         biased;
         _ = shared.stop.cancelled() => false,
-        sent = shared.dispatch.send(arrival) => sent.is_ok(),
+        sent = shared.messaging.dispatch.send(arrival) => sent.is_ok(),
     }
 }
