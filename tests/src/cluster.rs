@@ -1,12 +1,21 @@
-//! A cluster of real `superpeer` processes.
+//! A cluster of real `superpeer` processes, or of super peers run inside the test process.
+//!
+//! In-process nodes ([`Cluster::start_in_process`]) are the same code on the same sockets, TLS and RocksDB,
+//! started through a [`Launch`] that the caller provides (this crate does not link the super peer, so its many
+//! test binaries do not link RocksDB). They take the same flags as the binary (`NodeOptions` applies to both)
+//! and can be stopped and restarted, not SIGKILLed: tests of kills, crashes and logs stay on processes.
 //!
 //! Every node starts on port 0; the harness reads the bound ports from the node's `endpoints.json` and reuses
 //! them on restart, so the addresses in the Raft membership stay valid. Readiness is observed through the Admin
 //! service (status, leader, members), never assumed after a sleep. Dropping the cluster kills every process.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use anyhow::{bail, Context};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -56,17 +65,38 @@ pub struct NodeOptions {
     pub node_args: Vec<Vec<String>>,
 }
 
-/// One super peer process.
+/// Starts super peers inside the test process: implemented where the super peer library is linked.
+pub trait Launch: Send + Sync {
+    /// Starts a node from the command line the binary would get (`argv[0]` first); returns it once it listens.
+    fn launch(
+        &self,
+        argv: Vec<OsString>,
+    ) -> BoxFuture<'static, anyhow::Result<Box<dyn InProcessNode>>>;
+}
+
+/// A super peer running inside the test process.
+pub trait InProcessNode: Send + Sync {
+    /// Its bound addresses.
+    fn endpoints(&self) -> Endpoints;
+    /// Shuts it down gracefully (servers drain, Raft stops, storage closes).
+    fn stop(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// One super peer: a child process or a node inside the test process.
 pub struct NodeProcess {
     pub name: String,
     pub data_dir: PathBuf,
     pub endpoints: Option<Endpoints>,
     start: Start,
     child: Option<Child>,
+    inner: Option<Box<dyn InProcessNode>>,
 }
 
 impl NodeProcess {
     pub fn is_running(&mut self) -> bool {
+        if self.inner.is_some() {
+            return true;
+        }
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
@@ -88,6 +118,8 @@ pub struct Cluster {
     pub pki: Pki,
     pub nodes: Vec<NodeProcess>,
     options: NodeOptions,
+    /// Set for a cluster of in-process nodes.
+    launcher: Option<Arc<dyn Launch>>,
 }
 
 impl Drop for Cluster {
@@ -122,24 +154,42 @@ impl Cluster {
             pki,
             nodes: Vec::new(),
             options,
+            launcher: None,
         })
+    }
+
+    /// [`Cluster::start`] with every node inside the test process, started by `launcher`.
+    pub async fn start_in_process(
+        launcher: Arc<dyn Launch>,
+        voters: usize,
+        options: NodeOptions,
+    ) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster::new(options)?;
+        cluster.launcher = Some(launcher);
+        cluster.form(voters).await?;
+        Ok(cluster)
     }
 
     /// Starts a cluster of `voters` voters and waits until every one is a voter and a leader is known.
     pub async fn start(voters: usize, options: NodeOptions) -> anyhow::Result<Cluster> {
         let mut cluster = Cluster::new(options)?;
-        cluster.add_node(Start::Bootstrap).await?;
-        let seed = cluster.nodes[0].endpoints().cluster.to_string();
+        cluster.form(voters).await?;
+        Ok(cluster)
+    }
+
+    /// Bootstraps the first node, joins the others and promotes them.
+    async fn form(&mut self, voters: usize) -> anyhow::Result<()> {
+        self.add_node(Start::Bootstrap).await?;
+        let seed = self.nodes[0].endpoints().cluster.to_string();
         for _ in 1..voters {
-            cluster.add_node(Start::Join(seed.clone())).await?;
+            self.add_node(Start::Join(seed.clone())).await?;
         }
-        cluster.wait_members(voters, 1).await?;
+        self.wait_members(voters, 1).await?;
         // Promote every standby that joined.
-        let status = cluster.status_of(0).await?;
+        let status = self.status_of(0).await?;
         for member in status.members {
             if member.role == MemberRole::Standby as i32 {
-                cluster
-                    .admin(0)
+                self.admin(0)
                     .await?
                     .promote(PromoteRequest {
                         node_id: member.node_id,
@@ -148,8 +198,8 @@ impl Cluster {
                     .context("promote")?;
             }
         }
-        cluster.wait_members(voters, voters).await?;
-        Ok(cluster)
+        self.wait_members(voters, voters).await?;
+        Ok(())
     }
 
     /// Starts one more node and waits for its endpoints. Returns its index.
@@ -163,6 +213,7 @@ impl Cluster {
             endpoints: None,
             start,
             child: None,
+            inner: None,
         });
         self.launch(index).await?;
         Ok(index)
@@ -191,47 +242,54 @@ impl Cluster {
                 (any, any, any)
             }
         };
-        let mut command = Command::new(crate::binary("superpeer"));
-        command
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .arg("--leaf-listen")
-            .arg(leaf.to_string())
-            .arg("--cluster-listen")
-            .arg(cluster.to_string())
-            .arg("--admin-listen")
-            .arg(admin.to_string())
-            .arg("--tls-ca")
-            .arg(&ca)
-            .arg("--tls-cert")
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(&key)
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        let mut argv: Vec<OsString> = vec!["superpeer".into()];
+        let mut flag = |name: &str, value: OsString| {
+            argv.push(name.into());
+            argv.push(value);
+        };
+        flag("--data-dir", node.data_dir.clone().into());
+        flag("--leaf-listen", leaf.to_string().into());
+        flag("--cluster-listen", cluster.to_string().into());
+        flag("--admin-listen", admin.to_string().into());
+        flag("--tls-ca", ca.into());
+        flag("--tls-cert", cert.into());
+        flag("--tls-key", key.into());
         match &node.start {
-            Start::Bootstrap => {
-                command.arg("--bootstrap");
-            }
+            Start::Bootstrap => argv.push("--bootstrap".into()),
             Start::Join(seed) => {
-                command.arg("--join").arg(seed);
+                argv.push("--join".into());
+                argv.push(seed.into());
             }
             Start::Idle => {}
         }
         if let Some(logs) = self.options.snapshot_after_logs {
-            command.arg("--snapshot-after-logs").arg(logs.to_string());
+            argv.push("--snapshot-after-logs".into());
+            argv.push(logs.to_string().into());
         }
         if let Some(logs) = self.options.logs_kept_after_snapshot {
-            command
-                .arg("--logs-kept-after-snapshot")
-                .arg(logs.to_string());
+            argv.push("--logs-kept-after-snapshot".into());
+            argv.push(logs.to_string().into());
         }
-        command.args(&self.options.extra_args);
+        argv.extend(self.options.extra_args.iter().map(OsString::from));
         if let Some(args) = self.options.node_args.get(index) {
-            command.args(args);
+            argv.extend(args.iter().map(OsString::from));
         }
+        if let Some(launcher) = &self.launcher {
+            let started = launcher
+                .launch(argv)
+                .await
+                .with_context(|| format!("start {} in process", node.name))?;
+            node.endpoints = Some(started.endpoints());
+            node.inner = Some(started);
+            return Ok(());
+        }
+        let mut command = Command::new(crate::binary("superpeer"));
+        command
+            .args(&argv[1..])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         node.child = Some(command.spawn().context("start superpeer")?);
         let name = node.name.clone();
         let endpoints: Endpoints = wait::until(
@@ -252,8 +310,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// SIGKILLs node `index`.
+    /// SIGKILLs node `index`. In-process nodes cannot be killed: a test of kills starts processes.
     pub fn kill(&mut self, index: usize) {
+        assert!(
+            self.nodes[index].inner.is_none(),
+            "an in-process node cannot be SIGKILLed: start the cluster with Cluster::start"
+        );
         if let Some(mut child) = self.nodes[index].child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -262,6 +324,10 @@ impl Cluster {
 
     /// SIGTERMs node `index` and waits for it to exit.
     pub async fn stop(&mut self, index: usize) -> anyhow::Result<()> {
+        if let Some(node) = self.nodes[index].inner.take() {
+            node.stop().await;
+            return Ok(());
+        }
         if let Some(mut child) = self.nodes[index].child.take() {
             if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);

@@ -1,6 +1,11 @@
 //! The seed scenario: alice creates a conference and invites bob and carol with its context; bob accepts, carol
 //! declines; only invitees answer, only for themselves; the conference starts at its scheduled time; the chat
 //! reaches every participant in one order.
+//!
+//! The nodes run inside the test process (`common::launcher`: `vesper_superpeer::spawn` on real sockets, TLS and
+//! RocksDB); the tests that kill processes stay in `tests/tests/`.
+
+mod common;
 
 use std::time::Duration;
 
@@ -49,7 +54,7 @@ async fn chat_lines(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t90_conference_invite_answer_start_and_ordered_chat() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 3, NodeOptions::default()).await?;
     let alice = cluster.leaf(0).await?;
     let bob = cluster.leaf(1).await?;
     let carol = cluster.leaf(2).await?;

@@ -1,6 +1,11 @@
 //! Authorisation beyond record ownership (t10 covers foreign puts and deletes, t90 foreign conference answers):
 //! replayed presence updates, namespace ACLs, and index and mailbox quotas. Every refusal is checked for its gRPC code AND for the Raft log
 //! not moving, on a two-node cluster where the rules are set through one node and enforced by the other.
+//!
+//! The nodes run inside the test process (`common::launcher`: `vesper_superpeer::spawn` on real sockets, TLS and
+//! RocksDB); the tests that kill processes stay in `tests/tests/`.
+
+mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -83,7 +88,7 @@ async fn set_team_acl(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t16_replayed_presence_updates_are_refused_and_commit_nothing() -> anyhow::Result<()> {
-    let cluster = Cluster::start(2, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 2, NodeOptions::default()).await?;
     let alice = session(&cluster, 0, &Keypair::generate()).await?;
     let mut client = alice.client.clone();
     let accepted = client
@@ -165,7 +170,7 @@ async fn t16_replayed_presence_updates_are_refused_and_commit_nothing() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t16_namespace_acls_are_enforced_before_raft_on_every_node() -> anyhow::Result<()> {
-    let cluster = Cluster::start(2, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 2, NodeOptions::default()).await?;
     let (owner_key, member_key, outsider_key) = (
         Keypair::generate(),
         Keypair::generate(),
@@ -424,7 +429,7 @@ async fn t16_index_and_mailbox_quotas_refuse_before_raft() -> anyhow::Result<()>
         .collect(),
         ..Default::default()
     };
-    let cluster = Cluster::start(2, options).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 2, options).await?;
     let alice = session(&cluster, 0, &Keypair::generate()).await?;
     let mut client = alice.client.clone();
     for key in ["a", "b", "c"] {
@@ -559,7 +564,7 @@ async fn t16_size_limits_follow_the_configuration_and_answers_stay_bounded() -> 
         .collect(),
         ..Default::default()
     };
-    let cluster = Cluster::start(1, options).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 1, options).await?;
     let alice = session(&cluster, 0, &Keypair::generate()).await?;
     let mut client = alice.client.clone();
     let with = |value: usize, attributes: &[(&str, usize)]| PutRecordRequest {
@@ -660,7 +665,7 @@ async fn t16_size_limits_follow_the_configuration_and_answers_stay_bounded() -> 
 async fn t16_pages_of_large_records_stay_within_the_answer_limit() -> anyhow::Result<()> {
     // 100 records at the default value limit (64 KiB) are 6.4 MiB: more than one answer may carry. Pages stop
     // at 4 MiB of records and the library pages through all of them.
-    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 1, NodeOptions::default()).await?;
     let leaf = cluster.leaf(0).await?;
     let value = vec![9u8; 64 << 10];
     for index in 0..100 {

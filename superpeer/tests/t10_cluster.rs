@@ -1,5 +1,10 @@
 //! Three super peers form one virtual super peer: writes through any node are readable through every node,
 //! search answers exactly what a model of the data says, and bad input is refused without touching state.
+//!
+//! The nodes run inside the test process (`common::launcher`: `vesper_superpeer::spawn` on real sockets, TLS and
+//! RocksDB); the tests that kill processes stay in `tests/tests/`.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -16,7 +21,7 @@ use vesper_tests::raw::{self, Signing};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_records_written_through_any_node_are_readable_through_every_node() -> anyhow::Result<()>
 {
-    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 3, NodeOptions::default()).await?;
     let mut leaves = Vec::new();
     for index in 0..3 {
         leaves.push(cluster.leaf(index).await?);
@@ -110,7 +115,7 @@ async fn search_all(leaf: &Leaf, terms: &[SearchTerm]) -> anyhow::Result<BTreeSe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_search_returns_exactly_the_matching_records() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 3, NodeOptions::default()).await?;
     let mut leaves = Vec::new();
     for index in 0..3 {
         leaves.push(cluster.leaf(index).await?);
@@ -199,7 +204,7 @@ async fn t10_search_returns_exactly_the_matching_records() -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 3, NodeOptions::default()).await?;
     let address = cluster.nodes[1].endpoints().leaf.to_string();
     let owner_key = Keypair::generate();
     let owner = raw::open(
@@ -423,7 +428,7 @@ async fn t10_health_answers_on_every_port_and_plaintext_is_refused() -> anyhow::
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 1, NodeOptions::default()).await?;
     let endpoints = cluster.nodes[0].endpoints();
     let (cert, key) = cluster.pki.operator_cert();
     let tls = ClientTlsConfig::new()
@@ -499,7 +504,7 @@ async fn t10_certificates_are_checked_for_their_ca_and_role() -> anyhow::Result<
     use vesper_proto::v1::cluster_client::ClusterClient;
     use vesper_proto::v1::{DescribeRequest, StatusRequest};
 
-    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 1, NodeOptions::default()).await?;
     let endpoints = cluster.nodes[0].endpoints();
     let tls = |ca: &std::path::Path,
                cert: &std::path::Path,
@@ -629,7 +634,7 @@ async fn t10_protocol_versions_are_agreed_at_attach_and_between_members() -> any
     use vesper_proto::v1::DescribeRequest;
     use vesper_proto::version::{CLUSTER_METADATA_KEY, NEWEST, OLDEST};
 
-    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let cluster = Cluster::start_in_process(common::launcher(), 1, NodeOptions::default()).await?;
     let leaf_address = cluster.nodes[0].endpoints().leaf.to_string();
     let ca = cluster.pki.ca_pem();
     let attach = |protocol: (u32, u32)| {
