@@ -22,6 +22,13 @@ if ! cargo tree -p vesper-superpeer -e normal --prefix none --quiet | grep -qE "
     echo "the dependency boundary check found no RocksDB/openraft in the super peer: the check is broken" >&2
     exit 1
 fi
+echo "==> cargo deny: licences, duplicate versions, sources (offline; deny.toml)"
+# Pinned; built from the crates registry on first use (about 3 minutes of both cores on a cold machine).
+CARGO_DENY_VERSION=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
+    cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION"
+fi
+cargo deny --offline check licenses bans sources
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
