@@ -19,6 +19,13 @@ if [ "${#targets[@]}" -eq 0 ]; then
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# Build first, so a target that no longer compiles is reported as that, not as a crash.
+echo "==> building the fuzz targets"
+if ! cargo fuzz build --fuzz-dir fuzz >"$work/build.log" 2>&1; then
+    grep -E "^(error|warning)" -A12 "$work/build.log" | head -n 80 >&2
+    echo "the fuzz targets do not build (fuzz/ is outside the workspace: cargo build does not check it)" >&2
+    exit 1
+fi
 for target in "${targets[@]}"; do
     echo "==> fuzzing $target for ${seconds}s"
     mkdir -p "$work/$target"

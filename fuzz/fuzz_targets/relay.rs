@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let config = RelayConfig {
         enabled: true,
         max_bytes: 4096,
-        max_seconds: 5,
+        max_lifetime: Duration::from_secs(5),
         max_bytes_per_second: 2048,
         max_allocations: MAX_ALLOCATIONS,
     };

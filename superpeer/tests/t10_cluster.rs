@@ -699,3 +699,64 @@ async fn t10_protocol_versions_are_agreed_at_attach_and_between_members() -> any
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_a_malformed_message_is_invalid_argument_naming_the_field() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use vesper_proto::v1::{PutRecordRequest, PutRecordResponse};
+
+    let cluster = Cluster::start_in_process(common::launcher(), 1, NodeOptions::default()).await?;
+    let address = cluster.nodes[0].endpoints().leaf.to_string();
+    let ca = cluster.pki.ca_pem();
+    let session = raw::open(
+        raw::channel(&address, &ca).await?,
+        &Keypair::generate(),
+        Signing::Valid,
+    )
+    .await?;
+    // Field 1 (namespace), length 2, bytes that are not UTF-8; then a valid key.
+    let mut body = vec![0x0a, 0x02, 0xff, 0xfe];
+    body.extend(
+        PutRecordRequest {
+            key: "k".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let refused = raw::unary_bytes::<PutRecordResponse>(
+        raw::channel(&address, &ca).await?,
+        "/vesper.v1.Leaf/PutRecord",
+        body,
+        Some(&session.token),
+    )
+    .await
+    .expect_err("a namespace that is not UTF-8");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("PutRecordRequest.namespace"),
+        "{refused:?}"
+    );
+    // A field cut short is refused the same way; the session that made the calls goes on.
+    let refused = raw::unary_bytes::<PutRecordResponse>(
+        raw::channel(&address, &ca).await?,
+        "/vesper.v1.Leaf/PutRecord",
+        vec![0x12, 0x10, b'k'],
+        Some(&session.token),
+    )
+    .await
+    .expect_err("a truncated key");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let put = PutRecordRequest {
+        namespace: "apps.test".into(),
+        key: "after".into(),
+        value: b"still attached".to_vec(),
+        ..Default::default()
+    };
+    session
+        .client
+        .clone()
+        .put_record(session.request(put))
+        .await?;
+    assert!(session.record("apps.test", "after").await?.is_some());
+    Ok(())
+}

@@ -149,3 +149,75 @@ pub async fn open_with(
         ))),
     }
 }
+
+/// A codec that sends a request body as given (already-encoded protobuf, possibly malformed on purpose) and
+/// decodes the answer as `T`.
+struct BytesCodec<T>(std::marker::PhantomData<T>);
+
+struct BytesEncoder;
+
+struct AnswerDecoder<T>(std::marker::PhantomData<T>);
+
+impl tonic::codec::Encoder for BytesEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl<T: prost::Message + Default> tonic::codec::Decoder for AnswerDecoder<T> {
+    type Item = T;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<T>, tonic::Status> {
+        T::decode(src)
+            .map(Some)
+            .map_err(|error| tonic::Status::internal(format!("answer does not decode: {error}")))
+    }
+}
+
+impl<T: prost::Message + Default + Send + 'static> tonic::codec::Codec for BytesCodec<T> {
+    type Encode = Vec<u8>;
+    type Decode = T;
+    type Encoder = BytesEncoder;
+    type Decoder = AnswerDecoder<T>;
+
+    fn encoder(&mut self) -> BytesEncoder {
+        BytesEncoder
+    }
+
+    fn decoder(&mut self) -> AnswerDecoder<T> {
+        AnswerDecoder(std::marker::PhantomData)
+    }
+}
+
+/// Calls the unary method at `path` (`/vesper.v1.Leaf/PutRecord`) with `body` as the request's encoded bytes.
+pub async fn unary_bytes<T: prost::Message + Default + Send + 'static>(
+    channel: Channel,
+    path: &'static str,
+    body: Vec<u8>,
+    token: Option<&str>,
+) -> Result<T, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+    let request = match token {
+        Some(token) => with_token(body, token),
+        None => tonic::Request::new(body),
+    };
+    let path = http::uri::PathAndQuery::from_static(path);
+    grpc.unary(request, path, BytesCodec(std::marker::PhantomData))
+        .await
+        .map(tonic::Response::into_inner)
+}
