@@ -395,6 +395,17 @@ impl Drop for SessionGuard {
         {
             inner.by_peer.remove(&self.peer);
         }
+        drop(inner);
+        // Pushes and offers waiting on this session learn at once that it is gone (not at their timeouts).
+        self.pending
+            .lock()
+            .expect("pending acks lock poisoned")
+            .waiting
+            .clear();
+        self.offers
+            .lock()
+            .expect("pending offers lock poisoned")
+            .clear();
     }
 }
 

@@ -94,7 +94,9 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
             }
         }
         if !streamed.is_empty() {
+            let count = streamed.len();
             acknowledge(&arrival.connection, streamed).await;
+            acknowledged(&shared, count);
         }
     }
 }
@@ -126,7 +128,16 @@ async fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::Receiver<LaneJob>) {
             }
         }
         acknowledge(&job.connection, vec![delivery_id]).await;
+        acknowledged(&shared, 1);
     }
+}
+
+/// Counts `count` messages as acknowledged (their frames are queued on the session, ahead of any goodbye).
+fn acknowledged(shared: &Shared, count: usize) {
+    shared
+        .messaging
+        .unacknowledged
+        .send_modify(|unacknowledged| *unacknowledged = unacknowledged.saturating_sub(count));
 }
 
 /// Sends the acknowledgement of `delivery_ids` on `connection`; nothing when that session is gone (the senders

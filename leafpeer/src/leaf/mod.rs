@@ -33,6 +33,8 @@ pub use watches::{WatchItem, WatchSpec};
 const INBOX_QUEUE: usize = 1024;
 /// Attempts of a send or chat post while the cluster has no leader or this leaf is re-attaching (same id).
 const SEND_ATTEMPTS: u32 = 5;
+/// How long [`Leaf::detach`] waits for messages already received to be acknowledged (handlers to return).
+pub const DETACH_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Decides whether a peer may connect to this leaf (`true` accepts).
 pub type ConnectPolicy = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
@@ -296,11 +298,19 @@ impl Leaf {
         self.inner.shared.stop.cancel();
     }
 
-    /// Says goodbye: the peer goes offline at once, then the session ends.
+    /// Says goodbye: the peer goes offline at once, then the session ends. Messages already received are
+    /// acknowledged first (those still with a handler get up to [`DETACH_ACK_WAIT`]), so the goodbye does not
+    /// overtake their acknowledgements and they do not come again on the next attach.
     pub async fn detach(&self) {
         let goodbye = ClientFrame {
             frame: Some(client_frame::Frame::Detach(Detach {})),
         };
+        let mut unacknowledged = self.inner.shared.messaging.unacknowledged.subscribe();
+        let _ = tokio::time::timeout(
+            DETACH_ACK_WAIT,
+            unacknowledged.wait_for(|count| *count == 0),
+        )
+        .await;
         if let Some(connection) = self.inner.shared.attachment.current() {
             let _ = connection.outbound.send(goodbye).await;
             // Give the frame a moment to leave before the stream closes (bounded: it ends either way).

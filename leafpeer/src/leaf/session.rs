@@ -331,7 +331,7 @@ fn send_done(messaging: &Messaging, results: Vec<SendResult>) {
 /// others to the app in order and acknowledges all of them. Waits while the dispatch queue is full. False when
 /// the leaf stopped.
 async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Message>) -> bool {
-    let messages = {
+    let messages: Vec<(Message, bool)> = {
         let mut seen = shared.messaging.seen.lock().expect("seen lock");
         messages
             .into_iter()
@@ -342,10 +342,15 @@ async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Me
             })
             .collect()
     };
+    let count = messages.len();
     let arrival = Arrival {
         connection: connection.clone(),
         messages,
     };
+    shared
+        .messaging
+        .unacknowledged
+        .send_modify(|unacknowledged| *unacknowledged += count);
     tokio::select! {
         biased;
         _ = shared.stop.cancelled() => false,

@@ -112,6 +112,9 @@ pub struct Messaging {
     /// (`validate::MAX_SEND_BYTES_IN_FLIGHT`), held back the same way.
     pub send_bytes: tokio::sync::Semaphore,
     pub next_request: std::sync::atomic::AtomicU64,
+    /// Messages received and not yet acknowledged (waiting for the dispatcher, the stream or a handler):
+    /// a goodbye waits for this to reach zero, so that it does not overtake acknowledgements.
+    pub unacknowledged: tokio::sync::watch::Sender<usize>,
 }
 
 impl Messaging {
@@ -126,6 +129,7 @@ impl Messaging {
             send_permits: tokio::sync::Semaphore::new(validate::MAX_SENDS_IN_FLIGHT),
             send_bytes: tokio::sync::Semaphore::new(validate::MAX_SEND_BYTES_IN_FLIGHT),
             next_request: Default::default(),
+            unacknowledged: tokio::sync::watch::Sender::new(0),
         }
     }
 }

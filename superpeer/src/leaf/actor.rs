@@ -235,8 +235,14 @@ pub(super) async fn run_session(
         }
     }
     let session_id = session.id();
-    // Stop taking deliveries and calls for this session at once.
+    // Stop taking deliveries and calls for this session at once; pushes still waiting for an acknowledgement
+    // fail now (their senders queue the messages).
     drop(session);
+    // A drain still running removes what the leaf acknowledged before the session ends, so that a leaf that
+    // acknowledged, said goodbye and attaches again (anywhere) does not get those messages a second time.
+    if let Some(drain) = drain.take() {
+        drain.await;
+    }
     let detach: Op = PresenceDetach {
         peer: *peer.as_bytes(),
         session: session_id,

@@ -249,7 +249,7 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
         .await?;
     let items = mailbox::items(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
     let mut items = items.into_iter().peekable();
-    let mut acked = Vec::new();
+    let mut delivered_count = 0;
     while items.peek().is_some() {
         let mut sequences = Vec::new();
         let mut batch = Vec::new();
@@ -281,25 +281,27 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
         let count = batch.len();
         let delivered = context.router.deliver_here(&peer, batch).await;
         let in_order = delivered.iter().take_while(|delivered| **delivered).count();
-        acked.extend(sequences.into_iter().take(in_order));
+        let acked: Vec<u64> = sequences.into_iter().take(in_order).collect();
+        // Removed batch by batch, as soon as the leaf acknowledged them: a leaf that leaves in the middle of a
+        // long drain gets only what it did not acknowledge again. The session waits for this before it ends.
+        if !acked.is_empty() {
+            context
+                .replica
+                .propose(
+                    MailboxAck {
+                        to: *peer.as_bytes(),
+                        sequences: acked,
+                    }
+                    .into(),
+                )
+                .await?;
+        }
+        delivered_count += in_order;
         if in_order < count {
             break;
         }
     }
-    let delivered = acked.len();
-    if !acked.is_empty() {
-        context
-            .replica
-            .propose(
-                MailboxAck {
-                    to: *peer.as_bytes(),
-                    sequences: acked,
-                }
-                .into(),
-            )
-            .await?;
-    }
-    Ok(delivered)
+    Ok(delivered_count)
 }
 
 /// Mailbox drains running at once on this node, at most; more requests wait in the router's queue.
