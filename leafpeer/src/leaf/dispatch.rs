@@ -25,8 +25,9 @@ use super::Handler;
 
 /// Frames of received messages waiting for the dispatcher; past it the read loop waits (keepalives do not).
 pub const DISPATCH_QUEUE: usize = 64;
-/// Messages waiting for one kind's handler; past it the dispatcher waits for that handler.
-const LANE_QUEUE: usize = 256;
+/// Runs of messages (each from one frame, at most a batch: 64) waiting for one kind's handler; past it the
+/// dispatcher waits for that handler.
+const LANE_QUEUE: usize = 64;
 
 /// One message for a kind's lane.
 struct LaneJob {
@@ -38,7 +39,7 @@ struct LaneJob {
 
 /// Runs until the leaf stops: takes arrivals in order and hands each message to its handler's lane or the stream.
 pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
-    let mut lanes: HashMap<String, mpsc::Sender<LaneJob>> = HashMap::new();
+    let mut lanes: HashMap<String, mpsc::Sender<Vec<LaneJob>>> = HashMap::new();
     loop {
         let arrival = tokio::select! {
             biased;
@@ -50,6 +51,8 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
         };
         // Acknowledged together once they are all on the stream.
         let mut streamed = Vec::new();
+        // A frame's messages for one lane go to it as one run, handled and acknowledged together.
+        let mut runs: Vec<(mpsc::Sender<Vec<LaneJob>>, Vec<LaneJob>)> = Vec::new();
         for (message, first) in arrival.messages {
             let handler = shared
                 .messaging
@@ -81,10 +84,12 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
                         message,
                         connection: arrival.connection.clone(),
                     };
-                    tokio::select! {
-                        biased;
-                        _ = shared.stop.cancelled() => return,
-                        sent = lane.send(job) => if sent.is_err() { return },
+                    match runs
+                        .iter_mut()
+                        .find(|(sender, _)| sender.same_channel(&lane))
+                    {
+                        Some((_, run)) => run.push(job),
+                        None => runs.push((lane, vec![job])),
                     }
                 }
                 None => {
@@ -100,6 +105,13 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
                 }
             }
         }
+        for (lane, run) in runs {
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => return,
+                sent = lane.send(run) => if sent.is_err() { return },
+            }
+        }
         if !streamed.is_empty() {
             let count = streamed.len();
             acknowledge(&arrival.connection, streamed).await;
@@ -112,12 +124,11 @@ pub async fn run(shared: Arc<Shared>, mut arrivals: mpsc::Receiver<Arrival>) {
 /// and acknowledges the messages it handled a run at a time: the messages that were waiting when it started,
 /// up to a batch. A thread per kind rather than a blocking task per message: handing each message to another
 /// thread cost more than most handlers (about a tenth of the throughput in `vesper-bench-messaging`).
-fn run_lane(shared: Arc<Shared>, mut jobs: mpsc::Receiver<LaneJob>) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut run = vec![first];
+fn run_lane(shared: Arc<Shared>, mut runs: mpsc::Receiver<Vec<LaneJob>>) {
+    while let Some(mut run) = runs.blocking_recv() {
         while run.len() < vesper_proto::validate::MAX_BATCH_MESSAGES {
-            match jobs.try_recv() {
-                Ok(job) => run.push(job),
+            match runs.try_recv() {
+                Ok(more) => run.extend(more),
                 Err(_) => break,
             }
         }
