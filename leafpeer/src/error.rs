@@ -11,9 +11,10 @@ pub enum LeafError {
     /// No seed super peer could be reached or attached to.
     #[error("cannot attach to any super peer: {}", .0.join("; "))]
     Unreachable(Vec<String>),
-    /// The request was checked locally and cannot succeed (too large, malformed).
+    /// The request was checked locally and cannot succeed (too large, malformed). (Not marked as the error's
+    /// source, like `Status`: the message already holds it, and error chains would print it twice.)
     #[error("invalid request: {0}")]
-    Invalid(#[from] vesper_proto::validate::InvalidInput),
+    Invalid(vesper_proto::validate::InvalidInput),
     /// The super peer answered with an error status. (Not marked as the error's source: the message already
     /// says all the status says, and error chains would print it twice.)
     #[error("{}: {}", code_name(.0.code()), .0.message())]
@@ -46,6 +47,12 @@ fn code_name(code: Code) -> &'static str {
         Code::NotFound => "not found",
         Code::DeadlineExceeded => "deadline exceeded",
         _ => "error",
+    }
+}
+
+impl From<vesper_proto::validate::InvalidInput> for LeafError {
+    fn from(input: vesper_proto::validate::InvalidInput) -> Self {
+        LeafError::Invalid(input)
     }
 }
 
