@@ -10,7 +10,8 @@
 //! ```text
 //!  Leaf::connect ──> try seeds in order ──> Session stream: challenge -> attach(sig) -> welcome(token)
 //!                                            ├─ keepalive task: ping every interval while the session lives
-//!                                            └─ dispatcher: messages to handlers (blocking pool) or the stream
+//!                                            └─ read loop: messages to a lane per kind (a blocking-pool thread
+//!                                               running its handler) or the stream lane
 //!  leaf.put/get/...  ──> unary call with x-vesper-session: token ──> super peer
 //! ```
 

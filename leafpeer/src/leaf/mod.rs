@@ -168,12 +168,12 @@ impl Leaf {
         }
         let attached = session::attach_any(&config, &config.seeds).await?;
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
-        let (dispatch_tx, dispatch_rx) = mpsc::channel(dispatch::DISPATCH_QUEUE);
+        let (stream_lane_tx, stream_lane_rx) = mpsc::channel(dispatch::LANE_QUEUE);
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_QUEUE);
         let shared = Arc::new(Shared {
             config: config.clone(),
             attachment: Attachment::new(config.seeds.clone()),
-            messaging: Messaging::new(dispatch_tx, inbox_tx),
+            messaging: Messaging::new(stream_lane_tx, inbox_tx),
             presence: PresenceState::default(),
             peers: PeerLinks::new(incoming_tx),
             watches: watches::WatchRegistry::default(),
@@ -185,7 +185,7 @@ impl Leaf {
             .attachment
             .connection
             .send_replace(Some(attached.connection.clone()));
-        shared.spawn(dispatch::run(shared.clone(), dispatch_rx));
+        shared.spawn(dispatch::run_stream_lane(shared.clone(), stream_lane_rx));
         shared.spawn(session::supervise(shared.clone(), attached));
         Ok(Leaf {
             inner: Arc::new(Inner {

@@ -2,14 +2,14 @@
 //!
 //! ```text
 //!  Supervisor (one task per Leaf) ── attach(seed) ──> Connection { client, token } published to the Leaf
-//!     │   reads the stream: messages (deduplicated, queued for the dispatcher, see `dispatch`), send results,
+//!     │   reads the stream: messages (deduplicated, handed to their lanes, see `dispatch`), send results,
 //!     │   watch events (routed, index kept), connection offers; a keepalive task per session pings meanwhile
 //!     └── stream ends without close/detach ──> backoff with jitter ──> attach to another known super peer
 //!                                              ──> re-send every watch with resume_after_index = last seen
 //! ```
 //!
-//! The read loop never runs app code: a slow handler or a full stream delays acknowledgements (and, once the
-//! dispatch queue is full, reading), never keepalives, so the session stays up.
+//! The read loop never runs app code: a slow handler or a full stream delays acknowledgements (and, once its
+//! lane's queue is full, reading), never keepalives, so the session stays up.
 //!
 //! While it re-attaches within the super peers' grace period, the peer stays online: watchers see no flap.
 //! Messages the old session never acknowledged are redelivered by their senders or the mailbox; the seen-id
@@ -28,7 +28,7 @@ use vesper_proto::v1::{
 };
 use vesper_proto::{validate, version};
 
-use super::shared::{Arrival, Attachment, Connection, Messaging, Shared};
+use super::shared::{Attachment, Connection, Messaging, Shared};
 use super::LeafConfig;
 use crate::error::LeafError;
 
@@ -327,10 +327,13 @@ fn send_done(messaging: &Messaging, results: Vec<SendResult>) {
     }
 }
 
-/// Marks which of `messages` the app already has (retries) and queues them for the dispatcher, which hands the
-/// others to the app in order and acknowledges all of them. Waits while the dispatch queue is full. False when
-/// the leaf stopped.
-async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Message>) -> bool {
+/// Marks which of `messages` the app already has (retries) and hands them to their lanes, which give the others
+/// to the app in order and acknowledge all of them. Waits while a lane is full. False when the leaf stopped.
+async fn receive(
+    shared: &Arc<Shared>,
+    connection: &Arc<Connection>,
+    messages: Vec<Message>,
+) -> bool {
     let messages: Vec<(Message, bool)> = {
         let mut seen = shared.messaging.seen.lock().expect("seen lock");
         messages
@@ -343,17 +346,9 @@ async fn receive(shared: &Shared, connection: &Arc<Connection>, messages: Vec<Me
             .collect()
     };
     let count = messages.len();
-    let arrival = Arrival {
-        connection: connection.clone(),
-        messages,
-    };
     shared
         .messaging
         .unacknowledged
         .send_modify(|unacknowledged| *unacknowledged += count);
-    tokio::select! {
-        biased;
-        _ = shared.stop.cancelled() => false,
-        sent = shared.messaging.dispatch.send(arrival) => sent.is_ok(),
-    }
+    super::dispatch::hand_over(shared, connection, messages).await
 }

@@ -98,8 +98,8 @@ impl Attachment {
 /// Messages both ways: received ones on their way to the app, sends waiting for their results.
 pub struct Messaging {
     pub handlers: Handlers,
-    /// Received messages for the dispatcher, which hands them to handlers or the stream and acknowledges them.
-    pub dispatch: mpsc::Sender<Arrival>,
+    /// Where the read loop hands received messages: a lane per kind with a handler, the stream lane for the rest.
+    pub lanes: super::dispatch::Lanes,
     pub inbox: mpsc::Sender<Message>,
     pub seen: Mutex<SeenMessages>,
     /// Pipelined sends waiting for their SendResult, by request id. Cleared when a session ends, which fails
@@ -112,17 +112,20 @@ pub struct Messaging {
     /// (`validate::MAX_SEND_BYTES_IN_FLIGHT`), held back the same way.
     pub send_bytes: tokio::sync::Semaphore,
     pub next_request: std::sync::atomic::AtomicU64,
-    /// Messages received and not yet acknowledged (waiting for the dispatcher, the stream or a handler):
+    /// Messages received and not yet acknowledged (waiting in a lane, for the stream or for a handler):
     /// a goodbye waits for this to reach zero, so that it does not overtake acknowledgements.
     pub unacknowledged: tokio::sync::watch::Sender<usize>,
 }
 
 impl Messaging {
-    /// Messaging that hands arrivals to `dispatch` and messages without a handler to `inbox`.
-    pub fn new(dispatch: mpsc::Sender<Arrival>, inbox: mpsc::Sender<Message>) -> Self {
+    /// Messaging whose stream lane is fed by `stream_lane` and puts messages without a handler on `inbox`.
+    pub fn new(
+        stream_lane: mpsc::Sender<super::dispatch::Run>,
+        inbox: mpsc::Sender<Message>,
+    ) -> Self {
         Self {
             handlers: Handlers::default(),
-            dispatch,
+            lanes: super::dispatch::Lanes::new(stream_lane),
             inbox,
             seen: Default::default(),
             pending_sends: Default::default(),
@@ -174,12 +177,4 @@ impl PeerLinks {
             incoming,
         }
     }
-}
-
-/// The messages of one frame, as the read loop received them.
-pub struct Arrival {
-    /// The session that delivered them, which their acknowledgements go back on.
-    pub connection: Arc<Connection>,
-    /// Each message, with false when the app already has it (a retry to acknowledge only).
-    pub messages: Vec<(Message, bool)>,
 }

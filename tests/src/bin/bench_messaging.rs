@@ -49,9 +49,40 @@ struct Args {
     /// Idle sessions / connections for the memory test.
     #[arg(long, default_value_t = 2000)]
     idle: usize,
+    /// How the receiving app takes messages in the pipelined test: a handler (`on_message`, run on a thread of
+    /// the blocking pool, so it may block) or the async stream (`messages()`).
+    #[arg(long, value_enum, default_value_t = Receiver::Handler)]
+    receiver: Receiver,
     /// The nats-server binary.
     #[arg(long, default_value = "/usr/sbin/nats-server")]
     nats: std::path::PathBuf,
+}
+
+/// How the receiving app takes messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Receiver {
+    Handler,
+    Stream,
+}
+
+/// Counts the messages of kind "tp" that `receiver`'s app gets, by a handler or from its stream.
+fn count_received(receiver: &Leaf, how: Receiver) -> Arc<AtomicU64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    match how {
+        Receiver::Handler => receiver.on_message("tp", move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }),
+        Receiver::Stream => {
+            let mut stream = receiver.messages().expect("the stream is taken once");
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    }
+    received
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -178,15 +209,12 @@ async fn nats_pipelined(
 async fn vesper_pipelined(
     sender: &Leaf,
     receiver: &Leaf,
+    received: &AtomicU64,
     window: usize,
     duration: Duration,
     payload: &[u8],
 ) -> f64 {
-    let received = Arc::new(AtomicU64::new(0));
-    let counter = received.clone();
-    receiver.on_message("tp", move |_| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    });
+    let before = received.load(Ordering::Relaxed);
     let start = Instant::now();
     let mut senders = JoinSet::new();
     for _ in 0..window {
@@ -198,7 +226,7 @@ async fn vesper_pipelined(
         });
     }
     while senders.join_next().await.is_some() {}
-    received.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (received.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64()
 }
 
 #[tokio::main]
@@ -300,9 +328,23 @@ async fn main() -> anyhow::Result<()> {
     // medians are compared.
     let duration = Duration::from_secs(args.seconds);
     let (mut ones, mut twos, mut natses) = (Vec::new(), Vec::new(), Vec::new());
+    let same_received = count_received(&b_same, args.receiver);
+    let other_received = count_received(&b_other, args.receiver);
     for _ in 0..args.rounds {
-        ones.push(vesper_pipelined(&a, &b_same, args.window, duration, &payload).await);
-        twos.push(vesper_pipelined(&a, &b_other, args.window, duration, &payload).await);
+        ones.push(
+            vesper_pipelined(&a, &b_same, &same_received, args.window, duration, &payload).await,
+        );
+        twos.push(
+            vesper_pipelined(
+                &a,
+                &b_other,
+                &other_received,
+                args.window,
+                duration,
+                &payload,
+            )
+            .await,
+        );
         natses.push(nats_pipelined(&nats.url, &ca, duration, &payload).await?);
     }
     println!(
@@ -314,15 +356,23 @@ async fn main() -> anyhow::Result<()> {
     let rows = [
         (
             format!(
-                "vesper (window {}, one super peer, each acknowledged)",
-                args.window
+                "vesper (window {}, one super peer, each acknowledged, to a {})",
+                args.window,
+                match args.receiver {
+                    Receiver::Handler => "handler",
+                    Receiver::Stream => "stream",
+                }
             ),
             &mut ones,
         ),
         (
             format!(
-                "vesper (window {}, across two super peers, each acknowledged)",
-                args.window
+                "vesper (window {}, across two super peers, each acknowledged, to a {})",
+                args.window,
+                match args.receiver {
+                    Receiver::Handler => "handler",
+                    Receiver::Stream => "stream",
+                }
             ),
             &mut twos,
         ),
