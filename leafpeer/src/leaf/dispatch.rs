@@ -30,11 +30,14 @@ use super::shared::{Connection, Shared};
 /// read loop waits for that lane.
 pub const LANE_QUEUE: usize = 64;
 
-/// Messages of one frame for one lane, each with false when the app already has it (a retry to acknowledge only).
+/// Received messages, each with false when the app already has it (a retry to acknowledge only).
+type Received = Vec<(Message, bool)>;
+
+/// Messages of one frame for one lane.
 pub struct Run {
     /// The session that delivered them, which their acknowledgements go back on.
     connection: Arc<Connection>,
-    messages: Vec<(Message, bool)>,
+    messages: Received,
 }
 
 /// Where received messages go: a lane per kind with a handler, and the stream lane for the rest.
@@ -58,10 +61,10 @@ impl Lanes {
 pub async fn hand_over(
     shared: &Arc<Shared>,
     connection: &Arc<Connection>,
-    messages: Vec<(Message, bool)>,
+    messages: Received,
 ) -> bool {
     // Usually one lane per frame: a run per lane, in the order the lanes first appear.
-    let mut runs: Vec<(mpsc::Sender<Run>, Vec<(Message, bool)>)> = Vec::new();
+    let mut runs: Vec<(mpsc::Sender<Run>, Received)> = Vec::new();
     {
         let mut by_kind = shared.messaging.lanes.by_kind.lock().expect("lanes lock");
         for (message, first) in messages {
