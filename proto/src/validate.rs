@@ -35,6 +35,11 @@ pub const MAX_SENDS_IN_FLIGHT: usize = 1024;
 pub const MAX_SEND_BYTES_IN_FLIGHT: usize = 4 << 20;
 // Any single message fits, whatever the operator's size limits: a lone send is never held back for good.
 const _: () = assert!(MAX_SEND_BYTES_IN_FLIGHT >= SizeLimits::CEILING.message_bytes);
+/// Most sessions one peer may have attached at once, on all super peers together (a phone, a laptop, a listener
+/// and a one-off command with one key). A further attach ends the peer's oldest session with
+/// `SessionEndReason::SUPERSEDED`. Sessions attached `without_presence` are not counted: they are not listed.
+/// Part of the replicated state's rules, so the same on every node.
+pub const MAX_SESSIONS_PER_PEER: usize = 8;
 /// Most messages in one batch: a `SendBatch` from a leaf, a `MessageBatch` to a leaf, or a `DeliverCall` between
 /// super peers. Batches form only when several sends are queued at once; a lone send travels alone.
 pub const MAX_BATCH_MESSAGES: usize = 64;

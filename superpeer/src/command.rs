@@ -311,19 +311,52 @@ pub enum PresenceStatus {
     Busy,
 }
 
-/// A peer's presence as stored.
+/// A peer's presence as stored (store format 3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceEntry {
     pub status: PresenceStatus,
     pub note: String,
-    /// Node id of the hosting super peer, 0 when offline.
-    pub host: u64,
-    /// Session id on the host, 0 when offline.
-    pub session: u64,
+    /// The peer's attached sessions, oldest first, at most `validate::MAX_SESSIONS_PER_PEER`; empty exactly when
+    /// the status is offline.
+    pub sessions: Vec<AttachedSession>,
     pub candidates: Vec<String>,
     pub nat_class: String,
     pub changed_at_ms: u64,
     pub attributes: BTreeMap<String, String>,
+}
+
+/// One attached session of a peer, as its presence lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedSession {
+    /// Node id of the super peer it is attached to.
+    pub host: u64,
+    /// Session id on that super peer (random, never reused).
+    pub session: u64,
+    /// When it attached (the proposer's clock).
+    pub attached_at_ms: u64,
+}
+
+impl PresenceEntry {
+    /// Whether `session` is one of the peer's listed sessions.
+    pub fn lists(&self, session: u64) -> bool {
+        self.sessions.iter().any(|attached| attached.session == session)
+    }
+
+    /// The super peers the peer's sessions are attached to, each once, newest session's first.
+    pub fn hosts(&self) -> Vec<u64> {
+        let mut hosts = Vec::with_capacity(self.sessions.len());
+        for attached in self.sessions.iter().rev() {
+            if !hosts.contains(&attached.host) {
+                hosts.push(attached.host);
+            }
+        }
+        hosts
+    }
+
+    /// The host of the newest session, 0 when offline.
+    pub fn newest_host(&self) -> u64 {
+        self.sessions.last().map_or(0, |attached| attached.host)
+    }
 }
 
 /// A message waiting in a mailbox.
