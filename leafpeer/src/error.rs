@@ -31,6 +31,10 @@ pub enum LeafError {
     /// The relay refused or failed.
     #[error("relay: {0}")]
     Relay(String),
+    /// A super peer ended the session for good: the peer attached more sessions at once than the cluster allows
+    /// (`validate::MAX_SESSIONS_PER_PEER`) and this was its oldest.
+    #[error("session superseded: {0}")]
+    Superseded(String),
     /// The super peer and this library speak no protocol version in common.
     #[error("incompatible protocol: {0}")]
     Incompatible(String),

@@ -319,6 +319,9 @@ pub struct PresenceEntry {
     /// The peer's attached sessions, oldest first, at most `validate::MAX_SESSIONS_PER_PEER`; empty exactly when
     /// the status is offline.
     pub sessions: Vec<AttachedSession>,
+    /// Sessions the per-peer limit pushed out, newest last, at most `validate::MAX_SESSIONS_PER_PEER`: their
+    /// hosts end them as superseded (any other session missing from `sessions` ended as "presence lost").
+    pub superseded: Vec<u64>,
     pub candidates: Vec<String>,
     pub nat_class: String,
     pub changed_at_ms: u64,
@@ -339,7 +342,9 @@ pub struct AttachedSession {
 impl PresenceEntry {
     /// Whether `session` is one of the peer's listed sessions.
     pub fn lists(&self, session: u64) -> bool {
-        self.sessions.iter().any(|attached| attached.session == session)
+        self.sessions
+            .iter()
+            .any(|attached| attached.session == session)
     }
 
     /// The super peers the peer's sessions are attached to, each once, newest session's first.

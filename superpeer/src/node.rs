@@ -509,6 +509,10 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         relay,
         shutdown.clone(),
     ));
+    tasks.spawn(crate::leaf::listing::run(
+        leaf_state.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(crate::leaf::messaging::run_drains(
         leaf_state,
         drain_requests,

@@ -2,8 +2,10 @@
 //! messages into the session stream).
 //!
 //! A token is 32 random bytes in hex, handed out in the Welcome frame and valid while the session stream lives:
-//! the [`SessionGuard`] that the stream task holds removes it when the task ends, however it ends. A peer has at
-//! most one session per super peer; a newer one replaces the older.
+//! the [`SessionGuard`] that the stream task holds removes it when the task ends, however it ends. A peer may
+//! have several sessions here (and on other super peers): a message is pushed into each one that claims
+//! presence and counts as delivered when one acknowledges it. A session whose presence the cluster no longer
+//! lists is ended with a reason ([`SessionRegistry::end_unlisted`]), never left silently orphaned.
 
 use crate::limits::TokenBucket;
 use std::collections::HashMap;
@@ -14,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use vesper_proto::v1::{
     server_frame, ConnectAnswer, ConnectOffer, Message, MessageBatch, PunchPlan, ServerFrame,
+    SessionEndReason, SessionEnded,
 };
 use vesper_proto::PeerId;
 
@@ -36,6 +39,16 @@ type PendingAcks = Arc<Mutex<Pending>>;
 /// Connection offers pushed into a session and not yet answered, by offer id.
 type PendingOffers = Arc<Mutex<HashMap<String, oneshot::Sender<ConnectAnswer>>>>;
 
+/// Offers a session accepted, whose punch plans must go to it; the oldest are forgotten past this many.
+const ACCEPTED_OFFERS: usize = 16;
+
+/// How a session ends when this super peer ends it: set once, and the session's task is woken.
+#[derive(Default)]
+struct EndSignal {
+    reason: std::sync::OnceLock<SessionEnded>,
+    notify: tokio::sync::Notify,
+}
+
 /// What delivery needs of a live session.
 #[derive(Clone)]
 struct Live {
@@ -43,12 +56,18 @@ struct Live {
     outbound: Outbound,
     pending: PendingAcks,
     offers: PendingOffers,
+    /// Offer ids this session accepted, newest last (at most [`ACCEPTED_OFFERS`]).
+    accepted: Arc<Mutex<std::collections::VecDeque<String>>>,
+    end: Arc<EndSignal>,
+    /// The log index of the attach that listed this session in its peer's presence, once applied.
+    listed_at: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Default)]
 struct Inner {
     by_token: HashMap<String, (PeerId, u64)>,
-    by_peer: HashMap<PeerId, Live>,
+    /// Sessions that claim presence (attached without `without_presence`), by peer, oldest first.
+    by_peer: HashMap<PeerId, Vec<Live>>,
     /// Send-rate buckets by session id.
     send_buckets: HashMap<u64, TokenBucket>,
     /// Request-rate buckets (calls other than sends) by session id.
@@ -113,32 +132,81 @@ impl SessionRegistry {
         self.inner.lock().expect("session registry lock poisoned")
     }
 
-    /// Registers a new session of `peer`, replacing any older one of the same peer here.
-    pub fn open(&self, peer: PeerId, outbound: Outbound) -> SessionGuard {
+    /// Registers a new session of `peer`. One that claims presence (`listed`) takes pushes (messages, offers,
+    /// plans) alongside the peer's other sessions; one that does not only authorises calls.
+    pub fn open(&self, peer: PeerId, outbound: Outbound, listed: bool) -> SessionGuard {
         let token = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 32]>());
         // Session ids are random so that a session of a restarted super peer never matches an old one.
         let session = rand::random::<u64>() | 1;
-        let pending = PendingAcks::default();
-        let offers = PendingOffers::default();
+        let live = Live {
+            session,
+            outbound,
+            pending: PendingAcks::default(),
+            offers: PendingOffers::default(),
+            accepted: Default::default(),
+            end: Default::default(),
+            listed_at: Default::default(),
+        };
         let mut inner = self.lock();
         inner.by_token.insert(token.clone(), (peer, session));
-        inner.by_peer.insert(
-            peer,
-            Live {
-                session,
-                outbound,
-                pending: pending.clone(),
-                offers: offers.clone(),
-            },
-        );
+        if listed {
+            inner.by_peer.entry(peer).or_default().push(live.clone());
+        }
         SessionGuard {
             registry: self.clone(),
             token,
             peer,
-            session,
-            pending,
-            offers,
+            live,
         }
+    }
+
+    /// The presence-claiming sessions of `peer` here, oldest first.
+    fn lives(&self, peer: &PeerId) -> Vec<Live> {
+        self.lock().by_peer.get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Ends every session of `peer` here that the attach at log index `listed_at` or earlier listed and that
+    /// `entry` (the peer's presence as of log index `index`) no longer lists: as superseded when the per-peer
+    /// limit pushed it out, otherwise as "presence lost". Returns how many it ended.
+    pub fn end_unlisted(
+        &self,
+        peer: &PeerId,
+        entry: &crate::command::PresenceEntry,
+        index: u64,
+    ) -> usize {
+        let mut ended = 0;
+        for live in self.lives(peer) {
+            let listed_at = live.listed_at.load(std::sync::atomic::Ordering::Acquire);
+            if listed_at == 0 || index < listed_at || entry.lists(live.session) {
+                continue;
+            }
+            let ending = if entry.superseded.contains(&live.session) {
+                SessionEnded {
+                    reason: SessionEndReason::Superseded as i32,
+                    detail: format!(
+                        "this peer attached more than {} sessions at once; this was its oldest",
+                        vesper_proto::validate::MAX_SESSIONS_PER_PEER
+                    ),
+                }
+            } else {
+                SessionEnded {
+                    reason: SessionEndReason::PresenceLost as i32,
+                    detail: "the cluster no longer lists this session in the peer's presence (its super peer \
+                             was out of touch with the others); attach again"
+                        .into(),
+                }
+            };
+            if live.end.reason.set(ending).is_ok() {
+                live.end.notify.notify_one();
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Every peer with a listed session here (for a full check after the event feed lagged).
+    pub fn listed_peers(&self) -> Vec<PeerId> {
+        self.lock().by_peer.keys().copied().collect()
     }
 
     /// The peer and session id of a live session token.
@@ -214,113 +282,140 @@ impl SessionRegistry {
         self.len() == 0
     }
 
-    /// Pushes `messages` into `peer`'s session in order (in one frame when the leaf takes batches) and waits up to
-    /// `timeout` for the leaf's acknowledgements: one entry per message, true when the leaf acknowledged it.
+    /// Pushes `messages` into every session of `peer` here, in order (in one frame when there are several), and
+    /// waits up to `timeout` for the leaf's acknowledgements: one entry per message, true when one of its
+    /// sessions acknowledged it.
     pub async fn deliver_all(
         &self,
         peer: &PeerId,
         messages: Vec<Message>,
         timeout: Duration,
     ) -> Result<Vec<bool>, DeliveryError> {
-        let live = self
-            .lock()
-            .by_peer
-            .get(peer)
-            .cloned()
-            .ok_or(DeliveryError::NotHere)?;
-        let mut messages = messages;
-        let mut ids = Vec::with_capacity(messages.len());
-        let mut acks = Vec::with_capacity(messages.len());
-        {
-            let mut pending = live.pending.lock().expect("pending acks lock poisoned");
-            for message in &mut messages {
-                pending.next += 1;
-                let id = pending.next;
-                let (acked_tx, acked_rx) = oneshot::channel();
-                pending.waiting.insert(id, acked_tx);
-                message.delivery_id = id;
-                ids.push(id);
-                acks.push(acked_rx);
-            }
+        let lives = self.lives(peer);
+        if lives.is_empty() {
+            return Err(DeliveryError::NotHere);
         }
-        let frames = if messages.len() > 1 {
-            vec![server_frame::Frame::MessageBatch(MessageBatch { messages })]
-        } else {
-            messages
-                .into_iter()
-                .map(server_frame::Frame::Message)
-                .collect()
-        };
-        let outcome = async {
-            for frame in frames {
-                live.outbound
-                    .send(Ok(Box::new(ServerFrame { frame: Some(frame) })))
-                    .await
-                    .map_err(|_| DeliveryError::NoAck)?;
-            }
-            let deadline = tokio::time::Instant::now() + timeout;
-            let mut acked = Vec::with_capacity(acks.len());
-            for ack in acks {
-                acked.push(matches!(
-                    tokio::time::timeout_at(deadline, ack).await,
-                    Ok(Ok(()))
-                ));
-            }
-            Ok(acked)
-        }
+        let count = messages.len();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcomes = futures::future::join_all(
+            lives
+                .iter()
+                .map(|live| deliver_to(live, messages.clone(), deadline)),
+        )
         .await;
-        let mut pending = live.pending.lock().expect("pending acks lock poisoned");
-        for id in &ids {
-            pending.waiting.remove(id);
+        let mut delivered = vec![false; count];
+        let mut any_session = false;
+        for outcome in outcomes.into_iter().flatten() {
+            any_session = true;
+            for (any, one) in delivered.iter_mut().zip(outcome) {
+                *any |= one;
+            }
         }
-        outcome
+        if any_session {
+            Ok(delivered)
+        } else {
+            Err(DeliveryError::NoAck)
+        }
     }
 }
 
+/// Pushes `messages` into one session and waits until `deadline` for its acknowledgements.
+async fn deliver_to(
+    live: &Live,
+    mut messages: Vec<Message>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<bool>, DeliveryError> {
+    let mut ids = Vec::with_capacity(messages.len());
+    let mut acks = Vec::with_capacity(messages.len());
+    {
+        let mut pending = live.pending.lock().expect("pending acks lock poisoned");
+        for message in &mut messages {
+            pending.next += 1;
+            let id = pending.next;
+            let (acked_tx, acked_rx) = oneshot::channel();
+            pending.waiting.insert(id, acked_tx);
+            message.delivery_id = id;
+            ids.push(id);
+            acks.push(acked_rx);
+        }
+    }
+    let frames = if messages.len() > 1 {
+        vec![server_frame::Frame::MessageBatch(MessageBatch { messages })]
+    } else {
+        messages
+            .into_iter()
+            .map(server_frame::Frame::Message)
+            .collect()
+    };
+    let outcome = async {
+        for frame in frames {
+            live.outbound
+                .send(Ok(Box::new(ServerFrame { frame: Some(frame) })))
+                .await
+                .map_err(|_| DeliveryError::NoAck)?;
+        }
+        let mut acked = Vec::with_capacity(acks.len());
+        for ack in acks {
+            acked.push(matches!(
+                tokio::time::timeout_at(deadline, ack).await,
+                Ok(Ok(()))
+            ));
+        }
+        Ok(acked)
+    }
+    .await;
+    let mut pending = live.pending.lock().expect("pending acks lock poisoned");
+    for id in &ids {
+        pending.waiting.remove(id);
+    }
+    outcome
+}
+
 impl SessionRegistry {
-    /// Pushes a connection offer into `peer`'s session and waits up to `timeout` for its answer.
+    /// Pushes a connection offer into every session of `peer` here and waits up to `timeout` for the first that
+    /// accepts (or, when none does, for the first refusal). The accepting session gets the punch plan.
     pub async fn offer(
         &self,
         peer: &PeerId,
         offer: ConnectOffer,
         timeout: Duration,
     ) -> Result<ConnectAnswer, DeliveryError> {
-        let live = self
-            .lock()
-            .by_peer
-            .get(peer)
-            .cloned()
-            .ok_or(DeliveryError::NotHere)?;
-        let (answer_tx, answer_rx) = oneshot::channel();
-        let id = offer.offer_id.clone();
-        live.offers
-            .lock()
-            .expect("pending offers lock poisoned")
-            .insert(id.clone(), answer_tx);
-        let frame = ServerFrame {
-            frame: Some(server_frame::Frame::ConnectOffer(offer)),
-        };
-        let outcome = async {
-            live.outbound
-                .send(Ok(Box::new(frame)))
-                .await
-                .map_err(|_| DeliveryError::NoAck)?;
-            match tokio::time::timeout(timeout, answer_rx).await {
-                Ok(Ok(answer)) => Ok(answer),
-                _ => Err(DeliveryError::NoAck),
+        let lives = self.lives(peer);
+        if lives.is_empty() {
+            return Err(DeliveryError::NotHere);
+        }
+        let offer = &offer;
+        let mut asked: futures::stream::FuturesUnordered<_> = lives
+            .iter()
+            .map(|live| async move { (live, offer_to(live, offer.clone(), timeout).await) })
+            .collect();
+        let mut refusal = None;
+        while let Some((live, outcome)) = futures::StreamExt::next(&mut asked).await {
+            match outcome {
+                Ok(answer) if answer.accept => {
+                    let mut accepted = live.accepted.lock().expect("accepted offers lock poisoned");
+                    if accepted.len() == ACCEPTED_OFFERS {
+                        accepted.pop_front();
+                    }
+                    accepted.push_back(answer.offer_id.clone());
+                    return Ok(answer);
+                }
+                Ok(answer) => refusal = refusal.or(Some(answer)),
+                Err(_) => {}
             }
         }
-        .await;
-        live.offers
-            .lock()
-            .expect("pending offers lock poisoned")
-            .remove(&id);
-        outcome
+        refusal.ok_or(DeliveryError::NoAck)
     }
 
-    /// Pushes a punch plan into `peer`'s session; false when it has no session here.
+    /// Pushes a punch plan into the session of `peer` here that accepted its offer; false when that session is
+    /// gone.
     pub async fn push_plan(&self, peer: &PeerId, plan: PunchPlan) -> bool {
-        let live = self.lock().by_peer.get(peer).cloned();
+        let live = self.lives(peer).into_iter().find(|live| {
+            live.accepted
+                .lock()
+                .expect("accepted offers lock poisoned")
+                .contains(&plan.offer_id)
+        });
         let Some(live) = live else {
             return false;
         };
@@ -331,14 +426,45 @@ impl SessionRegistry {
     }
 }
 
+/// Pushes a connection offer into one session and waits up to `timeout` for its answer.
+async fn offer_to(
+    live: &Live,
+    offer: ConnectOffer,
+    timeout: Duration,
+) -> Result<ConnectAnswer, DeliveryError> {
+    let (answer_tx, answer_rx) = oneshot::channel();
+    let id = offer.offer_id.clone();
+    live.offers
+        .lock()
+        .expect("pending offers lock poisoned")
+        .insert(id.clone(), answer_tx);
+    let frame = ServerFrame {
+        frame: Some(server_frame::Frame::ConnectOffer(offer)),
+    };
+    let outcome = async {
+        live.outbound
+            .send(Ok(Box::new(frame)))
+            .await
+            .map_err(|_| DeliveryError::NoAck)?;
+        match tokio::time::timeout(timeout, answer_rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => Err(DeliveryError::NoAck),
+        }
+    }
+    .await;
+    live.offers
+        .lock()
+        .expect("pending offers lock poisoned")
+        .remove(&id);
+    outcome
+}
+
 /// A live session; dropping it ends the session's authority.
 pub struct SessionGuard {
     registry: SessionRegistry,
     token: String,
     peer: PeerId,
-    session: u64,
-    pending: PendingAcks,
-    offers: PendingOffers,
+    live: Live,
 }
 
 impl SessionGuard {
@@ -348,12 +474,32 @@ impl SessionGuard {
 
     /// The session id recorded in the peer's presence.
     pub fn id(&self) -> u64 {
-        self.session
+        self.live.session
+    }
+
+    /// Records that the attach at log index `index` listed this session in its peer's presence: from then on, a
+    /// presence that no longer lists it ends it.
+    pub fn listed_at(&self, index: u64) {
+        self.live
+            .listed_at
+            .store(index.max(1), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits until this super peer ends the session ([`SessionRegistry::end_unlisted`]); the reason to send.
+    pub async fn ended(&self) -> SessionEnded {
+        loop {
+            let notified = self.live.end.notify.notified();
+            if let Some(ending) = self.live.end.reason.get() {
+                return ending.clone();
+            }
+            notified.await;
+        }
     }
 
     /// Completes a connection offer with the leaf's answer.
     pub fn answer(&self, answer: ConnectAnswer) {
         if let Some(waiting) = self
+            .live
             .offers
             .lock()
             .expect("pending offers lock poisoned")
@@ -367,6 +513,7 @@ impl SessionGuard {
     /// waiting for (acknowledged before, timed out, or never given) is ignored.
     pub fn acknowledge(&self, delivery_id: u64) {
         if let Some(waiting) = self
+            .live
             .pending
             .lock()
             .expect("pending acks lock poisoned")
@@ -380,29 +527,29 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        let session = self.live.session;
         let mut inner = self.registry.lock();
         inner.by_token.remove(&self.token);
-        inner.send_buckets.remove(&self.session);
-        inner.request_buckets.remove(&self.session);
-        inner.sequences.remove(&(self.session, UpdateKind::Status));
-        inner
-            .sequences
-            .remove(&(self.session, UpdateKind::Endpoints));
-        if inner
-            .by_peer
-            .get(&self.peer)
-            .is_some_and(|live| live.session == self.session)
-        {
-            inner.by_peer.remove(&self.peer);
+        inner.send_buckets.remove(&session);
+        inner.request_buckets.remove(&session);
+        inner.sequences.remove(&(session, UpdateKind::Status));
+        inner.sequences.remove(&(session, UpdateKind::Endpoints));
+        if let Some(lives) = inner.by_peer.get_mut(&self.peer) {
+            lives.retain(|live| live.session != session);
+            if lives.is_empty() {
+                inner.by_peer.remove(&self.peer);
+            }
         }
         drop(inner);
         // Pushes and offers waiting on this session learn at once that it is gone (not at their timeouts).
-        self.pending
+        self.live
+            .pending
             .lock()
             .expect("pending acks lock poisoned")
             .waiting
             .clear();
-        self.offers
+        self.live
+            .offers
             .lock()
             .expect("pending offers lock poisoned")
             .clear();
@@ -419,7 +566,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, _rx) = mpsc::channel(1);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         assert_eq!(registry.peer_of(guard.token()), Some((peer, guard.id())));
         assert_eq!(registry.peer_of("nope"), None);
         let token = guard.token().to_string();
@@ -452,7 +599,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         let message = Message {
             id: "m1".into(),
             ..Default::default()
@@ -486,7 +633,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         let messages = ["a", "b", "c"].map(|id| Message {
             id: id.into(),
             ..Default::default()
@@ -506,7 +653,7 @@ mod tests {
         let (delivered, ()) = tokio::join!(delivery, leaf);
         assert_eq!(delivered, Ok(vec![true, false, true]));
         assert!(
-            guard.pending.lock().unwrap().waiting.is_empty(),
+            guard.live.pending.lock().unwrap().waiting.is_empty(),
             "nothing is left waiting"
         );
     }
@@ -519,7 +666,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx);
+        let guard = registry.open(peer, tx, true);
         let from_alice = Message {
             id: "same".into(),
             from: "vp1alice".into(),

@@ -129,6 +129,7 @@ pub async fn open_with(
             signature: signature.to_vec(),
             protocol_oldest: protocol.0,
             protocol_newest: protocol.1,
+            without_presence: false,
         })),
     };
     tx.send(attach)

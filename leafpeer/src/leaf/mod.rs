@@ -73,6 +73,11 @@ pub struct LeafConfig {
     /// After each attach, learn the NAT class and reflexive address with STUN (two super peers) and publish
     /// them in this leaf's presence. Default true.
     pub publish_endpoints: bool,
+    /// Claim presence with the session: the peer shows online while it lasts, and messages and connection
+    /// offers are pushed into it (into each of the peer's sessions, on any super peer). Set it to false for a
+    /// one-off tool that only calls, sends or watches with the same key as a running app: such a session is not
+    /// listed, so it never disturbs the app's sessions and receives nothing. Default true.
+    pub claim_presence: bool,
 }
 
 impl LeafConfig {
@@ -85,6 +90,7 @@ impl LeafConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
             publish_endpoints: true,
+            claim_presence: true,
         }
     }
 }
@@ -178,6 +184,7 @@ impl Leaf {
             peers: PeerLinks::new(incoming_tx),
             watches: watches::WatchRegistry::default(),
             stop: CancellationToken::new(),
+            ended: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
         });
         // Published before returning, so calls work at once.
@@ -290,6 +297,19 @@ impl Leaf {
             let _ = connection.outbound.send(frame).await;
         }
         Ok(receiver)
+    }
+
+    /// Waits until the leaf stops: `close`, `detach`, the last handle dropped, or its super peer ending the
+    /// session for good. In that last case the error says why ([`LeafError::Superseded`]: this peer attached more
+    /// sessions at once, elsewhere, than the cluster allows, and this was its oldest); then the library does not
+    /// attach again, since that would push out another of the peer's sessions.
+    pub async fn closed(&self) -> Option<LeafError> {
+        self.inner.shared.stop.cancelled().await;
+        self.inner
+            .shared
+            .ended
+            .get()
+            .map(|reason| LeafError::Superseded(reason.clone()))
     }
 
     /// Ends the session abruptly (as a crash would, from the cluster's view: the peer stays online for the grace

@@ -25,6 +25,7 @@ use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
     client_frame, server_frame, Attach, ClientFrame, Message, Ping, SendResult, ServerFrame,
+    SessionEndReason,
 };
 use vesper_proto::{validate, version};
 
@@ -92,6 +93,7 @@ pub async fn attach(config: &LeafConfig, seed: &str) -> Result<Attached, LeafErr
             signature: signature.to_vec(),
             protocol_oldest: version::OLDEST,
             protocol_newest: version::NEWEST,
+            without_presence: !config.claim_presence,
         })),
     };
     tx.send(attach)
@@ -282,6 +284,18 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::SendResults(results)),
             })) => send_done(&shared.messaging, results.results),
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::SessionEnded(ending)),
+            })) => {
+                if ending.reason == SessionEndReason::Superseded as i32 {
+                    tracing::warn!(detail = %ending.detail, "the super peer ended the session for good");
+                    let _ = shared.ended.set(ending.detail);
+                    shared.stop.cancel();
+                } else {
+                    tracing::info!(detail = %ending.detail, "the super peer ended the session; re-attaching");
+                }
+                return;
+            }
             Ok(Some(ServerFrame { frame: Some(frame) })) => {
                 tokio::select! {
                     biased;

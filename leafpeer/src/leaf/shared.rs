@@ -49,8 +49,11 @@ pub struct Shared {
     pub presence: PresenceState,
     pub peers: PeerLinks,
     pub watches: WatchRegistry,
-    /// Cancels every task of the leaf (`close`, `detach`, or the last handle dropped).
+    /// Cancels every task of the leaf (`close`, `detach`, the last handle dropped, or a super peer ending the
+    /// session for good).
     pub stop: CancellationToken,
+    /// Why a super peer ended the session for good (the peer attached too many sessions elsewhere), if it did.
+    pub ended: std::sync::OnceLock<String>,
     /// Every task of the leaf, so that none outlives it unseen.
     pub tasks: TaskTracker,
 }

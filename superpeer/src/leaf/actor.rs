@@ -24,7 +24,7 @@ fn accept_attach(
     attach: &Attach,
     nonce: &[u8],
     server_peer_id: &str,
-) -> Result<(PeerId, u32), ServiceError> {
+) -> Result<(PeerId, u32, bool), ServiceError> {
     let protocol = version::Range::from_wire(
         attach.protocol_oldest,
         attach.protocol_newest,
@@ -34,7 +34,7 @@ fn accept_attach(
     .map_err(ServiceError::Incompatible)?;
     let peer = session::verify_attach(attach, nonce, server_peer_id)
         .map_err(|error| ServiceError::Unauthenticated(error.to_string()))?;
-    Ok((peer, protocol))
+    Ok((peer, protocol, !attach.without_presence))
 }
 
 /// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
@@ -56,46 +56,48 @@ pub(super) async fn run_session(
     if tx.send(Ok(Box::new(challenge))).await.is_err() {
         return;
     }
-    let (peer, protocol) = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(ClientFrame {
-            frame: Some(client_frame::Frame::Attach(attach)),
-        }))) => match accept_attach(&attach, &nonce, &context.me.peer_id) {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                let _ = tx.send(Err(error.into_status())).await;
+    let (peer, protocol, listed) =
+        match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(ClientFrame {
+                frame: Some(client_frame::Frame::Attach(attach)),
+            }))) => match accept_attach(&attach, &nonce, &context.me.peer_id) {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    let _ = tx.send(Err(error.into_status())).await;
+                    return;
+                }
+            },
+            Ok(Ok(Some(_))) => {
+                let _ = tx
+                    .send(Err(ServiceError::Unauthenticated(
+                        "the first frame of a session must be attach".into(),
+                    )
+                    .into()))
+                    .await;
                 return;
             }
-        },
-        Ok(Ok(Some(_))) => {
-            let _ = tx
-                .send(Err(ServiceError::Unauthenticated(
-                    "the first frame of a session must be attach".into(),
-                )
-                .into()))
-                .await;
-            return;
-        }
-        Ok(Ok(None)) | Ok(Err(_)) => return,
-        Err(_) => {
-            let _ = tx
-                .send(Err(ServiceError::Unauthenticated(format!(
-                    "no attach within {ATTACH_TIMEOUT:?}"
-                ))
-                .into()))
-                .await;
-            return;
-        }
-    };
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = tx
+                    .send(Err(ServiceError::Unauthenticated(format!(
+                        "no attach within {ATTACH_TIMEOUT:?}"
+                    ))
+                    .into()))
+                    .await;
+                return;
+            }
+        };
     let Some(host) = context.replica.node_id() else {
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
-    let session = context.sessions.open(peer, tx.clone());
+    let session = context.sessions.open(peer, tx.clone(), listed);
     // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
     // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
     let mut events: Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>> = None;
     let mut watches = watch::Watches::new(*peer.as_bytes());
-    let span = tracing::info_span!("session", peer_id = %peer, session = session.id(), protocol);
+    let span =
+        tracing::info_span!("session", peer_id = %peer, session = session.id(), protocol, listed);
     // Instrumented, not entered: an entered span guard held across awaits leaks into other tasks' logs.
     async move {
     let attach: Op = PresenceAttach {
@@ -105,10 +107,16 @@ pub(super) async fn run_session(
     }.into();
     // Boxed, here and below: the session task lives as long as the leaf is attached, and its size is that of
     // its largest state; a proposal inlined there would be carried by every idle session.
-    if let Err(error) = Box::pin(context.replica.propose(attach)).await {
-        tracing::warn!(%error, "cannot record the attach");
-        let _ = tx.send(Err(error.into_status())).await;
-        return;
+    // A session without presence is not listed: nothing to record, and nothing to drain into it.
+    if listed {
+        match Box::pin(context.replica.propose(attach)).await {
+            Ok((_, index)) => session.listed_at(index),
+            Err(error) => {
+                tracing::warn!(%error, "cannot record the attach");
+                let _ = tx.send(Err(error.into_status())).await;
+                return;
+            }
+        }
     }
     tracing::info!("leaf attached");
     let welcome = ServerFrame {
@@ -136,7 +144,7 @@ pub(super) async fn run_session(
         }
     };
     // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
-    let mut drain = Some(Box::pin(drain));
+    let mut drain = listed.then(|| Box::pin(drain));
     let ttl = context.config.session_ttl;
     // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns what it held in flight.
     let mut sends = tokio::task::JoinSet::<InFlight>::new();
@@ -146,6 +154,14 @@ pub(super) async fn run_session(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            ending = session.ended() => {
+                // The cluster no longer lists this session: say why, and end it (no grace: it is not listed).
+                tracing::info!(reason = ending.reason, detail = %ending.detail, "ending the session");
+                let frame = ServerFrame { frame: Some(server_frame::Frame::SessionEnded(ending)) };
+                let _ = tx.send(Ok(Box::new(frame))).await;
+                goodbye = true;
+                break;
+            }
             () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
             Some(done) = sends.join_next(), if !sends.is_empty() => {
                 // A send task catches its own panic, so it always gives its share back.
@@ -247,11 +263,15 @@ pub(super) async fn run_session(
         peer: *peer.as_bytes(),
         session: session_id,
     }.into();
+    if !listed {
+        tracing::info!("session without presence ended");
+        return;
+    }
     if goodbye {
         tracing::info!("leaf detached");
     } else {
         // No goodbye: give the leaf the grace period to come back (here or elsewhere) before it shows offline.
-        // A re-attach changes the session in presence, which turns this detach into a no-op.
+        // A re-attach lists a new session beside this one; the detach then removes only this one.
         tracing::info!(grace = ?context.config.session_grace, "session lost");
         tokio::select! {
             biased;

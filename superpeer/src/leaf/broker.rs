@@ -117,7 +117,7 @@ pub async fn connect(
         candidates: request.candidates.clone(),
         nat_class: caller_class.as_str().to_string(),
     };
-    let answer = context.router.offer(entry.host, &to, offer).await?;
+    let (answer, host) = context.router.offer_any(&entry.hosts(), &to, offer).await?;
     if !answer.accept {
         let reason = if answer.reason.is_empty() {
             "no reason given".to_string()
@@ -166,7 +166,7 @@ pub async fn connect(
         relay,
         prediction,
     };
-    if !context.router.push_plan(entry.host, &to, target_plan).await {
+    if !context.router.push_plan(host, &to, target_plan).await {
         return Err(ServiceError::NotFound(format!(
             "peer {to} went away before its plan reached it"
         )));

@@ -1,19 +1,22 @@
 //! Presence and messaging for leaves.
 //!
 //! ```text
-//!  sends to one recipient (one, or a batch) on S ─ look up recipient presence (local replica)
-//!     ├─ attached here ───────────────> push into its session, wait for its acks ────┐
-//!     ├─ attached on S2 ─ DeliverCall on S2's stream ─> push, wait for acks ─────────┤─> delivered
+//!  sends to one recipient (one, or a batch) on S ─ look up recipient presence (local replica): its sessions
+//!     ├─ attached here ───────────────> push into its sessions, wait for an ack ─────┐  (every host at once;
+//!     ├─ attached on S2 ─ DeliverCall on S2's stream ─> push, wait for an ack ───────┤─> delivered  one ack
+//!     │                                                                              │   of each message will do)
 //!     └─ offline, or not acknowledged ─ MailboxPut (Raft), per message ──────────────┴─> queued
 //!  attach ─ PresenceAttach (Raft) ─> welcome ─> drain mailbox in order ─> MailboxAck (Raft)
-//!  stream ends without goodbye ─ wait the grace period ─> PresenceDetach (no-op if re-attached elsewhere)
+//!  stream ends without goodbye ─ wait the grace period ─> PresenceDetach (removes that session only)
 //! ```
 //!
 //! Payloads never go through Raft except while they wait in a mailbox.
 
 use std::sync::Arc;
 
-use vesper_proto::v1::{Message, Presence, PresenceStatus as WireStatus, SendMessageRequest};
+use vesper_proto::v1::{
+    Message, Presence, PresenceSession, PresenceStatus as WireStatus, SendMessageRequest,
+};
 use vesper_proto::{validate, PeerId};
 
 use crate::command::{
@@ -46,27 +49,38 @@ pub fn wire_status(status: PresenceStatus) -> WireStatus {
 
 /// Converts a stored presence to its wire form.
 pub fn presence_of(context: &LeafState, peer: &PeerKey, entry: PresenceEntry) -> Presence {
-    let host_leaf_addr = if entry.host == 0 {
-        String::new()
-    } else {
+    let leaf_addr = |host: u64| {
         context
             .replica
-            .member_info(entry.host)
+            .member_info(host)
             .map(|node| node.leaf_addr)
             .unwrap_or_default()
     };
+    let sessions: Vec<PresenceSession> = entry
+        .sessions
+        .iter()
+        .map(|attached| PresenceSession {
+            host_node_id: attached.host,
+            host_leaf_addr: leaf_addr(attached.host),
+            attached_at_ms: attached.attached_at_ms,
+        })
+        .collect();
+    let newest = sessions.last();
     Presence {
         peer_id: PeerId::from_public_key_bytes(peer)
             .map(|peer| peer.to_string())
             .unwrap_or_default(),
         status: wire_status(entry.status) as i32,
         note: entry.note,
-        host_node_id: entry.host,
-        host_leaf_addr,
+        host_node_id: newest.map_or(0, |session| session.host_node_id),
+        host_leaf_addr: newest
+            .map(|session| session.host_leaf_addr.clone())
+            .unwrap_or_default(),
         candidates: entry.candidates,
         nat_class: entry.nat_class,
         changed_at_ms: entry.changed_at_ms,
         attributes: entry.attributes.into_iter().collect(),
+        sessions,
     }
 }
 
@@ -183,7 +197,7 @@ pub async fn send_all(
         Some(entry) => {
             context
                 .router
-                .deliver(entry.host, to, messages.clone())
+                .deliver_any(&entry.hosts(), to, messages.clone())
                 .await
         }
         None => Vec::new(),
@@ -232,7 +246,8 @@ async fn queue(
     // attach. A double drain is harmless: the library delivers each message id once.
     let now = presence::get(context.replica.reader().db(), to.as_bytes())?;
     if let Some(entry) = now.filter(|entry| entry.status != PresenceStatus::Offline) {
-        context.router.drain(entry.host, to).await;
+        // One drain, on the newest session's host: draining on every host would push each message twice.
+        context.router.drain(entry.newest_host(), to).await;
     }
     Ok(Fate::Queued)
 }

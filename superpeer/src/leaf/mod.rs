@@ -20,6 +20,7 @@ mod actor;
 pub mod broker;
 pub mod conference;
 pub(crate) mod convert;
+pub mod listing;
 mod presence;
 mod records;
 mod sends;

@@ -85,7 +85,37 @@ impl Router {
         self.replica.member_info(host).map(|node| node.cluster_addr)
     }
 
-    /// Delivers `messages` to `to`, attached to member `host`, pushed together and in order; one entry per
+    /// Delivers `messages` to every session of `to` on the members `hosts` at once, pushed together and in
+    /// order; one entry per message, true when a session of the leaf acknowledged it (false: not attached on
+    /// any of them, no ack in time, hosts down).
+    pub async fn deliver_any(
+        &self,
+        hosts: &[u64],
+        to: &PeerId,
+        messages: Vec<Message>,
+    ) -> Vec<bool> {
+        match hosts {
+            [] => vec![false; messages.len()],
+            [host] => self.deliver(*host, to, messages).await,
+            _ => {
+                let outcomes = futures::future::join_all(
+                    hosts
+                        .iter()
+                        .map(|host| self.deliver(*host, to, messages.clone())),
+                )
+                .await;
+                let mut delivered = vec![false; messages.len()];
+                for outcome in outcomes {
+                    for (any, one) in delivered.iter_mut().zip(outcome) {
+                        *any |= one;
+                    }
+                }
+                delivered
+            }
+        }
+    }
+
+    /// Delivers `messages` to `to`'s sessions on member `host`, pushed together and in order; one entry per
     /// message, true when the leaf acknowledged it (false: not attached there, no ack in time, host down).
     pub async fn deliver(&self, host: u64, to: &PeerId, messages: Vec<Message>) -> Vec<bool> {
         if self.is_here(host) {
@@ -111,8 +141,8 @@ impl Router {
         delivered
     }
 
-    /// Delivers to `to`'s session on this node; one entry per message, false when it has none here or did not
-    /// acknowledge in time.
+    /// Delivers to every session of `to` on this node; one entry per message, false when it has none here or
+    /// none acknowledged in time.
     pub async fn deliver_here(&self, to: &PeerId, messages: Vec<Message>) -> Vec<bool> {
         let count = messages.len();
         self.sessions
@@ -146,7 +176,39 @@ impl Router {
         }
     }
 
-    /// Offers a connection to `to`, attached to member `host`, and waits for its answer.
+    /// Offers a connection to every session of `to` on the members `hosts` at once, and waits for the first
+    /// that accepts (or for all to refuse or time out: then the first refusal, or the last error). Returns the
+    /// answer and the member whose session gave it, where the punch plan must go.
+    pub async fn offer_any(
+        &self,
+        hosts: &[u64],
+        to: &PeerId,
+        offer: ConnectOffer,
+    ) -> Result<(ConnectAnswer, u64), ServiceError> {
+        let mut pending: futures::stream::FuturesUnordered<_> = hosts
+            .iter()
+            .map(|host| {
+                let offer = offer.clone();
+                async move { (*host, self.offer(*host, to, offer).await) }
+            })
+            .collect();
+        let mut refusal = None;
+        let mut failure = None;
+        while let Some((host, outcome)) = futures::StreamExt::next(&mut pending).await {
+            match outcome {
+                Ok(answer) if answer.accept => return Ok((answer, host)),
+                Ok(answer) => refusal = refusal.or(Some((answer, host))),
+                Err(error) => failure = Some(error),
+            }
+        }
+        match (refusal, failure) {
+            (Some(refused), _) => Ok(refused),
+            (None, Some(error)) => Err(error),
+            (None, None) => Err(ServiceError::NotFound(format!("peer {to} is not online"))),
+        }
+    }
+
+    /// Offers a connection to `to`'s sessions on member `host`, and waits for the first answer that accepts.
     pub async fn offer(
         &self,
         host: u64,
@@ -178,7 +240,7 @@ impl Router {
             })
     }
 
-    /// Offers a connection to `to`'s session on this node and waits for its answer.
+    /// Offers a connection to every session of `to` on this node and waits for the first that accepts.
     pub async fn offer_here(
         &self,
         to: &PeerId,
@@ -190,7 +252,8 @@ impl Router {
             .map_err(|_| no_answer())
     }
 
-    /// Pushes a punch plan to `to`, attached to member `host`; false when it did not get there.
+    /// Pushes a punch plan to `to` on member `host`, into the session that accepted the plan's offer; false when it
+    /// did not get there.
     pub async fn push_plan(&self, host: u64, to: &PeerId, plan: PunchPlan) -> bool {
         if self.is_here(host) {
             return self.push_plan_here(to, plan).await;
@@ -211,7 +274,8 @@ impl Router {
             .unwrap_or(false)
     }
 
-    /// Pushes a punch plan into `to`'s session on this node; false when it has none here.
+    /// Pushes a punch plan into the session of `to` on this node that accepted the plan's offer; false when it is
+    /// gone.
     pub async fn push_plan_here(&self, to: &PeerId, plan: PunchPlan) -> bool {
         self.sessions.push_plan(to, plan).await
     }

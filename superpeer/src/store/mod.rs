@@ -52,7 +52,7 @@ pub const CF_CONFERENCES: &str = "conferences";
 pub const CF_CONF_CHAT: &str = "conf_chat";
 pub const CF_USAGE: &str = "usage";
 
-const ALL_CFS: &[&str] = &[
+pub(crate) const ALL_CFS: &[&str] = &[
     CF_LOG,
     CF_RAFT,
     CF_RECORDS,
@@ -72,7 +72,10 @@ const ALL_CFS: &[&str] = &[
 /// database written by another format is refused rather than misread.
 /// Format 2: record puts carry their owner's index quota, and the `usage` column family counts what each
 /// owner's records take.
-pub const FORMAT_VERSION: u32 = 2;
+/// Format 3: a presence entry lists every attached session of its peer (several sessions per peer). A format-2
+/// database is upgraded in place when it opens (its presence entries are rewritten, in one write); older ones
+/// are refused.
+pub const FORMAT_VERSION: u32 = 3;
 const FORMAT_KEY: &[u8] = b"format_version";
 
 /// A storage failure.
@@ -154,7 +157,18 @@ pub fn open(path: &Path) -> Result<Arc<DB>, StoreError> {
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("format version"))?,
             );
-            if found != FORMAT_VERSION {
+            if found == 2 {
+                let mut batch = WriteBatch::default();
+                let count = presence::upgrade_from_format_2(&db, &mut batch)?;
+                batch.put_cf(meta, FORMAT_KEY, FORMAT_VERSION.to_be_bytes());
+                let mut options = rocksdb::WriteOptions::default();
+                options.set_sync(true);
+                db.write_opt(batch, &options)?;
+                tracing::info!(
+                    presence_entries = count,
+                    "upgraded the database from format 2 to 3"
+                );
+            } else if found != FORMAT_VERSION {
                 return Err(StoreError::Format { found });
             }
         }

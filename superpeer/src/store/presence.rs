@@ -14,10 +14,11 @@ use super::{
     cf, decode, encode, Applied, Apply, Changes, Page, StoreError, CF_PRESENCE, CF_PRESENCE_ATTRS,
 };
 use crate::command::{
-    ExpireHost, PeerKey, PresenceAttach, PresenceDetach, PresenceEndpoints, PresenceEntry,
-    PresenceSet, PresenceStatus, Rejection, Response,
+    AttachedSession, ExpireHost, PeerKey, PresenceAttach, PresenceDetach, PresenceEndpoints,
+    PresenceEntry, PresenceSet, PresenceStatus, Rejection, Response,
 };
 use crate::events::Change;
+use vesper_proto::validate::MAX_SESSIONS_PER_PEER;
 
 fn attr_key(name: &str, value: &str, peer: &PeerKey) -> Vec<u8> {
     let mut key = Vec::with_capacity(name.len() + value.len() + 34);
@@ -36,13 +37,13 @@ pub fn get(db: &DB, peer: &PeerKey) -> Result<Option<PresenceEntry>, StoreError>
         .transpose()
 }
 
-/// Every peer whose presence names `host` as its super peer (for host expiry).
+/// Every peer with a session on `host` (for host expiry).
 fn hosted_by(db: &DB, host: u64) -> Result<Vec<(PeerKey, PresenceEntry)>, StoreError> {
     let mut out = Vec::new();
     for item in db.iterator_cf(cf(db, CF_PRESENCE), IteratorMode::Start) {
         let (key, bytes) = item?;
         let entry: PresenceEntry = decode("presence", &bytes)?;
-        if entry.host == host && entry.status != PresenceStatus::Offline {
+        if entry.sessions.iter().any(|attached| attached.host == host) {
             let peer: PeerKey = key
                 .as_ref()
                 .try_into()
@@ -176,33 +177,32 @@ impl<'a> PresenceWriter<'a> {
         Ok(Response::Presence(entry))
     }
 
-    fn detach(
+    /// Removes the sessions `gone` picks from the peer's entry; the peer is offline once none is left.
+    fn remove_sessions(
         &mut self,
         batch: &mut WriteBatch,
         peer: PeerKey,
-        session: u64,
         at_ms: u64,
+        gone: impl Fn(&AttachedSession) -> bool,
     ) -> Result<Response, StoreError> {
-        let old = self.current(&peer)?;
-        match old {
-            Some(entry) if entry.session == session && entry.status != PresenceStatus::Offline => {
-                let offline = PresenceEntry {
-                    status: PresenceStatus::Offline,
-                    host: 0,
-                    session: 0,
-                    changed_at_ms: at_ms,
-                    ..entry.clone()
-                };
-                self.store(batch, peer, Some(&entry), offline)
+        match self.current(&peer)? {
+            Some(entry) if entry.sessions.iter().any(&gone) => {
+                let mut updated = entry.clone();
+                updated.sessions.retain(|attached| !gone(attached));
+                if updated.sessions.is_empty() {
+                    updated.status = PresenceStatus::Offline;
+                }
+                updated.changed_at_ms = at_ms;
+                self.store(batch, peer, Some(&entry), updated)
             }
-            // The peer attached again since (another session) or is offline already: nothing to do.
+            // That session is not listed (detached, expired or pushed out before): nothing to do.
             Some(entry) => Ok(Response::Presence(entry)),
             None => Ok(Response::Done),
         }
     }
 
-    /// Applies `change` to the entry of a peer attached on `session`; refused when that session is not the
-    /// peer's current one (a stale or foreign session cannot change its presence).
+    /// Applies `change` to the entry of a peer attached on `session`; refused when that session is not one of
+    /// the peer's listed sessions (a stale or foreign session cannot change its presence).
     fn update_attached(
         &mut self,
         batch: &mut WriteBatch,
@@ -211,7 +211,7 @@ impl<'a> PresenceWriter<'a> {
         change: impl FnOnce(&PresenceEntry) -> PresenceEntry,
     ) -> Result<Response, StoreError> {
         match self.current(&peer)? {
-            Some(entry) if entry.session == session && entry.status != PresenceStatus::Offline => {
+            Some(entry) if entry.lists(session) => {
                 let updated = change(&entry);
                 self.store(batch, peer, Some(&entry), updated)
             }
@@ -226,6 +226,8 @@ impl Changes for PresenceWriter<'_> {
     }
 }
 
+/// Adds a session to the peer's list (the peer is online once it has one). Past `MAX_SESSIONS_PER_PEER` the
+/// oldest is pushed out and remembered as superseded, so that its host ends it with that reason.
 impl Apply<PresenceAttach> for PresenceWriter<'_> {
     fn apply(
         &mut self,
@@ -237,8 +239,8 @@ impl Apply<PresenceAttach> for PresenceWriter<'_> {
         let mut entry = old.clone().unwrap_or(PresenceEntry {
             status: PresenceStatus::Online,
             note: String::new(),
-            host: 0,
-            session: 0,
+            sessions: Vec::new(),
+            superseded: Vec::new(),
             candidates: Vec::new(),
             nat_class: String::new(),
             changed_at_ms: at.at_ms,
@@ -248,8 +250,21 @@ impl Apply<PresenceAttach> for PresenceWriter<'_> {
         if entry.status == PresenceStatus::Offline {
             entry.status = PresenceStatus::Online;
         }
-        entry.host = op.host;
-        entry.session = op.session;
+        if !entry.lists(op.session) {
+            entry.sessions.push(AttachedSession {
+                host: op.host,
+                session: op.session,
+                attached_at_ms: at.at_ms,
+            });
+        }
+        while entry.sessions.len() > MAX_SESSIONS_PER_PEER {
+            let oldest = entry.sessions.remove(0);
+            entry.superseded.push(oldest.session);
+        }
+        if entry.superseded.len() > MAX_SESSIONS_PER_PEER {
+            let excess = entry.superseded.len() - MAX_SESSIONS_PER_PEER;
+            entry.superseded.drain(..excess);
+        }
         entry.changed_at_ms = at.at_ms;
         self.store(batch, op.peer, old.as_ref(), entry)
     }
@@ -262,7 +277,9 @@ impl Apply<PresenceDetach> for PresenceWriter<'_> {
         op: &PresenceDetach,
         at: Applied,
     ) -> Result<Response, StoreError> {
-        self.detach(batch, op.peer, op.session, at.at_ms)
+        self.remove_sessions(batch, op.peer, at.at_ms, |attached| {
+            attached.session == op.session
+        })
     }
 }
 
@@ -300,6 +317,7 @@ impl Apply<PresenceEndpoints> for PresenceWriter<'_> {
     }
 }
 
+/// Removes every session on a host the leader found dead.
 impl Apply<ExpireHost> for PresenceWriter<'_> {
     fn apply(
         &mut self,
@@ -310,15 +328,16 @@ impl Apply<ExpireHost> for PresenceWriter<'_> {
         let host = op.host;
         let mut expired = 0;
         for (peer, _) in hosted_by(self.db, host)? {
-            // Re-read through the overlay: a later attach in this batch wins.
-            if let Some(entry) = self.current(&peer)? {
-                if entry.host == host && entry.status != PresenceStatus::Offline {
-                    self.detach(batch, peer, entry.session, at.at_ms)?;
-                    expired += 1;
-                }
+            // Re-read through the overlay: an attach earlier in this batch counts.
+            let listed = self.current(&peer)?.map_or(0, |entry| {
+                entry.sessions.iter().filter(|a| a.host == host).count()
+            });
+            if listed > 0 {
+                self.remove_sessions(batch, peer, at.at_ms, |attached| attached.host == host)?;
+                expired += listed;
             }
         }
-        Ok(Response::Expired(expired))
+        Ok(Response::Expired(expired as u64))
     }
 }
 
@@ -336,4 +355,58 @@ pub fn rebuild_index(db: &DB, batch: &mut WriteBatch) -> Result<(), StoreError> 
         }
     }
     Ok(())
+}
+
+/// A presence entry as store format 2 (and snapshot version 3) encoded it: one session per peer.
+#[derive(serde::Deserialize)]
+struct EntryV2 {
+    status: PresenceStatus,
+    note: String,
+    host: u64,
+    session: u64,
+    candidates: Vec<String>,
+    nat_class: String,
+    changed_at_ms: u64,
+    attributes: BTreeMap<String, String>,
+}
+
+/// Re-encodes a presence value of store format 2 in today's layout: its one session (if online) becomes the
+/// first of its list.
+pub fn upgrade_v2_value(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let old: EntryV2 = decode("presence (format 2)", bytes)?;
+    let sessions = if old.status == PresenceStatus::Offline || old.host == 0 {
+        Vec::new()
+    } else {
+        vec![AttachedSession {
+            host: old.host,
+            session: old.session,
+            attached_at_ms: old.changed_at_ms,
+        }]
+    };
+    let entry = PresenceEntry {
+        status: if sessions.is_empty() {
+            PresenceStatus::Offline
+        } else {
+            old.status
+        },
+        note: old.note,
+        sessions,
+        superseded: Vec::new(),
+        candidates: old.candidates,
+        nat_class: old.nat_class,
+        changed_at_ms: old.changed_at_ms,
+        attributes: old.attributes,
+    };
+    encode("presence", &entry)
+}
+
+/// Rewrites every presence entry of a format-2 database into `batch` (the profile index is unchanged).
+pub fn upgrade_from_format_2(db: &DB, batch: &mut WriteBatch) -> Result<usize, StoreError> {
+    let mut count = 0;
+    for item in db.iterator_cf(cf(db, CF_PRESENCE), IteratorMode::Start) {
+        let (key, bytes) = item?;
+        batch.put_cf(cf(db, CF_PRESENCE), &key, upgrade_v2_value(&bytes)?);
+        count += 1;
+    }
+    Ok(count)
 }

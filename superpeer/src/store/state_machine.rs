@@ -39,7 +39,8 @@ const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 const MEMBERSHIP_KEY: &[u8] = b"membership";
 const SNAPSHOT_KEY: &[u8] = b"current";
 /// Version of [`SnapshotPayload`]'s encoding.
-const SNAPSHOT_VERSION: u32 = 3;
+/// 4: presence entries list several sessions (3, one session per entry, is still installed).
+const SNAPSHOT_VERSION: u32 = 4;
 
 /// Raw (key, value) pairs of one column family.
 type RawPairs = Vec<(ByteBuf, ByteBuf)>;
@@ -272,11 +273,12 @@ impl StateMachine {
 
     fn install_payload(db: &DB, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
         let payload: SnapshotPayload = decode("snapshot", data)?;
-        if payload.version != SNAPSHOT_VERSION {
-            return Err(StoreError::Format {
-                found: payload.version,
-            });
-        }
+        // Version 3 is version 4 with one session per presence entry: its entries are upgraded as they load.
+        let upgrade_presence = match payload.version {
+            SNAPSHOT_VERSION => false,
+            3 => true,
+            found => return Err(StoreError::Format { found }),
+        };
         // Replace the whole state: clear, load records and nodes, then rebuild the attribute index from records.
         let mut batch = WriteBatch::default();
         for name in [
@@ -306,7 +308,12 @@ impl StateMachine {
             (CF_CONF_CHAT, &payload.conf_chat),
         ] {
             for (key, value) in pairs {
-                batch.put_cf(cf(db, name), key.as_slice(), value.as_slice());
+                if name == CF_PRESENCE && upgrade_presence {
+                    let value = super::presence::upgrade_v2_value(value)?;
+                    batch.put_cf(cf(db, name), key.as_slice(), value);
+                } else {
+                    batch.put_cf(cf(db, name), key.as_slice(), value.as_slice());
+                }
             }
         }
         db.write(batch)?;

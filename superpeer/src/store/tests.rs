@@ -11,7 +11,7 @@ use tempfile::TempDir;
 
 use super::records::{self, Condition, Term};
 use super::state_machine::StateReader;
-use super::{open, LogStore, StateMachine};
+use super::{open, LogStore, StateMachine, StoreError};
 use super::{Applied, Apply};
 use crate::command::{
     Command, DeleteRecord, NodeInfo, Op, PutRecord, QuotaKind, RecordQuota, RegisterNode,
@@ -599,7 +599,7 @@ fn commit(db: &rocksdb::DB, batch: rocksdb::WriteBatch) {
 }
 
 #[tokio::test]
-async fn presence_apply_follows_the_current_session_and_host_expiry() {
+async fn presence_lists_each_session_and_host_expiry_removes_only_its_own() {
     use super::presence::{self, PresenceWriter};
     use super::Changes;
     use crate::command::{
@@ -610,9 +610,9 @@ async fn presence_apply_follows_the_current_session_and_host_expiry() {
     let mut batch = rocksdb::WriteBatch::default();
     let mut writer = PresenceWriter::new(&db);
     let peer = [1; 32];
-    let attach = |session| PresenceAttach {
+    let attach = |host, session| PresenceAttach {
         peer,
-        host: 7,
+        host,
         session,
     };
     let set = |session| PresenceSet {
@@ -626,12 +626,14 @@ async fn presence_apply_follows_the_current_session_and_host_expiry() {
         Response::Presence(entry) => entry,
         other => panic!("expected a presence, got {other:?}"),
     };
-    let attached = presence(writer.apply(&mut batch, &attach(10), at(1)).unwrap());
-    assert_eq!(
-        (attached.status, attached.host, attached.session),
-        (PresenceStatus::Online, 7, 10)
-    );
-    // Another session's update is refused; the current one's goes through.
+    let sessions = |entry: &crate::command::PresenceEntry| -> Vec<(u64, u64)> {
+        entry.sessions.iter().map(|a| (a.host, a.session)).collect()
+    };
+    let attached = presence(writer.apply(&mut batch, &attach(7, 10), at(1)).unwrap());
+    assert_eq!(attached.status, PresenceStatus::Online);
+    assert_eq!(sessions(&attached), [(7, 10)]);
+    assert_eq!(attached.sessions[0].attached_at_ms, 1_001);
+    // A session that is not listed cannot change the presence; a listed one can.
     assert_eq!(
         writer.apply(&mut batch, &set(11), at(2)).unwrap(),
         Response::Rejected(Rejection::NotAttached)
@@ -653,48 +655,75 @@ async fn presence_apply_follows_the_current_session_and_host_expiry() {
         published.attributes["team"], "blue",
         "endpoints keep the profile"
     );
-    // A re-attach (new session) keeps the busy status; the old session's detach then changes nothing.
-    let again = presence(writer.apply(&mut batch, &attach(12), at(5)).unwrap());
-    assert_eq!((again.status, again.session), (PresenceStatus::Busy, 12));
-    let stale = PresenceDetach { peer, session: 10 };
-    let unchanged = presence(writer.apply(&mut batch, &stale, at(6)).unwrap());
-    assert_eq!(unchanged.session, 12);
+    // A second session (on host 8) is listed beside the first and keeps the busy status; the same attach
+    // applied twice lists it once.
+    let two = presence(writer.apply(&mut batch, &attach(8, 12), at(5)).unwrap());
+    let two_again = presence(writer.apply(&mut batch, &attach(8, 12), at(5)).unwrap());
+    assert_eq!(two.status, PresenceStatus::Busy);
+    assert_eq!(sessions(&two), [(7, 10), (8, 12)]);
+    assert_eq!(sessions(&two_again), [(7, 10), (8, 12)]);
+    assert_eq!(two.hosts(), [8, 7], "the newest session's host first");
+    // Either listed session may update it.
+    presence(writer.apply(&mut batch, &set(12), at(6)).unwrap());
+    // The first session's detach removes it alone: the peer stays online.
+    let one = presence(
+        writer
+            .apply(&mut batch, &PresenceDetach { peer, session: 10 }, at(7))
+            .unwrap(),
+    );
+    assert_eq!(
+        (one.status, sessions(&one)),
+        (PresenceStatus::Busy, vec![(8, 12)])
+    );
+    // Detaching it again changes nothing.
+    let unchanged = presence(
+        writer
+            .apply(&mut batch, &PresenceDetach { peer, session: 10 }, at(8))
+            .unwrap(),
+    );
+    assert_eq!(unchanged.changed_at_ms, one.changed_at_ms);
+    let back = presence(writer.apply(&mut batch, &attach(7, 14), at(9)).unwrap());
+    assert_eq!(sessions(&back), [(8, 12), (7, 14)]);
     assert_eq!(
         writer.take_changes().len(),
-        4,
-        "attach, set, endpoints, attach"
+        8,
+        "attach, set, endpoints, attach, attach (again), set, detach, attach"
     );
     commit(&db, batch);
 
-    // A later batch: host 7 expires, which takes the peer offline (read back from the database).
+    // A later batch: host 7 expires, which removes its session only (read back from the database); then host 8.
     let mut batch = rocksdb::WriteBatch::default();
     let mut writer = PresenceWriter::new(&db);
     assert_eq!(
         writer
-            .apply(&mut batch, &ExpireHost { host: 7 }, at(7))
+            .apply(&mut batch, &ExpireHost { host: 7 }, at(10))
             .unwrap(),
         Response::Expired(1)
     );
     assert_eq!(
         writer
-            .apply(&mut batch, &ExpireHost { host: 8 }, at(8))
+            .apply(&mut batch, &ExpireHost { host: 9 }, at(11))
             .unwrap(),
         Response::Expired(0)
     );
+    assert_eq!(
+        writer
+            .apply(&mut batch, &ExpireHost { host: 8 }, at(12))
+            .unwrap(),
+        Response::Expired(1)
+    );
     assert!(matches!(
         writer.take_changes().as_slice(),
-        [crate::events::Change::Presence { entry, .. }] if entry.status == PresenceStatus::Offline
+        [
+            crate::events::Change::Presence { entry: first, .. },
+            crate::events::Change::Presence { entry: last, .. },
+        ] if first.status == PresenceStatus::Busy && last.status == PresenceStatus::Offline
     ));
     commit(&db, batch);
     let stored = presence::get(&db, &peer).unwrap().unwrap();
     assert_eq!(
-        (
-            stored.status,
-            stored.host,
-            stored.session,
-            stored.changed_at_ms
-        ),
-        (PresenceStatus::Offline, 0, 0, 1_007)
+        (stored.status, stored.sessions.len(), stored.changed_at_ms),
+        (PresenceStatus::Offline, 0, 1_012)
     );
     let team = Term {
         attribute: "team".into(),
@@ -705,6 +734,127 @@ async fn presence_apply_follows_the_current_session_and_host_expiry() {
     assert_eq!(found.len(), 1, "the profile index follows the entry");
     let (online, _) = presence::search(&db, &[team], true, 10, usize::MAX).unwrap();
     assert!(online.is_empty());
+}
+
+/// Past the per-peer limit, the oldest session is pushed out and remembered as superseded (a bounded list), so
+/// that its host ends it with that reason.
+#[tokio::test]
+async fn presence_past_the_session_limit_pushes_out_the_oldest() {
+    use super::presence::PresenceWriter;
+    use crate::command::PresenceAttach;
+    use vesper_proto::validate::MAX_SESSIONS_PER_PEER;
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut writer = PresenceWriter::new(&db);
+    let peer = [2; 32];
+    let mut last = None;
+    let total = 3 * MAX_SESSIONS_PER_PEER as u64;
+    for session in 1..=total {
+        let op = PresenceAttach {
+            peer,
+            host: 1 + session % 3,
+            session,
+        };
+        last = Some(writer.apply(&mut batch, &op, at(session)).unwrap());
+        let Some(Response::Presence(entry)) = &last else {
+            panic!("expected a presence, got {last:?}");
+        };
+        assert!(entry.sessions.len() <= MAX_SESSIONS_PER_PEER);
+        assert!(entry.superseded.len() <= MAX_SESSIONS_PER_PEER);
+    }
+    let Some(Response::Presence(entry)) = last else {
+        unreachable!()
+    };
+    let listed: Vec<u64> = entry.sessions.iter().map(|a| a.session).collect();
+    let newest_first = total - MAX_SESSIONS_PER_PEER as u64 + 1;
+    assert_eq!(listed, (newest_first..=total).collect::<Vec<_>>());
+    // The most recently pushed out, oldest first.
+    let expected: Vec<u64> = (newest_first - MAX_SESSIONS_PER_PEER as u64..newest_first).collect();
+    assert_eq!(entry.superseded, expected);
+}
+
+/// A database of format 2 (one session per presence entry) opens as format 3 with each online entry's session
+/// as the first of its list, and nothing else changed.
+#[tokio::test]
+async fn a_format_2_database_is_upgraded_when_it_opens() {
+    use crate::command::PresenceStatus;
+    #[derive(serde::Serialize)]
+    struct EntryV2 {
+        status: PresenceStatus,
+        note: String,
+        host: u64,
+        session: u64,
+        candidates: Vec<String>,
+        nat_class: String,
+        changed_at_ms: u64,
+        attributes: BTreeMap<String, String>,
+    }
+    let dir = TempDir::new().unwrap();
+    {
+        let db = open(dir.path()).unwrap();
+        let meta = db.cf_handle(super::CF_RAFT).unwrap();
+        db.put_cf(meta, b"format_version", 2u32.to_be_bytes())
+            .unwrap();
+        let presence = db.cf_handle(super::CF_PRESENCE).unwrap();
+        for (key, status, host, session) in [
+            ([3u8; 32], PresenceStatus::Away, 4, 99),
+            ([4u8; 32], PresenceStatus::Offline, 0, 0),
+        ] {
+            let old = EntryV2 {
+                status,
+                note: "note".into(),
+                host,
+                session,
+                candidates: vec!["host 10.0.0.2:1".into()],
+                nat_class: "public".into(),
+                changed_at_ms: 5,
+                attributes: BTreeMap::from([("team".into(), "red".into())]),
+            };
+            db.put_cf(presence, key, postcard::to_stdvec(&old).unwrap())
+                .unwrap();
+        }
+    }
+    let db = open(dir.path()).unwrap();
+    let meta = db.cf_handle(super::CF_RAFT).unwrap();
+    assert_eq!(
+        db.get_cf(meta, b"format_version").unwrap().unwrap(),
+        super::FORMAT_VERSION.to_be_bytes()
+    );
+    let online = super::presence::get(&db, &[3; 32]).unwrap().unwrap();
+    assert_eq!(online.status, PresenceStatus::Away);
+    assert_eq!(
+        online
+            .sessions
+            .iter()
+            .map(|a| (a.host, a.session, a.attached_at_ms))
+            .collect::<Vec<_>>(),
+        [(4, 99, 5)]
+    );
+    assert_eq!(
+        (
+            online.note.as_str(),
+            online.nat_class.as_str(),
+            online.attributes["team"].as_str()
+        ),
+        ("note", "public", "red")
+    );
+    let offline = super::presence::get(&db, &[4; 32]).unwrap().unwrap();
+    assert_eq!(offline.status, PresenceStatus::Offline);
+    assert!(offline.sessions.is_empty());
+    drop(db);
+    // A format it does not know is refused, and left as it was.
+    {
+        let db =
+            rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), super::ALL_CFS).unwrap();
+        let meta = db.cf_handle(super::CF_RAFT).unwrap();
+        db.put_cf(meta, b"format_version", 1u32.to_be_bytes())
+            .unwrap();
+    }
+    assert!(matches!(
+        open(dir.path()),
+        Err(StoreError::Format { found: 1 })
+    ));
 }
 
 #[tokio::test]
