@@ -30,7 +30,7 @@ pub use leaf::{
 };
 pub use p2p::{Path, PeerConnection, RelayCaps};
 pub use vesper_proto::v1::{
-    ConferenceChat, ConferenceContext, InvitationState, Member, Message, Presence, PresenceStatus,
-    Record,
+    ConferenceChat, ConferenceContext, InvitationState, Member, Message, Presence, PresenceSession,
+    PresenceStatus, Record,
 };
 pub use vesper_proto::{Keypair, PeerId};

@@ -297,18 +297,22 @@ impl SessionRegistry {
         }
         let count = messages.len();
         let deadline = tokio::time::Instant::now() + timeout;
-        let outcomes = futures::future::join_all(
-            lives
-                .iter()
-                .map(|live| deliver_to(live, messages.clone(), deadline)),
-        )
-        .await;
+        let mut outcomes: futures::stream::FuturesUnordered<_> = lives
+            .iter()
+            .map(|live| deliver_to(live, messages.clone(), deadline))
+            .collect();
         let mut delivered = vec![false; count];
         let mut any_session = false;
-        for outcome in outcomes.into_iter().flatten() {
+        // Done as soon as every message has an acknowledgement from some session: a slow or silent one does not
+        // hold up the answer (its own wait is dropped, and its pending acknowledgements with it).
+        while let Some(outcome) = futures::StreamExt::next(&mut outcomes).await {
+            let Ok(outcome) = outcome else { continue };
             any_session = true;
             for (any, one) in delivered.iter_mut().zip(outcome) {
                 *any |= one;
+            }
+            if delivered.iter().all(|done| *done) {
+                break;
             }
         }
         if any_session {
@@ -319,13 +323,33 @@ impl SessionRegistry {
     }
 }
 
-/// Pushes `messages` into one session and waits until `deadline` for its acknowledgements.
+/// Removes the pushes of one delivery from its session's pending acknowledgements when the delivery is done or
+/// dropped.
+struct PendingIds<'a> {
+    pending: &'a PendingAcks,
+    ids: Vec<u64>,
+}
+
+impl Drop for PendingIds<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.pending.lock().expect("pending acks lock poisoned");
+        for id in &self.ids {
+            pending.waiting.remove(id);
+        }
+    }
+}
+
+/// Pushes `messages` into one session and waits until `deadline` for its acknowledgements: as soon as one
+/// message is not acknowledged in time, the rest count as not acknowledged either (they were pushed after it).
 async fn deliver_to(
     live: &Live,
     mut messages: Vec<Message>,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<bool>, DeliveryError> {
-    let mut ids = Vec::with_capacity(messages.len());
+    let mut ids = PendingIds {
+        pending: &live.pending,
+        ids: Vec::with_capacity(messages.len()),
+    };
     let mut acks = Vec::with_capacity(messages.len());
     {
         let mut pending = live.pending.lock().expect("pending acks lock poisoned");
@@ -335,7 +359,7 @@ async fn deliver_to(
             let (acked_tx, acked_rx) = oneshot::channel();
             pending.waiting.insert(id, acked_tx);
             message.delivery_id = id;
-            ids.push(id);
+            ids.ids.push(id);
             acks.push(acked_rx);
         }
     }
@@ -347,28 +371,26 @@ async fn deliver_to(
             .map(server_frame::Frame::Message)
             .collect()
     };
-    let outcome = async {
-        for frame in frames {
+    for frame in frames {
+        let sent = tokio::time::timeout_at(
+            deadline,
             live.outbound
-                .send(Ok(Box::new(ServerFrame { frame: Some(frame) })))
-                .await
-                .map_err(|_| DeliveryError::NoAck)?;
+                .send(Ok(Box::new(ServerFrame { frame: Some(frame) }))),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return Err(DeliveryError::NoAck);
         }
-        let mut acked = Vec::with_capacity(acks.len());
-        for ack in acks {
-            acked.push(matches!(
-                tokio::time::timeout_at(deadline, ack).await,
-                Ok(Ok(()))
-            ));
-        }
-        Ok(acked)
     }
-    .await;
-    let mut pending = live.pending.lock().expect("pending acks lock poisoned");
-    for id in &ids {
-        pending.waiting.remove(id);
+    let mut acked = Vec::with_capacity(acks.len());
+    for ack in acks {
+        acked.push(matches!(
+            tokio::time::timeout_at(deadline, ack).await,
+            Ok(Ok(()))
+        ));
     }
-    outcome
+    drop(ids);
+    Ok(acked)
 }
 
 impl SessionRegistry {
@@ -695,5 +717,98 @@ mod tests {
         };
         let (alice, bob, ()) = tokio::join!(alice, bob, leaf);
         assert_eq!((alice, bob), (Ok(vec![true]), Ok(vec![true])));
+    }
+
+    /// A peer with two sessions here: a message goes into both, and the first acknowledgement settles it at
+    /// once, though the other session never answers.
+    #[tokio::test(start_paused = true)]
+    async fn one_acknowledgement_of_two_sessions_settles_a_delivery() {
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let (silent_tx, mut silent_rx) = mpsc::channel(4);
+        let (answering_tx, mut answering_rx) = mpsc::channel(4);
+        let _silent = registry.open(peer, silent_tx, true);
+        let answering = registry.open(peer, answering_tx, true);
+        // A session without presence takes no pushes.
+        let (quiet_tx, mut quiet_rx) = mpsc::channel(4);
+        let _quiet = registry.open(peer, quiet_tx, false);
+        let message = Message {
+            id: "m1".into(),
+            ..Default::default()
+        };
+        let started = tokio::time::Instant::now();
+        let delivery = registry.deliver_all(&peer, vec![message], Duration::from_secs(60));
+        let leaf = async {
+            let frame = answering_rx.recv().await.unwrap().unwrap();
+            let Some(server_frame::Frame::Message(message)) = frame.frame else {
+                panic!("expected a Message frame, got {frame:?}");
+            };
+            answering.acknowledge(message.delivery_id);
+        };
+        let (delivered, ()) = tokio::join!(delivery, leaf);
+        assert_eq!(delivered, Ok(vec![true]));
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "settled by the first acknowledgement, not at the timeout"
+        );
+        let pushed = silent_rx.try_recv().unwrap().unwrap();
+        assert!(matches!(
+            pushed.frame,
+            Some(server_frame::Frame::Message(_))
+        ));
+        assert!(
+            quiet_rx.try_recv().is_err(),
+            "nothing pushed without presence"
+        );
+        for live in registry.lives(&peer) {
+            assert!(
+                live.pending.lock().unwrap().waiting.is_empty(),
+                "nothing left waiting"
+            );
+        }
+    }
+
+    /// A listed session that its peer's presence no longer lists is ended, with the reason the entry gives;
+    /// one not yet listed (its attach not applied) or still listed is left alone.
+    #[tokio::test]
+    async fn sessions_the_presence_no_longer_lists_are_ended_with_a_reason() {
+        use crate::command::{AttachedSession, PresenceEntry, PresenceStatus};
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let open = || registry.open(peer, mpsc::channel(4).0, true);
+        let (superseded, lost, kept, unlisted) = (open(), open(), open(), open());
+        superseded.listed_at(5);
+        lost.listed_at(6);
+        kept.listed_at(7);
+        let entry = PresenceEntry {
+            status: PresenceStatus::Online,
+            note: String::new(),
+            sessions: vec![AttachedSession {
+                host: 1,
+                session: kept.id(),
+                attached_at_ms: 0,
+            }],
+            superseded: vec![superseded.id()],
+            candidates: Vec::new(),
+            nat_class: String::new(),
+            changed_at_ms: 0,
+            attributes: Default::default(),
+        };
+        // An entry from before the attaches were applied judges nothing.
+        assert_eq!(registry.end_unlisted(&peer, &entry, 4), 0);
+        assert_eq!(registry.end_unlisted(&peer, &entry, 9), 2);
+        assert_eq!(
+            superseded.ended().await.reason,
+            SessionEndReason::Superseded as i32
+        );
+        assert_eq!(
+            lost.ended().await.reason,
+            SessionEndReason::PresenceLost as i32
+        );
+        for untouched in [&kept, &unlisted] {
+            assert!(untouched.live.end.reason.get().is_none());
+        }
+        // Ended once.
+        assert_eq!(registry.end_unlisted(&peer, &entry, 10), 0);
     }
 }

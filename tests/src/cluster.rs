@@ -552,10 +552,15 @@ impl Cluster {
     /// attaching (that presence change would interleave with what presence tests watch); the NAT lab tests
     /// cover publishing.
     pub async fn leaf_with(&self, index: usize, keypair: Keypair) -> anyhow::Result<Leaf> {
+        Ok(Leaf::connect(self.leaf_config(index, keypair)).await?)
+    }
+
+    /// The configuration [`Cluster::leaf_with`] attaches with, to change before connecting.
+    pub fn leaf_config(&self, index: usize, keypair: Keypair) -> LeafConfig {
         let seed = self.nodes[index].endpoints().leaf.to_string();
         let mut config = LeafConfig::new(vec![seed], self.pki.ca_pem(), keypair);
         config.publish_endpoints = false;
-        Ok(Leaf::connect(config).await?)
+        config
     }
 
     /// Path of node `index`'s log file.

@@ -98,16 +98,19 @@ impl Router {
             [] => vec![false; messages.len()],
             [host] => self.deliver(*host, to, messages).await,
             _ => {
-                let outcomes = futures::future::join_all(
-                    hosts
-                        .iter()
-                        .map(|host| self.deliver(*host, to, messages.clone())),
-                )
-                .await;
+                let mut outcomes: futures::stream::FuturesUnordered<_> = hosts
+                    .iter()
+                    .map(|host| self.deliver(*host, to, messages.clone()))
+                    .collect();
                 let mut delivered = vec![false; messages.len()];
-                for outcome in outcomes {
+                // Done once every message was acknowledged somewhere: a host whose sessions are slow or gone
+                // does not hold up the answer.
+                while let Some(outcome) = futures::StreamExt::next(&mut outcomes).await {
                     for (any, one) in delivered.iter_mut().zip(outcome) {
                         *any |= one;
+                    }
+                    if delivered.iter().all(|done| *done) {
+                        break;
                     }
                 }
                 delivered

@@ -92,6 +92,18 @@ pub async fn attach(cli: &Cli, key_path: &Path) -> anyhow::Result<Leaf> {
             | Command::Join { .. }
             | Command::Accept { id: None, .. }
     );
+    // Commands that stay to receive (messages, offers) or that change this peer's presence list their session
+    // in its presence; the others attach without presence, so they never disturb another session of the same
+    // key (a running `listen`, say) and nothing is pushed to them.
+    config.claim_presence = matches!(
+        cli.command,
+        Command::Listen { .. }
+            | Command::Chat { .. }
+            | Command::Join { .. }
+            | Command::Accept { id: None, .. }
+            | Command::Status { .. }
+            | Command::Nat
+    );
     Leaf::connect(config).await.map_err(|error| match error {
         LeafError::Unreachable(_) => anyhow::anyhow!(
             "{error}\n(is a cluster running? scripts/up.sh starts one; --seeds names others)"

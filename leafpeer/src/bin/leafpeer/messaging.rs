@@ -48,12 +48,22 @@ async fn listen(
         eprintln!("listening as {} (Ctrl-C to stop)", at.leaf.peer_id());
     }
     while count.is_none_or(|count| seen < count) {
-        let next = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, messages.recv()).await {
-                Ok(message) => message,
-                Err(_) => break,
+        let next = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, messages.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => messages.recv().await,
+            }
+        };
+        let next = tokio::select! {
+            next = next => next,
+            // A super peer ended the session for good (this key attached too many sessions elsewhere).
+            ended = at.leaf.closed() => match ended {
+                Some(error) => return Err(error.into()),
+                None => None,
             },
-            None => messages.recv().await,
         };
         let Some(message) = next else { break };
         seen += 1;

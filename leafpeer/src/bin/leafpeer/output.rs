@@ -52,6 +52,15 @@ pub fn presence_json(presence: &Presence) -> Value {
         "attributes": presence.attributes,
         "nat_class": presence.nat_class,
         "candidates": presence.candidates,
+        "sessions": presence
+            .sessions
+            .iter()
+            .map(|session| json!({
+                "host_node_id": session.host_node_id,
+                "host": session.host_leaf_addr,
+                "attached_at_ms": session.attached_at_ms,
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 

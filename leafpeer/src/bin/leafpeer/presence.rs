@@ -67,14 +67,23 @@ async fn lookup(at: &Attached<'_>, peer: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A looked-up presence for people: status and host, then the NAT and candidates when published.
+/// A looked-up presence for people: status and hosts, then the NAT and candidates when published.
 fn lookup_text(presence: &Presence) -> String {
+    let hosts: Vec<&str> = presence
+        .sessions
+        .iter()
+        .map(|session| session.host_leaf_addr.as_str())
+        .collect();
+    let via = match hosts.len() {
+        0 => String::new(),
+        1 => format!(" (via {})", hosts[0]),
+        count => format!(" ({count} sessions, via {})", hosts.join(", ")),
+    };
     let mut text = format!(
-        "{} {} {} (via {})",
+        "{} {} {}{via}",
         presence.peer_id,
         status_name(presence.status),
         presence.note,
-        presence.host_leaf_addr
     );
     if !presence.nat_class.is_empty() {
         text.push_str(&format!(
