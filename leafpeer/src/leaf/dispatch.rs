@@ -60,13 +60,14 @@ impl Lanes {
 /// False when the leaf stopped.
 pub async fn hand_over(
     shared: &Arc<Shared>,
+    lanes: &Lanes,
     connection: &Arc<Connection>,
     messages: Received,
 ) -> bool {
     // Usually one lane per frame: a run per lane, in the order the lanes first appear.
     let mut runs: Vec<(mpsc::Sender<Run>, Received)> = Vec::new();
     {
-        let mut by_kind = shared.messaging.lanes.by_kind.lock().expect("lanes lock");
+        let mut by_kind = lanes.by_kind.lock().expect("lanes lock");
         for (message, first) in messages {
             // A retry goes to the lane of its kind if it has one, so that its ack follows the first copy's.
             let lane = match by_kind.get(&message.kind) {
@@ -82,7 +83,7 @@ pub async fn hand_over(
                         .spawn_blocking(move || run_lane(lane_shared, kind, receiver));
                     by_kind.entry(message.kind.clone()).or_insert(sender)
                 }
-                None => &shared.messaging.lanes.stream,
+                None => &lanes.stream,
             };
             match runs
                 .iter_mut()

@@ -179,7 +179,7 @@ impl Leaf {
         let shared = Arc::new(Shared {
             config: config.clone(),
             attachment: Attachment::new(config.seeds.clone()),
-            messaging: Messaging::new(stream_lane_tx, inbox_tx),
+            messaging: Messaging::new(inbox_tx),
             presence: PresenceState::default(),
             peers: PeerLinks::new(incoming_tx),
             watches: watches::WatchRegistry::default(),
@@ -193,7 +193,8 @@ impl Leaf {
             .connection
             .send_replace(Some(attached.connection.clone()));
         shared.spawn(dispatch::run_stream_lane(shared.clone(), stream_lane_rx));
-        shared.spawn(session::supervise(shared.clone(), attached));
+        let lanes = Arc::new(dispatch::Lanes::new(stream_lane_tx));
+        shared.spawn(session::supervise(shared.clone(), attached, lanes));
         Ok(Leaf {
             inner: Arc::new(Inner {
                 shared,

@@ -29,6 +29,7 @@ use vesper_proto::v1::{
 };
 use vesper_proto::{validate, version};
 
+use super::dispatch::Lanes;
 use super::shared::{Attachment, Connection, Messaging, Shared};
 use super::LeafConfig;
 use crate::error::LeafError;
@@ -152,7 +153,7 @@ pub async fn attach_any(config: &LeafConfig, candidates: &[String]) -> Result<At
 }
 
 /// Runs the session on `attached`, then keeps re-attaching until the leaf stops.
-pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
+pub async fn supervise(shared: Arc<Shared>, mut attached: Attached, lanes: Arc<Lanes>) {
     let mut first = true;
     loop {
         learn_members(&shared.attachment, &attached.members);
@@ -172,7 +173,7 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached) {
             super::endpoints::publish_in_background(shared.clone(), attached.connection.clone());
         }
         let server = attached.connection.server.clone();
-        run_stream(&shared, attached).await;
+        run_stream(&shared, attached, &lanes).await;
         shared.attachment.connection.send_replace(None);
         // Sends waiting on the lost session fail now; their callers retry on the next one.
         shared
@@ -232,7 +233,7 @@ fn learn_members(attachment: &Attachment, members: &[vesper_proto::v1::Member]) 
 }
 
 /// Owns one session stream until it ends or the leaf stops.
-async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
+async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) {
     let Attached {
         connection,
         mut inbound,
@@ -253,14 +254,14 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached) {
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::Message(message)),
             })) => {
-                if !receive(shared, &connection, vec![message]).await {
+                if !receive(shared, lanes, &connection, vec![message]).await {
                     return;
                 }
             }
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::MessageBatch(batch)),
             })) => {
-                if !receive(shared, &connection, batch.messages).await {
+                if !receive(shared, lanes, &connection, batch.messages).await {
                     return;
                 }
             }
@@ -345,6 +346,7 @@ fn send_done(messaging: &Messaging, results: Vec<SendResult>) {
 /// to the app in order and acknowledge all of them. Waits while a lane is full. False when the leaf stopped.
 async fn receive(
     shared: &Arc<Shared>,
+    lanes: &Lanes,
     connection: &Arc<Connection>,
     messages: Vec<Message>,
 ) -> bool {
@@ -364,5 +366,5 @@ async fn receive(
         .messaging
         .unacknowledged
         .send_modify(|unacknowledged| *unacknowledged += count);
-    super::dispatch::hand_over(shared, connection, messages).await
+    super::dispatch::hand_over(shared, lanes, connection, messages).await
 }

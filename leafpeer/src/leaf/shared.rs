@@ -101,8 +101,6 @@ impl Attachment {
 /// Messages both ways: received ones on their way to the app, sends waiting for their results.
 pub struct Messaging {
     pub handlers: Handlers,
-    /// Where the read loop hands received messages: a lane per kind with a handler, the stream lane for the rest.
-    pub lanes: super::dispatch::Lanes,
     pub inbox: mpsc::Sender<Message>,
     pub seen: Mutex<SeenMessages>,
     /// Pipelined sends waiting for their SendResult, by request id. Cleared when a session ends, which fails
@@ -121,14 +119,10 @@ pub struct Messaging {
 }
 
 impl Messaging {
-    /// Messaging whose stream lane is fed by `stream_lane` and puts messages without a handler on `inbox`.
-    pub fn new(
-        stream_lane: mpsc::Sender<super::dispatch::Run>,
-        inbox: mpsc::Sender<Message>,
-    ) -> Self {
+    /// Messaging whose stream lane puts messages without a handler on `inbox`.
+    pub fn new(inbox: mpsc::Sender<Message>) -> Self {
         Self {
             handlers: Handlers::default(),
-            lanes: super::dispatch::Lanes::new(stream_lane),
             inbox,
             seen: Default::default(),
             pending_sends: Default::default(),
