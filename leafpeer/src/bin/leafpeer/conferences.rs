@@ -111,6 +111,7 @@ async fn join(at: &Attached<'_>, id: &str) -> anyhow::Result<()> {
                 }
                 None => return Ok(()),
             },
+            Some(error) = leaf.closed() => return Err(error.into()),
             Some(item) = events.recv() => {
                 let WatchItem::Event(event) = item else { continue };
                 match event.change {

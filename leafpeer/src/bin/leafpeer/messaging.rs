@@ -117,6 +117,7 @@ async fn chat(at: &Attached<'_>, peer: PeerId) -> anyhow::Result<()> {
             Some(message) = messages.recv() => {
                 println!("{}: {}", short(&message.from), String::from_utf8_lossy(&message.payload));
             }
+            Some(error) = leaf.closed() => return Err(error.into()),
             Some(item) = presence.recv() => {
                 if let WatchItem::Event(event) = item {
                     if let Some(Change::Presence(presence)) = event.change {
