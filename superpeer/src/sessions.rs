@@ -31,7 +31,47 @@ pub type Outbound = mpsc::Sender<Result<Box<ServerFrame>, Status>>;
 struct Pending {
     /// The delivery id the next pushed message gets (starts at 1; 0 means "none" on the wire).
     next: u64,
-    waiting: HashMap<u64, oneshot::Sender<()>>,
+    /// Each push waiting for its acknowledgement, with the (sender, message id) it carries.
+    waiting: HashMap<u64, (oneshot::Sender<()>, MessageKey)>,
+    /// Messages this session acknowledged lately, so that a sender's retry of one is not pushed again.
+    recent: RecentAcks,
+}
+
+/// A message as its sender names it: (sender PeerId text, message id).
+type MessageKey = (String, String);
+
+/// Acknowledged messages a session remembers, per session, so that a retry (the sender did not learn of the
+/// first delivery, say its session broke) counts as delivered without being pushed again.
+pub const RECENT_ACKS: usize = 256;
+
+/// The last [`RECENT_ACKS`] messages one session acknowledged.
+#[derive(Default)]
+struct RecentAcks {
+    order: std::collections::VecDeque<MessageKey>,
+    keys: std::collections::HashSet<MessageKey>,
+}
+
+impl RecentAcks {
+    fn remember(&mut self, key: MessageKey) {
+        if self.keys.contains(&key) {
+            return;
+        }
+        if self.order.len() == RECENT_ACKS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+        self.keys.insert(key.clone());
+        self.order.push_back(key);
+    }
+
+    fn contains(&self, from: &str, id: &str) -> bool {
+        // A key is built only when the session acknowledged anything yet.
+        !self.keys.is_empty()
+            && self
+                .keys
+                .contains(&(from.to_string(), id.to_string()))
+    }
 }
 
 type PendingAcks = Arc<Mutex<Pending>>;
@@ -350,18 +390,26 @@ async fn deliver_to(
         pending: &live.pending,
         ids: Vec::with_capacity(messages.len()),
     };
+    // One entry per message: its acknowledgement to wait for, or None when this session acknowledged it before
+    // (a retry: delivered, and not pushed again).
     let mut acks = Vec::with_capacity(messages.len());
     {
         let mut pending = live.pending.lock().expect("pending acks lock poisoned");
-        for message in &mut messages {
+        messages.retain_mut(|message| {
+            if pending.recent.contains(&message.from, &message.id) {
+                acks.push(None);
+                return false;
+            }
             pending.next += 1;
             let id = pending.next;
             let (acked_tx, acked_rx) = oneshot::channel();
-            pending.waiting.insert(id, acked_tx);
+            let key = (message.from.clone(), message.id.clone());
+            pending.waiting.insert(id, (acked_tx, key));
             message.delivery_id = id;
             ids.ids.push(id);
-            acks.push(acked_rx);
-        }
+            acks.push(Some(acked_rx));
+            true
+        });
     }
     let frames = if messages.len() > 1 {
         vec![server_frame::Frame::MessageBatch(MessageBatch { messages })]
@@ -384,10 +432,10 @@ async fn deliver_to(
     }
     let mut acked = Vec::with_capacity(acks.len());
     for ack in acks {
-        acked.push(matches!(
-            tokio::time::timeout_at(deadline, ack).await,
-            Ok(Ok(()))
-        ));
+        acked.push(match ack {
+            Some(ack) => matches!(tokio::time::timeout_at(deadline, ack).await, Ok(Ok(()))),
+            None => true,
+        });
     }
     drop(ids);
     Ok(acked)
@@ -534,14 +582,13 @@ impl SessionGuard {
     /// Completes the delivery with id `delivery_id` (the leaf acknowledged it). An id this session is not
     /// waiting for (acknowledged before, timed out, or never given) is ignored.
     pub fn acknowledge(&self, delivery_id: u64) {
-        if let Some(waiting) = self
+        let mut pending = self
             .live
             .pending
             .lock()
-            .expect("pending acks lock poisoned")
-            .waiting
-            .remove(&delivery_id)
-        {
+            .expect("pending acks lock poisoned");
+        if let Some((waiting, key)) = pending.waiting.remove(&delivery_id) {
+            pending.recent.remember(key);
             let _ = waiting.send(());
         }
     }
@@ -810,5 +857,51 @@ mod tests {
         }
         // Ended once.
         assert_eq!(registry.end_unlisted(&peer, &entry, 10), 0);
+    }
+
+    /// A sender's retry of a message this session already acknowledged counts as delivered and is not pushed
+    /// again; the same id from another sender is another message.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_of_an_acknowledged_message_is_not_pushed_again() {
+        let registry = SessionRegistry::default();
+        let peer = Keypair::generate().peer_id();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = registry.open(peer, tx, true);
+        let message = |from: &str| Message {
+            id: "m1".into(),
+            from: from.into(),
+            ..Default::default()
+        };
+        let first = registry.deliver_all(&peer, vec![message("vp1alice")], Duration::from_secs(10));
+        let leaf = async {
+            let frame = rx.recv().await.unwrap().unwrap();
+            let Some(server_frame::Frame::Message(pushed)) = frame.frame else {
+                panic!("expected a Message frame, got {frame:?}");
+            };
+            guard.acknowledge(pushed.delivery_id);
+        };
+        let (first, ()) = tokio::join!(first, leaf);
+        assert_eq!(first, Ok(vec![true]));
+        let retry = registry
+            .deliver_all(&peer, vec![message("vp1alice")], Duration::from_secs(10))
+            .await;
+        assert_eq!(retry, Ok(vec![true]));
+        assert!(rx.try_recv().is_err(), "the retry was not pushed");
+        // Another sender's message with the same id is pushed.
+        let other = registry.deliver_all(&peer, vec![message("vp1bob")], Duration::from_millis(10));
+        assert_eq!(other.await, Ok(vec![false]), "pushed, and not acknowledged here");
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn recent_acknowledgements_are_bounded() {
+        let mut recent = RecentAcks::default();
+        for n in 0..RECENT_ACKS + 10 {
+            recent.remember(("vp1a".into(), n.to_string()));
+        }
+        assert_eq!(recent.order.len(), RECENT_ACKS);
+        assert_eq!(recent.keys.len(), RECENT_ACKS);
+        assert!(!recent.contains("vp1a", "0"), "the oldest are forgotten");
+        assert!(recent.contains("vp1a", &(RECENT_ACKS + 9).to_string()));
     }
 }

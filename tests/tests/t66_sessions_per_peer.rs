@@ -259,3 +259,77 @@ async fn t66_past_the_session_limit_the_oldest_is_ended_with_a_reason() -> anyho
     assert!(matches!(sent, SendOutcome::Delivered));
     Ok(())
 }
+
+/// A sender's retry of a message id the recipient's session already acknowledged is delivered without being
+/// pushed again (a client that does not deduplicate never sees it twice from one session); the raw recipient
+/// here acknowledges only what the test tells it to, so a second push would leave the retry unacknowledged and
+/// queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyhow::Result<()> {
+    use vesper_proto::v1::{client_frame, server_frame, ClientFrame, MessageAck, SendMessageRequest};
+    use vesper_tests::raw::{self, Signing};
+    let cluster = Cluster::start(2, NodeOptions::default()).await?;
+    let ca = cluster.pki.ca_pem();
+    let recipient_key = Keypair::generate();
+    let address = |index: usize| cluster.nodes[index].endpoints().leaf.to_string();
+    let mut recipient =
+        raw::open(raw::channel(&address(1), &ca).await?, &recipient_key, Signing::Valid).await?;
+    let sender =
+        raw::open(raw::channel(&address(0), &ca).await?, &Keypair::generate(), Signing::Valid)
+            .await?;
+    let send = |id: &str| {
+        let request = SendMessageRequest {
+            to: recipient_key.peer_id().to_string(),
+            id: id.into(),
+            kind: "note".into(),
+            payload: id.as_bytes().to_vec(),
+        };
+        let mut client = sender.client.clone();
+        let request = sender.request(request);
+        async move { client.send_message(request).await.map(|reply| reply.into_inner()) }
+    };
+    async fn next_message(
+        session: &mut raw::RawSession,
+    ) -> anyhow::Result<vesper_proto::v1::Message> {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(20), session.inbound.message())
+                .await
+                .map_err(|_| anyhow::anyhow!("no frame within 20 s"))??
+                .ok_or_else(|| anyhow::anyhow!("session stream ended"))?;
+            match frame.frame {
+                Some(server_frame::Frame::Message(message)) => return Ok(message),
+                Some(server_frame::Frame::Pong(_)) | None => {}
+                Some(other) => anyhow::bail!("unexpected frame {other:?}"),
+            }
+        }
+    }
+    let first = tokio::spawn(send("r1"));
+    let pushed = next_message(&mut recipient).await?;
+    assert_eq!(pushed.id, "r1");
+    recipient
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::MessageAck(MessageAck {
+                delivery_id: pushed.delivery_id,
+            })),
+        })
+        .await?;
+    assert!(first.await??.delivered);
+    // The retry: delivered at once, not pushed (nothing would acknowledge a second push).
+    let retry = send("r1").await?;
+    assert!(retry.delivered && !retry.queued, "{retry:?}");
+    // The next message the recipient sees is the next one sent.
+    let next = tokio::spawn(send("r2"));
+    let pushed = next_message(&mut recipient).await?;
+    assert_eq!(pushed.id, "r2", "the retry of r1 was pushed again");
+    recipient
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::MessageAck(MessageAck {
+                delivery_id: pushed.delivery_id,
+            })),
+        })
+        .await?;
+    assert!(next.await??.delivered);
+    Ok(())
+}
