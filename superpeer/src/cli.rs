@@ -136,6 +136,14 @@ pub struct Args {
     /// Concurrent calls one connection to the Leaf port may have open. Default: 256.
     #[arg(long, env = "VESPER_MAX_STREAMS_PER_CONNECTION")]
     max_streams_per_connection: Option<u32>,
+    /// Bytes of request metadata one call to the Leaf port may carry; more is refused with RESOURCE_EXHAUSTED.
+    /// Default: 8192.
+    #[arg(long, env = "VESPER_MAX_METADATA_BYTES")]
+    max_metadata_bytes: Option<u32>,
+    /// HTTP/2 limit on one request's header block on the Leaf port; a larger block closes the connection.
+    /// Default: 131072.
+    #[arg(long, env = "VESPER_MAX_HEADER_LIST_BYTES")]
+    max_header_list_bytes: Option<u32>,
     /// How often the TLS files are checked for a rotated certificate (0s: only on SIGHUP). Default: 10s.
     #[arg(long, env = "VESPER_TLS_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
     tls_reload_interval: Option<Duration>,
@@ -267,6 +275,8 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
             "max_streams_per_connection",
             args.max_streams_per_connection,
         )
+        .set("max_metadata_bytes", args.max_metadata_bytes)
+        .set("max_header_list_bytes", args.max_header_list_bytes)
         .duration("tls_reload_interval", args.tls_reload_interval)
         .set("stun.enabled", args.no_stun.then_some(false))
         .set("stun.rate_per_source", args.stun_rate_per_source)

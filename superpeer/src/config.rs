@@ -127,6 +127,14 @@ pub struct Config {
     /// Concurrent gRPC streams (calls) one connection to the Leaf port may have open; HTTP/2 refuses streams
     /// beyond it. Default 256.
     pub max_streams_per_connection: u32,
+    /// Bytes of request metadata (header names and values, 32 bytes more each, as HTTP/2 counts them) a call to
+    /// the Leaf port may carry; a call over it is refused with RESOURCE_EXHAUSTED, and the connection and its
+    /// session go on. Default 8 KiB (gRPC implementations commonly allow 8 to 16 KiB).
+    pub max_metadata_bytes: u32,
+    /// The HTTP/2 limit on one request's header block on the Leaf port (SETTINGS_MAX_HEADER_LIST_SIZE). A block
+    /// up to it is read and then judged by `max_metadata_bytes`; a block over it cannot be skipped (the HPACK
+    /// state would be lost), so the connection is closed. Default 128 KiB.
+    pub max_header_list_bytes: u32,
     /// How often the TLS files are checked for a new certificate (0s: only on SIGHUP). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub tls_reload_interval: Duration,
@@ -165,6 +173,8 @@ impl Default for Config {
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 64,
             max_streams_per_connection: 256,
+            max_metadata_bytes: 8 << 10,
+            max_header_list_bytes: 128 << 10,
             tls_reload_interval: Duration::from_secs(10),
             stun: crate::udp::stun::StunConfig::default(),
             relay: crate::udp::RelayConfig::default(),
@@ -207,10 +217,17 @@ impl Config {
                 "max_streams_per_connection",
                 u64::from(self.max_streams_per_connection),
             ),
+            ("max_metadata_bytes", u64::from(self.max_metadata_bytes)),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be above 0"));
             }
+        }
+        if self.max_header_list_bytes < self.max_metadata_bytes {
+            problems.push(format!(
+                "max_header_list_bytes ({}) must be at least max_metadata_bytes ({}): a header block the connection cannot read closes it",
+                self.max_header_list_bytes, self.max_metadata_bytes
+            ));
         }
         let raft = &self.raft;
         if raft.heartbeat_interval < Duration::from_millis(1) {

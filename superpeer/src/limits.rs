@@ -64,3 +64,29 @@ mod tests {
         );
     }
 }
+
+/// Refuses a call whose request metadata is over `max_bytes` (each header counted as HTTP/2 counts it: name,
+/// value and 32 bytes), with RESOURCE_EXHAUSTED naming the limit. It runs before the service, on the call alone:
+/// the connection, and a session stream on it, go on.
+#[derive(Clone, Copy)]
+pub struct MetadataLimit {
+    pub max_bytes: usize,
+}
+
+impl tonic::service::Interceptor for MetadataLimit {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let headers = request.metadata().as_ref();
+        let size: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        if size > self.max_bytes {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "request metadata is {size} bytes in {} headers; at most {} bytes are allowed (max_metadata_bytes)",
+                headers.len(),
+                self.max_bytes
+            )));
+        }
+        Ok(request)
+    }
+}

@@ -410,6 +410,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     };
     let leaf_server = Server::builder()
         .max_concurrent_streams(Some(config.max_streams_per_connection))
+        .http2_max_header_list_size(config.max_header_list_bytes)
+        .layer(tonic::service::InterceptorLayer::new(
+            crate::limits::MetadataLimit {
+                max_bytes: config.max_metadata_bytes as usize,
+            },
+        ))
         .add_service(health_service.clone())
         .add_service(crate::leaf::service(
             leaf_state.clone(),

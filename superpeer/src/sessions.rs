@@ -67,10 +67,7 @@ impl RecentAcks {
 
     fn contains(&self, from: &str, id: &str) -> bool {
         // A key is built only when the session acknowledged anything yet.
-        !self.keys.is_empty()
-            && self
-                .keys
-                .contains(&(from.to_string(), id.to_string()))
+        !self.keys.is_empty() && self.keys.contains(&(from.to_string(), id.to_string()))
     }
 }
 
@@ -889,7 +886,11 @@ mod tests {
         assert!(rx.try_recv().is_err(), "the retry was not pushed");
         // Another sender's message with the same id is pushed.
         let other = registry.deliver_all(&peer, vec![message("vp1bob")], Duration::from_millis(10));
-        assert_eq!(other.await, Ok(vec![false]), "pushed, and not acknowledged here");
+        assert_eq!(
+            other.await,
+            Ok(vec![false]),
+            "pushed, and not acknowledged here"
+        );
         assert!(rx.try_recv().is_ok());
     }
 

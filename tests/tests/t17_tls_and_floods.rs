@@ -546,3 +546,79 @@ async fn t17_stream_floods_and_compressed_or_oversize_messages_are_refused() -> 
     drop(held);
     Ok(())
 }
+
+/// Request headers over the metadata limit are refused as RESOURCE_EXHAUSTED on that call alone: the same
+/// connection's session stream lives on (a ping is answered), and so do other calls on it. Both shapes a client
+/// may send: one 64 KiB value, and 2,000 small headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t17_oversized_request_headers_are_refused_without_ending_the_session() -> anyhow::Result<()>
+{
+    use tonic::metadata::{MetadataKey, MetadataValue};
+    use vesper_proto::v1::{client_frame, server_frame, ClientFrame, LookupPeerRequest, Ping};
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let address = cluster.nodes[0].endpoints().leaf.to_string();
+    let keypair = Keypair::generate();
+    // One connection carries the session and every call below.
+    let channel = raw::channel(&address, &cluster.pki.ca_pem()).await?;
+    let mut session = raw::open(channel, &keypair, Signing::Valid).await?;
+    let (client, token) = (session.client.clone(), session.token.clone());
+    let lookup = |extra: &dyn Fn(&mut tonic::metadata::MetadataMap)| {
+        let mut request = raw::with_token(
+            LookupPeerRequest {
+                peer_id: keypair.peer_id().to_string(),
+                consistency: 0,
+            },
+            &token,
+        );
+        extra(request.metadata_mut());
+        let mut client = client.clone();
+        async move { client.lookup_peer(request).await }
+    };
+    let big_value: MetadataValue<_> = "x".repeat(64 << 10).parse()?;
+    let one_big = lookup(&|metadata| {
+        metadata.insert("x-big", big_value.clone());
+    })
+    .await;
+    let many_small = lookup(&|metadata| {
+        for n in 0..2000 {
+            let key: MetadataKey<_> = format!("x-h{n}").parse().expect("header name");
+            metadata.insert(key, MetadataValue::from_static("v"));
+        }
+    })
+    .await;
+    for (what, outcome) in [
+        ("one 64 KiB header", one_big),
+        ("2,000 headers", many_small),
+    ] {
+        let status = outcome.err().unwrap_or_else(|| panic!("{what}: accepted"));
+        assert_eq!(status.code(), Code::ResourceExhausted, "{what}: {status:?}");
+        assert!(
+            status.message().contains("metadata"),
+            "{what}: a message that names the limit: {}",
+            status.message()
+        );
+    }
+    // The session on the same connection is alive: a ping is answered, and a normal call works.
+    session
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Ping(Ping { nonce: 7 })),
+        })
+        .await?;
+    let pong = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match session.inbound.message().await? {
+                Some(frame) => {
+                    if let Some(server_frame::Frame::Pong(pong)) = frame.frame {
+                        return anyhow::Ok(pong);
+                    }
+                }
+                None => anyhow::bail!("the session stream ended"),
+            }
+        }
+    })
+    .await??;
+    assert_eq!(pong.nonce, 7);
+    lookup(&|_| {}).await?;
+    Ok(())
+}

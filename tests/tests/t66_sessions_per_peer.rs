@@ -266,17 +266,26 @@ async fn t66_past_the_session_limit_the_oldest_is_ended_with_a_reason() -> anyho
 /// queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyhow::Result<()> {
-    use vesper_proto::v1::{client_frame, server_frame, ClientFrame, MessageAck, SendMessageRequest};
+    use vesper_proto::v1::{
+        client_frame, server_frame, ClientFrame, MessageAck, SendMessageRequest,
+    };
     use vesper_tests::raw::{self, Signing};
     let cluster = Cluster::start(2, NodeOptions::default()).await?;
     let ca = cluster.pki.ca_pem();
     let recipient_key = Keypair::generate();
     let address = |index: usize| cluster.nodes[index].endpoints().leaf.to_string();
-    let mut recipient =
-        raw::open(raw::channel(&address(1), &ca).await?, &recipient_key, Signing::Valid).await?;
-    let sender =
-        raw::open(raw::channel(&address(0), &ca).await?, &Keypair::generate(), Signing::Valid)
-            .await?;
+    let mut recipient = raw::open(
+        raw::channel(&address(1), &ca).await?,
+        &recipient_key,
+        Signing::Valid,
+    )
+    .await?;
+    let sender = raw::open(
+        raw::channel(&address(0), &ca).await?,
+        &Keypair::generate(),
+        Signing::Valid,
+    )
+    .await?;
     let send = |id: &str| {
         let request = SendMessageRequest {
             to: recipient_key.peer_id().to_string(),
@@ -286,7 +295,12 @@ async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyh
         };
         let mut client = sender.client.clone();
         let request = sender.request(request);
-        async move { client.send_message(request).await.map(|reply| reply.into_inner()) }
+        async move {
+            client
+                .send_message(request)
+                .await
+                .map(|reply| reply.into_inner())
+        }
     };
     async fn next_message(
         session: &mut raw::RawSession,
