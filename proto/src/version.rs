@@ -20,10 +20,12 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// The newest protocol version this build speaks.
-pub const NEWEST: u32 = 1;
-/// The oldest protocol version this build still speaks.
-pub const OLDEST: u32 = 1;
+/// The newest protocol version this build speaks. 2: a peer's presence lists several sessions, with replicated
+/// rules that version 1 members apply differently (docs/DECISIONS.md, "Several sessions per peer").
+pub const NEWEST: u32 = 2;
+/// The oldest protocol version this build still speaks. Nothing is released yet, so version 1 is not kept: a
+/// version-1 member in a version-2 cluster would apply presence changes by other rules.
+pub const OLDEST: u32 = 2;
 
 /// Request metadata key carrying the calling super peer's protocol range on Cluster calls.
 pub const CLUSTER_METADATA_KEY: &str = "x-vesper-protocol";

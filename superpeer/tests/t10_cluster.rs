@@ -651,7 +651,7 @@ async fn t10_protocol_versions_are_agreed_at_attach_and_between_members() -> any
         ((0, 0), "names no protocol version (Attach.protocol_newest)"),
         (
             (90, 99),
-            "the peer speaks 90-99, this side speaks 1; this side is older",
+            "the peer speaks 90-99, this side speaks 2; this side is older",
         ),
     ] {
         let Err(status) = attach(protocol).await? else {

@@ -4,7 +4,7 @@
 //! Under load many sends queue up while a frame is being written; one `SendBatch` then carries them, so the super
 //! peer takes them in one task and pushes those for the same recipient in one frame. A lone send still goes out
 //! as a plain `SendFrame` the moment it is queued: nothing waits for a batch to fill. (Every super peer of
-//! protocol 1 takes batches.)
+//! protocol 1 or later takes batches.)
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
