@@ -81,11 +81,12 @@ impl tonic::service::Interceptor for MetadataLimit {
             .map(|(name, value)| name.as_str().len() + value.len() + 32)
             .sum();
         if size > self.max_bytes {
-            return Err(tonic::Status::resource_exhausted(format!(
+            return Err(crate::error::ServiceError::LimitReached(format!(
                 "request metadata is {size} bytes in {} headers; at most {} bytes are allowed (max_metadata_bytes)",
                 headers.len(),
                 self.max_bytes
-            )));
+            ))
+            .into_status());
         }
         Ok(request)
     }
