@@ -376,8 +376,8 @@ impl Drop for PendingIds<'_> {
     }
 }
 
-/// Pushes `messages` into one session and waits until `deadline` for its acknowledgements: as soon as one
-/// message is not acknowledged in time, the rest count as not acknowledged either (they were pushed after it).
+/// Pushes `messages` into one session and waits until `deadline` for its acknowledgements; each message has its
+/// own outcome (a message this session acknowledged before counts as delivered and is not pushed again).
 async fn deliver_to(
     live: &Live,
     mut messages: Vec<Message>,

@@ -838,6 +838,85 @@ async fn t60_a_session_without_keepalives_expires_after_ttl_plus_grace() -> anyh
     Ok(())
 }
 
+/// The TTL counts from the last frame the leaf sent: a session that never pings expires though its watch keeps
+/// getting events (each event woke the session's loop, which used to start the TTL over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_silent_session_expires_though_its_watch_keeps_getting_events() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(
+        1,
+        options(&["--session-ttl", "5500ms", "--session-grace", "500ms"]),
+    )
+    .await?;
+    let writer = cluster.leaf(0).await?;
+    let silent_key = Keypair::generate();
+    let address = cluster.nodes[0].endpoints().leaf.to_string();
+    let channel = vesper_tests::raw::channel(&address, &cluster.pki.ca_pem()).await?;
+    let silent =
+        vesper_tests::raw::open(channel, &silent_key, vesper_tests::raw::Signing::Valid).await?;
+    silent
+        .outbound
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Watch(vesper_proto::v1::Watch {
+                watch_id: 1,
+                namespace: "busy".into(),
+                ..Default::default()
+            })),
+        })
+        .await?;
+    let silent_id = silent_key.peer_id();
+    // The session reads what it is sent (so that nothing on the super peer waits for it), and sends nothing.
+    let vesper_tests::raw::RawSession {
+        mut inbound,
+        outbound,
+        ..
+    } = silent;
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = events.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(frame)) = inbound.message().await {
+            if matches!(frame.frame, Some(server_frame::Frame::WatchEvent(_))) {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    // Events for the watch, more often than the TTL, until the session is gone: within TTL + grace and a wide
+    // margin for a loaded machine (12 s). Before, the TTL started over at each event, and this session lived
+    // until something else ended it (about 16 s here).
+    let attached = Instant::now();
+    let mut written = 0u64;
+    wait::until(
+        "the silent session to expire while its watch gets events",
+        Duration::from_secs(12),
+        || {
+            written += 1;
+            let (writer, key) = (writer.clone(), format!("k{written}"));
+            async move {
+                writer
+                    .put("busy", &key, Default::default(), b"v".to_vec(), None)
+                    .await?;
+                Ok(
+                    (status_of(&writer, &silent_id).await? == PresenceStatus::Offline as i32)
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await?;
+    let got = events.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "offline after {:?}, {written} writes, {got} events",
+        attached.elapsed()
+    );
+    assert!(
+        got > 3,
+        "events kept coming ({got} events for {written} writes)"
+    );
+    drop(outbound);
+    reader.abort();
+    Ok(())
+}
+
 /// One send from a raw session, with a message id of the test's choosing.
 fn send_frame(request_id: u64, to: &str, id: &str, payload: &[u8]) -> ClientFrame {
     ClientFrame {

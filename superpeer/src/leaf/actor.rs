@@ -146,6 +146,7 @@ pub(super) async fn run_session(
     // Boxed and dropped once done: an idle session should not carry the drain's state for its whole life.
     let mut drain = listed.then(|| Box::pin(drain));
     let ttl = context.config.session_ttl;
+    let mut heard = tokio::time::Instant::now();
     // Sends run as one task per frame (a SendFrame, or a SendBatch); each task returns what it held in flight.
     let mut sends = tokio::task::JoinSet::<InFlight>::new();
     let mut sends_in_flight = InFlight::default();
@@ -183,7 +184,13 @@ pub(super) async fn run_session(
                     }
                 }
             }
-            frame = tokio::time::timeout(ttl, inbound.message()) => match frame {
+            // The TTL counts from the last frame the leaf sent, not from the last wake-up of this loop (watch
+            // events, finished sends and the drain wake it too).
+            frame = tokio::time::timeout_at(heard + ttl, inbound.message()) => match frame.inspect(|frame| {
+                if matches!(frame, Ok(Some(_))) {
+                    heard = tokio::time::Instant::now();
+                }
+            }) {
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Ping(ping)) }))) => {
                     let pong = ServerFrame { frame: Some(server_frame::Frame::Pong(Pong { nonce: ping.nonce })) };
                     if tx.send(Ok(Box::new(pong))).await.is_err() {
