@@ -37,8 +37,26 @@ struct Pending {
     recent: RecentAcks,
 }
 
-/// A message as its sender names it: (sender PeerId text, message id).
-type MessageKey = (String, String);
+/// A message as its sender names it, (sender PeerId text, message id), as a 128-bit digest: two keyed
+/// SipHash-1-3 values under keys drawn per process, so that a remembered message costs 16 bytes and no
+/// allocation. A collision (two different messages with one digest within one session's last
+/// [`RECENT_ACKS`]) has odds of about 2^-120 per lookup, and no sender can aim for one without the keys.
+type MessageKey = u128;
+
+/// The hashers of [`message_key`], keyed once per process.
+fn key_hashers() -> &'static (std::hash::RandomState, std::hash::RandomState) {
+    static HASHERS: std::sync::OnceLock<(std::hash::RandomState, std::hash::RandomState)> =
+        std::sync::OnceLock::new();
+    HASHERS.get_or_init(|| (std::hash::RandomState::new(), std::hash::RandomState::new()))
+}
+
+/// The digest of the message `id` from `from`.
+fn message_key(from: &str, id: &str) -> MessageKey {
+    use std::hash::BuildHasher;
+    let (high, low) = key_hashers();
+    let pair = (from, id);
+    (u128::from(high.hash_one(pair)) << 64) | u128::from(low.hash_one(pair))
+}
 
 /// Acknowledged messages a session remembers, per session, so that a retry (the sender did not learn of the
 /// first delivery, say its session broke) counts as delivered without being pushed again.
@@ -53,7 +71,7 @@ struct RecentAcks {
 
 impl RecentAcks {
     fn remember(&mut self, key: MessageKey) {
-        if self.keys.contains(&key) {
+        if !self.keys.insert(key) {
             return;
         }
         if self.order.len() == RECENT_ACKS {
@@ -61,13 +79,11 @@ impl RecentAcks {
                 self.keys.remove(&oldest);
             }
         }
-        self.keys.insert(key.clone());
         self.order.push_back(key);
     }
 
-    fn contains(&self, from: &str, id: &str) -> bool {
-        // A key is built only when the session acknowledged anything yet.
-        !self.keys.is_empty() && self.keys.contains(&(from.to_string(), id.to_string()))
+    fn contains(&self, key: MessageKey) -> bool {
+        self.keys.contains(&key)
     }
 }
 
@@ -334,6 +350,10 @@ impl SessionRegistry {
         }
         let count = messages.len();
         let deadline = tokio::time::Instant::now() + timeout;
+        if let [live] = lives.as_slice() {
+            // The common case: one session, and the messages are not copied.
+            return deliver_to(live, messages, deadline).await;
+        }
         let mut outcomes: futures::stream::FuturesUnordered<_> = lives
             .iter()
             .map(|live| deliver_to(live, messages.clone(), deadline))
@@ -393,14 +413,14 @@ async fn deliver_to(
     {
         let mut pending = live.pending.lock().expect("pending acks lock poisoned");
         messages.retain_mut(|message| {
-            if pending.recent.contains(&message.from, &message.id) {
+            let key = message_key(&message.from, &message.id);
+            if pending.recent.contains(key) {
                 acks.push(None);
                 return false;
             }
             pending.next += 1;
             let id = pending.next;
             let (acked_tx, acked_rx) = oneshot::channel();
-            let key = (message.from.clone(), message.id.clone());
             pending.waiting.insert(id, (acked_tx, key));
             message.delivery_id = id;
             ids.ids.push(id);
@@ -898,11 +918,16 @@ mod tests {
     fn recent_acknowledgements_are_bounded() {
         let mut recent = RecentAcks::default();
         for n in 0..RECENT_ACKS + 10 {
-            recent.remember(("vp1a".into(), n.to_string()));
+            recent.remember(message_key("vp1a", &n.to_string()));
         }
         assert_eq!(recent.order.len(), RECENT_ACKS);
         assert_eq!(recent.keys.len(), RECENT_ACKS);
-        assert!(!recent.contains("vp1a", "0"), "the oldest are forgotten");
-        assert!(recent.contains("vp1a", &(RECENT_ACKS + 9).to_string()));
+        assert!(
+            !recent.contains(message_key("vp1a", "0")),
+            "the oldest are forgotten"
+        );
+        assert!(recent.contains(message_key("vp1a", &(RECENT_ACKS + 9).to_string())));
+        // The pair is hashed as a pair: the same text split differently is another message.
+        assert_ne!(message_key("ab", "c"), message_key("a", "bc"));
     }
 }
