@@ -35,6 +35,9 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> building binaries for the integration tests"
 cargo build --workspace --bins
+echo "==> Python reference client: venv and stubs (clients/python; about 12 s the first time, then cached)"
+# The integration test t67 runs the client against a cluster; a failed set-up stops here, not in that test.
+"$VESPER_ROOT/scripts/python-client.sh" >/dev/null
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
