@@ -158,6 +158,10 @@ def main():
     step = "attach"
     client = Client(args.seeds.split(","), ca, Identity.generate(), server_name=args.server_name)
     try:
+        # docs/PROTOCOL.md's worked example (the public key of RFC 8032's first test), then a round trip.
+        rfc8032 = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+        expect(vesper_client.peer_id_of(rfc8032) == "vp125njqamcweflpvkl73j4szahhihoc4xt3ktcgjnpaingr5yhkena",
+               "the PeerId text of RFC 8032's test key")
         expect(vesper_client.public_key_of(client.peer_id) == client.identity.public_key, "peer id round trip")
         welcome = client.attach()
         expect(welcome.peer_id == client.peer_id, "the super peer derives the same peer id")

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vesper.v1 import common_pb2, leaf_pb2, leaf_pb2_grpc
 
 # The protocol versions this client speaks (proto/src/version.rs: OLDEST..=NEWEST).
-PROTOCOL_OLDEST = 1
-PROTOCOL_NEWEST = 1
+PROTOCOL_OLDEST = 2
+PROTOCOL_NEWEST = 2
 # Request metadata that carries the session token on every unary call.
 SESSION_METADATA_KEY = "x-vesper-session"
 # Domain-separation tag of the attach signature.
@@ -41,7 +41,7 @@ PEER_ID_PREFIX = "vp1"
 # Answers may be up to 8 MiB (validate::MAX_ANSWER_BYTES); grpcio's default limit is 4 MiB.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 # How many (sender, id) pairs of received messages are remembered to drop redeliveries.
-SEEN_CAPACITY = 100_000
+SEEN_CAPACITY = 10_000
 
 ONLINE = leaf_pb2.PRESENCE_STATUS_ONLINE
 AWAY = leaf_pb2.PRESENCE_STATUS_AWAY
@@ -414,10 +414,16 @@ class _Session:
                     watch = self.watches.get(getattr(frame, kind).watch_id)
                     if watch is not None:
                         watch.frames.put(getattr(frame, kind))
+                elif kind == "connect_offer":
+                    # This client takes no direct connections: it says so at once rather than let the caller
+                    # wait for the offer to time out.
+                    self.outbound.put(leaf_pb2.ClientFrame(connect_answer=leaf_pb2.ConnectAnswer(
+                        offer_id=frame.connect_offer.offer_id, accept=False,
+                        reason="this client takes no direct connections")))
                 elif kind == "session_ended":
                     client.ended = frame.session_ended
-                # pong: nothing to do; send results and connection offers: this client sends no SendFrame and
-                # does not take connections (an offer it leaves unanswered times out for the caller).
+                # pong: nothing to do; send results and punch plans: this client sends no SendFrame and accepts
+                # no connection.
         except grpc.RpcError as error:
             self.error = error
         finally:
