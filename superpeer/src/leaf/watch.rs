@@ -1,11 +1,12 @@
 //! Watches of one session: which changes it wants, and getting them to it in index order, once.
 //!
 //! Each watch remembers the index its catch-up covered (the current index, or the last event replayed from
-//! history). Live events come from the node's event feed, subscribed when the session attached, before any watch
-//! existed, so each arrives once; a watch skips those at or below its catch-up index, which the catch-up already
+//! history). Live events come from the node's event feed, subscribed when the session's first watch arrives and
+//! before its catch-up is computed, so each arrives once; a watch skips those at or below its catch-up index, which the catch-up already
 //! delivered (several events can share one index, so the boundary is by index, never by count). When history does
 //! not reach back (this super peer restarted, a snapshot was installed, the session fell too far behind), the
-//! watch gets a `WatchReset` and the current state as events at the current index.
+//! watch gets a `WatchReset` and the current state as events at the current index; a new watch starts with one
+//! too.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
