@@ -110,7 +110,10 @@ pub(super) async fn run_session(
     // A session without presence is not listed: nothing to record, and nothing to drain into it.
     if listed {
         match Box::pin(context.replica.propose(attach)).await {
-            Ok((_, index)) => session.listed_at(index),
+            Ok((_, index)) => {
+                session.listed_at(index);
+                super::listing::check_peer(&context, &peer);
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot record the attach");
                 let _ = tx.send(Err(error.into_status())).await;

@@ -66,3 +66,20 @@ fn check_all(context: &LeafState) {
         }
     }
 }
+
+/// Checks the sessions of `peer` here against the presence this replica has applied. Called when a session's
+/// attach has been recorded: a change that pushed it out may have been applied here (and its event seen by
+/// [`run`]) before the session knew its attach's index.
+pub fn check_peer(context: &LeafState, peer: &vesper_proto::PeerId) {
+    let Ok(raft) = context.replica.raft() else {
+        return;
+    };
+    let index = crate::raft::propose::applied_index(raft);
+    match presence::get(context.replica.reader().db(), peer.as_bytes()) {
+        Ok(Some(entry)) => {
+            context.sessions.end_unlisted(peer, &entry, index);
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, %peer, "cannot read presence"),
+    }
+}
