@@ -62,7 +62,11 @@ pub async fn run(replica: Replica, host_expiry: Duration, shutdown: Cancellation
                 Ok((Response::Expired(count), _)) => {
                     expired.insert(node);
                     if count > 0 {
-                        tracing::info!(node, count, "super peer silent; its leaves are offline");
+                        tracing::info!(
+                            node,
+                            sessions = count,
+                            "super peer silent; its sessions are no longer listed"
+                        );
                     }
                 }
                 Ok(_) => {
