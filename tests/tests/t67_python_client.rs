@@ -238,7 +238,20 @@ async fn t67_the_python_reference_client_speaks_the_protocol() -> anyhow::Result
     assert_eq!(outcome, SendOutcome::Queued, "the Python client is offline");
     scenario.tell(json!({"mailbox": "sent"}));
     scenario.step("mailbox_received").await;
-    // A direct message after it: once the client has this one, it has seen whatever the mailbox held.
+    // A direct message after it: once the client has this one, it has seen whatever the mailbox held. The Rust
+    // leaf's super peer routes by its own replica, which may not have applied the re-attach yet (then the send
+    // is queued and drained instead): wait until that replica shows the client online.
+    wait::until(
+        "the Rust leaf's super peer to see the Python client online again",
+        Duration::from_secs(30),
+        || async {
+            let presence = rust.lookup(&python_peer, Consistency::Stale).await?;
+            Ok(presence
+                .filter(|presence| presence.status == PresenceStatus::Online as i32)
+                .map(|_| ()))
+        },
+    )
+    .await?;
     let outcome = rust
         .send(&python_peer, KIND, b"after the mailbox".to_vec())
         .await?;
