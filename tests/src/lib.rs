@@ -10,6 +10,7 @@
 //! - [`tlsprobe`]: which certificate a port serves, and raw TCP/TLS clients for flood tests.
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
 
+pub mod cli;
 pub mod cluster;
 pub mod http2;
 pub mod load;

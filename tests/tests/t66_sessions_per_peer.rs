@@ -3,50 +3,20 @@
 //! session is ended with a reason its app learns.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vesper_leafpeer::{Consistency, Keypair, LeafError, PeerId, PresenceStatus, SendOutcome};
+use vesper_tests::cli::{json_of, leafpeer_command};
 use vesper_tests::cluster::{Cluster, NodeOptions};
 use vesper_tests::wait;
 
-fn leafpeer_command(cluster: &Cluster, key: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(vesper_tests::binary("leafpeer"));
-    command
-        .arg("--seeds")
-        .arg(cluster.leaf_addrs().join(","))
-        .arg("--ca")
-        .arg(cluster.pki.ca_cert())
-        .arg("--key")
-        .arg(key)
-        .arg("--json")
-        .args(args)
-        .stdin(Stdio::null());
-    command
-}
-
+/// Runs a `leafpeer` command to the end and returns the JSON it printed.
 fn leafpeer(cluster: &Cluster, key: &Path, args: &[&str]) -> Value {
-    let output = leafpeer_command(cluster, key, args)
-        .output()
-        .expect("run leafpeer");
-    json_of(&output)
-}
-
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "leafpeer failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "not JSON ({error}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    json_of(&vesper_tests::cli::leafpeer(cluster, key, args))
 }
 
 /// The bug this guards against: any short command with the listener's key replaced the listener's session, and
@@ -317,17 +287,17 @@ async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyh
             }
         }
     }
+    async fn acknowledge(session: &raw::RawSession, delivery_id: u64) -> anyhow::Result<()> {
+        let ack = client_frame::Frame::MessageAck(MessageAck { delivery_id });
+        Ok(session
+            .outbound
+            .send(ClientFrame { frame: Some(ack) })
+            .await?)
+    }
     let first = tokio::spawn(send("r1"));
     let pushed = next_message(&mut recipient).await?;
     assert_eq!(pushed.id, "r1");
-    recipient
-        .outbound
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::MessageAck(MessageAck {
-                delivery_id: pushed.delivery_id,
-            })),
-        })
-        .await?;
+    acknowledge(&recipient, pushed.delivery_id).await?;
     assert!(first.await??.delivered);
     // The retry: delivered at once, not pushed (nothing would acknowledge a second push).
     let retry = send("r1").await?;
@@ -336,14 +306,7 @@ async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyh
     let next = tokio::spawn(send("r2"));
     let pushed = next_message(&mut recipient).await?;
     assert_eq!(pushed.id, "r2", "the retry of r1 was pushed again");
-    recipient
-        .outbound
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::MessageAck(MessageAck {
-                delivery_id: pushed.delivery_id,
-            })),
-        })
-        .await?;
+    acknowledge(&recipient, pushed.delivery_id).await?;
     assert!(next.await??.delivered);
     Ok(())
 }

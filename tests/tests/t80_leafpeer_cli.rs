@@ -1,39 +1,10 @@
 //! The `leafpeer` command line against a real cluster: records, presence, messages and errors, through `--json`.
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
+use vesper_tests::cli::{json_of, leafpeer};
 use vesper_tests::cluster::{Cluster, NodeOptions};
-
-fn leafpeer(cluster: &Cluster, key: &Path, args: &[&str]) -> Output {
-    Command::new(vesper_tests::binary("leafpeer"))
-        .arg("--seeds")
-        .arg(cluster.leaf_addrs().join(","))
-        .arg("--ca")
-        .arg(cluster.pki.ca_cert())
-        .arg("--key")
-        .arg(key)
-        .arg("--json")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run leafpeer")
-}
-
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "leafpeer failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "not JSON ({error}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t80_the_command_line_covers_records_presence_and_messages() -> anyhow::Result<()> {

@@ -357,17 +357,18 @@ pub fn rebuild_index(db: &DB, batch: &mut WriteBatch) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// A presence entry as store format 2 (and snapshot version 3) encoded it: one session per peer.
-#[derive(serde::Deserialize)]
-struct EntryV2 {
-    status: PresenceStatus,
-    note: String,
-    host: u64,
-    session: u64,
-    candidates: Vec<String>,
-    nat_class: String,
-    changed_at_ms: u64,
-    attributes: BTreeMap<String, String>,
+/// A presence entry as store format 2 (and snapshot version 3) encoded it: one session per peer. (Serialize is
+/// for the upgrade test, which writes a format-2 database.)
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct EntryV2 {
+    pub status: PresenceStatus,
+    pub note: String,
+    pub host: u64,
+    pub session: u64,
+    pub candidates: Vec<String>,
+    pub nat_class: String,
+    pub changed_at_ms: u64,
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Re-encodes a presence value of store format 2 in today's layout: its one session (if online) becomes the

@@ -778,18 +778,8 @@ async fn presence_past_the_session_limit_pushes_out_the_oldest() {
 /// as the first of its list, and nothing else changed.
 #[tokio::test]
 async fn a_format_2_database_is_upgraded_when_it_opens() {
+    use super::presence::EntryV2;
     use crate::command::PresenceStatus;
-    #[derive(serde::Serialize)]
-    struct EntryV2 {
-        status: PresenceStatus,
-        note: String,
-        host: u64,
-        session: u64,
-        candidates: Vec<String>,
-        nat_class: String,
-        changed_at_ms: u64,
-        attributes: BTreeMap<String, String>,
-    }
     let dir = TempDir::new().unwrap();
     {
         let db = open(dir.path()).unwrap();
