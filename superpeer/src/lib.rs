@@ -28,6 +28,7 @@ pub mod leaf;
 pub mod limits;
 pub mod membership;
 pub mod node;
+pub mod placement;
 pub mod raft;
 pub mod raft_types;
 pub mod replica;

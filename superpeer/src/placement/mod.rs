@@ -1,0 +1,11 @@
+//! Placement: which super peers vote, which stand by, and the controller on the Raft leader that keeps it so.
+//!
+//! - [`decide`] is the pure decision function: a view of the cluster in, at most one membership action out.
+//!   It does no I/O and reads no clock, so its rules are tested on tables and properties.
+//! - [`health`] turns openraft's per-member heartbeat and replication metrics, sampled over time, into the
+//!   health classes `decide` reads (stable, healthy, suspect, dead).
+//! - [`controller`] is the leader's task: sample, decide, carry the action out with openraft's membership
+//!   preconditions (so a stale leader or a concurrent change cannot act), and record the decision so
+//!   `vesperctl placement explain` can tell an operator what it did and why.
+
+pub mod decide;
