@@ -62,7 +62,7 @@ pub async fn client(connection: &Connection) -> anyhow::Result<AdminClient<Chann
 }
 
 impl Connection {
-    async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
         let ca = pick(&self.ca, &format!("{DEV_DIR}/ca/ca.pem"), "--ca")?;
         let cert = pick(
             &self.cert,
@@ -94,7 +94,7 @@ impl Connection {
     }
 }
 
-fn role_name(role: i32) -> &'static str {
+pub(crate) fn role_name(role: i32) -> &'static str {
     match MemberRole::try_from(role) {
         Ok(MemberRole::Voter) => "voter",
         Ok(MemberRole::Standby) => "standby",
@@ -137,7 +137,7 @@ fn print_members(members: &[Member]) {
     }
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
 }
 

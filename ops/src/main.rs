@@ -1,12 +1,13 @@
 //! `vesperctl`: operate a Vesper cluster.
 //!
 //! Certificates (`ca init`, `cert issue`), cluster inspection (`status`, `members`), membership changes
-//! (`add-standby`, `promote`, `demote`, `remove`, `transfer-leader`) and namespace access rules (`namespace`)
-//! through the Admin service, and a local development cluster (`dev up`).
+//! (`add-standby`, `promote`, `demote`, `remove`, `transfer-leader`), the placement controller (`placement`) and
+//! namespace access rules (`namespace`) through the Admin service, and a local development cluster (`dev up`).
 
 mod admin;
 mod certs;
 mod dev;
+mod placement;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +81,11 @@ enum Command {
         node_id: u64,
         #[arg(long)]
         json: bool,
+    },
+    /// The placement controller: which super peers vote and stand by, kept so by the Raft leader.
+    Placement {
+        #[command(subcommand)]
+        command: placement::PlacementCommand,
     },
     /// Access rules (ACLs) of record namespaces. Needs an operator certificate.
     Namespace {
@@ -272,6 +278,7 @@ async fn main() -> ExitCode {
             }
             NamespaceCommand::List { json } => admin::list_acls(&cli.connection, json).await,
         },
+        Command::Placement { command } => placement::run(&cli.connection, command).await,
         Command::Dev { command } => dev::run(command).await,
     };
     match result {

@@ -171,6 +171,24 @@ pub struct Args {
     /// Relay allocations at once on this node. Default: 1000.
     #[arg(long, env = "VESPER_RELAY_MAX_ALLOCATIONS")]
     relay_max_allocations: Option<usize>,
+    /// Do not run the placement controller when this node leads (membership then changes only by hand).
+    #[arg(long, env = "VESPER_NO_PLACEMENT")]
+    no_placement: bool,
+    /// How often the leader samples member health for placement. Default: 2s.
+    #[arg(long, env = "VESPER_PLACEMENT_UPDATE_INTERVAL", value_parser = humantime::parse_duration)]
+    placement_update_interval: Option<Duration>,
+    /// How often the placement controller decides (one action at most per round). Default: 10s.
+    #[arg(long, env = "VESPER_PLACEMENT_RECONCILE_INTERVAL", value_parser = humantime::parse_duration)]
+    placement_reconcile_interval: Option<Duration>,
+    /// How long a member must be healthy without a break to be stable (promotable). Default: 30s.
+    #[arg(long, env = "VESPER_PLACEMENT_STABILIZATION", value_parser = humantime::parse_duration)]
+    placement_stabilization: Option<Duration>,
+    /// A voter unhealthy this long is dead and replaced by a ready standby. Default: 5m.
+    #[arg(long, env = "VESPER_PLACEMENT_DEAD_VOTER_AFTER", value_parser = humantime::parse_duration)]
+    placement_dead_voter_after: Option<Duration>,
+    /// A standby unhealthy this long is dead and retired (removed, its id tombstoned). Default: 30m.
+    #[arg(long, env = "VESPER_PLACEMENT_DEAD_STANDBY_AFTER", value_parser = humantime::parse_duration)]
+    placement_dead_standby_after: Option<Duration>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     pub log_json: bool,
@@ -292,7 +310,22 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
             "relay.max_bytes_per_second",
             args.relay_max_bytes_per_second,
         )
-        .set("relay.max_allocations", args.relay_max_allocations);
+        .set("relay.max_allocations", args.relay_max_allocations)
+        .set("placement.enabled", args.no_placement.then_some(false))
+        .duration("placement.update_interval", args.placement_update_interval)
+        .duration(
+            "placement.reconcile_interval",
+            args.placement_reconcile_interval,
+        )
+        .duration("placement.stabilization", args.placement_stabilization)
+        .duration(
+            "placement.dead_voter_after",
+            args.placement_dead_voter_after,
+        )
+        .duration(
+            "placement.dead_standby_after",
+            args.placement_dead_standby_after,
+        );
     Ok(layer.0)
 }
 

@@ -46,6 +46,8 @@ pub enum Op {
     RelayLoad(RelayLoad),
     RevokeCertificate(RevokeCertificate),
     SetNamespaceAcl(SetNamespaceAcl),
+    SetPlacement(SetPlacement),
+    PlacementJournal(PlacementJournal),
 }
 
 /// `From<T> for Op` for each command type.
@@ -79,6 +81,8 @@ into_op!(
     RelayLoad,
     RevokeCertificate,
     SetNamespaceAcl,
+    SetPlacement,
+    PlacementJournal,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -227,6 +231,48 @@ pub struct RelayLoad {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokeCertificate {
     pub fingerprint: [u8; 32],
+}
+
+/// The placement controller's targets, as an operator set them (`vesperctl placement`); every leader, also a
+/// new one after a failover, works towards the same targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPlacement {
+    pub targets: PlacementTargets,
+}
+
+/// See [`crate::placement::decide::Targets`], whose stored form this is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementTargets {
+    pub paused: bool,
+    /// `None`: automatic.
+    pub voters: Option<u32>,
+    pub standbys: u32,
+    /// `None`: a majority of the voter target.
+    pub min_quorum: Option<u32>,
+}
+
+impl Default for PlacementTargets {
+    fn default() -> Self {
+        Self {
+            paused: false,
+            voters: None,
+            standbys: 2,
+            min_quorum: None,
+        }
+    }
+}
+
+/// The placement controller records an action it took (or tried), so an operator can read after the fact, on
+/// any node and after a failover, what changed the membership and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementJournal {
+    /// The leader that acted, and its term.
+    pub leader: u64,
+    pub term: u64,
+    pub action: String,
+    pub why: String,
+    /// "done", or what went wrong.
+    pub outcome: String,
 }
 
 /// An operator sets (Some) or clears (None) the access rules of a record namespace.
@@ -419,6 +465,10 @@ impl fmt::Display for Command {
                 "revoke certificate {}",
                 data_encoding::HEXLOWER.encode(&op.fingerprint)
             ),
+            Op::SetPlacement(op) => write!(f, "set placement targets {:?}", op.targets),
+            Op::PlacementJournal(op) => {
+                write!(f, "placement journal: {} ({})", op.action, op.outcome)
+            }
         }
     }
 }

@@ -142,6 +142,8 @@ pub struct Config {
     pub stun: crate::udp::stun::StunConfig,
     /// The relay on the STUN port and its caps.
     pub relay: crate::udp::RelayConfig,
+    /// The placement controller's timers (the `[placement]` table).
+    pub placement: crate::placement::settings::PlacementConfig,
 }
 
 impl Default for Config {
@@ -178,6 +180,7 @@ impl Default for Config {
             tls_reload_interval: Duration::from_secs(10),
             stun: crate::udp::stun::StunConfig::default(),
             relay: crate::udp::RelayConfig::default(),
+            placement: crate::placement::settings::PlacementConfig::default(),
         }
     }
 }
@@ -268,6 +271,7 @@ impl Config {
         problems.extend(self.limits.problems());
         problems.extend(self.stun.problems());
         problems.extend(self.relay.problems());
+        problems.extend(self.placement.problems(self.raft.heartbeat_interval));
         if self.mailbox_quota == 0 {
             problems.push("mailbox_quota must be above 0".into());
         }

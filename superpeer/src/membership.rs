@@ -17,8 +17,9 @@ use vesper_proto::v1::{
     MembershipCall, PromoteResponse, RemoveNodeResponse, TransferLeaderResponse,
 };
 
-use crate::command::{NodeInfo, RegisterNode, Response, TombstoneNode};
+use crate::command::{NodeInfo, RegisterNode, Response, SetPlacement, TombstoneNode};
 use crate::error::ServiceError;
+use crate::placement::controller::PlacementReports;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose::{Backoff, PROPOSE_TIMEOUT};
 use crate::replica::Replica;
@@ -29,11 +30,25 @@ use crate::replica::Replica;
 pub struct Membership {
     replica: Replica,
     clients: ClusterClients,
+    /// The placement controller's last report, for `PlacementStatus` on the leader.
+    placement: PlacementReports,
+    /// Whether this node runs the controller when it leads.
+    placement_enabled: bool,
 }
 
 impl Membership {
-    pub fn new(replica: Replica, clients: ClusterClients) -> Self {
-        Self { replica, clients }
+    pub fn new(
+        replica: Replica,
+        clients: ClusterClients,
+        placement: PlacementReports,
+        placement_enabled: bool,
+    ) -> Self {
+        Self {
+            replica,
+            clients,
+            placement,
+            placement_enabled,
+        }
     }
 
     /// The member list (see [`Replica::members`]).
@@ -185,12 +200,18 @@ async fn run_here(context: &Membership, call: Call) -> Result<Reply, ServiceErro
             })
         }
         Call::Promote(request) => {
+            let (voters, _) = current_sets(context)?;
+            let count = voters.len() + usize::from(!voters.contains(&request.node_id));
+            pin_voter_target(context, count).await?;
             promote(context, request.node_id).await?;
             Reply::Promote(PromoteResponse {
                 members: context.replica.members()?,
             })
         }
         Call::Demote(request) => {
+            let (voters, _) = current_sets(context)?;
+            let count = voters.len() - usize::from(voters.contains(&request.node_id));
+            pin_voter_target(context, count.max(1)).await?;
             demote(context, request.node_id).await?;
             Reply::Demote(DemoteResponse {
                 members: context.replica.members()?,
@@ -205,7 +226,29 @@ async fn run_here(context: &Membership, call: Call) -> Result<Reply, ServiceErro
         Call::TransferLeader(request) => Reply::TransferLeader(TransferLeaderResponse {
             leader_id: transfer_leader(context, request.node_id).await?,
         }),
+        Call::PlacementStatus(_) => Reply::PlacementStatus(crate::placement::admin::status(
+            &context.replica,
+            &context.placement,
+            context.placement_enabled,
+        )?),
     })
+}
+
+/// A manual promote or demote tells the placement controller the voter count the operator wants, before the
+/// change, so the controller keeps it instead of undoing it (`vesperctl placement set --voters auto` hands the
+/// count back to automation).
+async fn pin_voter_target(context: &Membership, voters: usize) -> Result<(), ServiceError> {
+    let mut targets = crate::store::nodes::read_placement_targets(context.replica.reader().db())?;
+    let voters = u32::try_from(voters).unwrap_or(u32::MAX);
+    if targets.voters == Some(voters) {
+        return Ok(());
+    }
+    targets.voters = Some(voters);
+    context
+        .replica
+        .propose_accepted(SetPlacement { targets }.into())
+        .await?;
+    Ok(())
 }
 
 /// Registers `node` (allocating its node id) and adds it as a learner. Runs on the leader; from another member

@@ -380,7 +380,13 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         relay.clone(),
         Links::new(tasks.clone(), shutdown.clone()),
     );
-    let membership_ops = Membership::new(replica.clone(), clients.clone());
+    let placement_reports = crate::placement::controller::PlacementReports::default();
+    let membership_ops = Membership::new(
+        replica.clone(),
+        clients.clone(),
+        placement_reports.clone(),
+        config.placement.enabled,
+    );
     let leaf_state = Arc::new(LeafState {
         config: config.clone(),
         me: me.clone(),
@@ -508,6 +514,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     tasks.spawn(crate::leader::expiry::run(
         replica.clone(),
         config.host_expiry,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::placement::controller::run(
+        replica.clone(),
+        config.placement,
+        placement_reports,
         shutdown.clone(),
     ));
     tasks.spawn(crate::udp::load::report(

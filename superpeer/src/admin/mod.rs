@@ -14,8 +14,9 @@ use vesper_proto::v1::{
     TransferLeaderRequest, TransferLeaderResponse,
 };
 use vesper_proto::v1::{
-    ListNamespaceAclsRequest, ListNamespaceAclsResponse, SetNamespaceAclRequest,
-    SetNamespaceAclResponse,
+    ListNamespaceAclsRequest, ListNamespaceAclsResponse, PlacementStatusRequest,
+    PlacementStatusResponse, SetNamespaceAclRequest, SetNamespaceAclResponse, SetPlacementRequest,
+    SetPlacementResponse,
 };
 
 use vesper_proto::acl::NamespaceAcl;
@@ -58,6 +59,24 @@ macro_rules! on_leader {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn placement_status(
+        &self,
+        request: Request<PlacementStatusRequest>,
+    ) -> Result<Response<PlacementStatusResponse>, Status> {
+        on_leader!(self, request, PlacementStatus)
+    }
+
+    async fn set_placement(
+        &self,
+        request: Request<SetPlacementRequest>,
+    ) -> Result<Response<SetPlacementResponse>, Status> {
+        let targets = crate::placement::admin::set(&self.replica, request.get_ref()).await?;
+        tracing::info!(?targets, "placement targets set by an operator");
+        Ok(Response::new(SetPlacementResponse {
+            targets: Some(crate::placement::admin::targets_to_wire(&targets)),
+        }))
+    }
+
     async fn status(
         &self,
         _request: Request<StatusRequest>,

@@ -144,3 +144,20 @@ impl fmt::Display for Action {
         }
     }
 }
+
+// Provisional stand-ins until the rules land (replaced by the full file).
+pub fn target_voters(_view: &ClusterView, targets: &Targets) -> u32 {
+    targets.voters.unwrap_or(3)
+}
+pub fn min_quorum(view: &ClusterView, targets: &Targets) -> u32 {
+    targets
+        .min_quorum
+        .unwrap_or(target_voters(view, targets) / 2 + 1)
+}
+pub fn decide(_view: &ClusterView, _targets: &Targets) -> Decision {
+    Decision::Wait {
+        blocked: Blocked::Balanced,
+        why: String::new(),
+    }
+}
+pub const MAX_VOTERS: u32 = 7;

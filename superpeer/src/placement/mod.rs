@@ -8,4 +8,8 @@
 //!   preconditions (so a stale leader or a concurrent change cannot act), and record the decision so
 //!   `vesperctl placement explain` can tell an operator what it did and why.
 
+pub mod admin;
+pub mod controller;
 pub mod decide;
+pub mod health;
+pub mod settings;

@@ -6,6 +6,8 @@
 //! nodes:   node id (8, BE)                -> postcard(NodeEntry)
 //! nodes:   node id (8, BE) 'L'            -> postcard(RelayLoad)     the node's last relay load report
 //! nodes:   "revoked/" SHA-256 (32)        -> postcard(u64)           when the certificate was revoked
+//! nodes:   "placement/targets"            -> postcard(PlacementTargets)  the controller's targets
+//! nodes:   "placement/journal/" seq (8, BE) -> postcard(JournalEntry)  its last JOURNAL_KEPT actions
 //! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
 //! ```
 
@@ -16,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
-    self, NodeInfo, RegisterNode, Rejection, Response, RevokeCertificate, TombstoneNode,
+    self, NodeInfo, PlacementJournal, PlacementTargets, RegisterNode, Rejection, Response,
+    RevokeCertificate, SetPlacement, TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -67,6 +70,50 @@ fn revoked_key(fingerprint: &[u8; 32]) -> Vec<u8> {
     [REVOKED_PREFIX.as_slice(), fingerprint].concat()
 }
 
+/// The placement controller's state in the node table (so snapshots carry it) lives under this prefix.
+const PLACEMENT_PREFIX: &[u8] = b"placement/";
+const TARGETS_KEY: &[u8] = b"placement/targets";
+const JOURNAL_PREFIX: &[u8] = b"placement/journal/";
+/// Journal entries kept; older ones are deleted as new ones come.
+pub const JOURNAL_KEPT: u64 = 100;
+
+fn journal_key(seq: u64) -> Vec<u8> {
+    [JOURNAL_PREFIX, &seq.to_be_bytes()].concat()
+}
+
+/// One action of the placement controller, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Sequence number, from 1.
+    pub seq: u64,
+    /// When it was applied (the proposer's clock).
+    pub at_ms: u64,
+    pub entry: PlacementJournal,
+}
+
+/// The controller's targets: as an operator set them, or the defaults.
+pub fn read_placement_targets(db: &DB) -> Result<PlacementTargets, StoreError> {
+    Ok(db
+        .get_pinned_cf(cf(db, CF_NODES), TARGETS_KEY)?
+        .map(|bytes| decode("placement targets", &bytes))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// The journal, oldest first.
+pub fn read_placement_journal(db: &DB) -> Result<Vec<JournalEntry>, StoreError> {
+    let mut entries = Vec::new();
+    let mode = IteratorMode::From(JOURNAL_PREFIX, rocksdb::Direction::Forward);
+    for item in db.iterator_cf(cf(db, CF_NODES), mode) {
+        let (key, bytes) = item?;
+        if !key.starts_with(JOURNAL_PREFIX) {
+            break;
+        }
+        entries.push(decode("placement journal entry", &bytes)?);
+    }
+    Ok(entries)
+}
+
 /// Whether the certificate with this SHA-256 was revoked (as of the applied state).
 pub fn is_revoked(db: &DB, fingerprint: &[u8; 32]) -> Result<bool, StoreError> {
     Ok(db
@@ -95,7 +142,8 @@ pub fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
         let relay_load = key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX;
         let revocation = key.len() == 40 && key.starts_with(REVOKED_PREFIX);
         let acl = key.starts_with(super::records::ACL_PREFIX);
-        if relay_load || revocation || acl {
+        let placement = key.starts_with(PLACEMENT_PREFIX);
+        if relay_load || revocation || acl || placement {
             continue;
         }
         let id = u64::from_be_bytes(
@@ -125,6 +173,8 @@ pub struct NodeWriter<'a> {
     next_node_id: u64,
     /// Node entries changed earlier in this batch.
     touched: BTreeMap<u64, NodeEntry>,
+    /// The next journal sequence number, once a journal entry of this batch has read it.
+    journal_next: Option<u64>,
 }
 
 impl<'a> NodeWriter<'a> {
@@ -133,6 +183,7 @@ impl<'a> NodeWriter<'a> {
             db,
             next_node_id: read_next_node_id(db)?,
             touched: BTreeMap::new(),
+            journal_next: None,
         })
     }
 
@@ -280,6 +331,56 @@ impl Apply<RevokeCertificate> for NodeWriter<'_> {
             revoked_key(&op.fingerprint),
             encode("revocation time", &at.at_ms)?,
         );
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<SetPlacement> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &SetPlacement,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            TARGETS_KEY,
+            encode("placement targets", &op.targets)?,
+        );
+        Ok(Response::Done)
+    }
+}
+
+/// Appends to the journal and drops what falls out of the last [`JOURNAL_KEPT`]. The next sequence number is
+/// one past the last stored entry, counted on within a batch.
+impl Apply<PlacementJournal> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &PlacementJournal,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        let seq = match self.journal_next {
+            Some(seq) => seq,
+            None => read_placement_journal(self.db)?
+                .last()
+                .map_or(1, |entry| entry.seq + 1),
+        };
+        self.journal_next = Some(seq + 1);
+        let entry = JournalEntry {
+            seq,
+            at_ms: at.at_ms,
+            entry: op.clone(),
+        };
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            journal_key(seq),
+            encode("placement journal entry", &entry)?,
+        );
+        if let Some(old) = seq.checked_sub(JOURNAL_KEPT) {
+            // Entries are numbered without gaps, so exactly one falls out per new one.
+            batch.delete_cf(cf(self.db, CF_NODES), journal_key(old));
+        }
         Ok(Response::Done)
     }
 }

@@ -152,6 +152,8 @@ impl<'a> Writers<'a> {
             Op::TombstoneNode(op) => self.nodes.apply(batch, op, at),
             Op::RelayLoad(op) => self.nodes.apply(batch, op, at),
             Op::RevokeCertificate(op) => self.nodes.apply(batch, op, at),
+            Op::SetPlacement(op) => self.nodes.apply(batch, op, at),
+            Op::PlacementJournal(op) => self.nodes.apply(batch, op, at),
         }
     }
 

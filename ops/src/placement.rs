@@ -1,0 +1,382 @@
+//! `vesperctl placement`: the placement controller as the leader sees it, its journal, and its targets.
+
+use clap::Subcommand;
+use serde_json::json;
+use vesper_proto::v1::{
+    PlacementStatusRequest, PlacementStatusResponse, PlacementTargets, SetPlacementRequest,
+};
+
+use crate::admin::{role_name, status_error, Connection, UsageError};
+
+/// Journal entries `explain` prints without --all.
+const EXPLAIN_RECENT: usize = 10;
+
+#[derive(Debug, Subcommand)]
+pub enum PlacementCommand {
+    /// Every member's health as the leader sees it, the targets, and the last decision.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The last decision and its reason (or what blocks one), and the recent actions from the journal.
+    Explain {
+        /// Print the whole journal (the last 100 actions), not only the last 10.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop all automatic membership changes (manual ones keep working). Committed through Raft.
+    Pause {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the controller act again.
+    Resume {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the controller's targets. Committed through Raft; unset options keep their value.
+    Set {
+        /// Voters to keep: 1, 3, 5 or 7, or `auto` (3, or 5 when at least 5 live members span 3 zones).
+        #[arg(long, value_parser = parse_count)]
+        voters: Option<u32>,
+        /// Standbys to keep besides the voters (0 to 16).
+        #[arg(long)]
+        standbys: Option<u32>,
+        /// Automation never takes the voters below this; `auto` is a majority of the voter target.
+        #[arg(long, value_parser = parse_count)]
+        min_quorum: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A count, or `auto` (0 on the wire).
+fn parse_count(text: &str) -> Result<u32, String> {
+    if text == "auto" {
+        return Ok(0);
+    }
+    match text.parse::<u32>() {
+        Ok(0) => Err("use `auto` rather than 0".into()),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!("{text:?} is neither a number nor `auto`")),
+    }
+}
+
+pub async fn run(connection: &Connection, command: PlacementCommand) -> anyhow::Result<()> {
+    match command {
+        PlacementCommand::Status { json } => {
+            let status = fetch(connection).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        PlacementCommand::Explain { all, json } => {
+            let status = fetch(connection).await?;
+            let skip = if all {
+                0
+            } else {
+                status.journal.len().saturating_sub(EXPLAIN_RECENT)
+            };
+            if json {
+                let mut value = decision_json(&status);
+                value["journal"] = status.journal[skip..]
+                    .iter()
+                    .map(action_json)
+                    .collect::<Vec<_>>()
+                    .into();
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print_decision(&status);
+                if status.journal.is_empty() {
+                    println!("\nno action taken yet (journal empty)");
+                } else {
+                    println!("\nactions (oldest first):");
+                    for action in &status.journal[skip..] {
+                        println!(
+                            "  #{} {} leader {} term {}: {} ({})\n      because {}",
+                            action.seq,
+                            when(action.at_ms),
+                            action.leader_id,
+                            action.term,
+                            action.action,
+                            action.outcome,
+                            action.why
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        PlacementCommand::Pause { json } => {
+            set(
+                connection,
+                SetPlacementRequest {
+                    paused: Some(true),
+                    ..Default::default()
+                },
+                json,
+            )
+            .await
+        }
+        PlacementCommand::Resume { json } => {
+            set(
+                connection,
+                SetPlacementRequest {
+                    paused: Some(false),
+                    ..Default::default()
+                },
+                json,
+            )
+            .await
+        }
+        PlacementCommand::Set {
+            voters,
+            standbys,
+            min_quorum,
+            json,
+        } => {
+            if voters.is_none() && standbys.is_none() && min_quorum.is_none() {
+                return Err(UsageError(
+                    "nothing to set: give --voters, --standbys or --min-quorum".into(),
+                )
+                .into());
+            }
+            set(
+                connection,
+                SetPlacementRequest {
+                    paused: None,
+                    target_voters: voters,
+                    target_standbys: standbys,
+                    min_quorum,
+                },
+                json,
+            )
+            .await
+        }
+    }
+}
+
+async fn fetch(connection: &Connection) -> anyhow::Result<PlacementStatusResponse> {
+    Ok(connection
+        .client()
+        .await?
+        .placement_status(PlacementStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+async fn set(
+    connection: &Connection,
+    request: SetPlacementRequest,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .set_placement(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let targets = reply.targets.unwrap_or_default();
+    if as_json {
+        println!("{}", targets_json(&targets));
+    } else {
+        println!("placement targets: {}", targets_text(&targets));
+    }
+    Ok(())
+}
+
+fn auto(count: u32) -> String {
+    if count == 0 {
+        "auto".into()
+    } else {
+        count.to_string()
+    }
+}
+
+fn targets_text(targets: &PlacementTargets) -> String {
+    format!(
+        "{}voters {}, standbys {}, min quorum {}",
+        if targets.paused { "PAUSED; " } else { "" },
+        auto(targets.target_voters),
+        targets.target_standbys,
+        auto(targets.min_quorum)
+    )
+}
+
+fn targets_json(targets: &PlacementTargets) -> serde_json::Value {
+    json!({
+        "paused": targets.paused,
+        "target_voters": auto(targets.target_voters),
+        "target_standbys": targets.target_standbys,
+        "min_quorum": auto(targets.min_quorum),
+    })
+}
+
+/// Milliseconds since the epoch as UTC text.
+fn when(at_ms: u64) -> String {
+    let seconds = i64::try_from(at_ms / 1000).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(seconds)
+        .map(|at| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+                at.year(),
+                u8::from(at.month()),
+                at.day(),
+                at.hour(),
+                at.minute(),
+                at.second()
+            )
+        })
+        .unwrap_or_else(|_| format!("{at_ms} ms"))
+}
+
+fn decision_json(status: &PlacementStatusResponse) -> serde_json::Value {
+    json!({
+        "leader_id": status.leader_id,
+        "term": status.term,
+        "enabled": status.enabled,
+        "decided_at_ms": status.decided_at_ms,
+        "action": (!status.action.is_empty()).then_some(&status.action),
+        "blocked": (!status.blocked.is_empty()).then_some(&status.blocked),
+        "why": status.why,
+        "outcome": (!status.outcome.is_empty()).then_some(&status.outcome),
+    })
+}
+
+fn action_json(action: &vesper_proto::v1::PlacementAction) -> serde_json::Value {
+    json!({
+        "seq": action.seq,
+        "at_ms": action.at_ms,
+        "leader_id": action.leader_id,
+        "term": action.term,
+        "action": action.action,
+        "why": action.why,
+        "outcome": action.outcome,
+    })
+}
+
+fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
+    let mut value = decision_json(status);
+    value["targets"] = targets_json(&status.targets.clone().unwrap_or_default());
+    value["effective_target_voters"] = status.effective_target_voters.into();
+    value["effective_min_quorum"] = status.effective_min_quorum.into();
+    value["members"] = status
+        .members
+        .iter()
+        .map(|member| {
+            json!({
+                "node_id": member.node_id,
+                "role": role_name(member.role),
+                "leader": member.is_leader,
+                "health": member.health,
+                "health_for_ms": member.health_for_ms,
+                "caught_up": member.caught_up,
+                "lag": (member.lag >= 0).then_some(member.lag),
+                "last_ack_ms": (member.last_ack_ms >= 0).then_some(member.last_ack_ms),
+                "zone": (!member.zone.is_empty()).then_some(&member.zone),
+            })
+        })
+        .collect::<Vec<_>>()
+        .into();
+    value["journal"] = status
+        .journal
+        .iter()
+        .map(action_json)
+        .collect::<Vec<_>>()
+        .into();
+    value
+}
+
+fn print_decision(status: &PlacementStatusResponse) {
+    println!(
+        "leader {} (term {}), controller {}",
+        status.leader_id,
+        status.term,
+        if status.enabled {
+            "enabled"
+        } else {
+            "disabled (placement.enabled = false)"
+        }
+    );
+    if status.decided_at_ms == 0 {
+        println!("no decision yet: {}", status.why);
+    } else if status.action.is_empty() {
+        println!(
+            "last round {}: no action ({}): {}",
+            when(status.decided_at_ms),
+            status.blocked,
+            status.why
+        );
+    } else {
+        println!(
+            "last round {}: {} ({}): {}",
+            when(status.decided_at_ms),
+            status.action,
+            if status.outcome.is_empty() {
+                "in progress"
+            } else {
+                &status.outcome
+            },
+            status.why
+        );
+    }
+}
+
+fn print_status(status: &PlacementStatusResponse) {
+    print_decision(status);
+    let targets = status.targets.clone().unwrap_or_default();
+    println!(
+        "targets: {} (in effect: {} voters, min quorum {})",
+        targets_text(&targets),
+        status.effective_target_voters,
+        status.effective_min_quorum
+    );
+    println!(
+        "\n{:<5} {:<8} {:<7} {:<8} {:>10} {:<9} {:>8} {:>9} ZONE",
+        "NODE", "ROLE", "LEADER", "HEALTH", "FOR", "CAUGHT UP", "LAG", "LAST ACK"
+    );
+    for member in &status.members {
+        println!(
+            "{:<5} {:<8} {:<7} {:<8} {:>10} {:<9} {:>8} {:>9} {}",
+            member.node_id,
+            role_name(member.role),
+            if member.is_leader { "*" } else { "" },
+            member.health,
+            format!("{:.1}s", member.health_for_ms as f64 / 1000.0),
+            if member.caught_up { "yes" } else { "no" },
+            if member.lag < 0 {
+                "-".to_string()
+            } else {
+                member.lag.to_string()
+            },
+            if member.last_ack_ms < 0 {
+                "never".to_string()
+            } else {
+                format!("{}ms", member.last_ack_ms)
+            },
+            member.zone
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_numbers_or_auto() {
+        assert_eq!(parse_count("auto"), Ok(0));
+        assert_eq!(parse_count("5"), Ok(5));
+        assert!(parse_count("0").unwrap_err().contains("auto"));
+        assert!(parse_count("five").unwrap_err().contains("five"));
+    }
+}

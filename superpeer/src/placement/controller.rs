@@ -1,0 +1,313 @@
+//! The placement controller: a task on every node that acts only while its node leads.
+//!
+//! Every `update_interval` it samples openraft's leader metrics into the [`HealthTracker`]; every
+//! `reconcile_interval` it builds a [`ClusterView`], asks [`decide`] for at most one action, and carries it
+//! out. Membership changes are proposed with openraft's preconditions: the effective membership must still be
+//! the one the decision saw (`LastMembershipLogId`, so a concurrent manual change or a second controller cannot
+//! interleave) and this node's leadership must still be the committed one (`CommittedLeaderId`, so a deposed
+//! leader cannot act). openraft itself refuses a change while the previous one is uncommitted. The round's
+//! decision is kept for `vesperctl placement status` / `explain`, and every action taken is written to the
+//! replicated placement journal with its reason and outcome, so it can be read after the fact on any node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::vote::RaftLeaderId;
+use openraft::{ChangeMembers, Instant as _, Precondition};
+use tokio_util::sync::CancellationToken;
+
+use super::decide::{self, Action, ClusterView, Decision, MemberView, Targets};
+use super::health::{HealthTracker, MemberHealth, MemberSample};
+use super::settings::PlacementConfig;
+use crate::command::{PlacementJournal, PlacementTargets, TombstoneNode};
+use crate::error::ServiceError;
+use crate::raft::propose::now_ms;
+use crate::raft_types::TypeConfig;
+use crate::replica::Replica;
+use crate::store::nodes::read_placement_targets;
+
+/// Longest reason or outcome text written to the journal (they are ours, but a storage error can be long).
+const MAX_JOURNAL_TEXT: usize = 512;
+/// How long a leadership transfer may take before the round reports it failed.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One member as the last round saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberReport {
+    pub node_id: u64,
+    pub voter: bool,
+    pub health: MemberHealth,
+    pub zone: Option<String>,
+}
+
+/// What the controller saw and concluded in its last round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// When the round ran (wall clock, ms since the epoch).
+    pub at_ms: u64,
+    /// The leader that ran it, and its term.
+    pub leader: u64,
+    pub term: u64,
+    pub members: Vec<MemberReport>,
+    pub targets: PlacementTargets,
+    /// The voter target and minimum quorum in effect.
+    pub target_voters: u32,
+    pub min_quorum: u32,
+    pub decision: Decision,
+    /// How the round's action went: `None` when it took none.
+    pub outcome: Option<Result<(), String>>,
+}
+
+/// The controller's last report, for the Admin service (a narrow handle: read-only to everyone but the task).
+#[derive(Clone, Default)]
+pub struct PlacementReports {
+    last: Arc<Mutex<Option<Report>>>,
+}
+
+impl PlacementReports {
+    /// The last round's report, if this node has led and decided at least once.
+    pub fn last(&self) -> Option<Report> {
+        self.last.lock().expect("placement report lock").clone()
+    }
+
+    fn set(&self, report: Report) {
+        *self.last.lock().expect("placement report lock") = Some(report);
+    }
+}
+
+/// Runs the controller on `replica` until shutdown (doing nothing while this node does not lead, or when the
+/// config disables it).
+pub async fn run(
+    replica: Replica,
+    config: PlacementConfig,
+    reports: PlacementReports,
+    shutdown: CancellationToken,
+) {
+    if !config.enabled {
+        tracing::info!("placement controller disabled by placement.enabled = false");
+        return;
+    }
+    let mut ticker = tokio::time::interval(config.update_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The tracker of the current leadership (leader id and term), reset whenever that changes.
+    let mut tracker: Option<(u64, HealthTracker, Instant)> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(raft) = replica.raft() else { continue };
+        let metrics = raft.metrics().borrow_watched().clone();
+        let me = *raft.node_id();
+        let leading = metrics.current_leader == Some(me) && metrics.heartbeat.is_some();
+        if !leading {
+            tracker = None;
+            continue;
+        }
+        let term = metrics.current_term;
+        let now = Instant::now();
+        if tracker.as_ref().is_none_or(|(t, _, _)| *t != term) {
+            tracker = Some((term, HealthTracker::new(config.health_rules(), me), now));
+        }
+        let (_, health, last_round) = tracker.as_mut().expect("tracker set above");
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let heartbeat = metrics.heartbeat.as_ref();
+        let replication = metrics.replication.as_ref();
+        let samples: BTreeMap<u64, MemberSample> = membership
+            .nodes()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, _)| {
+                let ack_age = heartbeat
+                    .and_then(|beats| beats.get(id).cloned().flatten())
+                    .map(|instant| instant.elapsed());
+                let matched = replication
+                    .and_then(|matched| matched.get(id).cloned().flatten())
+                    .map(|log_id| log_id.index);
+                (
+                    *id,
+                    MemberSample {
+                        voter: voters.contains(id),
+                        ack_age,
+                        matched,
+                    },
+                )
+            })
+            .collect();
+        health.observe(now, metrics.last_log_index.unwrap_or(0), &samples);
+        if now.duration_since(*last_round) < config.reconcile_interval {
+            continue;
+        }
+        *last_round = now;
+
+        let stored = match read_placement_targets(replica.reader().db()) {
+            Ok(targets) => targets,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the placement targets; skipping this round");
+                continue;
+            }
+        };
+        let targets = Targets {
+            paused: stored.paused,
+            voters: stored.voters,
+            standbys: stored.standbys,
+            min_quorum: stored.min_quorum,
+        };
+        let members: Vec<MemberReport> = membership
+            .nodes()
+            .map(|(id, _)| MemberReport {
+                node_id: *id,
+                voter: voters.contains(id),
+                health: health.health(*id, now),
+                zone: None,
+            })
+            .collect();
+        let joint = membership.get_joint_config().len() > 1;
+        let uncommitted =
+            metrics.membership_config.log_id() != metrics.committed_membership_config.log_id();
+        let view = ClusterView {
+            leader: me,
+            members: members
+                .iter()
+                .map(|member| MemberView {
+                    node_id: member.node_id,
+                    voter: member.voter,
+                    health: member.health.health,
+                    caught_up: member.health.caught_up,
+                    zone: member.zone.clone(),
+                })
+                .collect(),
+            change_in_flight: joint || uncommitted,
+            candidates: Vec::new(),
+        };
+        let decision = decide::decide(&view, &targets);
+        let mut report = Report {
+            at_ms: now_ms(),
+            leader: me,
+            term,
+            members,
+            targets: stored,
+            target_voters: decide::target_voters(&view, &targets),
+            min_quorum: decide::min_quorum(&view, &targets),
+            decision: decision.clone(),
+            outcome: None,
+        };
+        let Decision::Act { action, why } = decision else {
+            reports.set(report);
+            continue;
+        };
+        tracing::info!(%action, %why, "placement: acting");
+        // The preconditions are taken from the same metrics the decision was made on.
+        let preconditions = preconditions(&metrics);
+        let outcome = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            outcome = execute(&replica, &action, preconditions) => outcome,
+        };
+        match &outcome {
+            Ok(()) => tracing::info!(%action, "placement: done"),
+            Err(error) => tracing::warn!(%action, %error, "placement: the action failed"),
+        }
+        let journal = PlacementJournal {
+            leader: me,
+            term,
+            action: action.to_string(),
+            why: bounded(why),
+            outcome: bounded(match &outcome {
+                Ok(()) => "done".to_string(),
+                Err(error) => error.to_string(),
+            }),
+        };
+        report.outcome = Some(outcome.map_err(|error| error.to_string()));
+        reports.set(report);
+        if let Err(error) = replica.propose(journal.into()).await {
+            tracing::warn!(%error, "cannot write the placement journal");
+        }
+    }
+}
+
+/// The guards of a membership change decided on `metrics`: the effective membership is still the one seen, and
+/// this node's leadership is still the committed one.
+fn preconditions(metrics: &openraft::RaftMetrics<TypeConfig>) -> Vec<Precondition<TypeConfig>> {
+    let mut preconditions = vec![Precondition::LastMembershipLogId {
+        last_membership_log_id: *metrics.membership_config.log_id(),
+    }];
+    if metrics.vote.is_committed() {
+        preconditions.push(Precondition::CommittedLeaderId {
+            committed_leader_id: metrics.vote.leader_id().to_committed(),
+        });
+    }
+    preconditions
+}
+
+/// Carries out one action. A vote that is not committed (no established leadership) leaves only the
+/// membership precondition, which openraft's own leader check backs: such a node cannot propose at all.
+async fn execute(
+    replica: &Replica,
+    action: &Action,
+    preconditions: Vec<Precondition<TypeConfig>>,
+) -> Result<(), ServiceError> {
+    let raft = replica.raft()?;
+    let change = |members: ChangeMembers<u64, crate::command::NodeInfo>, retain: bool| {
+        let preconditions = preconditions.clone();
+        async move {
+            raft.change_membership_if(members, retain, preconditions)
+                .await
+                .map(|_| ())
+                .map_err(ServiceError::from)
+        }
+    };
+    match action {
+        Action::Replace { out, into } => {
+            let metrics = raft.metrics().borrow_watched().clone();
+            let mut voters: BTreeSet<u64> =
+                metrics.membership_config.membership().voter_ids().collect();
+            voters.remove(out);
+            voters.insert(*into);
+            // One joint change; `out` stays a learner, to be retired once it is dead as a standby.
+            change(ChangeMembers::ReplaceAllVoters(voters), true).await
+        }
+        Action::Promote { node } => {
+            change(ChangeMembers::AddVoterIds(BTreeSet::from([*node])), true).await
+        }
+        Action::Demote { node } => {
+            change(ChangeMembers::RemoveVoters(BTreeSet::from([*node])), true).await
+        }
+        Action::TransferLeader { to } => {
+            raft.trigger()
+                .transfer_leader(*to)
+                .await
+                .map_err(ServiceError::from)?;
+            raft.wait(Some(TRANSFER_TIMEOUT))
+                .current_leader(*to, "leadership transfer")
+                .await
+                .map(|_| ())
+                .map_err(|_| ServiceError::Timeout("the new leader to take over"))
+        }
+        Action::Retire { node } => {
+            change(ChangeMembers::RemoveNodes(BTreeSet::from([*node])), false).await?;
+            // Its id is never handed out again.
+            replica
+                .propose_accepted(TombstoneNode { node_id: *node }.into())
+                .await
+                .map(|_| ())
+        }
+        Action::Adopt { peer_id } => Err(ServiceError::Precondition(format!(
+            "adopting candidate {peer_id} is not possible yet: this build has no candidate adoption"
+        ))),
+    }
+}
+
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_JOURNAL_TEXT {
+        let mut end = MAX_JOURNAL_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}

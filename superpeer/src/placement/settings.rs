@@ -1,0 +1,94 @@
+//! The `[placement]` table: this node's timers for the controller it runs while it leads. The targets the
+//! controller works towards (voters, standbys, paused) are not here: they are stored in Raft, so every leader
+//! uses the same ones (`vesperctl placement set`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::health::HealthRules;
+
+/// Timers and bounds of the placement controller; see docs/CONFIG.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// Run the controller while this node leads. Default true.
+    pub enabled: bool,
+    /// How often the leader samples member health. Default 2 s (raft-autopilot's update interval).
+    #[serde(with = "humantime_serde")]
+    pub update_interval: Duration,
+    /// How often it decides (at most one membership action per round). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// A member that has not acknowledged the leader for longer is unhealthy. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub last_contact_threshold: Duration,
+    /// A member trailing the leader's last log index by more entries is not caught up. Default 250.
+    pub max_trailing_logs: u64,
+    /// A member must be healthy this long without a break to be stable (only stable standbys are promoted).
+    /// Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub stabilization: Duration,
+    /// A voter unhealthy this long is dead and is replaced by a ready standby. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub dead_voter_after: Duration,
+    /// A standby unhealthy this long is dead and is retired (removed, its id tombstoned). Default 30 min.
+    #[serde(with = "humantime_serde")]
+    pub dead_standby_after: Duration,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            update_interval: Duration::from_secs(2),
+            reconcile_interval: Duration::from_secs(10),
+            last_contact_threshold: Duration::from_secs(1),
+            max_trailing_logs: 250,
+            stabilization: Duration::from_secs(30),
+            dead_voter_after: Duration::from_secs(300),
+            dead_standby_after: Duration::from_secs(1800),
+        }
+    }
+}
+
+impl PlacementConfig {
+    /// The health rules these settings make.
+    pub fn health_rules(&self) -> HealthRules {
+        HealthRules {
+            last_contact_threshold: self.last_contact_threshold,
+            max_trailing_logs: self.max_trailing_logs,
+            stabilization: self.stabilization,
+            dead_voter_after: self.dead_voter_after,
+            dead_standby_after: self.dead_standby_after,
+        }
+    }
+
+    /// Problems with these settings, for `Config::validate`; `heartbeat` is the Raft heartbeat interval.
+    pub fn problems(&self, heartbeat: Duration) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.update_interval < Duration::from_millis(10) {
+            problems.push("placement.update_interval must be at least 10ms".into());
+        }
+        if self.reconcile_interval < self.update_interval {
+            problems.push(
+                "placement.reconcile_interval must be at least placement.update_interval".into(),
+            );
+        }
+        if self.last_contact_threshold <= heartbeat {
+            problems.push(format!(
+                "placement.last_contact_threshold ({:?}) must be above raft.heartbeat_interval ({heartbeat:?}), or every member looks unhealthy",
+                self.last_contact_threshold
+            ));
+        }
+        if self.dead_voter_after <= self.last_contact_threshold
+            || self.dead_standby_after <= self.last_contact_threshold
+        {
+            problems.push(
+                "placement.dead_voter_after and placement.dead_standby_after must be above placement.last_contact_threshold"
+                    .into(),
+            );
+        }
+        problems
+    }
+}
