@@ -266,7 +266,7 @@ fn action_json(action: &vesper_proto::v1::PlacementAction) -> serde_json::Value 
 
 fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
     let mut value = decision_json(status);
-    value["targets"] = targets_json(&status.targets.clone().unwrap_or_default());
+    value["targets"] = targets_json(&status.targets.unwrap_or_default());
     value["effective_target_voters"] = status.effective_target_voters.into();
     value["effective_min_quorum"] = status.effective_min_quorum.into();
     value["members"] = status
@@ -333,7 +333,7 @@ fn print_decision(status: &PlacementStatusResponse) {
 
 fn print_status(status: &PlacementStatusResponse) {
     print_decision(status);
-    let targets = status.targets.clone().unwrap_or_default();
+    let targets = status.targets.unwrap_or_default();
     println!(
         "targets: {} (in effect: {} voters, min quorum {})",
         targets_text(&targets),

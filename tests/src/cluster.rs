@@ -189,13 +189,19 @@ impl Cluster {
         let status = self.status_of(0).await?;
         for member in status.members {
             if member.role == MemberRole::Standby as i32 {
-                self.admin(0)
+                let promoted = self
+                    .admin(0)
                     .await?
                     .promote(PromoteRequest {
                         node_id: member.node_id,
                     })
-                    .await
-                    .context("promote")?;
+                    .await;
+                // With short placement timers the controller may have promoted it first.
+                if let Err(status) = promoted {
+                    if !status.message().contains("already a voter") {
+                        return Err(anyhow::Error::new(status).context("promote"));
+                    }
+                }
             }
         }
         self.wait_members(voters, voters).await?;
@@ -561,6 +567,16 @@ impl Cluster {
         let mut config = LeafConfig::new(vec![seed], self.pki.ca_pem(), keypair);
         config.publish_endpoints = false;
         config
+    }
+
+    /// The node id of node `index`, from the member list of `status` (matched by Cluster address).
+    pub fn node_id_in(&self, status: &StatusResponse, index: usize) -> Option<u64> {
+        let address = self.nodes[index].endpoints?.cluster.to_string();
+        status
+            .members
+            .iter()
+            .find(|member| member.cluster_addr == address)
+            .map(|member| member.node_id)
     }
 
     /// Path of node `index`'s log file.

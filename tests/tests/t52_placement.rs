@@ -1,0 +1,350 @@
+//! The placement controller with real `superpeer` processes and shortened timers (set by flags, never by
+//! sleeping): a SIGKILLed voter is replaced by a ready standby and later retired, under a steady write load that
+//! loses nothing; two voters of five lost one after the other; `pause` stops every change until `resume`; a
+//! manual demote is respected, and targets are set and refused through `vesperctl placement`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use serde_json::Value;
+use vesper_proto::v1::{MemberRole, StatusResponse};
+use vesper_tests::cluster::{Cluster, NodeOptions, Start};
+use vesper_tests::load::{self, Load};
+use vesper_tests::wait;
+
+/// How long the controller gets to restore the voters after a kill: dead after 3 s, a round every 300 ms, a
+/// joint change to commit; generous for a loaded 2-core machine.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn options() -> NodeOptions {
+    NodeOptions {
+        extra_args: [
+            "--placement-update-interval",
+            "100ms",
+            "--placement-reconcile-interval",
+            "300ms",
+            "--placement-stabilization",
+            "1500ms",
+            "--placement-dead-voter-after",
+            "3s",
+            "--placement-dead-standby-after",
+            "6s",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..NodeOptions::default()
+    }
+}
+
+fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<Value> {
+    let output = cluster.vesperctl(node, &[args, &["--json"]].concat())?;
+    ensure!(
+        output.status.success(),
+        "vesperctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "vesperctl {args:?} printed no JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn voters(status: &StatusResponse) -> BTreeSet<u64> {
+    status
+        .members
+        .iter()
+        .filter(|member| member.role == MemberRole::Voter as i32)
+        .map(|member| member.node_id)
+        .collect()
+}
+
+fn role(status: &StatusResponse, node_id: u64) -> Option<MemberRole> {
+    status
+        .members
+        .iter()
+        .find(|member| member.node_id == node_id)
+        .and_then(|member| MemberRole::try_from(member.role).ok())
+}
+
+/// Waits until a running node that knows a leader reports a status for which `accept` holds.
+async fn wait_status(
+    cluster: &mut Cluster,
+    what: &str,
+    accept: impl Fn(&StatusResponse) -> bool,
+) -> anyhow::Result<StatusResponse> {
+    let running = cluster.running();
+    let this = &*cluster;
+    let accept = &accept;
+    wait::until(what, RESTORE_TIMEOUT, || async {
+        for &index in &running {
+            if let Ok(status) = this.status_of(index).await {
+                if status.leader_id != 0 && accept(&status) {
+                    return Ok(Some(status));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+}
+
+/// A cluster of `voters` voters and `standbys` standbys that joined.
+async fn cluster_with(voters: usize, standbys: usize) -> anyhow::Result<Cluster> {
+    let mut cluster = Cluster::start(voters, options()).await?;
+    let seed = cluster.nodes[0].endpoints().cluster.to_string();
+    for _ in 0..standbys {
+        cluster.add_node(Start::Join(seed.clone())).await?;
+    }
+    cluster.wait_members(voters + standbys, voters).await?;
+    Ok(cluster)
+}
+
+/// The journal entries (action, outcome) as `placement explain --all` prints them from node `node`.
+fn journal(cluster: &Cluster, node: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let explain = vesperctl(cluster, node, &["placement", "explain", "--all"])?;
+    Ok(explain["journal"]
+        .as_array()
+        .context("journal")?
+        .iter()
+        .map(|entry| {
+            (
+                entry["action"].as_str().unwrap_or_default().to_string(),
+                entry["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// The replacement of `victim` recorded in the journal: the standby that took its place.
+fn replacement_of(journal: &[(String, String)], victim: u64) -> Option<u64> {
+    let prefix = format!("replace voter {victim} by standby ");
+    journal.iter().find_map(|(action, outcome)| {
+        action
+            .strip_prefix(&prefix)
+            .filter(|_| outcome == "done")
+            .and_then(|id| id.parse().ok())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_a_killed_leader_is_replaced_then_retired_and_no_write_is_lost() -> anyhow::Result<()> {
+    let mut cluster = cluster_with(3, 2).await?;
+    let leader = cluster.wait_leader().await?;
+    let status = cluster.status_of(leader).await?;
+    let victim = cluster.node_id_in(&status, leader).context("leader's id")?;
+    let mut leaves = Vec::new();
+    for index in (0..3).filter(|&index| index != leader) {
+        leaves.push(cluster.leaf(index).await?);
+    }
+    let reader = cluster.leaf((leader + 1) % 3).await?;
+    let load = Load::start(leaves, "placement", "p");
+    wait::until("writes before the kill", RESTORE_TIMEOUT, || async {
+        Ok((load.acknowledged() >= 20).then_some(()))
+    })
+    .await?;
+
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let restored = wait_status(
+        &mut cluster,
+        "3 voters without the killed leader",
+        |status| {
+            let voters = voters(status);
+            voters.len() == 3 && !voters.contains(&victim)
+        },
+    )
+    .await?;
+    let restored_after = killed_at.elapsed();
+    let first_write = load
+        .first_ack_after(killed_at)
+        .map(|at| at.duration_since(killed_at));
+
+    // The new leader's journal tells why, and the replacement is a former standby.
+    let survivor = cluster.running()[0];
+    let journal_now = journal(&cluster, survivor)?;
+    let replacement = replacement_of(&journal_now, victim)
+        .with_context(|| format!("no replacement of {victim} in the journal: {journal_now:?}"))?;
+    ensure!(voters(&restored).contains(&replacement));
+
+    // Once dead as a standby too, the old voter is retired: removed, its id tombstoned.
+    let retired = wait_status(&mut cluster, "the killed leader retired", |status| {
+        role(status, victim) == Some(MemberRole::Removed)
+    })
+    .await?;
+    let retired_after = killed_at.elapsed();
+    ensure!(voters(&retired).len() == 3, "{retired:?}");
+    let journal_now = journal(&cluster, survivor)?;
+    ensure!(
+        journal_now.iter().any(
+            |(action, outcome)| action == &format!("retire standby {victim}") && outcome == "done"
+        ),
+        "{journal_now:?}"
+    );
+
+    // Every voter is healthy in the controller's eyes, and it has nothing left to do but keep the pool (it has
+    // no candidates to adopt, so it is short of one standby and says so, or balanced).
+    let placement = wait::until("the controller to settle", RESTORE_TIMEOUT, || async {
+        let placement = vesperctl(&cluster, survivor, &["placement", "status"])?;
+        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let settled = members.len() == 4
+            && members
+                .iter()
+                .all(|member| member["health"] == "stable" || member["health"] == "healthy")
+            && placement["action"].is_null();
+        Ok(settled.then_some(placement))
+    })
+    .await?;
+    ensure!(placement["effective_target_voters"] == 3, "{placement}");
+
+    let report = load.stop().await;
+    load::verify(&reader, "placement", &report.acknowledged).await?;
+    println!(
+        "placement: leader killed -> 3 voters again after {:.1} s, dead leader retired after {:.1} s; first write acknowledged {:.2} s after the kill; {} writes acknowledged, none lost",
+        restored_after.as_secs_f64(),
+        retired_after.as_secs_f64(),
+        first_write.map_or(f64::NAN, |d| d.as_secs_f64()),
+        report.acknowledged.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_two_of_five_voters_lost_one_after_the_other_are_both_replaced() -> anyhow::Result<()> {
+    let mut cluster = cluster_with(5, 2).await?;
+    let leader = cluster.wait_leader().await?;
+    let followers: Vec<usize> = (0..5).filter(|&index| index != leader).collect();
+    let status = cluster.status_of(leader).await?;
+    let first = cluster.node_id_in(&status, followers[0]).context("id")?;
+    let second = cluster.node_id_in(&status, followers[1]).context("id")?;
+    let mut leaves = Vec::new();
+    for &index in &followers[2..] {
+        leaves.push(cluster.leaf(index).await?);
+    }
+    let reader = cluster.leaf(leader).await?;
+    let load = Load::start(leaves, "placement", "five");
+
+    cluster.kill(followers[0]);
+    wait_status(
+        &mut cluster,
+        "5 voters without the first victim",
+        |status| {
+            let voters = voters(status);
+            voters.len() == 5 && !voters.contains(&first)
+        },
+    )
+    .await?;
+    cluster.kill(followers[1]);
+    let after = wait_status(&mut cluster, "5 voters without either victim", |status| {
+        let voters = voters(status);
+        voters.len() == 5 && !voters.contains(&first) && !voters.contains(&second)
+    })
+    .await?;
+    ensure!(
+        voters(&after).len() == 5,
+        "the voters went back to the target: {after:?}"
+    );
+    let report = load.stop().await;
+    load::verify(&reader, "placement", &report.acknowledged).await?;
+    ensure!(!report.acknowledged.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_pause_stops_every_change_until_resume() -> anyhow::Result<()> {
+    let mut cluster = cluster_with(3, 1).await?;
+    let leader = cluster.wait_leader().await?;
+    let victim_index = (0..3).find(|&index| index != leader).expect("a follower");
+    let status = cluster.status_of(leader).await?;
+    let victim = cluster.node_id_in(&status, victim_index).context("id")?;
+    let paused = vesperctl(&cluster, leader, &["placement", "pause"])?;
+    ensure!(paused["paused"] == true, "{paused}");
+
+    cluster.kill(victim_index);
+    // The controller sees the voter dead and says it is paused, in a round after it saw it dead.
+    let seen = wait::until(
+        "the controller to see the dead voter while paused",
+        RESTORE_TIMEOUT,
+        || async {
+            let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+            let dead = placement["members"].as_array().is_some_and(|members| {
+                members
+                    .iter()
+                    .any(|member| member["node_id"] == victim && member["health"] == "dead")
+            });
+            Ok((dead && placement["blocked"] == "paused").then_some(placement))
+        },
+    )
+    .await?;
+    let decided = seen["decided_at_ms"].as_u64().context("decided_at_ms")?;
+    wait::until("two more paused rounds", RESTORE_TIMEOUT, || async {
+        let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+        let later = placement["decided_at_ms"].as_u64().unwrap_or(0) > decided + 600;
+        Ok((later && placement["blocked"] == "paused").then_some(()))
+    })
+    .await?;
+    let status = cluster.status_of(leader).await?;
+    ensure!(
+        voters(&status).contains(&victim) && voters(&status).len() == 3,
+        "nothing changed while paused: {status:?}"
+    );
+    ensure!(journal(&cluster, leader)?.is_empty());
+
+    let resumed = vesperctl(&cluster, leader, &["placement", "resume"])?;
+    ensure!(resumed["paused"] == false, "{resumed}");
+    wait_status(
+        &mut cluster,
+        "the dead voter replaced after resume",
+        |status| {
+            let voters = voters(status);
+            voters.len() == 3 && !voters.contains(&victim)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_a_manual_demote_is_kept_and_targets_are_checked() -> anyhow::Result<()> {
+    let mut cluster = cluster_with(3, 1).await?;
+    let leader = cluster.wait_leader().await?;
+    let follower = (0..3).find(|&index| index != leader).expect("a follower");
+    let status = cluster.status_of(leader).await?;
+    let demoted = cluster.node_id_in(&status, follower).context("id")?;
+
+    vesperctl(&cluster, leader, &["demote", &demoted.to_string()])?;
+    let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+    ensure!(placement["targets"]["target_voters"] == "2", "{placement}");
+    // Rounds go by (with two ready standbys) and the controller keeps the operator's two voters.
+    let after_demote = placement["decided_at_ms"].as_u64().unwrap_or(0);
+    let settled = wait::until("rounds after the demote", RESTORE_TIMEOUT, || async {
+        let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+        let later = placement["decided_at_ms"].as_u64().unwrap_or(0) > after_demote + 2000;
+        let stable = placement["members"].as_array().is_some_and(|members| {
+            members.len() == 4 && members.iter().all(|member| member["health"] == "stable")
+        });
+        Ok((later && stable).then_some(placement))
+    })
+    .await?;
+    ensure!(settled["action"].is_null(), "{settled}");
+    ensure!(voters(&cluster.status_of(leader).await?).len() == 2);
+
+    // Nonsense targets are refused with the reason; the stored targets do not change.
+    let output = cluster.vesperctl(leader, &["placement", "set", "--voters", "4"])?;
+    ensure!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(stderr.contains("target_voters 4"), "{stderr}");
+    let output = cluster.vesperctl(leader, &["placement", "set"])?;
+    ensure!(output.status.code() == Some(64), "{output:?}");
+
+    // Handing the count back to automation brings a third voter back.
+    let set = vesperctl(&cluster, leader, &["placement", "set", "--voters", "auto"])?;
+    ensure!(set["target_voters"] == "auto", "{set}");
+    wait_status(&mut cluster, "3 voters again", |status| {
+        voters(status).len() == 3
+    })
+    .await?;
+    Ok(())
+}
