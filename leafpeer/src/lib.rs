@@ -25,8 +25,8 @@ mod relay_socket;
 
 pub use error::LeafError;
 pub use leaf::{
-    Consistency, Handler, Leaf, LeafConfig, Page, PeerMatches, SearchTerm, SendOutcome, WatchItem,
-    WatchSpec,
+    Consistency, Gate, Handler, Leaf, LeafConfig, OfferStatus, Page, PeerMatches, SearchTerm,
+    SendOutcome, SuperPeerOffer, WatchItem, WatchSpec,
 };
 pub use p2p::{Path, PeerConnection, RelayCaps};
 pub use vesper_proto::v1::{

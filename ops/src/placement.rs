@@ -38,6 +38,27 @@ pub enum PlacementCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Grant eligibility for the super peer role to candidates (a promoted node sees all replicated state and
+    /// votes: a security decision). Committed through Raft.
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["peers", "all"])))]
+    Grant {
+        /// PeerIds of the candidates (at most 64).
+        peers: Vec<String>,
+        /// Grant to every candidate, present and future.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a grant back (from the listed peers, or the grant to all).
+    #[command(group(clap::ArgGroup::new("whom").required(true).args(["peers", "all"])))]
+    Revoke {
+        peers: Vec<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the controller's targets. Committed through Raft; unset options keep their value.
     Set {
         /// Voters to keep: 1, 3, 5 or 7, or `auto` (3, or 5 when at least 5 live members span 3 zones).
@@ -94,6 +115,9 @@ pub async fn run(connection: &Connection, command: PlacementCommand) -> anyhow::
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print_decision(&status);
+                if !status.adoption.is_empty() {
+                    println!("{}", status.adoption);
+                }
                 if status.journal.is_empty() {
                     println!("\nno action taken yet (journal empty)");
                 } else {
@@ -136,6 +160,8 @@ pub async fn run(connection: &Connection, command: PlacementCommand) -> anyhow::
             )
             .await
         }
+        PlacementCommand::Grant { peers, all, json } => grant(connection, peers, all, false, json).await,
+        PlacementCommand::Revoke { peers, all, json } => grant(connection, peers, all, true, json).await,
         PlacementCommand::Set {
             voters,
             standbys,
@@ -161,6 +187,38 @@ pub async fn run(connection: &Connection, command: PlacementCommand) -> anyhow::
             .await
         }
     }
+}
+
+async fn grant(
+    connection: &Connection,
+    peers: Vec<String>,
+    all: bool,
+    revoke: bool,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let reply = connection
+        .client()
+        .await?
+        .grant_eligibility(vesper_proto::v1::GrantEligibilityRequest { peers, all, revoke })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        println!(
+            "{}",
+            json!({ "granted_all": reply.granted_all, "granted": reply.granted })
+        );
+    } else if reply.granted_all {
+        println!("eligibility granted to every candidate");
+    } else if reply.granted.is_empty() {
+        println!("eligibility granted to nobody");
+    } else {
+        println!("eligibility granted to:");
+        for peer in &reply.granted {
+            println!("  {peer}");
+        }
+    }
+    Ok(())
 }
 
 async fn fetch(connection: &Connection) -> anyhow::Result<PlacementStatusResponse> {
@@ -293,6 +351,32 @@ fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
         .map(action_json)
         .collect::<Vec<_>>()
         .into();
+    value["granted_all"] = status.granted_all.into();
+    value["granted"] = status.granted.clone().into();
+    value["adoption"] = (!status.adoption.is_empty()).then_some(&status.adoption).into();
+    value["candidates"] = status
+        .candidates
+        .iter()
+        .map(|candidate| {
+            json!({
+                "peer_id": candidate.peer_id,
+                "state": candidate.state,
+                "host_node_id": candidate.host_node_id,
+                "zone": (!candidate.zone.is_empty()).then_some(&candidate.zone),
+                "cluster_addr": candidate.cluster_addr,
+                "leaf_addr": candidate.leaf_addr,
+                "admin_addr": candidate.admin_addr,
+                "score": candidate.score,
+                "proof_at_ms": (candidate.proof_at_ms != 0).then_some(candidate.proof_at_ms),
+                "online_since_ms": candidate.online_since_ms,
+                "updated_at_ms": candidate.updated_at_ms,
+                "gates": candidate.gates.iter().map(|gate| json!({
+                    "name": gate.name, "passed": gate.passed, "detail": gate.detail,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect::<Vec<_>>()
+        .into();
     value
 }
 
@@ -365,6 +449,47 @@ fn print_status(status: &PlacementStatusResponse) {
             },
             member.zone
         );
+    }
+    print_candidates(status);
+}
+
+fn print_candidates(status: &PlacementStatusResponse) {
+    println!(
+        "\ncandidates (eligibility granted to {}):",
+        if status.granted_all {
+            "all".to_string()
+        } else {
+            format!("{} peers", status.granted.len())
+        }
+    );
+    if status.candidates.is_empty() {
+        println!("  none: no node offers to serve (leafpeer serve --offer-superpeer)");
+    }
+    for candidate in &status.candidates {
+        println!(
+            "  {} {} score {} host {} zone {} at {}",
+            candidate.peer_id,
+            candidate.state,
+            candidate.score,
+            candidate.host_node_id,
+            if candidate.zone.is_empty() {
+                "-"
+            } else {
+                &candidate.zone
+            },
+            candidate.cluster_addr
+        );
+        for gate in &candidate.gates {
+            println!(
+                "      {} {:<12} {}",
+                if gate.passed { "ok  " } else { "FAIL" },
+                gate.name,
+                gate.detail
+            );
+        }
+    }
+    if !status.adoption.is_empty() {
+        println!("  {}", status.adoption);
     }
 }
 

@@ -192,6 +192,10 @@ pub struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     pub log_json: bool,
+    /// Print this build's software version, store format and protocol version on one line and exit (what a
+    /// node that offers to serve as a super peer reports).
+    #[arg(long)]
+    pub build_info: bool,
 }
 
 /// A provider under the name errors give its values ("config file x.toml", "flags").
@@ -497,7 +501,7 @@ mod tests {
         Args::command()
             .get_arguments()
             .filter_map(|arg| Some((arg.get_long()?, arg)))
-            .filter(|(long, _)| !["config", "log-json", "help", "version"].contains(long))
+            .filter(|(long, _)| !["config", "log-json", "build-info", "help", "version"].contains(long))
             .map(|(long, arg)| {
                 let variable = arg.get_env().map(|env| env.to_string_lossy().into_owned());
                 (

@@ -48,6 +48,8 @@ pub enum Op {
     SetNamespaceAcl(SetNamespaceAcl),
     SetPlacement(SetPlacement),
     PlacementJournal(PlacementJournal),
+    Candidate(Candidate),
+    GrantEligibility(GrantEligibility),
 }
 
 /// `From<T> for Op` for each command type.
@@ -83,6 +85,8 @@ into_op!(
     SetNamespaceAcl,
     SetPlacement,
     PlacementJournal,
+    Candidate,
+    GrantEligibility,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -273,6 +277,49 @@ pub struct PlacementJournal {
     pub why: String,
     /// "done", or what went wrong.
     pub outcome: String,
+}
+
+/// The super peer a candidate is attached to writes (Some) or drops (None) its candidate entry; it does so only
+/// when the entry's state, score bucket, addresses, gates or observed sessions change, or to refresh it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub peer: PeerKey,
+    pub entry: Option<CandidateEntry>,
+}
+
+/// A node that offered to serve as a super peer, as its host judged it (see `placement::candidates`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateEntry {
+    pub host: u64,
+    pub eligible: bool,
+    pub zone: Option<String>,
+    /// Role addresses at the observed IP: Cluster, Leaf (TCP and UDP), Admin.
+    pub cluster_addr: String,
+    pub leaf_addr: String,
+    pub admin_addr: String,
+    /// Score bucket, 0-20 (eligible candidates only).
+    pub score: u32,
+    /// The last successful proof of reachability, and the last failed one.
+    pub proof_at_ms: Option<u64>,
+    pub proof_failed_at_ms: Option<u64>,
+    /// Session starts the cluster observed, newest last, at most `MAX_OBSERVED_SESSIONS`; and how many
+    /// sessions it observed since `first_seen_ms`.
+    pub session_starts_ms: Vec<u64>,
+    pub sessions_seen: u32,
+    pub first_seen_ms: u64,
+    /// Not eligible before this (after a demotion or removal).
+    pub cooldown_until_ms: u64,
+    /// The gates: name, passed, detail.
+    pub gates: Vec<(String, bool, String)>,
+    pub updated_at_ms: u64,
+}
+
+/// An operator grants (or revokes) eligibility for the super peer role to peers, or to all candidates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantEligibility {
+    pub peers: Vec<PeerKey>,
+    pub all: bool,
+    pub revoke: bool,
 }
 
 /// An operator sets (Some) or clears (None) the access rules of a record namespace.
@@ -466,6 +513,23 @@ impl fmt::Display for Command {
                 data_encoding::HEXLOWER.encode(&op.fingerprint)
             ),
             Op::SetPlacement(op) => write!(f, "set placement targets {:?}", op.targets),
+            Op::Candidate(op) => write!(
+                f,
+                "candidate {}: {}",
+                data_encoding::HEXLOWER.encode(&op.peer[..4]),
+                match &op.entry {
+                    None => "dropped",
+                    Some(entry) if entry.eligible => "eligible",
+                    Some(_) => "not eligible",
+                }
+            ),
+            Op::GrantEligibility(op) => write!(
+                f,
+                "{} eligibility ({} peers{})",
+                if op.revoke { "revoke" } else { "grant" },
+                op.peers.len(),
+                if op.all { ", all" } else { "" }
+            ),
             Op::PlacementJournal(op) => {
                 write!(f, "placement journal: {} ({})", op.action, op.outcome)
             }

@@ -42,6 +42,14 @@ async fn wait_for_signal() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.build_info {
+        let build = vesper_superpeer::placement::candidates::Build::this();
+        println!(
+            "version={} store_format={} protocol={}",
+            build.software_version, build.store_format, build.protocol_version
+        );
+        return ExitCode::SUCCESS;
+    }
     init_tracing(args.log_json);
     let config = match build_config(&args) {
         Ok(config) => config,

@@ -387,6 +387,11 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         placement_reports.clone(),
         config.placement.enabled,
     );
+    let offers = crate::placement::offers::Offers::new(
+        replica.clone(),
+        clients.clone(),
+        config.placement.candidates,
+    );
     let leaf_state = Arc::new(LeafState {
         config: config.clone(),
         me: me.clone(),
@@ -395,6 +400,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         sessions,
         events: events.clone(),
         tasks: tasks.clone(),
+        offers: offers.clone(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -441,6 +447,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
                 router: router.clone(),
                 membership: membership_ops.clone(),
                 adoption,
+                offers,
                 me: me.clone(),
                 tasks: tasks.clone(),
                 shutdown: shutdown.clone(),

@@ -7,11 +7,14 @@ use std::time::Duration;
 mod connect;
 mod dispatch;
 mod endpoints;
+mod offer;
 mod outgoing;
 mod seen;
 mod session;
 mod shared;
 mod watches;
+
+pub use offer::{Gate, OfferStatus, SuperPeerOffer};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +81,9 @@ pub struct LeafConfig {
     /// one-off tool that only calls, sends or watches with the same key as a running app: such a session is not
     /// listed, so it never disturbs the app's sessions and receives nothing. Default true.
     pub claim_presence: bool,
+    /// Offer this node as a super peer (an explicit opt-in; see [`SuperPeerOffer`]). Needs `claim_presence`.
+    /// Default none.
+    pub offer_super_peer: Option<SuperPeerOffer>,
 }
 
 impl LeafConfig {
@@ -91,6 +97,7 @@ impl LeafConfig {
             request_timeout: Duration::from_secs(15),
             publish_endpoints: true,
             claim_presence: true,
+            offer_super_peer: None,
         }
     }
 }
@@ -151,6 +158,8 @@ struct Inner {
     inbox: std::sync::Mutex<Option<mpsc::Receiver<Message>>>,
     /// Accepted peer connections, until the app takes the stream.
     incoming: std::sync::Mutex<Option<mpsc::Receiver<crate::p2p::PeerConnection>>>,
+    /// The verdicts on this node's offer to serve as a super peer, when it made one.
+    offer: Option<tokio::sync::watch::Receiver<Option<OfferStatus>>>,
 }
 
 impl Drop for Inner {
@@ -171,6 +180,12 @@ impl Leaf {
     pub async fn connect(config: LeafConfig) -> Result<Leaf, LeafError> {
         if config.seeds.is_empty() {
             return Err(LeafError::Config("no seed super peers given".into()));
+        }
+        if config.offer_super_peer.is_some() && !config.claim_presence {
+            return Err(LeafError::Config(
+                "offering to serve as a super peer needs claim_presence (the offer rides the peer's presence)"
+                    .into(),
+            ));
         }
         let attached = session::attach_any(&config, &config.seeds).await?;
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_QUEUE);
@@ -195,6 +210,16 @@ impl Leaf {
         shared.spawn(dispatch::run_stream_lane(shared.clone(), stream_lane_rx));
         let lanes = Arc::new(dispatch::Lanes::new(stream_lane_tx));
         shared.spawn(session::supervise(shared.clone(), attached, lanes));
+        let offer = match config.offer_super_peer.clone() {
+            Some(offer) => match offer::start(&shared, offer).await {
+                Ok(status) => Some(status),
+                Err(error) => {
+                    shared.stop.cancel();
+                    return Err(error);
+                }
+            },
+            None => None,
+        };
         Ok(Leaf {
             inner: Arc::new(Inner {
                 shared,
@@ -202,8 +227,26 @@ impl Leaf {
                 request_timeout: config.request_timeout,
                 inbox: std::sync::Mutex::new(Some(inbox_rx)),
                 incoming: std::sync::Mutex::new(Some(incoming_rx)),
+                offer,
             }),
         })
+    }
+
+    /// The super peer's verdict on this node's offer to serve as a super peer: `None` without an offer, or
+    /// before the first answer.
+    pub fn offer_status(&self) -> Option<OfferStatus> {
+        self.inner
+            .offer
+            .as_ref()
+            .and_then(|status| status.borrow().clone())
+    }
+
+    /// Waits until the offer's verdict changes (or, without an offer, returns at once).
+    pub async fn offer_changed(&self) -> Option<OfferStatus> {
+        let mut status = self.inner.offer.as_ref()?.clone();
+        status.changed().await.ok()?;
+        let verdict = status.borrow().clone();
+        verdict
     }
 
     /// This leaf's PeerId.

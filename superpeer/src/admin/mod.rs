@@ -66,6 +66,20 @@ impl Admin for AdminService {
         on_leader!(self, request, PlacementStatus)
     }
 
+    async fn grant_eligibility(
+        &self,
+        request: Request<vesper_proto::v1::GrantEligibilityRequest>,
+    ) -> Result<Response<vesper_proto::v1::GrantEligibilityResponse>, Status> {
+        let reply = crate::placement::admin::grant(&self.replica, request.get_ref()).await?;
+        tracing::info!(
+            peers = request.get_ref().peers.len(),
+            all = request.get_ref().all,
+            revoke = request.get_ref().revoke,
+            "eligibility grant changed by an operator"
+        );
+        Ok(Response::new(reply))
+    }
+
     async fn set_placement(
         &self,
         request: Request<SetPlacementRequest>,

@@ -30,6 +30,8 @@ pub struct ClusterService {
     pub router: Router,
     pub membership: Membership,
     pub adoption: Adoption,
+    /// Dial-back proofs other members ask this one to run.
+    pub offers: crate::placement::offers::Offers,
     /// This node's identity and addresses, for `Describe` and `Adopt`.
     pub me: NodeInfo,
     /// Tasks of delivery streams from other members, ended at shutdown.
@@ -154,6 +156,13 @@ impl Cluster for ClusterService {
             request.into_inner(),
             caller,
         )))
+    }
+
+    async fn prove_reach(
+        &self,
+        request: Request<vesper_proto::v1::ProveReachRequest>,
+    ) -> Result<Response<vesper_proto::v1::ProveReachResponse>, Status> {
+        Ok(Response::new(self.offers.prove(request.get_ref()).await?))
     }
 
     async fn membership(

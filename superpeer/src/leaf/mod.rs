@@ -218,6 +218,29 @@ impl Leaf for LeafService {
         broker::connect_peer(self, request).await
     }
 
+    async fn offer_super_peer(
+        &self,
+        request: Request<vesper_proto::v1::OfferSuperPeerRequest>,
+    ) -> Result<Response<vesper_proto::v1::OfferSuperPeerResponse>, Status> {
+        let (peer, session) = self.session_of(&request)?;
+        let ip = request.remote_addr().map(|addr| addr.ip()).ok_or_else(|| {
+            ServiceError::Internal("the call's source address is unknown".into())
+        })?;
+        // An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d; dial it back as IPv4.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let answer = self
+            .context
+            .offers
+            .handle(peer, session, ip, request.get_ref())
+            .await?;
+        Ok(Response::new(answer))
+    }
+
     async fn lookup_peer(
         &self,
         request: Request<LookupPeerRequest>,

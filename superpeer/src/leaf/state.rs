@@ -24,4 +24,6 @@ pub struct LeafState {
     pub events: EventLog,
     /// Work a call starts and does not wait for (sends answered on the session), ended at shutdown.
     pub tasks: TaskTracker,
+    /// Offers to serve as a super peer from leaves attached here.
+    pub offers: crate::placement::offers::Offers,
 }

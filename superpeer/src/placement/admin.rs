@@ -3,18 +3,71 @@
 
 use openraft::async_runtime::WatchReceiver;
 use vesper_proto::v1::{
-    MemberRole, PlacementAction, PlacementMember, PlacementStatusResponse, SetPlacementRequest,
+    GrantEligibilityRequest, GrantEligibilityResponse, MemberRole, PlacementAction,
+    PlacementCandidate, PlacementMember, PlacementStatusResponse, SetPlacementRequest,
 };
 
 use super::controller::PlacementReports;
 use super::decide::{Decision, Health, MAX_VOTERS};
-use crate::command::{PlacementTargets, SetPlacement};
+use crate::command::{GrantEligibility, PeerKey, PlacementTargets, SetPlacement};
 use crate::error::ServiceError;
 use crate::replica::Replica;
-use crate::store::nodes::{read_placement_journal, read_placement_targets};
+use crate::store::nodes::{read_candidates, read_grants, read_placement_journal, read_placement_targets};
 
 /// Most standbys an operator may ask the controller to keep.
 pub const MAX_TARGET_STANDBYS: u32 = 16;
+/// Most peers one grant names.
+pub const MAX_GRANT_PEERS: usize = 64;
+/// Why eligible candidates are not adopted in this build.
+pub const ADOPTION_NOT_BUILT: &str = "eligible candidates are not adopted yet: adopting a node needs a super peer certificate for its key, and this build has no certificate issuer; an operator adds the node by hand (vesperctl add-standby)";
+
+fn peer_text(peer: &PeerKey) -> String {
+    vesper_proto::PeerId::from_public_key_bytes(peer)
+        .map(|peer| peer.to_string())
+        .unwrap_or_default()
+}
+
+/// Grants or revokes eligibility (a Raft write from this node).
+pub async fn grant(
+    replica: &Replica,
+    request: &GrantEligibilityRequest,
+) -> Result<GrantEligibilityResponse, ServiceError> {
+    if request.peers.len() > MAX_GRANT_PEERS {
+        return Err(ServiceError::BadField(format!(
+            "peers: {} given, at most {MAX_GRANT_PEERS} at once",
+            request.peers.len()
+        )));
+    }
+    if request.peers.is_empty() && !request.all {
+        return Err(ServiceError::BadField(
+            "name peers, or set all to grant (or revoke) every candidate".into(),
+        ));
+    }
+    let peers = request
+        .peers
+        .iter()
+        .map(|text| {
+            text.parse::<vesper_proto::PeerId>()
+                .map(|peer| *peer.as_bytes())
+                .map_err(|error| ServiceError::BadField(format!("peer {text:?}: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    replica
+        .propose_accepted(
+            GrantEligibility {
+                peers,
+                all: request.all,
+                revoke: request.revoke,
+            }
+            .into(),
+        )
+        .await?;
+    let (granted_all, granted) = read_grants(replica.reader().db())?;
+    Ok(GrantEligibilityResponse {
+        granted_all,
+        granted: granted.iter().map(peer_text).collect(),
+    })
+}
 
 /// The wire form of stored targets.
 pub fn targets_to_wire(targets: &PlacementTargets) -> vesper_proto::v1::PlacementTargets {
@@ -57,7 +110,34 @@ pub fn status(
             outcome: entry.entry.outcome,
         })
         .collect();
+    let (granted_all, granted) = read_grants(db)?;
+    let candidates = read_candidates(db)?
+        .into_iter()
+        .map(|(peer, entry)| PlacementCandidate {
+            peer_id: peer_text(&peer),
+            state: if entry.eligible { "eligible" } else { "candidate" }.into(),
+            host_node_id: entry.host,
+            zone: entry.zone.clone().unwrap_or_default(),
+            cluster_addr: entry.cluster_addr.clone(),
+            leaf_addr: entry.leaf_addr.clone(),
+            admin_addr: entry.admin_addr.clone(),
+            score: entry.score,
+            proof_at_ms: entry.proof_at_ms.unwrap_or(0),
+            online_since_ms: entry.session_starts_ms.last().copied().unwrap_or(0),
+            gates: super::offers::gates_to_wire(&entry),
+            updated_at_ms: entry.updated_at_ms,
+        })
+        .collect::<Vec<_>>();
+    let adoption = if candidates.iter().any(|candidate| candidate.state == "eligible") {
+        ADOPTION_NOT_BUILT.to_string()
+    } else {
+        String::new()
+    };
     let mut response = PlacementStatusResponse {
+        candidates,
+        granted_all,
+        granted: granted.iter().map(peer_text).collect(),
+        adoption,
         leader_id: *raft.node_id(),
         term: metrics.current_term,
         enabled,

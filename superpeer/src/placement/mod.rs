@@ -4,12 +4,16 @@
 //!   It does no I/O and reads no clock, so its rules are tested on tables and properties.
 //! - [`health`] turns openraft's per-member heartbeat and replication metrics, sampled over time, into the
 //!   health classes `decide` reads (stable, healthy, suspect, dead).
+//! - [`candidates`] judges nodes that offer to serve (their reports, the eligibility gates, the score);
+//!   [`offers`] runs that on the candidate's host, with the dial-back proof by two other members.
 //! - [`controller`] is the leader's task: sample, decide, carry the action out with openraft's membership
 //!   preconditions (so a stale leader or a concurrent change cannot act), and record the decision so
 //!   `vesperctl placement explain` can tell an operator what it did and why.
 
 pub mod admin;
+pub mod candidates;
 pub mod controller;
 pub mod decide;
 pub mod health;
+pub mod offers;
 pub mod settings;

@@ -35,6 +35,8 @@ pub struct PlacementConfig {
     /// A standby unhealthy this long is dead and is retired (removed, its id tombstoned). Default 30 min.
     #[serde(with = "humantime_serde")]
     pub dead_standby_after: Duration,
+    /// The eligibility gates of candidates and their timers (the `[placement.candidates]` table).
+    pub candidates: super::candidates::CandidateRules,
 }
 
 impl Default for PlacementConfig {
@@ -48,6 +50,7 @@ impl Default for PlacementConfig {
             stabilization: Duration::from_secs(30),
             dead_voter_after: Duration::from_secs(300),
             dead_standby_after: Duration::from_secs(1800),
+            candidates: super::candidates::CandidateRules::default(),
         }
     }
 }
@@ -89,6 +92,7 @@ impl PlacementConfig {
                     .into(),
             );
         }
+        problems.extend(self.candidates.problems());
         problems
     }
 }

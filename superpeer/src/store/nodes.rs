@@ -8,6 +8,9 @@
 //! nodes:   "revoked/" SHA-256 (32)        -> postcard(u64)           when the certificate was revoked
 //! nodes:   "placement/targets"            -> postcard(PlacementTargets)  the controller's targets
 //! nodes:   "placement/journal/" seq (8, BE) -> postcard(JournalEntry)  its last JOURNAL_KEPT actions
+//! nodes:   "placement/candidate/" peer (32) -> postcard(CandidateEntry) nodes that offer to serve
+//! nodes:   "placement/grant/" peer (32)    -> ()                     eligibility granted to that peer
+//! nodes:   "placement/grant-all"           -> ()                     eligibility granted to every candidate
 //! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
 //! ```
 
@@ -18,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
-    self, NodeInfo, PlacementJournal, PlacementTargets, RegisterNode, Rejection, Response,
-    RevokeCertificate, SetPlacement, TombstoneNode,
+    self, Candidate, CandidateEntry, GrantEligibility, NodeInfo, PeerKey, PlacementJournal,
+    PlacementTargets, RegisterNode, Rejection, Response, RevokeCertificate, SetPlacement,
+    TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -76,6 +80,73 @@ const TARGETS_KEY: &[u8] = b"placement/targets";
 const JOURNAL_PREFIX: &[u8] = b"placement/journal/";
 /// Journal entries kept; older ones are deleted as new ones come.
 pub const JOURNAL_KEPT: u64 = 100;
+
+const CANDIDATE_PREFIX: &[u8] = b"placement/candidate/";
+const GRANT_PREFIX: &[u8] = b"placement/grant/";
+const GRANT_ALL_KEY: &[u8] = b"placement/grant-all";
+
+fn candidate_key(peer: &PeerKey) -> Vec<u8> {
+    [CANDIDATE_PREFIX, peer.as_slice()].concat()
+}
+
+fn grant_key(peer: &PeerKey) -> Vec<u8> {
+    [GRANT_PREFIX, peer.as_slice()].concat()
+}
+
+/// Keys under `prefix` in the node table, with their values.
+fn scan<'a>(
+    db: &'a DB,
+    prefix: &'a [u8],
+) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + 'a {
+    let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+    db.iterator_cf(cf(db, CF_NODES), mode)
+        .map(|item| item.map_err(StoreError::from))
+        .take_while(move |item| {
+            item.as_ref()
+                .map_or(true, |(key, _)| key.starts_with(prefix))
+        })
+}
+
+/// One candidate's entry.
+pub fn read_candidate(db: &DB, peer: &PeerKey) -> Result<Option<CandidateEntry>, StoreError> {
+    db.get_pinned_cf(cf(db, CF_NODES), candidate_key(peer))?
+        .map(|bytes| decode("candidate entry", &bytes))
+        .transpose()
+}
+
+/// Every candidate entry, by peer.
+pub fn read_candidates(db: &DB) -> Result<BTreeMap<PeerKey, CandidateEntry>, StoreError> {
+    let mut candidates = BTreeMap::new();
+    for item in scan(db, CANDIDATE_PREFIX) {
+        let (key, bytes) = item?;
+        let peer: PeerKey = key[CANDIDATE_PREFIX.len()..]
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("candidate key is not 32 bytes of peer"))?;
+        candidates.insert(peer, decode("candidate entry", &bytes)?);
+    }
+    Ok(candidates)
+}
+
+/// Who is granted eligibility: everyone, and the peers granted one by one.
+pub fn read_grants(db: &DB) -> Result<(bool, Vec<PeerKey>), StoreError> {
+    let all = db.get_pinned_cf(cf(db, CF_NODES), GRANT_ALL_KEY)?.is_some();
+    let mut peers = Vec::new();
+    for item in scan(db, GRANT_PREFIX) {
+        let (key, _) = item?;
+        peers.push(
+            key[GRANT_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("grant key is not 32 bytes of peer"))?,
+        );
+    }
+    Ok((all, peers))
+}
+
+/// Whether `peer` is granted eligibility.
+pub fn is_granted(db: &DB, peer: &PeerKey) -> Result<bool, StoreError> {
+    Ok(db.get_pinned_cf(cf(db, CF_NODES), GRANT_ALL_KEY)?.is_some()
+        || db.get_pinned_cf(cf(db, CF_NODES), grant_key(peer))?.is_some())
+}
 
 fn journal_key(seq: u64) -> Vec<u8> {
     [JOURNAL_PREFIX, &seq.to_be_bytes()].concat()
@@ -380,6 +451,49 @@ impl Apply<PlacementJournal> for NodeWriter<'_> {
         if let Some(old) = seq.checked_sub(JOURNAL_KEPT) {
             // Entries are numbered without gaps, so exactly one falls out per new one.
             batch.delete_cf(cf(self.db, CF_NODES), journal_key(old));
+        }
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<Candidate> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &Candidate,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let key = candidate_key(&op.peer);
+        match &op.entry {
+            Some(entry) => batch.put_cf(
+                cf(self.db, CF_NODES),
+                key,
+                encode("candidate entry", entry)?,
+            ),
+            None => batch.delete_cf(cf(self.db, CF_NODES), key),
+        }
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<GrantEligibility> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &GrantEligibility,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let nodes = cf(self.db, CF_NODES);
+        let mut keys: Vec<Vec<u8>> = op.peers.iter().map(grant_key).collect();
+        if op.all {
+            keys.push(GRANT_ALL_KEY.to_vec());
+        }
+        for key in keys {
+            if op.revoke {
+                batch.delete_cf(nodes, key);
+            } else {
+                batch.put_cf(nodes, key, []);
+            }
         }
         Ok(Response::Done)
     }

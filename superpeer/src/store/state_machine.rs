@@ -154,6 +154,8 @@ impl<'a> Writers<'a> {
             Op::RevokeCertificate(op) => self.nodes.apply(batch, op, at),
             Op::SetPlacement(op) => self.nodes.apply(batch, op, at),
             Op::PlacementJournal(op) => self.nodes.apply(batch, op, at),
+            Op::Candidate(op) => self.nodes.apply(batch, op, at),
+            Op::GrantEligibility(op) => self.nodes.apply(batch, op, at),
         }
     }
 

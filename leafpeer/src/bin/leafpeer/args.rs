@@ -164,6 +164,35 @@ pub enum Command {
     /// Join a conference's chat: type lines to post them; the roster, the start and everyone's lines appear in
     /// the conference's one order. End with Ctrl-D.
     Join { id: String },
+    /// Stay online as a long-running leaf until interrupted (Ctrl-C or SIGTERM). With --offer-superpeer, also
+    /// offer this node as a super peer: it answers the cluster's dial-back proofs on the role's ports, reports
+    /// its capabilities, and prints the cluster's verdict (its eligibility gates) whenever it changes.
+    Serve {
+        /// The explicit opt-in to serve as a super peer when the cluster elects this node.
+        #[arg(long)]
+        offer_superpeer: bool,
+        /// The `superpeer` binary the role would run. Default: `superpeer` next to this binary.
+        #[arg(long, requires = "offer_superpeer")]
+        superpeer_bin: Option<PathBuf>,
+        /// The role's state directory (its data, and this node's uptime history).
+        #[arg(long, requires = "offer_superpeer", required_if_eq("offer_superpeer", "true"))]
+        role_dir: Option<PathBuf>,
+        /// IP the role would listen on.
+        #[arg(long, default_value = "0.0.0.0", requires = "offer_superpeer")]
+        role_ip: std::net::IpAddr,
+        /// The role's Cluster, Leaf (TCP and UDP) and Admin ports, comma-separated; they must be free.
+        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [7401, 7400, 7402], requires = "offer_superpeer")]
+        role_ports: Vec<u16>,
+        /// This node's zone label (placement spreads voters over zones).
+        #[arg(long, requires = "offer_superpeer")]
+        zone: Option<String>,
+        /// This node is on a metered link (it is then never eligible).
+        #[arg(long, requires = "offer_superpeer")]
+        metered: bool,
+        /// This node runs on battery (it is then never eligible).
+        #[arg(long, requires = "offer_superpeer")]
+        on_battery: bool,
+    },
     /// Print messages as they arrive (also those that waited in the mailbox).
     Listen {
         /// Stop after this many messages.

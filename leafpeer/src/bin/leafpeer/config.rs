@@ -91,6 +91,7 @@ pub async fn attach(cli: &Cli, key_path: &Path) -> anyhow::Result<Leaf> {
             | Command::Chat { .. }
             | Command::Join { .. }
             | Command::Accept { id: None, .. }
+            | Command::Serve { .. }
     );
     // Commands that stay to receive (messages, offers) or that change this peer's presence list their session
     // in its presence; the others attach without presence, so they never disturb another session of the same
@@ -103,7 +104,9 @@ pub async fn attach(cli: &Cli, key_path: &Path) -> anyhow::Result<Leaf> {
             | Command::Accept { id: None, .. }
             | Command::Status { .. }
             | Command::Nat
+            | Command::Serve { .. }
     );
+    config.offer_super_peer = crate::serve::offer(&cli.command)?;
     Leaf::connect(config).await.map_err(|error| match error {
         LeafError::Unreachable(_) => anyhow::anyhow!(
             "{error}\n(is a cluster running? scripts/up.sh starts one; --seeds names others)"

@@ -19,6 +19,7 @@ mod output;
 mod peers;
 mod presence;
 mod records;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -61,6 +62,9 @@ async fn command(at: &Attached<'_>, command: &Command) -> anyhow::Result<()> {
         | Say { .. }
         | Join { .. } => conferences::run(at, command).await,
         Connect { .. } | Accept { id: None, .. } => peers::run(at, command).await,
+        Serve {
+            offer_superpeer, ..
+        } => serve::run(at, *offer_superpeer).await,
     }
 }
 

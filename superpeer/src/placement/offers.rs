@@ -1,0 +1,379 @@
+//! Offers to serve as a super peer, on both sides of a proof:
+//!
+//! - as the **host** of the candidate's session ([`Offers::handle`]): check the report, have two other
+//!   members dial the candidate back when a proof is due, evaluate the gates and write the candidate entry
+//!   when it changed;
+//! - as a **prover** asked by another member ([`Offers::prove`]): dial the candidate's claimed ports at its
+//!   observed IP, at most [`MAX_CONCURRENT_PROBES`] at a time.
+//!
+//! Every input a leaf controls is bounded: reports faster than a quarter of the report interval are refused,
+//! one proof per candidate runs at a time and is not repeated within the proof interval (also after a
+//! failure), and the book of recent reports holds at most [`MAX_TRACKED`] peers.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vesper_proto::reach::{self, ReachClaim};
+use vesper_proto::v1::{
+    GateState, OfferSuperPeerRequest, OfferSuperPeerResponse, ProveReachRequest,
+    ProveReachResponse,
+};
+use vesper_proto::PeerId;
+
+use super::candidates::{self, Build, CandidateRules, Observed, ProofOutcome};
+use crate::command::{Candidate, CandidateEntry, PeerKey};
+use crate::error::ServiceError;
+use crate::raft::network::ClusterClients;
+use crate::raft::propose::now_ms;
+use crate::replica::Replica;
+use crate::store::nodes::{is_granted, read_candidate};
+
+/// Dial-backs one member runs at once for others; more are refused (the host retries at its next interval).
+pub const MAX_CONCURRENT_PROBES: usize = 4;
+/// Peers whose last report time is remembered (oldest forgotten first).
+pub const MAX_TRACKED: usize = 10_000;
+/// How long a host waits for a prover's answer.
+const PROVE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The offers desk of one super peer; cheap to clone.
+#[derive(Clone)]
+pub struct Offers {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    replica: Replica,
+    clients: ClusterClients,
+    rules: CandidateRules,
+    probes: tokio::sync::Semaphore,
+    book: Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    last_report: HashMap<PeerKey, Instant>,
+    proving: HashSet<PeerKey>,
+}
+
+impl Offers {
+    pub fn new(replica: Replica, clients: ClusterClients, rules: CandidateRules) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                replica,
+                clients,
+                rules,
+                probes: tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES),
+                book: Mutex::new(Book::default()),
+            }),
+        }
+    }
+
+    /// The candidate rules in force here.
+    pub fn rules(&self) -> &CandidateRules {
+        &self.inner.rules
+    }
+
+    /// Handles a leaf's report as its host: `peer` on `session`, calling from `ip`.
+    pub async fn handle(
+        &self,
+        peer: PeerId,
+        session: u64,
+        ip: IpAddr,
+        request: &OfferSuperPeerRequest,
+    ) -> Result<OfferSuperPeerResponse, ServiceError> {
+        let report = candidates::validate(request)?;
+        let key: PeerKey = *peer.as_bytes();
+        self.admit(key)?;
+        let outcome = self.judge(key, &peer, session, ip, report).await;
+        // The interval counts from the end of a report: a slow proof does not open the door to a flood.
+        self.inner
+            .book
+            .lock()
+            .expect("offers book lock")
+            .last_report
+            .insert(key, Instant::now());
+        outcome
+    }
+
+    async fn judge(
+        &self,
+        key: PeerKey,
+        peer: &PeerId,
+        session: u64,
+        ip: IpAddr,
+        report: candidates::Report,
+    ) -> Result<OfferSuperPeerResponse, ServiceError> {
+        let replica = &self.inner.replica;
+        let host = replica.node_id().ok_or(ServiceError::NotInCluster)?;
+        let db = replica.reader().db();
+        let previous = read_candidate(db, &key)?;
+        let interval_ms = millis(self.inner.rules.report_interval);
+        if !report.offer {
+            if previous.is_some() {
+                replica
+                    .propose_accepted(
+                        Candidate {
+                            peer: key,
+                            entry: None,
+                        }
+                        .into(),
+                    )
+                    .await?;
+            }
+            return Ok(OfferSuperPeerResponse {
+                state: "withdrawn".into(),
+                gates: Vec::new(),
+                proof_at_ms: 0,
+                report_interval_ms: interval_ms,
+            });
+        }
+        let unlisted = || {
+            ServiceError::Precondition(
+                "an offer needs a session that claims presence (LeafConfig::claim_presence)".into(),
+            )
+        };
+        let presence = crate::store::presence::get(db, &key)?.ok_or_else(unlisted)?;
+        let attached = presence
+            .sessions
+            .iter()
+            .find(|listed| listed.session == session)
+            .ok_or_else(unlisted)?;
+        let now = now_ms();
+        let observed = Observed {
+            now_ms: now,
+            host,
+            ip,
+            session_started_ms: attached.attached_at_ms,
+            nat_class: presence.nat_class.clone(),
+            granted: is_granted(db, &key)?,
+        };
+        let proof = if candidates::proof_due(previous.as_ref(), now, &self.inner.rules) {
+            self.prove_with_others(key, peer, ip, &report).await
+        } else {
+            ProofOutcome::NotRun
+        };
+        let build = Build::this();
+        let entry = candidates::evaluate(
+            &report,
+            &observed,
+            &proof,
+            previous.as_ref(),
+            &build,
+            &self.inner.rules,
+        );
+        if candidates::needs_write(previous.as_ref(), &entry, self.inner.rules.refresh) {
+            replica
+                .propose_accepted(
+                    Candidate {
+                        peer: key,
+                        entry: Some(entry.clone()),
+                    }
+                    .into(),
+                )
+                .await?;
+        }
+        Ok(answer(&entry, interval_ms))
+    }
+
+    /// Refuses reports that come faster than a quarter of the report interval.
+    fn admit(&self, key: PeerKey) -> Result<(), ServiceError> {
+        let floor = self.inner.rules.report_interval / 4;
+        let mut book = self.inner.book.lock().expect("offers book lock");
+        let now = Instant::now();
+        if let Some(last) = book.last_report.get(&key) {
+            if now.duration_since(*last) < floor {
+                return Err(ServiceError::RateLimited(format!(
+                    "capability reports at most every {floor:?}; the answer says when to report again"
+                )));
+            }
+        }
+        if book.last_report.len() >= MAX_TRACKED {
+            let stale = floor * 16;
+            book.last_report
+                .retain(|_, at| now.duration_since(*at) < stale);
+            if book.last_report.len() >= MAX_TRACKED {
+                return Err(ServiceError::LimitReached(format!(
+                    "this super peer tracks {MAX_TRACKED} candidates at most; offer through another one"
+                )));
+            }
+        }
+        book.last_report.insert(key, now);
+        Ok(())
+    }
+
+    /// Has two other members dial the candidate back; both must succeed.
+    async fn prove_with_others(
+        &self,
+        key: PeerKey,
+        peer: &PeerId,
+        ip: IpAddr,
+        report: &candidates::Report,
+    ) -> ProofOutcome {
+        {
+            let mut book = self.inner.book.lock().expect("offers book lock");
+            if !book.proving.insert(key) {
+                return ProofOutcome::NotRun;
+            }
+        }
+        let outcome = self.prove_now(peer, ip, report).await;
+        self.inner
+            .book
+            .lock()
+            .expect("offers book lock")
+            .proving
+            .remove(&key);
+        outcome
+    }
+
+    async fn prove_now(
+        &self,
+        peer: &PeerId,
+        ip: IpAddr,
+        report: &candidates::Report,
+    ) -> ProofOutcome {
+        let replica = &self.inner.replica;
+        let me = replica.node_id();
+        let members = match replica.members() {
+            Ok(members) => members,
+            Err(error) => return ProofOutcome::Failed(format!("cannot list members: {error}")),
+        };
+        // Voters first (they are the most stable), then standbys; never this node.
+        let mut others: Vec<_> = members
+            .into_iter()
+            .filter(|member| {
+                Some(member.node_id) != me
+                    && member.role != vesper_proto::v1::MemberRole::Removed as i32
+            })
+            .collect();
+        others.sort_by_key(|member| {
+            (
+                member.role != vesper_proto::v1::MemberRole::Voter as i32,
+                member.node_id,
+            )
+        });
+        if others.len() < 2 {
+            return ProofOutcome::Failed(format!(
+                "a proof needs two super peers besides the candidate's host; the cluster has {}",
+                others.len()
+            ));
+        }
+        let request = ProveReachRequest {
+            peer_id: peer.to_string(),
+            observed_ip: ip.to_string(),
+            tcp_ports: vec![
+                u32::from(report.cluster_port),
+                u32::from(report.leaf_port),
+                u32::from(report.admin_port),
+            ],
+            udp_ports: vec![u32::from(report.leaf_port)],
+        };
+        let calls = others.iter().take(2).map(|member| {
+            let request = request.clone();
+            let clients = self.inner.clients.clone();
+            let (node_id, address) = (member.node_id, member.cluster_addr.clone());
+            async move {
+                let answer = async {
+                    let mut client = clients.peer(&address)?;
+                    let reply = tokio::time::timeout(PROVE_CALL_TIMEOUT, client.prove_reach(request))
+                        .await
+                        .map_err(|_| ServiceError::Timeout("a prover's answer"))?
+                        .map_err(|status| ServiceError::Peer {
+                            peer: address.clone(),
+                            status,
+                        })?;
+                    Ok::<_, ServiceError>(reply.into_inner())
+                }
+                .await;
+                match answer {
+                    Ok(reply) if reply.ok => Ok(()),
+                    Ok(reply) => Err(format!("node {node_id}: {}", reply.error)),
+                    Err(error) => Err(format!("node {node_id} could not run it: {error}")),
+                }
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        if failures.is_empty() {
+            ProofOutcome::Passed
+        } else {
+            ProofOutcome::Failed(failures.join("; "))
+        }
+    }
+
+    /// Runs a dial-back another member asked for.
+    pub async fn prove(&self, request: &ProveReachRequest) -> Result<ProveReachResponse, ServiceError> {
+        let node_id = self.inner.replica.node_id().unwrap_or(0);
+        let peer: PeerId = request
+            .peer_id
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("peer_id: {error}")))?;
+        let ip: IpAddr = request
+            .observed_ip
+            .parse()
+            .map_err(|error| ServiceError::BadField(format!("observed_ip: {error}")))?;
+        let port = |value: &u32| {
+            u16::try_from(*value)
+                .ok()
+                .filter(|port| *port != 0)
+                .map(|port| SocketAddr::new(ip, port))
+                .ok_or_else(|| ServiceError::BadField(format!("port {value} is not 1-65535")))
+        };
+        let claim = ReachClaim {
+            peer_id: peer,
+            tcp: request.tcp_ports.iter().map(port).collect::<Result<_, _>>()?,
+            udp: request.udp_ports.iter().map(port).collect::<Result<_, _>>()?,
+        };
+        let Ok(_permit) = self.inner.probes.try_acquire() else {
+            return Err(ServiceError::LimitReached(format!(
+                "this super peer runs {MAX_CONCURRENT_PROBES} dial-backs at once; retry later"
+            )));
+        };
+        let nonce: [u8; reach::NONCE_BYTES] = rand::random();
+        Ok(match reach::probe(&claim, ip, nonce).await {
+            Ok(()) => ProveReachResponse {
+                ok: true,
+                error: String::new(),
+                node_id,
+            },
+            Err(error) => ProveReachResponse {
+                ok: false,
+                error: error.to_string(),
+                node_id,
+            },
+        })
+    }
+}
+
+/// The verdict a leaf gets for its entry.
+pub fn answer(entry: &CandidateEntry, report_interval_ms: u64) -> OfferSuperPeerResponse {
+    OfferSuperPeerResponse {
+        state: if entry.eligible {
+            "eligible"
+        } else {
+            "candidate"
+        }
+        .into(),
+        gates: gates_to_wire(entry),
+        proof_at_ms: entry.proof_at_ms.unwrap_or(0),
+        report_interval_ms,
+    }
+}
+
+/// The gates of an entry on the wire.
+pub fn gates_to_wire(entry: &CandidateEntry) -> Vec<GateState> {
+    entry
+        .gates
+        .iter()
+        .map(|(name, passed, detail)| GateState {
+            name: name.clone(),
+            passed: *passed,
+            detail: detail.clone(),
+        })
+        .collect()
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
