@@ -4,7 +4,11 @@
 //! - [`acl`]: namespace access rules and their conversion from the Admin service's messages.
 //! - [`identity`]: Ed25519 keys and [`PeerId`], the stable name of every peer, leaf or super peer.
 //! - [`nat`]: NAT classes and address candidates a leaf publishes.
+//! - [`pinned_tls`]: TLS pinned to a peer's key (the certificate presenting an Ed25519 key, the verifier accepting
+//!   exactly one [`PeerId`]).
 //! - [`rate`]: the token bucket behind every rate limit.
+//! - [`reach`]: the dial-back proof that a node offering the super peer role can be reached at the ports it
+//!   claims.
 //! - [`relay`]: the relay's datagram format (binds, answers, end notices, releases) and allocation table.
 //! - [`search`]: search terms, checked and converted from a request, and how they match attributes.
 //! - [`session`]: the message a leaf signs to prove key possession when it attaches.
@@ -18,7 +22,9 @@ pub mod acl;
 pub mod codec;
 pub mod identity;
 pub mod nat;
+pub mod pinned_tls;
 pub mod rate;
+pub mod reach;
 pub mod relay;
 pub mod search;
 pub mod session;
