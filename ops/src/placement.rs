@@ -160,8 +160,12 @@ pub async fn run(connection: &Connection, command: PlacementCommand) -> anyhow::
             )
             .await
         }
-        PlacementCommand::Grant { peers, all, json } => grant(connection, peers, all, false, json).await,
-        PlacementCommand::Revoke { peers, all, json } => grant(connection, peers, all, true, json).await,
+        PlacementCommand::Grant { peers, all, json } => {
+            grant(connection, peers, all, false, json).await
+        }
+        PlacementCommand::Revoke { peers, all, json } => {
+            grant(connection, peers, all, true, json).await
+        }
         PlacementCommand::Set {
             voters,
             standbys,
@@ -307,6 +311,7 @@ fn decision_json(status: &PlacementStatusResponse) -> serde_json::Value {
         "blocked": (!status.blocked.is_empty()).then_some(&status.blocked),
         "why": status.why,
         "outcome": (!status.outcome.is_empty()).then_some(&status.outcome),
+        "adoption": (!status.adoption.is_empty()).then_some(&status.adoption),
     })
 }
 
@@ -353,7 +358,6 @@ fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
         .into();
     value["granted_all"] = status.granted_all.into();
     value["granted"] = status.granted.clone().into();
-    value["adoption"] = (!status.adoption.is_empty()).then_some(&status.adoption).into();
     value["candidates"] = status
         .candidates
         .iter()

@@ -501,7 +501,9 @@ mod tests {
         Args::command()
             .get_arguments()
             .filter_map(|arg| Some((arg.get_long()?, arg)))
-            .filter(|(long, _)| !["config", "log-json", "build-info", "help", "version"].contains(long))
+            .filter(|(long, _)| {
+                !["config", "log-json", "build-info", "help", "version"].contains(long)
+            })
             .map(|(long, arg)| {
                 let variable = arg.get_env().map(|env| env.to_string_lossy().into_owned());
                 (

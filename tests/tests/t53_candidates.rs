@@ -60,7 +60,12 @@ fn offer(state_dir: &std::path::Path) -> SuperPeerOffer {
     }
 }
 
-async fn candidate(cluster: &Cluster, index: usize, keypair: Keypair, state_dir: &std::path::Path) -> anyhow::Result<Leaf> {
+async fn candidate(
+    cluster: &Cluster,
+    index: usize,
+    keypair: Keypair,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Leaf> {
     let mut config = cluster.leaf_config(index, keypair);
     config.publish_endpoints = true;
     config.offer_super_peer = Some(offer(state_dir));
@@ -96,7 +101,8 @@ fn vesperctl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t53_a_steady_candidate_is_proven_then_eligible_once_granted_and_a_flapping_one_never() -> anyhow::Result<()> {
+async fn t53_a_steady_candidate_is_proven_then_eligible_once_granted_and_a_flapping_one_never(
+) -> anyhow::Result<()> {
     let (cluster, _dir) = cluster().await?;
     let steady_dir = tempfile::tempdir()?;
     let steady_key = Keypair::generate();
@@ -104,10 +110,17 @@ async fn t53_a_steady_candidate_is_proven_then_eligible_once_granted_and_a_flapp
     let steady = candidate(&cluster, 0, steady_key, steady_dir.path()).await?;
 
     // Proven reachable by two other super peers, public, stable: only the operator's grant is missing.
-    let verdict = wait_verdict(&steady, "the steady candidate proven and waiting for a grant", |status| {
-        status.state == "candidate"
-            && status.gates.iter().all(|gate| gate.passed || gate.name == "granted")
-    })
+    let verdict = wait_verdict(
+        &steady,
+        "the steady candidate proven and waiting for a grant",
+        |status| {
+            status.state == "candidate"
+                && status
+                    .gates
+                    .iter()
+                    .all(|gate| gate.passed || gate.name == "granted")
+        },
+    )
     .await?;
     ensure!(verdict.proof_at_ms.is_some(), "{verdict:?}");
     ensure!(!gate(&verdict, "granted").context("granted gate")?.passed);
@@ -133,15 +146,19 @@ async fn t53_a_steady_candidate_is_proven_then_eligible_once_granted_and_a_flapp
     })
     .await?;
     ensure!(verdict.gates.iter().all(|gate| gate.passed), "{verdict:?}");
-    let status = wait::until("the eligible candidate in placement status", TIMEOUT, || async {
-        let status = vesperctl(&cluster, &["placement", "status"])?;
-        let eligible = status["candidates"].as_array().is_some_and(|candidates| {
-            candidates.iter().any(|candidate| {
-                candidate["peer_id"] == steady_id.as_str() && candidate["state"] == "eligible"
-            })
-        });
-        Ok(eligible.then_some(status))
-    })
+    let status = wait::until(
+        "the eligible candidate in placement status",
+        TIMEOUT,
+        || async {
+            let status = vesperctl(&cluster, &["placement", "status"])?;
+            let eligible = status["candidates"].as_array().is_some_and(|candidates| {
+                candidates.iter().any(|candidate| {
+                    candidate["peer_id"] == steady_id.as_str() && candidate["state"] == "eligible"
+                })
+            });
+            Ok(eligible.then_some(status))
+        },
+    )
     .await?;
     ensure!(
         status["adoption"]
@@ -156,7 +173,13 @@ async fn t53_a_steady_candidate_is_proven_then_eligible_once_granted_and_a_flapp
     let flapping_key = Keypair::generate();
     let flapping_dir = tempfile::tempdir()?;
     for round in 0..4 {
-        let leaf = candidate(&cluster, round % 3, flapping_key.clone(), flapping_dir.path()).await?;
+        let leaf = candidate(
+            &cluster,
+            round % 3,
+            flapping_key.clone(),
+            flapping_dir.path(),
+        )
+        .await?;
         wait_verdict(&leaf, "a verdict for the flapping candidate", |_| true).await?;
         if round < 3 {
             leaf.detach().await;
@@ -167,7 +190,9 @@ async fn t53_a_steady_candidate_is_proven_then_eligible_once_granted_and_a_flapp
             .await?;
             ensure!(verdict.state == "candidate", "{verdict:?}");
             // It stays so while the steady one stays eligible.
-            ensure!(steady.offer_status().is_some_and(|status| status.state == "eligible"));
+            ensure!(steady
+                .offer_status()
+                .is_some_and(|status| status.state == "eligible"));
             leaf.detach().await;
         }
     }
@@ -199,7 +224,10 @@ async fn t53_absurd_reports_and_floods_are_refused_with_the_reason() -> anyhow::
         .offer_super_peer(session.request(absurd))
         .await
         .expect_err("cores 0 is refused");
-    ensure!(refused.code() == tonic::Code::InvalidArgument, "{refused:?}");
+    ensure!(
+        refused.code() == tonic::Code::InvalidArgument,
+        "{refused:?}"
+    );
     ensure!(refused.message().contains("cores 0"), "{refused:?}");
 
     // A sane report is taken; one right after it is refused as a flood.

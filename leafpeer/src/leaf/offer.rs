@@ -42,20 +42,26 @@ pub struct SuperPeerOffer {
     /// The role's ports: Cluster, Leaf (also UDP) and Admin. They must be free now; 0 lets the system pick
     /// (what was picked is in the reports and in [`OfferStatus::ports`]).
     pub cluster_port: u16,
+    /// The Leaf port (TCP, and UDP for STUN and the relay).
     pub leaf_port: u16,
+    /// The Admin port.
     pub admin_port: u16,
     /// A zone label (placement spreads voters over zones).
     pub zone: Option<String>,
-    /// This node is on a metered link or on battery: it is then never eligible, but its offer is visible.
+    /// This node is on a metered link: it is then never eligible, but its offer is visible.
     pub metered: bool,
+    /// This node runs on battery: likewise never eligible.
     pub on_battery: bool,
 }
 
 /// One eligibility gate as the super peer judged it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gate {
+    /// "granted", "proof", "version", "uptime", "mean_session", "flapping", "resources" or "cooldown".
     pub name: String,
+    /// Whether it holds.
     pub passed: bool,
+    /// Why, with the measured value and the bound.
     pub detail: String,
 }
 
@@ -64,6 +70,7 @@ pub struct Gate {
 pub struct OfferStatus {
     /// "candidate" (some gate fails) or "eligible".
     pub state: String,
+    /// Every gate, in a fixed order.
     pub gates: Vec<Gate>,
     /// When its reachability was last proven (ms since the epoch), if ever.
     pub proof_at_ms: Option<u64>,
@@ -121,7 +128,9 @@ pub fn parse_build_info(text: &str) -> Option<BuildInfo> {
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 /// The uptime history: earlier runs of this node, newest first, and the current one.
@@ -182,7 +191,13 @@ fn free_memory_bytes() -> u64 {
         .and_then(|text| {
             text.lines()
                 .find_map(|line| line.strip_prefix("MemAvailable:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
         })
         .map_or(0, |kib| kib.saturating_mul(1024))
 }
@@ -269,7 +284,10 @@ async fn bind(offer: &mut SuperPeerOffer) -> Result<RoleSockets, LeafError> {
         let tcp = tokio::net::TcpListener::bind(SocketAddr::new(ip, offer.leaf_port))
             .await
             .map_err(|error| taken("TCP", offer.leaf_port, error))?;
-        let port = tcp.local_addr().map_err(|error| taken("TCP", 0, error))?.port();
+        let port = tcp
+            .local_addr()
+            .map_err(|error| taken("TCP", 0, error))?
+            .port();
         match tokio::net::UdpSocket::bind(SocketAddr::new(ip, port)).await {
             Ok(udp) => {
                 leaf = Some((tcp, udp, port));
@@ -290,7 +308,12 @@ async fn bind(offer: &mut SuperPeerOffer) -> Result<RoleSockets, LeafError> {
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, port))
             .await
             .map_err(|error| taken("TCP", port, error))?;
-        bound.push(listener.local_addr().map_err(|error| taken("TCP", port, error))?.port());
+        bound.push(
+            listener
+                .local_addr()
+                .map_err(|error| taken("TCP", port, error))?
+                .port(),
+        );
         listeners.push(listener);
     }
     offer.leaf_port = leaf_port;
@@ -405,7 +428,9 @@ mod tests {
         assert_eq!((spans[0].started_at_ms, spans[0].length_ms), (10_000, 500));
         assert_eq!((spans[1].started_at_ms, spans[1].length_ms), (1_000, 4_000));
         for run in 0..40 {
-            History::open(&dir, 20_000 + run).touch(20_001 + run).unwrap();
+            History::open(&dir, 20_000 + run)
+                .touch(20_001 + run)
+                .unwrap();
         }
         assert_eq!(History::open(&dir, 99_999).spans().len(), HISTORY_KEPT);
         // A damaged file starts over instead of failing.

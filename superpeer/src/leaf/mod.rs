@@ -223,9 +223,10 @@ impl Leaf for LeafService {
         request: Request<vesper_proto::v1::OfferSuperPeerRequest>,
     ) -> Result<Response<vesper_proto::v1::OfferSuperPeerResponse>, Status> {
         let (peer, session) = self.session_of(&request)?;
-        let ip = request.remote_addr().map(|addr| addr.ip()).ok_or_else(|| {
-            ServiceError::Internal("the call's source address is unknown".into())
-        })?;
+        let ip = request
+            .remote_addr()
+            .map(|addr| addr.ip())
+            .ok_or_else(|| ServiceError::Internal("the call's source address is unknown".into()))?;
         // An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d; dial it back as IPv4.
         let ip = match ip {
             std::net::IpAddr::V6(v6) => v6

@@ -12,7 +12,9 @@ use super::decide::{Decision, Health, MAX_VOTERS};
 use crate::command::{GrantEligibility, PeerKey, PlacementTargets, SetPlacement};
 use crate::error::ServiceError;
 use crate::replica::Replica;
-use crate::store::nodes::{read_candidates, read_grants, read_placement_journal, read_placement_targets};
+use crate::store::nodes::{
+    read_candidates, read_grants, read_placement_journal, read_placement_targets,
+};
 
 /// Most standbys an operator may ask the controller to keep.
 pub const MAX_TARGET_STANDBYS: u32 = 16;
@@ -115,7 +117,12 @@ pub fn status(
         .into_iter()
         .map(|(peer, entry)| PlacementCandidate {
             peer_id: peer_text(&peer),
-            state: if entry.eligible { "eligible" } else { "candidate" }.into(),
+            state: if entry.eligible {
+                "eligible"
+            } else {
+                "candidate"
+            }
+            .into(),
             host_node_id: entry.host,
             zone: entry.zone.clone().unwrap_or_default(),
             cluster_addr: entry.cluster_addr.clone(),
@@ -128,7 +135,10 @@ pub fn status(
             updated_at_ms: entry.updated_at_ms,
         })
         .collect::<Vec<_>>();
-    let adoption = if candidates.iter().any(|candidate| candidate.state == "eligible") {
+    let adoption = if candidates
+        .iter()
+        .any(|candidate| candidate.state == "eligible")
+    {
         ADOPTION_NOT_BUILT.to_string()
     } else {
         String::new()

@@ -511,7 +511,11 @@ pub fn score(report: &Report, mean_session_ms: u64) -> u32 {
 
 /// Whether `new` must be written over `previous`: anything an operator or the controller reads changed, or the
 /// stored entry is `refresh` old.
-pub fn needs_write(previous: Option<&CandidateEntry>, new: &CandidateEntry, refresh: Duration) -> bool {
+pub fn needs_write(
+    previous: Option<&CandidateEntry>,
+    new: &CandidateEntry,
+    refresh: Duration,
+) -> bool {
     let Some(previous) = previous else {
         return true;
     };
@@ -587,7 +591,8 @@ mod tests {
 
     #[test]
     fn absurd_reports_are_refused_naming_the_field() {
-        let cases: Vec<(fn(&mut OfferSuperPeerRequest), &str)> = vec![
+        type Spoil = fn(&mut OfferSuperPeerRequest);
+        let cases: Vec<(Spoil, &str)> = vec![
             (|r| r.cores = 0, "cores 0"),
             (|r| r.cores = 100_000, "cores 100000"),
             (|r| r.free_memory_bytes = u64::MAX, "free_memory_bytes"),
@@ -642,14 +647,28 @@ mod tests {
             granted: false,
             ..seen.clone()
         };
-        let e = evaluate(&report, &not_granted, &ProofOutcome::Passed, None, &build, &rules);
+        let e = evaluate(
+            &report,
+            &not_granted,
+            &ProofOutcome::Passed,
+            None,
+            &build,
+            &rules,
+        );
         assert_eq!(failed(&e), ["granted"]);
 
         let behind_nat = Observed {
             nat_class: "endpoint-dependent".into(),
             ..seen.clone()
         };
-        let e = evaluate(&report, &behind_nat, &ProofOutcome::Passed, None, &build, &rules);
+        let e = evaluate(
+            &report,
+            &behind_nat,
+            &ProofOutcome::Passed,
+            None,
+            &build,
+            &rules,
+        );
         assert_eq!(failed(&e), ["proof"]);
         let e = evaluate(
             &report,
@@ -676,11 +695,18 @@ mod tests {
         small.cores = 1;
         let e = evaluate(&small, &seen, &ProofOutcome::Passed, None, &build, &rules);
         assert_eq!(failed(&e), ["resources"]);
-        assert!(e.gates[5].2.contains("on battery"), "{:?}", e.gates[5]);
+        assert!(e.gates[6].2.contains("on battery"), "{:?}", e.gates[6]);
 
         let mut cooling = entry.clone();
         cooling.cooldown_until_ms = now + HOUR;
-        let e = evaluate(&report, &seen, &ProofOutcome::NotRun, Some(&cooling), &build, &rules);
+        let e = evaluate(
+            &report,
+            &seen,
+            &ProofOutcome::NotRun,
+            Some(&cooling),
+            &build,
+            &rules,
+        );
         assert_eq!(failed(&e), ["cooldown"]);
     }
 
@@ -700,7 +726,14 @@ mod tests {
         for _ in 0..5 {
             // A new session every 2 hours, each observed by the host.
             let seen = observed(now, now - HOUR - 1);
-            entry = Some(evaluate(&report, &seen, &ProofOutcome::Passed, entry.as_ref(), &build, &rules));
+            entry = Some(evaluate(
+                &report,
+                &seen,
+                &ProofOutcome::Passed,
+                entry.as_ref(),
+                &build,
+                &rules,
+            ));
             now += 2 * HOUR;
         }
         let entry = entry.unwrap();
@@ -710,7 +743,14 @@ mod tests {
 
         // A proof failing after one passed is a reachability flip.
         let steady = observed(100 * HOUR, 90 * HOUR);
-        let passed = evaluate(&report, &steady, &ProofOutcome::Passed, None, &build, &rules);
+        let passed = evaluate(
+            &report,
+            &steady,
+            &ProofOutcome::Passed,
+            None,
+            &build,
+            &rules,
+        );
         let later = observed(100 * HOUR + 1000, 90 * HOUR);
         let flipped = evaluate(
             &report,
@@ -730,16 +770,37 @@ mod tests {
         let report = validate(&request()).unwrap();
         let now = 100 * HOUR;
         assert!(proof_due(None, now, &rules));
-        let entry = evaluate(&report, &observed(now, 0), &ProofOutcome::Passed, None, &build, &rules);
+        let entry = evaluate(
+            &report,
+            &observed(now, 0),
+            &ProofOutcome::Passed,
+            None,
+            &build,
+            &rules,
+        );
         assert!(!proof_due(Some(&entry), now + 1000, &rules));
         assert!(proof_due(Some(&entry), now + 10 * 60 * 1000, &rules));
         let mut moved = report.clone();
         moved.cluster_port = 9401;
-        let e = evaluate(&moved, &observed(now + 1000, 0), &ProofOutcome::NotRun, Some(&entry), &build, &rules);
+        let e = evaluate(
+            &moved,
+            &observed(now + 1000, 0),
+            &ProofOutcome::NotRun,
+            Some(&entry),
+            &build,
+            &rules,
+        );
         assert_eq!(e.proof_at_ms, None);
         assert!(!e.eligible);
         // A failure is not retried before the interval either.
-        let e = evaluate(&report, &observed(now, 0), &ProofOutcome::Failed("x".into()), None, &build, &rules);
+        let e = evaluate(
+            &report,
+            &observed(now, 0),
+            &ProofOutcome::Failed("x".into()),
+            None,
+            &build,
+            &rules,
+        );
         assert!(!proof_due(Some(&e), now + 1000, &rules));
     }
 
@@ -749,15 +810,43 @@ mod tests {
         let build = Build::this();
         let report = validate(&request()).unwrap();
         let now = 100 * HOUR;
-        let first = evaluate(&report, &observed(now, 0), &ProofOutcome::Passed, None, &build, &rules);
+        let first = evaluate(
+            &report,
+            &observed(now, 0),
+            &ProofOutcome::Passed,
+            None,
+            &build,
+            &rules,
+        );
         assert!(needs_write(None, &first, rules.refresh));
-        let again = evaluate(&report, &observed(now + 60_000, 0), &ProofOutcome::NotRun, Some(&first), &build, &rules);
+        let again = evaluate(
+            &report,
+            &observed(now + 60_000, 0),
+            &ProofOutcome::NotRun,
+            Some(&first),
+            &build,
+            &rules,
+        );
         assert!(!needs_write(Some(&first), &again, rules.refresh));
-        let later = evaluate(&report, &observed(now + 300_000, 0), &ProofOutcome::NotRun, Some(&first), &build, &rules);
+        let later = evaluate(
+            &report,
+            &observed(now + 300_000, 0),
+            &ProofOutcome::NotRun,
+            Some(&first),
+            &build,
+            &rules,
+        );
         assert!(needs_write(Some(&first), &later, rules.refresh));
         let mut zoned = report.clone();
         zoned.zone = Some("eu-2".into());
-        let moved = evaluate(&zoned, &observed(now + 60_000, 0), &ProofOutcome::NotRun, Some(&first), &build, &rules);
+        let moved = evaluate(
+            &zoned,
+            &observed(now + 60_000, 0),
+            &ProofOutcome::NotRun,
+            Some(&first),
+            &build,
+            &rules,
+        );
         assert!(needs_write(Some(&first), &moved, rules.refresh));
     }
 

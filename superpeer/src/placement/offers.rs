@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use vesper_proto::reach::{self, ReachClaim};
 use vesper_proto::v1::{
-    GateState, OfferSuperPeerRequest, OfferSuperPeerResponse, ProveReachRequest,
-    ProveReachResponse,
+    GateState, OfferSuperPeerRequest, OfferSuperPeerResponse, ProveReachRequest, ProveReachResponse,
 };
 use vesper_proto::PeerId;
 
@@ -276,13 +275,14 @@ impl Offers {
             async move {
                 let answer = async {
                     let mut client = clients.peer(&address)?;
-                    let reply = tokio::time::timeout(PROVE_CALL_TIMEOUT, client.prove_reach(request))
-                        .await
-                        .map_err(|_| ServiceError::Timeout("a prover's answer"))?
-                        .map_err(|status| ServiceError::Peer {
-                            peer: address.clone(),
-                            status,
-                        })?;
+                    let reply =
+                        tokio::time::timeout(PROVE_CALL_TIMEOUT, client.prove_reach(request))
+                            .await
+                            .map_err(|_| ServiceError::Timeout("a prover's answer"))?
+                            .map_err(|status| ServiceError::Peer {
+                                peer: address.clone(),
+                                status,
+                            })?;
                     Ok::<_, ServiceError>(reply.into_inner())
                 }
                 .await;
@@ -303,7 +303,10 @@ impl Offers {
     }
 
     /// Runs a dial-back another member asked for.
-    pub async fn prove(&self, request: &ProveReachRequest) -> Result<ProveReachResponse, ServiceError> {
+    pub async fn prove(
+        &self,
+        request: &ProveReachRequest,
+    ) -> Result<ProveReachResponse, ServiceError> {
         let node_id = self.inner.replica.node_id().unwrap_or(0);
         let peer: PeerId = request
             .peer_id
@@ -322,8 +325,16 @@ impl Offers {
         };
         let claim = ReachClaim {
             peer_id: peer,
-            tcp: request.tcp_ports.iter().map(port).collect::<Result<_, _>>()?,
-            udp: request.udp_ports.iter().map(port).collect::<Result<_, _>>()?,
+            tcp: request
+                .tcp_ports
+                .iter()
+                .map(port)
+                .collect::<Result<_, _>>()?,
+            udp: request
+                .udp_ports
+                .iter()
+                .map(port)
+                .collect::<Result<_, _>>()?,
         };
         let Ok(_permit) = self.inner.probes.try_acquire() else {
             return Err(ServiceError::LimitReached(format!(

@@ -93,11 +93,14 @@ fn grant_key(peer: &PeerKey) -> Vec<u8> {
     [GRANT_PREFIX, peer.as_slice()].concat()
 }
 
+/// A key and its value, as RocksDB iterators give them.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// Keys under `prefix` in the node table, with their values.
 fn scan<'a>(
     db: &'a DB,
     prefix: &'a [u8],
-) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + 'a {
+) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 'a {
     let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
     db.iterator_cf(cf(db, CF_NODES), mode)
         .map(|item| item.map_err(StoreError::from))
@@ -145,7 +148,9 @@ pub fn read_grants(db: &DB) -> Result<(bool, Vec<PeerKey>), StoreError> {
 /// Whether `peer` is granted eligibility.
 pub fn is_granted(db: &DB, peer: &PeerKey) -> Result<bool, StoreError> {
     Ok(db.get_pinned_cf(cf(db, CF_NODES), GRANT_ALL_KEY)?.is_some()
-        || db.get_pinned_cf(cf(db, CF_NODES), grant_key(peer))?.is_some())
+        || db
+            .get_pinned_cf(cf(db, CF_NODES), grant_key(peer))?
+            .is_some())
 }
 
 fn journal_key(seq: u64) -> Vec<u8> {
@@ -173,16 +178,9 @@ pub fn read_placement_targets(db: &DB) -> Result<PlacementTargets, StoreError> {
 
 /// The journal, oldest first.
 pub fn read_placement_journal(db: &DB) -> Result<Vec<JournalEntry>, StoreError> {
-    let mut entries = Vec::new();
-    let mode = IteratorMode::From(JOURNAL_PREFIX, rocksdb::Direction::Forward);
-    for item in db.iterator_cf(cf(db, CF_NODES), mode) {
-        let (key, bytes) = item?;
-        if !key.starts_with(JOURNAL_PREFIX) {
-            break;
-        }
-        entries.push(decode("placement journal entry", &bytes)?);
-    }
-    Ok(entries)
+    scan(db, JOURNAL_PREFIX)
+        .map(|item| decode("placement journal entry", &item?.1))
+        .collect()
 }
 
 /// Whether the certificate with this SHA-256 was revoked (as of the applied state).

@@ -175,7 +175,11 @@ pub enum Command {
         #[arg(long, requires = "offer_superpeer")]
         superpeer_bin: Option<PathBuf>,
         /// The role's state directory (its data, and this node's uptime history).
-        #[arg(long, requires = "offer_superpeer", required_if_eq("offer_superpeer", "true"))]
+        #[arg(
+            long,
+            requires = "offer_superpeer",
+            required_if_eq("offer_superpeer", "true")
+        )]
         role_dir: Option<PathBuf>,
         /// IP the role would listen on.
         #[arg(long, default_value = "0.0.0.0", requires = "offer_superpeer")]
