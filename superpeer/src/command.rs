@@ -302,6 +302,8 @@ pub struct CandidateEntry {
     /// The last successful proof of reachability, and the last failed one.
     pub proof_at_ms: Option<u64>,
     pub proof_failed_at_ms: Option<u64>,
+    /// Why the last failed proof failed (at most `placement::candidates::MAX_PROOF_ERROR` bytes).
+    pub proof_error: Option<String>,
     /// Session starts the cluster observed, newest last, at most `MAX_OBSERVED_SESSIONS`; and how many
     /// sessions it observed since `first_seen_ms`.
     pub session_starts_ms: Vec<u64>,

@@ -27,6 +27,8 @@ pub const MAX_ZONE_BYTES: usize = 63;
 pub const MAX_VERSION_BYTES: usize = 64;
 /// Highest score bucket.
 pub const MAX_SCORE: u32 = 20;
+/// Longest proof failure text an entry keeps.
+pub const MAX_PROOF_ERROR: usize = 512;
 
 /// The gates' bounds and the candidates' timers (the `[placement]` table's candidate keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +296,7 @@ pub fn evaluate(
         score: 0,
         proof_at_ms: None,
         proof_failed_at_ms: None,
+        proof_error: None,
         session_starts_ms: Vec::new(),
         sessions_seen: 0,
         first_seen_ms: observed.session_started_ms.min(now),
@@ -327,7 +330,18 @@ pub fn evaluate(
     match proof {
         ProofOutcome::NotRun => {}
         ProofOutcome::Passed => entry.proof_at_ms = Some(now),
-        ProofOutcome::Failed(_) => entry.proof_failed_at_ms = Some(now),
+        ProofOutcome::Failed(why) => {
+            entry.proof_failed_at_ms = Some(now);
+            let mut why = why.clone();
+            if why.len() > MAX_PROOF_ERROR {
+                let mut end = MAX_PROOF_ERROR;
+                while !why.is_char_boundary(end) {
+                    end -= 1;
+                }
+                why.truncate(end);
+            }
+            entry.proof_error = Some(why);
+        }
     }
 
     let mut gates: Vec<(String, bool, String)> = Vec::new();
@@ -345,20 +359,27 @@ pub fn evaluate(
     );
     let proof_age = entry.proof_at_ms.map(|at| now.saturating_sub(at));
     let public = observed.nat_class == "public";
-    let proof_detail = match (proof, proof_age) {
-        (ProofOutcome::Failed(why), _) => format!("the dial-back failed: {why}"),
-        (_, Some(age)) if age <= millis(rules.proof_ttl) => {
+    // The latest attempt decides: a failure after the last success fails the gate, however fresh that was.
+    let failed_last = entry
+        .proof_failed_at_ms
+        .is_some_and(|failed| entry.proof_at_ms.is_none_or(|ok| failed > ok));
+    let proven = !failed_last && proof_age.is_some_and(|age| age <= millis(rules.proof_ttl));
+    let proof_detail = match (failed_last, proof_age) {
+        (true, _) => format!(
+            "the last dial-back ({} ago) failed: {}",
+            show(now.saturating_sub(entry.proof_failed_at_ms.unwrap_or(now))),
+            entry.proof_error.as_deref().unwrap_or("no reason kept")
+        ),
+        (false, Some(age)) if age <= millis(rules.proof_ttl) => {
             format!("proven reachable {} ago", show(age))
         }
-        (_, Some(age)) => format!(
+        (false, Some(age)) => format!(
             "the last proof is {} old (valid {})",
             show(age),
             show(millis(rules.proof_ttl))
         ),
-        (_, None) => "not proven reachable yet".into(),
+        (false, None) => "not proven reachable yet".into(),
     };
-    let proven = !matches!(proof, ProofOutcome::Failed(_))
-        && proof_age.is_some_and(|age| age <= millis(rules.proof_ttl));
     gate(
         "proof",
         proven && public,
@@ -679,7 +700,26 @@ mod tests {
             &rules,
         );
         assert_eq!(failed(&e), ["proof"]);
-        assert!(e.gates[1].2.contains("connection refused"));
+        assert!(
+            e.gates[1].2.contains("connection refused"),
+            "{:?}",
+            e.gates[1]
+        );
+        // The reason stays with the entry while the failure is the latest attempt.
+        let later = evaluate(
+            &report,
+            &observed(now + 1000, now - 5 * HOUR),
+            &ProofOutcome::NotRun,
+            Some(&e),
+            &build,
+            &rules,
+        );
+        assert_eq!(failed(&later), ["proof"]);
+        assert!(
+            later.gates[1].2.contains("connection refused"),
+            "{:?}",
+            later.gates[1]
+        );
 
         let mut old = report.clone();
         old.store_format += 1;
