@@ -85,7 +85,11 @@ async fn serve_until(
     let _ = child.start_kill();
     let output = child.wait_with_output().await?;
     match verdict {
-        Ok(result) => result,
+        Ok(Ok(verdict)) => Ok(verdict),
+        Ok(Err(error)) => Err(error.context(format!(
+            "stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))),
         Err(_) => anyhow::bail!(
             "no final verdict on {} within {VERDICT_TIMEOUT:?}; stderr: {}",
             host.kind,

@@ -185,7 +185,7 @@ pub enum Command {
         #[arg(long, default_value = "0.0.0.0", requires = "offer_superpeer")]
         role_ip: std::net::IpAddr,
         /// The role's Cluster, Leaf (TCP and UDP) and Admin ports, comma-separated; they must be free.
-        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [7401, 7400, 7402], requires = "offer_superpeer")]
+        #[arg(long, value_delimiter = ',', default_values_t = [7401, 7400, 7402], requires = "offer_superpeer")]
         role_ports: Vec<u16>,
         /// This node's zone label (placement spreads voters over zones).
         #[arg(long, requires = "offer_superpeer")]
