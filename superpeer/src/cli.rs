@@ -171,6 +171,9 @@ pub struct Args {
     /// Relay allocations at once on this node. Default: 1000.
     #[arg(long, env = "VESPER_RELAY_MAX_ALLOCATIONS")]
     relay_max_allocations: Option<usize>,
+    /// This node's zone label (placement keeps at most ceil(voters / zones) voters in one zone).
+    #[arg(long, env = "VESPER_ZONE")]
+    zone: Option<String>,
     /// Do not run the placement controller when this node leads (membership then changes only by hand).
     #[arg(long, env = "VESPER_NO_PLACEMENT")]
     no_placement: bool,
@@ -315,6 +318,7 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
             args.relay_max_bytes_per_second,
         )
         .set("relay.max_allocations", args.relay_max_allocations)
+        .set("placement.zone", args.zone.as_ref())
         .set("placement.enabled", args.no_placement.then_some(false))
         .duration("placement.update_interval", args.placement_update_interval)
         .duration(
@@ -492,6 +496,10 @@ mod tests {
                 key: "c".into(),
             }),
             advertise_host: Some("sp-0".into()),
+            placement: crate::placement::settings::PlacementConfig {
+                zone: Some("zone-a".into()),
+                ..Default::default()
+            },
             ..Config::default()
         }
     }

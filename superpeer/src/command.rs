@@ -50,6 +50,7 @@ pub enum Op {
     PlacementJournal(PlacementJournal),
     Candidate(Candidate),
     GrantEligibility(GrantEligibility),
+    NodeZone(NodeZone),
 }
 
 /// `From<T> for Op` for each command type.
@@ -87,6 +88,7 @@ into_op!(
     PlacementJournal,
     Candidate,
     GrantEligibility,
+    NodeZone,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -324,6 +326,14 @@ pub struct GrantEligibility {
     pub revoke: bool,
 }
 
+/// Super peer `node_id` reports its zone label (`placement.zone`), so the placement controller can spread the
+/// voters over zones; `None` clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeZone {
+    pub node_id: u64,
+    pub zone: Option<String>,
+}
+
 /// An operator sets (Some) or clears (None) the access rules of a record namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetNamespaceAcl {
@@ -524,6 +534,12 @@ impl fmt::Display for Command {
                     Some(entry) if entry.eligible => "eligible",
                     Some(_) => "not eligible",
                 }
+            ),
+            Op::NodeZone(op) => write!(
+                f,
+                "zone of node {}: {}",
+                op.node_id,
+                op.zone.as_deref().unwrap_or("none")
             ),
             Op::GrantEligibility(op) => write!(
                 f,

@@ -523,9 +523,14 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         config.host_expiry,
         shutdown.clone(),
     ));
+    tasks.spawn(crate::placement::zone::report(
+        replica.clone(),
+        config.placement.zone.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(crate::placement::controller::run(
         replica.clone(),
-        config.placement,
+        config.placement.clone(),
         placement_reports,
         shutdown.clone(),
     ));

@@ -348,3 +348,43 @@ async fn t52_a_manual_demote_is_kept_and_targets_are_checked() -> anyhow::Result
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
+    // Three voters in zone a, standbys in zones b and c: at most ceil(3 / 3) = 1 voter per zone.
+    let mut options = options();
+    options.node_args = ["a", "a", "a", "b", "c"]
+        .iter()
+        .map(|zone| vec!["--zone".to_string(), zone.to_string()])
+        .collect();
+    let mut cluster = Cluster::start(3, options).await?;
+    let seed = cluster.nodes[0].endpoints().cluster.to_string();
+    for _ in 0..2 {
+        cluster.add_node(Start::Join(seed.clone())).await?;
+    }
+    let spread = wait::until("one voter per zone", RESTORE_TIMEOUT, || async {
+        let placement = vesperctl(&cluster, 0, &["placement", "status"])?;
+        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let zones: BTreeSet<String> = members
+            .iter()
+            .filter(|member| member["role"] == "voter")
+            .filter_map(|member| member["zone"].as_str().map(String::from))
+            .collect();
+        let voters = members
+            .iter()
+            .filter(|member| member["role"] == "voter")
+            .count();
+        Ok((voters == 3 && zones.len() == 3 && placement["action"].is_null()).then_some(placement))
+    })
+    .await?;
+    let journal = journal(&cluster, 0)?;
+    let swaps = journal
+        .iter()
+        .filter(|(action, outcome)| action.starts_with("replace voter") && outcome == "done")
+        .count();
+    ensure!(
+        swaps == 2,
+        "two swaps moved two voters out of zone a: {journal:?} {spread}"
+    );
+    Ok(())
+}

@@ -109,6 +109,21 @@ impl CandidateRules {
     }
 }
 
+/// Checks a zone label: 1-63 bytes of a-z, 0-9, '-', '_' and '.'.
+pub fn check_zone(zone: &str) -> Result<(), String> {
+    if zone.is_empty()
+        || zone.len() > MAX_ZONE_BYTES
+        || !zone.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
+        })
+    {
+        return Err(format!(
+            "zone {zone:?} must be 1-{MAX_ZONE_BYTES} bytes of a-z, 0-9, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
 /// A capability report whose bounds hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -160,16 +175,8 @@ pub fn validate(request: &OfferSuperPeerRequest) -> Result<Report, ServiceError>
     }
     let zone = if request.zone.is_empty() {
         None
-    } else if request.zone.len() > MAX_ZONE_BYTES
-        || !request.zone.bytes().all(|byte| {
-            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
-        })
-    {
-        return bad(format!(
-            "zone {:?} must be 1-{MAX_ZONE_BYTES} bytes of a-z, 0-9, '-', '_' and '.'",
-            request.zone
-        ));
     } else {
+        check_zone(&request.zone).map_err(ServiceError::BadField)?;
         Some(request.zone.clone())
     };
     let port = |name: &str, value: u32| -> Result<u16, ServiceError> {

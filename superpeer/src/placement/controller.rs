@@ -26,7 +26,7 @@ use crate::error::ServiceError;
 use crate::raft::propose::now_ms;
 use crate::raft_types::TypeConfig;
 use crate::replica::Replica;
-use crate::store::nodes::read_placement_targets;
+use crate::store::nodes::{read_placement_targets, read_zones};
 
 /// Longest reason or outcome text written to the journal (they are ours, but a storage error can be long).
 const MAX_JOURNAL_TEXT: usize = 512;
@@ -156,13 +156,17 @@ pub async fn run(
             standbys: stored.standbys,
             min_quorum: stored.min_quorum,
         };
+        let zones = read_zones(replica.reader().db()).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the zone labels; deciding without them");
+            Default::default()
+        });
         let members: Vec<MemberReport> = membership
             .nodes()
             .map(|(id, _)| MemberReport {
                 node_id: *id,
                 voter: voters.contains(id),
                 health: health.health(*id, now),
-                zone: None,
+                zone: zones.get(id).cloned(),
             })
             .collect();
         let joint = membership.get_joint_config().len() > 1;

@@ -17,3 +17,4 @@ pub mod decide;
 pub mod health;
 pub mod offers;
 pub mod settings;
+pub mod zone;

@@ -9,9 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::health::HealthRules;
 
 /// Timers and bounds of the placement controller; see docs/CONFIG.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PlacementConfig {
+    /// This node's zone label (for example the Kubernetes node's `topology.kubernetes.io/zone`): the controller
+    /// keeps at most ceil(voters / zones) voters in one zone. Default none.
+    pub zone: Option<String>,
     /// Run the controller while this node leads. Default true.
     pub enabled: bool,
     /// How often the leader samples member health. Default 2 s (raft-autopilot's update interval).
@@ -42,6 +45,7 @@ pub struct PlacementConfig {
 impl Default for PlacementConfig {
     fn default() -> Self {
         Self {
+            zone: None,
             enabled: true,
             update_interval: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(10),
@@ -91,6 +95,11 @@ impl PlacementConfig {
                 "placement.dead_voter_after and placement.dead_standby_after must be above placement.last_contact_threshold"
                     .into(),
             );
+        }
+        if let Some(zone) = &self.zone {
+            if let Err(problem) = super::candidates::check_zone(zone) {
+                problems.push(format!("placement.zone: {problem}"));
+            }
         }
         problems.extend(self.candidates.problems());
         problems

@@ -11,6 +11,7 @@
 //! nodes:   "placement/candidate/" peer (32) -> postcard(CandidateEntry) nodes that offer to serve
 //! nodes:   "placement/grant/" peer (32)    -> ()                     eligibility granted to that peer
 //! nodes:   "placement/grant-all"           -> ()                     eligibility granted to every candidate
+//! nodes:   "placement/zone/" node id (8, BE) -> postcard(String)     a super peer's zone label
 //! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
 //! ```
 
@@ -21,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
-    self, Candidate, CandidateEntry, GrantEligibility, NodeInfo, PeerKey, PlacementJournal,
-    PlacementTargets, RegisterNode, Rejection, Response, RevokeCertificate, SetPlacement,
-    TombstoneNode,
+    self, Candidate, CandidateEntry, GrantEligibility, NodeInfo, NodeZone, PeerKey,
+    PlacementJournal, PlacementTargets, RegisterNode, Rejection, Response, RevokeCertificate,
+    SetPlacement, TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -84,6 +85,26 @@ pub const JOURNAL_KEPT: u64 = 100;
 const CANDIDATE_PREFIX: &[u8] = b"placement/candidate/";
 const GRANT_PREFIX: &[u8] = b"placement/grant/";
 const GRANT_ALL_KEY: &[u8] = b"placement/grant-all";
+const ZONE_PREFIX: &[u8] = b"placement/zone/";
+
+fn zone_key(node_id: u64) -> Vec<u8> {
+    [ZONE_PREFIX, &node_id.to_be_bytes()].concat()
+}
+
+/// The zone label of every super peer that reported one.
+pub fn read_zones(db: &DB) -> Result<BTreeMap<u64, String>, StoreError> {
+    let mut zones = BTreeMap::new();
+    for item in scan(db, ZONE_PREFIX) {
+        let (key, bytes) = item?;
+        let id = u64::from_be_bytes(
+            key[ZONE_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("zone key is not 8 bytes of node id"))?,
+        );
+        zones.insert(id, decode("zone", &bytes)?);
+    }
+    Ok(zones)
+}
 
 fn candidate_key(peer: &PeerKey) -> Vec<u8> {
     [CANDIDATE_PREFIX, peer.as_slice()].concat()
@@ -492,6 +513,22 @@ impl Apply<GrantEligibility> for NodeWriter<'_> {
             } else {
                 batch.put_cf(nodes, key, []);
             }
+        }
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<NodeZone> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &NodeZone,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let key = zone_key(op.node_id);
+        match &op.zone {
+            Some(zone) => batch.put_cf(cf(self.db, CF_NODES), key, encode("zone", zone)?),
+            None => batch.delete_cf(cf(self.db, CF_NODES), key),
         }
         Ok(Response::Done)
     }

@@ -156,6 +156,7 @@ impl<'a> Writers<'a> {
             Op::PlacementJournal(op) => self.nodes.apply(batch, op, at),
             Op::Candidate(op) => self.nodes.apply(batch, op, at),
             Op::GrantEligibility(op) => self.nodes.apply(batch, op, at),
+            Op::NodeZone(op) => self.nodes.apply(batch, op, at),
         }
     }
 
