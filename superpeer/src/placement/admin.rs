@@ -180,7 +180,11 @@ pub fn status(
             } else {
                 MemberRole::Standby
             } as i32,
-            health: health_name(member.health.health).into(),
+            health: if member.health.stuck {
+                "stuck".into()
+            } else {
+                health_name(member.health.health).into()
+            },
             health_for_ms: millis(member.health.for_duration),
             caught_up: member.health.caught_up,
             lag: member

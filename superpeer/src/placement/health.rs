@@ -25,6 +25,9 @@ pub struct HealthRules {
     pub stabilization: Duration,
     pub dead_voter_after: Duration,
     pub dead_standby_after: Duration,
+    /// A standby that answers but has not caught up for this long is stuck: it counts as dead (and is
+    /// retired), so it cannot hold up the next adoption for ever (k3s's stuck learners).
+    pub stuck_standby_after: Duration,
 }
 
 /// One member in one sample of the leader's metrics.
@@ -46,6 +49,8 @@ struct Track {
     unhealthy_since: Option<Instant>,
     voter: bool,
     caught_up: bool,
+    /// Not caught up without a break since then (`None` while caught up).
+    behind_since: Option<Instant>,
     ack_age: Option<Duration>,
     lag: Option<u64>,
 }
@@ -60,6 +65,8 @@ pub struct MemberHealth {
     pub ack_age: Option<Duration>,
     /// Entries it trails the leader's last index by (`None` when nothing has matched yet).
     pub lag: Option<u64>,
+    /// A standby that answers but has not caught up for `stuck_standby_after` (it then counts as dead).
+    pub stuck: bool,
 }
 
 /// Health of every member, updated from samples while this node leads.
@@ -111,6 +118,7 @@ impl HealthTracker {
                 unhealthy_since: Some(now),
                 voter: sample.voter,
                 caught_up,
+                behind_since: None,
                 ack_age: sample.ack_age,
                 lag,
             });
@@ -123,6 +131,11 @@ impl HealthTracker {
             }
             track.voter = sample.voter;
             track.caught_up = caught_up;
+            if caught_up {
+                track.behind_since = None;
+            } else {
+                track.behind_since.get_or_insert(now);
+            }
             track.ack_age = sample.ack_age;
             track.lag = lag;
         }
@@ -138,6 +151,7 @@ impl HealthTracker {
                 for_duration: Duration::ZERO,
                 ack_age: Some(Duration::ZERO),
                 lag: Some(0),
+                stuck: false,
             };
         }
         let Some(track) = self.tracks.get(&node_id) else {
@@ -147,9 +161,16 @@ impl HealthTracker {
                 for_duration: Duration::ZERO,
                 ack_age: None,
                 lag: None,
+                stuck: false,
             };
         };
+        let stuck = !track.voter
+            && track.behind_since.is_some_and(|since| {
+                now.saturating_duration_since(since) >= self.rules.stuck_standby_after
+            });
         let (health, since) = match (track.healthy_since, track.unhealthy_since) {
+            // Answering but never catching up: as good as dead for placement.
+            (Some(since), _) if stuck => (Health::Dead, since),
             (Some(since), _) => {
                 let stable = now.saturating_duration_since(since) >= self.rules.stabilization;
                 (
@@ -178,6 +199,7 @@ impl HealthTracker {
             for_duration: now.saturating_duration_since(since),
             ack_age: track.ack_age,
             lag: track.lag,
+            stuck,
         }
     }
 }
@@ -192,6 +214,7 @@ mod tests {
         stabilization: Duration::from_secs(10),
         dead_voter_after: Duration::from_secs(30),
         dead_standby_after: Duration::from_secs(60),
+        stuck_standby_after: Duration::from_secs(120),
     };
 
     fn sample(voter: bool, ack_ms: Option<u64>, matched: Option<u64>) -> MemberSample {
@@ -270,5 +293,36 @@ mod tests {
         tracker.observe(start, 5, &BTreeMap::new());
         assert_eq!(tracker.health(2, start).health, Health::Suspect);
         assert_eq!(tracker.health(2, start).ack_age, None);
+    }
+
+    #[test]
+    fn a_standby_that_answers_but_never_catches_up_is_stuck_and_counts_as_dead() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut tracker = HealthTracker::new(RULES, 1);
+        for s in 0..=120 {
+            tracker.observe(
+                at(s),
+                10_000 + s,
+                &one(4, sample(false, Some(50), Some(100))),
+            );
+        }
+        let health = tracker.health(4, at(119));
+        assert!(!health.stuck);
+        let health = tracker.health(4, at(120));
+        assert!(health.stuck);
+        assert_eq!(health.health, Health::Dead);
+        // Catching up clears it; a lagging voter is never "stuck" (it is not retired).
+        tracker.observe(
+            at(121),
+            10_000,
+            &one(4, sample(false, Some(50), Some(10_000))),
+        );
+        assert!(!tracker.health(4, at(121)).stuck);
+        let mut voters = HealthTracker::new(RULES, 1);
+        for s in 0..=200 {
+            voters.observe(at(s), 10_000, &one(2, sample(true, Some(50), Some(1))));
+        }
+        assert!(!voters.health(2, at(200)).stuck);
     }
 }

@@ -38,6 +38,9 @@ pub struct PlacementConfig {
     /// A standby unhealthy this long is dead and is retired (removed, its id tombstoned). Default 30 min.
     #[serde(with = "humantime_serde")]
     pub dead_standby_after: Duration,
+    /// A standby that answers but has not caught up for this long is stuck and retired. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub stuck_standby_after: Duration,
     /// The eligibility gates of candidates and their timers (the `[placement.candidates]` table).
     pub candidates: super::candidates::CandidateRules,
 }
@@ -54,6 +57,7 @@ impl Default for PlacementConfig {
             stabilization: Duration::from_secs(30),
             dead_voter_after: Duration::from_secs(300),
             dead_standby_after: Duration::from_secs(1800),
+            stuck_standby_after: Duration::from_secs(600),
             candidates: super::candidates::CandidateRules::default(),
         }
     }
@@ -68,6 +72,7 @@ impl PlacementConfig {
             stabilization: self.stabilization,
             dead_voter_after: self.dead_voter_after,
             dead_standby_after: self.dead_standby_after,
+            stuck_standby_after: self.stuck_standby_after,
         }
     }
 
