@@ -470,8 +470,11 @@ fn print_candidates(status: &PlacementStatusResponse) {
         println!("  none: no node offers to serve (leafpeer serve --offer-superpeer)");
     }
     for candidate in &status.candidates {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
         println!(
-            "  {} {} score {} host {} zone {} at {}",
+            "  {} {} score {} host {} zone {} at {} (judged {:.0} s ago; entries are rewritten when a gate changes)",
             candidate.peer_id,
             candidate.state,
             candidate.score,
@@ -481,7 +484,8 @@ fn print_candidates(status: &PlacementStatusResponse) {
             } else {
                 &candidate.zone
             },
-            candidate.cluster_addr
+            candidate.cluster_addr,
+            now_ms.saturating_sub(candidate.updated_at_ms) as f64 / 1000.0
         );
         for gate in &candidate.gates {
             println!(

@@ -75,6 +75,8 @@ pub struct HealthTracker {
     rules: HealthRules,
     leader: u64,
     tracks: BTreeMap<u64, Track>,
+    /// The first sample: since then this node has led (what the leader's own "for" shows).
+    first_sample: Option<Instant>,
 }
 
 impl HealthTracker {
@@ -84,6 +86,7 @@ impl HealthTracker {
             rules,
             leader,
             tracks: BTreeMap::new(),
+            first_sample: None,
         }
     }
 
@@ -100,6 +103,7 @@ impl HealthTracker {
         last_index: u64,
         members: &BTreeMap<u64, MemberSample>,
     ) {
+        self.first_sample.get_or_insert(now);
         self.tracks.retain(|id, _| members.contains_key(id));
         for (id, sample) in members {
             if *id == self.leader {
@@ -148,7 +152,9 @@ impl HealthTracker {
             return MemberHealth {
                 health: Health::Stable,
                 caught_up: true,
-                for_duration: Duration::ZERO,
+                for_duration: self
+                    .first_sample
+                    .map_or(Duration::ZERO, |first| now.saturating_duration_since(first)),
                 ack_age: Some(Duration::ZERO),
                 lag: Some(0),
                 stuck: false,
