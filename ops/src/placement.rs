@@ -346,6 +346,7 @@ fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
                 "lag": (member.lag >= 0).then_some(member.lag),
                 "last_ack_ms": (member.last_ack_ms >= 0).then_some(member.last_ack_ms),
                 "zone": (!member.zone.is_empty()).then_some(&member.zone),
+                "certificate": (!member.certificate.is_empty()).then_some(&member.certificate),
             })
         })
         .collect::<Vec<_>>()

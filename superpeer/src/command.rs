@@ -51,6 +51,7 @@ pub enum Op {
     Candidate(Candidate),
     GrantEligibility(GrantEligibility),
     NodeZone(NodeZone),
+    NodeCertificate(NodeCertificate),
 }
 
 /// `From<T> for Op` for each command type.
@@ -89,6 +90,7 @@ into_op!(
     Candidate,
     GrantEligibility,
     NodeZone,
+    NodeCertificate,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -334,6 +336,14 @@ pub struct NodeZone {
     pub zone: Option<String>,
 }
 
+/// Super peer `node_id` reports the SHA-256 of the certificate it presents on the Cluster port, so that the
+/// controller can revoke it when it retires the node (unless another member presents the same one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertificate {
+    pub node_id: u64,
+    pub fingerprint: [u8; 32],
+}
+
 /// An operator sets (Some) or clears (None) the access rules of a record namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetNamespaceAcl {
@@ -540,6 +550,12 @@ impl fmt::Display for Command {
                 "zone of node {}: {}",
                 op.node_id,
                 op.zone.as_deref().unwrap_or("none")
+            ),
+            Op::NodeCertificate(op) => write!(
+                f,
+                "certificate of node {}: {}",
+                op.node_id,
+                data_encoding::HEXLOWER.encode(&op.fingerprint[..8])
             ),
             Op::GrantEligibility(op) => write!(
                 f,

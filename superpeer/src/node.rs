@@ -523,9 +523,10 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         config.host_expiry,
         shutdown.clone(),
     ));
-    tasks.spawn(crate::placement::zone::report(
+    tasks.spawn(crate::placement::self_report::report(
         replica.clone(),
         config.placement.zone.clone(),
+        tls.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(crate::placement::controller::run(

@@ -63,6 +63,8 @@ pub struct NodeOptions {
     pub listen_ips: Vec<std::net::IpAddr>,
     /// More flags for node i only (`node_args[i]`), after `extra_args`.
     pub node_args: Vec<Vec<String>>,
+    /// Give each node a certificate of its own (`certs/<name>.pem`), instead of one shared by all.
+    pub per_node_certs: bool,
 }
 
 /// Starts super peers inside the test process: implemented where the super peer library is linked.
@@ -225,8 +227,28 @@ impl Cluster {
         Ok(index)
     }
 
+    /// The certificate node `index` presents (its own with `per_node_certs`, issued on first use).
+    pub fn node_cert(&self, index: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+        if !self.options.per_node_certs {
+            return Ok(self.pki.superpeer_cert());
+        }
+        let name = &self.nodes[index].name;
+        let cert = self.pki.dir.join(format!("certs/{name}.pem"));
+        if cert.exists() {
+            return Ok((cert, self.pki.dir.join(format!("certs/{name}.key"))));
+        }
+        let sans: Vec<String> = self
+            .options
+            .listen_ips
+            .iter()
+            .flat_map(|ip| ["--san".to_string(), ip.to_string()])
+            .collect();
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+        self.pki.issue("superpeer", name, &sans)
+    }
+
     async fn launch(&mut self, index: usize) -> anyhow::Result<()> {
-        let (cert, key) = self.pki.superpeer_cert();
+        let (cert, key) = self.node_cert(index)?;
         let ca = self.pki.ca_cert();
         let node = &mut self.nodes[index];
         let endpoints_file = node.data_dir.join("endpoints.json");
@@ -395,6 +417,19 @@ impl Cluster {
             self.cluster_channel(index).await?,
             vesper_proto::version::ClusterStamp,
         ))
+    }
+
+    /// A channel to node `index`'s Cluster port presenting `cert` and `key` (another node's, say).
+    pub async fn cluster_channel_as(
+        &self,
+        index: usize,
+        cert: &Path,
+        key: &Path,
+    ) -> anyhow::Result<Channel> {
+        let address = self.nodes[index].endpoints().cluster;
+        self.mtls_channel(address, cert, key, Duration::from_secs(10))
+            .await
+            .context("connect to the Cluster port")
     }
 
     /// A channel to node `index`'s Cluster port with the super peer certificate, for clients that stamp their

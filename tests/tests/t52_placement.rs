@@ -92,14 +92,49 @@ async fn wait_status(
 }
 
 /// A cluster of `voters` voters and `standbys` standbys that joined.
-async fn cluster_with(voters: usize, standbys: usize) -> anyhow::Result<Cluster> {
-    let mut cluster = Cluster::start(voters, options()).await?;
+async fn cluster_of(
+    voters: usize,
+    standbys: usize,
+    options: NodeOptions,
+) -> anyhow::Result<Cluster> {
+    let mut cluster = Cluster::start(voters, options).await?;
     let seed = cluster.nodes[0].endpoints().cluster.to_string();
     for _ in 0..standbys {
         cluster.add_node(Start::Join(seed.clone())).await?;
     }
     cluster.wait_members(voters + standbys, voters).await?;
+    // Every node has told the controller which certificate it presents (what a retirement revokes).
+    wait::until("every certificate reported", RESTORE_TIMEOUT, || async {
+        let placement = vesperctl(&cluster, 0, &["placement", "status"])?;
+        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let reported = members.len() == voters + standbys
+            && members
+                .iter()
+                .all(|member| member["certificate"].is_string());
+        Ok(reported.then_some(()))
+    })
+    .await?;
     Ok(cluster)
+}
+
+/// A cluster of `voters` voters and `standbys` standbys that joined, sharing one certificate.
+async fn cluster_with(voters: usize, standbys: usize) -> anyhow::Result<Cluster> {
+    cluster_of(voters, standbys, options()).await
+}
+
+/// The journal's outcome of `action`, once it is there.
+async fn outcome_of(cluster: &Cluster, node: usize, action: &str) -> anyhow::Result<String> {
+    wait::until(
+        &format!("{action:?} in the journal"),
+        RESTORE_TIMEOUT,
+        || async {
+            Ok(journal(cluster, node)?
+                .into_iter()
+                .find(|(logged, _)| logged == action)
+                .map(|(_, outcome)| outcome))
+        },
+    )
+    .await
 }
 
 /// The journal entries (action, outcome) as `placement explain --all` prints them from node `node`.
@@ -131,7 +166,16 @@ fn replacement_of(journal: &[(String, String)], victim: u64) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t52_a_killed_leader_is_replaced_then_retired_and_no_write_is_lost() -> anyhow::Result<()> {
-    let mut cluster = cluster_with(3, 2).await?;
+    // Each node has a certificate of its own, so the retired one's can be revoked.
+    let mut cluster = cluster_of(
+        3,
+        2,
+        NodeOptions {
+            per_node_certs: true,
+            ..options()
+        },
+    )
+    .await?;
     let leader = cluster.wait_leader().await?;
     let status = cluster.status_of(leader).await?;
     let victim = cluster.node_id_in(&status, leader).context("leader's id")?;
@@ -180,15 +224,29 @@ async fn t52_a_killed_leader_is_replaced_then_retired_and_no_write_is_lost() -> 
     .await?;
     let retired_after = killed_at.elapsed();
     ensure!(voters(&retired).len() == 3, "{retired:?}");
-    wait::until("the retirement in the journal", RESTORE_TIMEOUT, || async {
-        let retired = journal(&cluster, survivor)?
-            .iter()
-            .any(|(action, outcome)| {
-                action == &format!("retire standby {victim}") && outcome == "done"
-            });
-        Ok(retired.then_some(()))
-    })
-    .await?;
+    let outcome = outcome_of(&cluster, survivor, &format!("retire standby {victim}")).await?;
+    ensure!(outcome.ends_with("is revoked"), "{outcome}");
+    // The dead leader's certificate is refused on the Cluster port of every survivor from now on.
+    let (cert, key) = cluster.node_cert(leader)?;
+    for index in cluster.running() {
+        let channel = cluster.cluster_channel_as(index, &cert, &key).await?;
+        let client = vesper_proto::v1::cluster_client::ClusterClient::with_interceptor(
+            channel,
+            vesper_proto::version::ClusterStamp,
+        );
+        let refused = wait::until("the revocation applied", RESTORE_TIMEOUT, || {
+            let mut client = client.clone();
+            async move {
+                Ok(client
+                    .read_index(vesper_proto::v1::ReadIndexRequest {})
+                    .await
+                    .err()
+                    .filter(|status| status.code() == tonic::Code::PermissionDenied))
+            }
+        })
+        .await?;
+        ensure!(refused.message().contains("revoked"), "{refused:?}");
+    }
 
     // Every voter is healthy in the controller's eyes, and it has nothing left to do but keep the pool (it has
     // no candidates to adopt, so it is short of one standby and says so, or balanced).
@@ -242,6 +300,9 @@ async fn t52_two_of_five_voters_lost_one_after_the_other_are_both_replaced() -> 
         },
     )
     .await?;
+    // Its nodes share one certificate: retiring the first victim must not revoke what every member presents.
+    let outcome = outcome_of(&cluster, leader, &format!("retire standby {first}")).await?;
+    ensure!(outcome.contains("not revoked"), "{outcome}");
     cluster.kill(followers[1]);
     let after = wait_status(&mut cluster, "5 voters without either victim", |status| {
         let voters = voters(status);

@@ -113,6 +113,7 @@ pub fn status(
         })
         .collect();
     let (granted_all, granted) = read_grants(db)?;
+    let certificates = crate::store::nodes::read_node_certificates(db)?;
     let candidates = read_candidates(db)?
         .into_iter()
         .map(|(peer, entry)| PlacementCandidate {
@@ -197,6 +198,10 @@ pub fn status(
                 .map_or(-1, |age| i64::try_from(millis(age)).unwrap_or(i64::MAX)),
             zone: member.zone.clone().unwrap_or_default(),
             is_leader: member.node_id == report.leader,
+            certificate: certificates
+                .get(&member.node_id)
+                .map(|print| data_encoding::HEXLOWER.encode(print))
+                .unwrap_or_default(),
         })
         .collect();
     match &report.decision {

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use super::decide::{self, Action, ClusterView, Decision, MemberView, Targets};
 use super::health::{HealthTracker, MemberHealth, MemberSample};
 use super::settings::PlacementConfig;
-use crate::command::{PlacementJournal, PlacementTargets, TombstoneNode};
+use crate::command::{PlacementJournal, PlacementTargets, RevokeCertificate, TombstoneNode};
 use crate::error::ServiceError;
 use crate::raft::propose::now_ms;
 use crate::raft_types::TypeConfig;
 use crate::replica::Replica;
-use crate::store::nodes::{read_placement_targets, read_zones};
+use crate::store::nodes::{read_node_certificates, read_placement_targets, read_zones};
 
 /// Longest reason or outcome text written to the journal (they are ours, but a storage error can be long).
 const MAX_JOURNAL_TEXT: usize = 512;
@@ -212,7 +212,7 @@ pub async fn run(
             outcome = execute(&replica, &action, preconditions) => outcome,
         };
         match &outcome {
-            Ok(()) => tracing::info!(%action, "placement: done"),
+            Ok(done) => tracing::info!(%action, done, "placement: done"),
             Err(error) => tracing::warn!(%action, %error, "placement: the action failed"),
         }
         let journal = PlacementJournal {
@@ -221,11 +221,11 @@ pub async fn run(
             action: action.to_string(),
             why: bounded(why),
             outcome: bounded(match &outcome {
-                Ok(()) => "done".to_string(),
+                Ok(done) => done.clone(),
                 Err(error) => error.to_string(),
             }),
         };
-        report.outcome = Some(outcome.map_err(|error| error.to_string()));
+        report.outcome = Some(outcome.map(|_| ()).map_err(|error| error.to_string()));
         reports.set(report);
         if let Err(error) = replica.propose(journal.into()).await {
             tracing::warn!(%error, "cannot write the placement journal");
@@ -247,13 +247,15 @@ fn preconditions(metrics: &openraft::RaftMetrics<TypeConfig>) -> Vec<Preconditio
     preconditions
 }
 
-/// Carries out one action. A vote that is not committed (no established leadership) leaves only the
-/// membership precondition, which openraft's own leader check backs: such a node cannot propose at all.
+/// Carries out one action; says how it went ("done", with what else happened). A vote that is not committed
+/// (no established leadership) leaves only the membership precondition, which openraft's own leader check
+/// backs: such a node cannot propose at all.
 async fn execute(
     replica: &Replica,
     action: &Action,
     preconditions: Vec<Precondition<TypeConfig>>,
-) -> Result<(), ServiceError> {
+) -> Result<String, ServiceError> {
+    let done = || "done".to_string();
     let raft = replica.raft()?;
     let change = |members: ChangeMembers<u64, crate::command::NodeInfo>, retain: bool| {
         let preconditions = preconditions.clone();
@@ -272,13 +274,19 @@ async fn execute(
             voters.remove(out);
             voters.insert(*into);
             // One joint change; `out` stays a learner, to be retired once it is dead as a standby.
-            change(ChangeMembers::ReplaceAllVoters(voters), true).await
+            change(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await
+                .map(|()| done())
         }
         Action::Promote { node } => {
-            change(ChangeMembers::AddVoterIds(BTreeSet::from([*node])), true).await
+            change(ChangeMembers::AddVoterIds(BTreeSet::from([*node])), true)
+                .await
+                .map(|()| done())
         }
         Action::Demote { node } => {
-            change(ChangeMembers::RemoveVoters(BTreeSet::from([*node])), true).await
+            change(ChangeMembers::RemoveVoters(BTreeSet::from([*node])), true)
+                .await
+                .map(|()| done())
         }
         Action::TransferLeader { to } => {
             raft.trigger()
@@ -288,7 +296,7 @@ async fn execute(
             raft.wait(Some(TRANSFER_TIMEOUT))
                 .current_leader(*to, "leadership transfer")
                 .await
-                .map(|_| ())
+                .map(|_| done())
                 .map_err(|_| ServiceError::Timeout("the new leader to take over"))
         }
         Action::Retire { node } => {
@@ -296,13 +304,46 @@ async fn execute(
             // Its id is never handed out again.
             replica
                 .propose_accepted(TombstoneNode { node_id: *node }.into())
-                .await
-                .map(|_| ())
+                .await?;
+            revoke_retired(replica, *node).await
         }
         Action::Adopt { peer_id } => Err(ServiceError::Precondition(format!(
             "adopting candidate {peer_id} is not possible yet: this build has no candidate adoption"
         ))),
     }
+}
+
+/// Revokes the certificate a retired node presented, unless a member still presents the same one (a cluster
+/// whose super peers share one certificate would otherwise lock itself out). Says which it was.
+async fn revoke_retired(replica: &Replica, node: u64) -> Result<String, ServiceError> {
+    let certificates = read_node_certificates(replica.reader().db())?;
+    let Some(fingerprint) = certificates.get(&node).copied() else {
+        return Ok("done; it never reported its certificate, so none was revoked".into());
+    };
+    let members: BTreeSet<u64> = replica
+        .raft()?
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    let sharing: Vec<u64> = certificates
+        .iter()
+        .filter(|(id, print)| **id != node && members.contains(id) && **print == fingerprint)
+        .map(|(id, _)| *id)
+        .collect();
+    let short = data_encoding::HEXLOWER.encode(&fingerprint[..8]);
+    if !sharing.is_empty() {
+        return Ok(format!(
+            "done; its certificate {short}... is also presented by nodes {sharing:?}, so it was not revoked (give each super peer its own certificate)"
+        ));
+    }
+    replica
+        .propose_accepted(RevokeCertificate { fingerprint }.into())
+        .await?;
+    Ok(format!("done; its certificate {short}... is revoked"))
 }
 
 fn bounded(mut text: String) -> String {

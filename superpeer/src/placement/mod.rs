@@ -16,5 +16,5 @@ pub mod controller;
 pub mod decide;
 pub mod health;
 pub mod offers;
+pub mod self_report;
 pub mod settings;
-pub mod zone;

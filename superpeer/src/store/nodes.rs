@@ -12,6 +12,7 @@
 //! nodes:   "placement/grant/" peer (32)    -> ()                     eligibility granted to that peer
 //! nodes:   "placement/grant-all"           -> ()                     eligibility granted to every candidate
 //! nodes:   "placement/zone/" node id (8, BE) -> postcard(String)     a super peer's zone label
+//! nodes:   "placement/cert/" node id (8, BE) -> postcard([u8; 32])   SHA-256 of the certificate it presents
 //! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
 //! ```
 
@@ -22,9 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
-    self, Candidate, CandidateEntry, GrantEligibility, NodeInfo, NodeZone, PeerKey,
-    PlacementJournal, PlacementTargets, RegisterNode, Rejection, Response, RevokeCertificate,
-    SetPlacement, TombstoneNode,
+    self, Candidate, CandidateEntry, GrantEligibility, NodeCertificate, NodeInfo, NodeZone,
+    PeerKey, PlacementJournal, PlacementTargets, RegisterNode, Rejection, Response,
+    RevokeCertificate, SetPlacement, TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -86,6 +87,22 @@ const CANDIDATE_PREFIX: &[u8] = b"placement/candidate/";
 const GRANT_PREFIX: &[u8] = b"placement/grant/";
 const GRANT_ALL_KEY: &[u8] = b"placement/grant-all";
 const ZONE_PREFIX: &[u8] = b"placement/zone/";
+const CERT_PREFIX: &[u8] = b"placement/cert/";
+
+/// The certificate fingerprint every super peer reported, by node id.
+pub fn read_node_certificates(db: &DB) -> Result<BTreeMap<u64, [u8; 32]>, StoreError> {
+    let mut certificates = BTreeMap::new();
+    for item in scan(db, CERT_PREFIX) {
+        let (key, bytes) = item?;
+        let id = u64::from_be_bytes(
+            key[CERT_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("certificate key is not 8 bytes of node id"))?,
+        );
+        certificates.insert(id, decode("certificate fingerprint", &bytes)?);
+    }
+    Ok(certificates)
+}
 
 fn zone_key(node_id: u64) -> Vec<u8> {
     [ZONE_PREFIX, &node_id.to_be_bytes()].concat()
@@ -530,6 +547,22 @@ impl Apply<NodeZone> for NodeWriter<'_> {
             Some(zone) => batch.put_cf(cf(self.db, CF_NODES), key, encode("zone", zone)?),
             None => batch.delete_cf(cf(self.db, CF_NODES), key),
         }
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<NodeCertificate> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &NodeCertificate,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            [CERT_PREFIX, &op.node_id.to_be_bytes()].concat(),
+            encode("certificate fingerprint", &op.fingerprint)?,
+        );
         Ok(Response::Done)
     }
 }

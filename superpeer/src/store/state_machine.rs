@@ -157,6 +157,7 @@ impl<'a> Writers<'a> {
             Op::Candidate(op) => self.nodes.apply(batch, op, at),
             Op::GrantEligibility(op) => self.nodes.apply(batch, op, at),
             Op::NodeZone(op) => self.nodes.apply(batch, op, at),
+            Op::NodeCertificate(op) => self.nodes.apply(batch, op, at),
         }
     }
 
