@@ -33,6 +33,8 @@ use crate::store::nodes::{is_granted, read_candidate};
 pub const MAX_CONCURRENT_PROBES: usize = 4;
 /// Peers whose last report time is remembered (oldest forgotten first).
 pub const MAX_TRACKED: usize = 10_000;
+/// Members asked to dial a candidate back (two must succeed).
+const MAX_PROVERS_ASKED: usize = 4;
 /// How long a host waits for a prover's answer.
 const PROVE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -268,7 +270,9 @@ impl Offers {
             ],
             udp_ports: vec![u32::from(report.leaf_port)],
         };
-        let calls = others.iter().take(2).map(|member| {
+        // Ask a few, so that one member that is down (the dead voter a candidate may be needed for) does not
+        // make every proof fail; two must say yes, and any that dialed and failed decides.
+        let calls = others.iter().take(MAX_PROVERS_ASKED).map(|member| {
             let request = request.clone();
             let clients = self.inner.clients.clone();
             let (node_id, address) = (member.node_id, member.cluster_addr.clone());
@@ -287,19 +291,13 @@ impl Offers {
                 }
                 .await;
                 match answer {
-                    Ok(reply) if reply.ok => Ok(()),
-                    Ok(reply) => Err(format!("node {node_id}: {}", reply.error)),
-                    Err(error) => Err(format!("node {node_id} could not run it: {error}")),
+                    Ok(reply) if reply.ok => Prover::Passed,
+                    Ok(reply) => Prover::Failed(format!("node {node_id}: {}", reply.error)),
+                    Err(error) => Prover::Unavailable(format!("node {node_id}: {error}")),
                 }
             }
         });
-        let results = futures::future::join_all(calls).await;
-        let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-        if failures.is_empty() {
-            ProofOutcome::Passed
-        } else {
-            ProofOutcome::Failed(failures.join("; "))
-        }
+        verdict(&futures::future::join_all(calls).await)
     }
 
     /// Runs a dial-back another member asked for.
@@ -357,6 +355,48 @@ impl Offers {
     }
 }
 
+/// The proof's outcome from what the provers said: any that dialed and failed decides; otherwise two passes are
+/// needed.
+fn verdict(results: &[Prover]) -> ProofOutcome {
+    let passed = results
+        .iter()
+        .filter(|result| matches!(result, Prover::Passed))
+        .count();
+    let failed: Vec<&str> = results
+        .iter()
+        .filter_map(|result| match result {
+            Prover::Failed(why) => Some(why.as_str()),
+            _ => None,
+        })
+        .collect();
+    let unavailable: Vec<&str> = results
+        .iter()
+        .filter_map(|result| match result {
+            Prover::Unavailable(why) => Some(why.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !failed.is_empty() {
+        ProofOutcome::Failed(failed.join("; "))
+    } else if passed >= 2 {
+        ProofOutcome::Passed
+    } else {
+        ProofOutcome::Failed(format!(
+            "only {passed} super peers could dial back, two are needed ({})",
+            unavailable.join("; ")
+        ))
+    }
+}
+
+/// What one prover said.
+enum Prover {
+    Passed,
+    /// It dialed, and the proof failed.
+    Failed(String),
+    /// It could not be asked, or could not run it.
+    Unavailable(String),
+}
+
 /// The verdict a leaf gets for its entry.
 pub fn answer(entry: &CandidateEntry, report_interval_ms: u64) -> OfferSuperPeerResponse {
     OfferSuperPeerResponse {
@@ -387,4 +427,32 @@ pub fn gates_to_wire(entry: &CandidateEntry) -> Vec<GateState> {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_passes_prove_one_failure_refutes_and_unreachable_provers_do_not_count() {
+        use Prover::*;
+        let pass = || Passed;
+        let down = || Unavailable("node 3: connection refused".into());
+        assert_eq!(verdict(&[pass(), pass()]), ProofOutcome::Passed);
+        assert_eq!(verdict(&[down(), pass(), pass()]), ProofOutcome::Passed);
+        let ProofOutcome::Failed(why) = verdict(&[pass(), down()]) else {
+            panic!("one pass is not a proof");
+        };
+        assert!(
+            why.contains("only 1") && why.contains("connection refused"),
+            "{why}"
+        );
+        let ProofOutcome::Failed(why) =
+            verdict(&[pass(), pass(), Failed("node 4: TCP x: timed out".into())])
+        else {
+            panic!("a failed dial-back refutes");
+        };
+        assert!(why.contains("timed out"), "{why}");
+        assert!(matches!(verdict(&[]), ProofOutcome::Failed(_)));
+    }
 }
