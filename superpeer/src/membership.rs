@@ -17,7 +17,9 @@ use vesper_proto::v1::{
     MembershipCall, PromoteResponse, RemoveNodeResponse, TransferLeaderResponse,
 };
 
-use crate::command::{NodeInfo, RegisterNode, Response, SetPlacement, TombstoneNode};
+use crate::command::{
+    NodeInfo, PlacementTargets, RegisterNode, Response, SetPlacement, TombstoneNode,
+};
 use crate::error::ServiceError;
 use crate::placement::controller::PlacementReports;
 use crate::raft::network::ClusterClients;
@@ -200,19 +202,25 @@ async fn run_here(context: &Membership, call: Call) -> Result<Reply, ServiceErro
             })
         }
         Call::Promote(request) => {
+            check_promote(context, request.node_id)?;
             let (voters, _) = current_sets(context)?;
-            let count = voters.len() + usize::from(!voters.contains(&request.node_id));
-            pin_voter_target(context, count).await?;
-            promote(context, request.node_id).await?;
+            let earlier = pin_voter_target(context, voters.len() + 1).await?;
+            if let Err(error) = promote(context, request.node_id).await {
+                restore_targets(context, earlier).await;
+                return Err(error);
+            }
             Reply::Promote(PromoteResponse {
                 members: context.replica.members()?,
             })
         }
         Call::Demote(request) => {
+            check_demote(context, request.node_id)?;
             let (voters, _) = current_sets(context)?;
-            let count = voters.len() - usize::from(voters.contains(&request.node_id));
-            pin_voter_target(context, count.max(1)).await?;
-            demote(context, request.node_id).await?;
+            let earlier = pin_voter_target(context, voters.len() - 1).await?;
+            if let Err(error) = demote(context, request.node_id).await {
+                restore_targets(context, earlier).await;
+                return Err(error);
+            }
             Reply::Demote(DemoteResponse {
                 members: context.replica.members()?,
             })
@@ -236,19 +244,36 @@ async fn run_here(context: &Membership, call: Call) -> Result<Reply, ServiceErro
 
 /// A manual promote or demote tells the placement controller the voter count the operator wants, before the
 /// change, so the controller keeps it instead of undoing it (`vesperctl placement set --voters auto` hands the
-/// count back to automation).
-async fn pin_voter_target(context: &Membership, voters: usize) -> Result<(), ServiceError> {
-    let mut targets = crate::store::nodes::read_placement_targets(context.replica.reader().db())?;
+/// count back to automation). Returns the targets from before, for [`restore_targets`] if the change fails.
+async fn pin_voter_target(
+    context: &Membership,
+    voters: usize,
+) -> Result<PlacementTargets, ServiceError> {
+    let earlier = crate::store::nodes::read_placement_targets(context.replica.reader().db())?;
     let voters = u32::try_from(voters).unwrap_or(u32::MAX);
-    if targets.voters == Some(voters) {
-        return Ok(());
+    if earlier.voters != Some(voters) {
+        let targets = PlacementTargets {
+            voters: Some(voters),
+            ..earlier.clone()
+        };
+        context
+            .replica
+            .propose_accepted(SetPlacement { targets }.into())
+            .await?;
     }
-    targets.voters = Some(voters);
-    context
+    Ok(earlier)
+}
+
+/// Puts back the targets a failed manual change had pinned (logged if that fails too: the operator then sees
+/// the pinned count in `placement status`).
+async fn restore_targets(context: &Membership, earlier: PlacementTargets) {
+    if let Err(error) = context
         .replica
-        .propose_accepted(SetPlacement { targets }.into())
-        .await?;
-    Ok(())
+        .propose_accepted(SetPlacement { targets: earlier }.into())
+        .await
+    {
+        tracing::warn!(%error, "cannot restore the placement targets after a failed manual change");
+    }
 }
 
 /// Registers `node` (allocating its node id) and adds it as a learner. Runs on the leader; from another member
@@ -375,8 +400,8 @@ fn current_sets(
     Ok((voters, nodes))
 }
 
-/// Promotes standby `node_id` to voter.
-pub async fn promote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
+/// Refuses a promotion of anything but a standby.
+fn check_promote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
     let (voters, nodes) = current_sets(context)?;
     if voters.contains(&node_id) {
         return Err(ServiceError::Precondition(format!(
@@ -388,6 +413,28 @@ pub async fn promote(context: &Membership, node_id: u64) -> Result<(), ServiceEr
             "node {node_id} is not a standby of this cluster"
         )));
     }
+    Ok(())
+}
+
+/// Refuses a demotion of anything but a voter, and of the last voter.
+fn check_demote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
+    let (voters, _) = current_sets(context)?;
+    if !voters.contains(&node_id) {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is not a voter"
+        )));
+    }
+    if voters.len() == 1 {
+        return Err(ServiceError::Precondition(format!(
+            "node {node_id} is the last voter; promote another node first"
+        )));
+    }
+    Ok(())
+}
+
+/// Promotes standby `node_id` to voter.
+pub async fn promote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
+    check_promote(context, node_id)?;
     context
         .replica
         .raft()?
@@ -400,17 +447,7 @@ pub async fn promote(context: &Membership, node_id: u64) -> Result<(), ServiceEr
 
 /// Demotes voter `node_id` to standby.
 pub async fn demote(context: &Membership, node_id: u64) -> Result<(), ServiceError> {
-    let (voters, _) = current_sets(context)?;
-    if !voters.contains(&node_id) {
-        return Err(ServiceError::Precondition(format!(
-            "node {node_id} is not a voter"
-        )));
-    }
-    if voters.len() == 1 {
-        return Err(ServiceError::Precondition(format!(
-            "node {node_id} is the last voter; promote another node first"
-        )));
-    }
+    check_demote(context, node_id)?;
     context
         .replica
         .raft()?

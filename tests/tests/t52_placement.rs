@@ -398,6 +398,12 @@ async fn t52_a_manual_demote_is_kept_and_targets_are_checked() -> anyhow::Result
     ensure!(settled["action"].is_null(), "{settled}");
     ensure!(voters(&cluster.status_of(leader).await?).len() == 2);
 
+    // A manual change that is refused pins nothing.
+    let output = cluster.vesperctl(leader, &["promote", "99"])?;
+    ensure!(!output.status.success(), "{output:?}");
+    let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+    ensure!(placement["targets"]["target_voters"] == "2", "{placement}");
+
     // Nonsense targets are refused with the reason; the stored targets do not change.
     let output = cluster.vesperctl(leader, &["placement", "set", "--voters", "4"])?;
     ensure!(!output.status.success());
