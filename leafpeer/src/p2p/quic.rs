@@ -156,53 +156,22 @@ async fn send_nonce(
     Ok(connection)
 }
 
-/// Incoming connections checked at once for the nonce; more are refused until one is done.
-const MAX_PENDING_INCOMING: usize = 16;
-/// How long an incoming connection gets to finish its handshake and send the nonce.
-const NONCE_WAIT: Duration = Duration::from_secs(10);
-
-/// Server side: the first incoming connection (from the pinned peer) that carries the nonce. Incoming
-/// connections are checked concurrently: the client races several attempts (candidates, a second round) and
-/// keeps only the first to complete, so another may arrive first here and never send the nonce (its close can
-/// be lost on a punched path); waiting on it alone would hold the right one back until the idle timeout.
+/// Server side: the first incoming connection (from the pinned peer) that carries the nonce.
 pub(super) async fn accept_with_nonce(
     endpoint: &quinn::Endpoint,
     nonce: &[u8],
 ) -> Option<quinn::Connection> {
-    let mut pending = FuturesUnordered::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept(), if open => match incoming {
-                Some(incoming) if pending.len() < MAX_PENDING_INCOMING => {
-                    pending.push(carries_nonce(incoming, nonce));
-                }
-                Some(incoming) => incoming.refuse(),
-                None => open = false,
-            },
-            Some(checked) = pending.next(), if !pending.is_empty() => {
-                if let Some(connection) = checked {
-                    return Some(connection);
-                }
-            }
-            else => return None,
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(connection) = incoming.await else {
+            continue;
+        };
+        let Ok(mut hello) = connection.accept_uni().await else {
+            continue;
+        };
+        match hello.read_to_end(64).await {
+            Ok(bytes) if bytes == nonce => return Some(connection),
+            _ => connection.close(1u32.into(), b"wrong nonce"),
         }
     }
-}
-
-/// `incoming` once its handshake is done and its first uni stream carried `nonce`; `None` otherwise (closed
-/// with "wrong nonce" when it sent another).
-async fn carries_nonce(incoming: quinn::Incoming, nonce: &[u8]) -> Option<quinn::Connection> {
-    let check = async {
-        let connection = incoming.await.ok()?;
-        let mut hello = connection.accept_uni().await.ok()?;
-        match hello.read_to_end(64).await {
-            Ok(bytes) if bytes == nonce => Some(connection),
-            _ => {
-                connection.close(1u32.into(), b"wrong nonce");
-                None
-            }
-        }
-    };
-    tokio::time::timeout(NONCE_WAIT, check).await.ok().flatten()
+    None
 }
