@@ -16,7 +16,7 @@ use crate::raft::forward::Forwarder;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose;
 use crate::raft::VesperRaft;
-use crate::store::nodes::read_relay_loads;
+use crate::store::nodes::{read_node_certificates, read_relay_loads, read_zones};
 use crate::store::state_machine::StateReader;
 
 /// Handle on this node's replica; cheap to clone.
@@ -110,6 +110,8 @@ impl Replica {
         let reader = &self.inner.reader;
         let mut members = Vec::new();
         let loads = read_relay_loads(reader.db())?;
+        let zones = read_zones(reader.db())?;
+        let certificates = read_node_certificates(reader.db())?;
         for (id, node) in membership.nodes() {
             let role = if voters.contains(id) {
                 MemberRole::Voter
@@ -121,6 +123,11 @@ impl Replica {
                 entry.relay_active = load.active;
                 entry.relay_capacity = load.capacity;
             }
+            entry.zone = zones.get(id).cloned().unwrap_or_default();
+            entry.certificate = certificates
+                .get(id)
+                .map(|print| data_encoding::HEXLOWER.encode(print))
+                .unwrap_or_default();
             members.push(entry);
         }
         for (id, entry) in reader.nodes()? {
@@ -144,5 +151,7 @@ fn member(node_id: u64, node: &NodeInfo, role: MemberRole, is_leader: bool) -> M
         is_leader,
         relay_active: 0,
         relay_capacity: 0,
+        zone: String::new(),
+        certificate: String::new(),
     }
 }

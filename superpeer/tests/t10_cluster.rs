@@ -237,6 +237,7 @@ async fn t10_bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
         .into_inner();
     let written_at = stored.applied_index;
     let leader = cluster.wait_leader_index().await?;
+    cluster.wait_quiet(leader).await?;
     let before = cluster.status_of(leader).await?.last_log_index;
 
     let many: HashMap<String, String> = (0..33)

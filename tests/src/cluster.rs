@@ -547,9 +547,10 @@ impl Cluster {
         .await
     }
 
-    /// Waits until the relay load report of every node is replicated to node `index`: those are the only writes
-    /// an idle cluster makes by itself, so from then on its log index moves only when someone writes (tests of
-    /// "refused, and the log did not move" need that). Returns the applied index.
+    /// Waits until the relay load report and the certificate fingerprint of every node are replicated to node
+    /// `index`: those are the only writes an idle cluster makes by itself (nodes without a zone label report
+    /// none), so from then on its log index moves only when someone writes (tests of "refused, and the log did
+    /// not move" need that). Returns the applied index.
     ///
     /// A status answer reads the applied index and the member table at two moments, so one answer can show a
     /// report whose entry its applied index does not count yet; the index is taken from two answers in a row that
@@ -559,14 +560,17 @@ impl Cluster {
         let previous = std::cell::Cell::new(None);
         let previous = &previous;
         wait::until(
-            &format!("every relay load replicated to {}", self.nodes[index].name),
+            &format!(
+                "every relay load and certificate replicated to {}",
+                self.nodes[index].name
+            ),
             CONVERGE_TIMEOUT,
             || async move {
                 let status = self.status_of(index).await?;
                 let reported = status
                     .members
                     .iter()
-                    .filter(|member| member.relay_capacity > 0)
+                    .filter(|member| member.relay_capacity > 0 && !member.certificate.is_empty())
                     .count();
                 let now = (reported == expected).then_some(status.applied_index);
                 let earlier = previous.replace(now);
