@@ -156,21 +156,8 @@ fn fingerprint(der: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der))
 }
 
-pub fn issue(
-    ca_dir: &Path,
-    role: Role,
-    name: &str,
-    sans: &[String],
-    out_dir: &Path,
-    validity: Validity,
-) -> anyhow::Result<Issued> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        bail!("certificate name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'");
-    }
+/// The CA in `ca_dir`, ready to sign.
+fn load_ca(ca_dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
     let ca_cert_path = ca_dir.join("ca.pem");
     let ca_key_path = ca_dir.join("ca.key");
     let ca_pem = std::fs::read_to_string(&ca_cert_path).with_context(|| {
@@ -187,6 +174,87 @@ pub fn issue(
     .with_context(|| format!("{} is not a private key", ca_key_path.display()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .with_context(|| format!("{} is not a CA certificate", ca_cert_path.display()))?;
+    Ok(issuer)
+}
+
+/// Checks a certificate name: the file names are made from it.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("certificate name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// Default validity of an issuer: short, since core super peers hold its key online.
+pub const DEFAULT_ISSUER_DAYS: u32 = 90;
+
+/// Creates an intermediate issuer `NAME.pem` + `NAME.key` in `out_dir`, signed by the CA in `ca_dir`: a CA
+/// certificate that may sign end certificates only (path length 0). Core super peers hold it
+/// (`placement.issuer_cert`, `placement.issuer_key`) to sign the certificates of nodes the placement
+/// controller adopts.
+pub fn issue_issuer(
+    ca_dir: &Path,
+    name: &str,
+    out_dir: &Path,
+    validity: Validity,
+) -> anyhow::Result<Issued> {
+    check_name(name)?;
+    let issuer = load_ca(ca_dir)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::CommonName, name);
+    subject.push(DnType::OrganizationalUnitName, "issuer");
+    params.distinguished_name = subject;
+    let not_after = validity.not_after()?;
+    params.not_before = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .min(not_after - time::Duration::days(1));
+    params.not_after = not_after;
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate()?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("cannot sign the issuer")?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let cert_path = out_dir.join(format!("{name}.pem"));
+    let key_path = out_dir.join(format!("{name}.key"));
+    if cert_path.exists() {
+        bail!(
+            "{} already exists; pick another --name or remove it",
+            cert_path.display()
+        );
+    }
+    std::fs::write(&cert_path, cert.pem())
+        .with_context(|| format!("cannot write {}", cert_path.display()))?;
+    write_private(&key_path, &key.serialize_pem())?;
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+        fingerprint: fingerprint(cert.der()),
+        not_after,
+    })
+}
+
+pub fn issue(
+    ca_dir: &Path,
+    role: Role,
+    name: &str,
+    sans: &[String],
+    out_dir: &Path,
+    validity: Validity,
+) -> anyhow::Result<Issued> {
+    check_name(name)?;
+    let issuer = load_ca(ca_dir)?;
 
     let mut params = CertificateParams::new(sans.to_vec())
         .with_context(|| format!("invalid subject alternative names {sans:?}"))?;

@@ -144,6 +144,24 @@ enum CaCommand {
         #[arg(long, env = "VESPER_CA_DIR")]
         dir: PathBuf,
     },
+    /// Create an intermediate issuer (NAME.pem, NAME.key) signed by the CA, for the super peers you run
+    /// yourself ("core" nodes): with `--issuer-cert` / `--issuer-key` (placement.issuer_cert, issuer_key) they
+    /// sign the certificates of nodes the placement controller adopts. It may sign end certificates only; keep
+    /// it short-lived, and revoke it (`vesperctl cert revoke`) if a core node is lost.
+    Issuer {
+        /// Folder of the CA (from `ca init`).
+        #[arg(long, env = "VESPER_CA_DIR")]
+        ca_dir: PathBuf,
+        /// Name of the issuer (files NAME.pem and NAME.key).
+        #[arg(long, default_value = "issuer")]
+        name: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the issuer is valid from now (1 to 3650). Certificates it signs never outlive it.
+        #[arg(long, default_value_t = certs::DEFAULT_ISSUER_DAYS)]
+        valid_days: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +214,27 @@ async fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Init { dir },
         } => certs::init_ca(&dir).map(|path| println!("created CA {}", path.display())),
+        Command::Ca {
+            command:
+                CaCommand::Issuer {
+                    ca_dir,
+                    name,
+                    out,
+                    valid_days,
+                },
+        } => certs::issue_issuer(&ca_dir, &name, &out, certs::Validity::Days(valid_days)).map(
+            |issued| {
+                println!(
+                    "created issuer {} (key {})\n  sha256 fingerprint {}\n  valid until {}\n  give it to core super peers: superpeer --issuer-cert {} --issuer-key {}",
+                    issued.cert.display(),
+                    issued.key.display(),
+                    issued.fingerprint,
+                    issued.not_after,
+                    issued.cert.display(),
+                    issued.key.display(),
+                )
+            },
+        ),
         Command::Cert {
             command:
                 CertCommand::Issue {

@@ -27,17 +27,30 @@ pub enum PinnedTlsError {
     Certificate(#[source] rcgen::Error),
 }
 
-/// The self-signed certificate and key that present `keypair` in TLS.
-pub fn tls_identity(
-    keypair: &Keypair,
-) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), PinnedTlsError> {
+fn pkcs8(keypair: &Keypair) -> PrivatePkcs8KeyDer<'static> {
     // RFC 8410 PKCS#8 for Ed25519: a fixed prefix, then the 32-byte seed.
     let mut pkcs8 = vec![
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
         0x20,
     ];
     pkcs8.extend_from_slice(&keypair.secret_bytes());
-    let der = PrivatePkcs8KeyDer::from(pkcs8);
+    PrivatePkcs8KeyDer::from(pkcs8)
+}
+
+/// `keypair` as a PKCS#8 PEM private key (for a TLS server that loads its key from a file, such as a super
+/// peer whose certificate names the same key).
+pub fn private_key_pem(keypair: &Keypair) -> Result<String, PinnedTlsError> {
+    let der = pkcs8(keypair);
+    Ok(rcgen::KeyPair::try_from(&der)
+        .map_err(PinnedTlsError::Key)?
+        .serialize_pem())
+}
+
+/// The self-signed certificate and key that present `keypair` in TLS.
+pub fn tls_identity(
+    keypair: &Keypair,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), PinnedTlsError> {
+    let der = pkcs8(keypair);
     let key = rcgen::KeyPair::try_from(&der).map_err(PinnedTlsError::Key)?;
     let params = rcgen::CertificateParams::new(vec!["vesper-peer".to_string()])
         .map_err(PinnedTlsError::Certificate)?;

@@ -192,6 +192,16 @@ pub struct Args {
     /// A standby unhealthy this long is dead and retired (removed, its id tombstoned). Default: 30m.
     #[arg(long, env = "VESPER_PLACEMENT_DEAD_STANDBY_AFTER", value_parser = humantime::parse_duration)]
     placement_dead_standby_after: Option<Duration>,
+    /// An intermediate issuer certificate (`vesperctl ca issuer`) this node signs adopted nodes' certificates
+    /// with; needs --issuer-key. Only for super peers the operator runs ("core" nodes).
+    #[arg(long, env = "VESPER_ISSUER_CERT")]
+    issuer_cert: Option<PathBuf>,
+    /// The private key of --issuer-cert.
+    #[arg(long, env = "VESPER_ISSUER_KEY")]
+    issuer_key: Option<PathBuf>,
+    /// An adoption not finished within this is given up (its certificate revoked). Default: 5m.
+    #[arg(long, env = "VESPER_PLACEMENT_ADOPTION_TIMEOUT", value_parser = humantime::parse_duration)]
+    placement_adoption_timeout: Option<Duration>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "VESPER_LOG_JSON")]
     pub log_json: bool,
@@ -199,6 +209,10 @@ pub struct Args {
     /// node that offers to serve as a super peer reports).
     #[arg(long)]
     pub build_info: bool,
+    /// Shut down when standard input closes: a process that starts this node as its child (the leaf
+    /// library, once its node is adopted) keeps a pipe open, so the node ends with it even when it is killed.
+    #[arg(long)]
+    pub exit_with_stdin: bool,
 }
 
 /// A provider under the name errors give its values ("config file x.toml", "flags").
@@ -333,6 +347,12 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
         .duration(
             "placement.dead_standby_after",
             args.placement_dead_standby_after,
+        )
+        .set("placement.issuer_cert", args.issuer_cert.as_ref())
+        .set("placement.issuer_key", args.issuer_key.as_ref())
+        .duration(
+            "placement.adoption_timeout",
+            args.placement_adoption_timeout,
         );
     Ok(layer.0)
 }

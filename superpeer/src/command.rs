@@ -52,6 +52,9 @@ pub enum Op {
     GrantEligibility(GrantEligibility),
     NodeZone(NodeZone),
     NodeCertificate(NodeCertificate),
+    SetAdoption(SetAdoption),
+    IssueCertificate(IssueCertificate),
+    NodeIssuer(NodeIssuer),
 }
 
 /// `From<T> for Op` for each command type.
@@ -91,6 +94,9 @@ into_op!(
     GrantEligibility,
     NodeZone,
     NodeCertificate,
+    SetAdoption,
+    IssueCertificate,
+    NodeIssuer,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -344,6 +350,59 @@ pub struct NodeCertificate {
     pub fingerprint: [u8; 32],
 }
 
+/// The placement controller starts (Some) or ends (None) the adoption of a candidate; at most one runs at a
+/// time, so this replaces whatever ran before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAdoption {
+    pub adoption: Option<Adoption>,
+}
+
+/// A candidate being adopted: waiting for its certificate, then for its node to join as a standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    pub peer: PeerKey,
+    /// When the controller started it, and when it gives up (ms since the epoch).
+    pub started_ms: u64,
+    pub deadline_ms: u64,
+    /// The leader (and its term) that started it.
+    pub leader: u64,
+    pub term: u64,
+    /// The addresses it was proven on and will serve on.
+    pub cluster_addr: String,
+    pub leaf_addr: String,
+    pub admin_addr: String,
+    /// Its certificate, once an issuer signed one.
+    pub issued: Option<IssuedCertificate>,
+}
+
+/// A super peer certificate an issuer signed for an adopted node's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    /// The node whose issuer signed it.
+    pub by_node: u64,
+    /// The certificate, then the issuer's certificate (PEM).
+    pub chain_pem: String,
+    /// SHA-256 of the certificate's DER: how a revocation names it.
+    pub fingerprint: [u8; 32],
+    pub not_after_ms: u64,
+}
+
+/// An issuer hands in the certificate for the adoption of `peer` that started at `started_ms`. Applied only
+/// while that adoption runs and has no certificate yet (with several issuers, the first one's stays).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueCertificate {
+    pub peer: PeerKey,
+    pub started_ms: u64,
+    pub issued: IssuedCertificate,
+}
+
+/// Super peer `node_id` holds a certificate issuer valid until `not_after_ms` (`None`: it holds none any more).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIssuer {
+    pub node_id: u64,
+    pub not_after_ms: Option<u64>,
+}
+
 /// An operator sets (Some) or clears (None) the access rules of a record namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetNamespaceAcl {
@@ -557,6 +616,30 @@ impl fmt::Display for Command {
                 op.node_id,
                 data_encoding::HEXLOWER.encode(&op.fingerprint[..8])
             ),
+            Op::SetAdoption(op) => match &op.adoption {
+                Some(adoption) => write!(
+                    f,
+                    "adopt candidate {}",
+                    data_encoding::HEXLOWER.encode(&adoption.peer[..4])
+                ),
+                None => f.write_str("end the adoption"),
+            },
+            Op::IssueCertificate(op) => write!(
+                f,
+                "certificate {} for candidate {}",
+                data_encoding::HEXLOWER.encode(&op.issued.fingerprint[..8]),
+                data_encoding::HEXLOWER.encode(&op.peer[..4])
+            ),
+            Op::NodeIssuer(op) => write!(
+                f,
+                "issuer of node {}: {}",
+                op.node_id,
+                if op.not_after_ms.is_some() {
+                    "held"
+                } else {
+                    "none"
+                }
+            ),
             Op::GrantEligibility(op) => write!(
                 f,
                 "{} eligibility ({} peers{})",
@@ -660,6 +743,8 @@ pub enum Rejection {
     NotInvited,
     #[error("only the owner and participants who accepted may chat")]
     NotParticipant,
+    #[error("no adoption of that candidate waits for a certificate")]
+    NoSuchAdoption,
 }
 
 #[cfg(test)]

@@ -203,7 +203,7 @@ impl ServiceError {
                 Rejection::NotOwner | Rejection::NamespaceWrite(_) | Rejection::NamespaceRead(_),
             ) => Status::permission_denied(message),
             ServiceError::Rejected(Rejection::VersionMismatch { .. })
-            | ServiceError::Rejected(Rejection::NotAttached) => {
+            | ServiceError::Rejected(Rejection::NotAttached | Rejection::NoSuchAdoption) => {
                 Status::failed_precondition(message)
             }
             ServiceError::Rejected(

@@ -39,6 +39,14 @@ async fn wait_for_signal() {
     }
 }
 
+/// Resolves when standard input reaches its end (or fails).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buffer = [0u8; 256];
+    while matches!(stdin.read(&mut buffer).await, Ok(read) if read > 0) {}
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -69,8 +77,16 @@ async fn main() -> ExitCode {
         }
     };
     let stopped = node.shutdown_token();
+    let parent_gone = async {
+        if args.exit_with_stdin {
+            stdin_closed().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
         _ = wait_for_signal() => {}
+        _ = parent_gone => tracing::info!("standard input closed (the parent is gone): shutting down"),
         _ = stopped.cancelled() => tracing::error!("node stopped on its own"),
     }
     node.shutdown().await;

@@ -76,6 +76,8 @@ pub enum NodeError {
     },
     #[error("raft: {0}")]
     Raft(String),
+    #[error("{0}")]
+    Issuer(#[from] crate::placement::issuer::IssuerError),
 }
 
 /// The bound addresses of a running node.
@@ -329,6 +331,14 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let tls = Arc::new(ServerTls::load(
         config.tls.as_ref().expect("validate() checked tls is set"),
     )?);
+    let issuer = match (&config.placement.issuer_cert, &config.placement.issuer_key) {
+        (Some(cert), Some(key)) => Some(crate::placement::issuer::IssuerMaterial::load(
+            cert,
+            key,
+            tls.material().ca_pem(),
+        )?),
+        _ => None,
+    };
     let db = store::open(&data_dir.join("db"))?;
 
     let (leaf_listener, stun_socket) = bind_leaf(&config).await?;
@@ -529,6 +539,18 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         tls.clone(),
         shutdown.clone(),
     ));
+    if let Some(issuer) = issuer {
+        tracing::info!(
+            until_ms = issuer.not_after_ms(),
+            "this node signs the certificates of adopted nodes"
+        );
+        tasks.spawn(crate::placement::issuer::run(
+            replica.clone(),
+            issuer,
+            config.placement.issued_validity,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(crate::placement::controller::run(
         replica.clone(),
         config.placement.clone(),

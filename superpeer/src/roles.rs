@@ -84,9 +84,18 @@ pub fn caller_fingerprint<T>(request: &Request<T>) -> Result<[u8; 32], Status> {
     Ok(fingerprint(client_certificate(request)?.as_ref()))
 }
 
-/// Refuses a caller whose certificate was revoked (as far as this node has applied the log).
+/// Refuses a caller whose certificate, or any certificate of the chain it sent (an intermediate issuer of
+/// adopted nodes), was revoked (as far as this node has applied the log).
 fn require_not_revoked<T>(request: &Request<T>, reader: &StateReader) -> Result<(), Status> {
-    require_unrevoked(reader, &caller_fingerprint(request)?)
+    require_unrevoked(reader, &caller_fingerprint(request)?)?;
+    for certificate in request
+        .peer_certs()
+        .iter()
+        .flat_map(|chain| chain.iter().skip(1))
+    {
+        require_unrevoked(reader, &fingerprint(certificate.as_ref()))?;
+    }
+    Ok(())
 }
 
 /// Refuses the certificate with `fingerprint` if it was revoked. Long-lived streams call this for every message

@@ -125,6 +125,11 @@ impl TlsMaterial {
             .timeout(TLS_HANDSHAKE_TIMEOUT)
     }
 
+    /// The cluster CA certificate (PEM).
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca_pem
+    }
+
     /// SHA-256 of this node's certificate (DER), as `vesperctl cert issue` prints it.
     pub fn fingerprint(&self) -> Result<[u8; 32], TlsError> {
         let chain = certificates("certificate", &self.cert_pem)?;

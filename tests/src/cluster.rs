@@ -65,6 +65,8 @@ pub struct NodeOptions {
     pub node_args: Vec<Vec<String>>,
     /// Give each node a certificate of its own (`certs/<name>.pem`), instead of one shared by all.
     pub per_node_certs: bool,
+    /// Give every node the certificate issuer of adopted nodes (`vesperctl ca issuer`, `--issuer-cert`).
+    pub issuer: bool,
 }
 
 /// Starts super peers inside the test process: implemented where the super peer library is linked.
@@ -297,6 +299,15 @@ impl Cluster {
         if let Some(logs) = self.options.logs_kept_after_snapshot {
             argv.push("--logs-kept-after-snapshot".into());
             argv.push(logs.to_string().into());
+        }
+        if self.options.issuer {
+            let (cert, key) = self.pki.issuer()?;
+            argv.extend([
+                "--issuer-cert".into(),
+                cert.into(),
+                "--issuer-key".into(),
+                key.into(),
+            ]);
         }
         argv.extend(self.options.extra_args.iter().map(OsString::from));
         if let Some(args) = self.options.node_args.get(index) {

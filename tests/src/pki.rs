@@ -87,6 +87,28 @@ impl Pki {
         ))
     }
 
+    /// The intermediate issuer of adopted nodes' certificates (`vesperctl ca issuer`), made on first use.
+    pub fn issuer(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (
+            self.dir.join("issuer/issuer.pem"),
+            self.dir.join("issuer/issuer.key"),
+        );
+        if !cert.exists() {
+            let (ca, out) = (self.dir.join("ca"), self.dir.join("issuer"));
+            vesperctl(&[
+                "ca",
+                "issuer",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--valid-days",
+                "2",
+            ])?;
+        }
+        Ok((cert, key))
+    }
+
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca/ca.pem")
     }

@@ -57,6 +57,7 @@ fn offer(state_dir: &std::path::Path) -> SuperPeerOffer {
         zone: Some("zone-a".into()),
         metered: false,
         on_battery: false,
+        role_args: Vec::new(),
     }
 }
 

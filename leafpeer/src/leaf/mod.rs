@@ -9,6 +9,7 @@ mod dispatch;
 mod endpoints;
 mod offer;
 mod outgoing;
+mod role;
 mod seen;
 mod session;
 mod shared;

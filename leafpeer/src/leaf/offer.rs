@@ -52,6 +52,8 @@ pub struct SuperPeerOffer {
     pub metered: bool,
     /// This node runs on battery: likewise never eligible.
     pub on_battery: bool,
+    /// More flags for the role's `superpeer` once adopted (for example `--config FILE` with its timers).
+    pub role_args: Vec<String>,
 }
 
 /// One eligibility gate as the super peer judged it.
@@ -68,7 +70,8 @@ pub struct Gate {
 /// The super peer's verdict on this node's last report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferStatus {
-    /// "candidate" (some gate fails) or "eligible".
+    /// "candidate" (some gate fails), "eligible", "adopted" (its certificate arrived; the role is starting),
+    /// "serving" (the role's `superpeer` runs) or "restarting" (it exited and starts again shortly).
     pub state: String,
     /// Every gate, in a fixed order.
     pub gates: Vec<Gate>,
@@ -79,6 +82,16 @@ pub struct OfferStatus {
 }
 
 impl OfferStatus {
+    /// The status of a node whose role runs (or restarts).
+    pub(super) fn role(state: &str, ports: [u16; 3]) -> Self {
+        Self {
+            state: state.into(),
+            gates: Vec::new(),
+            proof_at_ms: None,
+            ports,
+        }
+    }
+
     fn new(answer: OfferSuperPeerResponse, ports: [u16; 3]) -> Self {
         Self {
             ports,
@@ -338,26 +351,63 @@ pub async fn start(
             offer.state_dir.display()
         ))
     })?;
+    let (status_tx, status_rx) = watch::channel(None);
+    // Adopted before: serve again, never offer again.
+    if let Some(adopted) = super::role::adopted_before(&offer) {
+        if offer.cluster_port == 0 || offer.leaf_port == 0 || offer.admin_port == 0 {
+            return Err(LeafError::Config(format!(
+                "{} holds an adopted super peer role: its ports must be given, not picked (0)",
+                offer.state_dir.display()
+            )));
+        }
+        shared.spawn(super::role::supervise(
+            shared.clone(),
+            offer,
+            adopted,
+            status_tx,
+        ));
+        return Ok(status_rx);
+    }
     let mut offer = offer;
     let sockets = bind(&mut offer).await?;
-    let stop = shared.stop.clone();
-    shared.spawn(vesper_proto::reach::respond(
-        shared.config.keypair.clone(),
-        sockets.tcp,
-        vec![sockets.udp],
-        async move { stop.cancelled().await },
+    // The proofs are answered until the node is adopted; then the ports go to the role's own process.
+    let responder_stop = shared.stop.child_token();
+    let (responder_done_tx, responder_done) = tokio::sync::oneshot::channel::<()>();
+    let stop = responder_stop.clone();
+    let keypair = shared.config.keypair.clone();
+    shared.spawn(async move {
+        vesper_proto::reach::respond(keypair, sockets.tcp, vec![sockets.udp], async move {
+            stop.cancelled().await
+        })
+        .await;
+        let _ = responder_done_tx.send(());
+    });
+    shared.spawn(run(
+        shared.clone(),
+        offer,
+        build,
+        status_tx,
+        Responder {
+            stop: responder_stop,
+            done: responder_done,
+        },
     ));
-    let (status_tx, status_rx) = watch::channel(None);
-    shared.spawn(run(shared.clone(), offer, build, status_tx));
     Ok(status_rx)
 }
 
 /// Reports on every attach and on the interval the answers ask for.
+/// The proof responder's handle: stop it, then wait until its sockets are closed.
+struct Responder {
+    stop: tokio_util::sync::CancellationToken,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
 async fn run(
     shared: Arc<Shared>,
     offer: SuperPeerOffer,
     build: BuildInfo,
     status: watch::Sender<Option<OfferStatus>>,
+    responder: Responder,
 ) {
     let mut history = History::open(&offer.state_dir, now_ms());
     let mut connections = shared.attachment.connection.subscribe();
@@ -373,6 +423,33 @@ async fn run(
             match connection.client.clone().offer_super_peer(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
+                    if answer.state == "adopted" && !answer.certificate_chain.is_empty() {
+                        let adopted = super::role::Adopted {
+                            advertise_host: answer.advertise_host.clone(),
+                            join: answer.join.clone(),
+                        };
+                        match super::role::install(
+                            &shared,
+                            &offer,
+                            &answer.certificate_chain,
+                            &adopted,
+                        ) {
+                            Ok(()) => {
+                                tracing::info!("adopted as a super peer; starting the role");
+                                status.send_replace(Some(OfferStatus::role(
+                                    "adopted",
+                                    [offer.cluster_port, offer.leaf_port, offer.admin_port],
+                                )));
+                                responder.stop.cancel();
+                                let _ = responder.done.await;
+                                super::role::supervise(shared, offer, adopted, status).await;
+                                return;
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot install the super peer role")
+                            }
+                        }
+                    }
                     interval = Duration::from_millis(answer.report_interval_ms)
                         .clamp(MIN_REPORT_INTERVAL, MAX_REPORT_INTERVAL);
                     let verdict = OfferStatus::new(

@@ -21,7 +21,42 @@ pub const MAX_TARGET_STANDBYS: u32 = 16;
 /// Most peers one grant names.
 pub const MAX_GRANT_PEERS: usize = 64;
 /// Why eligible candidates are not adopted in this build.
-pub const ADOPTION_NOT_BUILT: &str = "eligible candidates are not adopted yet: adopting a node needs a super peer certificate for its key, and this build has no certificate issuer; an operator adds the node by hand (vesperctl add-standby)";
+pub const NO_ISSUER: &str = "eligible candidates are not adopted: no super peer holds a certificate issuer (give the super peers you run yourself one: vesperctl ca issuer, then placement.issuer_cert and placement.issuer_key); an operator can still add a node by hand (vesperctl add-standby)";
+
+/// What the adoption stands at, in words, for `placement status`: the one running, or why eligible candidates
+/// wait.
+fn adoption_words(
+    adoption: Option<&crate::command::Adoption>,
+    any_eligible: bool,
+    issuing: bool,
+    now: u64,
+) -> String {
+    let left = |deadline: u64| {
+        humantime::format_duration(std::time::Duration::from_secs(
+            deadline.saturating_sub(now) / 1000,
+        ))
+        .to_string()
+    };
+    match adoption {
+        Some(adoption) => match &adoption.issued {
+            None => format!(
+                "adopting candidate {}: waiting for an issuer to sign its certificate (gives up in {})",
+                peer_text(&adoption.peer),
+                left(adoption.deadline_ms)
+            ),
+            Some(issued) => format!(
+                "adopting candidate {}: node {} signed its certificate {}...; waiting for it to join as a standby from {} (gives up in {})",
+                peer_text(&adoption.peer),
+                issued.by_node,
+                data_encoding::HEXLOWER.encode(&issued.fingerprint[..8]),
+                adoption.cluster_addr,
+                left(adoption.deadline_ms)
+            ),
+        },
+        None if any_eligible && !issuing => NO_ISSUER.to_string(),
+        None => String::new(),
+    }
+}
 
 fn peer_text(peer: &PeerKey) -> String {
     vesper_proto::PeerId::from_public_key_bytes(peer)
@@ -136,14 +171,18 @@ pub fn status(
             updated_at_ms: entry.updated_at_ms,
         })
         .collect::<Vec<_>>();
-    let adoption = if candidates
-        .iter()
-        .any(|candidate| candidate.state == "eligible")
-    {
-        ADOPTION_NOT_BUILT.to_string()
-    } else {
-        String::new()
-    };
+    let now = crate::raft::propose::now_ms();
+    let issuing = crate::store::nodes::read_issuers(db)?
+        .values()
+        .any(|until| *until > now);
+    let adoption = adoption_words(
+        crate::store::nodes::read_adoption(db)?.as_ref(),
+        candidates
+            .iter()
+            .any(|candidate| candidate.state == "eligible"),
+        issuing,
+        now,
+    );
     let mut response = PlacementStatusResponse {
         candidates,
         granted_all,

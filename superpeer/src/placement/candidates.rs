@@ -261,6 +261,9 @@ pub enum ProofOutcome {
     NotRun,
     Passed,
     Failed(String),
+    /// Too few members could dial back (down, or too few in the cluster) and none that did failed: the entry
+    /// keeps its last proof until that expires, and this is not a reachability flip.
+    Inconclusive(String),
 }
 
 /// Whether a proof is due: none yet, the last success is `proof_interval` old, and no failure within it.
@@ -271,6 +274,17 @@ pub fn proof_due(previous: Option<&CandidateEntry>, now_ms: u64, rules: &Candida
     };
     let recent = |at: Option<u64>| at.is_some_and(|at| now_ms.saturating_sub(at) < interval);
     !recent(previous.proof_at_ms) && !recent(previous.proof_failed_at_ms)
+}
+
+/// Cuts a proof error to [`MAX_PROOF_ERROR`] bytes.
+fn bound(why: &mut String) {
+    if why.len() > MAX_PROOF_ERROR {
+        let mut end = MAX_PROOF_ERROR;
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        why.truncate(end);
+    }
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -337,16 +351,15 @@ pub fn evaluate(
     match proof {
         ProofOutcome::NotRun => {}
         ProofOutcome::Passed => entry.proof_at_ms = Some(now),
+        ProofOutcome::Inconclusive(why) => {
+            let mut why = format!("no proof this time: {why}");
+            bound(&mut why);
+            entry.proof_error = Some(why);
+        }
         ProofOutcome::Failed(why) => {
             entry.proof_failed_at_ms = Some(now);
             let mut why = why.clone();
-            if why.len() > MAX_PROOF_ERROR {
-                let mut end = MAX_PROOF_ERROR;
-                while !why.is_char_boundary(end) {
-                    end -= 1;
-                }
-                why.truncate(end);
-            }
+            bound(&mut why);
             entry.proof_error = Some(why);
         }
     }

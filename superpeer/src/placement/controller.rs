@@ -21,12 +21,18 @@ use tokio_util::sync::CancellationToken;
 use super::decide::{self, Action, ClusterView, Decision, MemberView, Targets};
 use super::health::{HealthTracker, MemberHealth, MemberSample};
 use super::settings::PlacementConfig;
-use crate::command::{PlacementJournal, PlacementTargets, RevokeCertificate, TombstoneNode};
+use crate::command::{
+    Adoption, Candidate, CandidateEntry, PeerKey, PlacementJournal, PlacementTargets,
+    RevokeCertificate, SetAdoption, TombstoneNode,
+};
 use crate::error::ServiceError;
 use crate::raft::propose::now_ms;
 use crate::raft_types::TypeConfig;
 use crate::replica::Replica;
-use crate::store::nodes::{read_node_certificates, read_placement_targets, read_zones};
+use crate::store::nodes::{
+    read_adoption, read_candidates, read_issuers, read_node_certificates, read_placement_targets,
+    read_zones,
+};
 
 /// Longest reason or outcome text written to the journal (they are ours, but a storage error can be long).
 const MAX_JOURNAL_TEXT: usize = 512;
@@ -169,6 +175,8 @@ pub async fn run(
                 zone: zones.get(id).cloned(),
             })
             .collect();
+        let adopting = tend_adoption(&replica, &config, me, term).await;
+        let (candidates, keys) = eligible_candidates(&replica);
         let joint = membership.get_joint_config().len() > 1;
         let uncommitted =
             metrics.membership_config.log_id() != metrics.committed_membership_config.log_id();
@@ -185,7 +193,8 @@ pub async fn run(
                 })
                 .collect(),
             change_in_flight: joint || uncommitted,
-            candidates: Vec::new(),
+            candidates,
+            adopting,
         };
         let decision = decide::decide(&view, &targets);
         let mut report = Report {
@@ -206,10 +215,16 @@ pub async fn run(
         tracing::info!(%action, %why, "placement: acting");
         // The preconditions are taken from the same metrics the decision was made on.
         let preconditions = preconditions(&metrics);
+        let adopting = Adopting {
+            keys: &keys,
+            config: &config,
+            leader: me,
+            term,
+        };
         let outcome = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            outcome = execute(&replica, &action, preconditions) => outcome,
+            outcome = execute(&replica, &action, preconditions, &adopting) => outcome,
         };
         match &outcome {
             Ok(done) => tracing::info!(%action, done, "placement: done"),
@@ -233,6 +248,225 @@ pub async fn run(
     }
 }
 
+/// Writes one entry to the replicated placement journal (a failure is logged: the journal explains, it does
+/// not decide).
+async fn journal(
+    replica: &Replica,
+    leader: u64,
+    term: u64,
+    action: String,
+    why: String,
+    outcome: String,
+) {
+    let entry = PlacementJournal {
+        leader,
+        term,
+        action,
+        why: bounded(why),
+        outcome: bounded(outcome),
+    };
+    if let Err(error) = replica.propose(entry.into()).await {
+        tracing::warn!(%error, "cannot write the placement journal");
+    }
+}
+
+fn short(fingerprint: &[u8; 32]) -> String {
+    format!("{}...", data_encoding::HEXLOWER.encode(&fingerprint[..8]))
+}
+
+/// Looks after the adoption that runs: ends it when its node has joined (a member presents the certificate it
+/// was signed), gives it up past its deadline (revoking the certificate it got, and putting the candidate in
+/// its cooldown). Returns the candidate still being adopted, if one is.
+async fn tend_adoption(
+    replica: &Replica,
+    config: &PlacementConfig,
+    leader: u64,
+    term: u64,
+) -> Option<String> {
+    let db = replica.reader().db();
+    let adoption = match read_adoption(db) {
+        Ok(adoption) => adoption?,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the adoption; treating it as running");
+            return Some("(unreadable)".into());
+        }
+    };
+    let peer = peer_text(&adoption.peer);
+    let members: BTreeSet<u64> = replica
+        .raft()
+        .ok()?
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    let joined = adoption.issued.as_ref().and_then(|issued| {
+        read_node_certificates(db)
+            .ok()?
+            .into_iter()
+            .find(|(id, print)| members.contains(id) && *print == issued.fingerprint)
+            .map(|(id, _)| id)
+    });
+    let now = now_ms();
+    if let Some(node) = joined {
+        let ended = async {
+            replica
+                .propose_accepted(SetAdoption { adoption: None }.into())
+                .await?;
+            replica
+                .propose_accepted(
+                    Candidate {
+                        peer: adoption.peer,
+                        entry: None,
+                    }
+                    .into(),
+                )
+                .await
+        }
+        .await;
+        journal(
+            replica,
+            leader,
+            term,
+            format!("finish the adoption of candidate {peer}"),
+            format!("it joined as standby node {node}, presenting the certificate it was signed"),
+            match ended {
+                Ok(_) => "done".into(),
+                Err(error) => error.to_string(),
+            },
+        )
+        .await;
+        return None;
+    }
+    if now < adoption.deadline_ms {
+        return Some(peer);
+    }
+    let why = match &adoption.issued {
+        None => "no issuer signed its certificate in time".to_string(),
+        Some(issued) => format!(
+            "its node did not join with certificate {} in time",
+            short(&issued.fingerprint)
+        ),
+    };
+    let outcome = give_up(replica, &adoption, config, now).await;
+    journal(
+        replica,
+        leader,
+        term,
+        format!("give up the adoption of candidate {peer}"),
+        why,
+        match outcome {
+            Ok(done) => done,
+            Err(error) => error.to_string(),
+        },
+    )
+    .await;
+    None
+}
+
+async fn give_up(
+    replica: &Replica,
+    adoption: &Adoption,
+    config: &PlacementConfig,
+    now: u64,
+) -> Result<String, ServiceError> {
+    replica
+        .propose_accepted(SetAdoption { adoption: None }.into())
+        .await?;
+    let mut done = "done".to_string();
+    if let Some(issued) = &adoption.issued {
+        replica
+            .propose_accepted(
+                RevokeCertificate {
+                    fingerprint: issued.fingerprint,
+                }
+                .into(),
+            )
+            .await?;
+        done.push_str(&format!(
+            "; its certificate {} is revoked",
+            short(&issued.fingerprint)
+        ));
+    }
+    let db = replica.reader().db();
+    if let Some(mut entry) = crate::store::nodes::read_candidate(db, &adoption.peer)? {
+        entry.eligible = false;
+        entry.cooldown_until_ms = now.saturating_add(millis(config.candidates.cooldown));
+        entry.updated_at_ms = now;
+        replica
+            .propose_accepted(
+                Candidate {
+                    peer: adoption.peer,
+                    entry: Some(entry),
+                }
+                .into(),
+            )
+            .await?;
+        done.push_str(&format!(
+            "; it cools down for {}",
+            humantime::format_duration(config.candidates.cooldown)
+        ));
+    }
+    Ok(done)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn peer_text(peer: &PeerKey) -> String {
+    vesper_proto::PeerId::from_public_key_bytes(peer)
+        .map(|peer| peer.to_string())
+        .unwrap_or_default()
+}
+
+/// The candidates the controller may adopt: eligible (every gate holds, the operator's grant included), and
+/// only when some member holds a live certificate issuer (without one, automation stops at "eligible").
+/// Also their entries by PeerId text, for carrying an adoption out.
+fn eligible_candidates(
+    replica: &Replica,
+) -> (
+    Vec<decide::CandidateView>,
+    BTreeMap<String, (PeerKey, CandidateEntry)>,
+) {
+    let db = replica.reader().db();
+    let now = now_ms();
+    let issuing = read_issuers(db)
+        .map(|issuers| issuers.values().any(|until| *until > now))
+        .unwrap_or(false);
+    if !issuing {
+        return Default::default();
+    }
+    let Ok(entries) = read_candidates(db) else {
+        return Default::default();
+    };
+    let mut views = Vec::new();
+    let mut keys = BTreeMap::new();
+    for (peer, entry) in entries {
+        if !entry.eligible || entry.cooldown_until_ms > now {
+            continue;
+        }
+        let text = peer_text(&peer);
+        views.push(decide::CandidateView {
+            peer_id: text.clone(),
+            score: entry.score,
+            zone: entry.zone.clone(),
+        });
+        keys.insert(text, (peer, entry));
+    }
+    (views, keys)
+}
+
+/// What carrying out an adoption needs besides the action.
+struct Adopting<'a> {
+    keys: &'a BTreeMap<String, (PeerKey, CandidateEntry)>,
+    config: &'a PlacementConfig,
+    leader: u64,
+    term: u64,
+}
+
 /// The guards of a membership change decided on `metrics`: the effective membership is still the one seen, and
 /// this node's leadership is still the committed one.
 fn preconditions(metrics: &openraft::RaftMetrics<TypeConfig>) -> Vec<Precondition<TypeConfig>> {
@@ -254,6 +488,7 @@ async fn execute(
     replica: &Replica,
     action: &Action,
     preconditions: Vec<Precondition<TypeConfig>>,
+    adopting: &Adopting<'_>,
 ) -> Result<String, ServiceError> {
     let done = || "done".to_string();
     let raft = replica.raft()?;
@@ -307,9 +542,36 @@ async fn execute(
                 .await?;
             revoke_retired(replica, *node).await
         }
-        Action::Adopt { peer_id } => Err(ServiceError::Precondition(format!(
-            "adopting candidate {peer_id} is not possible yet: this build has no candidate adoption"
-        ))),
+        Action::Adopt { peer_id } => {
+            let (peer, entry) = adopting.keys.get(peer_id).ok_or_else(|| {
+                ServiceError::Precondition(format!("candidate {peer_id} is not listed any more"))
+            })?;
+            let now = now_ms();
+            let adoption = Adoption {
+                peer: *peer,
+                started_ms: now,
+                deadline_ms: now.saturating_add(millis(adopting.config.adoption_timeout)),
+                leader: adopting.leader,
+                term: adopting.term,
+                cluster_addr: entry.cluster_addr.clone(),
+                leaf_addr: entry.leaf_addr.clone(),
+                admin_addr: entry.admin_addr.clone(),
+                issued: None,
+            };
+            replica
+                .propose_accepted(
+                    SetAdoption {
+                        adoption: Some(adoption),
+                    }
+                    .into(),
+                )
+                .await?;
+            Ok(format!(
+                "started; an issuer signs its certificate, then it joins as a standby at {} (or the adoption ends after {})",
+                entry.cluster_addr,
+                humantime::format_duration(adopting.config.adoption_timeout)
+            ))
+        }
     }
 }
 

@@ -87,6 +87,8 @@ pub struct ClusterView {
     pub change_in_flight: bool,
     /// Candidates eligible for adoption, best first.
     pub candidates: Vec<CandidateView>,
+    /// The candidate being adopted (its certificate being signed, or its node joining), if any.
+    pub adopting: Option<String>,
 }
 
 /// The targets the controller works towards, as stored in Raft (and defaults from the config).
@@ -137,6 +139,8 @@ pub enum Blocked {
     MinQuorum,
     /// A standby is still catching up; the next adoption waits for it.
     LearnerCatchingUp,
+    /// A candidate is being adopted; the next adoption waits for it.
+    Adopting,
 }
 
 impl Blocked {
@@ -150,6 +154,7 @@ impl Blocked {
             Blocked::NoReadyStandby => "no_ready_standby",
             Blocked::MinQuorum => "min_quorum",
             Blocked::LearnerCatchingUp => "learner_catching_up",
+            Blocked::Adopting => "adopting",
         }
     }
 }
@@ -709,8 +714,14 @@ pub fn decide(view: &ClusterView, targets: &Targets) -> Decision {
         .filter(|s| s.health != Health::Dead)
         .count();
     let standbys_wanted = round.standbys_wanted(targets);
-    if standbys_now < standbys_wanted && !view.candidates.is_empty() {
+    if standbys_now < standbys_wanted && (!view.candidates.is_empty() || view.adopting.is_some()) {
         let short = format!("{standbys_now} of {standbys_wanted} standbys wanted");
+        if let Some(peer_id) = &view.adopting {
+            return wait(
+                Blocked::Adopting,
+                format!("{short}; candidate {peer_id} is being adopted"),
+            );
+        }
         if let Some(learner) = round.standbys.iter().find(|s| !s.caught_up) {
             return wait(
                 Blocked::LearnerCatchingUp,
@@ -802,6 +813,7 @@ mod tests {
                 .collect(),
             change_in_flight: false,
             candidates: Vec::new(),
+            adopting: None,
         }
     }
 
@@ -1317,6 +1329,37 @@ mod tests {
     }
 
     #[test]
+    fn an_adoption_in_flight_holds_the_next_one() {
+        let t = targets(Some(3), 1);
+        let v = view(
+            1,
+            &[
+                (1, true, Stable, true, ""),
+                (2, true, Stable, true, ""),
+                (3, true, Stable, true, ""),
+            ],
+        );
+        let mut v = with_candidates(v, &[("peer-x", 3, ""), ("peer-y", 2, "")]);
+        v.adopting = Some("peer-z".into());
+        match decide(&v, &t) {
+            Decision::Wait { blocked, why } => {
+                assert_eq!(blocked, Blocked::Adopting);
+                assert!(why.contains("peer-z"), "{why}");
+            }
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        // Even with no candidate left, the adoption that runs is what the controller waits for.
+        v.candidates.clear();
+        assert!(matches!(
+            decide(&v, &t),
+            Decision::Wait {
+                blocked: Blocked::Adopting,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn short_pool_adopts_the_best_candidate() {
         let mut v = typical();
         v.members.pop();
@@ -1443,6 +1486,7 @@ mod tests {
                     members,
                     change_in_flight,
                     candidates,
+                    adopting: None,
                 },
             )
     }
@@ -1458,6 +1502,7 @@ mod tests {
                 members,
                 change_in_flight: false,
                 candidates,
+                adopting: None,
             })
     }
 

@@ -6,6 +6,7 @@
 //!   health classes `decide` reads (stable, healthy, suspect, dead).
 //! - [`candidates`] judges nodes that offer to serve (their reports, the eligibility gates, the score);
 //!   [`offers`] runs that on the candidate's host, with the dial-back proof by two other members.
+//! - [`issuer`] signs the certificates of adopted nodes, on the super peers an operator gave an issuer.
 //! - [`controller`] is the leader's task: sample, decide, carry the action out with openraft's membership
 //!   preconditions (so a stale leader or a concurrent change cannot act), and record the decision so
 //!   `vesperctl placement explain` can tell an operator what it did and why.
@@ -15,6 +16,7 @@ pub mod candidates;
 pub mod controller;
 pub mod decide;
 pub mod health;
+pub mod issuer;
 pub mod offers;
 pub mod self_report;
 pub mod settings;

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use vesper_proto::reach::{self, ReachClaim};
 use vesper_proto::v1::{
-    GateState, OfferSuperPeerRequest, OfferSuperPeerResponse, ProveReachRequest, ProveReachResponse,
+    GateState, MemberRole, OfferSuperPeerRequest, OfferSuperPeerResponse, ProveReachRequest,
+    ProveReachResponse,
 };
 use vesper_proto::PeerId;
 
@@ -27,7 +28,7 @@ use crate::error::ServiceError;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose::now_ms;
 use crate::replica::Replica;
-use crate::store::nodes::{is_granted, read_candidate};
+use crate::store::nodes::{is_granted, read_adoption, read_candidate};
 
 /// Dial-backs one member runs at once for others; more are refused (the host retries at its next interval).
 pub const MAX_CONCURRENT_PROBES: usize = 4;
@@ -128,6 +129,7 @@ impl Offers {
                 gates: Vec::new(),
                 proof_at_ms: 0,
                 report_interval_ms: interval_ms,
+                ..Default::default()
             });
         }
         let unlisted = || {
@@ -135,6 +137,18 @@ impl Offers {
                 "an offer needs a session that claims presence (LeafConfig::claim_presence)".into(),
             )
         };
+        // A node that already serves (its super peer runs with this key) is no candidate any more.
+        if replica.members()?.into_iter().any(|member| {
+            member.peer_id == peer.to_string() && member.role != MemberRole::Removed as i32
+        }) {
+            return Ok(OfferSuperPeerResponse {
+                state: "serving".into(),
+                gates: Vec::new(),
+                proof_at_ms: 0,
+                report_interval_ms: interval_ms,
+                ..Default::default()
+            });
+        }
         let presence = crate::store::presence::get(db, &key)?.ok_or_else(unlisted)?;
         let attached = presence
             .sessions
@@ -175,7 +189,27 @@ impl Offers {
                 )
                 .await?;
         }
-        Ok(answer(&entry, interval_ms))
+        let mut reply = answer(&entry, interval_ms);
+        if let Some(adoption) = read_adoption(db)?.filter(|adoption| adoption.peer == key) {
+            if let Some(issued) = adoption.issued {
+                reply.state = "adopted".into();
+                reply.certificate_chain = issued.chain_pem;
+                reply.advertise_host = adoption
+                    .cluster_addr
+                    .parse::<std::net::SocketAddr>()
+                    .map(|address| address.ip().to_string())
+                    .unwrap_or_default();
+                // Voters first: they are the members most likely up.
+                let mut members = replica.members()?;
+                members.retain(|member| member.role != MemberRole::Removed as i32);
+                members.sort_by_key(|member| member.role != MemberRole::Voter as i32);
+                reply.join = members
+                    .into_iter()
+                    .map(|member| member.cluster_addr)
+                    .collect();
+            }
+        }
+        Ok(reply)
     }
 
     /// Refuses reports that come faster than a quarter of the report interval.
@@ -238,7 +272,9 @@ impl Offers {
         let me = replica.node_id();
         let members = match replica.members() {
             Ok(members) => members,
-            Err(error) => return ProofOutcome::Failed(format!("cannot list members: {error}")),
+            Err(error) => {
+                return ProofOutcome::Inconclusive(format!("cannot list members: {error}"))
+            }
         };
         // Voters first (they are the most stable), then standbys; never this node.
         let mut others: Vec<_> = members
@@ -255,7 +291,7 @@ impl Offers {
             )
         });
         if others.len() < 2 {
-            return ProofOutcome::Failed(format!(
+            return ProofOutcome::Inconclusive(format!(
                 "a proof needs two super peers besides the candidate's host; the cluster has {}",
                 others.len()
             ));
@@ -381,7 +417,7 @@ fn verdict(results: &[Prover]) -> ProofOutcome {
     } else if passed >= 2 {
         ProofOutcome::Passed
     } else {
-        ProofOutcome::Failed(format!(
+        ProofOutcome::Inconclusive(format!(
             "only {passed} super peers could dial back, two are needed ({})",
             unavailable.join("; ")
         ))
@@ -409,6 +445,7 @@ pub fn answer(entry: &CandidateEntry, report_interval_ms: u64) -> OfferSuperPeer
         gates: gates_to_wire(entry),
         proof_at_ms: entry.proof_at_ms.unwrap_or(0),
         report_interval_ms,
+        ..Default::default()
     }
 }
 
@@ -440,7 +477,8 @@ mod tests {
         let down = || Unavailable("node 3: connection refused".into());
         assert_eq!(verdict(&[pass(), pass()]), ProofOutcome::Passed);
         assert_eq!(verdict(&[down(), pass(), pass()]), ProofOutcome::Passed);
-        let ProofOutcome::Failed(why) = verdict(&[pass(), down()]) else {
+        // One pass is no proof, but nothing failed either: too few could dial (a member is down).
+        let ProofOutcome::Inconclusive(why) = verdict(&[pass(), down()]) else {
             panic!("one pass is not a proof");
         };
         assert!(
@@ -453,6 +491,6 @@ mod tests {
             panic!("a failed dial-back refutes");
         };
         assert!(why.contains("timed out"), "{why}");
-        assert!(matches!(verdict(&[]), ProofOutcome::Failed(_)));
+        assert!(matches!(verdict(&[]), ProofOutcome::Inconclusive(_)));
     }
 }

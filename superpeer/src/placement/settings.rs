@@ -2,6 +2,7 @@
 //! controller works towards (voters, standbys, paused) are not here: they are stored in Raft, so every leader
 //! uses the same ones (`vesperctl placement set`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,19 @@ pub struct PlacementConfig {
     pub stuck_standby_after: Duration,
     /// The eligibility gates of candidates and their timers (the `[placement.candidates]` table).
     pub candidates: super::candidates::CandidateRules,
+    /// An intermediate issuer (`vesperctl ca issuer`) this node signs adopted nodes' certificates with: its
+    /// certificate and key (PEM). Only "core" super peers an operator runs get one; without any in the
+    /// cluster, automation stops at "eligible". Default none.
+    pub issuer_cert: Option<PathBuf>,
+    pub issuer_key: Option<PathBuf>,
+    /// How long a certificate signed for an adopted node is valid; the node renews it when a third is left.
+    /// Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub issued_validity: Duration,
+    /// An adoption not finished (certificate signed and the node joined as a standby) within this is given up:
+    /// its certificate is revoked and the candidate cools down. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub adoption_timeout: Duration,
 }
 
 impl Default for PlacementConfig {
@@ -59,6 +73,10 @@ impl Default for PlacementConfig {
             dead_standby_after: Duration::from_secs(1800),
             stuck_standby_after: Duration::from_secs(600),
             candidates: super::candidates::CandidateRules::default(),
+            issuer_cert: None,
+            issuer_key: None,
+            issued_validity: Duration::from_secs(7 * 24 * 3600),
+            adoption_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -105,6 +123,17 @@ impl PlacementConfig {
             if let Err(problem) = super::candidates::check_zone(zone) {
                 problems.push(format!("placement.zone: {problem}"));
             }
+        }
+        if self.issuer_cert.is_some() != self.issuer_key.is_some() {
+            problems.push("placement.issuer_cert and placement.issuer_key go together".into());
+        }
+        if self.issued_validity < Duration::from_secs(60) {
+            problems.push("placement.issued_validity must be at least 1m".into());
+        }
+        if self.adoption_timeout < self.reconcile_interval {
+            problems.push(
+                "placement.adoption_timeout must be at least placement.reconcile_interval".into(),
+            );
         }
         problems.extend(self.candidates.problems());
         problems

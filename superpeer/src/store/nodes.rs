@@ -13,6 +13,8 @@
 //! nodes:   "placement/grant-all"           -> ()                     eligibility granted to every candidate
 //! nodes:   "placement/zone/" node id (8, BE) -> postcard(String)     a super peer's zone label
 //! nodes:   "placement/cert/" node id (8, BE) -> postcard([u8; 32])   SHA-256 of the certificate it presents
+//! nodes:   "placement/adoption"            -> postcard(Adoption)      the candidate being adopted, if any
+//! nodes:   "placement/issuer/" node id (8, BE) -> postcard(u64)      a super peer holds an issuer until then
 //! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
 //! ```
 
@@ -23,9 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
-    self, Candidate, CandidateEntry, GrantEligibility, NodeCertificate, NodeInfo, NodeZone,
-    PeerKey, PlacementJournal, PlacementTargets, RegisterNode, Rejection, Response,
-    RevokeCertificate, SetPlacement, TombstoneNode,
+    self, Adoption, Candidate, CandidateEntry, GrantEligibility, IssueCertificate, NodeCertificate,
+    NodeInfo, NodeIssuer, NodeZone, PeerKey, PlacementJournal, PlacementTargets, RegisterNode,
+    Rejection, Response, RevokeCertificate, SetAdoption, SetPlacement, TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -88,6 +90,30 @@ const GRANT_PREFIX: &[u8] = b"placement/grant/";
 const GRANT_ALL_KEY: &[u8] = b"placement/grant-all";
 const ZONE_PREFIX: &[u8] = b"placement/zone/";
 const CERT_PREFIX: &[u8] = b"placement/cert/";
+const ADOPTION_KEY: &[u8] = b"placement/adoption";
+const ISSUER_PREFIX: &[u8] = b"placement/issuer/";
+
+/// The adoption that runs, if any.
+pub fn read_adoption(db: &DB) -> Result<Option<Adoption>, StoreError> {
+    db.get_pinned_cf(cf(db, CF_NODES), ADOPTION_KEY)?
+        .map(|bytes| decode("adoption", &bytes))
+        .transpose()
+}
+
+/// Until when each super peer that holds a certificate issuer holds it, by node id.
+pub fn read_issuers(db: &DB) -> Result<BTreeMap<u64, u64>, StoreError> {
+    let mut issuers = BTreeMap::new();
+    for item in scan(db, ISSUER_PREFIX) {
+        let (key, bytes) = item?;
+        let id = u64::from_be_bytes(
+            key[ISSUER_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("issuer key is not 8 bytes of node id"))?,
+        );
+        issuers.insert(id, decode("issuer validity", &bytes)?);
+    }
+    Ok(issuers)
+}
 
 /// The certificate fingerprint every super peer reported, by node id.
 pub fn read_node_certificates(db: &DB) -> Result<BTreeMap<u64, [u8; 32]>, StoreError> {
@@ -282,6 +308,8 @@ pub struct NodeWriter<'a> {
     touched: BTreeMap<u64, NodeEntry>,
     /// The next journal sequence number, once a journal entry of this batch has read it.
     journal_next: Option<u64>,
+    /// The adoption as this batch left it, once a command of the batch changed it.
+    adoption: Option<Option<Adoption>>,
 }
 
 impl<'a> NodeWriter<'a> {
@@ -291,6 +319,7 @@ impl<'a> NodeWriter<'a> {
             next_node_id: read_next_node_id(db)?,
             touched: BTreeMap::new(),
             journal_next: None,
+            adoption: None,
         })
     }
 
@@ -563,6 +592,87 @@ impl Apply<NodeCertificate> for NodeWriter<'_> {
             [CERT_PREFIX, &op.node_id.to_be_bytes()].concat(),
             encode("certificate fingerprint", &op.fingerprint)?,
         );
+        Ok(Response::Done)
+    }
+}
+
+impl NodeWriter<'_> {
+    fn current_adoption(&self) -> Result<Option<Adoption>, StoreError> {
+        match &self.adoption {
+            Some(adoption) => Ok(adoption.clone()),
+            None => read_adoption(self.db),
+        }
+    }
+
+    fn store_adoption(
+        &mut self,
+        batch: &mut WriteBatch,
+        adoption: Option<Adoption>,
+    ) -> Result<(), StoreError> {
+        match &adoption {
+            Some(adoption) => batch.put_cf(
+                cf(self.db, CF_NODES),
+                ADOPTION_KEY,
+                encode("adoption", adoption)?,
+            ),
+            None => batch.delete_cf(cf(self.db, CF_NODES), ADOPTION_KEY),
+        }
+        self.adoption = Some(adoption);
+        Ok(())
+    }
+}
+
+impl Apply<SetAdoption> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &SetAdoption,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        self.store_adoption(batch, op.adoption.clone())?;
+        Ok(Response::Done)
+    }
+}
+
+/// Stores the certificate only in the adoption it was signed for, and only the first one.
+impl Apply<IssueCertificate> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &IssueCertificate,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        match self.current_adoption()? {
+            Some(mut adoption)
+                if adoption.peer == op.peer
+                    && adoption.started_ms == op.started_ms
+                    && adoption.issued.is_none() =>
+            {
+                adoption.issued = Some(op.issued.clone());
+                self.store_adoption(batch, Some(adoption))?;
+                Ok(Response::Done)
+            }
+            _ => Ok(Response::Rejected(Rejection::NoSuchAdoption)),
+        }
+    }
+}
+
+impl Apply<NodeIssuer> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &NodeIssuer,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let key = [ISSUER_PREFIX, &op.node_id.to_be_bytes()].concat();
+        match op.not_after_ms {
+            Some(until) => batch.put_cf(
+                cf(self.db, CF_NODES),
+                key,
+                encode("issuer validity", &until)?,
+            ),
+            None => batch.delete_cf(cf(self.db, CF_NODES), key),
+        }
         Ok(Response::Done)
     }
 }

@@ -158,6 +158,9 @@ impl<'a> Writers<'a> {
             Op::GrantEligibility(op) => self.nodes.apply(batch, op, at),
             Op::NodeZone(op) => self.nodes.apply(batch, op, at),
             Op::NodeCertificate(op) => self.nodes.apply(batch, op, at),
+            Op::SetAdoption(op) => self.nodes.apply(batch, op, at),
+            Op::IssueCertificate(op) => self.nodes.apply(batch, op, at),
+            Op::NodeIssuer(op) => self.nodes.apply(batch, op, at),
         }
     }
 

@@ -166,7 +166,9 @@ pub enum Command {
     Join { id: String },
     /// Stay online as a long-running leaf until interrupted (Ctrl-C or SIGTERM). With --offer-superpeer, also
     /// offer this node as a super peer: it answers the cluster's dial-back proofs on the role's ports, reports
-    /// its capabilities, and prints the cluster's verdict (its eligibility gates) whenever it changes.
+    /// its capabilities, and prints the cluster's verdict (its eligibility gates) whenever it changes. When the
+    /// cluster adopts it, it gets a super peer certificate for its own key and runs `superpeer` on the role's
+    /// ports (output in ROLE_DIR/superpeer.log) for as long as `serve` runs.
     Serve {
         /// The explicit opt-in to serve as a super peer when the cluster elects this node.
         #[arg(long)]
@@ -196,6 +198,14 @@ pub enum Command {
         /// This node runs on battery (it is then never eligible).
         #[arg(long, requires = "offer_superpeer")]
         on_battery: bool,
+        /// One more flag for the role's `superpeer` once the cluster adopts this node (repeat it; for example
+        /// `--role-arg=--config --role-arg=/etc/vesper/role.toml`).
+        #[arg(
+            long = "role-arg",
+            requires = "offer_superpeer",
+            allow_hyphen_values = true
+        )]
+        role_args: Vec<String>,
     },
     /// Print messages as they arrive (also those that waited in the mailbox).
     Listen {

@@ -20,6 +20,7 @@ pub fn offer(command: &Command) -> anyhow::Result<Option<SuperPeerOffer>> {
         zone,
         metered,
         on_battery,
+        role_args,
     } = command
     else {
         return Ok(None);
@@ -46,6 +47,7 @@ pub fn offer(command: &Command) -> anyhow::Result<Option<SuperPeerOffer>> {
         zone: zone.clone(),
         metered: *metered,
         on_battery: *on_battery,
+        role_args: role_args.clone(),
     }))
 }
 

@@ -1,0 +1,359 @@
+//! Adoption: a voter is SIGKILLed and a node that only ran a leaf takes its place. Real `superpeer` processes
+//! holding the certificate issuer (`vesperctl ca issuer`), a real `leafpeer serve --offer-superpeer` process as
+//! the candidate, the candidate gates and placement timers shortened through settings. The candidate is proven,
+//! granted and eligible; after the kill the controller adopts it: an issuer signs a super peer certificate for
+//! its own key, its leaf process starts `superpeer` on the role's ports, the node joins as a standby, catches
+//! up, and replaces the dead voter; the dead voter is retired and its certificate revoked; no acknowledged
+//! write is lost. The adopted node presents only its issued certificate, so the Cluster port took a chain
+//! through the intermediate issuer.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use vesper_proto::v1::{MemberRole, StatusResponse};
+use vesper_tests::cluster::{Cluster, NodeOptions};
+use vesper_tests::load::{self, Load};
+use vesper_tests::wait;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Candidate gates short enough for a test (a second of uptime is "stable"), proofs that stay fresh through
+/// the kill (a 3-node cluster with one node dead has one prover left besides a host: no new proof then).
+const RULES: &str = "[placement.candidates]
+min_uptime = \"1s\"
+min_mean_session = \"1s\"
+max_sessions_per_day = 3
+proof_interval = \"2s\"
+proof_ttl = \"60s\"
+report_interval = \"300ms\"
+refresh = \"5s\"
+min_cores = 1
+min_free_memory_bytes = 1048576
+min_free_disk_bytes = 1048576
+";
+
+/// Placement timers of every super peer, the adopted one included.
+const TIMERS: [&str; 12] = [
+    "--placement-update-interval",
+    "100ms",
+    "--placement-reconcile-interval",
+    "300ms",
+    "--placement-stabilization",
+    "1500ms",
+    "--placement-dead-voter-after",
+    "3s",
+    "--placement-dead-standby-after",
+    "6s",
+    "--placement-adoption-timeout",
+    "60s",
+];
+
+fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<Value> {
+    let output = cluster.vesperctl(node, &[args, &["--json"]].concat())?;
+    ensure!(
+        output.status.success(),
+        "vesperctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "vesperctl {args:?} printed no JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn voter_ids(status: &StatusResponse) -> Vec<u64> {
+    status
+        .members
+        .iter()
+        .filter(|member| member.role == MemberRole::Voter as i32)
+        .map(|member| member.node_id)
+        .collect()
+}
+
+/// Waits until a running node that knows a leader reports a status for which `accept` holds.
+async fn wait_status(
+    cluster: &mut Cluster,
+    what: &str,
+    accept: impl Fn(&StatusResponse) -> bool,
+) -> anyhow::Result<StatusResponse> {
+    let running = cluster.running();
+    let this = &*cluster;
+    let accept = &accept;
+    wait::until(what, TIMEOUT, || async {
+        for &index in &running {
+            if let Ok(status) = this.status_of(index).await {
+                if status.leader_id != 0 && accept(&status) {
+                    return Ok(Some(status));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+}
+
+/// The candidate: `leafpeer serve --offer-superpeer`, its verdicts (JSON lines) kept as they come.
+struct Candidate {
+    child: tokio::process::Child,
+    last: Arc<Mutex<Value>>,
+    peer_id: String,
+}
+
+impl Candidate {
+    async fn start(
+        cluster: &Cluster,
+        dir: &std::path::Path,
+        config: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let key = dir.join("leaf.key");
+        let keypair = vesper_leafpeer::Keypair::load_or_generate(&key)?;
+        let mut command = tokio::process::Command::new(vesper_tests::binary("leafpeer"));
+        command
+            .arg("--seeds")
+            .arg(cluster.leaf_addrs().join(","))
+            .arg("--ca")
+            .arg(cluster.pki.ca_cert())
+            .arg("--key")
+            .arg(&key)
+            .arg("--json")
+            .args(["serve", "--offer-superpeer", "--role-dir"])
+            .arg(dir.join("role"))
+            .arg("--superpeer-bin")
+            .arg(vesper_tests::binary("superpeer"))
+            .args(["--role-ip", "127.0.0.1", "--role-ports", "0,0,0"])
+            .arg(format!("--role-arg=--config={}", config.display()));
+        for arg in TIMERS {
+            command.arg(format!("--role-arg={arg}"));
+        }
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("start leafpeer serve")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let last = Arc::new(Mutex::new(Value::Null));
+        let keep = last.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    if value.get("state").is_some() {
+                        *keep.lock().expect("verdict lock") = value;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            last,
+            peer_id: keypair.peer_id().to_string(),
+        })
+    }
+
+    fn state(&self) -> Value {
+        self.last.lock().expect("verdict lock").clone()
+    }
+
+    async fn wait_state(&self, state: &str) -> anyhow::Result<Value> {
+        wait::until(&format!("the candidate {state}"), TIMEOUT, || async {
+            let last = self.state();
+            Ok((last["state"] == state).then_some(last))
+        })
+        .await
+        .with_context(|| format!("last verdict {}", self.state()))
+    }
+
+    /// Ends `serve` as a user does (SIGTERM); the role's super peer ends with it.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(TIMEOUT, self.child.wait())
+            .await
+            .context("leafpeer serve to end on SIGTERM")??;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_lost(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("superpeer.toml");
+    std::fs::write(&config, RULES)?;
+    let mut options = NodeOptions {
+        listen_ips: ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            .iter()
+            .map(|ip| ip.parse().expect("ip"))
+            .collect(),
+        per_node_certs: true,
+        issuer: true,
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        ..NodeOptions::default()
+    };
+    options.extra_args.extend(TIMERS.map(String::from));
+    let mut cluster = Cluster::start(3, options).await?;
+    // No warm standby wanted: the kill is what makes the controller adopt.
+    vesperctl(&cluster, 0, &["placement", "set", "--standbys", "0"])?;
+    vesperctl(&cluster, 0, &["placement", "grant", "--all"])?;
+
+    let candidate_dir = tempfile::tempdir()?;
+    let candidate = Candidate::start(&cluster, candidate_dir.path(), &config).await?;
+    let verdict = candidate.wait_state("eligible").await?;
+    ensure!(
+        verdict["gates"]
+            .as_array()
+            .is_some_and(|gates| gates.iter().all(|gate| gate["passed"] == true)),
+        "{verdict}"
+    );
+    // Nothing is adopted while the cluster is at its targets.
+    let status = vesperctl(&cluster, 0, &["placement", "status"])?;
+    ensure!(status["adoption"].is_null(), "{status}");
+
+    let leader = cluster.wait_leader().await?;
+    let before = cluster.status_of(leader).await?;
+    let victim_index = (leader + 1) % 3;
+    let victim = cluster
+        .node_id_in(&before, victim_index)
+        .context("victim's id")?;
+    let mut leaves = Vec::new();
+    for index in (0..3).filter(|&index| index != victim_index) {
+        leaves.push(cluster.leaf(index).await?);
+    }
+    let reader = cluster.leaf(leader).await?;
+    let load = Load::start(leaves, "adoption", "a");
+    wait::until("writes before the kill", TIMEOUT, || async {
+        Ok((load.acknowledged() >= 20).then_some(()))
+    })
+    .await?;
+
+    let killed_at = Instant::now();
+    cluster.kill(victim_index);
+    let serving = candidate.wait_state("serving").await?;
+    let serving_after = killed_at.elapsed();
+    ensure!(
+        candidate_dir.path().join("role/role/cert.pem").exists(),
+        "{serving}"
+    );
+    let peer_id = candidate.peer_id.clone();
+    let restored = wait_status(
+        &mut cluster,
+        "the adopted node voting in the killed voter's place",
+        |status| {
+            let voters = voter_ids(status);
+            let adopted = status
+                .members
+                .iter()
+                .any(|member| member.peer_id == peer_id && member.role == MemberRole::Voter as i32);
+            voters.len() == 3 && !voters.contains(&victim) && adopted
+        },
+    )
+    .await?;
+    let restored_after = killed_at.elapsed();
+    let adopted = restored
+        .members
+        .iter()
+        .find(|member| member.peer_id == peer_id)
+        .context("the adopted member")?
+        .clone();
+    ensure!(
+        adopted.cluster_addr.starts_with("127.0.0.1:"),
+        "{adopted:?}"
+    );
+
+    // The journal tells the story: adopted, finished, the dead voter replaced by the adopted node.
+    let survivor = cluster.running()[0];
+    let explain = wait::until("the adoption in the journal", TIMEOUT, || async {
+        let explain = vesperctl(&cluster, survivor, &["placement", "explain", "--all"])?;
+        let actions: Vec<(String, String)> = explain["journal"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|entry| {
+                (
+                    entry["action"].as_str().unwrap_or_default().to_string(),
+                    entry["outcome"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let logged = |prefix: &str, outcome_starts: &str| {
+            actions.iter().any(|(action, outcome)| {
+                action.starts_with(prefix) && outcome.starts_with(outcome_starts)
+            })
+        };
+        let done = |prefix: &str| logged(prefix, "done");
+        let complete = logged(&format!("adopt candidate {peer_id}"), "started")
+            && done(&format!("finish the adoption of candidate {peer_id}"))
+            && done(&format!(
+                "replace voter {victim} by standby {}",
+                adopted.node_id
+            ));
+        Ok(complete.then_some(explain))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "journal: {}",
+            vesperctl(&cluster, survivor, &["placement", "explain", "--all"])
+                .map(|explain| explain["journal"].to_string())
+                .unwrap_or_default()
+        )
+    })?;
+
+    // The dead voter is retired, and its certificate is refused.
+    wait_status(&mut cluster, "the killed voter retired", |status| {
+        status
+            .members
+            .iter()
+            .any(|member| member.node_id == victim && member.role == MemberRole::Removed as i32)
+    })
+    .await?;
+    let (cert, key) = cluster.node_cert(victim_index)?;
+    let channel = cluster.cluster_channel_as(survivor, &cert, &key).await?;
+    let client = vesper_proto::v1::cluster_client::ClusterClient::with_interceptor(
+        channel,
+        vesper_proto::version::ClusterStamp,
+    );
+    let refused = wait::until("the retired voter's certificate refused", TIMEOUT, || {
+        let mut client = client.clone();
+        async move {
+            Ok(client
+                .read_index(vesper_proto::v1::ReadIndexRequest {})
+                .await
+                .err()
+                .filter(|status| status.code() == tonic::Code::PermissionDenied))
+        }
+    })
+    .await?;
+    ensure!(refused.message().contains("revoked"), "{refused:?}");
+
+    let report = load.stop().await;
+    load::verify(&reader, "adoption", &report.acknowledged).await?;
+    println!(
+        "adoption: voter killed -> candidate serving after {:.1} s, voting after {:.1} s; {} writes acknowledged, none lost; journal {}",
+        serving_after.as_secs_f64(),
+        restored_after.as_secs_f64(),
+        report.acknowledged.len(),
+        explain["journal"].as_array().map_or(0, Vec::len)
+    );
+
+    // Ending `serve` ends the role it hosts.
+    let role_addr = adopted.cluster_addr.clone();
+    candidate.stop().await?;
+    wait::until("the role's super peer to end", TIMEOUT, || async {
+        Ok(tokio::net::TcpStream::connect(&role_addr)
+            .await
+            .is_err()
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
