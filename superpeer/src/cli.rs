@@ -518,6 +518,8 @@ mod tests {
             advertise_host: Some("sp-0".into()),
             placement: crate::placement::settings::PlacementConfig {
                 zone: Some("zone-a".into()),
+                issuer_cert: Some("issuer.pem".into()),
+                issuer_key: Some("issuer.key".into()),
                 ..Default::default()
             },
             ..Config::default()
@@ -530,7 +532,15 @@ mod tests {
             .get_arguments()
             .filter_map(|arg| Some((arg.get_long()?, arg)))
             .filter(|(long, _)| {
-                !["config", "log-json", "build-info", "help", "version"].contains(long)
+                ![
+                    "config",
+                    "log-json",
+                    "build-info",
+                    "exit-with-stdin",
+                    "help",
+                    "version",
+                ]
+                .contains(long)
             })
             .map(|(long, arg)| {
                 let variable = arg.get_env().map(|env| env.to_string_lossy().into_owned());

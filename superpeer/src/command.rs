@@ -55,6 +55,7 @@ pub enum Op {
     SetAdoption(SetAdoption),
     IssueCertificate(IssueCertificate),
     NodeIssuer(NodeIssuer),
+    RecordIssued(RecordIssued),
 }
 
 /// `From<T> for Op` for each command type.
@@ -97,6 +98,7 @@ into_op!(
     SetAdoption,
     IssueCertificate,
     NodeIssuer,
+    RecordIssued,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -396,6 +398,15 @@ pub struct IssueCertificate {
     pub issued: IssuedCertificate,
 }
 
+/// An issuer signed certificate `fingerprint` for the key `peer` (at adoption, or renewing it), valid until
+/// `not_after_ms`: kept so that every certificate of a retired node can be revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordIssued {
+    pub peer: PeerKey,
+    pub fingerprint: [u8; 32],
+    pub not_after_ms: u64,
+}
+
 /// Super peer `node_id` holds a certificate issuer valid until `not_after_ms` (`None`: it holds none any more).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeIssuer {
@@ -628,6 +639,12 @@ impl fmt::Display for Command {
                 f,
                 "certificate {} for candidate {}",
                 data_encoding::HEXLOWER.encode(&op.issued.fingerprint[..8]),
+                data_encoding::HEXLOWER.encode(&op.peer[..4])
+            ),
+            Op::RecordIssued(op) => write!(
+                f,
+                "issued certificate {} to {}",
+                data_encoding::HEXLOWER.encode(&op.fingerprint[..8]),
                 data_encoding::HEXLOWER.encode(&op.peer[..4])
             ),
             Op::NodeIssuer(op) => write!(

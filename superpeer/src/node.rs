@@ -331,14 +331,13 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let tls = Arc::new(ServerTls::load(
         config.tls.as_ref().expect("validate() checked tls is set"),
     )?);
-    let issuer = match (&config.placement.issuer_cert, &config.placement.issuer_key) {
-        (Some(cert), Some(key)) => Some(crate::placement::issuer::IssuerMaterial::load(
-            cert,
-            key,
-            tls.material().ca_pem(),
-        )?),
-        _ => None,
-    };
+    let issuer =
+        match (&config.placement.issuer_cert, &config.placement.issuer_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                crate::placement::issuer::IssuerMaterial::load(cert, key, tls.material().ca_pem())?,
+            )),
+            _ => None,
+        };
     let db = store::open(&data_dir.join("db"))?;
 
     let (leaf_listener, stun_socket) = bind_leaf(&config).await?;
@@ -458,6 +457,8 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
                 membership: membership_ops.clone(),
                 adoption,
                 offers,
+                issuer: issuer.clone(),
+                issued_validity: config.placement.issued_validity,
                 me: me.clone(),
                 tasks: tasks.clone(),
                 shutdown: shutdown.clone(),
@@ -537,6 +538,12 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         replica.clone(),
         config.placement.zone.clone(),
         tls.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::placement::renewal::run(
+        replica.clone(),
+        tls.clone(),
+        clients.clone(),
         shutdown.clone(),
     ));
     if let Some(issuer) = issuer {

@@ -125,6 +125,11 @@ impl TlsMaterial {
             .timeout(TLS_HANDSHAKE_TIMEOUT)
     }
 
+    /// This node's certificate chain (PEM).
+    pub fn cert_pem(&self) -> &[u8] {
+        &self.cert_pem
+    }
+
     /// The cluster CA certificate (PEM).
     pub fn ca_pem(&self) -> &[u8] {
         &self.ca_pem
@@ -230,6 +235,11 @@ impl ServerTls {
             Port::Leaf => installed.leaf.clone(),
             Port::Mutual => installed.mutual.clone(),
         }
+    }
+
+    /// The path of this node's certificate file.
+    pub fn cert_path(&self) -> &Path {
+        &self.paths.cert
     }
 
     /// The material in use (for clients of other super peers).

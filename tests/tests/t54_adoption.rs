@@ -22,8 +22,12 @@ use vesper_tests::wait;
 const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Candidate gates short enough for a test (a second of uptime is "stable"), proofs that stay fresh through
-/// the kill (a 3-node cluster with one node dead has one prover left besides a host: no new proof then).
-const RULES: &str = "[placement.candidates]
+/// the kill (a 3-node cluster with one node dead has one prover left besides a host: no new proof then), and
+/// issued certificates that live 15 s, so the adopted node renews its own within the test.
+const RULES: &str = "[placement]
+issued_validity = \"15s\"
+
+[placement.candidates]
 min_uptime = \"1s\"
 min_mean_session = \"1s\"
 max_sessions_per_day = 3
@@ -37,7 +41,9 @@ min_free_disk_bytes = 1048576
 ";
 
 /// Placement timers of every super peer, the adopted one included.
-const TIMERS: [&str; 12] = [
+const TIMERS: [&str; 14] = [
+    "--tls-reload-interval",
+    "200ms",
     "--placement-update-interval",
     "100ms",
     "--placement-reconcile-interval",
@@ -268,6 +274,31 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
         "{adopted:?}"
     );
 
+    // Its certificate is short-lived: it renews it from an issuer and presents the new one.
+    let first_certificate = adopted.certificate.clone();
+    ensure!(!first_certificate.is_empty(), "{adopted:?}");
+    let adopted_id = adopted.node_id;
+    let renewed = wait_status(
+        &mut cluster,
+        "the adopted node's certificate renewed",
+        |status| {
+            status.members.iter().any(|member| {
+                member.node_id == adopted_id
+                    && !member.certificate.is_empty()
+                    && member.certificate != first_certificate
+            })
+        },
+    )
+    .await?;
+    let renewed_after = killed_at.elapsed();
+    ensure!(
+        renewed
+            .members
+            .iter()
+            .any(|member| member.node_id == adopted_id && member.role == MemberRole::Voter as i32),
+        "{renewed:?}"
+    );
+
     // The journal tells the story: adopted, finished, the dead voter replaced by the adopted node.
     let survivor = cluster.running()[0];
     let explain = wait::until("the adoption in the journal", TIMEOUT, || async {
@@ -338,9 +369,10 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
     let report = load.stop().await;
     load::verify(&reader, "adoption", &report.acknowledged).await?;
     println!(
-        "adoption: voter killed -> candidate serving after {:.1} s, voting after {:.1} s; {} writes acknowledged, none lost; journal {}",
+        "adoption: voter killed -> candidate serving after {:.1} s, voting after {:.1} s, its certificate renewed after {:.1} s; {} writes acknowledged, none lost; journal {}",
         serving_after.as_secs_f64(),
         restored_after.as_secs_f64(),
+        renewed_after.as_secs_f64(),
         report.acknowledged.len(),
         explain["journal"].as_array().map_or(0, Vec::len)
     );

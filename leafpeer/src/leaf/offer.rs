@@ -81,9 +81,38 @@ pub struct OfferStatus {
     pub ports: [u16; 3],
 }
 
+impl SuperPeerOffer {
+    fn role_spec(&self) -> super::role::RoleSpec {
+        super::role::RoleSpec {
+            superpeer_binary: self.superpeer_binary.clone(),
+            state_dir: self.state_dir.clone(),
+            listen_ip: self.listen_ip,
+            cluster_port: self.cluster_port,
+            leaf_port: self.leaf_port,
+            admin_port: self.admin_port,
+            zone: self.zone.clone(),
+            role_args: self.role_args.clone(),
+        }
+    }
+}
+
+/// Runs the adopted role, showing its state in `status`.
+async fn serve_role(
+    shared: Arc<Shared>,
+    offer: SuperPeerOffer,
+    adopted: super::role::Adopted,
+    status: watch::Sender<Option<OfferStatus>>,
+) {
+    let ports = [offer.cluster_port, offer.leaf_port, offer.admin_port];
+    super::role::supervise(shared, offer.role_spec(), adopted, move |state| {
+        status.send_replace(Some(OfferStatus::role(state, ports)));
+    })
+    .await;
+}
+
 impl OfferStatus {
     /// The status of a node whose role runs (or restarts).
-    pub(super) fn role(state: &str, ports: [u16; 3]) -> Self {
+    fn role(state: &str, ports: [u16; 3]) -> Self {
         Self {
             state: state.into(),
             gates: Vec::new(),
@@ -353,19 +382,14 @@ pub async fn start(
     })?;
     let (status_tx, status_rx) = watch::channel(None);
     // Adopted before: serve again, never offer again.
-    if let Some(adopted) = super::role::adopted_before(&offer) {
+    if let Some(adopted) = super::role::adopted_before(&offer.role_spec()) {
         if offer.cluster_port == 0 || offer.leaf_port == 0 || offer.admin_port == 0 {
             return Err(LeafError::Config(format!(
                 "{} holds an adopted super peer role: its ports must be given, not picked (0)",
                 offer.state_dir.display()
             )));
         }
-        shared.spawn(super::role::supervise(
-            shared.clone(),
-            offer,
-            adopted,
-            status_tx,
-        ));
+        shared.spawn(serve_role(shared.clone(), offer, adopted, status_tx));
         return Ok(status_rx);
     }
     let mut offer = offer;
@@ -430,7 +454,7 @@ async fn run(
                         };
                         match super::role::install(
                             &shared,
-                            &offer,
+                            &offer.role_spec(),
                             &answer.certificate_chain,
                             &adopted,
                         ) {
@@ -442,7 +466,7 @@ async fn run(
                                 )));
                                 responder.stop.cancel();
                                 let _ = responder.done.await;
-                                super::role::supervise(shared, offer, adopted, status).await;
+                                serve_role(shared, offer, adopted, status).await;
                                 return;
                             }
                             Err(error) => {

@@ -25,9 +25,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
-use super::offer::{OfferStatus, SuperPeerOffer};
 use super::shared::Shared;
 use crate::error::LeafError;
 
@@ -75,12 +72,25 @@ impl Adopted {
     }
 }
 
-fn role_dir(offer: &SuperPeerOffer) -> PathBuf {
+/// What the role runs with: the offer's binary, directory, IP, ports, zone and extra flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub superpeer_binary: PathBuf,
+    pub state_dir: PathBuf,
+    pub listen_ip: std::net::IpAddr,
+    pub cluster_port: u16,
+    pub leaf_port: u16,
+    pub admin_port: u16,
+    pub zone: Option<String>,
+    pub role_args: Vec<String>,
+}
+
+fn role_dir(offer: &RoleSpec) -> PathBuf {
     offer.state_dir.join("role")
 }
 
 /// The start parameters of an earlier adoption, if this state directory has been adopted.
-pub fn adopted_before(offer: &SuperPeerOffer) -> Option<Adopted> {
+pub fn adopted_before(offer: &RoleSpec) -> Option<Adopted> {
     let text = std::fs::read_to_string(role_dir(offer).join(ADOPTED_FILE)).ok()?;
     Adopted::parse(&text)
 }
@@ -105,7 +115,7 @@ fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), LeafError> {
 /// Writes the role's files; the `adopted` file last, so a crash in between leaves a node that offers again.
 pub fn install(
     shared: &Shared,
-    offer: &SuperPeerOffer,
+    offer: &RoleSpec,
     chain_pem: &str,
     adopted: &Adopted,
 ) -> Result<(), LeafError> {
@@ -133,11 +143,7 @@ pub fn install(
 }
 
 /// The child's command line.
-fn command(
-    offer: &SuperPeerOffer,
-    adopted: &Adopted,
-    join: Option<&str>,
-) -> tokio::process::Command {
+fn command(offer: &RoleSpec, adopted: &Adopted, join: Option<&str>) -> tokio::process::Command {
     let dir = role_dir(offer);
     let listen = |port: u16| std::net::SocketAddr::new(offer.listen_ip, port).to_string();
     let mut command = tokio::process::Command::new(&offer.superpeer_binary);
@@ -166,15 +172,14 @@ fn command(
     command
 }
 
-/// Runs the child until the leaf stops, starting it again when it exits; `status` says "serving" while it
-/// runs and "restarting" between runs.
+/// Runs the child until the leaf stops, starting it again when it exits; `report` hears "serving" when it
+/// starts and "restarting" between runs.
 pub async fn supervise(
     shared: Arc<Shared>,
-    offer: SuperPeerOffer,
+    offer: RoleSpec,
     adopted: Adopted,
-    status: watch::Sender<Option<OfferStatus>>,
+    report: impl Fn(&'static str) + Send,
 ) {
-    let ports = [offer.cluster_port, offer.leaf_port, offer.admin_port];
     let log_path = offer.state_dir.join("superpeer.log");
     let mut backoff = Duration::from_secs(1);
     let mut attempt = 0usize;
@@ -205,7 +210,7 @@ pub async fn supervise(
                 // Held while it runs: dropping it (or this process ending) closes the child's input.
                 let _lifeline = child.stdin.take();
                 tracing::info!(pid = child.id(), ?join, "super peer role started");
-                status.send_replace(Some(OfferStatus::role("serving", ports)));
+                report("serving");
                 tokio::select! {
                     biased;
                     _ = shared.stop.cancelled() => {
@@ -225,7 +230,7 @@ pub async fn supervise(
         if started.elapsed() >= HEALTHY_RUN {
             backoff = Duration::from_secs(1);
         }
-        status.send_replace(Some(OfferStatus::role("restarting", ports)));
+        report("restarting");
         tokio::select! {
             biased;
             _ = shared.stop.cancelled() => return,

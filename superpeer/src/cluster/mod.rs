@@ -32,6 +32,9 @@ pub struct ClusterService {
     pub adoption: Adoption,
     /// Dial-back proofs other members ask this one to run.
     pub offers: crate::placement::offers::Offers,
+    /// The certificate issuer this node holds, if any, and the validity it signs for (`RenewCertificate`).
+    pub issuer: Option<std::sync::Arc<crate::placement::issuer::IssuerMaterial>>,
+    pub issued_validity: std::time::Duration,
     /// This node's identity and addresses, for `Describe` and `Adopt`.
     pub me: NodeInfo,
     /// Tasks of delivery streams from other members, ended at shutdown.
@@ -163,6 +166,32 @@ impl Cluster for ClusterService {
         request: Request<vesper_proto::v1::ProveReachRequest>,
     ) -> Result<Response<vesper_proto::v1::ProveReachResponse>, Status> {
         Ok(Response::new(self.offers.prove(request.get_ref()).await?))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<vesper_proto::v1::RenewCertificateRequest>,
+    ) -> Result<Response<vesper_proto::v1::RenewCertificateResponse>, Status> {
+        let material = self.issuer.as_ref().ok_or_else(|| {
+            ServiceError::Precondition("this node holds no certificate issuer".into())
+        })?;
+        let der = request
+            .peer_certs()
+            .and_then(|chain| chain.first().cloned())
+            .ok_or_else(|| {
+                ServiceError::Unauthenticated("a client certificate is required".into())
+            })?;
+        let issued = crate::placement::issuer::renew(
+            &self.replica,
+            material,
+            self.issued_validity,
+            der.as_ref(),
+        )
+        .await?;
+        Ok(Response::new(vesper_proto::v1::RenewCertificateResponse {
+            certificate_chain: issued.chain_pem,
+            not_after_ms: issued.not_after_ms,
+        }))
     }
 
     async fn membership(

@@ -540,7 +540,9 @@ async fn execute(
             replica
                 .propose_accepted(TombstoneNode { node_id: *node }.into())
                 .await?;
-            revoke_retired(replica, *node).await
+            let mut done = revoke_retired(replica, *node).await?;
+            done.push_str(&revoke_issued(replica, *node).await?);
+            Ok(done)
         }
         Action::Adopt { peer_id } => {
             let (peer, entry) = adopting.keys.get(peer_id).ok_or_else(|| {
@@ -606,6 +608,32 @@ async fn revoke_retired(replica: &Replica, node: u64) -> Result<String, ServiceE
         .propose_accepted(RevokeCertificate { fingerprint }.into())
         .await?;
     Ok(format!("done; its certificate {short}... is revoked"))
+}
+
+/// Revokes every certificate an issuer signed for a retired node's key (at its adoption and each renewal) that
+/// is not revoked yet; says how many, when there were any.
+async fn revoke_issued(replica: &Replica, node: u64) -> Result<String, ServiceError> {
+    let reader = replica.reader();
+    let Some(entry) = reader.nodes()?.remove(&node) else {
+        return Ok(String::new());
+    };
+    let Ok(peer) = entry.info.peer_id.parse::<vesper_proto::PeerId>() else {
+        return Ok(String::new());
+    };
+    let mut revoked = 0;
+    for (fingerprint, _) in crate::store::nodes::read_issued(reader.db(), peer.as_bytes())? {
+        if reader.is_revoked(&fingerprint)? {
+            continue;
+        }
+        replica
+            .propose_accepted(RevokeCertificate { fingerprint }.into())
+            .await?;
+        revoked += 1;
+    }
+    Ok(match revoked {
+        0 => String::new(),
+        n => format!("; {n} more certificates issued to it are revoked"),
+    })
 }
 
 fn bounded(mut text: String) -> String {

@@ -33,6 +33,9 @@ use crate::raft::propose::now_ms;
 use crate::replica::Replica;
 use crate::store::nodes::{is_granted, read_adoption, read_candidate, read_issuers};
 
+/// Signed certificates start this much before they are signed, for clocks that disagree a little.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(300);
+
 /// How often the replicated adoption is looked at (one small local read).
 const CHECK: Duration = Duration::from_millis(250);
 
@@ -169,8 +172,7 @@ impl IssuerMaterial {
         )
         .unwrap_or(wanted);
         let not_after = wanted.min(issuer_end);
-        // A few minutes of slack for clocks that disagree.
-        params.not_before = now - time::Duration::minutes(5);
+        params.not_before = now - time::Duration::try_from(CLOCK_SLACK).unwrap_or_default();
         params.not_after = not_after;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -195,6 +197,94 @@ impl IssuerMaterial {
     pub fn not_after_ms(&self) -> u64 {
         self.not_after_ms
     }
+}
+
+/// What a certificate presented to this node says about an adopted node: its Ed25519 key and the IP it names.
+pub fn adopted_identity(der: &[u8]) -> Result<(PeerKey, IpAddr), String> {
+    let (_, certificate) = X509Certificate::from_der(der)
+        .map_err(|error| format!("certificate does not parse: {error}"))?;
+    let spki = certificate.public_key();
+    // id-Ed25519, 1.3.101.112.
+    if spki.algorithm.algorithm.to_id_string() != "1.3.101.112" {
+        return Err("the certificate's key is not Ed25519: it is not an adopted node's".into());
+    }
+    let peer: PeerKey = spki
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| "the Ed25519 key is not 32 bytes".to_string())?;
+    let ip = certificate
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|names| {
+            names
+                .value
+                .general_names
+                .iter()
+                .find_map(|name| match name {
+                    x509_parser::extensions::GeneralName::IPAddress(bytes) => match bytes.len() {
+                        4 => Some(IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?)),
+                        16 => Some(IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?)),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+        })
+        .ok_or_else(|| "the certificate names no IP address".to_string())?;
+    Ok((peer, ip))
+}
+
+/// Renews the certificate of the caller that presented `der`: only for an adopted node that is a member now
+/// (its certificate's key is a current member's own key), for the same key and IP. The new certificate is
+/// recorded through Raft before it is handed out, so a retirement revokes it too.
+pub async fn renew(
+    replica: &Replica,
+    material: &IssuerMaterial,
+    validity: Duration,
+    der: &[u8],
+) -> Result<IssuedCertificate, crate::error::ServiceError> {
+    use crate::error::ServiceError;
+    let (peer, ip) = adopted_identity(der).map_err(ServiceError::Precondition)?;
+    let node_id = replica.node_id().ok_or(ServiceError::NotInCluster)?;
+    let peer_text = vesper_proto::PeerId::from_public_key_bytes(&peer)
+        .map(|peer| peer.to_string())
+        .map_err(|_| {
+            ServiceError::Precondition("the certificate's key is not a peer key".into())
+        })?;
+    let member = replica.members()?.into_iter().any(|member| {
+        member.peer_id == peer_text && member.role != vesper_proto::v1::MemberRole::Removed as i32
+    });
+    if !member {
+        return Err(ServiceError::Precondition(format!(
+            "{peer_text} is not a member whose certificate this cluster issued; nothing to renew"
+        )));
+    }
+    if now_ms() >= material.not_after_ms() {
+        return Err(ServiceError::Precondition(
+            "this node's certificate issuer has expired".into(),
+        ));
+    }
+    let issued = material
+        .sign(node_id, &peer, ip, validity)
+        .map_err(|error| ServiceError::Internal(error.to_string()))?;
+    replica
+        .propose_accepted(
+            crate::command::RecordIssued {
+                peer,
+                fingerprint: issued.fingerprint,
+                not_after_ms: issued.not_after_ms,
+            }
+            .into(),
+        )
+        .await?;
+    tracing::info!(
+        peer = %peer_text,
+        fingerprint = %data_encoding::HEXLOWER.encode(&issued.fingerprint[..8]),
+        "renewed the certificate of an adopted node"
+    );
+    Ok(issued)
 }
 
 /// Paths of the issuer material (`placement.issuer_cert` / `placement.issuer_key`).
@@ -235,7 +325,7 @@ pub fn refusal(
 /// for the adoption that waits for a certificate.
 pub async fn run(
     replica: Replica,
-    material: IssuerMaterial,
+    material: std::sync::Arc<IssuerMaterial>,
     validity: Duration,
     shutdown: CancellationToken,
 ) {

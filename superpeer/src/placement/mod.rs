@@ -6,7 +6,8 @@
 //!   health classes `decide` reads (stable, healthy, suspect, dead).
 //! - [`candidates`] judges nodes that offer to serve (their reports, the eligibility gates, the score);
 //!   [`offers`] runs that on the candidate's host, with the dial-back proof by two other members.
-//! - [`issuer`] signs the certificates of adopted nodes, on the super peers an operator gave an issuer.
+//! - [`issuer`] signs the certificates of adopted nodes, on the super peers an operator gave an issuer;
+//!   [`renewal`] is the adopted node's side, renewing its own before it expires.
 //! - [`controller`] is the leader's task: sample, decide, carry the action out with openraft's membership
 //!   preconditions (so a stale leader or a concurrent change cannot act), and record the decision so
 //!   `vesperctl placement explain` can tell an operator what it did and why.
@@ -18,5 +19,6 @@ pub mod decide;
 pub mod health;
 pub mod issuer;
 pub mod offers;
+pub mod renewal;
 pub mod self_report;
 pub mod settings;

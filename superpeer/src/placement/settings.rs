@@ -127,8 +127,8 @@ impl PlacementConfig {
         if self.issuer_cert.is_some() != self.issuer_key.is_some() {
             problems.push("placement.issuer_cert and placement.issuer_key go together".into());
         }
-        if self.issued_validity < Duration::from_secs(60) {
-            problems.push("placement.issued_validity must be at least 1m".into());
+        if self.issued_validity < Duration::from_secs(10) {
+            problems.push("placement.issued_validity must be at least 10s".into());
         }
         if self.adoption_timeout < self.reconcile_interval {
             problems.push(

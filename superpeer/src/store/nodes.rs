@@ -15,6 +15,8 @@
 //! nodes:   "placement/cert/" node id (8, BE) -> postcard([u8; 32])   SHA-256 of the certificate it presents
 //! nodes:   "placement/adoption"            -> postcard(Adoption)      the candidate being adopted, if any
 //! nodes:   "placement/issuer/" node id (8, BE) -> postcard(u64)      a super peer holds an issuer until then
+//! nodes:   "placement/issued/" peer (32) SHA-256 (32) -> postcard(u64)  a certificate issued to that key, and
+//!                                                                    until when it is valid
 //! sm_meta: "next_node_id"                 -> postcard(u64)           the next id to allocate
 //! ```
 
@@ -26,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
     self, Adoption, Candidate, CandidateEntry, GrantEligibility, IssueCertificate, NodeCertificate,
-    NodeInfo, NodeIssuer, NodeZone, PeerKey, PlacementJournal, PlacementTargets, RegisterNode,
-    Rejection, Response, RevokeCertificate, SetAdoption, SetPlacement, TombstoneNode,
+    NodeInfo, NodeIssuer, NodeZone, PeerKey, PlacementJournal, PlacementTargets, RecordIssued,
+    RegisterNode, Rejection, Response, RevokeCertificate, SetAdoption, SetPlacement, TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -92,6 +94,25 @@ const ZONE_PREFIX: &[u8] = b"placement/zone/";
 const CERT_PREFIX: &[u8] = b"placement/cert/";
 const ADOPTION_KEY: &[u8] = b"placement/adoption";
 const ISSUER_PREFIX: &[u8] = b"placement/issuer/";
+const ISSUED_PREFIX: &[u8] = b"placement/issued/";
+
+fn issued_key(peer: &PeerKey, fingerprint: &[u8; 32]) -> Vec<u8> {
+    [ISSUED_PREFIX, peer.as_slice(), fingerprint.as_slice()].concat()
+}
+
+/// The certificates issued to the key `peer` that have not been pruned: fingerprint and end of validity.
+pub fn read_issued(db: &DB, peer: &PeerKey) -> Result<Vec<([u8; 32], u64)>, StoreError> {
+    let prefix = [ISSUED_PREFIX, peer.as_slice()].concat();
+    let mut issued = Vec::new();
+    for item in scan(db, &prefix) {
+        let (key, bytes) = item?;
+        let fingerprint: [u8; 32] = key[prefix.len()..]
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("issued key is not peer and fingerprint"))?;
+        issued.push((fingerprint, decode("issued validity", &bytes)?));
+    }
+    Ok(issued)
+}
 
 /// The adoption that runs, if any.
 pub fn read_adoption(db: &DB) -> Result<Option<Adoption>, StoreError> {
@@ -622,6 +643,41 @@ impl NodeWriter<'_> {
     }
 }
 
+impl NodeWriter<'_> {
+    fn record_issued(
+        &mut self,
+        batch: &mut WriteBatch,
+        peer: &PeerKey,
+        fingerprint: &[u8; 32],
+        not_after_ms: u64,
+    ) -> Result<(), StoreError> {
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            issued_key(peer, fingerprint),
+            encode("issued validity", &not_after_ms)?,
+        );
+        Ok(())
+    }
+}
+
+/// Records a certificate issued to a key, and drops that key's records of certificates expired by then.
+impl Apply<RecordIssued> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &RecordIssued,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        for (fingerprint, until) in read_issued(self.db, &op.peer)? {
+            if until < at.at_ms {
+                batch.delete_cf(cf(self.db, CF_NODES), issued_key(&op.peer, &fingerprint));
+            }
+        }
+        self.record_issued(batch, &op.peer, &op.fingerprint, op.not_after_ms)?;
+        Ok(Response::Done)
+    }
+}
+
 impl Apply<SetAdoption> for NodeWriter<'_> {
     fn apply(
         &mut self,
@@ -650,6 +706,12 @@ impl Apply<IssueCertificate> for NodeWriter<'_> {
             {
                 adoption.issued = Some(op.issued.clone());
                 self.store_adoption(batch, Some(adoption))?;
+                self.record_issued(
+                    batch,
+                    &op.peer,
+                    &op.issued.fingerprint,
+                    op.issued.not_after_ms,
+                )?;
                 Ok(Response::Done)
             }
             _ => Ok(Response::Rejected(Rejection::NoSuchAdoption)),

@@ -161,6 +161,7 @@ impl<'a> Writers<'a> {
             Op::SetAdoption(op) => self.nodes.apply(batch, op, at),
             Op::IssueCertificate(op) => self.nodes.apply(batch, op, at),
             Op::NodeIssuer(op) => self.nodes.apply(batch, op, at),
+            Op::RecordIssued(op) => self.nodes.apply(batch, op, at),
         }
     }
 
