@@ -87,6 +87,10 @@ fn ensure_certificates(dir: &Path, nodes: u16) -> anyhow::Result<()> {
     if !out.join("operator.pem").exists() {
         certs::issue(&ca_dir, Role::Operator, "operator", &[], &out, DEV_VALIDITY)?;
     }
+    // Every dev node holds the issuer of adopted nodes' certificates, so candidates can be adopted locally.
+    if !out.join("issuer.pem").exists() {
+        certs::issue_issuer(&ca_dir, "issuer", &out, DEV_VALIDITY)?;
+    }
     Ok(())
 }
 
@@ -115,6 +119,10 @@ fn start_node(binary: &Path, dir: &Path, index: u16, base_port: u16) -> anyhow::
         .arg(dir.join(format!("certs/{name}.pem")))
         .arg("--tls-key")
         .arg(dir.join(format!("certs/{name}.key")))
+        .arg("--issuer-cert")
+        .arg(dir.join("certs/issuer.pem"))
+        .arg("--issuer-key")
+        .arg(dir.join("certs/issuer.key"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
