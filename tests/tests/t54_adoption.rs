@@ -41,7 +41,7 @@ min_free_disk_bytes = 1048576
 ";
 
 /// Placement timers of every super peer, the adopted one included.
-const TIMERS: [&str; 14] = [
+const TIMERS: [&str; 12] = [
     "--tls-reload-interval",
     "200ms",
     "--placement-update-interval",
@@ -54,8 +54,6 @@ const TIMERS: [&str; 14] = [
     "3s",
     "--placement-dead-standby-after",
     "6s",
-    "--placement-adoption-timeout",
-    "60s",
 ];
 
 fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<Value> {
@@ -188,12 +186,9 @@ impl Candidate {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_lost(
-) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("superpeer.toml");
-    std::fs::write(&config, RULES)?;
+/// Three voters on three loopback IPs, each with its own certificate and the issuer, the test timers and
+/// `adoption_timeout`; `config` holds the candidate gates.
+async fn cluster(config: &std::path::Path, adoption_timeout: &str) -> anyhow::Result<Cluster> {
     let mut options = NodeOptions {
         listen_ips: ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
             .iter()
@@ -205,7 +200,20 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
         ..NodeOptions::default()
     };
     options.extra_args.extend(TIMERS.map(String::from));
-    let mut cluster = Cluster::start(3, options).await?;
+    options.extra_args.extend([
+        "--placement-adoption-timeout".into(),
+        adoption_timeout.into(),
+    ]);
+    Cluster::start(3, options).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_lost(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("superpeer.toml");
+    std::fs::write(&config, RULES)?;
+    let mut cluster = cluster(&config, "60s").await?;
     // No warm standby wanted: the kill is what makes the controller adopt.
     vesperctl(&cluster, 0, &["placement", "set", "--standbys", "0"])?;
     vesperctl(&cluster, 0, &["placement", "grant", "--all"])?;
@@ -387,5 +395,110 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
             .then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+/// A candidate whose role never joins (its `superpeer` binary answers `--build-info` and nothing else): the
+/// adoption is given up at its deadline, the certificate it got is revoked, the candidate cools down, and the
+/// controller can act again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t54_an_adoption_that_never_joins_is_given_up_and_its_certificate_revoked(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("superpeer.toml");
+    std::fs::write(&config, RULES)?;
+    let cluster = cluster(&config, "4s").await?;
+    vesperctl(&cluster, 0, &["placement", "grant", "--all"])?;
+
+    let broken = dir.path().join("broken-superpeer");
+    std::fs::write(
+        &broken,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --build-info ]; then exec {} --build-info; fi\nexit 3\n",
+            vesper_tests::binary("superpeer").display()
+        ),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let keypair = vesper_leafpeer::Keypair::generate();
+    let peer_id = keypair.peer_id().to_string();
+    let state = tempfile::tempdir()?;
+    let mut leaf_config = cluster.leaf_config(0, keypair);
+    leaf_config.publish_endpoints = true;
+    leaf_config.offer_super_peer = Some(vesper_leafpeer::SuperPeerOffer {
+        superpeer_binary: broken,
+        state_dir: state.path().to_path_buf(),
+        listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        cluster_port: 0,
+        leaf_port: 0,
+        admin_port: 0,
+        zone: None,
+        metered: false,
+        on_battery: false,
+        role_args: Vec::new(),
+    });
+    let leaf = vesper_leafpeer::Leaf::connect(leaf_config).await?;
+    wait::until("the candidate eligible", TIMEOUT, || async {
+        Ok(leaf
+            .offer_status()
+            .filter(|status| status.state == "eligible")
+            .map(|_| ()))
+    })
+    .await?;
+    // Ask for a warm standby: the controller adopts the candidate.
+    vesperctl(&cluster, 0, &["placement", "set", "--standbys", "1"])?;
+    wait::until("the role failing to start", TIMEOUT, || async {
+        Ok(leaf
+            .offer_status()
+            .filter(|status| status.state == "restarting")
+            .map(|_| ()))
+    })
+    .await?;
+    let (why, outcome) = wait::until("the adoption given up", TIMEOUT, || async {
+        let explain = vesperctl(&cluster, 0, &["placement", "explain", "--all"])?;
+        Ok(explain["journal"].as_array().and_then(|journal| {
+            journal.iter().find_map(|entry| {
+                (entry["action"] == format!("give up the adoption of candidate {peer_id}").as_str())
+                    .then(|| {
+                        (
+                            entry["why"].as_str().unwrap_or_default().to_string(),
+                            entry["outcome"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+            })
+        }))
+    })
+    .await?;
+    ensure!(why.contains("did not join"), "{why}");
+    ensure!(
+        outcome.contains("is revoked") && outcome.contains("cools down"),
+        "{outcome}"
+    );
+    // The candidate is in its cooldown, nothing is adopted, and the controller is free again.
+    let status = wait::until("the candidate cooling down", TIMEOUT, || async {
+        let status = vesperctl(&cluster, 0, &["placement", "status"])?;
+        let cooling = status["candidates"].as_array().is_some_and(|candidates| {
+            candidates.iter().any(|candidate| {
+                candidate["peer_id"] == peer_id.as_str()
+                    && candidate["gates"].as_array().is_some_and(|gates| {
+                        gates
+                            .iter()
+                            .any(|gate| gate["name"] == "cooldown" && gate["passed"] == false)
+                    })
+            })
+        });
+        Ok((cooling && status["adoption"].is_null()).then_some(status))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "placement status: {}",
+            vesperctl(&cluster, 0, &["placement", "status"]).unwrap_or_default()
+        )
+    })?;
+    ensure!(status["blocked"] != "adopting", "{status}");
+    leaf.detach().await;
     Ok(())
 }

@@ -395,6 +395,18 @@ async fn give_up(
         entry.eligible = false;
         entry.cooldown_until_ms = now.saturating_add(millis(config.candidates.cooldown));
         entry.updated_at_ms = now;
+        let detail = format!(
+            "its adoption was given up; not eligible for {}",
+            humantime::format_duration(config.candidates.cooldown)
+        );
+        match entry
+            .gates
+            .iter_mut()
+            .find(|(name, _, _)| name == "cooldown")
+        {
+            Some(gate) => *gate = ("cooldown".into(), false, detail),
+            None => entry.gates.push(("cooldown".into(), false, detail)),
+        }
         replica
             .propose_accepted(
                 Candidate {
