@@ -220,20 +220,31 @@ pub fn issue_issuer(
         .min(not_after - time::Duration::days(1));
     params.not_after = not_after;
     params.use_authority_key_identifier_extension = true;
+    if out_dir.join(format!("{name}.pem")).exists() {
+        bail!(
+            "{} already exists; pick another --name or remove it",
+            out_dir.join(format!("{name}.pem")).display()
+        );
+    }
+    sign_and_write(&params, &issuer, name, out_dir, not_after)
+}
+
+/// Signs `params` with `issuer` for a new key, and writes `NAME.pem` and `NAME.key` (mode 0600) into `out_dir`.
+fn sign_and_write(
+    params: &CertificateParams,
+    issuer: &Issuer<'static, KeyPair>,
+    name: &str,
+    out_dir: &Path,
+    not_after: time::OffsetDateTime,
+) -> anyhow::Result<Issued> {
     let key = KeyPair::generate()?;
     let cert = params
-        .signed_by(&key, &issuer)
-        .context("cannot sign the issuer")?;
+        .signed_by(&key, issuer)
+        .context("cannot sign the certificate")?;
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let cert_path = out_dir.join(format!("{name}.pem"));
     let key_path = out_dir.join(format!("{name}.key"));
-    if cert_path.exists() {
-        bail!(
-            "{} already exists; pick another --name or remove it",
-            cert_path.display()
-        );
-    }
     std::fs::write(&cert_path, cert.pem())
         .with_context(|| format!("cannot write {}", cert_path.display()))?;
     write_private(&key_path, &key.serialize_pem())?;
@@ -278,23 +289,7 @@ pub fn issue(
         ],
         Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
-    let key = KeyPair::generate()?;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .context("cannot sign the certificate")?;
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let cert_path = out_dir.join(format!("{name}.pem"));
-    let key_path = out_dir.join(format!("{name}.key"));
-    std::fs::write(&cert_path, cert.pem())
-        .with_context(|| format!("cannot write {}", cert_path.display()))?;
-    write_private(&key_path, &key.serialize_pem())?;
-    Ok(Issued {
-        cert: cert_path,
-        key: key_path,
-        fingerprint: fingerprint(cert.der()),
-        not_after,
-    })
+    sign_and_write(&params, &issuer, name, out_dir, not_after)
 }
 
 #[cfg(test)]

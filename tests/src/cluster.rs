@@ -392,6 +392,47 @@ impl Cluster {
             .collect()
     }
 
+    /// Runs `vesperctl ARGS --json` against node `index` and returns what it printed; fails with its error
+    /// output when it fails.
+    pub fn vesperctl_json(&self, index: usize, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let output = self.vesperctl(index, &[args, &["--json"]].concat())?;
+        anyhow::ensure!(
+            output.status.success(),
+            "vesperctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "vesperctl {args:?} printed no JSON: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// Waits up to `timeout` until a running node that knows a leader reports a status for which `accept`
+    /// holds; returns that status.
+    pub async fn wait_status(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        accept: impl Fn(&StatusResponse) -> bool,
+    ) -> anyhow::Result<StatusResponse> {
+        let running = self.running();
+        let this = &*self;
+        let accept = &accept;
+        wait::until(what, timeout, || async {
+            for &index in &running {
+                if let Ok(status) = this.status_of(index).await {
+                    if status.leader_id != 0 && accept(&status) {
+                        return Ok(Some(status));
+                    }
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     /// Runs `vesperctl ARGS` as the cluster's operator against node `index`'s Admin port.
     pub fn vesperctl(&self, index: usize, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let (cert, key) = self.pki.operator_cert();

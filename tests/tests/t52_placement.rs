@@ -38,18 +38,7 @@ fn options() -> NodeOptions {
 }
 
 fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<Value> {
-    let output = cluster.vesperctl(node, &[args, &["--json"]].concat())?;
-    ensure!(
-        output.status.success(),
-        "vesperctl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).with_context(|| {
-        format!(
-            "vesperctl {args:?} printed no JSON: {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    cluster.vesperctl_json(node, args)
 }
 
 fn voters(status: &StatusResponse) -> BTreeSet<u64> {
@@ -75,20 +64,7 @@ async fn wait_status(
     what: &str,
     accept: impl Fn(&StatusResponse) -> bool,
 ) -> anyhow::Result<StatusResponse> {
-    let running = cluster.running();
-    let this = &*cluster;
-    let accept = &accept;
-    wait::until(what, RESTORE_TIMEOUT, || async {
-        for &index in &running {
-            if let Ok(status) = this.status_of(index).await {
-                if status.leader_id != 0 && accept(&status) {
-                    return Ok(Some(status));
-                }
-            }
-        }
-        Ok(None)
-    })
-    .await
+    cluster.wait_status(what, RESTORE_TIMEOUT, accept).await
 }
 
 /// A cluster of `voters` voters and `standbys` standbys that joined.

@@ -57,18 +57,7 @@ const TIMERS: [&str; 12] = [
 ];
 
 fn vesperctl(cluster: &Cluster, node: usize, args: &[&str]) -> anyhow::Result<Value> {
-    let output = cluster.vesperctl(node, &[args, &["--json"]].concat())?;
-    ensure!(
-        output.status.success(),
-        "vesperctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).with_context(|| {
-        format!(
-            "vesperctl {args:?} printed no JSON: {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    cluster.vesperctl_json(node, args)
 }
 
 fn voter_ids(status: &StatusResponse) -> Vec<u64> {
@@ -86,20 +75,7 @@ async fn wait_status(
     what: &str,
     accept: impl Fn(&StatusResponse) -> bool,
 ) -> anyhow::Result<StatusResponse> {
-    let running = cluster.running();
-    let this = &*cluster;
-    let accept = &accept;
-    wait::until(what, TIMEOUT, || async {
-        for &index in &running {
-            if let Ok(status) = this.status_of(index).await {
-                if status.leader_id != 0 && accept(&status) {
-                    return Ok(Some(status));
-                }
-            }
-        }
-        Ok(None)
-    })
-    .await
+    cluster.wait_status(what, TIMEOUT, accept).await
 }
 
 /// The candidate: `leafpeer serve --offer-superpeer`, its verdicts (JSON lines) kept as they come.
