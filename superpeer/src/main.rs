@@ -39,12 +39,28 @@ async fn wait_for_signal() {
     }
 }
 
-/// Resolves when standard input reaches its end (or fails).
+/// Resolves when standard input reaches its end (or fails). The read runs on a thread of its own, not on the
+/// runtime's blocking pool, so a node stopped another way does not wait for it at exit.
 async fn stdin_closed() {
-    use tokio::io::AsyncReadExt;
-    let mut stdin = tokio::io::stdin();
-    let mut buffer = [0u8; 256];
-    while matches!(stdin.read(&mut buffer).await, Ok(read) if read > 0) {}
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-lifeline".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buffer = [0u8; 256];
+            while matches!(stdin.read(&mut buffer), Ok(read) if read > 0) {}
+            let _ = closed_tx.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = closed_rx.await;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch standard input; --exit-with-stdin has no effect");
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 #[tokio::main]
