@@ -383,12 +383,9 @@ pub async fn start(
     let (status_tx, status_rx) = watch::channel(None);
     // Adopted before: serve again, never offer again.
     if let Some(adopted) = super::role::adopted_before(&offer.role_spec()) {
-        if offer.cluster_port == 0 || offer.leaf_port == 0 || offer.admin_port == 0 {
-            return Err(LeafError::Config(format!(
-                "{} holds an adopted super peer role: its ports must be given, not picked (0)",
-                offer.state_dir.display()
-            )));
-        }
+        // The role serves where it was adopted (its certificate and the members know those ports).
+        let mut offer = offer;
+        [offer.cluster_port, offer.leaf_port, offer.admin_port] = adopted.ports;
         shared.spawn(serve_role(shared.clone(), offer, adopted, status_tx));
         return Ok(status_rx);
     }
@@ -419,13 +416,13 @@ pub async fn start(
     Ok(status_rx)
 }
 
-/// Reports on every attach and on the interval the answers ask for.
 /// The proof responder's handle: stop it, then wait until its sockets are closed.
 struct Responder {
     stop: tokio_util::sync::CancellationToken,
     done: tokio::sync::oneshot::Receiver<()>,
 }
 
+/// Reports on every attach and on the interval the answers ask for.
 async fn run(
     shared: Arc<Shared>,
     offer: SuperPeerOffer,
@@ -451,6 +448,7 @@ async fn run(
                         let adopted = super::role::Adopted {
                             advertise_host: answer.advertise_host.clone(),
                             join: answer.join.clone(),
+                            ports: [offer.cluster_port, offer.leaf_port, offer.admin_port],
                         };
                         match super::role::install(
                             &shared,

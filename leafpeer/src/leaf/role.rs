@@ -8,7 +8,7 @@
 //! <state_dir>/role/cert.pem   the certificate chain (the node's certificate, then the issuer's)
 //! <state_dir>/role/key.pem    the node's own Ed25519 key (PKCS#8), the key the certificate names
 //! <state_dir>/role/ca.pem     the cluster CA (the one the library already trusts)
-//! <state_dir>/role/adopted    the start parameters (advertise host, join addresses), one `key=value` a line
+//! <state_dir>/role/adopted    the start parameters (advertise host, ports, join addresses), `key=value` lines
 //! <state_dir>/data/           the super peer's data directory (its node key is the node's own key)
 //! <state_dir>/superpeer.log   the child's output
 //! ```
@@ -44,11 +44,17 @@ pub struct Adopted {
     pub advertise_host: String,
     /// Members' Cluster addresses to join through, in order of preference.
     pub join: Vec<String>,
+    /// The role's Cluster, Leaf and Admin ports it was adopted on (a restart serves on these).
+    pub ports: [u16; 3],
 }
 
 impl Adopted {
     fn to_text(&self) -> String {
-        let mut text = format!("advertise_host={}\n", self.advertise_host);
+        let [cluster, leaf, admin] = self.ports;
+        let mut text = format!(
+            "advertise_host={}\nports={cluster},{leaf},{admin}\n",
+            self.advertise_host
+        );
         for address in &self.join {
             text.push_str(&format!("join={address}\n"));
         }
@@ -58,9 +64,18 @@ impl Adopted {
     fn parse(text: &str) -> Option<Self> {
         let mut advertise_host = None;
         let mut join = Vec::new();
+        let mut ports = None;
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("advertise_host", value)) => advertise_host = Some(value.to_string()),
+                Some(("ports", value)) => {
+                    let parsed: Vec<u16> = value
+                        .split(',')
+                        .filter_map(|port| port.parse().ok())
+                        .filter(|port| *port != 0)
+                        .collect();
+                    ports = <[u16; 3]>::try_from(parsed).ok();
+                }
                 Some(("join", value)) if join.len() < MAX_JOIN => join.push(value.to_string()),
                 _ => {}
             }
@@ -68,6 +83,7 @@ impl Adopted {
         Some(Self {
             advertise_host: advertise_host.filter(|host| !host.is_empty())?,
             join,
+            ports: ports?,
         })
     }
 }
@@ -249,12 +265,23 @@ mod tests {
         let adopted = Adopted {
             advertise_host: "10.0.0.7".into(),
             join: vec!["10.0.0.1:7401".into(), "10.0.0.2:7401".into()],
+            ports: [7501, 7500, 7502],
         };
         assert_eq!(Adopted::parse(&adopted.to_text()), Some(adopted));
         assert_eq!(Adopted::parse(""), None);
-        assert_eq!(Adopted::parse("join=a:1\n"), None, "no host to advertise");
+        assert_eq!(
+            Adopted::parse("ports=1,2,3\njoin=a:1\n"),
+            None,
+            "no host to advertise"
+        );
+        assert_eq!(
+            Adopted::parse("advertise_host=h\nports=1,0,3\n"),
+            None,
+            "a port 0"
+        );
+        assert_eq!(Adopted::parse("advertise_host=h\n"), None, "no ports");
         let many: String = (0..100).map(|i| format!("join=h:{i}\n")).collect();
-        let parsed = Adopted::parse(&format!("advertise_host=h\n{many}")).unwrap();
+        let parsed = Adopted::parse(&format!("advertise_host=h\nports=1,2,3\n{many}")).unwrap();
         assert_eq!(parsed.join.len(), MAX_JOIN);
     }
 }
