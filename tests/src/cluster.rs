@@ -484,6 +484,41 @@ impl Cluster {
             .context("connect to the Cluster port")
     }
 
+    /// Waits up to `timeout` until node `index`'s Cluster port refuses a call made with `cert`/`key` as revoked
+    /// (PERMISSION_DENIED naming the revocation); returns that status.
+    pub async fn wait_revoked_on(
+        &self,
+        index: usize,
+        cert: &Path,
+        key: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<tonic::Status> {
+        let client = ClusterClient::with_interceptor(
+            self.cluster_channel_as(index, cert, key).await?,
+            vesper_proto::version::ClusterStamp,
+        );
+        let refused = wait::until(
+            &format!(
+                "{} to refuse the revoked certificate",
+                self.nodes[index].name
+            ),
+            timeout,
+            || {
+                let mut client = client.clone();
+                async move {
+                    Ok(client
+                        .read_index(vesper_proto::v1::ReadIndexRequest {})
+                        .await
+                        .err()
+                        .filter(|status| status.code() == tonic::Code::PermissionDenied))
+                }
+            },
+        )
+        .await?;
+        anyhow::ensure!(refused.message().contains("revoked"), "{refused:?}");
+        Ok(refused)
+    }
+
     /// A channel to node `index`'s Cluster port with the super peer certificate, for clients that stamp their
     /// calls themselves (or, to test refusals, do not).
     pub async fn cluster_channel(&self, index: usize) -> anyhow::Result<Channel> {

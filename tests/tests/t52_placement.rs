@@ -205,23 +205,9 @@ async fn t52_a_killed_leader_is_replaced_then_retired_and_no_write_is_lost() -> 
     // The dead leader's certificate is refused on the Cluster port of every survivor from now on.
     let (cert, key) = cluster.node_cert(leader)?;
     for index in cluster.running() {
-        let channel = cluster.cluster_channel_as(index, &cert, &key).await?;
-        let client = vesper_proto::v1::cluster_client::ClusterClient::with_interceptor(
-            channel,
-            vesper_proto::version::ClusterStamp,
-        );
-        let refused = wait::until("the revocation applied", RESTORE_TIMEOUT, || {
-            let mut client = client.clone();
-            async move {
-                Ok(client
-                    .read_index(vesper_proto::v1::ReadIndexRequest {})
-                    .await
-                    .err()
-                    .filter(|status| status.code() == tonic::Code::PermissionDenied))
-            }
-        })
-        .await?;
-        ensure!(refused.message().contains("revoked"), "{refused:?}");
+        cluster
+            .wait_revoked_on(index, &cert, &key, RESTORE_TIMEOUT)
+            .await?;
     }
 
     // Every voter is healthy in the controller's eyes, and it has nothing left to do but keep the pool (it has

@@ -292,16 +292,7 @@ async fn tend_adoption(
         }
     };
     let peer = peer_text(&adoption.peer);
-    let members: BTreeSet<u64> = replica
-        .raft()
-        .ok()?
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, _)| *id)
-        .collect();
+    let members = member_ids(replica).ok()?;
     let joined = adoption.issued.as_ref().and_then(|issued| {
         read_node_certificates(db)
             .ok()?
@@ -596,15 +587,7 @@ async fn revoke_retired(replica: &Replica, node: u64) -> Result<String, ServiceE
     let Some(fingerprint) = certificates.get(&node).copied() else {
         return Ok("done; it never reported its certificate, so none was revoked".into());
     };
-    let members: BTreeSet<u64> = replica
-        .raft()?
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, _)| *id)
-        .collect();
+    let members = member_ids(replica)?;
     let sharing: Vec<u64> = certificates
         .iter()
         .filter(|(id, print)| **id != node && members.contains(id) && **print == fingerprint)
@@ -646,6 +629,19 @@ async fn revoke_issued(replica: &Replica, node: u64) -> Result<String, ServiceEr
         0 => String::new(),
         n => format!("; {n} more certificates issued to it are revoked"),
     })
+}
+
+/// The ids in the effective membership (voters and standbys).
+fn member_ids(replica: &Replica) -> Result<BTreeSet<u64>, ServiceError> {
+    Ok(replica
+        .raft()?
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect())
 }
 
 fn bounded(mut text: String) -> String {
