@@ -361,8 +361,8 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
 }
 
 /// A candidate whose role never joins (its `superpeer` binary answers `--build-info` and nothing else): the
-/// adoption is given up at its deadline, the certificate it got is revoked, the candidate cools down, and the
-/// controller can act again.
+/// adoption is given up at its deadline, the certificate it got is revoked, the candidate cools down, the
+/// controller can act again, and the node, released, stops its role and offers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t54_an_adoption_that_never_joins_is_given_up_and_its_certificate_revoked(
 ) -> anyhow::Result<()> {
@@ -461,6 +461,27 @@ async fn t54_an_adoption_that_never_joins_is_given_up_and_its_certificate_revoke
         )
     })?;
     ensure!(status["blocked"] != "adopting", "{status}");
+    // The node hears that the cluster released it: its role is stopped, the role's files are deleted, and it
+    // offers again (answering proofs on its ports), judged in its cooldown.
+    let verdict = wait::until("the node offering again, cooling down", TIMEOUT, || async {
+        Ok(leaf.offer_status().filter(|status| {
+            status.state == "candidate"
+                && status
+                    .gates
+                    .iter()
+                    .any(|gate| gate.name == "cooldown" && !gate.passed)
+        }))
+    })
+    .await
+    .with_context(|| format!("last verdict {:?}", leaf.offer_status()))?;
+    ensure!(
+        !state.path().join("role").exists() && !state.path().join("data").exists(),
+        "the released role's files are deleted"
+    );
+    ensure!(
+        verdict.gates.iter().any(|gate| gate.name == "proof"),
+        "{verdict:?}"
+    );
     leaf.detach().await;
     Ok(())
 }

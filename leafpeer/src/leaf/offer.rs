@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use vesper_proto::v1::{OfferSuperPeerRequest, OfferSuperPeerResponse, SessionSpan};
 
 use super::shared::Shared;
@@ -71,7 +72,9 @@ pub struct Gate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferStatus {
     /// "candidate" (some gate fails), "eligible", "adopted" (its certificate arrived; the role is starting),
-    /// "serving" (the role's `superpeer` runs) or "restarting" (it exited and starts again shortly).
+    /// "serving" (the role's `superpeer` runs), "restarting" (it exited and starts again shortly) or
+    /// "released" (the cluster retired the node or gave its adoption up: the role is stopped and its files
+    /// deleted, and the node offers again; the next verdict shows its cooldown).
     pub state: String,
     /// Every gate, in a fixed order.
     pub gates: Vec<Gate>,
@@ -96,18 +99,32 @@ impl SuperPeerOffer {
     }
 }
 
-/// Runs the adopted role, showing its state in `status`.
-async fn serve_role(
-    shared: Arc<Shared>,
-    offer: SuperPeerOffer,
+/// The role's `superpeer` while it runs: stop it, then wait until it has exited.
+struct RoleRun {
+    stop: CancellationToken,
+    done: oneshot::Receiver<()>,
+}
+
+/// Starts supervising the adopted role, its state shown in `status`.
+fn start_role(
+    shared: &Arc<Shared>,
+    offer: &SuperPeerOffer,
     adopted: super::role::Adopted,
     status: watch::Sender<Option<OfferStatus>>,
-) {
+) -> RoleRun {
     let ports = [offer.cluster_port, offer.leaf_port, offer.admin_port];
-    super::role::supervise(shared, offer.role_spec(), adopted, move |state| {
-        status.send_replace(Some(OfferStatus::role(state, ports)));
-    })
-    .await;
+    let stop = shared.stop.child_token();
+    let (done_tx, done) = oneshot::channel();
+    let spec = offer.role_spec();
+    let role_stop = stop.clone();
+    shared.spawn(async move {
+        super::role::supervise(role_stop, spec, adopted, move |state| {
+            status.send_replace(Some(OfferStatus::role(state, ports)));
+        })
+        .await;
+        let _ = done_tx.send(());
+    });
+    RoleRun { stop, done }
 }
 
 impl OfferStatus {
@@ -266,6 +283,7 @@ fn report(offer: &SuperPeerOffer, build: &BuildInfo, history: &History) -> Offer
         leaf_port: u32::from(offer.leaf_port),
         admin_port: u32::from(offer.admin_port),
         history: history.spans(),
+        role_running: false,
     }
 }
 
@@ -368,7 +386,28 @@ async fn bind(offer: &mut SuperPeerOffer) -> Result<RoleSockets, LeafError> {
     })
 }
 
-/// Checks the offer and starts answering proofs and reporting; the receiver shows the latest verdict.
+/// Binds the role's ports and answers proofs on them until the responder is stopped.
+async fn start_responder(
+    shared: &Arc<Shared>,
+    offer: &mut SuperPeerOffer,
+) -> Result<Responder, LeafError> {
+    let sockets = bind(offer).await?;
+    let stop = shared.stop.child_token();
+    let (done_tx, done) = oneshot::channel::<()>();
+    let responder_stop = stop.clone();
+    let keypair = shared.config.keypair.clone();
+    shared.spawn(async move {
+        vesper_proto::reach::respond(keypair, sockets.tcp, vec![sockets.udp], async move {
+            responder_stop.cancelled().await
+        })
+        .await;
+        let _ = done_tx.send(());
+    });
+    Ok(Responder { stop, done })
+}
+
+/// Checks the offer and starts answering proofs and reporting (or, adopted before, serving); the receiver
+/// shows the latest verdict.
 pub async fn start(
     shared: &Arc<Shared>,
     offer: SuperPeerOffer,
@@ -381,56 +420,144 @@ pub async fn start(
         ))
     })?;
     let (status_tx, status_rx) = watch::channel(None);
-    // Adopted before: serve again, never offer again.
-    if let Some(adopted) = super::role::adopted_before(&offer.role_spec()) {
-        // The role serves where it was adopted (its certificate and the members know those ports).
-        let mut offer = offer;
-        [offer.cluster_port, offer.leaf_port, offer.admin_port] = adopted.ports;
-        shared.spawn(serve_role(shared.clone(), offer, adopted, status_tx));
-        return Ok(status_rx);
-    }
+    let configured = offer.clone();
     let mut offer = offer;
-    let sockets = bind(&mut offer).await?;
-    // The proofs are answered until the node is adopted; then the ports go to the role's own process.
-    let responder_stop = shared.stop.child_token();
-    let (responder_done_tx, responder_done) = tokio::sync::oneshot::channel::<()>();
-    let stop = responder_stop.clone();
-    let keypair = shared.config.keypair.clone();
-    shared.spawn(async move {
-        vesper_proto::reach::respond(keypair, sockets.tcp, vec![sockets.udp], async move {
-            stop.cancelled().await
-        })
-        .await;
-        let _ = responder_done_tx.send(());
-    });
+    let phase = match super::role::adopted_before(&offer.role_spec()) {
+        // Adopted before: serve again, where it was adopted (its certificate and the members know those
+        // ports), and ask the cluster whether it still wants the role.
+        Some(adopted) => {
+            [offer.cluster_port, offer.leaf_port, offer.admin_port] = adopted.ports;
+            Phase::Serving(start_role(shared, &offer, adopted, status_tx.clone()))
+        }
+        // The proofs are answered until the node is adopted; then the ports go to the role's own process.
+        None => Phase::Offering(start_responder(shared, &mut offer).await?),
+    };
     shared.spawn(run(
         shared.clone(),
-        offer,
-        build,
-        status_tx,
-        Responder {
-            stop: responder_stop,
-            done: responder_done,
+        Offering {
+            configured,
+            offer,
+            build,
+            status: status_tx,
         },
+        phase,
     ));
     Ok(status_rx)
 }
 
 /// The proof responder's handle: stop it, then wait until its sockets are closed.
 struct Responder {
-    stop: tokio_util::sync::CancellationToken,
-    done: tokio::sync::oneshot::Receiver<()>,
+    stop: CancellationToken,
+    done: oneshot::Receiver<()>,
 }
 
-/// Reports on every attach and on the interval the answers ask for.
-async fn run(
-    shared: Arc<Shared>,
+/// Where the node stands.
+enum Phase {
+    /// A candidate: it answers proofs on the role's ports.
+    Offering(Responder),
+    /// Released, and its ports could not be bound again yet (tried again at the next report).
+    Unbound,
+    /// Adopted: the role's `superpeer` runs.
+    Serving(RoleRun),
+}
+
+/// What the report loop works with.
+struct Offering {
+    /// The offer as the app made it (ports 0 still 0), for offering again after a release.
+    configured: SuperPeerOffer,
+    /// The offer with the ports in use.
     offer: SuperPeerOffer,
     build: BuildInfo,
     status: watch::Sender<Option<OfferStatus>>,
-    responder: Responder,
-) {
-    let mut history = History::open(&offer.state_dir, now_ms());
+}
+
+impl Offering {
+    fn ports(&self) -> [u16; 3] {
+        [
+            self.offer.cluster_port,
+            self.offer.leaf_port,
+            self.offer.admin_port,
+        ]
+    }
+
+    /// Takes the super peer's answer in `phase`; returns the next phase.
+    async fn step(
+        &mut self,
+        shared: &Arc<Shared>,
+        phase: Phase,
+        answer: OfferSuperPeerResponse,
+    ) -> Phase {
+        match phase {
+            Phase::Offering(responder)
+                if answer.state == "adopted" && !answer.certificate_chain.is_empty() =>
+            {
+                let adopted = super::role::Adopted {
+                    advertise_host: answer.advertise_host.clone(),
+                    join: answer.join.clone(),
+                    ports: self.ports(),
+                };
+                if let Err(error) = super::role::install(
+                    shared,
+                    &self.offer.role_spec(),
+                    &answer.certificate_chain,
+                    &adopted,
+                ) {
+                    tracing::warn!(%error, "cannot install the super peer role");
+                    return Phase::Offering(responder);
+                }
+                tracing::info!("adopted as a super peer; starting the role");
+                self.status
+                    .send_replace(Some(OfferStatus::role("adopted", self.ports())));
+                responder.stop.cancel();
+                let _ = responder.done.await;
+                Phase::Serving(start_role(
+                    shared,
+                    &self.offer,
+                    adopted,
+                    self.status.clone(),
+                ))
+            }
+            Phase::Serving(role) if answer.state == "released" => {
+                tracing::warn!(
+                    "the cluster no longer wants this node's super peer role (retired, or its adoption \
+                     was given up); stopping it and offering again"
+                );
+                role.stop.cancel();
+                let _ = role.done.await;
+                if let Err(error) = super::role::release(&self.offer.role_spec()) {
+                    tracing::warn!(%error, "cannot delete the released role's files");
+                }
+                self.status
+                    .send_replace(Some(OfferStatus::role("released", self.ports())));
+                self.rebind(shared).await
+            }
+            Phase::Serving(role) => Phase::Serving(role),
+            Phase::Unbound => self.rebind(shared).await,
+            Phase::Offering(responder) => {
+                let verdict = OfferStatus::new(answer, self.ports());
+                tracing::debug!(state = %verdict.state, "super peer offer judged");
+                self.status.send_replace(Some(verdict));
+                Phase::Offering(responder)
+            }
+        }
+    }
+
+    /// Binds the configured ports again to offer anew.
+    async fn rebind(&mut self, shared: &Arc<Shared>) -> Phase {
+        self.offer = self.configured.clone();
+        match start_responder(shared, &mut self.offer).await {
+            Ok(responder) => Phase::Offering(responder),
+            Err(error) => {
+                tracing::warn!(%error, "cannot offer again yet");
+                Phase::Unbound
+            }
+        }
+    }
+}
+
+/// Reports on every attach and on the interval the answers ask for.
+async fn run(shared: Arc<Shared>, mut offering: Offering, mut phase: Phase) {
+    let mut history = History::open(&offering.offer.state_dir, now_ms());
     let mut connections = shared.attachment.connection.subscribe();
     let mut interval = Duration::from_secs(5);
     loop {
@@ -439,52 +566,23 @@ async fn run(
             if let Err(error) = history.touch(now_ms()) {
                 tracing::warn!(%error, "cannot write the uptime history");
             }
-            let mut request = connection.request(report(&offer, &build, &history));
+            let mut body = report(&offering.offer, &offering.build, &history);
+            body.role_running = matches!(phase, Phase::Serving(_));
+            let mut request = connection.request(body);
             request.set_timeout(shared.config.request_timeout);
             match connection.client.clone().offer_super_peer(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
-                    if answer.state == "adopted" && !answer.certificate_chain.is_empty() {
-                        let adopted = super::role::Adopted {
-                            advertise_host: answer.advertise_host.clone(),
-                            join: answer.join.clone(),
-                            ports: [offer.cluster_port, offer.leaf_port, offer.admin_port],
-                        };
-                        match super::role::install(
-                            &shared,
-                            &offer.role_spec(),
-                            &answer.certificate_chain,
-                            &adopted,
-                        ) {
-                            Ok(()) => {
-                                tracing::info!("adopted as a super peer; starting the role");
-                                status.send_replace(Some(OfferStatus::role(
-                                    "adopted",
-                                    [offer.cluster_port, offer.leaf_port, offer.admin_port],
-                                )));
-                                responder.stop.cancel();
-                                let _ = responder.done.await;
-                                serve_role(shared, offer, adopted, status).await;
-                                return;
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "cannot install the super peer role")
-                            }
-                        }
-                    }
                     interval = Duration::from_millis(answer.report_interval_ms)
                         .clamp(MIN_REPORT_INTERVAL, MAX_REPORT_INTERVAL);
-                    let verdict = OfferStatus::new(
-                        answer,
-                        [offer.cluster_port, offer.leaf_port, offer.admin_port],
-                    );
-                    tracing::debug!(state = %verdict.state, "super peer offer judged");
-                    status.send_replace(Some(verdict));
+                    phase = offering.step(&shared, phase, answer).await;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the super peer did not take the offer report")
                 }
             }
+        } else if matches!(phase, Phase::Unbound) {
+            phase = offering.rebind(&shared).await;
         }
         tokio::select! {
             biased;

@@ -15,15 +15,18 @@
 //!
 //! and runs `superpeer` on the role's ports with them. A child that exits is started again after a pause that
 //! doubles up to [`MAX_BACKOFF`]; a library that starts again with an `adopted` file in its state directory
-//! goes straight to supervising (it never offers again). The child is killed when the [`Leaf`] shuts down:
-//! the role lives only as long as the app that hosts it.
+//! goes straight to supervising. While the role runs, the node goes on reporting, marked `role_running`: the
+//! answer "released" (the cluster retired the node, or gave its adoption up) stops the child, deletes `role/`
+//! and `data/` (the id is tombstoned; a later adoption joins with a new one) and the node offers again. The
+//! child is killed when the [`Leaf`] shuts down: the role lives only as long as the app that hosts it.
 //!
 //! [`Leaf`]: super::Leaf
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use super::shared::Shared;
 use crate::error::LeafError;
@@ -158,6 +161,24 @@ pub fn install(
     write(&dir.join(ADOPTED_FILE), adopted.to_text().as_bytes(), false)
 }
 
+/// Deletes a released role's files and data (its super peer is stopped; the cluster has removed the node or
+/// never let it in, so nothing committed lives only here). The log and the uptime history stay.
+pub fn release(offer: &RoleSpec) -> Result<(), LeafError> {
+    for dir in [role_dir(offer), offer.state_dir.join("data")] {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(LeafError::Config(format!(
+                    "cannot delete {}: {error}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The child's command line.
 fn command(offer: &RoleSpec, adopted: &Adopted, join: Option<&str>) -> tokio::process::Command {
     let dir = role_dir(offer);
@@ -188,10 +209,10 @@ fn command(offer: &RoleSpec, adopted: &Adopted, join: Option<&str>) -> tokio::pr
     command
 }
 
-/// Runs the child until the leaf stops, starting it again when it exits; `report` hears "serving" when it
-/// starts and "restarting" between runs.
+/// Runs the child until `stop`, starting it again when it exits; `report` hears "serving" when it starts and
+/// "restarting" between runs.
 pub async fn supervise(
-    shared: Arc<Shared>,
+    stop: CancellationToken,
     offer: RoleSpec,
     adopted: Adopted,
     report: impl Fn(&'static str) + Send,
@@ -229,7 +250,7 @@ pub async fn supervise(
                 report("serving");
                 tokio::select! {
                     biased;
-                    _ = shared.stop.cancelled() => {
+                    _ = stop.cancelled() => {
                         // Asked to stop: SIGKILL is what kill_on_drop would do too; wait so no zombie stays.
                         let _ = child.kill().await;
                         return;
@@ -249,7 +270,7 @@ pub async fn supervise(
         report("restarting");
         tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -128,6 +128,8 @@ pub fn check_zone(zone: &str) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub offer: bool,
+    /// The node runs the role it was adopted for (its report asks only whether it still may).
+    pub role_running: bool,
     pub software_version: String,
     pub store_format: u32,
     pub protocol_version: u32,
@@ -205,6 +207,7 @@ pub fn validate(request: &OfferSuperPeerRequest) -> Result<Report, ServiceError>
     };
     Ok(Report {
         offer: request.offer,
+        role_running: request.role_running,
         software_version: request.software_version.clone(),
         store_format: request.store_format,
         protocol_version: request.protocol_version,

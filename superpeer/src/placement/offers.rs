@@ -132,6 +132,9 @@ impl Offers {
                 ..Default::default()
             });
         }
+        if report.role_running {
+            return self.still_wanted(key, peer, interval_ms).await;
+        }
         let unlisted = || {
             ServiceError::Precondition(
                 "an offer needs a session that claims presence (LeafConfig::claim_presence)".into(),
@@ -210,6 +213,41 @@ impl Offers {
             }
         }
         Ok(reply)
+    }
+
+    /// Answers a node that runs its adopted role: "serving" while it is a member, "adopted" while its adoption
+    /// is open, else "released". Read linearizably: a lagging replica must never release a node the cluster
+    /// has just adopted.
+    async fn still_wanted(
+        &self,
+        key: PeerKey,
+        peer: &PeerId,
+        interval_ms: u64,
+    ) -> Result<OfferSuperPeerResponse, ServiceError> {
+        let replica = &self.inner.replica;
+        replica
+            .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
+            .await?;
+        let text = peer.to_string();
+        let member = replica
+            .members()?
+            .into_iter()
+            .any(|member| member.peer_id == text && member.role != MemberRole::Removed as i32);
+        let adopting =
+            read_adoption(replica.reader().db())?.is_some_and(|adoption| adoption.peer == key);
+        let state = if member {
+            "serving"
+        } else if adopting {
+            "adopted"
+        } else {
+            tracing::info!(%peer, "a node runs a super peer role the cluster neither lists nor adopts: released");
+            "released"
+        };
+        Ok(OfferSuperPeerResponse {
+            state: state.into(),
+            report_interval_ms: interval_ms,
+            ..Default::default()
+        })
     }
 
     /// Refuses reports that come faster than a quarter of the report interval.
