@@ -232,15 +232,7 @@ async fn t53_absurd_reports_and_floods_are_refused_with_the_reason() -> anyhow::
     ensure!(refused.message().contains("cores 0"), "{refused:?}");
 
     // A sane report is taken; one right after it is refused as a flood.
-    let sane = OfferSuperPeerRequest {
-        offer: true,
-        software_version: "0.1.0".into(),
-        cores: 2,
-        cluster_port: 1,
-        leaf_port: 2,
-        admin_port: 3,
-        ..Default::default()
-    };
+    let sane = sane_report();
     let first = client
         .offer_super_peer(session.request(sane.clone()))
         .await?
@@ -257,5 +249,43 @@ async fn t53_absurd_reports_and_floods_are_refused_with_the_reason() -> anyhow::
         .await
         .expect_err("a second report at once is refused");
     ensure!(flood.code() == tonic::Code::ResourceExhausted, "{flood:?}");
+
+    // A node that claims to run a role the cluster never gave it is told "released", and nothing is written.
+    let stranger = Keypair::generate();
+    let channel = raw::channel(&address, &ca).await?;
+    let other = raw::open(channel, &stranger, raw::Signing::Valid).await?;
+    let claim = OfferSuperPeerRequest {
+        role_running: true,
+        ..sane_report()
+    };
+    let answer = other
+        .client
+        .clone()
+        .offer_super_peer(other.request(claim))
+        .await?
+        .into_inner();
+    ensure!(answer.state == "released", "{answer:?}");
+    let status = cluster.vesperctl_json(0, &["placement", "status"])?;
+    let listed = status["candidates"].as_array().is_some_and(|candidates| {
+        candidates
+            .iter()
+            .any(|candidate| candidate["peer_id"] == stranger.peer_id().to_string().as_str())
+    });
+    ensure!(
+        !listed,
+        "a released claim writes no candidate entry: {status}"
+    );
     Ok(())
+}
+
+fn sane_report() -> OfferSuperPeerRequest {
+    OfferSuperPeerRequest {
+        offer: true,
+        software_version: "0.1.0".into(),
+        cores: 2,
+        cluster_port: 1,
+        leaf_port: 2,
+        admin_port: 3,
+        ..Default::default()
+    }
 }

@@ -610,6 +610,7 @@ mod tests {
             leaf_port: 7400,
             admin_port: 7402,
             history: Vec::new(),
+            role_running: false,
         }
     }
 
