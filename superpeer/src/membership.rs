@@ -123,6 +123,8 @@ impl Adoption {
 
 /// How long a leadership transfer may take before the call reports failure.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a removal waits for the node to get its tombstone (so its leaves hear to move) before it goes on.
+const LEAVE_NOTICE_WAIT: Duration = Duration::from_secs(2);
 
 /// Runs an operator's membership call on the leader: here when this node leads, otherwise forwarded to the
 /// leader's Cluster service (`Cluster.Membership`), so operator calls never need the Admin port of another node
@@ -466,18 +468,39 @@ pub async fn remove(context: &Membership, node_id: u64) -> Result<(), ServiceErr
             "node {node_id} is a voter; demote it first (vesperctl demote {node_id})"
         )));
     }
-    if nodes.contains_key(&node_id) {
-        context
-            .replica
-            .raft()?
-            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false)
-            .await
-            .map_err(ServiceError::from)?;
-    }
-    context
+    // The tombstone first, while the node still gets the log: applying its own tombstone, a live node tells
+    // its leaves to move (`leaf::members`) before it is cut off. A removed node is never sent the entries
+    // after its removal, so it could not learn it otherwise.
+    let (_, index) = context
         .replica
         .propose_accepted(TombstoneNode { node_id }.into())
         .await?;
+    if nodes.contains_key(&node_id) {
+        let raft = context.replica.raft()?;
+        let heard = raft
+            .wait(Some(LEAVE_NOTICE_WAIT))
+            .metrics(
+                |metrics| {
+                    metrics
+                        .replication
+                        .as_ref()
+                        .and_then(|replication| replication.get(&node_id).cloned().flatten())
+                        .is_some_and(|matched| matched.index >= index)
+                },
+                "the removed node to get its tombstone",
+            )
+            .await
+            .is_ok();
+        if !heard {
+            tracing::info!(
+                node_id,
+                "the node did not get its tombstone in time (down?); removing it anyway"
+            );
+        }
+        raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false)
+            .await
+            .map_err(ServiceError::from)?;
+    }
     tracing::info!(node_id, "removed node");
     Ok(())
 }

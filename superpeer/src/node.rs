@@ -401,6 +401,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         clients.clone(),
         config.placement.candidates,
     );
+    let (member_view, members) = tokio::sync::watch::channel(Arc::default());
     let leaf_state = Arc::new(LeafState {
         config: config.clone(),
         me: me.clone(),
@@ -410,6 +411,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         events: events.clone(),
         tasks: tasks.clone(),
         offers: offers.clone(),
+        members,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -567,6 +569,11 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     tasks.spawn(crate::udp::load::report(
         replica.clone(),
         relay,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::leaf::members::run(
+        replica.clone(),
+        member_view,
         shutdown.clone(),
     ));
     tasks.spawn(crate::leaf::listing::run(

@@ -7,6 +7,7 @@ use std::time::Duration;
 mod connect;
 mod dispatch;
 mod endpoints;
+mod follow;
 mod offer;
 mod outgoing;
 mod role;

@@ -24,8 +24,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
-    client_frame, server_frame, Attach, ClientFrame, Message, Ping, SendResult, ServerFrame,
-    SessionEndReason,
+    client_frame, server_frame, Attach, ClientFrame, Detach, Message, Ping, SendResult,
+    ServerFrame, SessionEndReason,
 };
 use vesper_proto::{validate, version};
 
@@ -173,7 +173,7 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached, lanes: Arc<L
             super::endpoints::publish_in_background(shared.clone(), attached.connection.clone());
         }
         let server = attached.connection.server.clone();
-        run_stream(&shared, attached, &lanes).await;
+        let moved = run_stream(&shared, attached, &lanes).await;
         shared.attachment.connection.send_replace(None);
         // Sends waiting on the lost session fail now; their callers retry on the next one.
         shared
@@ -184,6 +184,11 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached, lanes: Arc<L
             .clear();
         if shared.stop.is_cancelled() {
             return;
+        }
+        if let Some(next) = moved {
+            tracing::info!(from = %server, to = %next.connection.server, "moved to another super peer");
+            attached = next;
+            continue;
         }
         tracing::info!(%server, "session lost; re-attaching");
         let lost_at = Instant::now();
@@ -221,6 +226,32 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached, lanes: Arc<L
     }
 }
 
+/// Replaces the fail-over list after a member update: the seeds (unless listed as removed), then every
+/// serving member.
+fn follow_members(shared: &Shared, members: &[vesper_proto::v1::Member]) {
+    let removed: Vec<&str> = members
+        .iter()
+        .filter(|member| member.role == vesper_proto::v1::MemberRole::Removed as i32)
+        .map(|member| member.leaf_addr.as_str())
+        .collect();
+    let mut known: Vec<String> = shared
+        .config
+        .seeds
+        .iter()
+        .filter(|seed| !removed.contains(&seed.as_str()))
+        .cloned()
+        .collect();
+    for address in super::follow::serving(members) {
+        if !known.contains(&address) {
+            known.push(address);
+        }
+    }
+    *shared.attachment.known.write().expect("known lock") = known;
+}
+
+/// How long a leaf that moved waits for its old super peer to close the old stream after the goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
 fn learn_members(attachment: &Attachment, members: &[vesper_proto::v1::Member]) {
     let mut known = attachment.known.write().expect("known lock");
     for member in members {
@@ -232,14 +263,19 @@ fn learn_members(attachment: &Attachment, members: &[vesper_proto::v1::Member]) 
     }
 }
 
-/// Owns one session stream until it ends or the leaf stops.
-async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) {
+/// Owns one session stream until it ends or the leaf stops; returns the next session when the leaf moved to
+/// another super peer (the member list said so, see `follow`).
+async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> Option<Attached> {
     let Attached {
         connection,
         mut inbound,
         keepalive,
-        ..
+        members,
     } = attached;
+    let mut serving = super::follow::serving(&members);
+    // A planned move (when, where), and once its session is attached, that session and the goodbye's deadline.
+    let mut moving: Option<(tokio::time::Instant, String)> = None;
+    let mut moved: Option<(Attached, tokio::time::Instant)> = None;
     // Keepalives go out on their own task, so that nothing the read loop waits for can silence the session.
     let ended = shared.stop.child_token();
     let _end_keepalives = ended.clone().drop_guard();
@@ -247,7 +283,24 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) {
     loop {
         let frame = tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => return,
+            _ = shared.stop.cancelled() => return None,
+            _ = tokio::time::sleep_until(moving.as_ref().map_or_else(tokio::time::Instant::now, |(at, _)| *at)), if moving.is_some() => {
+                let (_, target) = moving.take().expect("guarded by is_some");
+                match tokio::time::timeout(shared.config.connect_timeout, attach(&shared.config, &target)).await {
+                    Ok(Ok(next)) => {
+                        // Attached there first: now say goodbye here, and go on reading until this stream ends.
+                        let goodbye = ClientFrame { frame: Some(client_frame::Frame::Detach(Detach {})) };
+                        let _ = connection.outbound.send(goodbye).await;
+                        moved = Some((next, tokio::time::Instant::now() + GOODBYE_WAIT));
+                    }
+                    Ok(Err(error)) => tracing::warn!(%target, %error, "cannot move to the super peer; staying"),
+                    Err(_) => tracing::warn!(%target, "no answer from the super peer to move to; staying"),
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(moved.as_ref().map_or_else(tokio::time::Instant::now, |(_, by)| *by)), if moved.is_some() => {
+                return moved.map(|(next, _)| next);
+            }
             frame = inbound.message() => frame,
         };
         match frame {
@@ -255,14 +308,14 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) {
                 frame: Some(server_frame::Frame::Message(message)),
             })) => {
                 if !receive(shared, lanes, &connection, vec![message]).await {
-                    return;
+                    return None;
                 }
             }
             Ok(Some(ServerFrame {
                 frame: Some(server_frame::Frame::MessageBatch(batch)),
             })) => {
                 if !receive(shared, lanes, &connection, batch.messages).await {
-                    return;
+                    return None;
                 }
             }
             Ok(Some(ServerFrame {
@@ -295,17 +348,37 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) {
                 } else {
                     tracing::info!(detail = %ending.detail, "the super peer ended the session; re-attaching");
                 }
-                return;
+                return None;
+            }
+            Ok(Some(ServerFrame {
+                frame: Some(server_frame::Frame::MemberUpdate(update)),
+            })) => {
+                follow_members(shared, &update.members);
+                if moving.is_none() && moved.is_none() {
+                    let plan = super::follow::plan(
+                        &serving,
+                        &update,
+                        &connection.server,
+                        rand::random(),
+                        rand::random::<u32>() as usize,
+                    );
+                    if let Some(target) = plan {
+                        let wait = super::follow::delay(&update, rand::random());
+                        tracing::info!(%target, ?wait, leaving = update.leaving, "the members changed; moving");
+                        moving = Some((tokio::time::Instant::now() + wait, target));
+                    }
+                }
+                serving = super::follow::serving(&update.members);
             }
             Ok(Some(ServerFrame { frame: Some(frame) })) => {
                 tokio::select! {
                     biased;
-                    _ = shared.stop.cancelled() => return,
+                    _ = shared.stop.cancelled() => return None,
                     _ = shared.watches.route(frame) => {}
                 }
             }
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => return,
+            Ok(None) | Err(_) => return moved.map(|(next, _)| next),
         }
     }
 }

@@ -132,6 +132,9 @@ pub(super) async fn run_session(
             protocol_version: protocol,
         })),
     };
+    // The member list as of the welcome; later changes are pushed.
+    let mut members = context.members.clone();
+    members.borrow_and_update();
     if tx.send(Ok(Box::new(welcome))).await.is_err() {
         return;
     }
@@ -167,6 +170,16 @@ pub(super) async fn run_session(
                 break;
             }
             () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => drain = None,
+            changed = members.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let update = members.borrow_and_update().frame();
+                let frame = ServerFrame { frame: Some(server_frame::Frame::MemberUpdate(update)) };
+                if tx.send(Ok(Box::new(frame))).await.is_err() {
+                    break;
+                }
+            }
             Some(done) = sends.join_next(), if !sends.is_empty() => {
                 // A send task catches its own panic, so it always gives its share back.
                 sends_in_flight.remove(done.unwrap_or_default());

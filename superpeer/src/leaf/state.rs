@@ -26,4 +26,6 @@ pub struct LeafState {
     pub tasks: TaskTracker,
     /// Offers to serve as a super peer from leaves attached here.
     pub offers: crate::placement::offers::Offers,
+    /// The member list sessions push to their leaves (`leaf::members`).
+    pub members: tokio::sync::watch::Receiver<std::sync::Arc<crate::leaf::members::MemberView>>,
 }
