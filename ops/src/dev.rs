@@ -194,11 +194,24 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
     crate::admin::status(&connection, false).await?;
     println!();
     let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vesperctl"));
-    println!(
-        "operator:  {} status   (run from this folder; uses the dev certificates in {})",
-        me.display(),
-        dir.display()
-    );
+    // The defaults of vesperctl and leafpeer find the dev files only in ./.vesper/dev on port 7400; anywhere
+    // else the command names them.
+    if dir == Path::new(".vesper/dev") && base_port == 7400 {
+        println!(
+            "operator:  {} status   (run from this folder; uses the dev certificates in {})",
+            me.display(),
+            dir.display()
+        );
+    } else {
+        println!(
+            "operator:  {} --server 127.0.0.1:{} --ca {} --cert {} --key {} status",
+            me.display(),
+            ports(base_port, 1).admin,
+            dir.join("ca/ca.pem").display(),
+            dir.join("certs/operator.pem").display(),
+            dir.join("certs/operator.key").display()
+        );
+    }
     println!(
         "leaves:    seeds 127.0.0.1:{}, CA {}",
         ports(base_port, 1).leaf,
