@@ -64,6 +64,13 @@ fn read(replica: &Replica) -> Option<MemberView> {
         || !members
             .iter()
             .any(|member| member.node_id == me && member.role != MemberRole::Removed as i32);
+    let mut members = members;
+    if leaving {
+        // Listed as removed: a leaf that reached this node through another name (a DNS seed) must not pick it.
+        for member in members.iter_mut().filter(|member| member.node_id == me) {
+            member.role = MemberRole::Removed as i32;
+        }
+    }
     Some(MemberView { members, leaving })
 }
 
