@@ -124,48 +124,32 @@ mod tests {
         }
     }
 
+    fn view(members: &[(u64, &str, MemberRole, bool)]) -> MemberView {
+        MemberView {
+            members: members
+                .iter()
+                .map(|(id, addr, role, leader)| member(*id, addr, *role, *leader))
+                .collect(),
+            leaving: false,
+        }
+    }
+
     #[test]
     fn only_serving_nodes_and_leaving_change_the_signature() {
-        let base = MemberView {
-            members: vec![
-                member(1, "a:1", MemberRole::Voter, true),
-                member(2, "b:1", MemberRole::Voter, false),
-            ],
-            leaving: false,
-        };
+        use MemberRole::*;
+        let base = view(&[(1, "a:1", Voter, true), (2, "b:1", Voter, false)]);
         // A new leader, or a voter turned standby: nothing for a leaf to do.
-        let swapped = MemberView {
-            members: vec![
-                member(1, "a:1", MemberRole::Standby, false),
-                member(2, "b:1", MemberRole::Voter, true),
-            ],
-            leaving: false,
-        };
+        let swapped = view(&[(1, "a:1", Standby, false), (2, "b:1", Voter, true)]);
         assert_eq!(signature(&base), signature(&swapped));
-        let added = MemberView {
-            members: vec![
-                member(1, "a:1", MemberRole::Voter, true),
-                member(2, "b:1", MemberRole::Voter, false),
-                member(3, "c:1", MemberRole::Standby, false),
-            ],
-            leaving: false,
-        };
+        let added = view(&[
+            (1, "a:1", Voter, true),
+            (2, "b:1", Voter, false),
+            (3, "c:1", Standby, false),
+        ]);
         assert_ne!(signature(&base), signature(&added));
-        let retired = MemberView {
-            members: vec![
-                member(1, "a:1", MemberRole::Voter, true),
-                member(2, "b:1", MemberRole::Removed, false),
-            ],
-            leaving: false,
-        };
+        let retired = view(&[(1, "a:1", Voter, true), (2, "b:1", Removed, false)]);
         assert_ne!(signature(&base), signature(&retired));
-        let moved = MemberView {
-            members: vec![
-                member(1, "a:1", MemberRole::Voter, true),
-                member(2, "b:2", MemberRole::Voter, false),
-            ],
-            leaving: false,
-        };
+        let moved = view(&[(1, "a:1", Voter, true), (2, "b:2", Voter, false)]);
         assert_ne!(signature(&base), signature(&moved));
         let leaving = MemberView {
             leaving: true,

@@ -141,9 +141,7 @@ impl Offers {
             )
         };
         // A node that already serves (its super peer runs with this key) is no candidate any more.
-        if replica.members()?.into_iter().any(|member| {
-            member.peer_id == peer.to_string() && member.role != MemberRole::Removed as i32
-        }) {
+        if is_member(replica, peer)? {
             return Ok(OfferSuperPeerResponse {
                 state: "serving".into(),
                 gates: Vec::new(),
@@ -228,11 +226,7 @@ impl Offers {
         replica
             .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
             .await?;
-        let text = peer.to_string();
-        let member = replica
-            .members()?
-            .into_iter()
-            .any(|member| member.peer_id == text && member.role != MemberRole::Removed as i32);
+        let member = is_member(replica, peer)?;
         let adopting =
             read_adoption(replica.reader().db())?.is_some_and(|adoption| adoption.peer == key);
         let state = if member {
@@ -469,6 +463,15 @@ enum Prover {
     Failed(String),
     /// It could not be asked, or could not run it.
     Unavailable(String),
+}
+
+/// Whether a super peer with `peer`'s key is a member now (voter or standby).
+fn is_member(replica: &Replica, peer: &PeerId) -> Result<bool, ServiceError> {
+    let text = peer.to_string();
+    Ok(replica
+        .members()?
+        .into_iter()
+        .any(|member| member.peer_id == text && member.role != MemberRole::Removed as i32))
 }
 
 /// The verdict a leaf gets for its entry.
