@@ -39,6 +39,7 @@ struct Ports {
     leaf: u16,
     cluster: u16,
     admin: u16,
+    ops: u16,
 }
 
 fn ports(base: u16, index: u16) -> Ports {
@@ -47,6 +48,7 @@ fn ports(base: u16, index: u16) -> Ports {
         leaf: first,
         cluster: first + 1,
         admin: first + 2,
+        ops: first + 3,
     }
 }
 
@@ -113,6 +115,8 @@ fn start_node(binary: &Path, dir: &Path, index: u16, base_port: u16) -> anyhow::
         .arg(format!("127.0.0.1:{}", ports.cluster))
         .arg("--admin-listen")
         .arg(format!("127.0.0.1:{}", ports.admin))
+        .arg("--ops-listen")
+        .arg(format!("127.0.0.1:{}", ports.ops))
         .arg("--tls-ca")
         .arg(dir.join("ca/ca.pem"))
         .arg("--tls-cert")
@@ -163,10 +167,11 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
         children.push(start_node(&binary, &dir, index, base_port)?);
         let ports = ports(base_port, index);
         println!(
-            "started sp{index}: leaf 127.0.0.1:{} cluster 127.0.0.1:{} admin 127.0.0.1:{} (log {}/sp{index}.log)",
+            "started sp{index}: leaf 127.0.0.1:{} cluster 127.0.0.1:{} admin 127.0.0.1:{} ops 127.0.0.1:{} (log {}/sp{index}.log)",
             ports.leaf,
             ports.cluster,
             ports.admin,
+            ports.ops,
             dir.display()
         );
     }
@@ -216,6 +221,10 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
         "leaves:    seeds 127.0.0.1:{}, CA {}",
         ports(base_port, 1).leaf,
         dir.join("ca/ca.pem").display()
+    );
+    println!(
+        "metrics:   http://127.0.0.1:{}/metrics (and /livez, /readyz; each node's ops port, plain HTTP on loopback)",
+        ports(base_port, 1).ops
     );
     println!(
         "press Ctrl-C to stop the cluster (data stays in {})",

@@ -47,6 +47,13 @@ pub struct Args {
     /// Admin service listen address. Default: 127.0.0.1:7402.
     #[arg(long, env = "VESPER_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Ops HTTP port (plaintext, read-only: /livez, /readyz, /metrics). Default: 127.0.0.1:7403. Expose it
+    /// beyond loopback only to a trusted network (a Kubernetes pod IP behind a NetworkPolicy).
+    #[arg(long, env = "VESPER_OPS_LISTEN")]
+    ops_listen: Option<SocketAddr>,
+    /// /readyz is ready only within this many log entries of the cluster's commit index. Default: 1000.
+    #[arg(long, env = "VESPER_READY_MAX_LAG")]
+    ready_max_lag: Option<u64>,
     /// Host name or IP that others use to reach this node. Default: the listen IP.
     #[arg(long, env = "VESPER_ADVERTISE_HOST")]
     advertise_host: Option<String>,
@@ -276,6 +283,8 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
         .set("leaf_listen", args.leaf_listen)
         .set("cluster_listen", args.cluster_listen)
         .set("admin_listen", args.admin_listen)
+        .set("ops_listen", args.ops_listen)
+        .set("ready_max_lag", args.ready_max_lag)
         .set("advertise_host", args.advertise_host.as_ref())
         .set("tls", tls)
         .set("start", start)

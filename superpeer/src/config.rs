@@ -71,6 +71,12 @@ pub struct Config {
     pub cluster_listen: SocketAddr,
     /// Where the Admin service listens. Default `127.0.0.1:7402`.
     pub admin_listen: SocketAddr,
+    /// Where the ops HTTP port listens (plaintext: `/livez`, `/readyz`, `/metrics`). Default `127.0.0.1:7403`:
+    /// loopback, since it asks for no certificate.
+    pub ops_listen: SocketAddr,
+    /// `/readyz` answers ready only when this node has applied the log to within this many entries of the
+    /// cluster's commit index. Default 1000.
+    pub ready_max_lag: u64,
     /// Host name or IP other nodes and leaves use to reach this node. Default: the listen IP (required when that
     /// is unspecified, such as 0.0.0.0).
     pub advertise_host: Option<String>,
@@ -153,6 +159,8 @@ impl Default for Config {
             leaf_listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             cluster_listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            ops_listen: SocketAddr::from(([127, 0, 0, 1], 7403)),
+            ready_max_lag: 1000,
             advertise_host: None,
             tls: None,
             start: StartMode::Idle,

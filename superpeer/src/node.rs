@@ -89,6 +89,9 @@ pub struct Endpoints {
     /// The STUN port (UDP), when enabled: the leaf IP and port.
     #[serde(default)]
     pub stun: Option<SocketAddr>,
+    /// The ops HTTP port (`/livez`, `/readyz`, `/metrics`).
+    #[serde(default)]
+    pub ops: Option<SocketAddr>,
 }
 
 /// How long [`RunningNode::shutdown`] waits for the node's tasks (servers draining, sessions, deliveries)
@@ -102,6 +105,15 @@ pub struct RunningNode {
     pub replica: Replica,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The ops HTTP server: outside `tasks`, so it answers `/livez` (and `/readyz` with "shutting down") until
+    /// everything else has stopped.
+    ops: OpsServer,
+}
+
+/// The ops HTTP server task and its own stop token.
+struct OpsServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -125,6 +137,8 @@ impl RunningNode {
                 tracing::warn!(%error, "raft shutdown failed");
             }
         }
+        self.ops.stop.cancel();
+        let _ = self.ops.task.await;
     }
 
     /// Tasks of the node still running (servers, sessions, deliveries, timed jobs); 0 once `shutdown` returned
@@ -212,6 +226,50 @@ async fn reload_tls(
             Err(error) => tracing::warn!(%error, "TLS reload task failed"),
         }
     }
+}
+
+/// The names gRPC reflection lists on a port: its own service, health, and reflection itself.
+fn reflected(service: &'static str) -> [&'static str; 4] {
+    [
+        service,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+}
+
+/// gRPC server reflection (v1) describing `service` from the compiled descriptor sets.
+fn reflection_v1(
+    service: &'static str,
+) -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vesper_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in reflected(service) {
+        builder = builder.with_service_name(name);
+    }
+    builder
+        .build_v1()
+        .expect("the compiled descriptor sets decode")
+}
+
+/// The same in the older v1alpha protocol, which many tools still ask first.
+fn reflection_v1alpha(
+    service: &'static str,
+) -> tonic_reflection::server::v1alpha::ServerReflectionServer<
+    impl tonic_reflection::server::v1alpha::ServerReflection,
+> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vesper_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in reflected(service) {
+        builder = builder.with_service_name(name);
+    }
+    builder
+        .build_v1alpha()
+        .expect("the compiled descriptor sets decode")
 }
 
 /// Tries for a leaf port whose UDP twin is free too, when the port is left to the system.
@@ -343,6 +401,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let (leaf_listener, stun_socket) = bind_leaf(&config).await?;
     let cluster_listener = bind("cluster service", config.cluster_listen).await?;
     let admin_listener = bind("admin service", config.admin_listen).await?;
+    let ops_listener = bind("ops port", config.ops_listen).await?;
     let local = |listener: &TcpListener, what| {
         listener.local_addr().map_err(|source| NodeError::Bind {
             what,
@@ -355,6 +414,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         cluster: local(&cluster_listener, "cluster service")?,
         admin: local(&admin_listener, "admin service")?,
         stun: None,
+        ops: Some(local(&ops_listener, "ops port")?),
     };
     if stun_socket.is_some() {
         endpoints.stun = Some(endpoints.leaf);
@@ -373,7 +433,13 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let forwarder = Forwarder::spawn(clients.clone(), shutdown.clone(), &tasks);
     let events = EventLog::default();
     let reader = StateReader::new(db.clone());
-    let replica = Replica::new(reader.clone(), clients.clone(), forwarder);
+    let metrics = crate::metrics::Metrics::new();
+    let replica = Replica::new(
+        reader.clone(),
+        clients.clone(),
+        forwarder,
+        metrics.raft.clone(),
+    );
     let sessions = SessionRegistry::default();
     let relay = Relay::new(
         crate::udp::RelayConfig {
@@ -412,6 +478,9 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         tasks: tasks.clone(),
         offers: offers.clone(),
         members,
+        session_metrics: metrics.sessions.clone(),
+        message_metrics: metrics.messages.clone(),
+        record_metrics: metrics.records.clone(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -440,6 +509,8 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
             },
         ))
         .add_service(health_service.clone())
+        .add_service(reflection_v1("vesper.v1.Leaf"))
+        .add_service(reflection_v1alpha("vesper.v1.Leaf"))
         .add_service(crate::leaf::service(
             leaf_state.clone(),
             shutdown.clone(),
@@ -476,9 +547,15 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let admin_server = Server::builder()
         .max_concurrent_streams(Some(MAX_ADMIN_STREAMS_PER_CONNECTION))
         .add_service(health_service)
+        .add_service(reflection_v1("vesper.v1.Admin"))
+        .add_service(reflection_v1alpha("vesper.v1.Admin"))
         .add_service(
             vesper_proto::v1::admin_server::AdminServer::with_interceptor(
-                crate::admin::AdminService::new(replica.clone(), membership_ops, me.clone()),
+                crate::admin::AdminService::new(
+                    replica.clone(),
+                    membership_ops.clone(),
+                    me.clone(),
+                ),
                 crate::roles::Gate::admin(reader.clone()),
             ),
         )
@@ -507,6 +584,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         leaf = %endpoints.leaf,
         cluster = %endpoints.cluster,
         admin = %endpoints.admin,
+        ops = %endpoints.ops.expect("set above"),
         "listening"
     );
     let endpoints_path = data_dir.join(ENDPOINTS_FILE);
@@ -566,6 +644,15 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         placement_reports,
         shutdown.clone(),
     ));
+    let ops_state = crate::ops::OpsState {
+        replica: replica.clone(),
+        sessions: leaf_state.sessions.clone(),
+        relay: relay.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        ready_max_lag: config.ready_max_lag,
+        leader_view: Arc::new(crate::ops::status::LeaderView::new(membership_ops.clone())),
+    };
     tasks.spawn(crate::udp::load::report(
         replica.clone(),
         relay,
@@ -594,15 +681,23 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         db,
         health,
         data_dir,
+        raft_counters: metrics.raft.clone(),
+        tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
     tasks.spawn(start_up.run(adopt_rx));
+    let ops_stop = CancellationToken::new();
+    let ops_task = tokio::spawn(crate::ops::serve(ops_listener, ops_state, ops_stop.clone()));
 
     Ok(RunningNode {
         endpoints,
         replica,
         shutdown,
         tasks,
+        ops: OpsServer {
+            stop: ops_stop,
+            task: ops_task,
+        },
     })
 }
 
@@ -616,6 +711,8 @@ struct StartUp {
     db: Arc<DB>,
     health: HealthReporter,
     data_dir: PathBuf,
+    raft_counters: crate::metrics::RaftCounters,
+    tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
@@ -728,14 +825,20 @@ impl StartUp {
             node_id,
             raft_config,
             Network::new(self.clients.clone()),
-            LogStore::new(self.db.clone()),
+            LogStore::with_fsync_histogram(self.db.clone(), self.raft_counters.fsync_histogram()),
             state_machine,
         )
         .await
         .map_err(|error| NodeError::Raft(error.to_string()))?;
+        let metrics = raft.metrics();
         if self.replica.set_raft(raft).is_err() {
             return Err(NodeError::Raft("raft was started twice".into()));
         }
+        self.tasks.spawn(crate::ops::count_leader_changes(
+            metrics,
+            self.raft_counters.clone(),
+            self.shutdown.clone(),
+        ));
         self.health
             .set_serving::<vesper_proto::v1::leaf_server::LeafServer<crate::leaf::LeafService>>()
             .await;

@@ -12,6 +12,7 @@ use vesper_proto::v1::{Member, MemberRole, ReadConsistency};
 
 use crate::command::{NodeInfo, Op, Response};
 use crate::error::ServiceError;
+use crate::metrics::{ProposalResult, RaftCounters};
 use crate::raft::forward::Forwarder;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose;
@@ -30,17 +31,24 @@ struct Inner {
     forwarder: Forwarder,
     clients: ClusterClients,
     reader: StateReader,
+    counters: RaftCounters,
 }
 
 impl Replica {
     /// A replica whose Raft instance is set later ([`Replica::set_raft`]).
-    pub fn new(reader: StateReader, clients: ClusterClients, forwarder: Forwarder) -> Self {
+    pub fn new(
+        reader: StateReader,
+        clients: ClusterClients,
+        forwarder: Forwarder,
+        counters: RaftCounters,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 raft: OnceLock::new(),
                 forwarder,
                 clients,
                 reader,
+                counters,
             }),
         }
     }
@@ -67,7 +75,13 @@ impl Replica {
 
     /// Proposes `op` from this node (forwarded to the leader when needed).
     pub async fn propose(&self, op: Op) -> Result<(Response, u64), ServiceError> {
-        propose::propose(self.raft()?, &self.inner.forwarder, op).await
+        let outcome = propose::propose(self.raft()?, &self.inner.forwarder, op).await;
+        self.inner.counters.proposal(match &outcome {
+            Ok((Response::Rejected(_), _)) => ProposalResult::Rejected,
+            Ok(_) => ProposalResult::Applied,
+            Err(_) => ProposalResult::Failed,
+        });
+        outcome
     }
 
     /// Like [`Replica::propose`], with a command the state machine refused turned into its error, so callers

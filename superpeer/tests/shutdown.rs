@@ -77,6 +77,7 @@ fn run_a_node_and_shut_it_down() -> usize {
         leaf_listen: any_port,
         cluster_listen: any_port,
         admin_listen: any_port,
+        ops_listen: any_port,
         start: StartMode::Bootstrap,
         tls: Some(tls),
         ..Config::default()

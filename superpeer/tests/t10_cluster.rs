@@ -604,6 +604,8 @@ async fn t10_a_leaf_port_whose_udp_twin_is_taken_is_refused_by_name() -> anyhow:
                 "127.0.0.1:0",
                 "--admin-listen",
                 "127.0.0.1:0",
+                "--ops-listen",
+                "127.0.0.1:0",
             ])
             .arg("--tls-ca")
             .arg(pki.ca_cert())

@@ -39,6 +39,9 @@ pub struct Endpoints {
     /// The STUN port (UDP), when the node serves one.
     #[serde(default)]
     pub stun: Option<std::net::SocketAddr>,
+    /// The ops HTTP port (`/livez`, `/readyz`, `/metrics`).
+    #[serde(default)]
+    pub ops: Option<std::net::SocketAddr>,
 }
 
 /// How a node is started the first time.
@@ -261,15 +264,22 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let (leaf, cluster, admin) = match node.endpoints {
-            Some(endpoints) => (endpoints.leaf, endpoints.cluster, endpoints.admin),
+        let (leaf, cluster, admin, ops) = match node.endpoints {
+            Some(endpoints) => (
+                endpoints.leaf,
+                endpoints.cluster,
+                endpoints.admin,
+                endpoints
+                    .ops
+                    .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            ),
             None => {
                 let ip = match self.options.listen_ips.as_slice() {
                     [] => std::net::IpAddr::from([127, 0, 0, 1]),
                     ips => ips[index % ips.len()],
                 };
                 let any = std::net::SocketAddr::new(ip, 0);
-                (any, any, any)
+                (any, any, any, any)
             }
         };
         let mut argv: Vec<OsString> = vec!["superpeer".into()];
@@ -281,6 +291,7 @@ impl Cluster {
         flag("--leaf-listen", leaf.to_string().into());
         flag("--cluster-listen", cluster.to_string().into());
         flag("--admin-listen", admin.to_string().into());
+        flag("--ops-listen", ops.to_string().into());
         flag("--tls-ca", ca.into());
         flag("--tls-cert", cert.into());
         flag("--tls-key", key.into());
@@ -452,12 +463,15 @@ impl Cluster {
 
     /// An Admin client for node `index`, with the operator certificate.
     pub async fn admin(&self, index: usize) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(self.admin_channel(index).await?))
+    }
+
+    /// A channel to node `index`'s Admin port with the operator certificate.
+    pub async fn admin_channel(&self, index: usize) -> anyhow::Result<Channel> {
         let (cert, key) = self.pki.operator_cert();
         let address = self.nodes[index].endpoints().admin;
-        Ok(AdminClient::new(
-            self.mtls_channel(address, &cert, &key, Duration::from_secs(30))
-                .await?,
-        ))
+        self.mtls_channel(address, &cert, &key, Duration::from_secs(30))
+            .await
     }
 
     /// A Cluster client for node `index`, with the super peer certificate: calls as another member makes them.

@@ -6,6 +6,7 @@
 //! - [`http2`]: HTTP/2 frames written by hand, for clients that break the protocol's rules on purpose.
 //! - [`modgraph`]: the module graph of a crate from its sources, and the import circles in it.
 //! - [`natlab`]: home networks behind real Linux NATs in network namespaces, for connectivity tests.
+//! - [`ops`]: GETs to a node's ops port, `promtool`, and a real Prometheus scraping a cluster.
 //! - [`relay`]: a raw client of a super peer's UDP relay (grants and binds by hand).
 //! - [`tlsprobe`]: which certificate a port serves, and raw TCP/TLS clients for flood tests.
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
@@ -16,6 +17,7 @@ pub mod http2;
 pub mod load;
 pub mod modgraph;
 pub mod natlab;
+pub mod ops;
 pub mod pki;
 pub mod raw;
 pub mod relay;

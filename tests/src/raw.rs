@@ -54,6 +54,27 @@ pub struct RawSession {
 }
 
 impl RawSession {
+    /// The next frame that answers or pushes something to this session, waiting up to `timeout`. Pongs and
+    /// `MemberUpdate`s are skipped: the super peer sends those on its own at any time (a member update, for
+    /// one, whenever the serving set changes, as it does while a test cluster is still forming).
+    pub async fn next_frame(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<server_frame::Frame> {
+        loop {
+            let frame = tokio::time::timeout(timeout, self.inbound.message())
+                .await
+                .map_err(|_| anyhow::anyhow!("no frame within {timeout:?}"))??
+                .ok_or_else(|| anyhow::anyhow!("session stream ended"))?;
+            match frame.frame {
+                Some(server_frame::Frame::Pong(_))
+                | Some(server_frame::Frame::MemberUpdate(_))
+                | None => {}
+                Some(frame) => return Ok(frame),
+            }
+        }
+    }
+
     /// A request carrying this session's token.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         with_token(message, &self.token)

@@ -682,20 +682,11 @@ async fn t60_a_delivery_stream_holds_at_most_8192_messages_in_flight() -> anyhow
     Ok(())
 }
 
-/// The next frame a raw session gets that is not a pong.
+/// The next frame a raw session gets that is not a pong or a member update.
 async fn next_frame(
     session: &mut vesper_tests::raw::RawSession,
 ) -> anyhow::Result<server_frame::Frame> {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), session.inbound.message())
-            .await
-            .map_err(|_| anyhow::anyhow!("no frame within 20 s"))??
-            .ok_or_else(|| anyhow::anyhow!("session stream ended"))?;
-        match frame.frame {
-            Some(server_frame::Frame::Pong(_)) | None => {}
-            Some(frame) => return Ok(frame),
-        }
-    }
+    session.next_frame(Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,16 +275,9 @@ async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyh
     async fn next_message(
         session: &mut raw::RawSession,
     ) -> anyhow::Result<vesper_proto::v1::Message> {
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(20), session.inbound.message())
-                .await
-                .map_err(|_| anyhow::anyhow!("no frame within 20 s"))??
-                .ok_or_else(|| anyhow::anyhow!("session stream ended"))?;
-            match frame.frame {
-                Some(server_frame::Frame::Message(message)) => return Ok(message),
-                Some(server_frame::Frame::Pong(_)) | None => {}
-                Some(other) => anyhow::bail!("unexpected frame {other:?}"),
-            }
+        match session.next_frame(Duration::from_secs(20)).await? {
+            server_frame::Frame::Message(message) => Ok(message),
+            other => anyhow::bail!("unexpected frame {other:?}"),
         }
     }
     async fn acknowledge(session: &raw::RawSession, delivery_id: u64) -> anyhow::Result<()> {

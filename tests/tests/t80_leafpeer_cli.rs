@@ -164,3 +164,91 @@ async fn t80_the_command_line_covers_records_presence_and_messages() -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t80_the_command_line_shows_what_the_library_logs() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut cluster = Cluster::start(3, NodeOptions::default()).await?;
+    let key = cluster.root().join("listener.key");
+    let peer_id: vesper_proto::PeerId = json_of(&leafpeer(&cluster, &key, &["id"]))["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .parse()?;
+    // Seeded with node 0 alone; its welcome names the other members to fail over to.
+    let mut listener = tokio::process::Command::new(vesper_tests::binary("leafpeer"))
+        .arg("--seeds")
+        .arg(cluster.nodes[0].endpoints().leaf.to_string())
+        .arg("--ca")
+        .arg(cluster.pki.ca_cert())
+        .arg("--key")
+        .arg(&key)
+        .args(["--json", "-v", "--log-format", "json"])
+        .args(["listen", "--count", "1", "--timeout", "120"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<String>(256);
+    let mut stderr = tokio::io::BufReader::new(listener.stderr.take().expect("piped")).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if lines_tx.send(line).await.is_err() {
+                break;
+            }
+        }
+    });
+    let sender = cluster.leaf(1).await?;
+    vesper_tests::wait::until(
+        "the listener online",
+        vesper_tests::cluster::CONVERGE_TIMEOUT,
+        || async {
+            let presence = sender
+                .lookup(&peer_id, vesper_leafpeer::Consistency::Linearizable)
+                .await?;
+            Ok(presence
+                .filter(|presence| {
+                    presence.status != vesper_leafpeer::PresenceStatus::Offline as i32
+                })
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    cluster.kill(0);
+    // With -v the library's account of the failover reaches stderr, one JSON object per line.
+    let mut seen = Vec::new();
+    loop {
+        let line = vesper_tests::wait::next(
+            "a log line saying the listener re-attached",
+            vesper_tests::cluster::CONVERGE_TIMEOUT,
+            &mut lines,
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}; stderr so far: {seen:#?}"))?;
+        let object: Value = serde_json::from_str(&line)
+            .map_err(|error| anyhow::anyhow!("not a JSON log line ({error}): {line}"))?;
+        assert!(object["level"].is_string(), "{line}");
+        let message = object["fields"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        seen.push(line);
+        if message == "re-attached" {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|line| line.contains("session lost; re-attaching")),
+        "{seen:#?}"
+    );
+    sender.send(&peer_id, "text", b"after".to_vec()).await?;
+    let output = tokio::time::timeout(
+        vesper_tests::cluster::CONVERGE_TIMEOUT,
+        listener.wait_with_output(),
+    )
+    .await??;
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("after"));
+    Ok(())
+}

@@ -190,6 +190,8 @@ fn command(offer: &RoleSpec, adopted: &Adopted, join: Option<&str>) -> tokio::pr
         .args(["--leaf-listen", &listen(offer.leaf_port)])
         .args(["--cluster-listen", &listen(offer.cluster_port)])
         .args(["--admin-listen", &listen(offer.admin_port)])
+        // The role's ops port stays on loopback, on a free port (its data directory's endpoints.json names it).
+        .args(["--ops-listen", "127.0.0.1:0"])
         .args(["--advertise-host", &adopted.advertise_host])
         .arg("--tls-ca")
         .arg(dir.join("ca.pem"))

@@ -7,6 +7,7 @@ use super::{messaging, watch};
 use crate::command::{Op, PresenceAttach, PresenceDetach};
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
+use crate::metrics::SessionRefusal;
 use crate::sessions;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +47,8 @@ pub(super) async fn run_session(
     tx: sessions::Outbound,
     shutdown: CancellationToken,
 ) {
+    let opened = std::time::Instant::now();
+    let refused = |reason| context.session_metrics.refused(reason);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let challenge = ServerFrame {
         frame: Some(server_frame::Frame::Challenge(Challenge {
@@ -63,11 +66,16 @@ pub(super) async fn run_session(
             }))) => match accept_attach(&attach, &nonce, &context.me.peer_id) {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    refused(match error {
+                        ServiceError::Incompatible(_) => SessionRefusal::Incompatible,
+                        _ => SessionRefusal::Unauthenticated,
+                    });
                     let _ = tx.send(Err(error.into_status())).await;
                     return;
                 }
             },
             Ok(Ok(Some(_))) => {
+                refused(SessionRefusal::Unauthenticated);
                 let _ = tx
                     .send(Err(ServiceError::Unauthenticated(
                         "the first frame of a session must be attach".into(),
@@ -78,6 +86,7 @@ pub(super) async fn run_session(
             }
             Ok(Ok(None)) | Ok(Err(_)) => return,
             Err(_) => {
+                refused(SessionRefusal::Unauthenticated);
                 let _ = tx
                     .send(Err(ServiceError::Unauthenticated(format!(
                         "no attach within {ATTACH_TIMEOUT:?}"
@@ -88,6 +97,7 @@ pub(super) async fn run_session(
             }
         };
     let Some(host) = context.replica.node_id() else {
+        refused(SessionRefusal::NotInCluster);
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
@@ -116,6 +126,7 @@ pub(super) async fn run_session(
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot record the attach");
+                context.session_metrics.refused(SessionRefusal::Unrecorded);
                 let _ = tx.send(Err(error.into_status())).await;
                 return;
             }
@@ -138,6 +149,9 @@ pub(super) async fn run_session(
     if tx.send(Ok(Box::new(welcome))).await.is_err() {
         return;
     }
+    context
+        .session_metrics
+        .attached(opened.elapsed().as_secs_f64());
     // The mailbox drains while this loop reads the acknowledgements it waits for.
     let drain = {
         let context = context.clone();

@@ -24,6 +24,7 @@ use crate::command::{
 };
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
+use crate::metrics::MessagePath;
 use crate::raft::propose::now_ms;
 use crate::store::{mailbox, presence};
 
@@ -139,6 +140,18 @@ pub fn check(
     origin: &Origin,
     request: SendMessageRequest,
 ) -> Result<(PeerId, Message), tonic::Status> {
+    let checked = check_send(context, origin, request);
+    if checked.is_err() {
+        context.message_metrics.routed(MessagePath::Refused);
+    }
+    checked
+}
+
+fn check_send(
+    context: &LeafState,
+    origin: &Origin,
+    request: SendMessageRequest,
+) -> Result<(PeerId, Message), tonic::Status> {
     let config = &context.config;
     if !context.sessions.take_send(
         origin.session,
@@ -185,6 +198,7 @@ pub async fn send_all(
     messages: Vec<Message>,
 ) -> Vec<Result<Fate, ServiceError>> {
     let count = messages.len();
+    let started = std::time::Instant::now();
     let entry = match presence::get(context.replica.reader().db(), to.as_bytes()) {
         Ok(entry) => entry,
         Err(error) => {
@@ -193,21 +207,36 @@ pub async fn send_all(
             None
         }
     };
+    let mut path = MessagePath::Remote;
     let delivered = match entry.filter(|entry| entry.status != PresenceStatus::Offline) {
         Some(entry) => {
+            let hosts = entry.hosts();
+            if hosts.first() == context.replica.node_id().as_ref() {
+                path = MessagePath::Local;
+            }
             context
                 .router
-                .deliver_any(&entry.hosts(), to, messages.clone())
+                .deliver_any(&hosts, to, messages.clone())
                 .await
         }
         None => Vec::new(),
     };
+    let delivered_after = started.elapsed().as_secs_f64();
+    let metrics = &context.message_metrics;
     let mut fates = Vec::with_capacity(count);
     for (index, message) in messages.into_iter().enumerate() {
         fates.push(if delivered.get(index).copied().unwrap_or(false) {
+            metrics.routed(path);
+            metrics.delivered(delivered_after);
             Ok(Fate::Delivered)
         } else {
-            queue(context, from, to, &message).await
+            let queued = queue(context, from, to, &message).await;
+            metrics.routed(if queued.is_ok() {
+                MessagePath::Mailbox
+            } else {
+                MessagePath::Refused
+            });
+            queued
         });
     }
     fates

@@ -56,6 +56,7 @@ use vesper_proto::{validate, PeerId, SESSION_METADATA_KEY};
 use crate::command::Response as CommandResponse;
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
+use crate::metrics::{RecordOp, RecordResult};
 
 /// Time a leaf has to answer the challenge after opening a session.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,6 +133,24 @@ fn consistency(value: i32) -> Result<ReadConsistency, ServiceError> {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
 
+impl LeafService {
+    /// Counts a record write by how it ended, judged from the status code the caller sees.
+    fn count_write<T>(&self, op: RecordOp, outcome: &Result<T, Status>) {
+        let result = match outcome {
+            Ok(_) => RecordResult::Ok,
+            Err(status) => match status.code() {
+                tonic::Code::FailedPrecondition => RecordResult::Conflict,
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Internal
+                | tonic::Code::Unknown => RecordResult::Failed,
+                _ => RecordResult::Refused,
+            },
+        };
+        self.context.record_metrics.write(op, result);
+    }
+}
+
 #[tonic::async_trait]
 impl Leaf for LeafService {
     type SessionStream = SessionStream;
@@ -145,6 +164,9 @@ impl Leaf for LeafService {
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |addr| addr.ip());
         let max = self.context.config.max_sessions_per_ip;
         let slot = self.context.sessions.open_stream(ip, max).ok_or_else(|| {
+            self.context
+                .session_metrics
+                .refused(crate::metrics::SessionRefusal::PerIpLimit);
             ServiceError::LimitReached(format!(
                 "too many sessions from {ip} (at most {max} at once); close some or retry later"
             ))
@@ -167,7 +189,9 @@ impl Leaf for LeafService {
         &self,
         request: Request<PutRecordRequest>,
     ) -> Result<Response<PutRecordResponse>, Status> {
-        records::put_record(self, request).await
+        let outcome = records::put_record(self, request).await;
+        self.count_write(RecordOp::Put, &outcome);
+        outcome
     }
 
     async fn get_record(
@@ -181,7 +205,9 @@ impl Leaf for LeafService {
         &self,
         request: Request<DeleteRecordRequest>,
     ) -> Result<Response<DeleteRecordResponse>, Status> {
-        records::delete_record(self, request).await
+        let outcome = records::delete_record(self, request).await;
+        self.count_write(RecordOp::Delete, &outcome);
+        outcome
     }
 
     async fn list_records(

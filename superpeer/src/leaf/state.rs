@@ -28,4 +28,10 @@ pub struct LeafState {
     pub offers: crate::placement::offers::Offers,
     /// The member list sessions push to their leaves (`leaf::members`).
     pub members: tokio::sync::watch::Receiver<std::sync::Arc<crate::leaf::members::MemberView>>,
+    /// Counts sessions attached and refused.
+    pub session_metrics: crate::metrics::SessionMetrics,
+    /// Counts messages by the path they took.
+    pub message_metrics: crate::metrics::MessageMetrics,
+    /// Counts record writes by result.
+    pub record_metrics: crate::metrics::RecordMetrics,
 }

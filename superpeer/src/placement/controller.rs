@@ -81,6 +81,17 @@ impl PlacementReports {
     fn set(&self, report: Report) {
         *self.last.lock().expect("placement report lock") = Some(report);
     }
+
+    /// Refreshes the members' health in the last report of `term` (between rounds, so `placement status` and
+    /// the status page show a member going silent within `update_interval`; the decision stays the round's).
+    fn refresh_health(&self, term: u64, health: impl Fn(u64) -> MemberHealth) {
+        let mut last = self.last.lock().expect("placement report lock");
+        if let Some(report) = last.as_mut().filter(|report| report.term == term) {
+            for member in &mut report.members {
+                member.health = health(member.node_id);
+            }
+        }
+    }
 }
 
 /// Runs the controller on `replica` until shutdown (doing nothing while this node does not lead, or when the
@@ -145,6 +156,7 @@ pub async fn run(
             .collect();
         health.observe(now, metrics.last_log_index.unwrap_or(0), &samples);
         if now.duration_since(*last_round) < config.reconcile_interval {
+            reports.refresh_health(term, |id| health.health(id, now));
             continue;
         }
         *last_round = now;

@@ -13,6 +13,8 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
@@ -49,11 +51,18 @@ impl Drop for Flusher {
 
 /// Syncs the write-ahead log for queued appends, many per fsync, and reports them flushed in order. Ends when
 /// every `LogStore` handle is gone.
-fn run_flusher(db: Arc<DB>, queue: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn run_flusher(
+    db: Arc<DB>,
+    queue: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>,
+    fsync: Histogram,
+) {
     while let Ok(first) = queue.recv() {
         let mut waiting = vec![first];
         waiting.extend(queue.try_iter());
-        match db.flush_wal(true) {
+        let started = std::time::Instant::now();
+        let flushed = db.flush_wal(true);
+        fsync.observe(started.elapsed().as_secs_f64());
+        match flushed {
             Ok(()) => {
                 for callback in waiting {
                     callback.io_completed(Ok(()));
@@ -81,11 +90,16 @@ fn synced() -> WriteOptions {
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
+        Self::with_fsync_histogram(db, Histogram::new([]))
+    }
+
+    /// A log store that records the duration of each fsync (one group commit) in `fsync`.
+    pub fn with_fsync_histogram(db: Arc<DB>, fsync: Histogram) -> Self {
         let (sender, queue) = std::sync::mpsc::channel();
         let flusher_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || run_flusher(flusher_db, queue))
+            .spawn(move || run_flusher(flusher_db, queue, fsync))
             .expect("the OS can start the log flusher thread");
         let flusher = Arc::new(Flusher {
             queue: Some(sender),

@@ -27,6 +27,7 @@ impl InProcessNode for Node {
             cluster: bound.cluster,
             admin: bound.admin,
             stun: bound.stun,
+            ops: bound.ops,
         }
     }
 

@@ -27,8 +27,22 @@ pub struct Cli {
     /// Print JSON for scripts.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Log more to stderr: -v shows what the library does (re-attaches, moves, accepted connections), -vv
+    /// debug detail. Without it only warnings are shown. RUST_LOG (e.g. RUST_LOG=vesper_leafpeer=debug) wins.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Format of the log on stderr: text, or json (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How the log on stderr is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

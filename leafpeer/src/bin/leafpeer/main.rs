@@ -25,7 +25,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use args::{Cli, Command};
+use args::{Cli, Command, LogFormat};
 use output::{Attached, Output};
 
 async fn run(mut cli: Cli) -> anyhow::Result<()> {
@@ -68,9 +68,29 @@ async fn command(at: &Attached<'_>, command: &Command) -> anyhow::Result<()> {
     }
 }
 
+/// The library logs through `tracing`; this shows it on stderr: warnings by default, more with `-v`, or what
+/// `RUST_LOG` says.
+fn init_logging(verbose: u8, format: LogFormat) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "warn,vesper_leafpeer=info,leafpeer=info",
+        _ => "info,vesper_leafpeer=debug,leafpeer=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose, cli.log_format);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

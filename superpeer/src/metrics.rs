@@ -1,0 +1,672 @@
+//! The super peer's Prometheus metrics (prefix `vesper_`), built on `prometheus-client` with one explicit
+//! registry per node (no global state, so several nodes in one test process keep their own counts).
+//!
+//! Two kinds live here:
+//! - **counters and histograms** that the data path bumps: each component gets only its own small handle
+//!   ([`SessionMetrics`], [`MessageMetrics`], [`RecordMetrics`], [`RaftCounters`]), never the registry;
+//! - **gauges read at scrape time** ([`Metrics::sample`]) from the Raft metrics, the session registry and the
+//!   relay, so they cost nothing between scrapes and can never drift from the state they describe.
+//!
+//! Names follow the Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` on counters (the
+//! library appends it), labels with a small fixed set of values. docs/OPERATIONS.md lists every metric.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Label values in snake case, as Prometheus users expect them.
+macro_rules! label_values {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                let text = match self {
+                    $(Self::$variant => $text),+
+                };
+                EncodeLabelValue::encode(&text, encoder)
+            }
+        }
+    };
+}
+
+label_values!(ProposalResult { Applied => "applied", Rejected => "rejected", Failed => "failed" });
+label_values!(SessionRefusal {
+    Unauthenticated => "unauthenticated",
+    Incompatible => "incompatible",
+    NotInCluster => "not_in_cluster",
+    Unrecorded => "unrecorded",
+    PerIpLimit => "per_ip_limit",
+});
+label_values!(MessagePath { Local => "local", Remote => "remote", Mailbox => "mailbox", Refused => "refused" });
+label_values!(RecordOp { Put => "put", Delete => "delete" });
+label_values!(RecordResult { Ok => "ok", Conflict => "conflict", Refused => "refused", Failed => "failed" });
+label_values!(MemberRoleLabel { Voter => "voter", Standby => "standby" });
+
+/// A gauge holding whole numbers (indexes, counts).
+type IntGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
+/// A gauge holding seconds.
+type SecondsGauge = Gauge<f64, AtomicU64>;
+
+/// How a proposal ended, as seen by the node that made it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum ProposalResult {
+    /// Committed and applied; the state machine accepted it.
+    Applied,
+    /// Committed, and the state machine refused it (a rule such as ownership or a quota).
+    Rejected,
+    /// Not known to be committed: no leader, a timeout, a lost forward.
+    Failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: ProposalResult,
+}
+
+/// Counters of the Raft layer that events drive (the rest of the Raft metrics are sampled).
+#[derive(Clone)]
+pub struct RaftCounters {
+    leader_changes: Counter,
+    proposals: Family<ResultLabel, Counter>,
+    fsync: Histogram,
+}
+
+impl RaftCounters {
+    /// One more leader change seen by this node (a new leader became known).
+    pub fn leader_changed(&self) {
+        self.leader_changes.inc();
+    }
+
+    /// A proposal made through this node ended so.
+    pub fn proposal(&self, result: ProposalResult) {
+        self.proposals.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// The histogram of Raft log fsync durations, for the log store's flusher thread.
+    pub fn fsync_histogram(&self) -> Histogram {
+        self.fsync.clone()
+    }
+}
+
+/// Why a session was refused or ended by the super peer.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum SessionRefusal {
+    /// The attach frame was missing, late or badly signed.
+    Unauthenticated,
+    /// No protocol version in common.
+    Incompatible,
+    /// This node does not belong to a cluster yet.
+    NotInCluster,
+    /// Its presence could not be recorded (no quorum, a timeout).
+    Unrecorded,
+    /// Too many open session streams from one IP address.
+    PerIpLimit,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabel {
+    reason: SessionRefusal,
+}
+
+/// Counters of leaf sessions.
+#[derive(Clone)]
+pub struct SessionMetrics {
+    attached: Counter,
+    refused: Family<RefusalLabel, Counter>,
+    attach_seconds: Histogram,
+}
+
+impl SessionMetrics {
+    /// A session attached, `seconds` after its stream opened.
+    pub fn attached(&self, seconds: f64) {
+        self.attached.inc();
+        self.attach_seconds.observe(seconds);
+    }
+
+    /// A session was refused.
+    pub fn refused(&self, reason: SessionRefusal) {
+        self.refused.get_or_create(&RefusalLabel { reason }).inc();
+    }
+}
+
+/// Where a message went from the sender's super peer.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum MessagePath {
+    /// The recipient has a session on this super peer.
+    Local,
+    /// The recipient's session is on another super peer.
+    Remote,
+    /// The recipient was offline: the message waits in its mailbox.
+    Mailbox,
+    /// Refused before routing (a limit, a bad message, an unknown recipient).
+    Refused,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: MessagePath,
+}
+
+/// Counters of messages routed by this super peer.
+#[derive(Clone)]
+pub struct MessageMetrics {
+    sent: Family<PathLabel, Counter>,
+    delivery_seconds: Histogram,
+}
+
+impl MessageMetrics {
+    /// A message from a leaf of this node took `path`.
+    pub fn routed(&self, path: MessagePath) {
+        self.sent.get_or_create(&PathLabel { path }).inc();
+    }
+
+    /// A message routed here was acknowledged by the recipient's library (`Local` or `Remote`), `seconds` after
+    /// its sender's super peer got it.
+    pub fn delivered(&self, seconds: f64) {
+        self.delivery_seconds.observe(seconds);
+    }
+}
+
+/// What a record write was.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum RecordOp {
+    Put,
+    Delete,
+}
+
+/// How a record write ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum RecordResult {
+    Ok,
+    /// The expected version did not match (compare-and-set lost).
+    Conflict,
+    /// Refused: not the owner, a quota, an access rule, a bad record.
+    Refused,
+    /// Not known to be applied (no leader, a timeout).
+    Failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecordLabels {
+    op: RecordOp,
+    result: RecordResult,
+}
+
+/// Counters of record writes made through this node's Leaf service.
+#[derive(Clone)]
+pub struct RecordMetrics {
+    writes: Family<RecordLabels, Counter>,
+}
+
+impl RecordMetrics {
+    pub fn write(&self, op: RecordOp, result: RecordResult) {
+        self.writes
+            .get_or_create(&RecordLabels { op, result })
+            .inc();
+    }
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+enum MemberRoleLabel {
+    Voter,
+    Standby,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: MemberRoleLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: u64,
+}
+
+/// Gauges set from the state at each scrape.
+#[derive(Clone, Default)]
+struct Sampled {
+    in_cluster: IntGauge,
+    has_leader: IntGauge,
+    is_leader: IntGauge,
+    is_voter: IntGauge,
+    term: IntGauge,
+    last_log_index: IntGauge,
+    commit_index: IntGauge,
+    applied_index: IntGauge,
+    snapshot_index: IntGauge,
+    members: Family<RoleLabel, IntGauge>,
+    replication_lag: Family<PeerLabel, IntGauge>,
+    quorum_ack_age: SecondsGauge,
+    sessions: IntGauge,
+    relay_allocations: IntGauge,
+    relay_capacity: IntGauge,
+}
+
+/// What a scrape reads the sampled gauges from: a plain snapshot, so sampling is testable without a node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    /// Raft runs on this node (it belongs to a cluster).
+    pub in_cluster: bool,
+    pub leader: Option<u64>,
+    pub node_id: Option<u64>,
+    /// This node is a voter (not a standby).
+    pub is_voter: bool,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    /// The cluster's commit index as the leader last told this node (`None` until it has).
+    pub cluster_committed: Option<u64>,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub voters: u64,
+    pub standbys: u64,
+    /// On the leader: each other member's matched log index.
+    pub replication: Vec<(u64, u64)>,
+    /// On the leader: time since a quorum last acknowledged it.
+    pub quorum_ack_age: Option<std::time::Duration>,
+    pub sessions: u64,
+    pub relay_allocations: u64,
+    pub relay_capacity: u64,
+}
+
+/// The node's metrics: the registry and the handles handed out to components.
+pub struct Metrics {
+    registry: Registry,
+    sampled: Sampled,
+    pub raft: RaftCounters,
+    pub sessions: SessionMetrics,
+    pub messages: MessageMetrics,
+    pub records: RecordMetrics,
+}
+
+fn gauge(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("vesper");
+        let sampled = Sampled::default();
+        let raft = RaftCounters {
+            leader_changes: Counter::default(),
+            proposals: Family::default(),
+            // 100 µs .. ~3.3 s, doubling.
+            fsync: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        let sessions = SessionMetrics {
+            attached: Counter::default(),
+            refused: Family::default(),
+            attach_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        };
+        let messages = MessageMetrics {
+            sent: Family::default(),
+            delivery_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+        };
+        let records = RecordMetrics {
+            writes: Family::default(),
+        };
+
+        let raft_registry = registry.sub_registry_with_prefix("raft");
+        raft_registry.register(
+            "in_cluster",
+            "1 when this node belongs to a cluster and runs Raft",
+            sampled.in_cluster.clone(),
+        );
+        raft_registry.register(
+            "has_leader",
+            "1 when this node knows a current leader",
+            sampled.has_leader.clone(),
+        );
+        raft_registry.register(
+            "is_leader",
+            "1 when this node is the leader",
+            sampled.is_leader.clone(),
+        );
+        raft_registry.register(
+            "is_voter",
+            "1 when this node is a voter (0: a standby, or not in a cluster)",
+            sampled.is_voter.clone(),
+        );
+        raft_registry.register("term", "Current Raft term", sampled.term.clone());
+        raft_registry.register(
+            "last_log_index",
+            "Index of the last entry in this node's log",
+            sampled.last_log_index.clone(),
+        );
+        raft_registry.register(
+            "commit_index",
+            "Highest log index known to be committed by a quorum",
+            sampled.commit_index.clone(),
+        );
+        raft_registry.register(
+            "applied_index",
+            "Highest log index applied to this node's state machine",
+            sampled.applied_index.clone(),
+        );
+        raft_registry.register(
+            "snapshot_index",
+            "Last log index covered by this node's snapshot",
+            sampled.snapshot_index.clone(),
+        );
+        raft_registry.register(
+            "members",
+            "Members of the cluster by role, as this node sees the membership",
+            sampled.members.clone(),
+        );
+        raft_registry.register(
+            "replication_lag_entries",
+            "On the leader: log entries each member is behind the leader's last log index",
+            sampled.replication_lag.clone(),
+        );
+        raft_registry.register_with_unit(
+            "quorum_ack_age",
+            "On the leader: time since a quorum last acknowledged it",
+            Unit::Seconds,
+            sampled.quorum_ack_age.clone(),
+        );
+        raft_registry.register(
+            "leader_changes",
+            "Leader changes this node has seen",
+            raft.leader_changes.clone(),
+        );
+        raft_registry.register(
+            "proposals",
+            "Proposals made through this node, by result",
+            raft.proposals.clone(),
+        );
+        raft_registry.register_with_unit(
+            "log_fsync",
+            "Duration of one fsync of the Raft log (one group commit)",
+            Unit::Seconds,
+            raft.fsync.clone(),
+        );
+
+        let leaf_registry = registry.sub_registry_with_prefix("sessions");
+        leaf_registry.register(
+            "active",
+            "Leaf sessions open on this node",
+            sampled.sessions.clone(),
+        );
+        leaf_registry.register(
+            "attached",
+            "Leaf sessions attached on this node",
+            sessions.attached.clone(),
+        );
+        leaf_registry.register(
+            "refused",
+            "Leaf sessions refused by this node, by reason",
+            sessions.refused.clone(),
+        );
+        leaf_registry.register_with_unit(
+            "attach",
+            "Time from a session stream opening to its welcome",
+            Unit::Seconds,
+            sessions.attach_seconds.clone(),
+        );
+
+        let message_registry = registry.sub_registry_with_prefix("messages");
+        message_registry.register(
+            "routed",
+            "Messages from leaves of this node, by the path they took",
+            messages.sent.clone(),
+        );
+        message_registry.register_with_unit(
+            "delivery",
+            "Time from a message reaching its sender's super peer to the recipient library's acknowledgement",
+            Unit::Seconds,
+            messages.delivery_seconds.clone(),
+        );
+
+        registry.register(
+            "record_writes",
+            "Record puts and deletes made through this node, by result",
+            records.writes.clone(),
+        );
+
+        let relay_registry = registry.sub_registry_with_prefix("relay");
+        relay_registry.register(
+            "allocations",
+            "Relay allocations open on this node",
+            sampled.relay_allocations.clone(),
+        );
+        relay_registry.register(
+            "capacity",
+            "Relay allocations this node accepts at most",
+            sampled.relay_capacity.clone(),
+        );
+
+        Arc::new(Self {
+            registry,
+            sampled,
+            raft,
+            sessions,
+            messages,
+            records,
+        })
+    }
+
+    /// Sets the sampled gauges from `sample`.
+    pub fn sample(&self, sample: &Sample) {
+        let s = &self.sampled;
+        let flag = |on: bool| i64::from(on);
+        s.in_cluster.set(flag(sample.in_cluster));
+        s.has_leader.set(flag(sample.leader.is_some()));
+        s.is_leader.set(flag(
+            sample.leader.is_some() && sample.leader == sample.node_id,
+        ));
+        s.is_voter.set(flag(sample.is_voter));
+        s.term.set(gauge(sample.term));
+        s.last_log_index.set(gauge(sample.last_log_index));
+        s.commit_index.set(gauge(sample.commit_index));
+        s.applied_index.set(gauge(sample.applied_index));
+        s.snapshot_index.set(gauge(sample.snapshot_index));
+        s.members
+            .get_or_create(&RoleLabel {
+                role: MemberRoleLabel::Voter,
+            })
+            .set(gauge(sample.voters));
+        s.members
+            .get_or_create(&RoleLabel {
+                role: MemberRoleLabel::Standby,
+            })
+            .set(gauge(sample.standbys));
+        // Members come and go, and a follower has no lag to report: the family is rebuilt each time.
+        s.replication_lag.clear();
+        for &(peer, matched) in &sample.replication {
+            s.replication_lag
+                .get_or_create(&PeerLabel { peer })
+                .set(gauge(sample.last_log_index.saturating_sub(matched)));
+        }
+        s.quorum_ack_age
+            .set(sample.quorum_ack_age.map_or(0.0, |age| age.as_secs_f64()));
+        s.sessions.set(gauge(sample.sessions));
+        s.relay_allocations.set(gauge(sample.relay_allocations));
+        s.relay_capacity.set(gauge(sample.relay_capacity));
+    }
+
+    /// The exposition in the OpenMetrics text format (what Prometheus asks for when it scrapes).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    /// The exposition in the classic Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics
+    /// (`curl`, `promtool check metrics`, older scrapers). See [`to_prometheus_text`].
+    pub fn encode_prometheus_text(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+}
+
+/// Rewrites an OpenMetrics text exposition into the Prometheus text format 0.0.4. The two differ, for what this
+/// registry emits, in three places: OpenMetrics names a counter family without `_total` (its samples carry it)
+/// while 0.0.4 names the family as its samples; `# UNIT` lines do not exist in 0.0.4; and OpenMetrics ends with
+/// `# EOF`. Samples are the same in both.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut pending_help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            if let Some(help) = pending_help.replace(line) {
+                out.push_str(help);
+                out.push('\n');
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let renamed =
+                (kind == "counter" && !name.ends_with("_total")).then(|| format!("{name}_total"));
+            if let Some(help) = pending_help.take() {
+                match (
+                    &renamed,
+                    help.strip_prefix("# HELP ").and_then(|h| h.split_once(' ')),
+                ) {
+                    (Some(renamed), Some((_, text))) => {
+                        out.push_str(&format!("# HELP {renamed} {text}\n"));
+                    }
+                    _ => {
+                        out.push_str(help);
+                        out.push('\n');
+                    }
+                }
+            }
+            match renamed {
+                Some(renamed) => out.push_str(&format!("# TYPE {renamed} counter\n")),
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            continue;
+        }
+        if let Some(help) = pending_help.take() {
+            out.push_str(help);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let Some(help) = pending_help {
+        out.push_str(help);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines().find(|line| {
+            line.starts_with(name)
+                && line[name.len()..].starts_with([' ', '{'])
+                && !line.starts_with('#')
+        })
+    }
+
+    #[test]
+    fn a_sample_sets_the_gauges_it_describes() {
+        let metrics = Metrics::new();
+        metrics.sample(&Sample {
+            in_cluster: true,
+            leader: Some(2),
+            node_id: Some(2),
+            term: 7,
+            last_log_index: 120,
+            commit_index: 118,
+            applied_index: 117,
+            voters: 3,
+            standbys: 1,
+            replication: vec![(1, 120), (3, 100)],
+            sessions: 5,
+            ..Sample::default()
+        });
+        let text = metrics.encode();
+        assert_eq!(
+            line(&text, "vesper_raft_is_leader"),
+            Some("vesper_raft_is_leader 1")
+        );
+        assert_eq!(line(&text, "vesper_raft_term"), Some("vesper_raft_term 7"));
+        assert!(
+            text.contains("vesper_raft_members{role=\"voter\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("vesper_raft_replication_lag_entries{peer=\"3\"} 20"));
+        assert_eq!(
+            line(&text, "vesper_sessions_active"),
+            Some("vesper_sessions_active 5")
+        );
+        // A follower reports no lag, and is not the leader.
+        metrics.sample(&Sample {
+            in_cluster: true,
+            leader: Some(2),
+            node_id: Some(1),
+            ..Sample::default()
+        });
+        let text = metrics.encode();
+        assert_eq!(
+            line(&text, "vesper_raft_is_leader"),
+            Some("vesper_raft_is_leader 0")
+        );
+        assert_eq!(
+            line(&text, "vesper_raft_has_leader"),
+            Some("vesper_raft_has_leader 1")
+        );
+        assert!(!text.contains("replication_lag_entries{"), "{text}");
+    }
+
+    #[test]
+    fn the_classic_text_format_names_counter_families_as_their_samples() {
+        let openmetrics = "# HELP vesper_x Things seen.\n# TYPE vesper_x counter\nvesper_x_total 3\n\
+                           # HELP vesper_d Durations.\n# TYPE vesper_d histogram\n# UNIT vesper_d seconds\n\
+                           vesper_d_sum 0.5\nvesper_d_count 1\nvesper_d_bucket{le=\"+Inf\"} 1\n\
+                           # HELP vesper_g A level.\n# TYPE vesper_g gauge\nvesper_g 2\n# EOF\n";
+        let classic = to_prometheus_text(openmetrics);
+        assert_eq!(
+            classic,
+            "# HELP vesper_x_total Things seen.\n# TYPE vesper_x_total counter\nvesper_x_total 3\n\
+             # HELP vesper_d Durations.\n# TYPE vesper_d histogram\n\
+             vesper_d_sum 0.5\nvesper_d_count 1\nvesper_d_bucket{le=\"+Inf\"} 1\n\
+             # HELP vesper_g A level.\n# TYPE vesper_g gauge\nvesper_g 2\n"
+        );
+        // Every counter of the real registry comes out under its sample name.
+        let metrics = Metrics::new();
+        metrics.raft.leader_changed();
+        let classic = metrics.encode_prometheus_text();
+        assert!(classic.contains("# TYPE vesper_raft_leader_changes_total counter\n"));
+        assert!(classic.contains("# HELP vesper_raft_leader_changes_total "));
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
+    }
+
+    #[test]
+    fn counters_carry_the_total_suffix_and_their_labels() {
+        let metrics = Metrics::new();
+        metrics.raft.leader_changed();
+        metrics.raft.proposal(ProposalResult::Applied);
+        metrics.messages.routed(MessagePath::Mailbox);
+        metrics.records.write(RecordOp::Put, RecordResult::Conflict);
+        metrics.sessions.refused(SessionRefusal::PerIpLimit);
+        let text = metrics.encode();
+        for expected in [
+            "vesper_raft_leader_changes_total 1",
+            "vesper_raft_proposals_total{result=\"applied\"} 1",
+            "vesper_messages_routed_total{path=\"mailbox\"} 1",
+            "vesper_record_writes_total{op=\"put\",result=\"conflict\"} 1",
+            "vesper_sessions_refused_total{reason=\"per_ip_limit\"} 1",
+            "# TYPE vesper_raft_log_fsync_seconds histogram",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+    }
+}
