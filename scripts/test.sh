@@ -6,8 +6,9 @@ source "$(dirname "$0")/env.sh"
 cd "$VESPER_ROOT"
 # The NAT lab tests build routers from network namespaces and iptables, check interop with coturn's STUN
 # client, and capture a relay's traffic with tcpdump. The ops port tests scrape a cluster with a real Prometheus
-# and check the exposition with its promtool (Debian's prometheus: about 18 s to install on a cold machine).
-vesper_install_packages iproute2 iptables coturn tcpdump prometheus
+# and check the exposition with its promtool, and load the status page in headless Chromium (Debian's
+# prometheus and chromium: about 18 s each to install on a cold machine).
+vesper_install_packages iproute2 iptables coturn tcpdump prometheus chromium
 echo "==> dependency boundary: the leaf library's tree holds no RocksDB or openraft"
 # What an app embeds must not pull in the super peer's storage or consensus. The same query on the super peer
 # must find them, or the check itself is broken.
