@@ -46,6 +46,15 @@ label_values!(MessagePath { Local => "local", Remote => "remote", Mailbox => "ma
 label_values!(RecordOp { Put => "put", Delete => "delete" });
 label_values!(RecordResult { Ok => "ok", Conflict => "conflict", Refused => "refused", Failed => "failed" });
 label_values!(MemberRoleLabel { Voter => "voter", Standby => "standby" });
+label_values!(SessionEnd { Goodbye => "goodbye", Lost => "lost", Shutdown => "shutdown" });
+label_values!(StunDrop {
+    Malformed => "malformed",
+    Amplification => "amplification",
+    SourceRate => "source_rate",
+    NodeRate => "node_rate",
+    SendFailed => "send_failed",
+});
+label_values!(ActionResult { Done => "done", Failed => "failed" });
 
 /// A gauge holding whole numbers (indexes, counts).
 type IntGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
@@ -118,7 +127,9 @@ struct RefusalLabel {
 pub struct SessionMetrics {
     attached: Counter,
     refused: Family<RefusalLabel, Counter>,
+    ended: Family<EndLabel, Counter>,
     attach_seconds: Histogram,
+    watches: IntGauge,
 }
 
 impl SessionMetrics {
@@ -132,6 +143,145 @@ impl SessionMetrics {
     pub fn refused(&self, reason: SessionRefusal) {
         self.refused.get_or_create(&RefusalLabel { reason }).inc();
     }
+
+    /// An attached session ended.
+    pub fn ended(&self, how: SessionEnd) {
+        self.ended.get_or_create(&EndLabel { how }).inc();
+    }
+
+    /// Watches open on this node's sessions went up (or down, with a negative `change`).
+    pub fn watches_changed(&self, change: i64) {
+        self.watches.inc_by(change);
+    }
+}
+
+/// Counters of the UDP port (STUN answers and the relay), bumped by its own thread.
+#[derive(Clone)]
+pub struct UdpMetrics {
+    stun_answers: Counter,
+    stun_dropped: Family<DropLabel, Counter>,
+    relayed_datagrams: Counter,
+    relayed_bytes: Counter,
+    relay_dropped: Counter,
+    relay_caps_hit: Counter,
+}
+
+/// Why the UDP port did not answer a STUN datagram.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum StunDrop {
+    /// Not a Binding request it answers.
+    Malformed,
+    /// The answer would be larger than the amplification limit allows.
+    Amplification,
+    /// The source's token bucket was empty.
+    SourceRate,
+    /// The node-wide answer rate was reached.
+    NodeRate,
+    /// The send failed (a full socket buffer).
+    SendFailed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabel {
+    reason: StunDrop,
+}
+
+impl UdpMetrics {
+    pub fn stun_answered(&self) {
+        self.stun_answers.inc();
+    }
+
+    pub fn stun_dropped(&self, reason: StunDrop) {
+        self.stun_dropped.get_or_create(&DropLabel { reason }).inc();
+    }
+
+    /// One datagram of `bytes` forwarded between the two sides of an allocation.
+    pub fn relayed(&self, bytes: usize) {
+        self.relayed_datagrams.inc();
+        self.relayed_bytes.inc_by(bytes as u64);
+    }
+
+    /// A relay datagram dropped: over its rate, or its peer side not bound yet.
+    pub fn relay_dropped(&self) {
+        self.relay_dropped.inc();
+    }
+
+    /// An allocation reached its byte or time cap and was ended.
+    pub fn relay_cap_hit(&self) {
+        self.relay_caps_hit.inc();
+    }
+}
+
+/// Snapshot builds and installs.
+#[derive(Clone)]
+pub struct SnapshotMetrics {
+    build_seconds: Histogram,
+    install_seconds: Histogram,
+    bytes: IntGauge,
+}
+
+impl SnapshotMetrics {
+    /// A snapshot of `bytes` was built in `seconds`.
+    pub fn built(&self, seconds: f64, bytes: usize) {
+        self.build_seconds.observe(seconds);
+        self.bytes.set(gauge(bytes as u64));
+    }
+
+    /// A snapshot of `bytes` from the leader was installed in `seconds`.
+    pub fn installed(&self, seconds: f64, bytes: usize) {
+        self.install_seconds.observe(seconds);
+        self.bytes.set(gauge(bytes as u64));
+    }
+}
+
+/// The placement controller's actions.
+#[derive(Clone)]
+pub struct PlacementMetrics {
+    actions: Family<ActionLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: String,
+    result: ActionResult,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+enum ActionResult {
+    Done,
+    Failed,
+}
+
+impl PlacementMetrics {
+    /// The leader's controller carried out an action of `kind` (one of a fixed set of words).
+    pub fn acted(&self, kind: &'static str, done: bool) {
+        self.actions
+            .get_or_create(&ActionLabels {
+                action: kind.to_string(),
+                result: if done {
+                    ActionResult::Done
+                } else {
+                    ActionResult::Failed
+                },
+            })
+            .inc();
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The leaf said goodbye (detach).
+    Goodbye,
+    /// The stream ended or went silent past the session TTL: the peer gets the grace period.
+    Lost,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabel {
+    how: SessionEnd,
 }
 
 /// Where a message went from the sender's super peer.
@@ -282,6 +432,9 @@ pub struct Metrics {
     pub sessions: SessionMetrics,
     pub messages: MessageMetrics,
     pub records: RecordMetrics,
+    pub udp: UdpMetrics,
+    pub snapshots: SnapshotMetrics,
+    pub placement: PlacementMetrics,
 }
 
 fn gauge(value: u64) -> i64 {
@@ -301,7 +454,26 @@ impl Metrics {
         let sessions = SessionMetrics {
             attached: Counter::default(),
             refused: Family::default(),
+            ended: Family::default(),
             attach_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            watches: IntGauge::default(),
+        };
+        let udp = UdpMetrics {
+            stun_answers: Counter::default(),
+            stun_dropped: Family::default(),
+            relayed_datagrams: Counter::default(),
+            relayed_bytes: Counter::default(),
+            relay_dropped: Counter::default(),
+            relay_caps_hit: Counter::default(),
+        };
+        let snapshots = SnapshotMetrics {
+            // 1 ms .. ~65 s.
+            build_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            install_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            bytes: IntGauge::default(),
+        };
+        let placement = PlacementMetrics {
+            actions: Family::default(),
         };
         let messages = MessageMetrics {
             sent: Family::default(),
@@ -402,6 +574,16 @@ impl Metrics {
             "Leaf sessions refused by this node, by reason",
             sessions.refused.clone(),
         );
+        leaf_registry.register(
+            "ended",
+            "Attached leaf sessions that ended, by how",
+            sessions.ended.clone(),
+        );
+        leaf_registry.register(
+            "watches",
+            "Watches open on this node's sessions",
+            sessions.watches.clone(),
+        );
         leaf_registry.register_with_unit(
             "attach",
             "Time from a session stream opening to its welcome",
@@ -439,6 +621,62 @@ impl Metrics {
             "Relay allocations this node accepts at most",
             sampled.relay_capacity.clone(),
         );
+        relay_registry.register(
+            "datagrams",
+            "Datagrams forwarded by this node's relay",
+            udp.relayed_datagrams.clone(),
+        );
+        relay_registry.register_with_unit(
+            "forwarded",
+            "Bytes forwarded by this node's relay",
+            Unit::Bytes,
+            udp.relayed_bytes.clone(),
+        );
+        relay_registry.register(
+            "dropped",
+            "Relay datagrams dropped (over an allocation's rate, or its other side not bound yet)",
+            udp.relay_dropped.clone(),
+        );
+        relay_registry.register(
+            "caps_hit",
+            "Relay allocations ended by their byte or time cap",
+            udp.relay_caps_hit.clone(),
+        );
+        let stun_registry = registry.sub_registry_with_prefix("stun");
+        stun_registry.register(
+            "answers",
+            "STUN Binding requests answered",
+            udp.stun_answers.clone(),
+        );
+        stun_registry.register(
+            "dropped",
+            "STUN datagrams not answered, by reason",
+            udp.stun_dropped.clone(),
+        );
+        let snapshot_registry = registry.sub_registry_with_prefix("raft_snapshot");
+        snapshot_registry.register_with_unit(
+            "build",
+            "Time to build a snapshot of the state machine",
+            Unit::Seconds,
+            snapshots.build_seconds.clone(),
+        );
+        snapshot_registry.register_with_unit(
+            "install",
+            "Time to install a snapshot received from the leader",
+            Unit::Seconds,
+            snapshots.install_seconds.clone(),
+        );
+        snapshot_registry.register_with_unit(
+            "size",
+            "Size of the last snapshot built or installed",
+            Unit::Bytes,
+            snapshots.bytes.clone(),
+        );
+        registry.register(
+            "placement_actions",
+            "Membership actions the placement controller took while this node led, by kind and result",
+            placement.actions.clone(),
+        );
 
         Arc::new(Self {
             registry,
@@ -447,6 +685,9 @@ impl Metrics {
             sessions,
             messages,
             records,
+            udp,
+            snapshots,
+            placement,
         })
     }
 

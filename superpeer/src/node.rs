@@ -595,12 +595,18 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     .map_err(io_error("cannot write endpoints", &endpoints_path))?;
 
     if let Some(socket) = stun_socket {
-        let port = crate::udp::stun::spawn(socket, config.stun, relay.table(), shutdown.clone())
-            .map_err(|source| NodeError::Bind {
-                what: "stun port (its thread did not start)",
-                addr: endpoints.leaf,
-                source,
-            })?;
+        let port = crate::udp::stun::spawn(
+            socket,
+            config.stun,
+            relay.table(),
+            metrics.udp.clone(),
+            shutdown.clone(),
+        )
+        .map_err(|source| NodeError::Bind {
+            what: "stun port (its thread did not start)",
+            addr: endpoints.leaf,
+            source,
+        })?;
         tasks.spawn(port);
     }
     tasks.spawn(reload_tls(
@@ -642,6 +648,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         replica.clone(),
         config.placement.clone(),
         placement_reports,
+        metrics.placement.clone(),
         shutdown.clone(),
     ));
     let ops_state = crate::ops::OpsState {
@@ -682,6 +689,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         health,
         data_dir,
         raft_counters: metrics.raft.clone(),
+        snapshot_metrics: metrics.snapshots.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
@@ -712,6 +720,7 @@ struct StartUp {
     health: HealthReporter,
     data_dir: PathBuf,
     raft_counters: crate::metrics::RaftCounters,
+    snapshot_metrics: crate::metrics::SnapshotMetrics,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -820,7 +829,8 @@ impl StartUp {
 
     async fn start_raft(&self, node_id: u64) -> Result<(), NodeError> {
         let raft_config = raft_config(&self.config)?;
-        let state_machine = StateMachine::open_with_events(self.db.clone(), self.events.clone())?;
+        let state_machine = StateMachine::open_with_events(self.db.clone(), self.events.clone())?
+            .with_snapshot_metrics(self.snapshot_metrics.clone());
         let raft = VesperRaft::new(
             node_id,
             raft_config,

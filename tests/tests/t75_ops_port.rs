@@ -28,6 +28,19 @@ async fn t75_prometheus_scrapes_three_super_peers_and_sees_the_leader_change() -
         .await?;
     alice.send(&bob.peer_id(), "text", b"hi".to_vec()).await?;
 
+    // A STUN Binding request to node 0's UDP port, answered and counted; a datagram that is not STUN is not.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let stun = cluster.nodes[0]
+        .endpoints()
+        .stun
+        .expect("STUN is on by default");
+    let (_, request) = vesper_proto::stun::binding_request();
+    udp.send_to(&request, stun).await?;
+    let mut answer = [0u8; 512];
+    tokio::time::timeout(CONVERGE_TIMEOUT, udp.recv_from(&mut answer)).await??;
+    udp.send_to(b"not stun at all, long enough to be looked at", stun)
+        .await?;
+
     let targets: Vec<SocketAddr> = (0..3).map(|index| ops_addr(&cluster, index)).collect();
     for (index, &addr) in targets.iter().enumerate() {
         let (status, text) = ops::get(addr, "/metrics").await?;
@@ -54,6 +67,21 @@ async fn t75_prometheus_scrapes_three_super_peers_and_sees_the_leader_change() -
         sender_side.contains("vesper_record_writes_total{op=\"put\",result=\"ok\"} 1"),
         "{sender_side}"
     );
+    assert_eq!(
+        ops::sample(&sender_side, "vesper_sessions_attached_total"),
+        Some(1.0)
+    );
+    assert!(ops::sample(&sender_side, "vesper_stun_answers_total").unwrap_or(0.0) >= 1.0);
+    let malformed = "vesper_stun_dropped_total{reason=\"malformed\"}";
+    wait::until(
+        "the datagram that is not STUN counted",
+        CONVERGE_TIMEOUT,
+        || async {
+            let (_, text) = ops::get(targets[0], "/metrics").await?;
+            Ok(text.contains(malformed).then_some(()))
+        },
+    )
+    .await?;
 
     let prometheus = Prometheus::start(&targets).await?;
     wait::until(
@@ -216,6 +244,19 @@ async fn t75_a_member_catching_up_by_snapshot_is_not_ready_until_it_has() -> any
     assert!(
         caught_up.snapshot_index >= purged.purged_index,
         "the member should have installed a snapshot: {caught_up:?}"
+    );
+    // The install and the leader's build are in the metrics.
+    let (_, text) = ops::get(addr, "/metrics").await?;
+    assert_eq!(
+        ops::sample(&text, "vesper_raft_snapshot_install_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(ops::sample(&text, "vesper_raft_snapshot_size_bytes").unwrap_or(0.0) > 0.0);
+    let (_, text) = ops::get(ops_addr(&cluster, leader), "/metrics").await?;
+    assert!(
+        ops::sample(&text, "vesper_raft_snapshot_build_seconds_count").unwrap_or(0.0) >= 1.0,
+        "{text}"
     );
     println!(
         "not ready {} times before ready at {applied}; reasons: {:?}",

@@ -14,7 +14,12 @@ use vesper_tests::wait;
 fn chromium(profile: &Path, url: &str, extra: &[String]) -> anyhow::Result<String> {
     let binary = ops::system_tool("chromium", "chromium")?;
     let output = std::process::Command::new(binary)
-        .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"])
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--virtual-time-budget=3000")
         .args(extra)
@@ -75,14 +80,18 @@ async fn t77_the_status_page_shows_the_members_and_marks_a_killed_one() -> anyho
         .node_id_in(&status, victim)
         .expect("the victim is a member");
 
-    let rows = wait::until("the page to show three healthy members", CONVERGE_TIMEOUT, || async {
-        let rows = healths(&chromium(profile.path(), &url, &dump)?);
-        let healthy = rows
-            .iter()
-            .filter(|(_, health)| health == "stable" || health == "healthy")
-            .count();
-        Ok((rows.len() == 3 && healthy == 3).then_some(rows))
-    })
+    let rows = wait::until(
+        "the page to show three healthy members",
+        CONVERGE_TIMEOUT,
+        || async {
+            let rows = healths(&chromium(profile.path(), &url, &dump)?);
+            let healthy = rows
+                .iter()
+                .filter(|(_, health)| health == "stable" || health == "healthy")
+                .count();
+            Ok((rows.len() == 3 && healthy == 3).then_some(rows))
+        },
+    )
     .await?;
     assert_eq!(rows.len(), 3, "{rows:?}");
     let page = chromium(profile.path(), &url, &dump)?;
@@ -90,23 +99,26 @@ async fn t77_the_status_page_shows_the_members_and_marks_a_killed_one() -> anyho
 
     cluster.kill(victim);
     let killed_at = Instant::now();
-    let marked = wait::until("the page to mark the killed member", CONVERGE_TIMEOUT, || async {
-        let rows = healths(&chromium(profile.path(), &url, &dump)?);
-        Ok(rows
-            .iter()
-            .find(|(node, health)| *node == victim_id && (health == "suspect" || health == "dead"))
-            .map(|(_, health)| health.clone()))
-    })
+    let marked = wait::until(
+        "the page to mark the killed member",
+        CONVERGE_TIMEOUT,
+        || async {
+            let rows = healths(&chromium(profile.path(), &url, &dump)?);
+            Ok(rows
+                .iter()
+                .find(|(node, health)| {
+                    *node == victim_id && (health == "suspect" || health == "dead")
+                })
+                .map(|(_, health)| health.clone()))
+        },
+    )
     .await?;
     let took = killed_at.elapsed();
     println!(
         "the page marked node {victim_id} {marked} {:.1} s after its SIGKILL",
         took.as_secs_f64()
     );
-    assert!(
-        took < Duration::from_secs(15),
-        "marked only after {took:?}"
-    );
+    assert!(took < Duration::from_secs(15), "marked only after {took:?}");
 
     let dir = artifact_dir();
     std::fs::create_dir_all(&dir)?;
@@ -121,7 +133,11 @@ async fn t77_the_status_page_shows_the_members_and_marks_a_killed_one() -> anyho
         ],
     )?;
     let png = std::fs::read(&shot)?;
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
     println!("screenshot: {}", shot.display());
 
     // The JSON behind the page says the same, and carries no record or message data.
@@ -129,6 +145,9 @@ async fn t77_the_status_page_shows_the_members_and_marks_a_killed_one() -> anyho
     assert_eq!(code, 200);
     let answer: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(answer["members"].as_array().map(Vec::len), Some(3));
-    assert!(answer["placement"]["target_voters"].as_u64().is_some(), "{answer}");
+    assert!(
+        answer["placement"]["target_voters"].as_u64().is_some(),
+        "{answer}"
+    );
     Ok(())
 }

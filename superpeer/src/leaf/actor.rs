@@ -7,7 +7,7 @@ use super::{messaging, watch};
 use crate::command::{Op, PresenceAttach, PresenceDetach};
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
-use crate::metrics::SessionRefusal;
+use crate::metrics::{SessionEnd, SessionRefusal};
 use crate::sessions;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -240,7 +240,10 @@ pub(super) async fn run_session(
                     if events.is_none() {
                         events = Some(context.events.subscribe());
                     }
-                    let frames = match Box::pin(watches.add(&context, request)).await {
+                    let before = watches.len();
+                    let added = Box::pin(watches.add(&context, request)).await;
+                    context.session_metrics.watches_changed(watches.len() as i64 - before as i64);
+                    let frames = match added {
                         Ok(frames) => frames,
                         Err(error) => vec![ServerFrame {
                             frame: Some(server_frame::Frame::WatchRefused(WatchRefused {
@@ -269,7 +272,9 @@ pub(super) async fn run_session(
                     session.answer(answer);
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Unwatch(request)) }))) => {
+                    let before = watches.len();
                     watches.remove(request.watch_id);
+                    context.session_metrics.watches_changed(watches.len() as i64 - before as i64);
                 }
                 Ok(Ok(Some(ClientFrame { frame: Some(client_frame::Frame::Detach(_)) }))) => {
                     goodbye = true;
@@ -287,6 +292,14 @@ pub(super) async fn run_session(
             }
         }
     }
+    context.session_metrics.watches_changed(-(watches.len() as i64));
+    context.session_metrics.ended(if shutdown.is_cancelled() {
+        SessionEnd::Shutdown
+    } else if goodbye {
+        SessionEnd::Goodbye
+    } else {
+        SessionEnd::Lost
+    });
     let session_id = session.id();
     // Stop taking deliveries and calls for this session at once; pushes still waiting for an acknowledgement
     // fail now (their senders queue the messages).

@@ -151,6 +151,16 @@ impl Watches {
         frames
     }
 
+    /// Watches open on this session.
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    /// Whether the session has no watch.
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
     /// Removes a watch.
     pub fn remove(&mut self, watch_id: u64) {
         self.specs.remove(&watch_id);

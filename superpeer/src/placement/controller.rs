@@ -100,6 +100,7 @@ pub async fn run(
     replica: Replica,
     config: PlacementConfig,
     reports: PlacementReports,
+    counters: crate::metrics::PlacementMetrics,
     shutdown: CancellationToken,
 ) {
     if !config.enabled {
@@ -238,6 +239,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             outcome = execute(&replica, &action, preconditions, &adopting) => outcome,
         };
+        counters.acted(action.kind(), outcome.is_ok());
         match &outcome {
             Ok(done) => tracing::info!(%action, done, "placement: done"),
             Err(error) => tracing::warn!(%action, %error, "placement: the action failed"),

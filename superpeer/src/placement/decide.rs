@@ -166,6 +166,20 @@ pub enum Decision {
     Wait { blocked: Blocked, why: String },
 }
 
+impl Action {
+    /// The kind of action, one word (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Replace { .. } => "replace",
+            Action::Promote { .. } => "promote",
+            Action::Demote { .. } => "demote",
+            Action::TransferLeader { .. } => "transfer_leader",
+            Action::Retire { .. } => "retire",
+            Action::Adopt { .. } => "adopt",
+        }
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -76,6 +76,8 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     events: EventLog,
+    /// Times and sizes of snapshot builds and installs, when the node counts them.
+    snapshot_metrics: Option<crate::metrics::SnapshotMetrics>,
 }
 
 /// Read access to the applied state for the services (records, node table).
@@ -201,7 +203,14 @@ impl StateMachine {
             last_applied,
             membership,
             events: EventLog::default(),
+            snapshot_metrics: None,
         })
+    }
+
+    /// Counts snapshot builds and installs in `metrics`.
+    pub fn with_snapshot_metrics(mut self, metrics: crate::metrics::SnapshotMetrics) -> Self {
+        self.snapshot_metrics = Some(metrics);
+        self
     }
 
     /// Applies a batch of entries in one write batch. Returns one response per entry, in order, and the events.
@@ -395,12 +404,14 @@ impl OwnedSnapshot {
 pub struct SnapshotBuilder {
     view: Arc<OwnedSnapshot>,
     meta: SnapshotMeta,
+    metrics: Option<crate::metrics::SnapshotMetrics>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, std::io::Error> {
+        let started = std::time::Instant::now();
         let view = self.view.clone();
         let meta = self.meta.clone();
         let data = blocking(move || {
@@ -417,6 +428,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Ok(data)
         })
         .await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.built(started.elapsed().as_secs_f64(), data.len());
+        }
         Ok(Snapshot {
             meta: self.meta.clone(),
             snapshot: data,
@@ -470,6 +484,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
             },
+            metrics: self.snapshot_metrics.clone(),
         }
     }
 
@@ -480,7 +495,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), std::io::Error> {
         let db = self.db.clone();
         let owned_meta = meta.clone();
+        let started = std::time::Instant::now();
+        let bytes = snapshot.len();
         blocking(move || Self::install_payload(&db, &owned_meta, &snapshot)).await?;
+        if let Some(metrics) = &self.snapshot_metrics {
+            metrics.installed(started.elapsed().as_secs_f64(), bytes);
+        }
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         // What the snapshot changed is not in the event history: watches resuming from before it reset.

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Action as RelayAction, RelayTable};
 use crate::limits::{SourceBuckets, TokenBucket};
+use crate::metrics::StunDrop;
 
 /// Slots in the per-source table (each a few bytes); see [`SourceBuckets`].
 const SOURCE_SLOTS: usize = 4096;
@@ -168,13 +169,14 @@ pub fn spawn(
     socket: std::net::UdpSocket,
     config: StunConfig,
     relay: Arc<std::sync::Mutex<RelayTable>>,
+    metrics: crate::metrics::UdpMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
         .name("vesper-udp".into())
         .spawn(move || {
-            serve(&socket, config, &relay, &shutdown);
+            serve(&socket, config, &relay, &metrics, &shutdown);
             drop(done_tx);
         })?;
     Ok(async move {
@@ -187,6 +189,7 @@ fn serve(
     socket: &std::net::UdpSocket,
     config: StunConfig,
     relay: &std::sync::Mutex<RelayTable>,
+    metrics: &crate::metrics::UdpMetrics,
     shutdown: &CancellationToken,
 ) {
     let mut limiter = Limiter::new(config);
@@ -218,6 +221,7 @@ fn serve(
         match action {
             RelayAction::Forward(to) => {
                 let _ = socket.send_to(request, to);
+                metrics.relayed(len);
                 continue;
             }
             RelayAction::Answer(answer) => {
@@ -227,30 +231,46 @@ fn serve(
                 continue;
             }
             RelayAction::End(notice, sides) => {
+                metrics.relay_cap_hit();
                 for side in sides {
                     let _ = socket.send_to(&notice, side);
                 }
                 continue;
             }
-            RelayAction::Drop => continue,
+            RelayAction::Drop => {
+                metrics.relay_dropped();
+                continue;
+            }
             RelayAction::NotRelay => {}
         }
         let reply = match vesper_proto::stun::answer(request, source) {
             Ok(reply) => reply,
             Err(reason) => {
                 tracing::trace!(%source, %reason, "stun datagram ignored");
+                metrics.stun_dropped(StunDrop::Malformed);
                 dropped += 1;
                 continue;
             }
         };
         if let Err(refused) = limiter.check(len, reply.len(), source, now) {
             tracing::trace!(%source, ?refused, "stun answer refused by a limit");
+            metrics.stun_dropped(match refused {
+                Refused::Amplification => StunDrop::Amplification,
+                Refused::SourceRate => StunDrop::SourceRate,
+                Refused::NodeRate => StunDrop::NodeRate,
+            });
             dropped += 1;
             continue;
         }
         match socket.send_to(&reply, source) {
-            Ok(_) => answered += 1,
-            Err(_) => dropped += 1,
+            Ok(_) => {
+                metrics.stun_answered();
+                answered += 1;
+            }
+            Err(_) => {
+                metrics.stun_dropped(StunDrop::SendFailed);
+                dropped += 1;
+            }
         }
     }
     tracing::debug!(answered, dropped, "udp port closed");
