@@ -890,6 +890,91 @@ mod tests {
         assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
     }
 
+    /// The sample names an exposition carries: each family's name, and for histograms its `_bucket`, `_sum` and
+    /// `_count` series.
+    fn exposed_names(exposition: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for line in exposition.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            names.insert(name.to_string());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+        names
+    }
+
+    /// The `vesper_*` metric names a query or a rules file mentions.
+    fn metric_names(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("vesper_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.push(name);
+        }
+        names
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alert_rules_name_only_exposed_metrics() {
+        let metrics = Metrics::new();
+        // Families appear in the exposition once they have a series: give each one.
+        metrics.raft.proposal(ProposalResult::Failed);
+        metrics.sessions.refused(SessionRefusal::Unauthenticated);
+        metrics.sessions.ended(SessionEnd::Lost);
+        metrics.messages.routed(MessagePath::Local);
+        metrics.records.write(RecordOp::Put, RecordResult::Ok);
+        metrics.udp.stun_dropped(StunDrop::Malformed);
+        metrics.placement.acted("promote", true);
+        metrics.sample(&Sample {
+            replication: vec![(2, 1)],
+            ..Sample::default()
+        });
+        let exposed = exposed_names(&metrics.encode_prometheus_text());
+        let monitoring = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring");
+        let mut mentioned = 0;
+        for file in [
+            "grafana/vesper-dashboard.json",
+            "prometheus/vesper-rules.yml",
+            "prometheus/vesper-rules.test.yml",
+        ] {
+            let text = std::fs::read_to_string(monitoring.join(file)).expect("read the file");
+            for name in metric_names(&text) {
+                assert!(
+                    exposed.contains(&name),
+                    "{file} names {name}; exposed: {exposed:?}"
+                );
+                mentioned += 1;
+            }
+        }
+        assert!(mentioned > 30, "only {mentioned} metric names found");
+        // And docs/OPERATIONS.md documents every family the node exposes.
+        let operations = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/OPERATIONS.md"),
+        )
+        .expect("read docs/OPERATIONS.md");
+        let documented: std::collections::BTreeSet<String> =
+            metric_names(&operations).into_iter().collect();
+        for line in metrics.encode_prometheus_text().lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap_or(rest);
+                assert!(
+                    documented.contains(name),
+                    "{name} is not in docs/OPERATIONS.md"
+                );
+            }
+        }
+    }
+
     #[test]
     fn counters_carry_the_total_suffix_and_their_labels() {
         let metrics = Metrics::new();

@@ -131,6 +131,27 @@ async fn t75_prometheus_scrapes_three_super_peers_and_sees_the_leader_change() -
         },
     )
     .await?;
+
+    // Every dashboard query is PromQL this Prometheus accepts (that they name only exposed metrics is a unit
+    // test of superpeer/src/metrics.rs).
+    let monitoring = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        monitoring.join("grafana/vesper-dashboard.json"),
+    )?)?;
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    assert!(queries.len() > 20, "{} queries", queries.len());
+    for query in &queries {
+        let query = query.replace("$job", ".*");
+        prometheus
+            .query(&query)
+            .await
+            .map_err(|error| anyhow::anyhow!("dashboard query {query}: {error}"))?;
+    }
     Ok(())
 }
 
