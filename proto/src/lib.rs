@@ -29,6 +29,7 @@ pub mod relay;
 pub mod search;
 pub mod session;
 pub mod stun;
+pub mod trace;
 pub mod validate;
 pub mod version;
 

@@ -9,18 +9,15 @@ use vesper_superpeer::cli::{build_config, Args};
 /// Exit code for bad usage or configuration (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,openraft=warn,stun_types=error")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+/// Logs to stderr, and traces over OTLP when the OTEL_* variables ask for it (docs/OPERATIONS.md). A super
+/// peer continues the traces leaves start and starts none of its own.
+fn init_telemetry(json: bool) -> vesper_telemetry::Telemetry {
+    vesper_telemetry::init(vesper_telemetry::Options {
+        service: "vesper-superpeer",
+        default_filter: "info,openraft=warn,stun_types=error".into(),
+        json,
+        sampling: vesper_telemetry::Sampling::FollowParent,
+    })
 }
 
 async fn wait_for_signal() {
@@ -74,7 +71,10 @@ async fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_tracing(args.log_json);
+    let telemetry = init_telemetry(args.log_json);
+    if telemetry.exporting() {
+        tracing::info!("exporting traces over OTLP");
+    }
     let config = match build_config(&args) {
         Ok(config) => config,
         Err(problems) => {
@@ -107,5 +107,7 @@ async fn main() -> ExitCode {
     }
     node.shutdown().await;
     tracing::info!("stopped");
+    // The last spans are sent before the process ends (bounded by the exporter's timeout).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     ExitCode::SUCCESS
 }

@@ -348,6 +348,29 @@ impl SessionRegistry {
         if lives.is_empty() {
             return Err(DeliveryError::NotHere);
         }
+        let mut messages = messages;
+        // A traced message gets a span for its push to the leaf, open until this delivery is done.
+        let _pushes: Vec<tracing::Span> = messages
+            .iter_mut()
+            .filter(|message| !message.traceparent.is_empty())
+            .map(|message| {
+                let span = tracing::info_span!(
+                    "vesper.deliver",
+                    otel.kind = "producer",
+                    messaging.system = "vesper",
+                    messaging.operation.type = "send",
+                    messaging.message.id = %message.id,
+                    vesper.from_mailbox = message.from_mailbox,
+                );
+                vesper_proto::trace::adopt(&span, &message.traceparent, &message.tracestate);
+                vesper_proto::trace::write(
+                    &span,
+                    &mut message.traceparent,
+                    &mut message.tracestate,
+                );
+                span
+            })
+            .collect();
         let count = messages.len();
         let deadline = tokio::time::Instant::now() + timeout;
         if let [live] = lives.as_slice() {

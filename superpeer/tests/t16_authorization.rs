@@ -494,6 +494,7 @@ async fn t16_index_and_mailbox_quotas_refuse_before_raft() -> anyhow::Result<()>
         id: id.into(),
         kind: "note".into(),
         payload: id.as_bytes().to_vec(),
+        ..Default::default()
     };
     for id in ["m1", "m2"] {
         let sent = client
@@ -630,6 +631,7 @@ async fn t16_size_limits_follow_the_configuration_and_answers_stay_bounded() -> 
         id: format!("m{payload}"),
         kind: "note".into(),
         payload: vec![2; payload],
+        ..Default::default()
     };
     let status = client
         .send_message(alice.request(send(501)))

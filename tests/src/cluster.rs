@@ -66,6 +66,8 @@ pub struct NodeOptions {
     pub listen_ips: Vec<std::net::IpAddr>,
     /// More flags for node i only (`node_args[i]`), after `extra_args`.
     pub node_args: Vec<Vec<String>>,
+    /// Environment variables of every node process (`OTEL_*`, say); nodes inside the test process ignore them.
+    pub env: Vec<(String, String)>,
     /// Give each node a certificate of its own (`certs/<name>.pem`), instead of one shared by all.
     pub per_node_certs: bool,
     /// Give every node the certificate issuer of adopted nodes (`vesperctl ca issuer`, `--issuer-cert`).
@@ -337,6 +339,7 @@ impl Cluster {
         command
             .args(&argv[1..])
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.options.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -242,6 +242,7 @@ async fn t60_a_super_peer_refuses_sends_past_1024_or_4_mib_of_payload_in_flight(
             id: format!("m{request_id}"),
             kind: "chat".into(),
             payload,
+            ..Default::default()
         }),
     };
 
@@ -721,6 +722,7 @@ async fn t60_sends_queued_together_travel_as_one_batch_across_super_peers() -> a
                 id: format!("batch-{n}"),
                 kind: "note".into(),
                 payload: vec![n],
+                ..Default::default()
             }),
         })
         .collect();
@@ -918,6 +920,7 @@ fn send_frame(request_id: u64, to: &str, id: &str, payload: &[u8]) -> ClientFram
                 id: id.to_string(),
                 kind: "note".into(),
                 payload: payload.to_vec(),
+                ..Default::default()
             }),
         })),
     }

@@ -262,6 +262,7 @@ async fn t66_a_retried_message_id_is_not_pushed_to_the_recipient_again() -> anyh
             id: id.into(),
             kind: "note".into(),
             payload: id.as_bytes().to_vec(),
+            ..Default::default()
         };
         let mut client = sender.client.clone();
         let request = sender.request(request);

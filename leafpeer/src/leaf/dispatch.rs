@@ -68,7 +68,26 @@ pub async fn hand_over(
     let mut runs: Vec<(mpsc::Sender<Run>, Received)> = Vec::new();
     {
         let mut by_kind = lanes.by_kind.lock().expect("lanes lock");
-        for (message, first) in messages {
+        for (mut message, first) in messages {
+            if !message.traceparent.is_empty() {
+                // The last hop of the message's trace: it reached this library. The app's handler may continue
+                // the trace from the message's (rewritten) fields.
+                let span = tracing::info_span!(
+                    "vesper.receive",
+                    otel.kind = "consumer",
+                    messaging.system = "vesper",
+                    messaging.operation.type = "receive",
+                    messaging.message.id = %message.id,
+                    vesper.from_mailbox = message.from_mailbox,
+                    vesper.retry = !first,
+                );
+                vesper_proto::trace::adopt(&span, &message.traceparent, &message.tracestate);
+                vesper_proto::trace::write(
+                    &span,
+                    &mut message.traceparent,
+                    &mut message.tracestate,
+                );
+            }
             // A retry goes to the lane of its kind if it has one, so that its ack follows the first copy's.
             let lane = match by_kind.get(&message.kind) {
                 Some(lane) => lane,

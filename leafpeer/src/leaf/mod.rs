@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 mod connect;
 mod dispatch;
@@ -425,12 +426,30 @@ impl Leaf {
         validate::kind(kind)?;
         validate::message_payload(&validate::SizeLimits::CEILING, &payload)?;
         // Every attempt carries the same message, id included, so the recipient's app gets it once.
-        let message = SendMessageRequest {
+        let mut message = SendMessageRequest {
             to: to.to_string(),
             id: data_encoding::HEXLOWER.encode(&rand::random::<[u8; 12]>()),
             kind: kind.to_string(),
             payload,
+            traceparent: String::new(),
+            tracestate: String::new(),
         };
+        // One message, one trace: this span (a child of the app's current span) starts it, and its context
+        // travels in the message to every hop. With no OpenTelemetry layer installed it is inert.
+        let span = tracing::info_span!(
+            "vesper.send",
+            otel.kind = "producer",
+            messaging.system = "vesper",
+            messaging.operation.type = "send",
+            messaging.message.id = %message.id,
+            messaging.destination.name = %message.to,
+        );
+        vesper_proto::trace::write(&span, &mut message.traceparent, &mut message.tracestate);
+        self.send_traced(message).instrument(span).await
+    }
+
+    /// The attempts of one send.
+    async fn send_traced(&self, message: SendMessageRequest) -> Result<SendOutcome, LeafError> {
         let mut attempt = 0;
         loop {
             attempt += 1;

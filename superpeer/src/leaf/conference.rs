@@ -171,6 +171,8 @@ pub(super) async fn invite(
                 sent_at_ms: crate::raft::propose::now_ms(),
                 from_mailbox: false,
                 delivery_id: 0,
+                traceparent: String::new(),
+                tracestate: String::new(),
             };
             for fate in messaging::send_all(&service.context, &owner, invitee, vec![message]).await
             {

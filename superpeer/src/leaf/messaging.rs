@@ -177,7 +177,7 @@ fn check_send(
     }
     validate::kind(&request.kind).map_err(ServiceError::from)?;
     validate::message_payload(&config.limits, &request.payload).map_err(ServiceError::from)?;
-    let message = Message {
+    let mut message = Message {
         id: request.id,
         from: origin.text.clone(),
         kind: request.kind,
@@ -185,7 +185,21 @@ fn check_send(
         sent_at_ms: origin.at_ms,
         from_mailbox: false,
         delivery_id: 0,
+        traceparent: String::new(),
+        tracestate: String::new(),
     };
+    if !request.traceparent.is_empty() {
+        // The sender's super peer took the message: the next hops are children of this span.
+        let span = tracing::info_span!(
+            "vesper.route",
+            otel.kind = "consumer",
+            messaging.system = "vesper",
+            messaging.operation.type = "process",
+            messaging.message.id = %message.id,
+        );
+        vesper_proto::trace::adopt(&span, &request.traceparent, &request.tracestate);
+        vesper_proto::trace::write(&span, &mut message.traceparent, &mut message.tracestate);
+    }
     Ok((to, message))
 }
 
@@ -320,6 +334,9 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
                 sent_at_ms: item.message.sent_at_ms,
                 from_mailbox: true,
                 delivery_id: 0,
+                // The mailbox does not keep a message's trace context yet (docs/OPERATIONS.md, "Traces").
+                traceparent: String::new(),
+                tracestate: String::new(),
             });
         }
         let count = batch.len();

@@ -69,29 +69,30 @@ async fn command(at: &Attached<'_>, command: &Command) -> anyhow::Result<()> {
 }
 
 /// The library logs through `tracing`; this shows it on stderr: warnings by default, more with `-v`, or what
-/// `RUST_LOG` says.
-fn init_logging(verbose: u8, format: LogFormat) {
+/// `RUST_LOG` says. With the OTEL_* variables set, its spans (a message sent or received) are exported too,
+/// sampled as `OTEL_TRACES_SAMPLER` says.
+fn init_telemetry(verbose: u8, format: LogFormat) -> vesper_telemetry::Telemetry {
     let default = match verbose {
         0 => "warn",
         1 => "warn,vesper_leafpeer=info,leafpeer=info",
         _ => "info,vesper_leafpeer=debug,leafpeer=debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    vesper_telemetry::init(vesper_telemetry::Options {
+        service: "vesper-leaf",
+        default_filter: default.into(),
+        json: format == LogFormat::Json,
+        sampling: vesper_telemetry::Sampling::Environment,
+    })
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.log_format);
-    match run(cli).await {
+    let telemetry = init_telemetry(cli.verbose, cli.log_format);
+    let result = run(cli).await;
+    // Spans still queued are sent before exit.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("leafpeer: {error:#}");

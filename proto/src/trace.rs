@@ -1,0 +1,119 @@
+//! W3C trace context carried in messages.
+//!
+//! A message rides long-lived streams and batches (the leaf's session, `Cluster.DeliverStream`, the mailbox), so
+//! per-call gRPC metadata would make one trace per stream. Each message carries its own context instead, in
+//! `traceparent` / `tracestate` fields (`Message`, `SendMessageRequest`), written and read with the
+//! OpenTelemetry W3C propagator. Both fields stay empty when the sender traces nothing, so an untraced message
+//! costs nothing on the wire; a traced one 55 bytes or so.
+//!
+//! The span a context is taken from or given to is a `tracing` span; with no OpenTelemetry layer installed its
+//! context is empty, nothing is written, and setting a parent does nothing.
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Longest `traceparent` accepted (the W3C format is 55 characters for version 00).
+pub const MAX_TRACEPARENT_LEN: usize = 64;
+/// Longest `tracestate` accepted (W3C: at most 32 members; vendors keep it far shorter).
+pub const MAX_TRACESTATE_LEN: usize = 512;
+
+struct Fields<'a> {
+    traceparent: &'a mut String,
+    tracestate: &'a mut String,
+}
+
+impl Injector for Fields<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            "traceparent" => *self.traceparent = value,
+            "tracestate" => *self.tracestate = value,
+            _ => {}
+        }
+    }
+}
+
+struct Read<'a> {
+    traceparent: &'a str,
+    tracestate: &'a str,
+}
+
+impl Extractor for Read<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" if !self.traceparent.is_empty() => Some(self.traceparent),
+            "tracestate" if !self.tracestate.is_empty() => Some(self.tracestate),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// Writes the context of `span` into the two fields; clears them when the span is not traced.
+pub fn write(span: &tracing::Span, traceparent: &mut String, tracestate: &mut String) {
+    traceparent.clear();
+    tracestate.clear();
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return;
+    }
+    TraceContextPropagator::new().inject_context(
+        &context,
+        &mut Fields {
+            traceparent,
+            tracestate,
+        },
+    );
+}
+
+/// Makes the context in the two fields the parent of `span`, which must not have been entered yet. Fields that
+/// are empty, too long or malformed leave `span` a root (sampled or not by the receiver's own rule).
+pub fn adopt(span: &tracing::Span, traceparent: &str, tracestate: &str) {
+    if traceparent.is_empty()
+        || traceparent.len() > MAX_TRACEPARENT_LEN
+        || tracestate.len() > MAX_TRACESTATE_LEN
+    {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&Read {
+        traceparent,
+        tracestate,
+    });
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_untraced_span_writes_nothing() {
+        let (mut parent, mut state) = ("stale".to_string(), "stale".to_string());
+        write(&tracing::info_span!("untraced"), &mut parent, &mut state);
+        assert_eq!((parent.as_str(), state.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn bad_fields_are_ignored() {
+        let span = tracing::info_span!("receiver");
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-0000000000000000-01",
+            &"0".repeat(100),
+        ] {
+            adopt(&span, bad, "");
+        }
+        adopt(
+            &span,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03",
+            &"x".repeat(600),
+        );
+    }
+}

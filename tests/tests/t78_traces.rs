@@ -1,0 +1,243 @@
+//! One message is one trace: a real OTLP receiver (Python's grpcio with the OpenTelemetry protocol package, so
+//! another language and gRPC stack than the exporters) gets the spans of a message sent by a `leafpeer` on one
+//! super peer to a `leafpeer` on another, all in one trace and parented hop by hop; and a collector that is down
+//! changes nothing for the data path.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+use vesper_tests::cli::json_of;
+use vesper_tests::cluster::{Cluster, NodeOptions, CONVERGE_TIMEOUT};
+use vesper_tests::wait;
+
+/// The Python OTLP receiver (clients/python/otlp_receiver.py) writing spans to `spans`; killed when dropped.
+struct Receiver {
+    _child: tokio::process::Child,
+    port: u16,
+}
+
+async fn receiver(spans: &Path) -> anyhow::Result<Receiver> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = tokio::process::Command::new(root.join("scripts/python-client.sh"))
+        .arg(root.join("clients/python/otlp_receiver.py"))
+        .arg(spans)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("the OTLP receiver did not start within 120 s"))??
+        .ok_or_else(|| anyhow::anyhow!("the OTLP receiver exited"))?;
+    let port = line
+        .strip_prefix("listening ")
+        .and_then(|port| port.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unexpected first line {line:?}"))?;
+    Ok(Receiver {
+        _child: child,
+        port,
+    })
+}
+
+/// Environment of a process exporting to `endpoint`: short batching so spans leave within a moment.
+fn otel_env(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+    ]
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .to_vec()
+}
+
+/// `leafpeer` seeded with node `index` alone, with `env`.
+fn leafpeer(
+    cluster: &Cluster,
+    index: usize,
+    key: &Path,
+    env: &[(String, String)],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(vesper_tests::binary("leafpeer"));
+    command
+        .arg("--seeds")
+        .arg(cluster.nodes[index].endpoints().leaf.to_string())
+        .arg("--ca")
+        .arg(cluster.pki.ca_cert())
+        .arg("--key")
+        .arg(key)
+        .arg("--json")
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+fn spans_in(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Sends one message from a leaf on node 0 to a listening leaf on node 1; returns once it was received.
+async fn one_message(cluster: &Cluster, env: &[(String, String)]) -> anyhow::Result<()> {
+    let alice = cluster.root().join("alice.key");
+    let bob = cluster.root().join("bob.key");
+    let bob_id = json_of(&vesper_tests::cli::leafpeer(cluster, &bob, &["id"]))["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_string();
+    let listener = leafpeer(cluster, 1, &bob, env)
+        .args(["listen", "--count", "1", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Bob online before the send, so the message goes straight to him, not to his mailbox.
+    let observer = cluster.leaf(0).await?;
+    let bob_peer: vesper_proto::PeerId = bob_id.parse()?;
+    wait::until("bob online", CONVERGE_TIMEOUT, || async {
+        let presence = observer
+            .lookup(&bob_peer, vesper_leafpeer::Consistency::Linearizable)
+            .await?;
+        Ok(presence
+            .filter(|presence| presence.status != vesper_leafpeer::PresenceStatus::Offline as i32)
+            .map(|_| ()))
+    })
+    .await?;
+    let sent = leafpeer(cluster, 0, &alice, env)
+        .args(["send", &bob_id, "hello"])
+        .output()
+        .await?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let sent: Value = serde_json::from_slice(&sent.stdout)?;
+    assert_eq!(sent["outcome"], "delivered", "{sent}");
+    let received = tokio::time::timeout(CONVERGE_TIMEOUT, listener.wait_with_output()).await??;
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert!(String::from_utf8_lossy(&received.stdout).contains("hello"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t78_one_message_across_two_super_peers_is_one_trace() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spans_path = dir.path().join("spans.jsonl");
+    let receiver = receiver(&spans_path).await?;
+    let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
+    let cluster = Cluster::start(
+        2,
+        NodeOptions {
+            env: env.clone(),
+            ..NodeOptions::default()
+        },
+    )
+    .await?;
+    one_message(&cluster, &env).await?;
+
+    // The leaves flushed at exit; the super peers export within their batch delay.
+    let by_name = wait::until(
+        "the four spans of the message",
+        CONVERGE_TIMEOUT,
+        || async {
+            let spans = spans_in(&spans_path);
+            let Some(send) = spans.iter().find(|span| span["name"] == "vesper.send") else {
+                return Ok(None);
+            };
+            let id = send["attributes"]["messaging.message.id"].clone();
+            let of_message: BTreeMap<String, Value> = spans
+                .iter()
+                .filter(|span| span["attributes"]["messaging.message.id"] == id)
+                .map(|span| {
+                    (
+                        span["name"].as_str().unwrap_or("").to_string(),
+                        span.clone(),
+                    )
+                })
+                .collect();
+            Ok((of_message.len() >= 4).then_some(of_message))
+        },
+    )
+    .await
+    .map_err(|error| anyhow::anyhow!("{error}; spans: {:#?}", spans_in(&spans_path)))?;
+    let span = |name: &str| &by_name[name];
+    let (send, route, deliver, receive) = (
+        span("vesper.send"),
+        span("vesper.route"),
+        span("vesper.deliver"),
+        span("vesper.receive"),
+    );
+    for hop in [route, deliver, receive] {
+        assert_eq!(hop["trace_id"], send["trace_id"], "one trace: {by_name:#?}");
+    }
+    assert_eq!(route["parent_span_id"], send["span_id"], "{by_name:#?}");
+    assert_eq!(deliver["parent_span_id"], route["span_id"], "{by_name:#?}");
+    assert_eq!(
+        receive["parent_span_id"], deliver["span_id"],
+        "{by_name:#?}"
+    );
+    assert_eq!(send["service"], "vesper-leaf");
+    assert_eq!(receive["service"], "vesper-leaf");
+    assert_eq!(route["service"], "vesper-superpeer");
+    assert_eq!(deliver["service"], "vesper-superpeer");
+    assert_eq!(
+        (send["kind"].as_str(), receive["kind"].as_str()),
+        (Some("producer"), Some("consumer"))
+    );
+    assert_eq!(send["attributes"]["messaging.system"], "vesper");
+    // Super peers start no traces of their own: every span the receiver got belongs to the message's trace.
+    let strays: Vec<Value> = spans_in(&spans_path)
+        .into_iter()
+        .filter(|other| other["trace_id"] != send["trace_id"])
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "spans outside the message's trace: {strays:#?}"
+    );
+    println!(
+        "trace {}: {}",
+        send["trace_id"],
+        [
+            "vesper.send",
+            "vesper.route",
+            "vesper.deliver",
+            "vesper.receive"
+        ]
+        .join(" -> ")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t78_a_collector_that_is_down_changes_nothing_for_messages() -> anyhow::Result<()> {
+    // A port nothing listens on: every export fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let env = otel_env(&format!("http://{closed}"));
+    let cluster = Cluster::start(
+        2,
+        NodeOptions {
+            env: env.clone(),
+            ..NodeOptions::default()
+        },
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    one_message(&cluster, &env).await?;
+    println!(
+        "sent and received with the collector down in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
