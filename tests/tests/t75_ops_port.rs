@@ -333,3 +333,36 @@ fn t75_the_alert_rules_pass_promtool_and_their_own_tests() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t75_a_leafs_metrics_go_into_the_apps_own_registry() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let alice = cluster.leaf(0).await?;
+    let bob = cluster.leaf(0).await?;
+    let mut inbox = bob.messages().expect("the stream");
+    let mut registry = prometheus_client::registry::Registry::default();
+    alice.metrics().register(&mut registry);
+    let mut bobs = prometheus_client::registry::Registry::default();
+    bob.metrics().register(&mut bobs);
+    alice.send(&bob.peer_id(), "note", b"hi".to_vec()).await?;
+    tokio::time::timeout(CONVERGE_TIMEOUT, inbox.recv())
+        .await?
+        .expect("a message");
+    let text = |registry: &prometheus_client::registry::Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text
+    };
+    let sent = text(&registry);
+    assert!(
+        sent.contains("vesper_leaf_messages_sent_total{outcome=\"delivered\"} 1"),
+        "{sent}"
+    );
+    assert!(sent.contains("vesper_leaf_send_seconds_count 1"), "{sent}");
+    let received = text(&bobs);
+    assert!(
+        received.contains("vesper_leaf_messages_received_total 1"),
+        "{received}"
+    );
+    Ok(())
+}

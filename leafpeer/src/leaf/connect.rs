@@ -157,8 +157,22 @@ pub async fn carry_out_plan(shared: Arc<Shared>, plan: PunchPlan) {
     {
         Ok(connection) => {
             tracing::info!(%peer, path = %connection.path(), "accepted a peer connection");
+            let path = match connection.path() {
+                crate::p2p::Path::Direct(_) => super::metrics::ConnectionPath::Direct,
+                _ => super::metrics::ConnectionPath::Relayed,
+            };
+            shared
+                .metrics
+                .connection(path, super::metrics::Side::Accept, None);
             let _ = shared.peers.incoming.send(connection).await;
         }
-        Err(error) => tracing::warn!(%peer, %error, "an accepted peer connection failed"),
+        Err(error) => {
+            tracing::warn!(%peer, %error, "an accepted peer connection failed");
+            shared.metrics.connection(
+                super::metrics::ConnectionPath::Failed,
+                super::metrics::Side::Accept,
+                None,
+            );
+        }
     }
 }

@@ -66,6 +66,9 @@ pub async fn hand_over(
 ) -> bool {
     // Usually one lane per frame: a run per lane, in the order the lanes first appear.
     let mut runs: Vec<(mpsc::Sender<Run>, Received)> = Vec::new();
+    shared
+        .metrics
+        .received(messages.iter().filter(|(_, first)| *first).count());
     {
         let mut by_kind = lanes.by_kind.lock().expect("lanes lock");
         for (mut message, first) in messages {

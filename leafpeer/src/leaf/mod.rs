@@ -9,6 +9,7 @@ mod connect;
 mod dispatch;
 mod endpoints;
 mod follow;
+pub mod metrics;
 mod offer;
 mod outgoing;
 mod role;
@@ -204,6 +205,7 @@ impl Leaf {
             stop: CancellationToken::new(),
             ended: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
+            metrics: metrics::LeafMetrics::default(),
         });
         // Published before returning, so calls work at once.
         shared
@@ -292,7 +294,21 @@ impl Leaf {
     /// through a super peer's relay. The peer's app must accept (see [`Leaf::set_connect_policy`]).
     pub async fn connect_to(&self, peer: &PeerId) -> Result<crate::p2p::PeerConnection, LeafError> {
         let connection = self.connection().await?;
-        connect::dial(&self.inner.shared, &connection, peer).await
+        let started = std::time::Instant::now();
+        let dialled = connect::dial(&self.inner.shared, &connection, peer).await;
+        let path = match &dialled {
+            Ok(connection) if matches!(connection.path(), crate::p2p::Path::Direct(_)) => {
+                metrics::ConnectionPath::Direct
+            }
+            Ok(_) => metrics::ConnectionPath::Relayed,
+            Err(_) => metrics::ConnectionPath::Failed,
+        };
+        let took = dialled.is_ok().then(|| started.elapsed().as_secs_f64());
+        self.inner
+            .shared
+            .metrics
+            .connection(path, metrics::Side::Dial, took);
+        dialled
     }
 
     /// Sets who may connect to this leaf; without a policy every offer is refused.
@@ -445,7 +461,23 @@ impl Leaf {
             messaging.destination.name = %message.to,
         );
         vesper_proto::trace::write(&span, &mut message.traceparent, &mut message.tracestate);
-        self.send_traced(message).instrument(span).await
+        let started = std::time::Instant::now();
+        let outcome = self.send_traced(message).instrument(span).await;
+        self.inner.shared.metrics.sent(
+            match &outcome {
+                Ok(SendOutcome::Delivered) => metrics::SendEnd::Delivered,
+                Ok(SendOutcome::Queued) => metrics::SendEnd::Queued,
+                Err(_) => metrics::SendEnd::Failed,
+            },
+            started.elapsed().as_secs_f64(),
+        );
+        outcome
+    }
+
+    /// What this leaf counts about itself (messages sent and received, re-attaches, peer connections by path),
+    /// to register in the app's own Prometheus registry ([`metrics::LeafMetrics::register`]).
+    pub fn metrics(&self) -> metrics::LeafMetrics {
+        self.inner.shared.metrics.clone()
     }
 
     /// The attempts of one send.

@@ -187,6 +187,7 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached, lanes: Arc<L
         }
         if let Some(next) = moved {
             tracing::info!(from = %server, to = %next.connection.server, "moved to another super peer");
+            shared.metrics.moved();
             attached = next;
             continue;
         }
@@ -216,6 +217,7 @@ pub async fn supervise(shared: Arc<Shared>, mut attached: Attached, lanes: Arc<L
             backoff = (backoff * 2).min(MAX_BACKOFF);
         };
         let took = lost_at.elapsed();
+        shared.metrics.reattached(took.as_secs_f64());
         shared
             .attachment
             .reattach_times

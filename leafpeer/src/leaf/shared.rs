@@ -56,6 +56,8 @@ pub struct Shared {
     pub ended: std::sync::OnceLock<String>,
     /// Every task of the leaf, so that none outlives it unseen.
     pub tasks: TaskTracker,
+    /// What the leaf counts about itself (`Leaf::metrics`).
+    pub metrics: super::metrics::LeafMetrics,
 }
 
 impl Shared {
