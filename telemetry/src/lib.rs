@@ -43,9 +43,13 @@ pub struct Options {
     pub sampling: Sampling,
 }
 
+/// Turns span export off and on again (the OpenTelemetry layer's filter).
+type Switch = Box<dyn Fn(bool) + Send + Sync>;
+
 /// The installed set-up; [`Telemetry::shutdown`] at exit sends the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    switch: Option<Switch>,
     /// Why traces are not exported even though asked for, to log once the subscriber is up.
     pub export_error: Option<String>,
 }
@@ -54,6 +58,14 @@ impl Telemetry {
     /// Whether spans are exported.
     pub fn exporting(&self) -> bool {
         self.provider.is_some()
+    }
+
+    /// Stops recording spans for export (`false`) or starts again (`true`), for benchmarks that compare both in
+    /// one process. Nothing happens when export is not set up.
+    pub fn set_exporting(&self, on: bool) {
+        if let Some(switch) = &self.switch {
+            switch(on);
+        }
     }
 
     /// Flushes and stops the exporter. Blocks while the last batch is sent (the SDK bounds it by its export
@@ -131,20 +143,33 @@ pub fn init(options: Options) -> Telemetry {
     } else {
         (None, None)
     };
+    let (targets, handle) = tracing_subscriber::reload::Layer::new(exported_targets());
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(options.service))
-            .with_filter(exported_targets())
+            .with_filter(targets)
     });
     tracing_subscriber::registry()
         .with(logs)
         .with(traces)
         .init();
+    let switch: Option<Switch> = provider.is_some().then(|| {
+        Box::new(move |on: bool| {
+            let _ = handle.modify(|targets| {
+                *targets = if on {
+                    exported_targets()
+                } else {
+                    Targets::new()
+                }
+            });
+        }) as Switch
+    });
     if let Some(error) = &export_error {
         tracing::warn!(%error, "OTLP trace export was asked for and cannot start; going on without it");
     }
     Telemetry {
         provider,
+        switch,
         export_error,
     }
 }

@@ -1,0 +1,224 @@
+//! `vesper-bench-tracing`: what exporting traces costs messaging, side by side in one run.
+//!
+//! Two clusters of two super peers: one plain, one exporting to an OTLP receiver (the Python receiver of the
+//! trace tests, `clients/python/otlp_receiver.py`). Leaves in this process send across the two super peers of
+//! each cluster; for the traced cluster this process exports its leaves' spans too (default sampling:
+//! `parentbased_always_on`, so every message is traced: 4 spans), for the plain one it records none. The cases
+//! take turns for `--rounds` rounds and the medians are compared:
+//! - pipelined throughput: `--window` sends in flight for `--seconds`, messages per second received;
+//! - round trips: `--round-trips` sends one after the other, p50 and p99.
+//!
+//! Build in release mode first: `cargo build --release --workspace --bins && target/release/vesper-bench-tracing`.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::io::AsyncBufReadExt;
+use tokio::task::JoinSet;
+use vesper_leafpeer::Leaf;
+use vesper_tests::cluster::{Cluster, NodeOptions};
+
+#[derive(Debug, Clone, Parser)]
+struct Args {
+    /// Rounds; each runs both cases once.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds of pipelined sending per case and round.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Sends in flight in the pipelined test.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Round trips per case and round.
+    #[arg(long, default_value_t = 1000)]
+    round_trips: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+}
+
+fn options(env: Vec<(String, String)>) -> NodeOptions {
+    NodeOptions {
+        extra_args: ["--send-rate", "10000000", "--send-burst", "10000000"]
+            .map(String::from)
+            .to_vec(),
+        env,
+        ..NodeOptions::default()
+    }
+}
+
+async fn pipelined(sender: &Leaf, to: &Leaf, received: &AtomicU64, args: &Args) -> f64 {
+    let before = received.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let duration = Duration::from_secs(args.seconds);
+    let mut senders = JoinSet::new();
+    for _ in 0..args.window {
+        let (sender, to, payload) = (
+            sender.clone(),
+            to.peer_id(),
+            vec![0x42u8; args.payload_bytes],
+        );
+        senders.spawn(async move {
+            while start.elapsed() < duration {
+                let _ = sender.send(&to, "tp", payload.clone()).await;
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    (received.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn round_trips(sender: &Leaf, to: &Leaf, args: &Args) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for _ in 0..args.round_trips {
+        let begin = Instant::now();
+        sender
+            .send(&to.peer_id(), "rt", vec![0x42u8; args.payload_bytes])
+            .await?;
+        histogram.record(begin.elapsed().as_micros() as u64)?;
+    }
+    Ok(histogram)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+struct Case {
+    sender: Leaf,
+    receiver: Leaf,
+    received: Arc<AtomicU64>,
+    rates: Vec<f64>,
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+}
+
+async fn case(cluster: &Cluster) -> anyhow::Result<Case> {
+    let sender = cluster.leaf(0).await?;
+    let receiver = cluster.leaf(1).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    receiver.on_message("tp", move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    receiver.on_message("rt", |_| {});
+    Ok(Case {
+        sender,
+        receiver,
+        received,
+        rates: Vec::new(),
+        p50s: Vec::new(),
+        p99s: Vec::new(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let spans = tempfile::NamedTempFile::new()?;
+    eprintln!("starting the OTLP receiver and two clusters of two super peers ...");
+    let mut receiver = tokio::process::Command::new(root.join("scripts/python-client.sh"))
+        .arg(root.join("clients/python/otlp_receiver.py"))
+        .arg(spans.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let first = tokio::io::BufReader::new(receiver.stdout.take().expect("piped"))
+        .lines()
+        .next_line()
+        .await?
+        .unwrap_or_default();
+    let port: u16 = first
+        .strip_prefix("listening ")
+        .and_then(|port| port.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the OTLP receiver said {first:?}"))?;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // This process's own leaves export there too, while the traced case runs.
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    let telemetry = vesper_telemetry::init(vesper_telemetry::Options {
+        service: "vesper-bench",
+        default_filter: "warn".into(),
+        json: false,
+        sampling: vesper_telemetry::Sampling::Environment,
+    });
+    anyhow::ensure!(
+        telemetry.exporting(),
+        "trace export did not start: {:?}",
+        telemetry.export_error
+    );
+    let plain = Cluster::start(2, options(Vec::new())).await?;
+    let traced_cluster = Cluster::start(
+        2,
+        options(vec![(
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            endpoint.clone(),
+        )]),
+    )
+    .await?;
+    let mut off = case(&plain).await?;
+    let mut on = case(&traced_cluster).await?;
+    // Warm up connections and code paths.
+    let warm_up = Args {
+        round_trips: 200,
+        ..args.clone()
+    };
+    for (case, traced) in [(&off, false), (&on, true)] {
+        telemetry.set_exporting(traced);
+        round_trips(&case.sender, &case.receiver, &warm_up).await?;
+    }
+    for round in 1..=args.rounds {
+        for (case, traced) in [(&mut off, false), (&mut on, true)] {
+            telemetry.set_exporting(traced);
+            let rate = pipelined(&case.sender, &case.receiver, &case.received, &args).await;
+            let histogram = round_trips(&case.sender, &case.receiver, &args).await?;
+            case.rates.push(rate);
+            case.p50s
+                .push(histogram.value_at_quantile(0.5) as f64 / 1000.0);
+            case.p99s
+                .push(histogram.value_at_quantile(0.99) as f64 / 1000.0);
+            eprintln!(
+                "round {round}: tracing {}: {rate:.0} msg/s, p50 {:.3} ms",
+                if traced { "on " } else { "off" },
+                histogram.value_at_quantile(0.5) as f64 / 1000.0
+            );
+        }
+    }
+    telemetry.set_exporting(false);
+    let exported = std::fs::read_to_string(spans.path())?.lines().count();
+    println!(
+        "## Tracing export on vs off, across two super peers ({} rounds, medians; window {}, {} s; {} round trips; {} bytes)\n",
+        args.rounds, args.window, args.seconds, args.round_trips, args.payload_bytes
+    );
+    println!("| case | pipelined msg/s | round trip p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    let (rate_off, rate_on) = (median(&mut off.rates), median(&mut on.rates));
+    let (p50_off, p50_on) = (median(&mut off.p50s), median(&mut on.p50s));
+    for (name, rate, p50, p99) in [
+        ("tracing off", rate_off, p50_off, median(&mut off.p99s)),
+        (
+            "tracing on (every message sampled)",
+            rate_on,
+            p50_on,
+            median(&mut on.p99s),
+        ),
+    ] {
+        println!("| {name} | {rate:.0} | {p50:.3} | {p99:.3} |");
+    }
+    println!(
+        "\nthroughput on/off {:.3} ({:+.1} %), p50 on/off {:.3}; spans the receiver got: {exported}",
+        rate_on / rate_off,
+        (rate_on / rate_off - 1.0) * 100.0,
+        p50_on / p50_off
+    );
+    drop((off, on));
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    Ok(())
+}
