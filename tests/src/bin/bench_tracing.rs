@@ -1,8 +1,9 @@
 //! `vesper-bench-tracing`: what exporting traces costs messaging, side by side in one run.
 //!
-//! Two clusters of two super peers: one plain, one exporting to an OTLP receiver (the Python receiver of the
-//! trace tests, `clients/python/otlp_receiver.py`). Leaves in this process send across the two super peers of
-//! each cluster; for the traced cluster this process exports its leaves' spans too (default sampling:
+//! Two clusters of two super peers: one plain, one exporting to an OTLP receiver (a sink in this process that
+//! decodes each export and counts its spans; a collector's own work is not what is measured, and on a 2-core
+//! machine it would take its CPU from the system under test). Leaves in this process send across the two super
+//! peers of each cluster; for the traced cluster this process exports its leaves' spans too (default sampling:
 //! `parentbased_always_on`, so every message is traced: 4 spans), for the plain one it records none. The cases
 //! take turns for `--rounds` rounds and the medians are compared:
 //! - pipelined throughput: `--window` sends in flight for `--seconds`, messages per second received;
@@ -10,15 +11,18 @@
 //!
 //! Build in release mode first: `cargo build --release --workspace --bins && target/release/vesper-bench-tracing`.
 
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use tokio::io::AsyncBufReadExt;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tokio::task::JoinSet;
 use vesper_leafpeer::Leaf;
 use vesper_tests::cluster::{Cluster, NodeOptions};
@@ -85,6 +89,45 @@ async fn round_trips(sender: &Leaf, to: &Leaf, args: &Args) -> anyhow::Result<Hi
     Ok(histogram)
 }
 
+/// The OTLP sink: counts the spans of each export and answers at once.
+struct Sink {
+    spans: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Sink {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let count: usize = request
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|resource| &resource.scope_spans)
+            .map(|scope| scope.spans.len())
+            .sum();
+        self.spans.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Starts the sink on a free loopback port: its endpoint URL and its span count.
+async fn span_sink() -> anyhow::Result<(String, Arc<AtomicU64>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let spans = Arc::new(AtomicU64::new(0));
+    let service = TraceServiceServer::new(Sink {
+        spans: spans.clone(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok((endpoint, spans))
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -121,26 +164,8 @@ async fn case(cluster: &Cluster) -> anyhow::Result<Case> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let spans = tempfile::NamedTempFile::new()?;
-    eprintln!("starting the OTLP receiver and two clusters of two super peers ...");
-    let mut receiver = tokio::process::Command::new(root.join("scripts/python-client.sh"))
-        .arg(root.join("clients/python/otlp_receiver.py"))
-        .arg(spans.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let first = tokio::io::BufReader::new(receiver.stdout.take().expect("piped"))
-        .lines()
-        .next_line()
-        .await?
-        .unwrap_or_default();
-    let port: u16 = first
-        .strip_prefix("listening ")
-        .and_then(|port| port.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("the OTLP receiver said {first:?}"))?;
-    let endpoint = format!("http://127.0.0.1:{port}");
+    eprintln!("starting the span sink and two clusters of two super peers ...");
+    let (endpoint, spans) = span_sink().await?;
     // This process's own leaves export there too, while the traced case runs.
     std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
     let telemetry = vesper_telemetry::init(vesper_telemetry::Options {
@@ -192,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     telemetry.set_exporting(false);
-    let exported = std::fs::read_to_string(spans.path())?.lines().count();
+    let exported = spans.load(Ordering::Relaxed);
     println!(
         "## Tracing export on vs off, across two super peers ({} rounds, medians; window {}, {} s; {} round trips; {} bytes)\n",
         args.rounds, args.window, args.seconds, args.round_trips, args.payload_bytes
