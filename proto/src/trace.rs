@@ -88,6 +88,13 @@ pub fn adopt(span: &tracing::Span, traceparent: &str, tracestate: &str) {
     }
 }
 
+/// One hop: `span` (not entered yet) continues the context in the two fields, which then carry `span`'s own
+/// context to the next hop. Untraced fields stay empty.
+pub fn hop(span: &tracing::Span, traceparent: &mut String, tracestate: &mut String) {
+    adopt(span, traceparent, tracestate);
+    write(span, traceparent, tracestate);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,12 +238,8 @@ fn reflected(service: &'static str) -> [&'static str; 4] {
     ]
 }
 
-/// gRPC server reflection (v1) describing `service` from the compiled descriptor sets.
-fn reflection_v1(
-    service: &'static str,
-) -> tonic_reflection::server::v1::ServerReflectionServer<
-    impl tonic_reflection::server::v1::ServerReflection,
-> {
+/// A reflection builder describing `service` (and health and reflection) from the compiled descriptor sets.
+fn reflection(service: &'static str) -> tonic_reflection::server::Builder<'static> {
     let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vesper_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
@@ -251,6 +247,15 @@ fn reflection_v1(
         builder = builder.with_service_name(name);
     }
     builder
+}
+
+/// gRPC server reflection (v1) of `service`.
+fn reflection_v1(
+    service: &'static str,
+) -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    reflection(service)
         .build_v1()
         .expect("the compiled descriptor sets decode")
 }
@@ -261,13 +266,7 @@ fn reflection_v1alpha(
 ) -> tonic_reflection::server::v1alpha::ServerReflectionServer<
     impl tonic_reflection::server::v1alpha::ServerReflection,
 > {
-    let mut builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(vesper_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    for name in reflected(service) {
-        builder = builder.with_service_name(name);
-    }
-    builder
+    reflection(service)
         .build_v1alpha()
         .expect("the compiled descriptor sets decode")
 }

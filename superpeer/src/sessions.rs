@@ -362,12 +362,7 @@ impl SessionRegistry {
                     messaging.message.id = %message.id,
                     vesper.from_mailbox = message.from_mailbox,
                 );
-                vesper_proto::trace::adopt(&span, &message.traceparent, &message.tracestate);
-                vesper_proto::trace::write(
-                    &span,
-                    &mut message.traceparent,
-                    &mut message.tracestate,
-                );
+                vesper_proto::trace::hop(&span, &mut message.traceparent, &mut message.tracestate);
                 span
             })
             .collect();

@@ -84,12 +84,7 @@ pub async fn hand_over(
                     vesper.from_mailbox = message.from_mailbox,
                     vesper.retry = !first,
                 );
-                vesper_proto::trace::adopt(&span, &message.traceparent, &message.tracestate);
-                vesper_proto::trace::write(
-                    &span,
-                    &mut message.traceparent,
-                    &mut message.tracestate,
-                );
+                vesper_proto::trace::hop(&span, &mut message.traceparent, &mut message.tracestate);
             }
             // A retry goes to the lane of its kind if it has one, so that its ack follows the first copy's.
             let lane = match by_kind.get(&message.kind) {
