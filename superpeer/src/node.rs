@@ -110,16 +110,22 @@ pub struct RunningNode {
     ops: OpsServer,
 }
 
-/// The ops HTTP server task and its own stop token.
+/// The ops HTTP server task and its own stop token; a node dropped without `shutdown` stops it too.
 struct OpsServer {
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for OpsServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl RunningNode {
     /// Stops the node: servers drain, sessions end, Raft stops, storage closes. Waits up to [`SHUTDOWN_GRACE`]
     /// for the node's tasks, then stops Raft regardless (a task still running is logged with the count).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
@@ -138,7 +144,9 @@ impl RunningNode {
             }
         }
         self.ops.stop.cancel();
-        let _ = self.ops.task.await;
+        if let Some(task) = self.ops.task.take() {
+            let _ = task.await;
+        }
     }
 
     /// Tasks of the node still running (servers, sessions, deliveries, timed jobs); 0 once `shutdown` returned
@@ -703,7 +711,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         tasks,
         ops: OpsServer {
             stop: ops_stop,
-            task: ops_task,
+            task: Some(ops_task),
         },
     })
 }
