@@ -6,8 +6,8 @@
 //! membership call path (`Admin.PlacementStatus` on the leader) at most once per [`LEADER_VIEW_TTL`], whatever
 //! the number of viewers: the ops port needs no certificate, so a viewer must not be able to load the leader.
 //!
-//! The answer holds no message payloads, record keys or values, and no leaf identities (candidates are counted,
-//! not listed).
+//! The answer holds no message payloads, record keys or values. Candidates are counted, not listed; only the
+//! journal and the adoption in progress name the candidates they concern.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
