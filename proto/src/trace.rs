@@ -53,12 +53,15 @@ impl Extractor for Read<'_> {
     }
 }
 
-/// Writes the context of `span` into the two fields; clears them when the span is not traced.
+/// Writes the context of `span` into the two fields; clears them when the span is not traced or not sampled.
+/// An unsampled message thus carries nothing, and no hop after it spends anything on it: the hops create their
+/// spans only for a message with a context (its sender sampled it).
 pub fn write(span: &tracing::Span, traceparent: &mut String, tracestate: &mut String) {
     traceparent.clear();
     tracestate.clear();
     let context = span.context();
-    if !context.span().span_context().is_valid() {
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() || !span_context.is_sampled() {
         return;
     }
     TraceContextPropagator::new().inject_context(
