@@ -109,7 +109,7 @@ pub async fn run(connection: &Connection, command: PlacementCommand) -> anyhow::
                 let mut value = decision_json(&status);
                 value["journal"] = status.journal[skip..]
                     .iter()
-                    .map(action_json)
+                    .map(vesper_proto::json::placement_action)
                     .collect::<Vec<_>>()
                     .into();
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -315,18 +315,6 @@ fn decision_json(status: &PlacementStatusResponse) -> serde_json::Value {
     })
 }
 
-fn action_json(action: &vesper_proto::v1::PlacementAction) -> serde_json::Value {
-    json!({
-        "seq": action.seq,
-        "at_ms": action.at_ms,
-        "leader_id": action.leader_id,
-        "term": action.term,
-        "action": action.action,
-        "why": action.why,
-        "outcome": action.outcome,
-    })
-}
-
 fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
     let mut value = decision_json(status);
     value["targets"] = targets_json(&status.targets.unwrap_or_default());
@@ -354,7 +342,7 @@ fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
     value["journal"] = status
         .journal
         .iter()
-        .map(action_json)
+        .map(vesper_proto::json::placement_action)
         .collect::<Vec<_>>()
         .into();
     value["granted_all"] = status.granted_all.into();

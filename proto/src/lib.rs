@@ -21,6 +21,7 @@
 pub mod acl;
 pub mod codec;
 pub mod identity;
+pub mod json;
 pub mod nat;
 pub mod pinned_tls;
 pub mod rate;

@@ -120,17 +120,7 @@ pub fn placement(status: &PlacementStatusResponse) -> Value {
     let start = status.journal.len().saturating_sub(JOURNAL_SHOWN);
     let journal: Vec<Value> = status.journal[start..]
         .iter()
-        .map(|action| {
-            json!({
-                "seq": action.seq,
-                "at_ms": action.at_ms,
-                "leader_id": action.leader_id,
-                "term": action.term,
-                "action": action.action,
-                "why": action.why,
-                "outcome": action.outcome,
-            })
-        })
+        .map(vesper_proto::json::placement_action)
         .collect();
     json!({
         "leader_id": status.leader_id,
