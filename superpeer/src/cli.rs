@@ -47,7 +47,7 @@ pub struct Args {
     /// Admin service listen address. Default: 127.0.0.1:7402.
     #[arg(long, env = "VESPER_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
-    /// Ops HTTP port (plaintext, read-only: /livez, /readyz, /metrics). Default: 127.0.0.1:7403. Expose it
+    /// Ops HTTP port (plaintext, read-only: status page at /, /livez, /readyz, /metrics). Default: 127.0.0.1:7403. Expose it
     /// beyond loopback only to a trusted network (a Kubernetes pod IP behind a NetworkPolicy).
     #[arg(long, env = "VESPER_OPS_LISTEN")]
     ops_listen: Option<SocketAddr>,
