@@ -4,7 +4,7 @@ exporters it checks.
     python otlp_receiver.py SPANS.jsonl
 
 Listens on a free port of 127.0.0.1, prints "listening PORT" on stdout once it serves, and appends one JSON
-object per received span to SPANS.jsonl (flushed at each export): service, name, kind, trace_id, span_id,
+object per received span to SPANS.jsonl (flushed at each export): service, instance (service.instance.id), name, kind, trace_id, span_id,
 parent_span_id (hex; "" for a root), attributes (as strings) and links. Runs until killed.
 """
 
@@ -33,13 +33,17 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         lines = []
         for resource_spans in request.resource_spans:
             service = ""
+            instance = ""
             for attribute in resource_spans.resource.attributes:
                 if attribute.key == "service.name":
                     service = value_text(attribute.value)
+                elif attribute.key == "service.instance.id":
+                    instance = value_text(attribute.value)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     lines.append(json.dumps({
                         "service": service,
+                        "instance": instance,
                         "name": span.name,
                         "kind": KINDS.get(span.kind, str(span.kind)),
                         "trace_id": span.trace_id.hex(),

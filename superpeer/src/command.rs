@@ -56,6 +56,94 @@ pub enum Op {
     IssueCertificate(IssueCertificate),
     NodeIssuer(NodeIssuer),
     RecordIssued(RecordIssued),
+    /// A sampled operation and its trace context (appended last, so entries written before it existed still
+    /// decode). Never nested: [`Op::traced`] wraps an operation once.
+    Traced(Traced),
+}
+
+/// W3C trace context of a sampled operation, as its proposer's span wrote it. Bounded like the message fields
+/// (`vesper_proto::trace::MAX_TRACEPARENT_LEN`, `MAX_TRACESTATE_LEN`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    pub traceparent: String,
+    pub tracestate: String,
+}
+
+impl TraceContext {
+    /// The context of `span` when it is sampled; None otherwise (with no OpenTelemetry layer, always None).
+    pub fn of(span: &tracing::Span) -> Option<Self> {
+        let mut context = Self {
+            traceparent: String::new(),
+            tracestate: String::new(),
+        };
+        vesper_proto::trace::write(span, &mut context.traceparent, &mut context.tracestate);
+        (!context.traceparent.is_empty()).then_some(context)
+    }
+
+    /// From the two fields of a message; None when they are empty.
+    pub fn from_fields(traceparent: &str, tracestate: &str) -> Option<Self> {
+        (!traceparent.is_empty()
+            && traceparent.len() <= vesper_proto::trace::MAX_TRACEPARENT_LEN
+            && tracestate.len() <= vesper_proto::trace::MAX_TRACESTATE_LEN)
+            .then(|| Self {
+                traceparent: traceparent.to_string(),
+                tracestate: tracestate.to_string(),
+            })
+    }
+
+    /// Makes this context the parent of `span` (not entered yet).
+    pub fn adopt(&self, span: &tracing::Span) {
+        vesper_proto::trace::adopt(span, &self.traceparent, &self.tracestate);
+    }
+}
+
+/// An operation proposed inside a sampled trace: apply opens a span in that trace on every member, and a mailbox
+/// keeps the context with the message until it is delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traced {
+    pub context: TraceContext,
+    pub op: Box<Op>,
+}
+
+impl Op {
+    /// `self` carried with `context` when there is one; an operation already traced keeps its own context.
+    pub fn traced(self, context: Option<TraceContext>) -> Op {
+        match (self, context) {
+            (Op::Traced(traced), _) => Op::Traced(traced),
+            (op, Some(context)) => Op::Traced(Traced {
+                context,
+                op: Box::new(op),
+            }),
+            (op, None) => op,
+        }
+    }
+
+    /// The operation itself, without its trace context.
+    pub fn untraced(&self) -> &Op {
+        match self {
+            Op::Traced(traced) => traced.op.untraced(),
+            op => op,
+        }
+    }
+
+    /// A short name of the operation for traces, which never show keys or values.
+    pub fn kind(&self) -> &'static str {
+        match self.untraced() {
+            Op::PutRecord(_) => "put_record",
+            Op::DeleteRecord(_) => "delete_record",
+            Op::MailboxPut(_) => "mailbox_put",
+            Op::MailboxAck(_) => "mailbox_ack",
+            _ => "command",
+        }
+    }
+
+    /// The trace context the operation carries.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        match self {
+            Op::Traced(traced) => Some(&traced.context),
+            _ => None,
+        }
+    }
 }
 
 /// `From<T> for Op` for each command type.
@@ -562,7 +650,14 @@ pub struct StoredMessage {
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.op {
+        self.op.fmt(f)
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Traced(traced) => write!(f, "{} (traced)", traced.op),
             Op::PutRecord(op) => write!(f, "put {}/{}", op.namespace, op.key),
             Op::DeleteRecord(op) => write!(f, "delete {}/{}", op.namespace, op.key),
             Op::RegisterNode(op) => write!(f, "register node {}", op.node.peer_id),

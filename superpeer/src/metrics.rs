@@ -55,6 +55,7 @@ label_values!(StunDrop {
     SendFailed => "send_failed",
 });
 label_values!(ActionResult { Done => "done", Failed => "failed" });
+label_values!(BrokerPlan { Punch => "punch", Predict => "predict", RelayOnly => "relay_only" });
 
 /// A gauge holding whole numbers (indexes, counts).
 type IntGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
@@ -307,6 +308,7 @@ struct PathLabel {
 pub struct MessageMetrics {
     sent: Family<PathLabel, Counter>,
     delivery_seconds: Histogram,
+    mailbox_full: Counter,
 }
 
 impl MessageMetrics {
@@ -319,6 +321,47 @@ impl MessageMetrics {
     /// its sender's super peer got it.
     pub fn delivered(&self, seconds: f64) {
         self.delivery_seconds.observe(seconds);
+    }
+
+    /// A message for an offline peer was refused because its mailbox was at its quota.
+    pub fn mailbox_full(&self) {
+        self.mailbox_full.inc();
+    }
+}
+
+/// The plan a broker gave a pair of peers.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum BrokerPlan {
+    /// Punch directly, the relay as fallback.
+    Punch,
+    /// Punch with port prediction (one side maps endpoint-dependently).
+    Predict,
+    /// No direct path can work: straight to the relay.
+    RelayOnly,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabels {
+    caller_nat: &'static str,
+    target_nat: &'static str,
+    plan: BrokerPlan,
+}
+
+/// Connections this node brokered, by the NAT classes of the pair (a fixed set of words) and the plan.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    brokered: Family<BrokerLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    pub fn brokered(&self, caller_nat: &'static str, target_nat: &'static str, plan: BrokerPlan) {
+        self.brokered
+            .get_or_create(&BrokerLabels {
+                caller_nat,
+                target_nat,
+                plan,
+            })
+            .inc();
     }
 }
 
@@ -395,6 +438,7 @@ struct Sampled {
     sessions: IntGauge,
     relay_allocations: IntGauge,
     relay_capacity: IntGauge,
+    mailbox_messages: IntGauge,
 }
 
 /// What a scrape reads the sampled gauges from: a plain snapshot, so sampling is testable without a node.
@@ -422,6 +466,8 @@ pub struct Sample {
     pub sessions: u64,
     pub relay_allocations: u64,
     pub relay_capacity: u64,
+    /// Messages in mailboxes on this replica (an estimate).
+    pub mailbox_messages: u64,
 }
 
 /// The node's metrics: the registry and the handles handed out to components.
@@ -435,6 +481,7 @@ pub struct Metrics {
     pub udp: UdpMetrics,
     pub snapshots: SnapshotMetrics,
     pub placement: PlacementMetrics,
+    pub connections: ConnectionMetrics,
 }
 
 fn gauge(value: u64) -> i64 {
@@ -478,9 +525,13 @@ impl Metrics {
         let messages = MessageMetrics {
             sent: Family::default(),
             delivery_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            mailbox_full: Counter::default(),
         };
         let records = RecordMetrics {
             writes: Family::default(),
+        };
+        let connections = ConnectionMetrics {
+            brokered: Family::default(),
         };
 
         let raft_registry = registry.sub_registry_with_prefix("raft");
@@ -604,6 +655,18 @@ impl Metrics {
             messages.delivery_seconds.clone(),
         );
 
+        let mailbox_registry = registry.sub_registry_with_prefix("mailbox");
+        mailbox_registry.register(
+            "full",
+            "Messages for offline peers refused because the recipient's mailbox was at its quota",
+            messages.mailbox_full.clone(),
+        );
+        mailbox_registry.register(
+            "messages",
+            "Messages waiting in mailboxes, cluster-wide, as this node's replica holds them (RocksDB's estimate)",
+            sampled.mailbox_messages.clone(),
+        );
+
         registry.register(
             "record_writes",
             "Record puts and deletes made through this node, by result",
@@ -673,6 +736,11 @@ impl Metrics {
             snapshots.bytes.clone(),
         );
         registry.register(
+            "connections_brokered",
+            "Peer connections this node brokered, by the NAT classes of caller and target and the plan given",
+            connections.brokered.clone(),
+        );
+        registry.register(
             "placement_actions",
             "Membership actions the placement controller took while this node led, by kind and result",
             placement.actions.clone(),
@@ -688,6 +756,7 @@ impl Metrics {
             udp,
             snapshots,
             placement,
+            connections,
         })
     }
 
@@ -706,6 +775,7 @@ impl Metrics {
         s.commit_index.set(gauge(sample.commit_index));
         s.applied_index.set(gauge(sample.applied_index));
         s.snapshot_index.set(gauge(sample.snapshot_index));
+        s.mailbox_messages.set(gauge(sample.mailbox_messages));
         s.members
             .get_or_create(&RoleLabel {
                 role: MemberRoleLabel::Voter,
@@ -935,6 +1005,9 @@ mod tests {
         metrics.records.write(RecordOp::Put, RecordResult::Ok);
         metrics.udp.stun_dropped(StunDrop::Malformed);
         metrics.placement.acted("promote", true);
+        metrics
+            .connections
+            .brokered("public", "endpoint-dependent", BrokerPlan::Punch);
         metrics.sample(&Sample {
             replication: vec![(2, 1)],
             ..Sample::default()

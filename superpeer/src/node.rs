@@ -488,6 +488,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         session_metrics: metrics.sessions.clone(),
         message_metrics: metrics.messages.clone(),
         record_metrics: metrics.records.clone(),
+        connection_metrics: metrics.connections.clone(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -666,6 +667,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         shutdown: shutdown.clone(),
         ready_max_lag: config.ready_max_lag,
         leader_view: Arc::new(crate::ops::status::LeaderView::new(membership_ops.clone())),
+        census: Arc::default(),
     };
     tasks.spawn(crate::udp::load::report(
         replica.clone(),

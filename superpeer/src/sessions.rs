@@ -35,6 +35,8 @@ struct Pending {
     waiting: HashMap<u64, (oneshot::Sender<()>, MessageKey)>,
     /// Messages this session acknowledged lately, so that a sender's retry of one is not pushed again.
     recent: RecentAcks,
+    /// Pushes this session acknowledged in all.
+    acked: u64,
 }
 
 /// A message as its sender names it, (sender PeerId text, message id), as a 128-bit digest: two keyed
@@ -129,6 +131,35 @@ struct Inner {
     streams_by_ip: HashMap<std::net::IpAddr, u32>,
     /// Highest presence update sequence accepted, by session and kind of update.
     sequences: HashMap<(u64, UpdateKind), u64>,
+    /// Every session by id, for the ops port's listing.
+    by_session: HashMap<u64, Listed>,
+}
+
+/// What the ops port lists of a session besides its delivery state.
+struct Listed {
+    peer: PeerId,
+    listed: bool,
+    attached_at_ms: u64,
+    remote: Option<std::net::IpAddr>,
+    pending: PendingAcks,
+}
+
+/// One session as the ops port shows it (`/api/v1/sessions`): no tokens, no payloads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionView {
+    /// The session id, as presence lists it (hex).
+    pub session: String,
+    pub peer_id: String,
+    /// Whether it claims presence (takes pushes); one-off tools attach without.
+    pub listed: bool,
+    /// When it attached, milliseconds since the Unix epoch (this node's clock).
+    pub attached_at_ms: u64,
+    /// The source address of its stream.
+    pub remote_ip: Option<String>,
+    /// Messages pushed into it, acknowledged, and waiting for an acknowledgement now.
+    pub pushed: u64,
+    pub acked: u64,
+    pub pending: u64,
 }
 
 /// The kinds of presence update, each with its own sequence.
@@ -187,7 +218,14 @@ impl SessionRegistry {
 
     /// Registers a new session of `peer`. One that claims presence (`listed`) takes pushes (messages, offers,
     /// plans) alongside the peer's other sessions; one that does not only authorises calls.
-    pub fn open(&self, peer: PeerId, outbound: Outbound, listed: bool) -> SessionGuard {
+    /// `remote` is the source address of its stream, shown on the ops port.
+    pub fn open(
+        &self,
+        peer: PeerId,
+        outbound: Outbound,
+        listed: bool,
+        remote: Option<std::net::IpAddr>,
+    ) -> SessionGuard {
         let token = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 32]>());
         // Session ids are random so that a session of a restarted super peer never matches an old one.
         let session = rand::random::<u64>() | 1;
@@ -200,8 +238,19 @@ impl SessionRegistry {
             end: Default::default(),
             listed_at: Default::default(),
         };
+        let attached_at_ms = crate::raft::propose::now_ms();
         let mut inner = self.lock();
         inner.by_token.insert(token.clone(), (peer, session));
+        inner.by_session.insert(
+            session,
+            Listed {
+                peer,
+                listed,
+                attached_at_ms,
+                remote,
+                pending: live.pending.clone(),
+            },
+        );
         if listed {
             inner.by_peer.entry(peer).or_default().push(live.clone());
         }
@@ -323,6 +372,49 @@ impl SessionRegistry {
             .entry(session)
             .or_insert_with(|| TokenBucket::new(burst, now))
             .take(rate, burst, now)
+    }
+
+    /// Every session here, unordered (the ops port sorts and pages).
+    pub fn views(&self) -> Vec<SessionView> {
+        let listed: Vec<(
+            u64,
+            PeerId,
+            bool,
+            u64,
+            Option<std::net::IpAddr>,
+            PendingAcks,
+        )> = self
+            .lock()
+            .by_session
+            .iter()
+            .map(|(id, listed)| {
+                (
+                    *id,
+                    listed.peer,
+                    listed.listed,
+                    listed.attached_at_ms,
+                    listed.remote,
+                    listed.pending.clone(),
+                )
+            })
+            .collect();
+        // Each session's own lock is taken after the registry's is released.
+        listed
+            .into_iter()
+            .map(|(id, peer, listed, attached_at_ms, remote, pending)| {
+                let pending = pending.lock().expect("pending acks lock poisoned");
+                SessionView {
+                    session: format!("{id:016x}"),
+                    peer_id: peer.to_string(),
+                    listed,
+                    attached_at_ms,
+                    remote_ip: remote.map(|ip| ip.to_string()),
+                    pushed: pending.next,
+                    acked: pending.acked,
+                    pending: pending.waiting.len() as u64,
+                }
+            })
+            .collect()
     }
 
     /// Number of attached sessions.
@@ -624,6 +716,7 @@ impl SessionGuard {
             .expect("pending acks lock poisoned");
         if let Some((waiting, key)) = pending.waiting.remove(&delivery_id) {
             pending.recent.remember(key);
+            pending.acked += 1;
             let _ = waiting.send(());
         }
     }
@@ -634,6 +727,7 @@ impl Drop for SessionGuard {
         let session = self.live.session;
         let mut inner = self.registry.lock();
         inner.by_token.remove(&self.token);
+        inner.by_session.remove(&session);
         inner.send_buckets.remove(&session);
         inner.request_buckets.remove(&session);
         inner.sequences.remove(&(session, UpdateKind::Status));
@@ -670,7 +764,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, _rx) = mpsc::channel(1);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx, true, None);
         assert_eq!(registry.peer_of(guard.token()), Some((peer, guard.id())));
         assert_eq!(registry.peer_of("nope"), None);
         let token = guard.token().to_string();
@@ -703,7 +797,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx, true, None);
         let message = Message {
             id: "m1".into(),
             ..Default::default()
@@ -737,7 +831,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx, true, None);
         let messages = ["a", "b", "c"].map(|id| Message {
             id: id.into(),
             ..Default::default()
@@ -770,7 +864,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx, true, None);
         let from_alice = Message {
             id: "same".into(),
             from: "vp1alice".into(),
@@ -809,11 +903,11 @@ mod tests {
         let peer = Keypair::generate().peer_id();
         let (silent_tx, mut silent_rx) = mpsc::channel(4);
         let (answering_tx, mut answering_rx) = mpsc::channel(4);
-        let _silent = registry.open(peer, silent_tx, true);
-        let answering = registry.open(peer, answering_tx, true);
+        let _silent = registry.open(peer, silent_tx, true, None);
+        let answering = registry.open(peer, answering_tx, true, None);
         // A session without presence takes no pushes.
         let (quiet_tx, mut quiet_rx) = mpsc::channel(4);
-        let _quiet = registry.open(peer, quiet_tx, false);
+        let _quiet = registry.open(peer, quiet_tx, false, None);
         let message = Message {
             id: "m1".into(),
             ..Default::default()
@@ -857,7 +951,7 @@ mod tests {
         use crate::command::{AttachedSession, PresenceEntry, PresenceStatus};
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
-        let open = || registry.open(peer, mpsc::channel(4).0, true);
+        let open = || registry.open(peer, mpsc::channel(4).0, true, None);
         let (superseded, lost, kept, unlisted) = (open(), open(), open(), open());
         superseded.listed_at(5);
         lost.listed_at(6);
@@ -901,7 +995,7 @@ mod tests {
         let registry = SessionRegistry::default();
         let peer = Keypair::generate().peer_id();
         let (tx, mut rx) = mpsc::channel(4);
-        let guard = registry.open(peer, tx, true);
+        let guard = registry.open(peer, tx, true, None);
         let message = |from: &str| Message {
             id: "m1".into(),
             from: from.into(),

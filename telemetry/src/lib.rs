@@ -145,8 +145,16 @@ pub fn init(options: Options) -> Telemetry {
     };
     let (targets, handle) = tracing_subscriber::reload::Layer::new(exported_targets());
     let traces = provider.as_ref().map(|provider| {
+        // Each default below costs work on every span, sampled or not: source location and thread name
+        // attributes (a string per span), busy/idle timings (two clock reads per poll of an instrumented future),
+        // and an OpenTelemetry context attached on every enter. Vesper reads and writes contexts explicitly
+        // (`vesper_proto::trace`), so none is needed (docs/BENCHMARKS.md, "Tracing export on vs off").
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(options.service))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(targets)
     });
     tracing_subscriber::registry()

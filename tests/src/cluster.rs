@@ -339,6 +339,11 @@ impl Cluster {
         command
             .args(&argv[1..])
             .env("RUST_LOG", "info,openraft=warn")
+            // Spans name the node they come from, as an operator would set it (the Helm chart does).
+            .env(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                format!("service.instance.id={}", node.name),
+            )
             .envs(self.options.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

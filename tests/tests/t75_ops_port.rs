@@ -307,6 +307,104 @@ async fn t75_the_ops_port_is_read_only() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `/api/v1/sessions` lists a node's sessions, sorted and paged, and refuses bad parameters by name;
+/// `/api/v1/connectivity` counts the leaves of every super peer and the NAT classes of the peers online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t75_sessions_are_listed_paged_and_sorted_and_leaves_counted_per_super_peer(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start(2, NodeOptions::default()).await?;
+    let status = cluster.status_of(0).await?;
+    let ids: Vec<u64> = (0..2)
+        .map(|index| cluster.node_id_in(&status, index).expect("member"))
+        .collect();
+    let receiver = cluster.leaf(0).await?;
+    let others = [cluster.leaf(0).await?, cluster.leaf(0).await?];
+    let remote = cluster.leaf(1).await?;
+    let mut inbox = receiver.messages().expect("the stream");
+    for n in 0..3 {
+        let outcome = remote
+            .send(&receiver.peer_id(), "ops", format!("m{n}").into_bytes())
+            .await?;
+        assert_eq!(outcome, vesper_leafpeer::SendOutcome::Delivered);
+        tokio::time::timeout(CONVERGE_TIMEOUT, inbox.recv())
+            .await?
+            .expect("delivered");
+    }
+    let addr = ops_addr(&cluster, 0);
+
+    let (code, body) = ops::get(addr, "/api/v1/sessions?sort=pushed&limit=2").await?;
+    assert_eq!(code, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(page["total"], 3, "{page}");
+    assert_eq!(
+        (page["limit"].as_u64(), page["sort"].as_str()),
+        (Some(2), Some("pushed"))
+    );
+    let rows = page["sessions"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    let top = &rows[0];
+    assert_eq!(top["peer_id"], receiver.peer_id().to_string(), "{page}");
+    assert_eq!(
+        (
+            top["pushed"].as_u64(),
+            top["acked"].as_u64(),
+            top["pending"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0))
+    );
+    assert_eq!(top["remote_ip"], "127.0.0.1");
+    assert!(top["attached_at_ms"].as_u64() > Some(0));
+    assert!(!body.contains("m0") && !body.contains("token"), "{body}");
+    let (_, rest) = ops::get(addr, "/api/v1/sessions?sort=pushed&offset=2").await?;
+    let rest: serde_json::Value = serde_json::from_str(&rest)?;
+    let mut peers: Vec<String> = rows
+        .iter()
+        .chain(rest["sessions"].as_array().expect("rows"))
+        .map(|row| row["peer_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    peers.sort();
+    let mut expected: Vec<String> = [&receiver, &others[0], &others[1]]
+        .iter()
+        .map(|leaf| leaf.peer_id().to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(peers, expected, "two pages cover every session once");
+
+    for (query, says) in [
+        ("limit=0", "limit must be between 1 and 1000"),
+        ("limit=5000", "limit must be between 1 and 1000"),
+        ("sort=bytes", "unknown variant `bytes`"),
+        ("page=2", "unknown field `page`"),
+        ("offset=-1", "offset"),
+    ] {
+        let (code, body) = ops::get(addr, &format!("/api/v1/sessions?{query}")).await?;
+        assert_eq!(code, 400, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+
+    let census = wait::until(
+        "the census to count every leaf",
+        CONVERGE_TIMEOUT,
+        || async {
+            let (code, body) = ops::get(addr, "/api/v1/connectivity").await?;
+            anyhow::ensure!(code == 200, "{body}");
+            let census: serde_json::Value = serde_json::from_str(&body)?;
+            let on = |id: u64| census["sessions_by_node"][id.to_string()].as_u64();
+            Ok((on(ids[0]) == Some(3) && on(ids[1]) == Some(1)).then_some(census))
+        },
+    )
+    .await?;
+    assert_eq!(census["peers_online"], 4, "{census}");
+    let classes: u64 = census["peers_by_nat_class"]
+        .as_object()
+        .expect("classes")
+        .values()
+        .filter_map(|count| count.as_u64())
+        .sum();
+    assert_eq!(classes, 4, "every online peer has a class: {census}");
+    Ok(())
+}
+
 #[test]
 fn t75_the_alert_rules_pass_promtool_and_their_own_tests() -> anyhow::Result<()> {
     let promtool = ops::system_tool("promtool", "prometheus")?;

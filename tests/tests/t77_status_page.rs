@@ -1,5 +1,6 @@
 //! The status page in a real browser (Debian's headless Chromium): it lists the three members with their health,
-//! marks a SIGKILLed one within seconds, and leaves a screenshot behind as an artifact.
+//! a leaf's session and the NAT class mix, marks a SIGKILLed member within seconds, and leaves a screenshot
+//! behind as an artifact.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,6 +97,20 @@ async fn t77_the_status_page_shows_the_members_and_marks_a_killed_one() -> anyho
     assert_eq!(rows.len(), 3, "{rows:?}");
     let page = chromium(profile.path(), &url, &dump)?;
     assert!(page.contains("badge leader"), "no leader badge:\n{page}");
+
+    // A leaf attached to the viewed node shows up in its session table and in the NAT class mix.
+    let leaf = cluster.leaf(viewer).await?;
+    let row = format!("data-peer=\"{}\"", leaf.peer_id());
+    let page = wait::until(
+        "the page to list the leaf's session",
+        CONVERGE_TIMEOUT,
+        || async {
+            let page = chromium(profile.path(), &url, &dump)?;
+            Ok((page.contains(&row) && page.contains("data-nat=\"")).then_some(page))
+        },
+    )
+    .await?;
+    assert!(page.contains("1 peers online"), "{page}");
 
     cluster.kill(victim);
     let killed_at = Instant::now();

@@ -1,7 +1,8 @@
 //! One message is one trace: a real OTLP receiver (Python's grpcio with the OpenTelemetry protocol package, so
 //! another language and gRPC stack than the exporters) gets the spans of a message sent by a `leafpeer` on one
-//! super peer to a `leafpeer` on another, all in one trace and parented hop by hop; and a collector that is down
-//! changes nothing for the data path.
+//! super peer to a `leafpeer` on another, all in one trace and parented hop by hop; the same for a message that
+//! waited in the mailbox and for a record put forwarded from a follower to the leader; and a collector that is
+//! down changes nothing for the data path.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -216,6 +217,255 @@ async fn t78_one_message_across_two_super_peers_is_one_trace() -> anyhow::Result
             "vesper.receive"
         ]
         .join(" -> ")
+    );
+    Ok(())
+}
+
+/// Waits until the receiver holds the trace that contains a span named `root` of `service`, with at least one
+/// span of each name in `names`; returns that trace's spans.
+async fn trace_with(
+    spans_path: &Path,
+    service: &str,
+    root: &str,
+    names: &[&str],
+) -> anyhow::Result<Vec<Value>> {
+    wait::until(
+        &format!("a trace from {root} with {names:?}"),
+        CONVERGE_TIMEOUT,
+        || async {
+            let spans = spans_in(spans_path);
+            let Some(first) = spans
+                .iter()
+                .find(|span| span["name"] == root && span["service"] == service)
+            else {
+                return Ok(None);
+            };
+            let trace: Vec<Value> = spans
+                .iter()
+                .filter(|span| span["trace_id"] == first["trace_id"])
+                .cloned()
+                .collect();
+            let complete = names
+                .iter()
+                .all(|name| trace.iter().any(|span| span["name"] == *name));
+            Ok(complete.then_some(trace))
+        },
+    )
+    .await
+    .map_err(|error| anyhow::anyhow!("{error}; spans: {:#?}", spans_in(spans_path)))
+}
+
+fn named<'a>(trace: &'a [Value], name: &str) -> Vec<&'a Value> {
+    trace.iter().filter(|span| span["name"] == name).collect()
+}
+
+fn one<'a>(trace: &'a [Value], name: &str) -> &'a Value {
+    let found = named(trace, name);
+    assert_eq!(found.len(), 1, "one {name} span: {trace:#?}");
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spans_path = dir.path().join("spans.jsonl");
+    let receiver = receiver(&spans_path).await?;
+    let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
+    let cluster = Cluster::start(
+        2,
+        NodeOptions {
+            env: env.clone(),
+            ..NodeOptions::default()
+        },
+    )
+    .await?;
+    let alice = cluster.root().join("alice.key");
+    let bob = cluster.root().join("bob.key");
+    let bob_id = json_of(&vesper_tests::cli::leafpeer(&cluster, &bob, &["id"]))["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_string();
+    // Bob is offline: the message goes to his mailbox.
+    let sent = leafpeer(&cluster, 0, &alice, &env)
+        .args(["send", &bob_id, "while you were out"])
+        .output()
+        .await?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let sent: Value = serde_json::from_slice(&sent.stdout)?;
+    assert_eq!(sent["outcome"], "queued", "{sent}");
+    // He comes online on the other super peer and gets it from there.
+    let received = leafpeer(&cluster, 1, &bob, &env)
+        .args(["listen", "--count", "1", "--timeout", "60"])
+        .output()
+        .await?;
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert!(String::from_utf8_lossy(&received.stdout).contains("while you were out"));
+
+    let trace = trace_with(
+        &spans_path,
+        "vesper-leaf",
+        "vesper.send",
+        &[
+            "vesper.route",
+            "vesper.propose",
+            "vesper.apply",
+            "vesper.deliver",
+            "vesper.receive",
+        ],
+    )
+    .await?;
+    let (send, route, propose, deliver, receive) = (
+        one(&trace, "vesper.send"),
+        one(&trace, "vesper.route"),
+        one(&trace, "vesper.propose"),
+        one(&trace, "vesper.deliver"),
+        one(&trace, "vesper.receive"),
+    );
+    assert_eq!(route["parent_span_id"], send["span_id"], "{trace:#?}");
+    assert_eq!(propose["parent_span_id"], route["span_id"], "{trace:#?}");
+    assert_eq!(propose["attributes"]["vesper.command"], "mailbox_put");
+    // The drain on Bob's super peer continues from the mailbox put, however long the message waited.
+    assert_eq!(deliver["parent_span_id"], propose["span_id"], "{trace:#?}");
+    assert_eq!(
+        deliver["attributes"]["vesper.from_mailbox"], "True",
+        "Python renders booleans"
+    );
+    assert_eq!(deliver["instance"], cluster.nodes[1].name.as_str());
+    assert_eq!(receive["parent_span_id"], deliver["span_id"], "{trace:#?}");
+    for apply in named(&trace, "vesper.apply") {
+        assert_eq!(apply["parent_span_id"], propose["span_id"], "{trace:#?}");
+    }
+    println!(
+        "trace {}: send -> route -> propose (mailbox put; {} apply spans) -> deliver (from the mailbox) -> receive",
+        send["trace_id"],
+        named(&trace, "vesper.apply").len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t78_a_record_put_through_a_follower_is_one_trace_to_every_apply() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spans_path = dir.path().join("spans.jsonl");
+    let receiver = receiver(&spans_path).await?;
+    let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
+    let cluster = Cluster::start(
+        2,
+        NodeOptions {
+            env: env.clone(),
+            ..NodeOptions::default()
+        },
+    )
+    .await?;
+    let leader = cluster.wait_leader_index().await?;
+    let follower = 1 - leader;
+    let alice = cluster.root().join("alice.key");
+    let put = leafpeer(&cluster, follower, &alice, &env)
+        .args(["put", "notes", "traced", "--value", "hello"])
+        .output()
+        .await?;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+
+    let method = "vesper.v1.Leaf/PutRecord";
+    let trace = trace_with(
+        &spans_path,
+        "vesper-leaf",
+        method,
+        &[
+            "vesper.propose",
+            "vesper.v1.Cluster/Propose",
+            "vesper.apply",
+        ],
+    )
+    .await?;
+    // Apply spans come from both members; wait for the second one too.
+    let trace = if named(&trace, "vesper.apply").len() < 2 {
+        wait::until(
+            "an apply span from each member",
+            CONVERGE_TIMEOUT,
+            || async {
+                let trace: Vec<Value> = spans_in(&spans_path)
+                    .into_iter()
+                    .filter(|span| span["trace_id"] == trace[0]["trace_id"])
+                    .collect();
+                Ok((named(&trace, "vesper.apply").len() >= 2).then_some(trace))
+            },
+        )
+        .await?
+    } else {
+        trace
+    };
+    let calls = named(&trace, method);
+    let client = calls
+        .iter()
+        .find(|span| span["kind"] == "client")
+        .expect("the leaf's client span");
+    let server = calls
+        .iter()
+        .find(|span| span["kind"] == "server")
+        .expect("the super peer's server span");
+    // The forward and the leader's commit are the two ends of one Cluster call, named as rpc spans are.
+    let propose = one(&trace, "vesper.propose");
+    let cluster_calls = named(&trace, "vesper.v1.Cluster/Propose");
+    let end = |kind: &str| {
+        *cluster_calls
+            .iter()
+            .find(|span| span["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind} span of the forwarded call: {trace:#?}"))
+    };
+    let (forward, commit) = (end("client"), end("server"));
+    let (follower_name, leader_name) = (
+        cluster.nodes[follower].name.as_str(),
+        cluster.nodes[leader].name.as_str(),
+    );
+    assert_eq!(client["service"], "vesper-leaf");
+    assert_eq!(client["attributes"]["rpc.method"], "PutRecord");
+    assert_eq!(server["parent_span_id"], client["span_id"], "{trace:#?}");
+    assert_eq!(server["instance"], follower_name);
+    assert_eq!(propose["parent_span_id"], server["span_id"], "{trace:#?}");
+    assert_eq!(propose["instance"], follower_name);
+    assert_eq!(forward["parent_span_id"], propose["span_id"], "{trace:#?}");
+    assert_eq!(forward["kind"], "client");
+    assert_eq!(
+        forward["links"][0]["span_id"], propose["span_id"],
+        "the batch links to the command it carries: {trace:#?}"
+    );
+    assert_eq!(commit["parent_span_id"], propose["span_id"], "{trace:#?}");
+    assert_eq!(commit["instance"], leader_name);
+    assert_eq!(commit["kind"], "server");
+    let mut applied_on: Vec<&str> = named(&trace, "vesper.apply")
+        .iter()
+        .map(|apply| {
+            assert_eq!(apply["parent_span_id"], propose["span_id"], "{trace:#?}");
+            assert_eq!(apply["attributes"]["vesper.command"], "put_record");
+            apply["instance"].as_str().unwrap_or("")
+        })
+        .collect();
+    applied_on.sort_unstable();
+    let mut members = vec![follower_name, leader_name];
+    members.sort_unstable();
+    assert_eq!(applied_on, members, "applied on every member: {trace:#?}");
+    // Nothing in the trace names the record's key or value.
+    let text = serde_json::to_string(&trace)?;
+    assert!(
+        !text.contains("traced") && !text.contains("hello"),
+        "{text}"
+    );
+    println!(
+        "trace {}: leaf {method} -> {follower_name} server -> propose -> forward -> {leader_name} commit; apply on {applied_on:?}",
+        client["trace_id"]
     );
     Ok(())
 }

@@ -452,15 +452,24 @@ impl Leaf {
         };
         // One message, one trace: this span (a child of the app's current span) starts it, and its context
         // travels in the message to every hop. With no OpenTelemetry layer installed it is inert.
+        // The attributes that need formatting are recorded only once the span is known to be sampled, and an
+        // unsampled span is closed at once instead of being entered on every poll of the send.
         let span = tracing::info_span!(
             "vesper.send",
             otel.kind = "producer",
             messaging.system = "vesper",
             messaging.operation.type = "send",
-            messaging.message.id = %message.id,
-            messaging.destination.name = %message.to,
+            messaging.message.id = tracing::field::Empty,
+            messaging.destination.name = tracing::field::Empty,
         );
         vesper_proto::trace::write(&span, &mut message.traceparent, &mut message.tracestate);
+        let span = if message.traceparent.is_empty() {
+            tracing::Span::none()
+        } else {
+            span.record("messaging.message.id", message.id.as_str());
+            span.record("messaging.destination.name", message.to.as_str());
+            span
+        };
         let started = std::time::Instant::now();
         let outcome = self.send_traced(message).instrument(span).await;
         self.inner.shared.metrics.sent(
@@ -751,6 +760,8 @@ impl Leaf {
         let connection = self.connection().await?;
         let mut request = connection.request(message);
         request.set_timeout(self.inner.request_timeout);
+        // A unary call inside a sampled span carries its context in metadata (nothing otherwise).
+        vesper_proto::trace::inject_metadata(&tracing::Span::current(), request.metadata_mut());
         Ok((connection.client.clone(), request))
     }
 
@@ -771,19 +782,26 @@ impl Leaf {
             &attributes,
             &value,
         )?;
-        let (mut client, request) = self
-            .request(PutRecordRequest {
-                namespace: namespace.into(),
-                key: key.into(),
-                attributes,
-                value,
-                expected_version,
-            })
-            .await?;
-        let reply = client.put_record(request).await?.into_inner();
-        reply
-            .record
-            .ok_or_else(|| LeafError::SessionClosed("put answered without a record".into()))
+        // One put, one trace: this span starts it (a child of the app's span), and the call's metadata carries
+        // it to the super peer, the leader and every member's apply.
+        let span = client_span("PutRecord");
+        async {
+            let (mut client, request) = self
+                .request(PutRecordRequest {
+                    namespace: namespace.into(),
+                    key: key.into(),
+                    attributes,
+                    value,
+                    expected_version,
+                })
+                .await?;
+            let reply = client.put_record(request).await?.into_inner();
+            reply
+                .record
+                .ok_or_else(|| LeafError::SessionClosed("put answered without a record".into()))
+        }
+        .instrument(span)
+        .await
     }
 
     /// Reads the record `namespace/key`.
@@ -810,14 +828,18 @@ impl Leaf {
         key: &str,
         expected_version: Option<u64>,
     ) -> Result<bool, LeafError> {
-        let (mut client, request) = self
-            .request(DeleteRecordRequest {
-                namespace: namespace.into(),
-                key: key.into(),
-                expected_version,
-            })
-            .await?;
-        Ok(client.delete_record(request).await?.into_inner().deleted)
+        async {
+            let (mut client, request) = self
+                .request(DeleteRecordRequest {
+                    namespace: namespace.into(),
+                    key: key.into(),
+                    expected_version,
+                })
+                .await?;
+            Ok(client.delete_record(request).await?.into_inner().deleted)
+        }
+        .instrument(client_span("DeleteRecord"))
+        .await
     }
 
     /// Lists records of `namespace` whose key starts with `key_prefix`, one page at a time.
@@ -876,6 +898,18 @@ impl Leaf {
 
 /// Whether a call failed because the super peer or the connection went away (worth retrying, on the next
 /// session if need be) rather than because of what was asked.
+/// The client span of a unary Leaf call (OpenTelemetry rpc conventions); inert with no OpenTelemetry layer.
+fn client_span(method: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "rpc.client",
+        otel.kind = "client",
+        otel.name = %format_args!("vesper.v1.Leaf/{method}"),
+        rpc.system = "grpc",
+        rpc.service = "vesper.v1.Leaf",
+        rpc.method = method,
+    )
+}
+
 fn connection_trouble(status: &tonic::Status) -> bool {
     matches!(
         status.code(),

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use vesper_proto::v1::cluster_server::Cluster;
 use vesper_proto::v1::{
     AdoptRequest, AdoptResponse, ConnectAnswer, DeliverCall, DescribeRequest, DescribeResponse,
@@ -115,12 +116,27 @@ impl Cluster for ClusterService {
             let command: Command = codec::decode("command", request.encoding, bytes)?;
             commands.push(command);
         }
-        // Proposed concurrently: openraft packs them into as few log appends as it can.
-        let results = futures::future::join_all(
-            commands
-                .into_iter()
-                .map(|command| propose::propose_local(raft, command)),
-        )
+        // Proposed concurrently: openraft packs them into as few log appends as it can. A traced command gets a
+        // span for its commit on the leader (append, replication to a quorum, apply here).
+        let results = futures::future::join_all(commands.into_iter().map(|command| {
+            let span = match command.op.trace() {
+                Some(context) => {
+                    let span = tracing::info_span!(
+                        "vesper.commit",
+                        otel.kind = "server",
+                        otel.name = "vesper.v1.Cluster/Propose",
+                        rpc.system = "grpc",
+                        rpc.service = "vesper.v1.Cluster",
+                        rpc.method = "Propose",
+                        vesper.command = command.op.kind(),
+                    );
+                    context.adopt(&span);
+                    span
+                }
+                None => tracing::Span::none(),
+            };
+            propose::propose_local(raft, command).instrument(span)
+        }))
         .await;
         let outcomes = results
             .into_iter()

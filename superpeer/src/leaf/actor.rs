@@ -45,6 +45,7 @@ pub(super) async fn run_session(
     context: Arc<LeafState>,
     mut inbound: Streaming<ClientFrame>,
     tx: sessions::Outbound,
+    remote: Option<std::net::IpAddr>,
     shutdown: CancellationToken,
 ) {
     let opened = std::time::Instant::now();
@@ -101,7 +102,7 @@ pub(super) async fn run_session(
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
-    let session = context.sessions.open(peer, tx.clone(), listed);
+    let session = context.sessions.open(peer, tx.clone(), listed, remote);
     // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
     // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
     let mut events: Option<tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>> = None;

@@ -29,6 +29,7 @@ use vesper_proto::PeerId;
 use crate::command::PresenceStatus;
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
+use crate::metrics::BrokerPlan;
 
 use tonic::{Request, Response, Status};
 use vesper_proto::v1::ConnectResponse;
@@ -171,6 +172,17 @@ pub async fn connect(
             "peer {to} went away before its plan reached it"
         )));
     }
+    context.connection_metrics.brokered(
+        caller_class.as_str(),
+        target_class.as_str(),
+        if relay_only {
+            BrokerPlan::RelayOnly
+        } else if prediction.is_some() {
+            BrokerPlan::Predict
+        } else {
+            BrokerPlan::Punch
+        },
+    );
     Ok(caller_plan)
 }
 

@@ -20,7 +20,8 @@ use vesper_proto::v1::{
 use vesper_proto::{validate, PeerId};
 
 use crate::command::{
-    MailboxAck, MailboxPut, PeerKey, PresenceEntry, PresenceStatus, StoredMessage,
+    MailboxAck, MailboxPut, Op, PeerKey, PresenceEntry, PresenceStatus, Rejection, StoredMessage,
+    TraceContext,
 };
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
@@ -250,6 +251,12 @@ pub async fn send_all(
             } else {
                 MessagePath::Refused
             });
+            if matches!(
+                queued,
+                Err(ServiceError::Rejected(Rejection::MailboxFull { .. }))
+            ) {
+                metrics.mailbox_full();
+            }
             queued
         });
     }
@@ -265,6 +272,7 @@ async fn queue(
 ) -> Result<Fate, ServiceError> {
     // The quota (and a retry of a message already queued) is checked on this replica first, so a full mailbox
     // refuses without a Raft round; apply checks again in log order.
+    let message_trace = (message.traceparent.clone(), message.tracestate.clone());
     let message = stored(message, from);
     let quota = context.config.mailbox_quota;
     let queued = mailbox::items(context.replica.reader().db(), to.as_bytes(), now_ms())?;
@@ -283,7 +291,12 @@ async fn queue(
         ),
         quota,
     };
-    context.replica.propose_accepted(op.into()).await?;
+    // A sampled message keeps its trace in the mailbox: the put carries the context the route hop gave it.
+    let trace = TraceContext::from_fields(&message_trace.0, &message_trace.1);
+    context
+        .replica
+        .propose_accepted(Op::from(op).traced(trace))
+        .await?;
     // The recipient may have attached (and drained its mailbox) while this message was being queued:
     // if it is online now, have its super peer drain again, so the message does not wait for the next
     // attach. A double drain is harmless: the library delivers each message id once.
@@ -324,6 +337,11 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
             let (sequence, item) = items.next().expect("peeked");
             bytes += size;
             sequences.push(sequence);
+            // A sampled message's trace goes on from where it was queued: the session's push is its next hop.
+            let (traceparent, tracestate) = item
+                .trace
+                .map(|trace| (trace.traceparent, trace.tracestate))
+                .unwrap_or_default();
             batch.push(Message {
                 id: item.message.id,
                 from: PeerId::from_public_key_bytes(&item.message.from)
@@ -334,9 +352,8 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
                 sent_at_ms: item.message.sent_at_ms,
                 from_mailbox: true,
                 delivery_id: 0,
-                // The mailbox does not keep a message's trace context yet (docs/OPERATIONS.md, "Traces").
-                traceparent: String::new(),
-                tracestate: String::new(),
+                traceparent,
+                tracestate,
             });
         }
         let count = batch.len();

@@ -41,6 +41,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 use vesper_proto::v1::leaf_server::{Leaf, LeafServer};
 use vesper_proto::v1::{
     AnswerInvitationRequest, ClientFrame, ConferenceResponse, ConnectRequest, ConnectResponse,
@@ -151,6 +152,25 @@ impl LeafService {
     }
 }
 
+/// The server span of a unary Leaf call that arrived with a sampled trace context in its metadata; no span (and
+/// no cost) otherwise, since a super peer only follows the sampling its callers decided.
+fn unary_span<T>(method: &'static str, request: &Request<T>) -> tracing::Span {
+    let Some((traceparent, tracestate)) = vesper_proto::trace::metadata_fields(request.metadata())
+    else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        "rpc.server",
+        otel.kind = "server",
+        otel.name = %format_args!("vesper.v1.Leaf/{method}"),
+        rpc.system = "grpc",
+        rpc.service = "vesper.v1.Leaf",
+        rpc.method = method,
+    );
+    vesper_proto::trace::adopt(&span, traceparent, tracestate);
+    span
+}
+
 #[tonic::async_trait]
 impl Leaf for LeafService {
     type SessionStream = SessionStream;
@@ -159,9 +179,8 @@ impl Leaf for LeafService {
         &self,
         request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let ip = request
-            .remote_addr()
-            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |addr| addr.ip());
+        let remote = request.remote_addr().map(|addr| addr.ip());
+        let ip = remote.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
         let max = self.context.config.max_sessions_per_ip;
         let slot = self.context.sessions.open_stream(ip, max).ok_or_else(|| {
             self.context
@@ -176,7 +195,7 @@ impl Leaf for LeafService {
         let context = self.context.clone();
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
-            actor::run_session(context, inbound, tx, shutdown).await;
+            actor::run_session(context, inbound, tx, remote, shutdown).await;
             // The address's count drops when the session ends, however it ends.
             drop(slot);
         });
@@ -189,7 +208,8 @@ impl Leaf for LeafService {
         &self,
         request: Request<PutRecordRequest>,
     ) -> Result<Response<PutRecordResponse>, Status> {
-        let outcome = records::put_record(self, request).await;
+        let span = unary_span("PutRecord", &request);
+        let outcome = records::put_record(self, request).instrument(span).await;
         self.count_write(RecordOp::Put, &outcome);
         outcome
     }
@@ -205,7 +225,8 @@ impl Leaf for LeafService {
         &self,
         request: Request<DeleteRecordRequest>,
     ) -> Result<Response<DeleteRecordResponse>, Status> {
-        let outcome = records::delete_record(self, request).await;
+        let span = unary_span("DeleteRecord", &request);
+        let outcome = records::delete_record(self, request).instrument(span).await;
         self.count_write(RecordOp::Delete, &outcome);
         outcome
     }

@@ -6,6 +6,7 @@ use super::{consistency, unexpected, LeafService};
 use crate::command::StoredRecord;
 use crate::command::{
     may_read, DeleteRecord, Op, PutRecord, RecordQuota, Rejection, Response as CommandResponse,
+    TraceContext,
 };
 use crate::error::ServiceError;
 use crate::store::records;
@@ -153,6 +154,8 @@ pub(super) async fn put_record(
         quota,
     }
     .into();
+    // Inside a sampled call (the `rpc.server` span of `LeafService`), the command carries the trace on.
+    let op = op.traced(TraceContext::of(&tracing::Span::current()));
     match service.context.replica.propose_accepted(op).await? {
         (CommandResponse::Record(record), applied_index) => Ok(Response::new(PutRecordResponse {
             record: Some(convert::record(&request.namespace, &request.key, record)),
@@ -226,6 +229,7 @@ pub(super) async fn delete_record(
         expected_version: request.expected_version,
     }
     .into();
+    let op = op.traced(TraceContext::of(&tracing::Span::current()));
     match service.context.replica.propose_accepted(op).await? {
         (CommandResponse::Deleted(deleted), applied_index) => {
             Ok(Response::new(DeleteRecordResponse {

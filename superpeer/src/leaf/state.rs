@@ -34,4 +34,6 @@ pub struct LeafState {
     pub message_metrics: crate::metrics::MessageMetrics,
     /// Counts record writes by result.
     pub record_metrics: crate::metrics::RecordMetrics,
+    /// Counts brokered connections by NAT pair and plan.
+    pub connection_metrics: crate::metrics::ConnectionMetrics,
 }

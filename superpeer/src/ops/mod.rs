@@ -3,6 +3,7 @@
 
 pub mod ready;
 mod server;
+pub mod sessions;
 pub mod status;
 
 pub use server::{router, OpsState};

@@ -6,13 +6,16 @@
 //! |------------|--------|
 //! | `/`        | the status page ([`super::status`]): members, health, placement, refreshed every second |
 //! | `/api/v1/cluster` | the JSON behind the page |
+//! | `/api/v1/sessions` | this node's sessions, paged and sortable ([`super::sessions`]) |
+//! | `/api/v1/connectivity` | sessions per super peer and peers by NAT class, cluster-wide |
 //! | `/livez`   | `200 ok` while the process answers; never depends on quorum |
 //! | `/readyz`  | `200 ready` or `503` with the reason ([`super::ready`]) |
 //! | `/metrics` | OpenMetrics text when asked for (Prometheus asks), else the classic text format 0.0.4 ([`crate::metrics`]) |
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -22,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::ready::{readiness, ReadyInputs};
+use super::sessions::SessionsQuery;
 use crate::metrics::{Metrics, Sample};
 use crate::replica::Replica;
 use crate::sessions::SessionRegistry;
@@ -40,6 +44,8 @@ pub struct OpsState {
     pub ready_max_lag: u64,
     /// The leader's view of the members, shared by every viewer of the status page.
     pub leader_view: Arc<super::status::LeaderView>,
+    /// The last scan of the presence table, shared by every viewer.
+    pub census: Arc<super::sessions::CensusCache>,
 }
 
 /// The content type of the OpenMetrics text exposition.
@@ -51,10 +57,21 @@ impl OpsState {
     /// The node's state as the sampled gauges and readiness need it.
     fn sample(&self) -> Sample {
         let (relay_allocations, relay_capacity) = self.relay.load();
+        let db = self.replica.reader().db();
+        // RocksDB's key estimate: no scan, so a scrape costs the same with a million messages queued.
+        let mailbox_messages = db
+            .property_int_value_cf(
+                crate::store::cf(db, crate::store::CF_MAILBOX),
+                "rocksdb.estimate-num-keys",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(0);
         let mut sample = Sample {
             sessions: self.sessions.len() as u64,
             relay_allocations: relay_allocations as u64,
             relay_capacity: relay_capacity as u64,
+            mailbox_messages,
             ..Sample::default()
         };
         let Ok(raft) = self.replica.raft() else {
@@ -149,8 +166,86 @@ async fn metrics(State(state): State<OpsState>, headers: HeaderMap) -> Response 
 async fn not_found() -> (StatusCode, &'static str) {
     (
         StatusCode::NOT_FOUND,
-        "not found: the ops port serves /, /api/v1/cluster, /livez, /readyz and /metrics\n",
+        "not found: the ops port serves /, /api/v1/cluster, /api/v1/sessions, /api/v1/connectivity, /livez, \
+         /readyz and /metrics\n",
     )
+}
+
+fn json_response(body: &impl serde::Serialize) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
+}
+
+/// `/api/v1/sessions?offset=&limit=&sort=`.
+async fn sessions(
+    State(state): State<OpsState>,
+    query: Result<Query<SessionsQuery>, QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}; the parameters are offset, limit (1-{}) and sort (attached, peer, pending, pushed, acked)\n",
+                    rejection.body_text(),
+                    super::sessions::MAX_LIMIT
+                ),
+            )
+                .into_response()
+        }
+    };
+    let page = match super::sessions::page(state.sessions.views(), &query) {
+        Ok(page) => page,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+    };
+    let reader = state.replica.reader().clone();
+    let rows = page
+        .sessions
+        .into_iter()
+        .map(|session| {
+            let nat_class = session
+                .peer_id
+                .parse::<vesper_proto::PeerId>()
+                .ok()
+                .filter(|_| session.listed)
+                .and_then(|peer| crate::store::presence::get(reader.db(), peer.as_bytes()).ok())
+                .flatten()
+                .map(|entry| entry.nat_class)
+                .unwrap_or_default();
+            super::sessions::SessionRow { session, nat_class }
+        })
+        .collect::<Vec<_>>();
+    json_response(&serde_json::json!({
+        "total": page.total,
+        "offset": page.offset,
+        "limit": page.limit,
+        "sort": page.sort,
+        "sessions": rows,
+    }))
+}
+
+/// `/api/v1/connectivity`.
+async fn connectivity(State(state): State<OpsState>) -> Response {
+    let (relay_active, relay_capacity) = state.relay.load();
+    match state.census.get(state.replica.reader().clone()).await {
+        Ok(census) => json_response(&serde_json::json!({
+            "sessions_here": state.sessions.len(),
+            "sessions_by_node": census.sessions_by_node,
+            "peers_online": census.peers_online,
+            "peers_by_nat_class": census.peers_by_nat_class,
+            "relay_active": relay_active,
+            "relay_capacity": relay_capacity,
+            "refreshed_every_seconds": super::sessions::CONNECTIVITY_TTL.as_secs(),
+        })),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the presence table: {error}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn page() -> Response {
@@ -203,6 +298,8 @@ pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/sessions", get(sessions))
+        .route("/api/v1/connectivity", get(connectivity))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -8,8 +8,9 @@ use tonic::Status;
 
 use crate::error::ServiceError;
 
-/// The one encoding this build speaks (2 since record puts carry their owner's index quota).
-pub const ENCODING: u32 = 2;
+/// The one encoding this build speaks (2 since record puts carry their owner's index quota, 3 since a command
+/// can carry its trace context, `Op::Traced`).
+pub const ENCODING: u32 = 3;
 
 /// Encodes `value` for the wire.
 pub fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, Status> {

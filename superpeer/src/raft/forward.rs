@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use vesper_proto::v1::{ProposeOutcome, ProposeRequest};
 
 use super::codec;
@@ -142,6 +143,30 @@ async fn send(
             }
         }
     }
+    // A batch holding sampled commands gets one client span: a child of the first one's trace, linked to each.
+    let traced: Vec<_> = batch
+        .iter()
+        .filter_map(|item| item.command.op.trace())
+        .collect();
+    let span = match traced.first() {
+        Some(first) => {
+            let span = tracing::info_span!(
+                "vesper.forward",
+                otel.kind = "client",
+                otel.name = "vesper.v1.Cluster/Propose",
+                rpc.system = "grpc",
+                rpc.service = "vesper.v1.Cluster",
+                rpc.method = "Propose",
+                vesper.batch.size = batch.len(),
+            );
+            first.adopt(&span);
+            for context in &traced {
+                vesper_proto::trace::link(&span, &context.traceparent, &context.tracestate);
+            }
+            span
+        }
+        None => tracing::Span::none(),
+    };
     let result = async {
         let mut client = clients.client(&leader)?;
         let mut request = tonic::Request::new(ProposeRequest {
@@ -151,6 +176,7 @@ async fn send(
         request.set_timeout(FORWARD_TIMEOUT);
         client.propose(request).await
     }
+    .instrument(span)
     .await;
     match result {
         Ok(reply) => {

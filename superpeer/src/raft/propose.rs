@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
+use tracing::Instrument;
 use vesper_proto::v1::ReadIndexRequest;
 
 use super::forward::Forwarder;
 use super::network::ClusterClients;
 use super::VesperRaft;
-use crate::command::{Command, NodeInfo, Op, Response};
+use crate::command::{Command, NodeInfo, Op, Response, TraceContext};
 use crate::error::ServiceError;
 
 /// How long a write or a linearizable read may wait for a leader before failing with UNAVAILABLE.
@@ -74,16 +75,46 @@ fn leader_of(
     }
 }
 
-/// Proposes `op` and returns the state machine's response and the log index it was applied at.
+/// Proposes `op` and returns the state machine's response and the log index it was applied at. A traced `op`
+/// gets a `vesper.propose` span, and the command carries that span's context, so the leader's commit and every
+/// member's apply are its children.
 pub async fn propose(
     raft: &VesperRaft,
     forwarder: &Forwarder,
     op: Op,
 ) -> Result<(Response, u64), ServiceError> {
-    let command = Command {
-        at_ms: now_ms(),
-        op,
+    let (op, span) = match op {
+        Op::Traced(mut traced) => {
+            let span = tracing::info_span!(
+                "vesper.propose",
+                otel.kind = "internal",
+                vesper.command = traced.op.kind(),
+            );
+            traced.context.adopt(&span);
+            if let Some(context) = TraceContext::of(&span) {
+                traced.context = context;
+            }
+            (Op::Traced(traced), span)
+        }
+        op => (op, tracing::Span::none()),
     };
+    propose_command(
+        raft,
+        forwarder,
+        Command {
+            at_ms: now_ms(),
+            op,
+        },
+    )
+    .instrument(span)
+    .await
+}
+
+async fn propose_command(
+    raft: &VesperRaft,
+    forwarder: &Forwarder,
+    command: Command,
+) -> Result<(Response, u64), ServiceError> {
     let deadline = Instant::now() + PROPOSE_TIMEOUT;
     let mut backoff = Backoff::default();
     loop {

@@ -4,6 +4,9 @@
 //! mailbox:        recipient key (32) | sequence (8, BE)    -> postcard(MailboxItem)
 //! ```
 //!
+//! An item keeps the trace context of a sampled message (format 4), so the message's trace goes on when it is
+//! delivered, however long it waited.
+//!
 //! The mailbox sequence is the log index of the `MailboxPut` that stored the message, so it is deterministic,
 //! unique and in arrival order: a recipient drains its mailbox in the order messages were accepted.
 
@@ -13,13 +16,47 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_MAILBOX};
-use crate::command::{MailboxAck, MailboxPut, PeerKey, Rejection, Response, StoredMessage};
+use crate::command::{
+    MailboxAck, MailboxPut, PeerKey, Rejection, Response, StoredMessage, TraceContext,
+};
 
-/// A stored mailbox message and when it stops being worth delivering.
+/// A stored mailbox message, when it stops being worth delivering, and the trace it belongs to if sampled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxItem {
     pub message: StoredMessage,
     pub expires_at_ms: u64,
+    pub trace: Option<TraceContext>,
+}
+
+/// A mailbox item as store format 3 (and snapshot version 4 and older) wrote it: without a trace context.
+#[derive(Deserialize)]
+struct MailboxItemV3 {
+    message: StoredMessage,
+    expires_at_ms: u64,
+}
+
+/// Re-encodes a format-3 mailbox value in the current layout (no trace context).
+pub fn upgrade_v3_value(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let old: MailboxItemV3 = decode("format-3 mailbox item", bytes)?;
+    encode(
+        "mailbox item",
+        &MailboxItem {
+            message: old.message,
+            expires_at_ms: old.expires_at_ms,
+            trace: None,
+        },
+    )
+}
+
+/// Rewrites every mailbox item of a format-3 database into `batch`; returns how many.
+pub fn upgrade_from_format_3(db: &DB, batch: &mut WriteBatch) -> Result<usize, StoreError> {
+    let mut count = 0;
+    for item in db.iterator_cf(cf(db, CF_MAILBOX), IteratorMode::Start) {
+        let (key, bytes) = item?;
+        batch.put_cf(cf(db, CF_MAILBOX), &key, upgrade_v3_value(&bytes)?);
+        count += 1;
+    }
+    Ok(count)
 }
 
 fn mailbox_key(to: &PeerKey, sequence: u64) -> Vec<u8> {
@@ -123,6 +160,19 @@ impl Apply<MailboxPut> for MailboxWriter<'_> {
         op: &MailboxPut,
         at: Applied,
     ) -> Result<Response, StoreError> {
+        self.put(batch, op, at, None)
+    }
+}
+
+impl MailboxWriter<'_> {
+    /// Stores a message, keeping `trace` (its sampled trace context) with it.
+    pub fn put(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &MailboxPut,
+        at: Applied,
+        trace: Option<&TraceContext>,
+    ) -> Result<Response, StoreError> {
         let mut live = Vec::new();
         for (key, item) in self.view(&op.to)? {
             if item.expires_at_ms <= at.at_ms {
@@ -142,6 +192,7 @@ impl Apply<MailboxPut> for MailboxWriter<'_> {
         let item = MailboxItem {
             message: op.message.clone(),
             expires_at_ms: op.expires_at_ms,
+            trace: trace.cloned(),
         };
         batch.put_cf(
             cf(self.db, CF_MAILBOX),

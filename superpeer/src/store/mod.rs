@@ -72,10 +72,11 @@ pub(crate) const ALL_CFS: &[&str] = &[
 /// database written by another format is refused rather than misread.
 /// Format 2: record puts carry their owner's index quota, and the `usage` column family counts what each
 /// owner's records take.
-/// Format 3: a presence entry lists every attached session of its peer (several sessions per peer). A format-2
-/// database is upgraded in place when it opens (its presence entries are rewritten, in one write); older ones
-/// are refused.
-pub const FORMAT_VERSION: u32 = 3;
+/// Format 3: a presence entry lists every attached session of its peer (several sessions per peer).
+/// Format 4: a mailbox item keeps the trace context of a sampled message.
+/// A database of format 2 or 3 is upgraded in place when it opens (its presence entries and mailbox items are
+/// rewritten, in one synced write); older ones are refused.
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_KEY: &[u8] = b"format_version";
 
 /// A storage failure.
@@ -157,16 +158,22 @@ pub fn open(path: &Path) -> Result<Arc<DB>, StoreError> {
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("format version"))?,
             );
-            if found == 2 {
+            if found == 2 || found == 3 {
                 let mut batch = WriteBatch::default();
-                let count = presence::upgrade_from_format_2(&db, &mut batch)?;
+                let presence_entries = if found == 2 {
+                    presence::upgrade_from_format_2(&db, &mut batch)?
+                } else {
+                    0
+                };
+                let mailbox_items = mailbox::upgrade_from_format_3(&db, &mut batch)?;
                 batch.put_cf(meta, FORMAT_KEY, FORMAT_VERSION.to_be_bytes());
                 let mut options = rocksdb::WriteOptions::default();
                 options.set_sync(true);
                 db.write_opt(batch, &options)?;
                 tracing::info!(
-                    presence_entries = count,
-                    "upgraded the database from format 2 to 3"
+                    presence_entries,
+                    mailbox_items,
+                    "upgraded the database from format {found} to {FORMAT_VERSION}"
                 );
             } else if found != FORMAT_VERSION {
                 return Err(StoreError::Format { found });

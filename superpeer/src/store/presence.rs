@@ -37,6 +37,15 @@ pub fn get(db: &DB, peer: &PeerKey) -> Result<Option<PresenceEntry>, StoreError>
         .transpose()
 }
 
+/// Calls `visit` with every stored presence entry, in peer key order (the ops port's census).
+pub fn for_each(db: &DB, mut visit: impl FnMut(&PresenceEntry)) -> Result<(), StoreError> {
+    for item in db.iterator_cf(cf(db, CF_PRESENCE), IteratorMode::Start) {
+        let (_, bytes) = item?;
+        visit(&decode("presence", &bytes)?);
+    }
+    Ok(())
+}
+
 /// Every peer with a session on `host` (for host expiry).
 fn hosted_by(db: &DB, host: u64) -> Result<Vec<(PeerKey, PresenceEntry)>, StoreError> {
     let mut out = Vec::new();

@@ -40,7 +40,8 @@ const MEMBERSHIP_KEY: &[u8] = b"membership";
 const SNAPSHOT_KEY: &[u8] = b"current";
 /// Version of [`SnapshotPayload`]'s encoding.
 /// 4: presence entries list several sessions (3, one session per entry, is still installed).
-const SNAPSHOT_VERSION: u32 = 4;
+/// 5: mailbox items keep a trace context (3 and 4 are still installed).
+const SNAPSHOT_VERSION: u32 = 5;
 
 /// Raw (key, value) pairs of one column family.
 type RawPairs = Vec<(ByteBuf, ByteBuf)>;
@@ -164,6 +165,21 @@ impl<'a> Writers<'a> {
             Op::IssueCertificate(op) => self.nodes.apply(batch, op, at),
             Op::NodeIssuer(op) => self.nodes.apply(batch, op, at),
             Op::RecordIssued(op) => self.nodes.apply(batch, op, at),
+            Op::Traced(traced) => {
+                // One span per sampled command on every member: the replication and apply part of its trace.
+                let span = tracing::info_span!(
+                    "vesper.apply",
+                    otel.kind = "internal",
+                    vesper.raft.index = at.index,
+                    vesper.command = traced.op.kind(),
+                );
+                traced.context.adopt(&span);
+                let _entered = span.enter();
+                match traced.op.as_ref() {
+                    Op::MailboxPut(op) => self.mailbox.put(batch, op, at, Some(&traced.context)),
+                    op => self.apply(batch, op, at),
+                }
+            }
         }
     }
 
@@ -292,10 +308,12 @@ impl StateMachine {
 
     fn install_payload(db: &DB, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
         let payload: SnapshotPayload = decode("snapshot", data)?;
-        // Version 3 is version 4 with one session per presence entry: its entries are upgraded as they load.
-        let upgrade_presence = match payload.version {
-            SNAPSHOT_VERSION => false,
-            3 => true,
+        // Version 4 is version 5 without trace contexts in mailbox items, and version 3 is version 4 with one
+        // session per presence entry: their entries are upgraded as they load.
+        let (upgrade_presence, upgrade_mailbox) = match payload.version {
+            SNAPSHOT_VERSION => (false, false),
+            4 => (false, true),
+            3 => (true, true),
             found => return Err(StoreError::Format { found }),
         };
         // Replace the whole state: clear, load records and nodes, then rebuild the attribute index from records.
@@ -329,6 +347,9 @@ impl StateMachine {
             for (key, value) in pairs {
                 if name == CF_PRESENCE && upgrade_presence {
                     let value = super::presence::upgrade_v2_value(value)?;
+                    batch.put_cf(cf(db, name), key.as_slice(), value);
+                } else if name == CF_MAILBOX && upgrade_mailbox {
+                    let value = super::mailbox::upgrade_v3_value(value)?;
                     batch.put_cf(cf(db, name), key.as_slice(), value);
                 } else {
                     batch.put_cf(cf(db, name), key.as_slice(), value.as_slice());

@@ -847,6 +847,79 @@ async fn a_format_2_database_is_upgraded_when_it_opens() {
     ));
 }
 
+/// A database of format 3 (mailbox items without a trace context) opens as format 4 with every item kept, and
+/// a traced put keeps its context.
+#[tokio::test]
+async fn a_format_3_mailbox_is_upgraded_when_it_opens_and_traced_puts_keep_their_context() {
+    use super::mailbox::{self, MailboxWriter};
+    use crate::command::{MailboxPut, StoredMessage, TraceContext};
+    #[derive(serde::Serialize)]
+    struct ItemV3 {
+        message: StoredMessage,
+        expires_at_ms: u64,
+    }
+    let message = |id: &str| StoredMessage {
+        id: id.into(),
+        from: [6; 32],
+        kind: "text".into(),
+        payload: vec![1, 2, 3],
+        sent_at_ms: 1,
+    };
+    let dir = TempDir::new().unwrap();
+    let to = [5u8; 32];
+    {
+        let db = open(dir.path()).unwrap();
+        let meta = db.cf_handle(super::CF_RAFT).unwrap();
+        db.put_cf(meta, b"format_version", 3u32.to_be_bytes())
+            .unwrap();
+        let cf = db.cf_handle(super::CF_MAILBOX).unwrap();
+        for (sequence, id) in [(7u64, "m1"), (9, "m2")] {
+            let mut key = to.to_vec();
+            key.extend_from_slice(&sequence.to_be_bytes());
+            let old = ItemV3 {
+                message: message(id),
+                expires_at_ms: u64::MAX,
+            };
+            db.put_cf(cf, key, postcard::to_stdvec(&old).unwrap())
+                .unwrap();
+        }
+    }
+    let db = open(dir.path()).unwrap();
+    let meta = db.cf_handle(super::CF_RAFT).unwrap();
+    assert_eq!(
+        db.get_cf(meta, b"format_version").unwrap().unwrap(),
+        4u32.to_be_bytes()
+    );
+    let items = mailbox::items(&db, &to, 0).unwrap();
+    assert_eq!(
+        items
+            .iter()
+            .map(|(sequence, item)| (*sequence, item.message.id.as_str(), item.trace.is_none()))
+            .collect::<Vec<_>>(),
+        [(7, "m1", true), (9, "m2", true)]
+    );
+    assert_eq!(items[0].1.message, message("m1"));
+
+    let context = TraceContext {
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        tracestate: String::new(),
+    };
+    let put = MailboxPut {
+        to,
+        message: message("m3"),
+        expires_at_ms: u64::MAX,
+        quota: 10,
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    MailboxWriter::new(&db)
+        .put(&mut batch, &put, at(12), Some(&context))
+        .unwrap();
+    commit(&db, batch);
+    let items = mailbox::items(&db, &to, 0).unwrap();
+    assert_eq!(items[2].0, 12);
+    assert_eq!(items[2].1.trace.as_ref(), Some(&context));
+}
+
 #[tokio::test]
 async fn mailbox_apply_keeps_the_quota_drops_retries_and_expired_messages_and_acks() {
     use super::mailbox::{self, MailboxWriter};
