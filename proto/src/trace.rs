@@ -76,20 +76,25 @@ pub fn write(span: &tracing::Span, traceparent: &mut String, tracestate: &mut St
     );
 }
 
-/// Makes the context in the two fields the parent of `span`, which must not have been entered yet. Fields that
-/// are empty, too long or malformed leave `span` a root (sampled or not by the receiver's own rule).
-pub fn adopt(span: &tracing::Span, traceparent: &str, tracestate: &str) {
+/// The context in the two fields; None when they are empty, too long or malformed.
+fn extract(traceparent: &str, tracestate: &str) -> Option<opentelemetry::Context> {
     if traceparent.is_empty()
         || traceparent.len() > MAX_TRACEPARENT_LEN
         || tracestate.len() > MAX_TRACESTATE_LEN
     {
-        return;
+        return None;
     }
-    let parent = TraceContextPropagator::new().extract(&Read {
+    let context = TraceContextPropagator::new().extract(&Read {
         traceparent,
         tracestate,
     });
-    if parent.span().span_context().is_valid() {
+    context.span().span_context().is_valid().then_some(context)
+}
+
+/// Makes the context in the two fields the parent of `span`, which must not have been entered yet. Fields that
+/// are empty, too long or malformed leave `span` a root (sampled or not by the receiver's own rule).
+pub fn adopt(span: &tracing::Span, traceparent: &str, tracestate: &str) {
+    if let Some(parent) = extract(traceparent, tracestate) {
         let _ = span.set_parent(parent);
     }
 }
@@ -125,19 +130,8 @@ pub fn metadata_fields(metadata: &tonic::metadata::MetadataMap) -> Option<(&str,
 /// Adds a link from `span` to the context in the two fields (a batch span links to each message it carries).
 /// Fields that are empty, too long or malformed add nothing.
 pub fn link(span: &tracing::Span, traceparent: &str, tracestate: &str) {
-    if traceparent.is_empty()
-        || traceparent.len() > MAX_TRACEPARENT_LEN
-        || tracestate.len() > MAX_TRACESTATE_LEN
-    {
-        return;
-    }
-    let context = TraceContextPropagator::new().extract(&Read {
-        traceparent,
-        tracestate,
-    });
-    let span_context = context.span().span_context().clone();
-    if span_context.is_valid() {
-        span.add_link(span_context);
+    if let Some(context) = extract(traceparent, tracestate) {
+        span.add_link(context.span().span_context().clone());
     }
 }
 

@@ -10,7 +10,8 @@
 //!   or the exporter, so the exporter cannot trace itself.
 //! - Spans leave through the SDK's batch processor: a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048 by
 //!   default) that drops when full, exported from its own thread, so a collector that is down or slow never
-//!   blocks the code that records spans.
+//!   blocks the code that records spans. The SDK counts what it drops and says so in the log (a warning at the
+//!   first drop, the total at shutdown); it offers no way to read the count while it runs.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -127,8 +128,14 @@ fn provider(options: &Options) -> Result<SdkTracerProvider, String> {
 /// Installs the global subscriber: stderr logs, and OTLP export when the environment asks for it. Call it once,
 /// inside the tokio runtime (the exporter's gRPC client is made there).
 pub fn init(options: Options) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&options.default_filter));
+    // The OpenTelemetry crates log through `tracing` too: their warnings (an export failing, spans dropped at a
+    // full queue, with the count at shutdown) are shown, their chatter at start-up is not.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn",
+            options.default_filter
+        ))
+    });
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = if options.json {
         logs.json().with_filter(filter).boxed()

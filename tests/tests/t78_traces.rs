@@ -86,6 +86,50 @@ fn spans_in(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Two super peers exporting to a receiver, and the environment that makes a `leafpeer` export there too.
+struct Traced {
+    cluster: Cluster,
+    env: Vec<(String, String)>,
+    spans: std::path::PathBuf,
+    _receiver: Receiver,
+    _dir: tempfile::TempDir,
+}
+
+impl Traced {
+    async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let spans = dir.path().join("spans.jsonl");
+        let receiver = receiver(&spans).await?;
+        let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
+        let cluster = Cluster::start(
+            2,
+            NodeOptions {
+                env: env.clone(),
+                ..NodeOptions::default()
+            },
+        )
+        .await?;
+        Ok(Self {
+            cluster,
+            env,
+            spans,
+            _receiver: receiver,
+            _dir: dir,
+        })
+    }
+}
+
+/// Runs `command` to its end; its output, after checking that it succeeded.
+async fn succeeded(command: &mut tokio::process::Command) -> anyhow::Result<std::process::Output> {
+    let output = command.output().await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}
+
 /// Sends one message from a leaf on node 0 to a listening leaf on node 1; returns once it was received.
 async fn one_message(cluster: &Cluster, env: &[(String, String)]) -> anyhow::Result<()> {
     let alice = cluster.root().join("alice.key");
@@ -111,15 +155,8 @@ async fn one_message(cluster: &Cluster, env: &[(String, String)]) -> anyhow::Res
             .map(|_| ()))
     })
     .await?;
-    let sent = leafpeer(cluster, 0, &alice, env)
-        .args(["send", &bob_id, "hello"])
-        .output()
-        .await?;
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    let sent =
+        succeeded(leafpeer(cluster, 0, &alice, env).args(["send", &bob_id, "hello"])).await?;
     let sent: Value = serde_json::from_slice(&sent.stdout)?;
     assert_eq!(sent["outcome"], "delivered", "{sent}");
     let received = tokio::time::timeout(CONVERGE_TIMEOUT, listener.wait_with_output()).await??;
@@ -134,18 +171,8 @@ async fn one_message(cluster: &Cluster, env: &[(String, String)]) -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t78_one_message_across_two_super_peers_is_one_trace() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let spans_path = dir.path().join("spans.jsonl");
-    let receiver = receiver(&spans_path).await?;
-    let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
-    let cluster = Cluster::start(
-        2,
-        NodeOptions {
-            env: env.clone(),
-            ..NodeOptions::default()
-        },
-    )
-    .await?;
+    let traced = Traced::start().await?;
+    let (cluster, env, spans_path) = (&traced.cluster, &traced.env, traced.spans.as_path());
     one_message(&cluster, &env).await?;
 
     // The leaves flushed at exit; the super peers export within their batch delay.
@@ -267,18 +294,8 @@ fn one<'a>(trace: &'a [Value], name: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let spans_path = dir.path().join("spans.jsonl");
-    let receiver = receiver(&spans_path).await?;
-    let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
-    let cluster = Cluster::start(
-        2,
-        NodeOptions {
-            env: env.clone(),
-            ..NodeOptions::default()
-        },
-    )
-    .await?;
+    let traced = Traced::start().await?;
+    let (cluster, env, spans_path) = (&traced.cluster, &traced.env, traced.spans.as_path());
     let alice = cluster.root().join("alice.key");
     let bob = cluster.root().join("bob.key");
     let bob_id = json_of(&vesper_tests::cli::leafpeer(&cluster, &bob, &["id"]))["peer_id"]
@@ -286,27 +303,20 @@ async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::R
         .expect("peer id")
         .to_string();
     // Bob is offline: the message goes to his mailbox.
-    let sent = leafpeer(&cluster, 0, &alice, &env)
-        .args(["send", &bob_id, "while you were out"])
-        .output()
-        .await?;
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    let sent =
+        succeeded(leafpeer(cluster, 0, &alice, env).args(["send", &bob_id, "while you were out"]))
+            .await?;
     let sent: Value = serde_json::from_slice(&sent.stdout)?;
     assert_eq!(sent["outcome"], "queued", "{sent}");
     // He comes online on the other super peer and gets it from there.
-    let received = leafpeer(&cluster, 1, &bob, &env)
-        .args(["listen", "--count", "1", "--timeout", "60"])
-        .output()
-        .await?;
-    assert!(
-        received.status.success(),
-        "{}",
-        String::from_utf8_lossy(&received.stderr)
-    );
+    let received = succeeded(leafpeer(cluster, 1, &bob, env).args([
+        "listen",
+        "--count",
+        "1",
+        "--timeout",
+        "60",
+    ]))
+    .await?;
     assert!(String::from_utf8_lossy(&received.stdout).contains("while you were out"));
 
     let trace = trace_with(
@@ -353,30 +363,16 @@ async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t78_a_record_put_through_a_follower_is_one_trace_to_every_apply() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let spans_path = dir.path().join("spans.jsonl");
-    let receiver = receiver(&spans_path).await?;
-    let env = otel_env(&format!("http://127.0.0.1:{}", receiver.port));
-    let cluster = Cluster::start(
-        2,
-        NodeOptions {
-            env: env.clone(),
-            ..NodeOptions::default()
-        },
-    )
-    .await?;
+    let traced = Traced::start().await?;
+    let (cluster, env, spans_path) = (&traced.cluster, &traced.env, traced.spans.as_path());
     let leader = cluster.wait_leader_index().await?;
     let follower = 1 - leader;
     let alice = cluster.root().join("alice.key");
-    let put = leafpeer(&cluster, follower, &alice, &env)
-        .args(["put", "notes", "traced", "--value", "hello"])
-        .output()
-        .await?;
-    assert!(
-        put.status.success(),
-        "{}",
-        String::from_utf8_lossy(&put.stderr)
-    );
+    succeeded(
+        leafpeer(cluster, follower, &alice, env)
+            .args(["put", "notes", "traced", "--value", "hello"]),
+    )
+    .await?;
 
     let method = "vesper.v1.Leaf/PutRecord";
     let trace = trace_with(

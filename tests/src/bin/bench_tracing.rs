@@ -7,7 +7,10 @@
 //! `parentbased_always_on`, so every message is traced: 4 spans), for the plain one it records none. The cases
 //! take turns for `--rounds` rounds and the medians are compared:
 //! - pipelined throughput: `--window` sends in flight for `--seconds`, messages per second received;
-//! - round trips: `--round-trips` sends one after the other, p50 and p99.
+//! - round trips: `--round-trips` sends one after the other, p50 and p99;
+//! - record puts: `--put-window` puts in flight for `--seconds` from the sending leaf, puts per second
+//!   (a traced put is 6 spans or more: the leaf's call, the super peer's, propose, forward, commit, apply on each
+//!   member).
 //!
 //! Build in release mode first: `cargo build --release --workspace --bins && target/release/vesper-bench-tracing`.
 
@@ -44,13 +47,25 @@ struct Args {
     /// Payload bytes.
     #[arg(long, default_value_t = 128)]
     payload_bytes: usize,
+    /// Record puts in flight in the put test (each writer rewrites its own key).
+    #[arg(long, default_value_t = 64)]
+    put_window: usize,
 }
 
 fn options(env: Vec<(String, String)>) -> NodeOptions {
     NodeOptions {
-        extra_args: ["--send-rate", "10000000", "--send-burst", "10000000"]
-            .map(String::from)
-            .to_vec(),
+        extra_args: [
+            "--send-rate",
+            "10000000",
+            "--send-burst",
+            "10000000",
+            "--request-rate",
+            "10000000",
+            "--request-burst",
+            "10000000",
+        ]
+        .map(String::from)
+        .to_vec(),
         env,
         ..NodeOptions::default()
     }
@@ -87,6 +102,29 @@ async fn round_trips(sender: &Leaf, to: &Leaf, args: &Args) -> anyhow::Result<Hi
         histogram.record(begin.elapsed().as_micros() as u64)?;
     }
     Ok(histogram)
+}
+
+async fn puts(leaf: &Leaf, args: &Args) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let duration = Duration::from_secs(args.seconds);
+    let mut writers = JoinSet::new();
+    for writer in 0..args.put_window {
+        let (leaf, done, value) = (leaf.clone(), done.clone(), vec![0x42u8; args.payload_bytes]);
+        writers.spawn(async move {
+            let key = format!("k{writer}");
+            while start.elapsed() < duration {
+                let put = leaf
+                    .put("bench", &key, Default::default(), value.clone(), None)
+                    .await;
+                if put.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while writers.join_next().await.is_some() {}
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// The OTLP sink: counts the spans of each export and answers at once.
@@ -140,6 +178,7 @@ struct Case {
     rates: Vec<f64>,
     p50s: Vec<f64>,
     p99s: Vec<f64>,
+    puts: Vec<f64>,
 }
 
 async fn case(cluster: &Cluster) -> anyhow::Result<Case> {
@@ -158,6 +197,7 @@ async fn case(cluster: &Cluster) -> anyhow::Result<Case> {
         rates: Vec::new(),
         p50s: Vec::new(),
         p99s: Vec::new(),
+        puts: Vec::new(),
     })
 }
 
@@ -204,13 +244,15 @@ async fn main() -> anyhow::Result<()> {
             telemetry.set_exporting(traced);
             let rate = pipelined(&case.sender, &case.receiver, &case.received, &args).await;
             let histogram = round_trips(&case.sender, &case.receiver, &args).await?;
+            let put_rate = puts(&case.sender, &args).await;
+            case.puts.push(put_rate);
             case.rates.push(rate);
             case.p50s
                 .push(histogram.value_at_quantile(0.5) as f64 / 1000.0);
             case.p99s
                 .push(histogram.value_at_quantile(0.99) as f64 / 1000.0);
             eprintln!(
-                "round {round}: tracing {}: {rate:.0} msg/s, p50 {:.3} ms",
+                "round {round}: tracing {}: {rate:.0} msg/s, p50 {:.3} ms, {put_rate:.0} puts/s",
                 if traced { "on " } else { "off" },
                 histogram.value_at_quantile(0.5) as f64 / 1000.0
             );
@@ -222,10 +264,11 @@ async fn main() -> anyhow::Result<()> {
         "## Tracing export on vs off, across two super peers ({} rounds, medians; window {}, {} s; {} round trips; {} bytes)\n",
         args.rounds, args.window, args.seconds, args.round_trips, args.payload_bytes
     );
-    println!("| case | pipelined msg/s | round trip p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|");
+    println!("| case | pipelined msg/s | round trip p50 ms | p99 ms | puts/s |");
+    println!("|---|---:|---:|---:|---:|");
     let (rate_off, rate_on) = (median(&mut off.rates), median(&mut on.rates));
     let (p50_off, p50_on) = (median(&mut off.p50s), median(&mut on.p50s));
+    let (puts_off, puts_on) = (median(&mut off.puts), median(&mut on.puts));
     let sampler = match (
         std::env::var("OTEL_TRACES_SAMPLER"),
         std::env::var("OTEL_TRACES_SAMPLER_ARG"),
@@ -235,17 +278,31 @@ async fn main() -> anyhow::Result<()> {
         _ => "parentbased_always_on, every message".into(),
     };
     let traced = format!("tracing on (sampler {sampler})");
-    for (name, rate, p50, p99) in [
-        ("tracing off", rate_off, p50_off, median(&mut off.p99s)),
-        (traced.as_str(), rate_on, p50_on, median(&mut on.p99s)),
+    for (name, rate, p50, p99, put_rate) in [
+        (
+            "tracing off",
+            rate_off,
+            p50_off,
+            median(&mut off.p99s),
+            puts_off,
+        ),
+        (
+            traced.as_str(),
+            rate_on,
+            p50_on,
+            median(&mut on.p99s),
+            puts_on,
+        ),
     ] {
-        println!("| {name} | {rate:.0} | {p50:.3} | {p99:.3} |");
+        println!("| {name} | {rate:.0} | {p50:.3} | {p99:.3} | {put_rate:.0} |");
     }
     println!(
-        "\nthroughput on/off {:.3} ({:+.1} %), p50 on/off {:.3}; spans the receiver got: {exported}",
+        "\nthroughput on/off {:.3} ({:+.1} %), p50 on/off {:.3}, puts on/off {:.3} ({:+.1} %); spans the receiver got: {exported}",
         rate_on / rate_off,
         (rate_on / rate_off - 1.0) * 100.0,
-        p50_on / p50_off
+        p50_on / p50_off,
+        puts_on / puts_off,
+        (puts_on / puts_off - 1.0) * 100.0
     );
     drop((off, on));
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
