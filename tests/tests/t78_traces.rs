@@ -173,14 +173,14 @@ async fn one_message(cluster: &Cluster, env: &[(String, String)]) -> anyhow::Res
 async fn t78_one_message_across_two_super_peers_is_one_trace() -> anyhow::Result<()> {
     let traced = Traced::start().await?;
     let (cluster, env, spans_path) = (&traced.cluster, &traced.env, traced.spans.as_path());
-    one_message(&cluster, &env).await?;
+    one_message(cluster, env).await?;
 
     // The leaves flushed at exit; the super peers export within their batch delay.
     let by_name = wait::until(
         "the four spans of the message",
         CONVERGE_TIMEOUT,
         || async {
-            let spans = spans_in(&spans_path);
+            let spans = spans_in(spans_path);
             let Some(send) = spans.iter().find(|span| span["name"] == "vesper.send") else {
                 return Ok(None);
             };
@@ -199,7 +199,7 @@ async fn t78_one_message_across_two_super_peers_is_one_trace() -> anyhow::Result
         },
     )
     .await
-    .map_err(|error| anyhow::anyhow!("{error}; spans: {:#?}", spans_in(&spans_path)))?;
+    .map_err(|error| anyhow::anyhow!("{error}; spans: {:#?}", spans_in(spans_path)))?;
     let span = |name: &str| &by_name[name];
     let (send, route, deliver, receive) = (
         span("vesper.send"),
@@ -226,7 +226,7 @@ async fn t78_one_message_across_two_super_peers_is_one_trace() -> anyhow::Result
     );
     assert_eq!(send["attributes"]["messaging.system"], "vesper");
     // Super peers start no traces of their own: every span the receiver got belongs to the message's trace.
-    let strays: Vec<Value> = spans_in(&spans_path)
+    let strays: Vec<Value> = spans_in(spans_path)
         .into_iter()
         .filter(|other| other["trace_id"] != send["trace_id"])
         .collect();
@@ -298,7 +298,7 @@ async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::R
     let (cluster, env, spans_path) = (&traced.cluster, &traced.env, traced.spans.as_path());
     let alice = cluster.root().join("alice.key");
     let bob = cluster.root().join("bob.key");
-    let bob_id = json_of(&vesper_tests::cli::leafpeer(&cluster, &bob, &["id"]))["peer_id"]
+    let bob_id = json_of(&vesper_tests::cli::leafpeer(cluster, &bob, &["id"]))["peer_id"]
         .as_str()
         .expect("peer id")
         .to_string();
@@ -320,7 +320,7 @@ async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::R
     assert!(String::from_utf8_lossy(&received.stdout).contains("while you were out"));
 
     let trace = trace_with(
-        &spans_path,
+        spans_path,
         "vesper-leaf",
         "vesper.send",
         &[
@@ -376,7 +376,7 @@ async fn t78_a_record_put_through_a_follower_is_one_trace_to_every_apply() -> an
 
     let method = "vesper.v1.Leaf/PutRecord";
     let trace = trace_with(
-        &spans_path,
+        spans_path,
         "vesper-leaf",
         method,
         &[
@@ -392,7 +392,7 @@ async fn t78_a_record_put_through_a_follower_is_one_trace_to_every_apply() -> an
             "an apply span from each member",
             CONVERGE_TIMEOUT,
             || async {
-                let trace: Vec<Value> = spans_in(&spans_path)
+                let trace: Vec<Value> = spans_in(spans_path)
                     .into_iter()
                     .filter(|span| span["trace_id"] == trace[0]["trace_id"])
                     .collect();
