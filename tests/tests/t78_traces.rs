@@ -119,6 +119,14 @@ impl Traced {
     }
 }
 
+/// The PeerId text of the key at `key` (`leafpeer id`).
+fn peer_id_of(cluster: &Cluster, key: &Path) -> String {
+    json_of(&vesper_tests::cli::leafpeer(cluster, key, &["id"]))["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_string()
+}
+
 /// Runs `command` to its end; its output, after checking that it succeeded.
 async fn succeeded(command: &mut tokio::process::Command) -> anyhow::Result<std::process::Output> {
     let output = command.output().await?;
@@ -134,10 +142,7 @@ async fn succeeded(command: &mut tokio::process::Command) -> anyhow::Result<std:
 async fn one_message(cluster: &Cluster, env: &[(String, String)]) -> anyhow::Result<()> {
     let alice = cluster.root().join("alice.key");
     let bob = cluster.root().join("bob.key");
-    let bob_id = json_of(&vesper_tests::cli::leafpeer(cluster, &bob, &["id"]))["peer_id"]
-        .as_str()
-        .expect("peer id")
-        .to_string();
+    let bob_id = peer_id_of(cluster, &bob);
     let listener = leafpeer(cluster, 1, &bob, env)
         .args(["listen", "--count", "1", "--timeout", "60"])
         .stdout(Stdio::piped())
@@ -298,10 +303,7 @@ async fn t78_a_message_that_waited_in_the_mailbox_keeps_its_trace() -> anyhow::R
     let (cluster, env, spans_path) = (&traced.cluster, &traced.env, traced.spans.as_path());
     let alice = cluster.root().join("alice.key");
     let bob = cluster.root().join("bob.key");
-    let bob_id = json_of(&vesper_tests::cli::leafpeer(cluster, &bob, &["id"]))["peer_id"]
-        .as_str()
-        .expect("peer id")
-        .to_string();
+    let bob_id = peer_id_of(cluster, &bob);
     // Bob is offline: the message goes to his mailbox.
     let sent =
         succeeded(leafpeer(cluster, 0, &alice, env).args(["send", &bob_id, "while you were out"]))
