@@ -471,11 +471,19 @@ pub async fn remove(context: &Membership, node_id: u64) -> Result<(), ServiceErr
     // The tombstone first, while the node still gets the log: applying its own tombstone, a live node tells
     // its leaves to move (`leaf::members`) before it is cut off. A removed node is never sent the entries
     // after its removal, so it could not learn it otherwise.
-    let (_, index) = context
+    context
         .replica
         .propose_accepted(TombstoneNode { node_id }.into())
         .await?;
     if nodes.contains_key(&node_id) {
+        // Holding the tombstone is not enough: the node applies it only once it hears that it is committed,
+        // and the append that carried it may have left before the commit. A second (idempotent) tombstone,
+        // proposed after the first committed, is a fence: any append carrying it also carries a commit index
+        // at or past the first, so once the node holds the fence it will apply its tombstone.
+        let (_, index) = context
+            .replica
+            .propose_accepted(TombstoneNode { node_id }.into())
+            .await?;
         let raft = context.replica.raft()?;
         let heard = raft
             .wait(Some(LEAVE_NOTICE_WAIT))

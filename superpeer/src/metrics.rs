@@ -41,6 +41,7 @@ label_values!(SessionRefusal {
     NotInCluster => "not_in_cluster",
     Unrecorded => "unrecorded",
     PerIpLimit => "per_ip_limit",
+    Leaving => "leaving",
 });
 label_values!(MessagePath { Local => "local", Remote => "remote", Mailbox => "mailbox", Refused => "refused" });
 label_values!(RecordOp { Put => "put", Delete => "delete" });
@@ -116,6 +117,8 @@ pub enum SessionRefusal {
     Unrecorded,
     /// Too many open session streams from one IP address.
     PerIpLimit,
+    /// This node is leaving the cluster (removed, or tombstoned by a removal under way).
+    Leaving,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

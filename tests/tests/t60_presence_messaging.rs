@@ -449,6 +449,31 @@ async fn t60_leaves_of_a_killed_super_peer_go_offline_after_host_expiry() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_super_peer_alone_never_expires_its_own_leaves() -> anyhow::Result<()> {
+    // openraft's heartbeat time for a leader without followers never moves; the leader must not read that as
+    // itself being silent. Watched for three times the expiry, checked throughout.
+    let expiry = Duration::from_secs(2);
+    let cluster = Cluster::start(1, options(&["--host-expiry", "2s"])).await?;
+    let leaf = cluster.leaf(0).await?;
+    let observer = cluster.leaf(0).await?;
+    let id = leaf.peer_id();
+    let end = Instant::now() + expiry * 3;
+    while Instant::now() < end {
+        assert_eq!(
+            status_of(&observer, &id).await?,
+            PresenceStatus::Online as i32,
+            "the only super peer took itself for silent"
+        );
+        assert!(
+            leaf.reattach_times().is_empty(),
+            "the leaf's session was ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_limits_give_clear_errors_and_lose_nothing_else() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, options(&["--mailbox-quota", "3"])).await?;
     let alice = cluster.leaf(0).await?;

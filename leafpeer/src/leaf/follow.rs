@@ -63,6 +63,15 @@ pub fn delay(update: &MemberUpdate, roll: f64) -> Duration {
     spread.mul_f64(roll.clamp(0.0, 1.0))
 }
 
+/// Shortest and longest wait before a leaf on a leaving super peer tries to move again after a failed move.
+pub const RETRY_MIN: Duration = Duration::from_millis(500);
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// When to try again after a failed move away from a leaving super peer (`roll` in [0, 1)).
+pub fn retry_delay(roll: f64) -> Duration {
+    RETRY_MIN + (RETRY_MAX - RETRY_MIN).mul_f64(roll.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +100,16 @@ mod tests {
             .iter()
             .map(|address| address.to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_failed_move_away_is_tried_again_within_the_retry_bounds() {
+        for roll in [0.0, 0.25, 0.999, -1.0, 7.0] {
+            let wait = retry_delay(roll);
+            assert!((RETRY_MIN..=RETRY_MAX).contains(&wait), "{roll}: {wait:?}");
+        }
+        assert_eq!(retry_delay(0.0), RETRY_MIN);
+        assert_eq!(retry_delay(1.0), RETRY_MAX);
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl LeafMetrics {
         );
         registry.register(
             "moves",
-            "Planned moves to another super peer (members added or leaving)",
+            "Moves to another super peer, made because members were added or this one left",
             self.moves.clone(),
         );
         registry.register(

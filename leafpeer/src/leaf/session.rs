@@ -24,8 +24,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use vesper_proto::session::attach_message;
 use vesper_proto::v1::leaf_client::LeafClient;
 use vesper_proto::v1::{
-    client_frame, server_frame, Attach, ClientFrame, Detach, Message, Ping, SendResult,
-    ServerFrame, SessionEndReason,
+    client_frame, server_frame, Attach, ClientFrame, Detach, MemberUpdate, Message, Ping,
+    SendResult, ServerFrame, SessionEndReason,
 };
 use vesper_proto::{validate, version};
 
@@ -278,6 +278,8 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
     // A planned move (when, where), and once its session is attached, that session and the goodbye's deadline.
     let mut moving: Option<(tokio::time::Instant, String)> = None;
     let mut moved: Option<(Attached, tokio::time::Instant)> = None;
+    // The last member update said this super peer is leaving: a failed move is tried again, elsewhere.
+    let mut leaving: Option<MemberUpdate> = None;
     // Keepalives go out on their own task, so that nothing the read loop waits for can silence the session.
     let ended = shared.stop.child_token();
     let _end_keepalives = ended.clone().drop_guard();
@@ -295,8 +297,18 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
                         let _ = connection.outbound.send(goodbye).await;
                         moved = Some((next, tokio::time::Instant::now() + GOODBYE_WAIT));
                     }
-                    Ok(Err(error)) => tracing::warn!(%target, %error, "cannot move to the super peer; staying"),
-                    Err(_) => tracing::warn!(%target, "no answer from the super peer to move to; staying"),
+                    Ok(Err(error)) => tracing::warn!(%target, %error, "cannot move to the super peer"),
+                    Err(_) => tracing::warn!(%target, "no answer from the super peer to move to"),
+                }
+                if moved.is_none() {
+                    // Staying is fine after an addition; a leaving super peer must be left, so try again.
+                    if let Some(update) = &leaving {
+                        moving = super::follow::plan(&serving, update, &connection.server, 0.0, rand::random::<u32>() as usize)
+                            .map(|target| (tokio::time::Instant::now() + super::follow::retry_delay(rand::random()), target));
+                    }
+                    if moving.is_none() {
+                        tracing::info!("staying on this super peer");
+                    }
                 }
                 continue;
             }
@@ -356,6 +368,16 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
                 frame: Some(server_frame::Frame::MemberUpdate(update)),
             })) => {
                 follow_members(shared, &update.members);
+                let now_serving = super::follow::serving(&update.members);
+                if moving
+                    .as_ref()
+                    .is_some_and(|(_, target)| !now_serving.contains(target))
+                {
+                    // Planned before this update, towards a member that no longer serves.
+                    tracing::info!("the planned move's target stopped serving; planning again");
+                    moving = None;
+                }
+                leaving = update.leaving.then(|| update.clone());
                 if moving.is_none() && moved.is_none() {
                     let plan = super::follow::plan(
                         &serving,
@@ -370,7 +392,7 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
                         moving = Some((tokio::time::Instant::now() + wait, target));
                     }
                 }
-                serving = super::follow::serving(&update.members);
+                serving = now_serving;
             }
             Ok(Some(ServerFrame { frame: Some(frame) })) => {
                 tokio::select! {

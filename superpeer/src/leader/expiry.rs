@@ -1,7 +1,9 @@
 //! Timed duties of the leader: the peers of a super peer that stopped answering go offline, and conferences
 //! whose scheduled start has passed are marked started.
 //!
-//! The leader learns when each member last acknowledged it from openraft's heartbeat metrics. A member silent
+//! The leader learns when each member last acknowledged it from openraft's heartbeat metrics (which list the
+//! leader too, with a time that moves only when some other member answers: a leader alone must not take
+//! itself for silent, so it is never a candidate). A member silent
 //! for longer than `host_expiry` (after this node has led at least that long, so a fresh leader does not
 //! expire members it simply has not heard from yet) gets one `ExpireHost` proposal; it is proposed again only
 //! after the member answered in between. Leaves that re-attached elsewhere are untouched: their presence names
@@ -42,18 +44,11 @@ pub async fn run(replica: Replica, host_expiry: Duration, shutdown: Cancellation
         };
         start_due_conferences(context).await;
         let since = *leading_since.get_or_insert_with(Instant::now);
-        let mut stale = Vec::new();
-        for (node, last) in heartbeats {
-            let silent = match last {
-                Some(instant) => instant.elapsed() > expiry,
-                None => since.elapsed() > expiry,
-            };
-            if silent {
-                stale.push(*node);
-            } else {
-                expired.remove(node);
-            }
-        }
+        let heard = heartbeats
+            .iter()
+            .map(|(node, last)| (*node, last.map(|instant| instant.elapsed())));
+        let stale = silent(metrics.id, heard, since.elapsed(), expiry);
+        expired.retain(|node| stale.contains(node));
         for node in stale {
             if expired.contains(&node) {
                 continue;
@@ -80,6 +75,21 @@ pub async fn run(replica: Replica, host_expiry: Duration, shutdown: Cancellation
     }
 }
 
+/// The members silent for longer than `expiry`, from how long ago each last answered (None: never, since this
+/// node has led for `leading`). The leader itself (`me`) never is.
+fn silent(
+    me: u64,
+    heard: impl IntoIterator<Item = (u64, Option<Duration>)>,
+    leading: Duration,
+    expiry: Duration,
+) -> Vec<u64> {
+    heard
+        .into_iter()
+        .filter(|(node, ago)| *node != me && ago.unwrap_or(leading) > expiry)
+        .map(|(node, _)| node)
+        .collect()
+}
+
 /// Marks conferences whose scheduled start has passed as started (a Raft write, so every watcher sees it).
 async fn start_due_conferences(context: &Replica) {
     let due = match crate::store::conference::due(
@@ -98,6 +108,35 @@ async fn start_due_conferences(context: &Replica) {
             .await
         {
             tracing::warn!(%error, conference = %id, "cannot mark a conference started");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPIRY: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn only_other_members_silent_past_the_expiry_are_named() {
+        // (members as (id, seconds since its last answer), seconds led, the silent ones)
+        type Row = (&'static [(u64, Option<u64>)], u64, &'static [u64]);
+        let table: &[Row] = &[
+            // A leader alone: openraft's time for it never moves, yet it is not silent.
+            (&[(1, Some(3600))], 3600, &[]),
+            (&[(1, Some(20)), (2, Some(1))], 60, &[]),
+            (&[(1, Some(1)), (2, Some(16)), (3, Some(15))], 60, &[2]),
+            // Never heard from: silent only once this node has led longer than the expiry.
+            (&[(1, Some(0)), (2, None)], 10, &[]),
+            (&[(1, Some(0)), (2, None)], 16, &[2]),
+        ];
+        for (heard, led, want) in table {
+            let heard = heard
+                .iter()
+                .map(|(node, ago)| (*node, ago.map(Duration::from_secs)));
+            let got = silent(1, heard, Duration::from_secs(*led), EXPIRY);
+            assert_eq!(&got, want, "led {led}s");
         }
     }
 }

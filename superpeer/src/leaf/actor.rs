@@ -102,6 +102,19 @@ pub(super) async fn run_session(
         let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
         return;
     };
+    // Subscribed before the check, so a node that starts leaving after it still tells this session.
+    let mut members = context.members.clone();
+    if members.borrow_and_update().leaving {
+        // A leaf that is moving here from a member that has not heard of the removal yet: it tries another.
+        refused(SessionRefusal::Leaving);
+        let _ = tx
+            .send(Err(ServiceError::Unavailable(
+                "this super peer is leaving the cluster; attach to another member".into(),
+            )
+            .into_status()))
+            .await;
+        return;
+    }
     let session = context.sessions.open(peer, tx.clone(), listed, remote);
     // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
     // between the catch-up and the live feed is missed. Sessions without watches never wake up for events.
@@ -144,9 +157,7 @@ pub(super) async fn run_session(
             protocol_version: protocol,
         })),
     };
-    // The member list as of the welcome; later changes are pushed.
-    let mut members = context.members.clone();
-    members.borrow_and_update();
+    // The member list as of the welcome; later changes (`members`, subscribed above) are pushed.
     if tx.send(Ok(Box::new(welcome))).await.is_err() {
         return;
     }
