@@ -144,6 +144,36 @@ struct Listed {
     pending: PendingAcks,
 }
 
+/// One session's figures as read from the registry: numbers only, so that sorting and paging a hundred
+/// thousand of them formats nothing but the page shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEntry {
+    pub id: u64,
+    pub peer: PeerId,
+    pub listed: bool,
+    pub attached_at_ms: u64,
+    pub remote: Option<std::net::IpAddr>,
+    pub pushed: u64,
+    pub acked: u64,
+    pub pending: u64,
+}
+
+impl SessionEntry {
+    /// The row the ops port shows.
+    pub fn view(&self) -> SessionView {
+        SessionView {
+            session: format!("{:016x}", self.id),
+            peer_id: self.peer.to_string(),
+            listed: self.listed,
+            attached_at_ms: self.attached_at_ms,
+            remote_ip: self.remote.map(|ip| ip.to_string()),
+            pushed: self.pushed,
+            acked: self.acked,
+            pending: self.pending,
+        }
+    }
+}
+
 /// One session as the ops port shows it (`/api/v1/sessions`): no tokens, no payloads.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SessionView {
@@ -375,7 +405,7 @@ impl SessionRegistry {
     }
 
     /// Every session here, unordered (the ops port sorts and pages).
-    pub fn views(&self) -> Vec<SessionView> {
+    pub fn entries(&self) -> Vec<SessionEntry> {
         let listed: Vec<(
             u64,
             PeerId,
@@ -403,12 +433,12 @@ impl SessionRegistry {
             .into_iter()
             .map(|(id, peer, listed, attached_at_ms, remote, pending)| {
                 let pending = pending.lock().expect("pending acks lock poisoned");
-                SessionView {
-                    session: format!("{id:016x}"),
-                    peer_id: peer.to_string(),
+                SessionEntry {
+                    id,
+                    peer,
                     listed,
                     attached_at_ms,
-                    remote_ip: remote.map(|ip| ip.to_string()),
+                    remote,
                     pushed: pending.next,
                     acked: pending.acked,
                     pending: pending.waiting.len() as u64,

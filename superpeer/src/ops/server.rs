@@ -197,7 +197,7 @@ async fn sessions(
                 .into_response()
         }
     };
-    let page = match super::sessions::page(state.sessions.views(), &query) {
+    let page = match super::sessions::page(state.sessions.entries(), &query) {
         Ok(page) => page,
         Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
     };

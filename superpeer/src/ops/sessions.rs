@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::command::PresenceStatus;
-use crate::sessions::SessionView;
+use crate::sessions::{SessionEntry, SessionView};
 use crate::store::state_machine::StateReader;
 use crate::store::StoreError;
 
@@ -78,30 +78,31 @@ pub struct SessionRow {
 }
 
 /// Sorts `sessions` and cuts the page `query` asks for; an error names the bad parameter. Ties are broken by
-/// session id, so pages do not overlap or skip while the set is unchanged.
-pub fn page(mut sessions: Vec<SessionView>, query: &SessionsQuery) -> Result<SessionsPage, String> {
+/// session id, so pages do not overlap or skip while the set is unchanged. Only the sessions up to the page's
+/// end are ordered (a selection, then a sort of those), and only the page is formatted.
+pub fn page(sessions: Vec<SessionEntry>, query: &SessionsQuery) -> Result<SessionsPage, String> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(format!(
             "limit must be between 1 and {MAX_LIMIT} (got {limit})"
         ));
     }
-    let key = |view: &SessionView| -> (u64, String) {
-        match query.sort {
-            SortBy::Attached => (view.attached_at_ms, String::new()),
-            SortBy::Peer => (0, view.peer_id.clone()),
-            SortBy::Pending => (u64::MAX - view.pending, String::new()),
-            SortBy::Pushed => (u64::MAX - view.pushed, String::new()),
-            SortBy::Acked => (u64::MAX - view.acked, String::new()),
-        }
-    };
-    sessions.sort_by_cached_key(|view| (key(view), view.session.clone()));
     let total = sessions.len();
-    let sessions = sessions
-        .into_iter()
-        .skip(query.offset)
-        .take(limit)
-        .collect();
+    let end = query.offset.saturating_add(limit).min(total);
+    let rows = match query.sort {
+        SortBy::Attached => cut(sessions, |entry| entry.attached_at_ms, query.offset, end),
+        // The only order that needs text: peer ids sort as they read.
+        SortBy::Peer => cut(sessions, |entry| entry.peer.to_string(), query.offset, end),
+        SortBy::Pending => cut(
+            sessions,
+            |entry| u64::MAX - entry.pending,
+            query.offset,
+            end,
+        ),
+        SortBy::Pushed => cut(sessions, |entry| u64::MAX - entry.pushed, query.offset, end),
+        SortBy::Acked => cut(sessions, |entry| u64::MAX - entry.acked, query.offset, end),
+    };
+    let sessions = rows.iter().map(SessionEntry::view).collect();
     Ok(SessionsPage {
         total,
         offset: query.offset,
@@ -109,6 +110,29 @@ pub fn page(mut sessions: Vec<SessionView>, query: &SessionsQuery) -> Result<Ses
         sort: query.sort,
         sessions,
     })
+}
+
+/// The entries at positions `offset..end` in the order of (`key`, session id).
+fn cut<K: Ord>(
+    sessions: Vec<SessionEntry>,
+    key: impl Fn(&SessionEntry) -> K,
+    offset: usize,
+    end: usize,
+) -> Vec<SessionEntry> {
+    if offset >= end {
+        return Vec::new();
+    }
+    let mut keyed: Vec<((K, u64), SessionEntry)> = sessions
+        .into_iter()
+        .map(|entry| ((key(&entry), entry.id), entry))
+        .collect();
+    // Keys are unique (the session id is), so unstable orders are exact.
+    if end < keyed.len() {
+        keyed.select_nth_unstable_by(end - 1, |a, b| a.0.cmp(&b.0));
+        keyed.truncate(end);
+    }
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    keyed.drain(offset..).map(|(_, entry)| entry).collect()
 }
 
 /// The cluster's connectivity as one scan of the presence table finds it.
@@ -179,13 +203,25 @@ mod tests {
     use super::*;
     use crate::command::{AttachedSession, PresenceEntry};
 
-    fn view(session: u64, peer: &str, attached_at_ms: u64, pending: u64) -> SessionView {
-        SessionView {
-            session: format!("{session:016x}"),
-            peer_id: peer.into(),
+    /// Three peer ids, in the order their text sorts.
+    fn peers() -> Vec<vesper_proto::PeerId> {
+        let mut peers: Vec<vesper_proto::PeerId> = [7u8, 99, 200]
+            .iter()
+            .map(|byte| vesper_proto::PeerId::from_public_key_bytes(&[*byte; 32]).unwrap())
+            .collect();
+        peers.sort_by_key(|peer| peer.to_string());
+        peers
+    }
+
+    /// A session of peer `peer` ("a", "b" or "c": the first, second or third of [`peers`]).
+    fn view(session: u64, peer: &str, attached_at_ms: u64, pending: u64) -> SessionEntry {
+        let index = usize::from(peer.as_bytes()[0] - b'a');
+        SessionEntry {
+            id: session,
+            peer: peers()[index],
             listed: true,
             attached_at_ms,
-            remote_ip: None,
+            remote: None,
             pushed: pending * 10,
             acked: pending * 10 - pending,
             pending,
@@ -237,6 +273,44 @@ mod tests {
             page(all, &query(0, None, SortBy::Attached)).unwrap().limit,
             DEFAULT_LIMIT
         );
+    }
+
+    proptest::proptest! {
+        /// A page is exactly the slice of the fully sorted list, for every sort, offset and limit.
+        #[test]
+        fn a_page_is_the_slice_of_the_full_order(
+            rows in proptest::collection::vec((0u64..5, 0u64..4, 0u8..3), 0..40),
+            offset in 0usize..45,
+            limit in 1usize..12,
+            sort in 0usize..5,
+        ) {
+            let sort = [SortBy::Attached, SortBy::Peer, SortBy::Pending, SortBy::Pushed, SortBy::Acked][sort];
+            let all: Vec<SessionEntry> = rows
+                .iter()
+                .enumerate()
+                .map(|(n, (at, pending, peer))| {
+                    view(n as u64 * 7919 % 1000, ["a", "b", "c"][usize::from(*peer)], *at, *pending + 1)
+                })
+                .collect();
+            let mut unique: Vec<u64> = all.iter().map(|entry| entry.id).collect();
+            unique.sort();
+            unique.dedup();
+            proptest::prop_assume!(unique.len() == all.len());
+            let mut expected = all.clone();
+            expected.sort_by_key(|entry| {
+                let key = match sort {
+                    SortBy::Attached => (entry.attached_at_ms, String::new()),
+                    SortBy::Peer => (0, entry.peer.to_string()),
+                    SortBy::Pending => (u64::MAX - entry.pending, String::new()),
+                    SortBy::Pushed => (u64::MAX - entry.pushed, String::new()),
+                    SortBy::Acked => (u64::MAX - entry.acked, String::new()),
+                };
+                (key, entry.id)
+            });
+            let expected: Vec<u64> = expected.iter().skip(offset).take(limit).map(|entry| entry.id).collect();
+            let got = page(all, &SessionsQuery { offset, limit: Some(limit), sort }).unwrap();
+            proptest::prop_assert_eq!(ids(&got), expected);
+        }
     }
 
     #[test]
