@@ -813,7 +813,8 @@ pub enum Response {
     Rejected(Rejection),
     /// A peer's presence after a presence command.
     Presence(PresenceEntry),
-    /// Number of peers a host expiry took offline.
+    /// How many things expired: peers a host expiry took offline, or messages past their time to live that a
+    /// mailbox put removed (a put that removed none answers `Done`).
     Expired(u64),
     /// A conference after a conference command.
     Conference(ConferenceEntry),

@@ -312,6 +312,7 @@ pub struct MessageMetrics {
     sent: Family<PathLabel, Counter>,
     delivery_seconds: Histogram,
     mailbox_full: Counter,
+    mailbox_expired: Counter,
 }
 
 impl MessageMetrics {
@@ -329,6 +330,11 @@ impl MessageMetrics {
     /// A message for an offline peer was refused because its mailbox was at its quota.
     pub fn mailbox_full(&self) {
         self.mailbox_full.inc();
+    }
+
+    /// `count` messages were removed from a mailbox unread: their time to live had passed.
+    pub fn mailbox_expired(&self, count: u64) {
+        self.mailbox_expired.inc_by(count);
     }
 }
 
@@ -529,6 +535,7 @@ impl Metrics {
             sent: Family::default(),
             delivery_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             mailbox_full: Counter::default(),
+            mailbox_expired: Counter::default(),
         };
         let records = RecordMetrics {
             writes: Family::default(),
@@ -663,6 +670,11 @@ impl Metrics {
             "full",
             "Messages for offline peers refused because the recipient's mailbox was at its quota",
             messages.mailbox_full.clone(),
+        );
+        mailbox_registry.register(
+            "expired",
+            "Messages removed from mailboxes unread because their time to live passed, by the puts and drains of this node",
+            messages.mailbox_expired.clone(),
         );
         mailbox_registry.register(
             "messages",

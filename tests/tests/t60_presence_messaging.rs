@@ -449,6 +449,63 @@ async fn t60_leaves_of_a_killed_super_peer_go_offline_after_host_expiry() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_messages_past_their_mailbox_ttl_are_removed_unread_and_counted() -> anyhow::Result<()>
+{
+    let ttl = Duration::from_secs(1);
+    let cluster = Cluster::start(1, options(&["--mailbox-ttl", "1s"])).await?;
+    let ops = cluster.nodes[0].endpoints().ops.expect("ops port");
+    let expired = || async move {
+        let (_, text) = vesper_tests::ops::get(ops, "/metrics").await?;
+        anyhow::Ok(vesper_tests::ops::sample(&text, "vesper_mailbox_expired_total").unwrap_or(0.0))
+    };
+    let alice = cluster.leaf(0).await?;
+    let (bob_key, carol_key) = (Keypair::generate(), Keypair::generate());
+    let (bob_id, carol_id) = (bob_key.peer_id(), carol_key.peer_id());
+    assert_eq!(
+        alice.send(&bob_id, "chat", b"stale".to_vec()).await?,
+        SendOutcome::Queued
+    );
+    assert_eq!(
+        alice.send(&carol_id, "chat", b"old".to_vec()).await?,
+        SendOutcome::Queued
+    );
+    // The time to live has to pass; nothing to observe before it does.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert_eq!(
+        expired().await?,
+        0.0,
+        "nothing is removed before someone looks"
+    );
+
+    // Bob attaches: his drain removes the expired message instead of delivering it.
+    let bob = cluster.leaf_with(0, bob_key).await?;
+    let mut inbox = bob.messages().expect("stream");
+    wait::until(
+        "the drain to count the expired message",
+        Duration::from_secs(20),
+        || async { Ok((expired().await? == 1.0).then_some(())) },
+    )
+    .await?;
+    assert_eq!(
+        alice.send(&bob_id, "chat", b"fresh".to_vec()).await?,
+        SendOutcome::Delivered
+    );
+    assert_eq!(
+        next_message(&mut inbox).await?.payload,
+        b"fresh",
+        "the expired one never arrives"
+    );
+
+    // Carol stays away; a new message for her removes the expired one on the way in (its put says so).
+    assert_eq!(
+        alice.send(&carol_id, "chat", b"new".to_vec()).await?,
+        SendOutcome::Queued
+    );
+    assert_eq!(expired().await?, 2.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_a_super_peer_alone_never_expires_its_own_leaves() -> anyhow::Result<()> {
     // openraft's heartbeat time for a leader without followers never moves; the leader must not read that as
     // itself being silent. Watched for three times the expiry, checked throughout.

@@ -20,8 +20,8 @@ use vesper_proto::v1::{
 use vesper_proto::{validate, PeerId};
 
 use crate::command::{
-    MailboxAck, MailboxPut, Op, PeerKey, PresenceEntry, PresenceStatus, Rejection, StoredMessage,
-    TraceContext,
+    MailboxAck, MailboxPut, Op, PeerKey, PresenceEntry, PresenceStatus, Rejection, Response,
+    StoredMessage, TraceContext,
 };
 use crate::error::ServiceError;
 use crate::leaf::state::LeafState;
@@ -293,10 +293,13 @@ async fn queue(
     };
     // A sampled message keeps its trace in the mailbox: the put carries the context the route hop gave it.
     let trace = TraceContext::from_fields(&message_trace.0, &message_trace.1);
-    context
+    if let (Response::Expired(count), _) = context
         .replica
         .propose_accepted(Op::from(op).traced(trace))
-        .await?;
+        .await?
+    {
+        context.message_metrics.mailbox_expired(count);
+    }
     // The recipient may have attached (and drained its mailbox) while this message was being queued:
     // if it is online now, have its super peer drain again, so the message does not wait for the next
     // attach. A double drain is harmless: the library delivers each message id once.
@@ -318,7 +321,23 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
         .replica
         .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
         .await?;
-    let items = mailbox::items(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
+    let (items, expired) =
+        mailbox::items_and_expired(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
+    // Messages whose time to live passed while the peer was away are removed, not delivered.
+    if !expired.is_empty() {
+        let count = expired.len() as u64;
+        context
+            .replica
+            .propose(
+                MailboxAck {
+                    to: *peer.as_bytes(),
+                    sequences: expired,
+                }
+                .into(),
+            )
+            .await?;
+        context.message_metrics.mailbox_expired(count);
+    }
     let mut items = items.into_iter().peekable();
     let mut delivered_count = 0;
     while items.peek().is_some() {

@@ -89,7 +89,17 @@ pub fn admits<'a>(
 
 /// A peer's mailbox in order: (sequence, item), expired items left out.
 pub fn items(db: &DB, to: &PeerKey, now_ms: u64) -> Result<Vec<(u64, MailboxItem)>, StoreError> {
+    Ok(items_and_expired(db, to, now_ms)?.0)
+}
+
+/// A peer's mailbox in order, (sequence, item), and the sequences of its items past their time to live.
+pub fn items_and_expired(
+    db: &DB,
+    to: &PeerKey,
+    now_ms: u64,
+) -> Result<(Vec<(u64, MailboxItem)>, Vec<u64>), StoreError> {
     let mut out = Vec::new();
+    let mut expired = Vec::new();
     for item in db.iterator_cf(
         cf(db, CF_MAILBOX),
         IteratorMode::From(to, Direction::Forward),
@@ -106,9 +116,11 @@ pub fn items(db: &DB, to: &PeerKey, now_ms: u64) -> Result<Vec<(u64, MailboxItem
         let item: MailboxItem = decode("mailbox item", &bytes)?;
         if item.expires_at_ms > now_ms {
             out.push((sequence, item));
+        } else {
+            expired.push(sequence);
         }
     }
-    Ok(out)
+    Ok((out, expired))
 }
 
 /// Applies mailbox commands into a write batch, seeing earlier commands of the same batch.
@@ -174,10 +186,12 @@ impl MailboxWriter<'_> {
         trace: Option<&TraceContext>,
     ) -> Result<Response, StoreError> {
         let mut live = Vec::new();
+        let mut expired = 0;
         for (key, item) in self.view(&op.to)? {
             if item.expires_at_ms <= at.at_ms {
                 batch.delete_cf(cf(self.db, CF_MAILBOX), &key);
                 self.pending.insert(key, None);
+                expired += 1;
             } else {
                 live.push(item.message);
             }
@@ -200,7 +214,11 @@ impl MailboxWriter<'_> {
             encode("mailbox item", &item)?,
         );
         self.pending.insert(key, Some(item));
-        Ok(Response::Done)
+        Ok(if expired == 0 {
+            Response::Done
+        } else {
+            Response::Expired(expired)
+        })
     }
 }
 

@@ -985,7 +985,8 @@ async fn mailbox_apply_keeps_the_quota_drops_retries_and_expired_messages_and_ac
     };
     assert_eq!(
         writer.apply(&mut batch, &put("m3", 5_000), late).unwrap(),
-        Response::Done
+        Response::Expired(1),
+        "the put says it removed m2, past its time to live"
     );
     commit(&db, batch);
     assert_eq!(
