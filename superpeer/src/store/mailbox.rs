@@ -88,16 +88,19 @@ pub fn admits<'a>(
 }
 
 /// A peer's mailbox in order: (sequence, item), expired items left out.
-pub fn items(db: &DB, to: &PeerKey, now_ms: u64) -> Result<Vec<(u64, MailboxItem)>, StoreError> {
+pub fn items(db: &DB, to: &PeerKey, now_ms: u64) -> Result<Items, StoreError> {
     Ok(items_and_expired(db, to, now_ms)?.0)
 }
+
+/// A mailbox's items in order, each with its sequence.
+pub type Items = Vec<(u64, MailboxItem)>;
 
 /// A peer's mailbox in order, (sequence, item), and the sequences of its items past their time to live.
 pub fn items_and_expired(
     db: &DB,
     to: &PeerKey,
     now_ms: u64,
-) -> Result<(Vec<(u64, MailboxItem)>, Vec<u64>), StoreError> {
+) -> Result<(Items, Vec<u64>), StoreError> {
     let mut out = Vec::new();
     let mut expired = Vec::new();
     for item in db.iterator_cf(
