@@ -491,6 +491,7 @@ pub struct Metrics {
     pub snapshots: SnapshotMetrics,
     pub placement: PlacementMetrics,
     pub connections: ConnectionMetrics,
+    ops_refused: Counter,
 }
 
 fn gauge(value: u64) -> i64 {
@@ -543,6 +544,13 @@ impl Metrics {
         let connections = ConnectionMetrics {
             brokered: Family::default(),
         };
+
+        let ops_refused = Counter::default();
+        registry.register(
+            "ops_connections_refused",
+            "Connections to the ops port closed at once because it had its most open connections",
+            ops_refused.clone(),
+        );
 
         let raft_registry = registry.sub_registry_with_prefix("raft");
         raft_registry.register(
@@ -772,7 +780,13 @@ impl Metrics {
             snapshots,
             placement,
             connections,
+            ops_refused,
         })
+    }
+
+    /// The counter of ops port connections refused for the cap (`ops::listener`).
+    pub fn ops_refused(&self) -> Counter {
+        self.ops_refused.clone()
     }
 
     /// Sets the sampled gauges from `sample`.

@@ -307,6 +307,41 @@ async fn t75_the_ops_port_is_read_only() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ops port keeps at most 64 connections: one past that is closed at once (and counted), and a freed slot
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t75_the_ops_port_closes_connections_past_its_cap() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    const CAP: usize = 64;
+    let cluster = Cluster::start(1, NodeOptions::default()).await?;
+    let addr = ops_addr(&cluster, 0);
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        held.push(tokio::net::TcpStream::connect(addr).await?);
+    }
+    // Accepted in order: once a further connection is closed unanswered, all 64 hold their slots.
+    let mut extra = tokio::net::TcpStream::connect(addr).await?;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), extra.read(&mut byte))
+        .await
+        .map_err(|_| anyhow::anyhow!("the connection past the cap was kept open"))?;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed without an answer: {read:?}"
+    );
+    // Free one slot: the port answers again, and says how many it closed.
+    held.pop();
+    let text = wait::until("the ops port to answer again", CONVERGE_TIMEOUT, || async {
+        Ok(ops::get(addr, "/metrics").await.ok().map(|(_, text)| text))
+    })
+    .await?;
+    assert!(
+        ops::sample(&text, "vesper_ops_connections_refused_total").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    Ok(())
+}
+
 /// `/api/v1/sessions` lists a node's sessions, sorted and paged, and refuses bad parameters by name;
 /// `/api/v1/connectivity` counts the leaves of every super peer and the NAT classes of the peers online.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! Operating a super peer from outside: the ops HTTP port (probes and Prometheus metrics; the metric handles
 //! themselves are in [`crate::metrics`]). Nothing here changes state; docs/OPERATIONS.md describes it.
 
+pub mod listener;
 pub mod ready;
 mod server;
 pub mod sessions;

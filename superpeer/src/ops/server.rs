@@ -314,7 +314,11 @@ pub async fn serve(
     state: OpsState,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let refused = state.metrics.ops_refused();
+    axum::serve(
+        super::listener::Capped::new(listener, refused),
+        router(state),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await
 }
