@@ -380,6 +380,27 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOPs node `index`: it keeps its sockets but does nothing until [`Cluster::resume`] (a process
+    /// pause, as a long GC stall or a frozen VM would be).
+    pub fn pause(&self, index: usize) {
+        self.signal(index, rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONTs node `index` after [`Cluster::pause`].
+    pub fn resume(&self, index: usize) {
+        self.signal(index, rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, index: usize, signal: rustix::process::Signal) {
+        let child = self.nodes[index]
+            .child
+            .as_ref()
+            .expect("only a node process can be signalled: start the cluster with Cluster::start");
+        let pid =
+            rustix::process::Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
+        rustix::process::kill_process(pid, signal).expect("signal a child process");
+    }
+
     /// SIGTERMs node `index` and waits for it to exit.
     pub async fn stop(&mut self, index: usize) -> anyhow::Result<()> {
         if let Some(node) = self.nodes[index].inner.take() {

@@ -1,7 +1,8 @@
 //! The placement controller with real `superpeer` processes and shortened timers (set by flags, never by
 //! sleeping): a SIGKILLed voter is replaced by a ready standby and later retired, under a steady write load that
-//! loses nothing; two voters of five lost one after the other; `pause` stops every change until `resume`; a
-//! manual demote is respected, and targets are set and refused through `vesperctl placement`.
+//! loses nothing; two voters of five lost one after the other; a leader whose other members all froze
+//! (SIGSTOP) changes nothing and says why; `pause` stops every change until `resume`; a manual demote is
+//! respected, and targets are set and refused through `vesperctl placement`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -278,6 +279,98 @@ async fn t52_two_of_five_voters_lost_one_after_the_other_are_both_replaced() -> 
     let report = load.stop().await;
     load::verify(&reader, "placement", &report.acknowledged).await?;
     ensure!(!report.acknowledged.is_empty());
+    Ok(())
+}
+
+/// The members and their roles as node `index` sees them.
+async fn roles_on(cluster: &Cluster, index: usize) -> anyhow::Result<Vec<(u64, i32)>> {
+    let status = cluster.status_of(index).await?;
+    let mut roles: Vec<(u64, i32)> = status
+        .members
+        .iter()
+        .map(|member| (member.node_id, member.role))
+        .collect();
+    roles.sort();
+    Ok(roles)
+}
+
+/// A leader whose every other member froze (SIGSTOP: to the leader they are silent, as behind a partition)
+/// still believes it leads. Its controller sees a dead standby and dead voters, and changes nothing: it says
+/// the voters have no live majority, the membership stays as it was through the whole standby dead time, and
+/// when the others come back nothing it decided alone is in the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_a_leader_cut_off_from_every_other_member_changes_nothing() -> anyhow::Result<()> {
+    let mut cluster = cluster_with(3, 1).await?;
+    let leader = cluster.wait_leader().await?;
+    let before = roles_on(&cluster, leader).await?;
+    let journal_before = journal(&cluster, leader)?.len();
+    let others: Vec<usize> = cluster
+        .running()
+        .into_iter()
+        .filter(|&index| index != leader)
+        .collect();
+    for &index in &others {
+        cluster.pause(index);
+    }
+    // The controller explains why it waits.
+    let blocked = wait::until(
+        "the lone leader's controller to say why it waits",
+        RESTORE_TIMEOUT,
+        || async {
+            let status = vesperctl(&cluster, leader, &["placement", "status"])?;
+            Ok((status["blocked"] == "no_live_majority").then_some(status))
+        },
+    )
+    .await;
+    // Through the standby dead time (6 s) and past it, nothing changes in its membership (checked throughout).
+    let hold = Instant::now() + Duration::from_secs(8);
+    let mut held = Ok(());
+    while Instant::now() < hold && held.is_ok() {
+        let now = roles_on(&cluster, leader).await?;
+        if now != before {
+            held = Err(anyhow::anyhow!(
+                "the lone leader changed the membership: {before:?} -> {now:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The others are resumed whatever happened, so the cluster's files are left in a state worth reading.
+    for &index in &others {
+        cluster.resume(index);
+    }
+    let blocked = blocked?;
+    held?;
+    ensure!(
+        blocked["why"].as_str().is_some_and(|why| !why.is_empty()),
+        "{blocked}"
+    );
+    // Back together: the same members in the same roles, and no change decided by the lone leader.
+    let after = wait::until("the members together again", RESTORE_TIMEOUT, || async {
+        let placement = vesperctl(&cluster, others[0], &["placement", "status"])?;
+        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let live = members.len() == 4
+            && members
+                .iter()
+                .all(|member| member["health"] == "stable" || member["health"] == "healthy");
+        Ok(live.then_some(()))
+    })
+    .await;
+    after?;
+    for index in cluster.running() {
+        ensure!(
+            roles_on(&cluster, index).await? == before,
+            "node {index} sees other members or roles than before the pause"
+        );
+    }
+    let journal_after = journal(&cluster, others[0])?;
+    let done_since: Vec<&(String, String)> = journal_after[journal_before..]
+        .iter()
+        .filter(|(_, outcome)| outcome == "done")
+        .collect();
+    ensure!(
+        done_since.is_empty(),
+        "membership changes were made around the pause: {done_since:?}"
+    );
     Ok(())
 }
 
