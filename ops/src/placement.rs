@@ -61,7 +61,8 @@ pub enum PlacementCommand {
     },
     /// Set the controller's targets. Committed through Raft; unset options keep their value.
     Set {
-        /// Voters to keep: 1, 3, 5 or 7, or `auto` (3, or 5 when at least 5 live members span 3 zones).
+        /// Voters to keep: 1, 3, 5 or 7, or `auto` (3, or 5 when at least 5 members not dead span 3 zones;
+        /// at 5, one lost member does not bring it down to 3).
         #[arg(long, value_parser = parse_count)]
         voters: Option<u32>,
         /// Standbys to keep besides the voters (0 to 16).

@@ -1,7 +1,7 @@
 //! The placement controller with real `superpeer` processes and shortened timers (set by flags, never by
 //! sleeping): a SIGKILLed voter is replaced by a ready standby and later retired, under a steady write load that
 //! loses nothing; two voters of five lost one after the other; a leader whose other members all froze
-//! (SIGSTOP) changes nothing and says why; `pause` stops every change until `resume`; a manual demote is
+//! (SIGSTOP) changes nothing and says why; an automatic five keeps its voters through one lost member; `pause` stops every change until `resume`; a manual demote is
 //! respected, and targets are set and refused through `vesperctl placement`.
 
 use std::collections::BTreeSet;
@@ -518,5 +518,105 @@ async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
     })
     .await?;
     ensure!(swaps(&journal) == 2, "{journal:?} {spread}");
+    Ok(())
+}
+
+/// Five members in three zones grow to five voters on their own; one of them frozen until it counts as dead
+/// (no standby to replace it with) does not shrink the voting set, and when it comes back it is a voter still.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_an_automatic_five_keeps_its_voters_through_one_lost_member() -> anyhow::Result<()> {
+    let mut options = options();
+    options.node_args = ["a", "b", "c", "a", "b"]
+        .iter()
+        .map(|zone| vec!["--zone".to_string(), zone.to_string()])
+        .collect();
+    let mut cluster = Cluster::start(3, options).await?;
+    let seed = cluster.nodes[0].endpoints().cluster.to_string();
+    for _ in 0..2 {
+        cluster.add_node(Start::Join(seed.clone())).await?;
+    }
+    // The harness promoted the first three by hand, which pins the target; hand it back to automation.
+    vesperctl(&cluster, 0, &["placement", "set", "--voters", "auto"])?;
+    let status = wait_status(&mut cluster, "five voters", |status| {
+        voters(status).len() == 5
+    })
+    .await?;
+    let leader = cluster.wait_leader().await?;
+    let frozen = (0..5).find(|&index| index != leader).expect("a follower");
+    let frozen_id = cluster.node_id_in(&status, frozen).context("its node id")?;
+    // The controller's own view has caught up with the membership (its report lags the round before).
+    wait::until(
+        "the controller to see five voters",
+        RESTORE_TIMEOUT,
+        || async {
+            let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+            let members = placement["members"].as_array().cloned().unwrap_or_default();
+            let five = members
+                .iter()
+                .filter(|member| member["role"] == "voter")
+                .count()
+                == 5;
+            Ok((five && placement["action"].is_null()).then_some(()))
+        },
+    )
+    .await?;
+    cluster.pause(frozen);
+    // Until the controller counts it dead, and a while after (checked throughout), the voters stay five.
+    let mut dead_since: Option<Instant> = None;
+    let mut held = Ok(());
+    let deadline = Instant::now() + RESTORE_TIMEOUT;
+    while dead_since.is_none_or(|at| at.elapsed() < Duration::from_secs(3))
+        && Instant::now() < deadline
+    {
+        let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let voters_now = members
+            .iter()
+            .filter(|member| member["role"] == "voter")
+            .count();
+        if voters_now != 5 {
+            held = Err(anyhow::anyhow!(
+                "one lost member shrank the voters: {placement}"
+            ));
+            break;
+        }
+        let dead = members
+            .iter()
+            .any(|member| member["node_id"] == frozen_id && member["health"] == "dead");
+        if dead && dead_since.is_none() {
+            ensure!(placement["effective_target_voters"] == 5, "{placement}");
+            dead_since = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.resume(frozen);
+    held?;
+    ensure!(
+        dead_since.is_some(),
+        "the frozen member never counted as dead"
+    );
+    // Back: every member live, five voters, and no demotion in the journal.
+    wait::until(
+        "the frozen member back and live",
+        RESTORE_TIMEOUT,
+        || async {
+            let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
+            let members = placement["members"].as_array().cloned().unwrap_or_default();
+            let live = members.len() == 5
+                && members.iter().all(|member| {
+                    member["role"] == "voter"
+                        && (member["health"] == "stable" || member["health"] == "healthy")
+                });
+            Ok(live.then_some(()))
+        },
+    )
+    .await?;
+    let journal = journal(&cluster, leader)?;
+    ensure!(
+        !journal
+            .iter()
+            .any(|(action, _)| action.starts_with("demote")),
+        "{journal:?}"
+    );
     Ok(())
 }

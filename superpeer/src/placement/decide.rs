@@ -96,7 +96,8 @@ pub struct ClusterView {
 pub struct Targets {
     /// The operator paused the controller: nothing is changed.
     pub paused: bool,
-    /// Voters to keep; `None` means automatic (3, or 5 when at least 5 live members span at least 3 zones).
+    /// Voters to keep; `None` means automatic (3, or 5 when at least 5 members that are not Dead span at least 3
+    /// zones; see [`target_voters`] for its hysteresis).
     pub voters: Option<u32>,
     /// Standbys to keep besides the voters.
     pub standbys: u32,
@@ -259,10 +260,15 @@ pub fn has_live_majority(view: &ClusterView, voters: &[u64]) -> bool {
 
 /// The distinct zone labels among the members that are not Dead (members without a zone add none).
 fn zones_not_dead(view: &ClusterView) -> usize {
+    zones_of(view, |m| m.health != Health::Dead)
+}
+
+/// The distinct zone labels among the members for which `count` holds.
+fn zones_of(view: &ClusterView, count: impl Fn(&MemberView) -> bool) -> usize {
     let mut zones: Vec<&str> = view
         .members
         .iter()
-        .filter(|m| m.health != Health::Dead)
+        .filter(|m| count(m))
         .filter_map(|m| m.zone.as_deref())
         .collect();
     zones.sort_unstable();
@@ -272,8 +278,12 @@ fn zones_not_dead(view: &ClusterView) -> usize {
 
 /// The voter target in effect: the operator's, or automatic.
 ///
-/// Automatic is 5 when at least 5 members that are not Dead span at least 3 zones, otherwise 3. An
-/// explicit target is clamped to `1..=MAX_VOTERS`. It is odd when an operator set it (`placement set`
+/// Automatic is 5 when at least 5 members that are not Dead span at least 3 zones, otherwise 3, with one
+/// member of hysteresis: a cluster that has 5 voters keeps the target 5 while at least 4 members are not Dead
+/// and its members (the dead one included) span 3 zones. So one member lost, often just restarting, neither
+/// shrinks the voting set nor grows it back once the member returns (four changes for one failure, and a
+/// cluster that tolerates one failure instead of two in between); a second loss does shrink it to 3, which
+/// then tolerates one more. An explicit target is clamped to `1..=MAX_VOTERS`. It is odd when an operator set it (`placement set`
 /// refuses even ones: an even count tolerates no more failures than the odd count below it); an even one
 /// comes only from a manual promote or demote, which pins the count it leaves, and is kept as the operator
 /// chose it.
@@ -286,7 +296,10 @@ pub fn target_voters(view: &ClusterView, targets: &Targets) -> u32 {
                 .iter()
                 .filter(|m| m.health != Health::Dead)
                 .count();
-            if not_dead >= 5 && zones_not_dead(view) >= 3 {
+            let voters = view.members.iter().filter(|m| m.voter).count();
+            let grow = not_dead >= 5 && zones_not_dead(view) >= 3;
+            let keep = voters >= 5 && not_dead >= 4 && zones_of(view, |_| true) >= 3;
+            if grow || keep {
                 5
             } else {
                 3
@@ -1243,6 +1256,56 @@ mod tests {
         unzoned.members[2].zone = None;
         unzoned.members[4].zone = None;
         assert_eq!(target_voters(&unzoned, &t), 3);
+    }
+
+    /// Five voters in three zones, `dead` of them dead, and `standbys` ready standbys in zone "c".
+    fn five_voters(dead: &[u64], standbys: u64) -> ClusterView {
+        let zones = ["a", "b", "c", "a", "b"];
+        let mut members: Vec<(u64, bool, Health, bool, &str)> = (1..=5)
+            .map(|id| {
+                let health = if dead.contains(&id) { Dead } else { Stable };
+                (id, true, health, true, zones[id as usize - 1])
+            })
+            .collect();
+        for id in 6..6 + standbys {
+            members.push((id, false, Stable, true, "c"));
+        }
+        view(1, &members)
+    }
+
+    #[test]
+    fn one_lost_member_keeps_an_automatic_five_and_a_second_shrinks_it() {
+        let t = targets(None, 0);
+        assert_eq!(target_voters(&five_voters(&[], 0), &t), 5);
+        // One dead voter and no standby: the target stays 5, so nothing is demoted.
+        let one = five_voters(&[3], 0);
+        assert_eq!(target_voters(&one, &t), 5);
+        let d = decide(&one, &t);
+        assert!(
+            !matches!(acts(&d), Some(Action::Demote { .. })),
+            "one loss must not shrink the voters: {d:?}"
+        );
+        // With a ready standby, it is replaced instead.
+        let replaceable = five_voters(&[3], 1);
+        assert_eq!(
+            acts(&decide(&replaceable, &t)),
+            Some(&Action::Replace { out: 3, into: 6 })
+        );
+        // Its zone was the only "c": counted still, since the dead member's zone is where a return comes from.
+        // A second loss: down to 3, which tolerates one more failure than 3 live of 5.
+        let two = five_voters(&[3, 5], 0);
+        assert_eq!(target_voters(&two, &t), 3);
+        assert!(matches!(
+            acts(&decide(&two, &t)),
+            Some(Action::Demote { .. })
+        ));
+        // Growing still needs 5 members that are not dead in 3 zones.
+        let mut three = five_voters(&[], 0);
+        for member in three.members.iter_mut().skip(3) {
+            member.voter = false;
+        }
+        three.members[4].health = Dead;
+        assert_eq!(target_voters(&three, &t), 3);
     }
 
     #[test]
