@@ -477,11 +477,10 @@ async fn t52_a_manual_demote_is_kept_and_targets_are_checked() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
-    // Three voters in zone a, standbys in zones b and c: at most ceil(3 / 3) = 1 voter per zone.
+/// Three voters and two standbys that joined, node i in zone `zones[i]`.
+async fn zoned(zones: [&str; 5]) -> anyhow::Result<Cluster> {
     let mut options = options();
-    options.node_args = ["a", "a", "a", "b", "c"]
+    options.node_args = zones
         .iter()
         .map(|zone| vec!["--zone".to_string(), zone.to_string()])
         .collect();
@@ -490,6 +489,13 @@ async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
     for _ in 0..2 {
         cluster.add_node(Start::Join(seed.clone())).await?;
     }
+    Ok(cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
+    // Three voters in zone a, standbys in zones b and c: at most ceil(3 / 3) = 1 voter per zone.
+    let cluster = zoned(["a", "a", "a", "b", "c"]).await?;
     let spread = wait::until("one voter per zone", RESTORE_TIMEOUT, || async {
         let placement = vesperctl(&cluster, 0, &["placement", "status"])?;
         let members = placement["members"].as_array().cloned().unwrap_or_default();
@@ -525,16 +531,7 @@ async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
 /// (no standby to replace it with) does not shrink the voting set, and when it comes back it is a voter still.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t52_an_automatic_five_keeps_its_voters_through_one_lost_member() -> anyhow::Result<()> {
-    let mut options = options();
-    options.node_args = ["a", "b", "c", "a", "b"]
-        .iter()
-        .map(|zone| vec!["--zone".to_string(), zone.to_string()])
-        .collect();
-    let mut cluster = Cluster::start(3, options).await?;
-    let seed = cluster.nodes[0].endpoints().cluster.to_string();
-    for _ in 0..2 {
-        cluster.add_node(Start::Join(seed.clone())).await?;
-    }
+    let mut cluster = zoned(["a", "b", "c", "a", "b"]).await?;
     // The harness promoted the first three by hand, which pins the target; hand it back to automation.
     vesperctl(&cluster, 0, &["placement", "set", "--voters", "auto"])?;
     let status = wait_status(&mut cluster, "five voters", |status| {
