@@ -131,6 +131,27 @@ pub struct Cluster {
     launcher: Option<Arc<dyn Launch>>,
 }
 
+/// Lines of each node's log a failed test prints.
+const LOG_TAIL_LINES: usize = 25;
+
+/// `line` without its ANSI colour sequences (ESC `[` ... a letter).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
@@ -139,7 +160,22 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
         }
-        if std::thread::panicking() || std::env::var_os("VESPER_KEEP_TEST_FILES").is_some() {
+        let failed = std::thread::panicking() || crate::wait::timed_out();
+        if failed {
+            // What CI shows of a failure is the test's output: the end of each node's log goes there too.
+            for node in &self.nodes {
+                let log = node.data_dir.with_extension("log");
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+                    eprintln!("--- last {} lines of {}:", tail.len(), log.display());
+                    for line in tail {
+                        eprintln!("{}", without_colours(line));
+                    }
+                }
+            }
+        }
+        if failed || std::env::var_os("VESPER_KEEP_TEST_FILES").is_some() {
             // Keep the logs of a failed test where a person can read them.
             let kept = self.root.path().to_path_buf();
             eprintln!("cluster files (logs) kept in {}", kept.display());
@@ -756,5 +792,17 @@ impl Cluster {
     /// The root folder of the cluster's files.
     pub fn root(&self) -> &Path {
         self.root.path()
+    }
+}
+
+#[cfg(test)]
+mod colour_tests {
+    #[test]
+    fn colour_sequences_are_dropped_and_text_kept() {
+        assert_eq!(
+            super::without_colours("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m leaf attached"),
+            "2026  INFO leaf attached"
+        );
+        assert_eq!(super::without_colours("plain"), "plain");
     }
 }

@@ -1,7 +1,17 @@
 //! Waiting on observable state with a deadline.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// Set once a wait of this test process timed out. A test that fails by returning the error (not by
+/// panicking) then still keeps its cluster's files and shows the end of each node's log (`cluster.rs`).
+static TIMED_OUT: AtomicBool = AtomicBool::new(false);
+
+/// Whether any wait of this process timed out (nextest runs each test in a process of its own).
+pub fn timed_out() -> bool {
+    TIMED_OUT.load(Ordering::Relaxed)
+}
 
 /// Polls `probe` every `every` until it returns `Ok(Some(value))`, or fails after `timeout` with `what` and the
 /// last error seen.
@@ -19,6 +29,7 @@ where
             Err(error) => last = format!("{error:#}"),
         }
         if Instant::now() >= deadline {
+            TIMED_OUT.store(true, Ordering::Relaxed);
             anyhow::bail!("timed out after {timeout:?} waiting for {what}: {last}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -33,6 +44,9 @@ pub async fn next<T>(
 ) -> anyhow::Result<T> {
     tokio::time::timeout(timeout, stream.recv())
         .await
-        .map_err(|_| anyhow::anyhow!("no {what} within {timeout:?}"))?
+        .map_err(|_| {
+            TIMED_OUT.store(true, Ordering::Relaxed);
+            anyhow::anyhow!("no {what} within {timeout:?}")
+        })?
         .ok_or_else(|| anyhow::anyhow!("the {what} stream ended"))
 }
