@@ -303,8 +303,10 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
                 if moved.is_none() {
                     // Staying is fine after an addition; a leaving super peer must be left, so try again.
                     if let Some(update) = &leaving {
-                        moving = super::follow::plan(&serving, update, &connection.server, 0.0, rand::random::<u32>() as usize)
-                            .map(|target| (tokio::time::Instant::now() + super::follow::retry_delay(rand::random()), target));
+                        let pick = rand::random::<u32>() as usize;
+                        let at = tokio::time::Instant::now() + super::follow::retry_delay(rand::random());
+                        moving = super::follow::plan(&serving, update, &connection.server, 0.0, pick)
+                            .map(|target| (at, target));
                     }
                     if moving.is_none() {
                         tracing::info!("staying on this super peer");
