@@ -83,7 +83,7 @@ async fn cluster_of(
     // Every node has told the controller which certificate it presents (what a retirement revokes).
     wait::until("every certificate reported", RESTORE_TIMEOUT, || async {
         let placement = vesperctl(&cluster, 0, &["placement", "status"])?;
-        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let members = members_of(&placement);
         let reported = members.len() == voters + standbys
             && members
                 .iter()
@@ -97,6 +97,16 @@ async fn cluster_of(
 /// A cluster of `voters` voters and `standbys` standbys that joined, sharing one certificate.
 async fn cluster_with(voters: usize, standbys: usize) -> anyhow::Result<Cluster> {
     cluster_of(voters, standbys, options()).await
+}
+
+/// The members `placement status` lists.
+fn members_of(placement: &Value) -> Vec<Value> {
+    placement["members"].as_array().cloned().unwrap_or_default()
+}
+
+/// Whether the controller counts `member` (a row of `placement status`) as live.
+fn is_live(member: &Value) -> bool {
+    member["health"] == "stable" || member["health"] == "healthy"
 }
 
 /// The journal's outcome of `action`, once it is there.
@@ -215,12 +225,9 @@ async fn t52_a_killed_leader_is_replaced_then_retired_and_no_write_is_lost() -> 
     // no candidates to adopt, so it is short of one standby and says so, or balanced).
     let placement = wait::until("the controller to settle", RESTORE_TIMEOUT, || async {
         let placement = vesperctl(&cluster, survivor, &["placement", "status"])?;
-        let members = placement["members"].as_array().cloned().unwrap_or_default();
-        let settled = members.len() == 4
-            && members
-                .iter()
-                .all(|member| member["health"] == "stable" || member["health"] == "healthy")
-            && placement["action"].is_null();
+        let members = members_of(&placement);
+        let settled =
+            members.len() == 4 && members.iter().all(is_live) && placement["action"].is_null();
         Ok(settled.then_some(placement))
     })
     .await?;
@@ -347,11 +354,8 @@ async fn t52_a_leader_cut_off_from_every_other_member_changes_nothing() -> anyho
     // Back together: the same members in the same roles, and no change decided by the lone leader.
     let after = wait::until("the members together again", RESTORE_TIMEOUT, || async {
         let placement = vesperctl(&cluster, others[0], &["placement", "status"])?;
-        let members = placement["members"].as_array().cloned().unwrap_or_default();
-        let live = members.len() == 4
-            && members
-                .iter()
-                .all(|member| member["health"] == "stable" || member["health"] == "healthy");
+        let members = members_of(&placement);
+        let live = members.len() == 4 && members.iter().all(is_live);
         Ok(live.then_some(()))
     })
     .await;
@@ -498,7 +502,7 @@ async fn t52_voters_in_one_zone_are_spread_over_three() -> anyhow::Result<()> {
     let cluster = zoned(["a", "a", "a", "b", "c"]).await?;
     let spread = wait::until("one voter per zone", RESTORE_TIMEOUT, || async {
         let placement = vesperctl(&cluster, 0, &["placement", "status"])?;
-        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let members = members_of(&placement);
         let zones: BTreeSet<String> = members
             .iter()
             .filter(|member| member["role"] == "voter")
@@ -547,7 +551,7 @@ async fn t52_an_automatic_five_keeps_its_voters_through_one_lost_member() -> any
         RESTORE_TIMEOUT,
         || async {
             let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
-            let members = placement["members"].as_array().cloned().unwrap_or_default();
+            let members = members_of(&placement);
             let five = members
                 .iter()
                 .filter(|member| member["role"] == "voter")
@@ -566,7 +570,7 @@ async fn t52_an_automatic_five_keeps_its_voters_through_one_lost_member() -> any
         && Instant::now() < deadline
     {
         let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
-        let members = placement["members"].as_array().cloned().unwrap_or_default();
+        let members = members_of(&placement);
         let voters_now = members
             .iter()
             .filter(|member| member["role"] == "voter")
@@ -598,12 +602,11 @@ async fn t52_an_automatic_five_keeps_its_voters_through_one_lost_member() -> any
         RESTORE_TIMEOUT,
         || async {
             let placement = vesperctl(&cluster, leader, &["placement", "status"])?;
-            let members = placement["members"].as_array().cloned().unwrap_or_default();
+            let members = members_of(&placement);
             let live = members.len() == 5
-                && members.iter().all(|member| {
-                    member["role"] == "voter"
-                        && (member["health"] == "stable" || member["health"] == "healthy")
-                });
+                && members
+                    .iter()
+                    .all(|member| member["role"] == "voter" && is_live(member));
             Ok(live.then_some(()))
         },
     )

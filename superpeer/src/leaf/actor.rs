@@ -38,6 +38,17 @@ fn accept_attach(
     Ok((peer, protocol, !attach.without_presence))
 }
 
+/// Refuses a session: counts `reason`, and ends the stream with `error`.
+async fn refuse(
+    context: &LeafState,
+    tx: &sessions::Outbound,
+    reason: SessionRefusal,
+    error: ServiceError,
+) {
+    context.session_metrics.refused(reason);
+    let _ = tx.send(Err(error.into_status())).await;
+}
+
 /// Runs one session: challenge, attach (presence goes online through Raft), mailbox drain, then keepalives and
 /// acknowledgements until the leaf goes away or the node stops. A session that ends without a goodbye leaves
 /// the peer online for the grace period, so it can re-attach anywhere without an offline flap.
@@ -49,7 +60,6 @@ pub(super) async fn run_session(
     shutdown: CancellationToken,
 ) {
     let opened = std::time::Instant::now();
-    let refused = |reason| context.session_metrics.refused(reason);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let challenge = ServerFrame {
         frame: Some(server_frame::Frame::Challenge(Challenge {
@@ -60,60 +70,45 @@ pub(super) async fn run_session(
     if tx.send(Ok(Box::new(challenge))).await.is_err() {
         return;
     }
-    let (peer, protocol, listed) =
-        match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(ClientFrame {
-                frame: Some(client_frame::Frame::Attach(attach)),
-            }))) => match accept_attach(&attach, &nonce, &context.me.peer_id) {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    refused(match error {
-                        ServiceError::Incompatible(_) => SessionRefusal::Incompatible,
-                        _ => SessionRefusal::Unauthenticated,
-                    });
-                    let _ = tx.send(Err(error.into_status())).await;
-                    return;
-                }
-            },
-            Ok(Ok(Some(_))) => {
-                refused(SessionRefusal::Unauthenticated);
-                let _ = tx
-                    .send(Err(ServiceError::Unauthenticated(
-                        "the first frame of a session must be attach".into(),
-                    )
-                    .into()))
-                    .await;
-                return;
+    let (peer, protocol, listed) = match tokio::time::timeout(ATTACH_TIMEOUT, inbound.message())
+        .await
+    {
+        Ok(Ok(Some(ClientFrame {
+            frame: Some(client_frame::Frame::Attach(attach)),
+        }))) => match accept_attach(&attach, &nonce, &context.me.peer_id) {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                let reason = match error {
+                    ServiceError::Incompatible(_) => SessionRefusal::Incompatible,
+                    _ => SessionRefusal::Unauthenticated,
+                };
+                return refuse(&context, &tx, reason, error).await;
             }
-            Ok(Ok(None)) | Ok(Err(_)) => return,
-            Err(_) => {
-                refused(SessionRefusal::Unauthenticated);
-                let _ = tx
-                    .send(Err(ServiceError::Unauthenticated(format!(
-                        "no attach within {ATTACH_TIMEOUT:?}"
-                    ))
-                    .into()))
-                    .await;
-                return;
-            }
-        };
+        },
+        Ok(Ok(Some(_))) => {
+            let error =
+                ServiceError::Unauthenticated("the first frame of a session must be attach".into());
+            return refuse(&context, &tx, SessionRefusal::Unauthenticated, error).await;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let error =
+                ServiceError::Unauthenticated(format!("no attach within {ATTACH_TIMEOUT:?}"));
+            return refuse(&context, &tx, SessionRefusal::Unauthenticated, error).await;
+        }
+    };
     let Some(host) = context.replica.node_id() else {
-        refused(SessionRefusal::NotInCluster);
-        let _ = tx.send(Err(ServiceError::NotInCluster.into_status())).await;
-        return;
+        let error = ServiceError::NotInCluster;
+        return refuse(&context, &tx, SessionRefusal::NotInCluster, error).await;
     };
     // Subscribed before the check, so a node that starts leaving after it still tells this session.
     let mut members = context.members.clone();
     if members.borrow_and_update().leaving {
         // A leaf that is moving here from a member that has not heard of the removal yet: it tries another.
-        refused(SessionRefusal::Leaving);
-        let _ = tx
-            .send(Err(ServiceError::Unavailable(
-                "this super peer is leaving the cluster; attach to another member".into(),
-            )
-            .into_status()))
-            .await;
-        return;
+        let error = ServiceError::Unavailable(
+            "this super peer is leaving the cluster; attach to another member".into(),
+        );
+        return refuse(&context, &tx, SessionRefusal::Leaving, error).await;
     }
     let session = context.sessions.open(peer, tx.clone(), listed, remote);
     // The event feed is subscribed when the first watch arrives, before its catch-up is computed, so no event
@@ -140,9 +135,7 @@ pub(super) async fn run_session(
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot record the attach");
-                context.session_metrics.refused(SessionRefusal::Unrecorded);
-                let _ = tx.send(Err(error.into_status())).await;
-                return;
+                return refuse(&context, &tx, SessionRefusal::Unrecorded, error).await;
             }
         }
     }

@@ -324,18 +324,8 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
     let (items, expired) =
         mailbox::items_and_expired(context.replica.reader().db(), peer.as_bytes(), now_ms())?;
     // Messages whose time to live passed while the peer was away are removed, not delivered.
-    if !expired.is_empty() {
-        let count = expired.len() as u64;
-        context
-            .replica
-            .propose(
-                MailboxAck {
-                    to: *peer.as_bytes(),
-                    sequences: expired,
-                }
-                .into(),
-            )
-            .await?;
+    let count = expired.len() as u64;
+    if remove_from_mailbox(context, &peer, expired).await? {
         context.message_metrics.mailbox_expired(count);
     }
     let mut items = items.into_iter().peekable();
@@ -381,24 +371,30 @@ pub async fn drain_mailbox(context: &LeafState, peer: PeerId) -> Result<usize, S
         let acked: Vec<u64> = sequences.into_iter().take(in_order).collect();
         // Removed batch by batch, as soon as the leaf acknowledged them: a leaf that leaves in the middle of a
         // long drain gets only what it did not acknowledge again. The session waits for this before it ends.
-        if !acked.is_empty() {
-            context
-                .replica
-                .propose(
-                    MailboxAck {
-                        to: *peer.as_bytes(),
-                        sequences: acked,
-                    }
-                    .into(),
-                )
-                .await?;
-        }
+        remove_from_mailbox(context, &peer, acked).await?;
         delivered_count += in_order;
         if in_order < count {
             break;
         }
     }
     Ok(delivered_count)
+}
+
+/// Removes the items `sequences` from `peer`'s mailbox (one Raft write); false when there was none to remove.
+async fn remove_from_mailbox(
+    context: &LeafState,
+    peer: &PeerId,
+    sequences: Vec<u64>,
+) -> Result<bool, ServiceError> {
+    if sequences.is_empty() {
+        return Ok(false);
+    }
+    let ack = MailboxAck {
+        to: *peer.as_bytes(),
+        sequences,
+    };
+    context.replica.propose(ack.into()).await?;
+    Ok(true)
 }
 
 /// Mailbox drains running at once on this node, at most; more requests wait in the router's queue.
