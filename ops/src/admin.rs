@@ -114,17 +114,18 @@ fn member_json(member: &Member) -> serde_json::Value {
         "leader": member.is_leader,
         "relay_active": member.relay_active,
         "relay_capacity": member.relay_capacity,
+        "leaves": member.leaves,
     })
 }
 
 fn print_members(members: &[Member]) {
     println!(
-        "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {:<11} PEER ID",
-        "NODE", "ROLE", "LEADER", "CLUSTER", "LEAF", "ADMIN", "RELAY"
+        "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {:<11} {:<7} PEER ID",
+        "NODE", "ROLE", "LEADER", "CLUSTER", "LEAF", "ADMIN", "RELAY", "LEAVES"
     );
     for member in members {
         println!(
-            "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {:<11} {}",
+            "{:<5} {:<8} {:<7} {:<22} {:<22} {:<22} {:<11} {:<7} {}",
             member.node_id,
             role_name(member.role),
             if member.is_leader { "*" } else { "" },
@@ -132,6 +133,7 @@ fn print_members(members: &[Member]) {
             member.leaf_addr,
             member.admin_addr,
             format!("{}/{}", member.relay_active, member.relay_capacity),
+            member.leaves,
             member.peer_id
         );
     }

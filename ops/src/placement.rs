@@ -336,6 +336,8 @@ fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
                 "last_ack_ms": (member.last_ack_ms >= 0).then_some(member.last_ack_ms),
                 "zone": (!member.zone.is_empty()).then_some(&member.zone),
                 "certificate": (!member.certificate.is_empty()).then_some(&member.certificate),
+                "score": (member.score >= 0).then_some(member.score),
+                "voter_for_ms": member.voter_for_ms,
             })
         })
         .collect::<Vec<_>>()
@@ -419,12 +421,12 @@ fn print_status(status: &PlacementStatusResponse) {
         status.effective_min_quorum
     );
     println!(
-        "\n{:<5} {:<8} {:<7} {:<8} {:>10} {:<9} {:>8} {:>9} ZONE",
-        "NODE", "ROLE", "LEADER", "HEALTH", "FOR", "CAUGHT UP", "LAG", "LAST ACK"
+        "\n{:<5} {:<8} {:<7} {:<8} {:>10} {:<9} {:>8} {:>9} {:>5} ZONE",
+        "NODE", "ROLE", "LEADER", "HEALTH", "FOR", "CAUGHT UP", "LAG", "LAST ACK", "SCORE"
     );
     for member in &status.members {
         println!(
-            "{:<5} {:<8} {:<7} {:<8} {:>10} {:<9} {:>8} {:>9} {}",
+            "{:<5} {:<8} {:<7} {:<8} {:>10} {:<9} {:>8} {:>9} {:>5} {}",
             member.node_id,
             role_name(member.role),
             if member.is_leader { "*" } else { "" },
@@ -440,6 +442,11 @@ fn print_status(status: &PlacementStatusResponse) {
                 "never".to_string()
             } else {
                 format!("{}ms", member.last_ack_ms)
+            },
+            if member.score < 0 {
+                "-".to_string()
+            } else {
+                member.score.to_string()
             },
             member.zone
         );

@@ -59,6 +59,10 @@ pub enum Op {
     /// A sampled operation and its trace context (appended last, so entries written before it existed still
     /// decode). Never nested: [`Op::traced`] wraps an operation once.
     Traced(Traced),
+    /// A super peer's count of attached leaf sessions (appended after `Traced`, for the same reason).
+    LeafLoad(LeafLoad),
+    /// The placement score of an adopted super peer (appended last).
+    NodeScore(NodeScore),
 }
 
 /// W3C trace context of a sampled operation, as its proposer's span wrote it. Bounded like the message fields
@@ -187,6 +191,8 @@ into_op!(
     IssueCertificate,
     NodeIssuer,
     RecordIssued,
+    LeafLoad,
+    NodeScore,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -329,6 +335,34 @@ pub struct RelayLoad {
     pub node_id: u64,
     pub active: u32,
     pub capacity: u32,
+}
+
+/// Super peer `node_id` reports how many leaf sessions it holds (leaves even out their load by it, and the
+/// placement controller grows the standby pool by it; see `leaf::load`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafLoad {
+    pub node_id: u64,
+    pub sessions: u32,
+}
+
+/// The placement score of super peer `node_id`, which it was adopted with and which its host keeps up to date
+/// from its reports while it serves (see `placement::candidates::member_score`); `None` deletes it. Nodes the
+/// operator added have none, and are never replaced for their score.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeScore {
+    pub node_id: u64,
+    pub score: Option<MemberScore>,
+}
+
+/// A member's score bucket and the observed history it is computed from (as in [`CandidateEntry`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberScore {
+    /// Score bucket, 0-20, on the candidates' scale.
+    pub score: u32,
+    pub first_seen_ms: u64,
+    pub sessions_seen: u32,
+    /// Start of the leaf session it reported on last.
+    pub session_started_ms: u64,
 }
 
 /// An operator revokes the certificate whose DER has this SHA-256 (see `roles`).
@@ -694,6 +728,15 @@ impl fmt::Display for Op {
                 "relay load of node {}: {}/{}",
                 op.node_id, op.active, op.capacity
             ),
+            Op::LeafLoad(op) => write!(
+                f,
+                "leaf load of node {}: {} sessions",
+                op.node_id, op.sessions
+            ),
+            Op::NodeScore(op) => match &op.score {
+                Some(score) => write!(f, "score of node {}: {}", op.node_id, score.score),
+                None => write!(f, "clear score of node {}", op.node_id),
+            },
             Op::RevokeCertificate(op) => write!(
                 f,
                 "revoke certificate {}",

@@ -674,8 +674,15 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         relay,
         shutdown.clone(),
     ));
+    tasks.spawn(crate::leaf::load::report(
+        replica.clone(),
+        leaf_state.sessions.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(crate::leaf::members::run(
         replica.clone(),
+        leaf_state.sessions.clone(),
+        crate::leaf::members::Balance::from_config(&config.placement),
         member_view,
         shutdown.clone(),
     ));

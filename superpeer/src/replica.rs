@@ -17,7 +17,7 @@ use crate::raft::forward::Forwarder;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose;
 use crate::raft::VesperRaft;
-use crate::store::nodes::{read_node_certificates, read_relay_loads, read_zones};
+use crate::store::nodes::{read_leaf_loads, read_node_certificates, read_relay_loads, read_zones};
 use crate::store::state_machine::StateReader;
 
 /// Handle on this node's replica; cheap to clone.
@@ -124,6 +124,7 @@ impl Replica {
         let reader = &self.inner.reader;
         let mut members = Vec::new();
         let loads = read_relay_loads(reader.db())?;
+        let leaves = read_leaf_loads(reader.db())?;
         let zones = read_zones(reader.db())?;
         let certificates = read_node_certificates(reader.db())?;
         for (id, node) in membership.nodes() {
@@ -137,6 +138,7 @@ impl Replica {
                 entry.relay_active = load.active;
                 entry.relay_capacity = load.capacity;
             }
+            entry.leaves = leaves.get(id).map_or(0, |load| load.sessions);
             entry.zone = zones.get(id).cloned().unwrap_or_default();
             entry.certificate = certificates
                 .get(id)
@@ -167,5 +169,6 @@ fn member(node_id: u64, node: &NodeInfo, role: MemberRole, is_leader: bool) -> M
         relay_capacity: 0,
         zone: String::new(),
         certificate: String::new(),
+        leaves: 0,
     }
 }

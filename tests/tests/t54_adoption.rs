@@ -323,6 +323,41 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
         )
     })?;
 
+    // The adopted member keeps its candidate score (so a clearly better standby could one day take its seat);
+    // the members the operator started have none and are never swapped out for one.
+    let operator_ids: Vec<u64> = cluster
+        .running()
+        .into_iter()
+        .filter_map(|index| cluster.node_id_in(&before, index))
+        .collect();
+    let scored = wait::until(
+        "the adopted member's score in placement status",
+        TIMEOUT,
+        || {
+            let status = vesperctl(&cluster, survivor, &["placement", "status"]);
+            let operator_ids = &operator_ids;
+            async move {
+                let status = status?;
+                let members = status["members"].as_array().cloned().unwrap_or_default();
+                let score_of = |id: u64| {
+                    members
+                        .iter()
+                        .find(|member| member["node_id"] == id)
+                        .map(|member| member["score"].clone())
+                };
+                let adopted_score = score_of(adopted.node_id).and_then(|score| score.as_u64());
+                let operators_unscored = operator_ids
+                    .iter()
+                    .all(|id| score_of(*id).is_none_or(|score| score.is_null()));
+                Ok(adopted_score
+                    .filter(|_| operators_unscored)
+                    .map(|score| (score, status)))
+            }
+        },
+    )
+    .await?;
+    ensure!(scored.0 <= 20, "{}", scored.1);
+
     // The dead voter is retired, and its certificate is refused.
     wait_status(&mut cluster, "the killed voter retired", |status| {
         status

@@ -3,7 +3,8 @@
 //! standby is removed every leaf on it moves back. A watcher of every leaf sees none of them go offline: a
 //! moving leaf attaches its new session before it says goodbye on the old one. A standby removed while leaves
 //! are still on their way to it loses them all the same: planned moves towards it are dropped, and a leaving
-//! super peer refuses new sessions.
+//! super peer refuses new sessions. And a super peer holding clearly more leaves than the mean asks a share of
+//! them to move to the members below it, with no member change at all.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -219,5 +220,108 @@ async fn t56_a_member_removed_while_leaves_are_moving_to_it_ends_with_none_on_it
     }
     no_offline(&mut setup.stream, &mut events)?;
     eprintln!("{early} of {LEAVES} were on the added member when it was removed; all back");
+    Ok(())
+}
+
+/// Load balancing settings short enough for a test: a shed request at most every 12 s, for an excess of 4.
+const BALANCE: &str = "[placement]
+balance_interval = \"12s\"
+balance_min_excess = 4
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t56_an_overloaded_member_sheds_leaves_to_one_below_the_mean_without_any_going_offline(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("superpeer.toml");
+    std::fs::write(&config, BALANCE)?;
+    let options = NodeOptions {
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        ..NodeOptions::default()
+    };
+    // Two serving members first; then every leaf attaches to the first one, so the member list never
+    // changes while they are on it and only load can make them move.
+    let mut cluster = Cluster::start(1, options).await?;
+    let first = cluster.nodes[0].endpoints().leaf.to_string();
+    let second_index = cluster.add_node(Start::Idle).await?;
+    let second = cluster.nodes[second_index].endpoints().leaf.to_string();
+    cluster.vesperctl_json(
+        0,
+        &[
+            "add-standby",
+            &cluster.nodes[second_index].endpoints().cluster.to_string(),
+        ],
+    )?;
+    let watcher = cluster.leaf(0).await?;
+    let mut leaves = Vec::new();
+    for _ in 0..LEAVES {
+        leaves.push(cluster.leaf_with(0, Keypair::generate()).await?);
+    }
+    ensure!(
+        on(&leaves, &first) == LEAVES,
+        "every leaf starts on the first member"
+    );
+    let mut stream = watcher
+        .watch(WatchSpec {
+            peers: leaves
+                .iter()
+                .map(|leaf| leaf.peer_id().to_string())
+                .collect(),
+            ..WatchSpec::default()
+        })
+        .await?;
+
+    // 25 sessions against a mean of 12.5: the first member asks about half to move. A member with 17 or
+    // more sessions is over the tolerance (25 % over the mean and at least 4 over) and asks again 12 s later,
+    // so whatever the draws the leaves end at most 16 on either member, with no member change at all.
+    // Settled: no move for longer than a spread, so the moves of the last request are all done.
+    let mut last = (usize::MAX, tokio::time::Instant::now());
+    let moved = wait::until(
+        "the leaves spread over both members by load",
+        Duration::from_secs(150),
+        || {
+            let (here, there) = (on(&leaves, &first), on(&leaves, &second));
+            if there != last.0 {
+                last = (there, tokio::time::Instant::now());
+            }
+            let settled = last.1.elapsed() >= SPREAD + Duration::from_secs(2);
+            async move { Ok((settled && here <= 16 && there <= 16).then_some(there)) }
+        },
+    )
+    .await?;
+    let mut events = 0;
+    no_offline(&mut stream, &mut events)?;
+    ensure!(
+        on(&leaves, &first) + moved == LEAVES,
+        "every leaf is attached somewhere"
+    );
+    // The counts the members report through Raft show the new spread to an operator.
+    wait::until("the members' leaf counts replicated", TIMEOUT, || {
+        let status = cluster.vesperctl_json(0, &["status"]);
+        async move {
+            let status = status?;
+            let counts: Vec<u64> = status["members"]
+                .as_array()
+                .context("members")?
+                .iter()
+                .filter_map(|member| member["leaves"].as_u64())
+                .collect();
+            Ok(
+                (counts.len() == 2 && counts.iter().sum::<u64>() == LEAVES as u64 + 1)
+                    .then_some(()),
+            )
+        }
+    })
+    .await?;
+    // A moved leaf works where it is now.
+    let mover = leaves
+        .iter()
+        .find(|leaf| leaf.server() == second)
+        .context("a moved leaf")?;
+    mover
+        .set_presence(PresenceStatus::Away, "moved by load", Default::default())
+        .await?;
+    no_offline(&mut stream, &mut events)?;
+    eprintln!("{moved} of {LEAVES} leaves moved to the member below the mean");
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! - its super peer is leaving: move to any other serving member;
 //! - members were added: move to one of them with probability added / serving (if every member carried the
 //!   same load before, each then carries 1 / serving of it);
+//! - its super peer asks to shed (it holds clearly more leaves than the mean): move with the probability it
+//!   names to one of the members it names, picked in proportion to their weights (how many leaves each lacks);
 //! - otherwise stay.
 //!
 //! The move happens at a random time within the spread the super peer names, so a thousand leaves do not
@@ -14,10 +16,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use vesper_proto::v1::{Member, MemberRole, MemberUpdate};
+use vesper_proto::v1::{Member, MemberRole, MemberUpdate, Shed};
 
 /// Longest spread a super peer may ask for (a larger one is cut to this).
 pub const MAX_SPREAD: Duration = Duration::from_secs(300);
+
+/// Most shed targets a leaf looks at (a super peer names at most this many; more are ignored).
+pub const MAX_SHED_TARGETS: usize = 64;
 
 /// Leaf addresses of the serving members.
 pub fn serving(members: &[Member]) -> Vec<String> {
@@ -50,11 +55,49 @@ pub fn plan(
         .iter()
         .filter(|address| !known.contains(address) && *address != current)
         .collect();
-    if added.is_empty() || now.is_empty() {
+    if !added.is_empty() {
+        let share = added.len() as f64 / now.len() as f64;
+        return (roll < share).then(|| added[pick % added.len()].clone());
+    }
+    shed_target(&now, update.shed.as_ref()?, current, roll, pick)
+}
+
+/// Where to go when the super peer asks to shed: with probability `permille` / 1000, one of its targets that
+/// serves and is not `current`, picked in proportion to its weight.
+fn shed_target(
+    serving: &[String],
+    shed: &Shed,
+    current: &str,
+    roll: f64,
+    pick: usize,
+) -> Option<String> {
+    if roll >= f64::from(shed.permille.min(1000)) / 1000.0 {
         return None;
     }
-    let share = added.len() as f64 / now.len() as f64;
-    (roll < share).then(|| added[pick % added.len()].clone())
+    let targets: Vec<(&String, u64)> = shed
+        .targets
+        .iter()
+        .take(MAX_SHED_TARGETS)
+        .filter(|target| target.weight > 0 && target.leaf_addr != current)
+        .filter_map(|target| {
+            let address = serving
+                .iter()
+                .find(|address| **address == target.leaf_addr)?;
+            Some((address, u64::from(target.weight)))
+        })
+        .collect();
+    let total: u64 = targets.iter().map(|(_, weight)| weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = pick as u64 % total;
+    for (address, weight) in targets {
+        if point < weight {
+            return Some(address.clone());
+        }
+        point -= weight;
+    }
+    None
 }
 
 /// When to move: a random point within the spread the super peer asked for (at most [`MAX_SPREAD`]).
@@ -92,7 +135,22 @@ mod tests {
                 .collect(),
             leaving,
             spread_ms: 10_000,
+            shed: None,
         }
+    }
+
+    fn shed(permille: u32, targets: &[(&str, u32)]) -> Option<Shed> {
+        Some(Shed {
+            permille,
+            targets: targets
+                .iter()
+                .map(|(address, weight)| vesper_proto::v1::ShedTarget {
+                    leaf_addr: address.to_string(),
+                    weight: *weight,
+                })
+                .collect(),
+            round: 1,
+        })
     }
 
     fn known(addresses: &[&str]) -> Vec<String> {
@@ -166,6 +224,69 @@ mod tests {
             counts.values().all(|count| (700..=800).contains(count)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn a_shed_request_moves_its_share_to_serving_targets_only() {
+        use MemberRole::*;
+        let before = known(&["a", "b", "c"]);
+        let mut asked = update(&[("a", Voter), ("b", Voter), ("c", Removed)], false);
+        asked.shed = shed(250, &[("b", 3), ("c", 5), ("zz", 9), ("a", 4)]);
+        // A quarter moves: only to b, since c is removed, zz unknown and a is where the leaf already is.
+        for pick in 0..20 {
+            assert_eq!(plan(&before, &asked, "a", 0.24, pick), Some("b".into()));
+            assert_eq!(plan(&before, &asked, "a", 0.25, pick), None);
+        }
+        // Nothing left to move to, or nothing to move: stay.
+        asked.shed = shed(1000, &[("c", 5), ("b", 0)]);
+        assert_eq!(plan(&before, &asked, "a", 0.0, 0), None);
+        asked.shed = shed(0, &[("b", 5)]);
+        assert_eq!(plan(&before, &asked, "a", 0.0, 0), None);
+        // A permille past 1000 is read as 1000.
+        asked.shed = shed(u32::MAX, &[("b", 1)]);
+        assert_eq!(plan(&before, &asked, "a", 0.999, 0), Some("b".into()));
+    }
+
+    #[test]
+    fn a_shed_request_splits_by_weight_and_added_members_take_precedence() {
+        use MemberRole::*;
+        let before = known(&["a", "b", "c"]);
+        let mut asked = update(&[("a", Voter), ("b", Voter), ("c", Voter)], false);
+        asked.shed = shed(500, &[("b", 3), ("c", 1)]);
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for leaf in 0..4000u64 {
+            let roll = (leaf as f64 * 0.618_033_988_75).fract();
+            if let Some(target) = plan(&before, &asked, "a", roll, (leaf * 7919) as usize) {
+                *counts.entry(target).or_default() += 1;
+            }
+        }
+        assert!(
+            (1950..=2050).contains(&counts.values().sum::<usize>()),
+            "{counts:?}"
+        );
+        assert!((1400..=1600).contains(&counts["b"]), "{counts:?}");
+        assert!((400..=600).contains(&counts["c"]), "{counts:?}");
+        // Targets past the cap are not looked at.
+        let many: Vec<(String, u32)> = (0..100).map(|i| (format!("m{i:03}"), 1)).collect();
+        let mut members: Vec<(&str, MemberRole)> =
+            many.iter().map(|(a, _)| (a.as_str(), Voter)).collect();
+        members.push(("a", Voter));
+        let mut wide = update(&members, false);
+        let named: Vec<(&str, u32)> = many.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        wide.shed = shed(1000, &named);
+        let all = serving(&wide.members);
+        for pick in 0..500 {
+            let target = plan(&all, &wide, "a", 0.0, pick).unwrap();
+            assert!(target.as_str() < "m064", "{target}");
+        }
+        // A member added in the same update is served first; the shed draw is not made on top.
+        let mut grown = update(
+            &[("a", Voter), ("b", Voter), ("c", Voter), ("d", Voter)],
+            false,
+        );
+        grown.shed = shed(1000, &[("b", 1)]);
+        assert_eq!(plan(&before, &grown, "a", 0.2, 0), Some("d".into()));
+        assert_eq!(plan(&before, &grown, "a", 0.3, 0), None);
     }
 
     #[test]

@@ -280,6 +280,8 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
     let mut moved: Option<(Attached, tokio::time::Instant)> = None;
     // The last member update said this super peer is leaving: a failed move is tried again, elsewhere.
     let mut leaving: Option<MemberUpdate> = None;
+    // The last shed request of this super peer that was acted on (each is drawn for once).
+    let mut shed_round: Option<u64> = None;
     // Keepalives go out on their own task, so that nothing the read loop waits for can silence the session.
     let ended = shared.stop.child_token();
     let _end_keepalives = ended.clone().drop_guard();
@@ -380,6 +382,14 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
                     moving = None;
                 }
                 leaving = update.leaving.then(|| update.clone());
+                let mut update = update;
+                if let Some(shed) = &update.shed {
+                    if shed_round == Some(shed.round) {
+                        update.shed = None;
+                    } else {
+                        shed_round = Some(shed.round);
+                    }
+                }
                 if moving.is_none() && moved.is_none() {
                     let plan = super::follow::plan(
                         &serving,
@@ -390,7 +400,8 @@ async fn run_stream(shared: &Arc<Shared>, attached: Attached, lanes: &Lanes) -> 
                     );
                     if let Some(target) = plan {
                         let wait = super::follow::delay(&update, rand::random());
-                        tracing::info!(%target, ?wait, leaving = update.leaving, "the members changed; moving");
+                        let shedding = update.shed.is_some() && !update.leaving;
+                        tracing::info!(%target, ?wait, leaving = update.leaving, shedding, "the members changed or this super peer is overloaded; moving");
                         moving = Some((tokio::time::Instant::now() + wait, target));
                     }
                 }

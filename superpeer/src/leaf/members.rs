@@ -1,29 +1,40 @@
 //! The member list attached leaves follow: one task watches the cluster's serving super peers and publishes
 //! a view; every session pushes it to its leaf (`MemberUpdate`) when it changes.
 //!
-//! Only what a leaf acts on counts as a change: which nodes serve and at which Leaf address, and whether this
-//! node itself has left the cluster. Leader changes and voter/standby swaps push nothing, so 100 000 idle
-//! sessions are not woken by an election.
+//! Only what a leaf acts on counts as a change: which nodes serve and at which Leaf address, whether this
+//! node itself has left the cluster, and a new request to shed leaves (`leaf::load::shed`: this node holds
+//! clearly more than the mean). Leader changes, voter/standby swaps and load reports push nothing, so 100 000
+//! idle sessions are not woken by an election. A shed request is made at most once per
+//! `placement.balance_interval`, and not within that time of a change of the serving members (leaves are
+//! then still spreading onto an added member).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use vesper_proto::v1::{Member, MemberRole, MemberUpdate};
+use vesper_proto::v1::{Member, MemberRole, MemberUpdate, Shed};
 
+use super::load::BalanceRules;
 use crate::replica::Replica;
+use crate::sessions::SessionRegistry;
 
 /// How often the member list is read for a change.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Leaves that move spread their moves over this long.
 pub const MOVE_SPREAD: Duration = Duration::from_secs(10);
+// A shed request must not come while the leaves of the last one may still be moving.
+const _: () = assert!(
+    MOVE_SPREAD.as_millis() <= crate::placement::settings::MIN_BALANCE_INTERVAL.as_millis()
+);
 
-/// What sessions push: the member list and whether this node has left.
+/// What sessions push: the member list, whether this node has left, and a request to shed leaves.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MemberView {
     pub members: Vec<Member>,
     pub leaving: bool,
+    pub shed: Option<Shed>,
 }
 
 impl MemberView {
@@ -33,11 +44,12 @@ impl MemberView {
             members: self.members.clone(),
             leaving: self.leaving,
             spread_ms: MOVE_SPREAD.as_millis() as u32,
+            shed: self.shed.clone(),
         }
     }
 }
 
-/// The part of a view a leaf acts on: serving nodes with their Leaf addresses, and `leaving`.
+/// The serving nodes with their Leaf addresses, and `leaving`: what a leaf acts on besides a shed request.
 fn signature(view: &MemberView) -> (Vec<(u64, String)>, bool) {
     let mut serving: Vec<(u64, String)> = view
         .members
@@ -47,6 +59,33 @@ fn signature(view: &MemberView) -> (Vec<(u64, String)>, bool) {
         .collect();
     serving.sort();
     (serving, view.leaving)
+}
+
+/// When this node last asked leaves to move, and whether it may ask now.
+#[derive(Debug)]
+struct Balancer {
+    rules: BalanceRules,
+    interval: Duration,
+    /// The serving members last changed then (a shed waits `interval` after it).
+    changed_at: Instant,
+    /// The last shed request, if any.
+    shed_at: Option<Instant>,
+    round: u64,
+}
+
+impl Balancer {
+    /// A new request to shed, when one is due and this node is overloaded.
+    fn due(&mut self, me: u64, mine: u32, view: &MemberView, now: Instant) -> Option<Shed> {
+        let quiet = |since: Instant| now.saturating_duration_since(since) >= self.interval;
+        if view.leaving || !quiet(self.changed_at) || !self.shed_at.is_none_or(quiet) {
+            return None;
+        }
+        let mut shed = super::load::shed(me, mine, &view.members, self.rules)?;
+        self.round += 1;
+        self.shed_at = Some(now);
+        shed.round = self.round;
+        Some(shed)
+    }
 }
 
 /// The view now, once this node belongs to a cluster.
@@ -71,29 +110,78 @@ fn read(replica: &Replica) -> Option<MemberView> {
             member.role = MemberRole::Removed as i32;
         }
     }
-    Some(MemberView { members, leaving })
+    Some(MemberView {
+        members,
+        leaving,
+        shed: None,
+    })
 }
 
-/// Publishes the view into `view` whenever its signature changes, until `shutdown`.
+/// How this node evens out its leaf load (from the `[placement]` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct Balance {
+    pub rules: BalanceRules,
+    /// Shortest time between two shed requests, and after the serving members changed.
+    pub interval: Duration,
+}
+
+impl Balance {
+    pub fn from_config(config: &crate::placement::settings::PlacementConfig) -> Self {
+        Balance {
+            rules: BalanceRules {
+                tolerance_percent: config.balance_tolerance_percent,
+                min_excess: config.balance_min_excess,
+            },
+            interval: config.balance_interval,
+        }
+    }
+}
+
+/// Publishes the view into `view` whenever its signature changes or leaves should be shed, until `shutdown`.
 pub async fn run(
     replica: Replica,
+    sessions: SessionRegistry,
+    balance: Balance,
     view: watch::Sender<Arc<MemberView>>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = None;
+    let mut balancer = Balancer {
+        rules: balance.rules,
+        interval: balance.interval,
+        changed_at: Instant::now(),
+        shed_at: None,
+        round: 0,
+    };
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let Some(now) = read(&replica) else { continue };
+        let (Some(me), Some(mut now)) = (replica.node_id(), read(&replica)) else {
+            continue;
+        };
         let shape = signature(&now);
         // The first view is what Welcomes already carried (a session started before it hears it once).
         match &last {
-            Some(previous) if *previous == shape => continue,
+            Some(previous) if *previous == shape => {
+                let mine = u32::try_from(sessions.len()).unwrap_or(u32::MAX);
+                let Some(shed) = balancer.due(me, mine, &now, Instant::now()) else {
+                    continue;
+                };
+                tracing::info!(
+                    sessions = mine,
+                    share = f64::from(shed.permille) / 1000.0,
+                    targets = shed.targets.len(),
+                    round = shed.round,
+                    "holding clearly more leaves than the mean; asking a share of them to move"
+                );
+                now.shed = Some(shed);
+                view.send_replace(Arc::new(now));
+            }
             None => {
                 view.send_replace(Arc::new(now));
             }
@@ -103,6 +191,7 @@ pub async fn run(
                     leaving = shape.1,
                     "the member list changed; telling the leaves"
                 );
+                balancer.changed_at = Instant::now();
                 view.send_replace(Arc::new(now));
             }
         }
@@ -131,6 +220,7 @@ mod tests {
                 .map(|(id, addr, role, leader)| member(*id, addr, *role, *leader))
                 .collect(),
             leaving: false,
+            shed: None,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod broker;
 pub mod conference;
 pub(crate) mod convert;
 pub mod listing;
+pub mod load;
 pub mod members;
 mod presence;
 mod records;

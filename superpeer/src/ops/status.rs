@@ -104,6 +104,7 @@ pub fn members(
                 "zone": member.zone,
                 "relay_active": member.relay_active,
                 "relay_capacity": member.relay_capacity,
+                "leaves": member.leaves,
                 "health": health.map(|seen| seen.health.as_str()),
                 "health_for_ms": health.map(|seen| seen.health_for_ms),
                 "caught_up": health.map(|seen| seen.caught_up),

@@ -236,6 +236,8 @@ pub fn status(
                 .ack_age
                 .map_or(-1, |age| i64::try_from(millis(age)).unwrap_or(i64::MAX)),
             zone: member.zone.clone().unwrap_or_default(),
+            score: member.score.map_or(-1, |score| score as i32),
+            voter_for_ms: millis(member.voter_for),
             is_leader: member.node_id == report.leader,
             certificate: certificates
                 .get(&member.node_id)

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vesper_proto::v1::OfferSuperPeerRequest;
 
-use crate::command::CandidateEntry;
+use crate::command::{CandidateEntry, MemberScore};
 use crate::error::ServiceError;
 
 /// Most sessions of its own history a report may carry.
@@ -553,6 +553,35 @@ pub fn score(report: &Report, mean_session_ms: u64) -> u32 {
     ((points / 5.0).floor() as u32).min(MAX_SCORE)
 }
 
+/// The score an adopted candidate starts its membership with: its candidate entry's, with its observed history.
+pub fn adopted_score(entry: &CandidateEntry) -> MemberScore {
+    MemberScore {
+        score: entry.score,
+        first_seen_ms: entry.first_seen_ms,
+        sessions_seen: entry.sessions_seen.max(1),
+        session_started_ms: entry.session_starts_ms.last().copied().unwrap_or(0),
+    }
+}
+
+/// A serving member's score after a report on a leaf session that started at `session_started_ms`: its
+/// history goes on as a candidate's would (a new session counts once), and the bucket is computed as for
+/// candidates, so members and candidates compare on one scale.
+pub fn member_score(
+    previous: &MemberScore,
+    report: &Report,
+    session_started_ms: u64,
+    now_ms: u64,
+) -> MemberScore {
+    let mut next = previous.clone();
+    if session_started_ms != previous.session_started_ms {
+        next.sessions_seen = next.sessions_seen.saturating_add(1);
+        next.session_started_ms = session_started_ms;
+    }
+    let mean = now_ms.saturating_sub(next.first_seen_ms) / u64::from(next.sessions_seen.max(1));
+    next.score = score(report, mean);
+    next
+}
+
 /// Whether `new` must be written over `previous`: anything an operator or the controller reads changed, or the
 /// stored entry is `refresh` old.
 pub fn needs_write(
@@ -912,6 +941,43 @@ mod tests {
             &rules,
         );
         assert!(needs_write(Some(&first), &moved, rules.refresh));
+    }
+
+    #[test]
+    fn a_member_score_goes_on_from_the_candidate_history() {
+        let report = validate(&request()).unwrap();
+        let mut entry = evaluate(
+            &report,
+            &observed(0, 0),
+            &ProofOutcome::NotRun,
+            None,
+            &Build::this(),
+            &CandidateRules::default(),
+        );
+        entry.first_seen_ms = 0;
+        entry.sessions_seen = 2;
+        entry.session_starts_ms = vec![0, 5 * HOUR];
+        entry.score = 7;
+        let adopted = adopted_score(&entry);
+        assert_eq!(
+            (
+                adopted.score,
+                adopted.sessions_seen,
+                adopted.session_started_ms
+            ),
+            (7, 2, 5 * HOUR)
+        );
+        // Reports on the same session: the mean grows with time, and so does the score (never past the top).
+        let day = member_score(&adopted, &report, 5 * HOUR, 24 * HOUR);
+        assert_eq!(day.sessions_seen, 2);
+        assert_eq!(day.score, score(&report, 12 * HOUR));
+        let later = member_score(&day, &report, 5 * HOUR, 240 * HOUR);
+        assert!(later.score >= day.score && later.score <= MAX_SCORE);
+        // A new leaf session counts once, however many reports it makes.
+        let restarted = member_score(&later, &report, 241 * HOUR, 242 * HOUR);
+        let again = member_score(&restarted, &report, 241 * HOUR, 243 * HOUR);
+        assert_eq!((restarted.sessions_seen, again.sessions_seen), (3, 3));
+        assert_eq!(again.score, score(&report, 81 * HOUR));
     }
 
     #[test]

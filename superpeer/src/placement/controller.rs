@@ -22,7 +22,7 @@ use super::decide::{self, Action, ClusterView, Decision, MemberView, Targets};
 use super::health::{HealthTracker, MemberHealth, MemberSample};
 use super::settings::PlacementConfig;
 use crate::command::{
-    Adoption, Candidate, CandidateEntry, PeerKey, PlacementJournal, PlacementTargets,
+    Adoption, Candidate, CandidateEntry, NodeScore, PeerKey, PlacementJournal, PlacementTargets,
     RevokeCertificate, SetAdoption, TombstoneNode,
 };
 use crate::error::ServiceError;
@@ -30,8 +30,8 @@ use crate::raft::propose::now_ms;
 use crate::raft_types::TypeConfig;
 use crate::replica::Replica;
 use crate::store::nodes::{
-    read_adoption, read_candidates, read_issuers, read_node_certificates, read_placement_targets,
-    read_zones,
+    read_adoption, read_candidate, read_candidates, read_issuers, read_leaf_loads,
+    read_node_certificates, read_node_scores, read_placement_targets, read_zones,
 };
 
 /// Longest reason or outcome text written to the journal (they are ours, but a storage error can be long).
@@ -46,6 +46,10 @@ pub struct MemberReport {
     pub voter: bool,
     pub health: MemberHealth,
     pub zone: Option<String>,
+    /// Its score bucket, if it was adopted.
+    pub score: Option<u32>,
+    /// How long this leader has seen it as a voter.
+    pub voter_for: Duration,
 }
 
 /// What the controller saw and concluded in its last round.
@@ -174,9 +178,17 @@ pub async fn run(
             voters: stored.voters,
             standbys: stored.standbys,
             min_quorum: stored.min_quorum,
+            leaves_per_member: config.leaves_per_member,
+            max_load_standbys: config.max_load_standbys,
+            upgrade_margin: config.upgrade_margin,
+            min_tenure: config.min_tenure,
         };
         let zones = read_zones(replica.reader().db()).unwrap_or_else(|error| {
             tracing::warn!(%error, "cannot read the zone labels; deciding without them");
+            Default::default()
+        });
+        let scores = read_node_scores(replica.reader().db()).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the members' scores; deciding without them");
             Default::default()
         });
         let members: Vec<MemberReport> = membership
@@ -186,8 +198,21 @@ pub async fn run(
                 voter: voters.contains(id),
                 health: health.health(*id, now),
                 zone: zones.get(id).cloned(),
+                score: scores.get(id).map(|score| score.score),
+                voter_for: health.voter_for(*id, now),
             })
             .collect();
+        let loads = read_leaf_loads(replica.reader().db()).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the leaf loads; deciding without them");
+            Default::default()
+        });
+        // Leaves of a dead member have moved on and are counted where they are now.
+        let leaves: u64 = members
+            .iter()
+            .filter(|member| member.health.health != decide::Health::Dead)
+            .filter_map(|member| loads.get(&member.node_id))
+            .map(|load| u64::from(load.sessions))
+            .sum();
         let adopting = tend_adoption(&replica, &config, me, term).await;
         let (candidates, keys) = eligible_candidates(&replica);
         let joint = membership.get_joint_config().len() > 1;
@@ -203,11 +228,14 @@ pub async fn run(
                     health: member.health.health,
                     caught_up: member.health.caught_up,
                     zone: member.zone.clone(),
+                    score: member.score,
+                    voter_for: member.voter_for,
                 })
                 .collect(),
             change_in_flight: joint || uncommitted,
             candidates,
             adopting,
+            leaves,
         };
         let decision = decide::decide(&view, &targets);
         let mut report = Report {
@@ -316,7 +344,23 @@ async fn tend_adoption(
     });
     let now = now_ms();
     if let Some(node) = joined {
+        // The member keeps the candidate's score and history, so it can be compared with later candidates.
+        let score = read_candidate(db, &adoption.peer)
+            .ok()
+            .flatten()
+            .map(|entry| super::candidates::adopted_score(&entry));
         let ended = async {
+            if let Some(score) = score {
+                replica
+                    .propose_accepted(
+                        NodeScore {
+                            node_id: node,
+                            score: Some(score),
+                        }
+                        .into(),
+                    )
+                    .await?;
+            }
             replica
                 .propose_accepted(SetAdoption { adoption: None }.into())
                 .await?;

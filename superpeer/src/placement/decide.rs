@@ -20,15 +20,21 @@
 //! 4. Every voter live and a zone over its cap: swap one of its voters for a ready standby in a zone
 //!    under the cap.
 //! 5. A dead standby: retire it.
-//! 6. Fewer standbys than wanted (the standby target plus the voter seats still to fill): adopt the best
-//!    candidate, one at a time, waiting while a learner catches up.
-//! 7. Otherwise wait: balanced, or the reason an earlier rule could not act.
+//! 6. Fewer standbys than wanted (the standby target, plus the voter seats still to fill, plus one per
+//!    `leaves_per_member` leaves beyond what the planned voters and standbys hold, at most
+//!    `max_load_standbys`): adopt the best candidate, one at a time, waiting while a learner catches up.
+//! 7. Every voter live and at the target: swap the lowest-scored voter (not the leader, a voter for at least
+//!    `min_tenure`) for a ready standby whose score beats it by at least `upgrade_margin` buckets, keeping
+//!    zones within their caps. Members without a score (added by an operator) are never swapped out this way.
+//!    Each swap raises the voters' summed score by at least the margin, so swaps cannot go round in circles.
+//! 8. Otherwise wait: balanced, or the reason an earlier rule could not act.
 //!
 //! The zone cap: with `Z >= 2` distinct zone labels among the members that are not Dead, at most
 //! `ceil(target / Z)` voters per zone; members without a zone are not limited.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 /// Most voters automation ever keeps (etcd's advice: 3, 5 or 7).
 pub const MAX_VOTERS: u32 = 7;
@@ -64,6 +70,10 @@ pub struct MemberView {
     pub caught_up: bool,
     /// Its zone label, if it has one.
     pub zone: Option<String>,
+    /// Its score bucket on the candidates' scale, if it was adopted (operator-added members have none).
+    pub score: Option<u32>,
+    /// How long this leader has seen it as a voter (a new leader starts counting again).
+    pub voter_for: Duration,
 }
 
 /// A node that may be adopted as a standby (an eligible candidate; see the candidate table).
@@ -89,6 +99,8 @@ pub struct ClusterView {
     pub candidates: Vec<CandidateView>,
     /// The candidate being adopted (its certificate being signed, or its node joining), if any.
     pub adopting: Option<String>,
+    /// Leaf sessions the members that are not Dead last reported, summed.
+    pub leaves: u64,
 }
 
 /// The targets the controller works towards, as stored in Raft (and defaults from the config).
@@ -103,6 +115,29 @@ pub struct Targets {
     pub standbys: u32,
     /// Automation never takes the voter count below this. `None` means `target / 2 + 1`.
     pub min_quorum: Option<u32>,
+    /// Leaves one member should hold: above that many per planned member (voters plus standbys) the pool
+    /// grows by load. 0: never. From the config (`placement.leaves_per_member`).
+    pub leaves_per_member: u32,
+    /// Most standbys load adds to the pool (`placement.max_load_standbys`).
+    pub max_load_standbys: u32,
+    /// Score buckets a ready standby must beat a voter by to take its seat; 0: never (`placement.upgrade_margin`).
+    pub upgrade_margin: u32,
+    /// A voter keeps its seat against better standbys for at least this long (`placement.min_tenure`).
+    pub min_tenure: Duration,
+}
+
+/// Standbys the leaf load asks for beyond the planned pool: one per `leaves_per_member` leaves past what the
+/// target voters and the standby target hold, at most `max_load_standbys`.
+pub fn load_standbys(leaves: u64, target_voters: u32, targets: &Targets) -> u32 {
+    if targets.leaves_per_member == 0 {
+        return 0;
+    }
+    let needed = leaves.div_ceil(u64::from(targets.leaves_per_member));
+    let planned = u64::from(target_voters) + u64::from(targets.standbys);
+    let extra = needed.saturating_sub(planned);
+    u32::try_from(extra)
+        .unwrap_or(u32::MAX)
+        .min(targets.max_load_standbys)
 }
 
 /// One membership action.
@@ -453,15 +488,18 @@ impl<'a> Round<'a> {
     }
 
     /// The standbys wanted: the standby target, plus one for each voter seat below the target that no
-    /// living voter holds. Without the extra ones a cluster short of voters (one just started, or one
-    /// whose voter died) could wait for a ready standby forever when the pool is already full.
-    fn standbys_wanted(&self, targets: &Targets) -> usize {
+    /// living voter holds, plus what the leaf load asks for ([`load_standbys`]). Without the voter seats a
+    /// cluster short of voters (one just started, or one whose voter died) could wait for a ready standby
+    /// forever when the pool is already full.
+    fn standbys_wanted(&self, view: &ClusterView, targets: &Targets) -> usize {
         let alive_voters = self
             .voters
             .iter()
             .filter(|v| v.health != Health::Dead)
             .count();
-        targets.standbys as usize + (self.target as usize).saturating_sub(alive_voters)
+        targets.standbys as usize
+            + (self.target as usize).saturating_sub(alive_voters)
+            + load_standbys(view.leaves, self.target, targets) as usize
     }
 }
 
@@ -740,9 +778,18 @@ pub fn decide(view: &ClusterView, targets: &Targets) -> Decision {
         .iter()
         .filter(|s| s.health != Health::Dead)
         .count();
-    let standbys_wanted = round.standbys_wanted(targets);
+    let standbys_wanted = round.standbys_wanted(view, targets);
+    let by_load = load_standbys(view.leaves, round.target, targets);
+    let load_words = if by_load > 0 {
+        format!(
+            " ({by_load} for {} leaves at {} per member)",
+            view.leaves, targets.leaves_per_member
+        )
+    } else {
+        String::new()
+    };
     if standbys_now < standbys_wanted && (!view.candidates.is_empty() || view.adopting.is_some()) {
-        let short = format!("{standbys_now} of {standbys_wanted} standbys wanted");
+        let short = format!("{standbys_now} of {standbys_wanted} standbys wanted{load_words}");
         if let Some(peer_id) = &view.adopting {
             return wait(
                 Blocked::Adopting,
@@ -784,7 +831,12 @@ pub fn decide(view: &ClusterView, targets: &Targets) -> Decision {
         );
     }
 
-    // Rule 7: nothing to do, or the reason an earlier rule could not act.
+    // Rule 7: a clearly better standby takes the seat of the lowest-scored voter that has served its tenure.
+    if let Some(decision) = upgrade(view, targets, &round, &ready) {
+        return decision;
+    }
+
+    // Rule 8: nothing to do, or the reason an earlier rule could not act.
     if let Some((blocked, why)) = shrink_blocked {
         return wait(blocked, why);
     }
@@ -798,6 +850,12 @@ pub fn decide(view: &ClusterView, targets: &Targets) -> Decision {
         plural(standbys_now, "standby", "standbys"),
         targets.standbys
     );
+    if by_load > 0 {
+        why.push_str(&format!(
+            " plus {by_load} for {} leaves at {} per member",
+            view.leaves, targets.leaves_per_member
+        ));
+    }
     if standbys_now < standbys_wanted {
         why.push_str("; no candidate to adopt");
     }
@@ -809,6 +867,57 @@ pub fn decide(view: &ClusterView, targets: &Targets) -> Decision {
         ));
     }
     wait(Blocked::Balanced, why)
+}
+
+/// Rule 7: swap the lowest-scored voter for a ready standby that beats it by the margin, when every voter is
+/// live and the count is at the target.
+fn upgrade<'a>(
+    view: &ClusterView,
+    targets: &Targets,
+    round: &Round<'a>,
+    ready: &[&'a MemberView],
+) -> Option<Decision> {
+    if targets.upgrade_margin == 0
+        || round.voters.len() != round.target as usize
+        || !round.voters.iter().all(|v| v.health == Health::Stable)
+    {
+        return None;
+    }
+    let out = round
+        .voters
+        .iter()
+        .copied()
+        .filter(|v| v.node_id != round.leader() && v.voter_for >= targets.min_tenure)
+        .filter_map(|v| Some((v, v.score?)))
+        .min_by_key(|(v, score)| (*score, std::cmp::Reverse(v.node_id)))?;
+    let (out, out_score) = out;
+    let into = ready
+        .iter()
+        .copied()
+        .filter_map(|s| Some((s, s.score?)))
+        .filter(|(s, score)| {
+            let same_zone = usize::from(s.zone == out.zone);
+            *score >= out_score.saturating_add(targets.upgrade_margin)
+                && !round.exceeds_cap(&s.zone, round.voters_in(&s.zone) + 1 - same_zone)
+        })
+        .max_by_key(|(s, score)| (*score, std::cmp::Reverse(s.node_id)))?;
+    let (into, into_score) = into;
+    if !has_live_majority(view, &round.changed(Some(out.node_id), Some(into.node_id))) {
+        return None;
+    }
+    Some(act(
+        Action::Replace {
+            out: out.node_id,
+            into: into.node_id,
+        },
+        format!(
+            "standby {} (score {into_score}) beats voter {} (score {out_score}, a voter for {}s) by at least {} buckets",
+            into.node_id,
+            out.node_id,
+            out.voter_for.as_secs(),
+            targets.upgrade_margin
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -836,11 +945,14 @@ mod tests {
                     health,
                     caught_up,
                     zone: zone(z),
+                    score: None,
+                    voter_for: Duration::ZERO,
                 })
                 .collect(),
             change_in_flight: false,
             candidates: Vec::new(),
             adopting: None,
+            leaves: 0,
         }
     }
 
@@ -862,6 +974,10 @@ mod tests {
             voters,
             standbys,
             min_quorum: None,
+            leaves_per_member: 0,
+            max_load_standbys: 4,
+            upgrade_margin: 3,
+            min_tenure: Duration::from_secs(3600),
         }
     }
 
@@ -892,6 +1008,7 @@ mod tests {
         let mut set_voter = |id: u64, voter: bool| {
             for m in next.members.iter_mut().filter(|m| m.node_id == id) {
                 m.voter = voter;
+                m.voter_for = Duration::ZERO;
             }
         };
         match action {
@@ -917,6 +1034,8 @@ mod tests {
                     health: Stable,
                     caught_up: true,
                     zone: candidate.zone,
+                    score: Some(candidate.score),
+                    voter_for: Duration::ZERO,
                 });
             }
         }
@@ -957,6 +1076,167 @@ mod tests {
             blocked(&decide(&plain, &targets(None, 2))),
             Some(Blocked::Balanced)
         );
+    }
+
+    #[test]
+    fn leaf_load_grows_the_standby_pool_within_its_cap() {
+        // Rows: leaves, leaves per member, cap -> standbys load adds on top of 3 voters + 2 standbys.
+        let table: &[(u64, u32, u32, u32)] = &[
+            (0, 10_000, 4, 0),
+            (50_000, 10_000, 4, 0),  // five planned members hold 50 000
+            (50_001, 10_000, 4, 1),  // one more leaf needs a sixth
+            (75_000, 10_000, 4, 3),  // 8 members needed
+            (900_000, 10_000, 4, 4), // capped
+            (900_000, 10_000, 0, 0), // cap 0: never
+            (900_000, 0, 4, 0),      // per member 0: never
+            (u64::MAX, 1, 16, 16),   // no overflow
+        ];
+        for &(leaves, per, cap, extra) in table {
+            let mut t = targets(Some(3), 2);
+            t.leaves_per_member = per;
+            t.max_load_standbys = cap;
+            assert_eq!(
+                load_standbys(leaves, 3, &t),
+                extra,
+                "{leaves} leaves, {per}/member, cap {cap}"
+            );
+        }
+
+        // A balanced cluster with more leaves than its pool should hold adopts a candidate, and says why.
+        let mut t = targets(Some(3), 2);
+        t.leaves_per_member = 10_000;
+        let mut loaded = with_candidates(typical(), &[("peer-x", 5, "c")]);
+        loaded.leaves = 61_000;
+        let d = decide(&loaded, &t);
+        assert_eq!(
+            acts(&d),
+            Some(&Action::Adopt {
+                peer_id: "peer-x".into()
+            }),
+            "{d:?}"
+        );
+        assert_eq!(
+            why(&d),
+            "2 of 4 standbys wanted (2 for 61000 leaves at 10000 per member); candidate peer-x has score 5 (zone c)"
+        );
+        // With the pool grown, the same load is balanced and the reason names the load.
+        let mut grown = loaded.clone();
+        grown.candidates.clear();
+        grown.members.push(MemberView {
+            node_id: 6,
+            voter: false,
+            health: Stable,
+            caught_up: true,
+            zone: zone("c"),
+            score: None,
+            voter_for: Duration::ZERO,
+        });
+        grown.members.push(MemberView {
+            node_id: 7,
+            voter: false,
+            health: Stable,
+            caught_up: true,
+            zone: zone("c"),
+            score: None,
+            voter_for: Duration::ZERO,
+        });
+        let d = decide(&grown, &t);
+        assert_eq!(blocked(&d), Some(Blocked::Balanced), "{d:?}");
+        assert_eq!(
+            why(&d),
+            "3 voters at target 3, 4 standbys at target 2 plus 2 for 61000 leaves at 10000 per member"
+        );
+        // Load is no reason to act without candidates, and never promotes anyone by itself.
+        let mut bare = typical();
+        bare.leaves = 61_000;
+        let d = decide(&bare, &t);
+        assert_eq!(blocked(&d), Some(Blocked::Balanced), "{d:?}");
+        assert!(why(&d).ends_with("no candidate to adopt"), "{}", why(&d));
+    }
+
+    /// `typical()` with scores (voters 1-3, standbys 4-5) and every voter seated for `tenure`.
+    fn scored(scores: [Option<u32>; 5], tenure: Duration) -> ClusterView {
+        let mut v = typical();
+        for (m, score) in v.members.iter_mut().zip(scores) {
+            m.score = score;
+            if m.voter {
+                m.voter_for = tenure;
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_clearly_better_standby_takes_the_seat_of_the_weakest_voter_after_its_tenure() {
+        let hour = Duration::from_secs(3600);
+        let t = targets(Some(3), 2);
+        // Voter 2 scores 5, standby 5 scores 9: past the margin of 3, after the tenure: swap them.
+        let v = scored([Some(12), Some(5), Some(10), Some(7), Some(9)], hour);
+        let d = decide(&v, &t);
+        assert_eq!(
+            acts(&d),
+            Some(&Action::Replace { out: 2, into: 5 }),
+            "{d:?}"
+        );
+        assert_eq!(
+            why(&d),
+            "standby 5 (score 9) beats voter 2 (score 5, a voter for 3600s) by at least 3 buckets"
+        );
+        // Each of these keeps the seat (row: scores, tenure, margin, why).
+        let cases: &[([Option<u32>; 5], Duration, u32, &str)] = &[
+            (
+                [Some(12), Some(5), Some(10), Some(7), Some(7)],
+                hour,
+                3,
+                "within the margin",
+            ),
+            (
+                [Some(12), Some(5), Some(10), Some(7), Some(9)],
+                hour / 2,
+                3,
+                "before its tenure",
+            ),
+            (
+                [Some(12), None, Some(10), Some(7), Some(20)],
+                hour,
+                3,
+                "voter 2 added by an operator",
+            ),
+            (
+                [Some(12), Some(5), Some(10), None, None],
+                hour,
+                3,
+                "unscored standbys",
+            ),
+            (
+                [Some(0), Some(15), Some(15), Some(17), Some(17)],
+                hour,
+                3,
+                "only the leader is far behind",
+            ),
+            (
+                [Some(12), Some(5), Some(10), Some(7), Some(20)],
+                hour,
+                0,
+                "margin 0 turns it off",
+            ),
+        ];
+        for (scores, tenure, margin, case) in cases {
+            let mut t = targets(Some(3), 2);
+            t.upgrade_margin = *margin;
+            let d = decide(&scored(*scores, *tenure), &t);
+            assert_eq!(blocked(&d), Some(Blocked::Balanced), "{case}: {d:?}");
+        }
+        // Not while a voter is merely healthy (it just came back), nor when the swap breaks a zone cap:
+        // standby 4 shares zone a with voter 1, so it can only take voter 1's seat, which is the leader's.
+        let mut shaky = scored([Some(12), Some(5), Some(10), Some(7), Some(9)], hour);
+        shaky.members[2].health = Healthy;
+        assert_eq!(blocked(&decide(&shaky, &t)), Some(Blocked::Balanced));
+        let capped = scored([Some(12), Some(10), Some(5), Some(15), Some(0)], hour);
+        assert_eq!(blocked(&decide(&capped, &t)), Some(Blocked::Balanced));
+        // The swapped-in voter starts its tenure: the next round does not swap again.
+        let after = apply(&v, &Action::Replace { out: 2, into: 5 });
+        assert_eq!(blocked(&decide(&after, &t)), Some(Blocked::Balanced));
     }
 
     #[test]
@@ -1515,7 +1795,14 @@ mod tests {
             .prop_flat_map(move |ids| {
                 let n = ids.len();
                 let rows = prop::collection::vec(
-                    (any::<bool>(), health.clone(), caught_up.clone(), arb_zone()),
+                    (
+                        any::<bool>(),
+                        health.clone(),
+                        caught_up.clone(),
+                        arb_zone(),
+                        prop::option::of(0u32..=20),
+                        0u64..=7200,
+                    ),
                     n,
                 );
                 (Just(ids), rows, 0..n)
@@ -1524,13 +1811,17 @@ mod tests {
                 let mut members: Vec<MemberView> = ids
                     .into_iter()
                     .zip(rows)
-                    .map(|(node_id, (voter, health, caught_up, zone))| MemberView {
-                        node_id,
-                        voter,
-                        health,
-                        caught_up,
-                        zone,
-                    })
+                    .map(
+                        |(node_id, (voter, health, caught_up, zone, score, tenure))| MemberView {
+                            node_id,
+                            voter,
+                            health,
+                            caught_up,
+                            zone,
+                            score,
+                            voter_for: Duration::from_secs(tenure),
+                        },
+                    )
                     .collect();
                 members[leader_at].voter = true;
                 (members[leader_at].node_id, members)
@@ -1556,14 +1847,16 @@ mod tests {
             arb_members(arb_health().boxed(), prop::bool::weighted(0.8).boxed()),
             prop::bool::weighted(0.1),
             arb_candidates(),
+            0u64..200_000,
         )
             .prop_map(
-                |((leader, members), change_in_flight, candidates)| ClusterView {
+                |((leader, members), change_in_flight, candidates, leaves)| ClusterView {
                     leader,
                     members,
                     change_in_flight,
                     candidates,
                     adopting: None,
+                    leaves,
                 },
             )
     }
@@ -1573,13 +1866,15 @@ mod tests {
         (
             arb_members(Just(Stable).boxed(), Just(true).boxed()),
             arb_candidates(),
+            0u64..200_000,
         )
-            .prop_map(|((leader, members), candidates)| ClusterView {
+            .prop_map(|((leader, members), candidates, leaves)| ClusterView {
                 leader,
                 members,
                 change_in_flight: false,
                 candidates,
                 adopting: None,
+                leaves,
             })
     }
 
@@ -1589,13 +1884,42 @@ mod tests {
             prop::option::of(0u32..=9),
             0u32..=4,
             prop::option::of(0u32..=9),
+            prop_oneof![Just(0u32), 1u32..=50_000],
+            0u32..=4,
+            0u32..=5,
+            0u64..=7200,
         )
-            .prop_map(|(paused, voters, standbys, min_quorum)| Targets {
-                paused,
-                voters,
-                standbys,
-                min_quorum,
-            })
+            .prop_map(
+                |(
+                    paused,
+                    voters,
+                    standbys,
+                    min_quorum,
+                    leaves_per_member,
+                    max_load_standbys,
+                    upgrade_margin,
+                    tenure,
+                )| Targets {
+                    paused,
+                    voters,
+                    standbys,
+                    min_quorum,
+                    leaves_per_member,
+                    max_load_standbys,
+                    upgrade_margin,
+                    min_tenure: Duration::from_secs(tenure),
+                },
+            )
+    }
+
+    /// Whether `voter` sits in a zone over its cap (the reason rule 4 swaps a live voter).
+    fn zone_swap(view: &ClusterView, targets: &Targets, voter: &MemberView) -> bool {
+        let in_zone = view
+            .members
+            .iter()
+            .filter(|m| m.voter && m.zone.is_some() && m.zone == voter.zone)
+            .count();
+        zone_cap(view, targets).is_some_and(|cap| in_zone > cap as usize)
     }
 
     /// The safety properties of one decision.
@@ -1631,6 +1955,21 @@ mod tests {
             Action::Replace { out, into } => {
                 prop_assert!(old.contains(out) && *out != view.leader);
                 prop_assert!(ready(*into));
+                // A live voter is swapped out only for its zone or for a clearly better, scored standby
+                // after its tenure.
+                let (gone, coming) = (member(*out), member(*into));
+                if gone.health.is_live() && !zone_swap(view, targets, gone) {
+                    prop_assert!(
+                        targets.upgrade_margin > 0 && gone.voter_for >= targets.min_tenure
+                    );
+                    prop_assert!(
+                        coming.score.unwrap_or(0)
+                            >= gone
+                                .score
+                                .expect("a scored voter")
+                                .saturating_add(targets.upgrade_margin)
+                    );
+                }
             }
             Action::Promote { node } => prop_assert!(ready(*node)),
             Action::Demote { node } => {

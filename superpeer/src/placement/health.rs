@@ -48,6 +48,8 @@ struct Track {
     /// Unhealthy without a break since then (`None` while healthy).
     unhealthy_since: Option<Instant>,
     voter: bool,
+    /// A voter without a break since then, as far as this leader has seen (`None` while a standby).
+    voter_since: Option<Instant>,
     caught_up: bool,
     /// Not caught up without a break since then (`None` while caught up).
     behind_since: Option<Instant>,
@@ -121,6 +123,7 @@ impl HealthTracker {
                 // Silent since the leader began to watch: the first healthy sample starts the clock.
                 unhealthy_since: Some(now),
                 voter: sample.voter,
+                voter_since: None,
                 caught_up,
                 behind_since: None,
                 ack_age: sample.ack_age,
@@ -134,6 +137,11 @@ impl HealthTracker {
                 track.healthy_since = None;
             }
             track.voter = sample.voter;
+            if sample.voter {
+                track.voter_since.get_or_insert(now);
+            } else {
+                track.voter_since = None;
+            }
             track.caught_up = caught_up;
             if caught_up {
                 track.behind_since = None;
@@ -143,6 +151,16 @@ impl HealthTracker {
             track.ack_age = sample.ack_age;
             track.lag = lag;
         }
+    }
+
+    /// How long this leader has seen member `node_id` as a voter without a break (zero for a standby, the
+    /// leader itself, or a member not sampled yet). A new leader starts from zero: a seat's tenure is never
+    /// overstated.
+    pub fn voter_for(&self, node_id: u64, now: Instant) -> Duration {
+        self.tracks
+            .get(&node_id)
+            .and_then(|track| track.voter_since)
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
     }
 
     /// The health of member `node_id` at `now`; the leader is always stable and caught up, a member never
@@ -253,6 +271,35 @@ mod tests {
         assert_eq!(tracker.health(2, at(12)).health, Health::Healthy);
         assert_eq!(tracker.health(2, at(21)).health, Health::Healthy);
         assert_eq!(tracker.health(2, at(22)).health, Health::Stable);
+    }
+
+    #[test]
+    fn a_voter_seat_is_counted_from_when_this_leader_first_saw_it_and_a_demotion_resets_it() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut tracker = HealthTracker::new(RULES, 1);
+        assert_eq!(tracker.voter_for(2, at(0)), Duration::ZERO, "never sampled");
+        tracker.observe(at(0), 10, &one(2, sample(false, Some(10), Some(10))));
+        assert_eq!(tracker.voter_for(2, at(5)), Duration::ZERO, "a standby");
+        tracker.observe(at(5), 10, &one(2, sample(true, Some(10), Some(10))));
+        tracker.observe(at(6), 10, &one(2, sample(true, None, None)));
+        assert_eq!(
+            tracker.voter_for(2, at(65)),
+            Duration::from_secs(60),
+            "silence does not reset it"
+        );
+        tracker.observe(at(70), 10, &one(2, sample(false, Some(10), Some(10))));
+        tracker.observe(at(71), 10, &one(2, sample(true, Some(10), Some(10))));
+        assert_eq!(
+            tracker.voter_for(2, at(75)),
+            Duration::from_secs(4),
+            "demoted and promoted again"
+        );
+        assert_eq!(
+            tracker.voter_for(1, at(75)),
+            Duration::ZERO,
+            "the leader is never swapped out"
+        );
     }
 
     #[test]

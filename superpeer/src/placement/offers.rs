@@ -23,12 +23,12 @@ use vesper_proto::v1::{
 use vesper_proto::PeerId;
 
 use super::candidates::{self, Build, CandidateRules, Observed, ProofOutcome};
-use crate::command::{Candidate, CandidateEntry, PeerKey};
+use crate::command::{Candidate, CandidateEntry, NodeScore, PeerKey};
 use crate::error::ServiceError;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose::now_ms;
 use crate::replica::Replica;
-use crate::store::nodes::{is_granted, read_adoption, read_candidate};
+use crate::store::nodes::{is_granted, read_adoption, read_candidate, read_node_scores};
 
 /// Dial-backs one member runs at once for others; more are refused (the host retries at its next interval).
 pub const MAX_CONCURRENT_PROBES: usize = 4;
@@ -133,7 +133,9 @@ impl Offers {
             });
         }
         if report.role_running {
-            return self.still_wanted(key, peer, interval_ms).await;
+            return self
+                .still_wanted(key, peer, session, &report, interval_ms)
+                .await;
         }
         let unlisted = || {
             ServiceError::Precondition(
@@ -220,6 +222,8 @@ impl Offers {
         &self,
         key: PeerKey,
         peer: &PeerId,
+        session: u64,
+        report: &candidates::Report,
         interval_ms: u64,
     ) -> Result<OfferSuperPeerResponse, ServiceError> {
         let replica = &self.inner.replica;
@@ -227,6 +231,9 @@ impl Offers {
             .read_barrier(vesper_proto::v1::ReadConsistency::Linearizable)
             .await?;
         let member = is_member(replica, peer)?;
+        if member {
+            self.rescore(&key, peer, session, report).await?;
+        }
         let adopting =
             read_adoption(replica.reader().db())?.is_some_and(|adoption| adoption.peer == key);
         let state = if member {
@@ -242,6 +249,58 @@ impl Offers {
             report_interval_ms: interval_ms,
             ..Default::default()
         })
+    }
+
+    /// Keeps a serving member's score up to date from its report (written only when the bucket or its session
+    /// changed). A member without a score (added by an operator) gets none.
+    async fn rescore(
+        &self,
+        key: &PeerKey,
+        peer: &PeerId,
+        session: u64,
+        report: &candidates::Report,
+    ) -> Result<(), ServiceError> {
+        let replica = &self.inner.replica;
+        let db = replica.reader().db();
+        let text = peer.to_string();
+        let Some(node_id) = replica
+            .members()?
+            .into_iter()
+            .find(|member| member.peer_id == text)
+            .map(|member| member.node_id)
+        else {
+            return Ok(());
+        };
+        let Some(previous) = read_node_scores(db)?.remove(&node_id) else {
+            return Ok(());
+        };
+        let Some(started) = crate::store::presence::get(db, key)?.and_then(|presence| {
+            presence
+                .sessions
+                .iter()
+                .find(|listed| listed.session == session)
+                .map(|listed| listed.attached_at_ms)
+        }) else {
+            return Ok(());
+        };
+        let next = candidates::member_score(&previous, report, started, now_ms());
+        if next.score != previous.score || next.session_started_ms != previous.session_started_ms {
+            tracing::info!(
+                node_id,
+                score = next.score,
+                "a serving member's score changed"
+            );
+            replica
+                .propose_accepted(
+                    NodeScore {
+                        node_id,
+                        score: Some(next),
+                    }
+                    .into(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Refuses reports that come faster than a quarter of the report interval.

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::health::HealthRules;
 
+/// Least `balance_interval`: leaves spread a move over this long (`leaf::members::MOVE_SPREAD` is at most it).
+pub const MIN_BALANCE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Timers and bounds of the placement controller; see docs/CONFIG.md.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +60,28 @@ pub struct PlacementConfig {
     /// its certificate is revoked and the candidate cools down. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub adoption_timeout: Duration,
+    /// A super peer that holds more leaves than the mean of the serving members by this many percent (and by
+    /// `balance_min_excess` leaves) asks the excess to move to members below the mean. Default 25.
+    pub balance_tolerance_percent: u32,
+    /// The least excess over the mean, in leaves, that makes a super peer shed. Default 16.
+    pub balance_min_excess: u32,
+    /// Shortest time between two shed requests of one super peer, and after the serving members changed (at
+    /// least the 10 s over which leaves spread a move). Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub balance_interval: Duration,
+    /// Leaves one member should hold. When the members that are not dead report more leaves than this many per
+    /// planned member (target voters plus the standby target), the controller wants one more standby per
+    /// further share, up to `max_load_standbys`, and adopts candidates to take the load. 0: never. Default
+    /// 10000.
+    pub leaves_per_member: u32,
+    /// The most standbys the leaf load adds to the standby target. Default 4.
+    pub max_load_standbys: u32,
+    /// Score buckets (of 20) a ready standby must beat a voter by to take its seat. 0: never. Default 3.
+    pub upgrade_margin: u32,
+    /// A voter keeps its seat against better standbys at least this long, counted by the leader (a new leader
+    /// counts again). Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub min_tenure: Duration,
 }
 
 impl Default for PlacementConfig {
@@ -77,6 +102,13 @@ impl Default for PlacementConfig {
             issuer_key: None,
             issued_validity: Duration::from_secs(7 * 24 * 3600),
             adoption_timeout: Duration::from_secs(300),
+            balance_tolerance_percent: 25,
+            balance_min_excess: 16,
+            balance_interval: Duration::from_secs(60),
+            leaves_per_member: 10_000,
+            max_load_standbys: 4,
+            upgrade_margin: 3,
+            min_tenure: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -134,6 +166,23 @@ impl PlacementConfig {
             problems.push(
                 "placement.adoption_timeout must be at least placement.reconcile_interval".into(),
             );
+        }
+        if self.balance_tolerance_percent > 1000 {
+            problems.push("placement.balance_tolerance_percent must be at most 1000".into());
+        }
+        if self.balance_interval < MIN_BALANCE_INTERVAL {
+            problems.push(format!(
+                "placement.balance_interval must be at least {MIN_BALANCE_INTERVAL:?}, the time leaves take to spread a move"
+            ));
+        }
+        if self.max_load_standbys > 16 {
+            problems.push("placement.max_load_standbys must be at most 16".into());
+        }
+        if self.upgrade_margin > super::candidates::MAX_SCORE {
+            problems.push(format!(
+                "placement.upgrade_margin must be at most {} (the top score bucket)",
+                super::candidates::MAX_SCORE
+            ));
         }
         problems.extend(self.candidates.problems());
         problems

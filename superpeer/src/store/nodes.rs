@@ -5,6 +5,7 @@
 //! ```text
 //! nodes:   node id (8, BE)                -> postcard(NodeEntry)
 //! nodes:   node id (8, BE) 'L'            -> postcard(RelayLoad)     the node's last relay load report
+//! nodes:   node id (8, BE) 'S'            -> postcard(LeafLoad)      the node's last leaf session count
 //! nodes:   "revoked/" SHA-256 (32)        -> postcard(u64)           when the certificate was revoked
 //! nodes:   "placement/targets"            -> postcard(PlacementTargets)  the controller's targets
 //! nodes:   "placement/journal/" seq (8, BE) -> postcard(JournalEntry)  its last JOURNAL_KEPT actions
@@ -13,6 +14,7 @@
 //! nodes:   "placement/grant-all"           -> ()                     eligibility granted to every candidate
 //! nodes:   "placement/zone/" node id (8, BE) -> postcard(String)     a super peer's zone label
 //! nodes:   "placement/cert/" node id (8, BE) -> postcard([u8; 32])   SHA-256 of the certificate it presents
+//! nodes:   "placement/score/" node id (8, BE) -> postcard(MemberScore) an adopted super peer's score
 //! nodes:   "placement/adoption"            -> postcard(Adoption)      the candidate being adopted, if any
 //! nodes:   "placement/issuer/" node id (8, BE) -> postcard(u64)      a super peer holds an issuer until then
 //! nodes:   "placement/issued/" peer (32) SHA-256 (32) -> postcard(u64)  a certificate issued to that key, and
@@ -27,9 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{cf, decode, encode, Applied, Apply, StoreError, CF_NODES, CF_SM_META};
 use crate::command::{
-    self, Adoption, Candidate, CandidateEntry, GrantEligibility, IssueCertificate, NodeCertificate,
-    NodeInfo, NodeIssuer, NodeZone, PeerKey, PlacementJournal, PlacementTargets, RecordIssued,
-    RegisterNode, Rejection, Response, RevokeCertificate, SetAdoption, SetPlacement, TombstoneNode,
+    self, Adoption, Candidate, CandidateEntry, GrantEligibility, IssueCertificate, MemberScore,
+    NodeCertificate, NodeInfo, NodeIssuer, NodeZone, PeerKey, PlacementJournal, PlacementTargets,
+    RecordIssued, RegisterNode, Rejection, Response, RevokeCertificate, SetAdoption, SetPlacement,
+    TombstoneNode,
 };
 
 /// Key of the next node id in `sm_meta`.
@@ -62,14 +65,29 @@ impl RelayLoad {
     }
 }
 
+/// A node's last report of its leaf sessions, kept like [`RelayLoad`] under [`LEAF_LOAD_SUFFIX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafLoad {
+    pub sessions: u32,
+    pub at_ms: u64,
+}
+
 /// Suffix of a relay load key in the node table (node keys are the 8-byte big-endian id alone).
 const RELAY_LOAD_SUFFIX: u8 = b'L';
+/// Suffix of a leaf load key.
+const LEAF_LOAD_SUFFIX: u8 = b'S';
 
-fn relay_load_key(node_id: u64) -> [u8; 9] {
+fn load_key(node_id: u64, suffix: u8) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[..8].copy_from_slice(&node_id.to_be_bytes());
-    key[8] = RELAY_LOAD_SUFFIX;
+    key[8] = suffix;
     key
+}
+
+/// Whether `key` is a load report with this suffix. A namespace ACL key can also be 9 bytes long and end in
+/// the same letter (`acl/abcdL`), so the ACL prefix is ruled out too; other text keys are longer.
+fn is_load_key(key: &[u8], suffix: u8) -> bool {
+    key.len() == 9 && key[8] == suffix && !key.starts_with(super::records::ACL_PREFIX)
 }
 
 /// Revocations live in the node table (so snapshots carry them) under this prefix and the certificate's
@@ -92,6 +110,7 @@ const GRANT_PREFIX: &[u8] = b"placement/grant/";
 const GRANT_ALL_KEY: &[u8] = b"placement/grant-all";
 const ZONE_PREFIX: &[u8] = b"placement/zone/";
 const CERT_PREFIX: &[u8] = b"placement/cert/";
+const SCORE_PREFIX: &[u8] = b"placement/score/";
 const ADOPTION_KEY: &[u8] = b"placement/adoption";
 const ISSUER_PREFIX: &[u8] = b"placement/issuer/";
 const ISSUED_PREFIX: &[u8] = b"placement/issued/";
@@ -168,6 +187,25 @@ pub fn read_zones(db: &DB) -> Result<BTreeMap<u64, String>, StoreError> {
         zones.insert(id, decode("zone", &bytes)?);
     }
     Ok(zones)
+}
+
+fn score_key(node_id: u64) -> Vec<u8> {
+    [SCORE_PREFIX, &node_id.to_be_bytes()].concat()
+}
+
+/// The score of every adopted super peer that has one.
+pub fn read_node_scores(db: &DB) -> Result<BTreeMap<u64, MemberScore>, StoreError> {
+    let mut scores = BTreeMap::new();
+    for item in scan(db, SCORE_PREFIX) {
+        let (key, bytes) = item?;
+        let id = u64::from_be_bytes(
+            key[SCORE_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("score key is not 8 bytes of node id"))?,
+        );
+        scores.insert(id, decode("node score", &bytes)?);
+    }
+    Ok(scores)
 }
 
 fn candidate_key(peer: &PeerKey) -> Vec<u8> {
@@ -277,12 +315,25 @@ pub fn is_revoked(db: &DB, fingerprint: &[u8; 32]) -> Result<bool, StoreError> {
 
 /// The last relay load report of every node that made one.
 pub fn read_relay_loads(db: &DB) -> Result<BTreeMap<u64, RelayLoad>, StoreError> {
+    read_loads(db, RELAY_LOAD_SUFFIX, "relay load")
+}
+
+/// The last leaf load report of every node that made one.
+pub fn read_leaf_loads(db: &DB) -> Result<BTreeMap<u64, LeafLoad>, StoreError> {
+    read_loads(db, LEAF_LOAD_SUFFIX, "leaf load")
+}
+
+fn read_loads<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    suffix: u8,
+    what: &'static str,
+) -> Result<BTreeMap<u64, T>, StoreError> {
     let mut loads = BTreeMap::new();
     for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
         let (key, bytes) = item?;
-        if key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX {
+        if is_load_key(&key, suffix) {
             let id = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
-            loads.insert(id, decode("relay load", &bytes)?);
+            loads.insert(id, decode(what, &bytes)?);
         }
     }
     Ok(loads)
@@ -293,11 +344,11 @@ pub fn read_nodes(db: &DB) -> Result<BTreeMap<u64, NodeEntry>, StoreError> {
     let mut nodes = BTreeMap::new();
     for item in db.iterator_cf(cf(db, CF_NODES), IteratorMode::Start) {
         let (key, bytes) = item?;
-        let relay_load = key.len() == 9 && key[8] == RELAY_LOAD_SUFFIX;
+        let load = is_load_key(&key, RELAY_LOAD_SUFFIX) || is_load_key(&key, LEAF_LOAD_SUFFIX);
         let revocation = key.len() == 40 && key.starts_with(REVOKED_PREFIX);
         let acl = key.starts_with(super::records::ACL_PREFIX);
         let placement = key.starts_with(PLACEMENT_PREFIX);
-        if relay_load || revocation || acl || placement {
+        if load || revocation || acl || placement {
             continue;
         }
         let id = u64::from_be_bytes(
@@ -430,7 +481,7 @@ impl Apply<RegisterNode> for NodeWriter<'_> {
 impl Apply<TombstoneNode> for NodeWriter<'_> {
     fn apply(
         &mut self,
-        _batch: &mut WriteBatch,
+        batch: &mut WriteBatch,
         op: &TombstoneNode,
         _at: Applied,
     ) -> Result<Response, StoreError> {
@@ -447,6 +498,9 @@ impl Apply<TombstoneNode> for NodeWriter<'_> {
             Some(mut entry) => {
                 entry.removed = true;
                 self.touched.insert(node_id, entry);
+                // A removed node's score and leaf count mean nothing any more (its id is never reused).
+                batch.delete_cf(cf(self.db, CF_NODES), score_key(node_id));
+                batch.delete_cf(cf(self.db, CF_NODES), load_key(node_id, LEAF_LOAD_SUFFIX));
                 Response::Done
             }
             None => Response::Rejected(Rejection::UnknownNode(node_id)),
@@ -468,8 +522,28 @@ impl Apply<command::RelayLoad> for NodeWriter<'_> {
         };
         batch.put_cf(
             cf(self.db, CF_NODES),
-            relay_load_key(op.node_id),
+            load_key(op.node_id, RELAY_LOAD_SUFFIX),
             encode("relay load", &load)?,
+        );
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<command::LeafLoad> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &command::LeafLoad,
+        at: Applied,
+    ) -> Result<Response, StoreError> {
+        let load = LeafLoad {
+            sessions: op.sessions,
+            at_ms: at.at_ms,
+        };
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            load_key(op.node_id, LEAF_LOAD_SUFFIX),
+            encode("leaf load", &load)?,
         );
         Ok(Response::Done)
     }
@@ -580,6 +654,22 @@ impl Apply<GrantEligibility> for NodeWriter<'_> {
             } else {
                 batch.put_cf(nodes, key, []);
             }
+        }
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<command::NodeScore> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &command::NodeScore,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        let key = score_key(op.node_id);
+        match &op.score {
+            Some(score) => batch.put_cf(cf(self.db, CF_NODES), key, encode("node score", score)?),
+            None => batch.delete_cf(cf(self.db, CF_NODES), key),
         }
         Ok(Response::Done)
     }

@@ -154,6 +154,8 @@ impl<'a> Writers<'a> {
             Op::RegisterNode(op) => self.nodes.apply(batch, op, at),
             Op::TombstoneNode(op) => self.nodes.apply(batch, op, at),
             Op::RelayLoad(op) => self.nodes.apply(batch, op, at),
+            Op::LeafLoad(op) => self.nodes.apply(batch, op, at),
+            Op::NodeScore(op) => self.nodes.apply(batch, op, at),
             Op::RevokeCertificate(op) => self.nodes.apply(batch, op, at),
             Op::SetPlacement(op) => self.nodes.apply(batch, op, at),
             Op::PlacementJournal(op) => self.nodes.apply(batch, op, at),

@@ -1354,3 +1354,67 @@ async fn apply_publishes_one_event_per_change_in_log_order() {
         ]
     );
 }
+
+#[tokio::test]
+async fn load_reports_are_read_back_and_acls_shaped_like_them_are_not_taken_for_them() {
+    use super::nodes;
+    use crate::command::Access::Anyone;
+    use crate::command::{LeafLoad, RelayLoad};
+    let dir = TempDir::new().unwrap();
+    let db = open(dir.path()).unwrap();
+    let mut state_machine = StateMachine::open(db.clone()).unwrap();
+    state_machine
+        .apply(stream::iter(
+            vec![
+                // "acl/abcdL" and "acl/abcdS" are 9 bytes ending in a load key's suffix.
+                entry(1, acl("abcdL", Anyone, Anyone, &[])),
+                entry(2, acl("abcdS", Anyone, Anyone, &[])),
+                entry(
+                    3,
+                    RelayLoad {
+                        node_id: 2,
+                        active: 1,
+                        capacity: 9,
+                    }
+                    .into(),
+                ),
+                entry(
+                    4,
+                    LeafLoad {
+                        node_id: 2,
+                        sessions: 40,
+                    }
+                    .into(),
+                ),
+                entry(
+                    5,
+                    LeafLoad {
+                        node_id: 3,
+                        sessions: 7,
+                    }
+                    .into(),
+                ),
+                entry(
+                    6,
+                    LeafLoad {
+                        node_id: 2,
+                        sessions: 41,
+                    }
+                    .into(),
+                ),
+            ]
+            .into_iter()
+            .map(|entry| Ok::<_, std::io::Error>((entry, None))),
+        ))
+        .await
+        .expect("apply");
+    let leaves = nodes::read_leaf_loads(&db).unwrap();
+    let sessions: Vec<(u64, u32)> = leaves.iter().map(|(id, l)| (*id, l.sessions)).collect();
+    assert_eq!(sessions, [(2, 41), (3, 7)], "the last report of each node");
+    let relays = nodes::read_relay_loads(&db).unwrap();
+    assert_eq!(relays.keys().copied().collect::<Vec<_>>(), [2]);
+    assert!(
+        nodes::read_nodes(&db).unwrap().is_empty(),
+        "loads and ACLs are not nodes"
+    );
+}
