@@ -363,6 +363,7 @@ fn status_json(status: &PlacementStatusResponse) -> serde_json::Value {
                 "leaf_addr": candidate.leaf_addr,
                 "admin_addr": candidate.admin_addr,
                 "score": candidate.score,
+                "rtt_us": (candidate.rtt_us != 0).then_some(candidate.rtt_us),
                 "proof_at_ms": (candidate.proof_at_ms != 0).then_some(candidate.proof_at_ms),
                 "online_since_ms": candidate.online_since_ms,
                 "updated_at_ms": candidate.updated_at_ms,
@@ -471,10 +472,15 @@ fn print_candidates(status: &PlacementStatusResponse) {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
         println!(
-            "  {} {} score {} host {} zone {} at {} (judged {:.0} s ago; entries are rewritten when a gate changes)",
+            "  {} {} score {} rtt {} host {} zone {} at {} (judged {:.0} s ago; entries are rewritten when a gate changes)",
             candidate.peer_id,
             candidate.state,
             candidate.score,
+            if candidate.rtt_us == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1} ms", f64::from(candidate.rtt_us) / 1000.0)
+            },
             candidate.host_node_id,
             if candidate.zone.is_empty() {
                 "-"

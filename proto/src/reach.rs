@@ -35,6 +35,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -201,23 +202,40 @@ pub fn udp_answer(datagram: &[u8]) -> Option<[u8; UDP_PROBE_LEN]> {
 ///
 /// Every address is checked at once, all within [`PROBE_TIMEOUT`]; the first failure is returned (and the
 /// other checks are dropped). A claim with no address at all fails with [`ProbeError::NothingClaimed`].
+///
+/// On success, returns the round-trip time to the node: the fastest TCP connect (one SYN / SYN-ACK exchange)
+/// among the claimed TCP addresses, or None when no TCP address was claimed.
 pub async fn probe(
     claim: &ReachClaim,
     observed_ip: IpAddr,
     nonce: [u8; NONCE_BYTES],
-) -> Result<(), ProbeError> {
-    probe_within(claim, observed_ip, nonce, PROBE_TIMEOUT).await
+) -> Result<Option<Duration>, ProbeError> {
+    probe_timed_within(claim, observed_ip, nonce, PROBE_TIMEOUT).await
 }
 
-/// [`probe`] with the time limit as a parameter (tests use a short one).
+/// [`probe`] with the time limit as a parameter, without the round trip (tests use a short limit).
+#[cfg(test)]
 async fn probe_within(
     claim: &ReachClaim,
     observed_ip: IpAddr,
     nonce: [u8; NONCE_BYTES],
     limit: Duration,
 ) -> Result<(), ProbeError> {
+    probe_timed_within(claim, observed_ip, nonce, limit)
+        .await
+        .map(|_| ())
+}
+
+async fn probe_timed_within(
+    claim: &ReachClaim,
+    observed_ip: IpAddr,
+    nonce: [u8; NONCE_BYTES],
+    limit: Duration,
+) -> Result<Option<Duration>, ProbeError> {
     check_claim(claim, observed_ip)?;
     let deadline = Instant::now() + limit;
+    // The fastest TCP connect, in microseconds (u64::MAX: none yet).
+    let fastest = AtomicU64::new(u64::MAX);
     let mut checks: Vec<Work<'_, ProbeError>> = Vec::new();
     for addr in &claim.tcp {
         checks.push(Box::pin(check_tcp(
@@ -226,12 +244,15 @@ async fn probe_within(
             nonce,
             deadline,
             limit,
+            &fastest,
         )));
     }
     for addr in &claim.udp {
         checks.push(Box::pin(check_udp(*addr, nonce, deadline, limit)));
     }
-    all_ok(checks).await
+    all_ok(checks).await?;
+    let micros = fastest.load(Ordering::Relaxed);
+    Ok((micros != u64::MAX).then(|| Duration::from_micros(micros)))
 }
 
 /// Refuses claims the probe must not act on, before anything is sent.
@@ -313,6 +334,7 @@ async fn check_tcp(
     nonce: [u8; NONCE_BYTES],
     deadline: Instant,
     limit: Duration,
+    fastest: &AtomicU64,
 ) -> Result<(), ProbeError> {
     let tls_failed = |reason: String| ProbeError::Tls { addr, reason };
     let config = client_config(expected).map_err(|error| tls_failed(error.to_string()))?;
@@ -323,7 +345,9 @@ async fn check_tcp(
         action,
         error,
     };
-    // A plain connect: the kernel picks a fresh ephemeral port, never the prober's own listening port.
+    // A plain connect: the kernel picks a fresh ephemeral port, never the prober's own listening port. Its
+    // duration is one round trip (SYN, SYN-ACK).
+    let connecting = Instant::now();
     let stream = within(
         deadline,
         limit,
@@ -333,6 +357,8 @@ async fn check_tcp(
     )
     .await?
     .map_err(|error| ProbeError::Connect { addr, error })?;
+    let micros = u64::try_from(connecting.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+    fastest.fetch_min(micros, Ordering::Relaxed);
     let connector = TlsConnector::from(Arc::new(config));
     let mut tls = within(
         deadline,
@@ -756,9 +782,14 @@ mod tests {
             udp.push(addr);
         }
         let (_stop, _task) = start(key.clone(), listeners, sockets, RESPOND_DEADLINE);
-        probe(&claim(&key, tcp, udp), loopback(), rand::random())
+        let rtt = probe(&claim(&key, tcp, udp.clone()), loopback(), rand::random())
             .await
-            .unwrap();
+            .unwrap()
+            .expect("TCP addresses were claimed: a round trip was measured");
+        assert!(rtt < PROBE_TIMEOUT, "{rtt:?}");
+        // UDP alone measures no round trip (its datagrams are resent, so which one was answered is unknown).
+        let udp_only = probe(&claim(&key, vec![], udp), loopback(), rand::random()).await;
+        assert_eq!(udp_only.unwrap(), None);
     }
 
     #[tokio::test]

@@ -63,6 +63,8 @@ pub enum Op {
     LeafLoad(LeafLoad),
     /// The placement score of an adopted super peer (appended last).
     NodeScore(NodeScore),
+    /// A candidate's proved round trip to the voters (appended last).
+    CandidateRtt(CandidateRtt),
 }
 
 /// W3C trace context of a sampled operation, as its proposer's span wrote it. Bounded like the message fields
@@ -193,6 +195,7 @@ into_op!(
     RecordIssued,
     LeafLoad,
     NodeScore,
+    CandidateRtt,
 );
 
 /// Create or replace a record owned by `owner`.
@@ -363,6 +366,8 @@ pub struct MemberScore {
     pub sessions_seen: u32,
     /// Start of the leaf session it reported on last.
     pub session_started_ms: u64,
+    /// Its last proved round trip to the voters as a candidate, in microseconds.
+    pub rtt_us: Option<u32>,
 }
 
 /// An operator revokes the certificate whose DER has this SHA-256 (see `roles`).
@@ -419,6 +424,15 @@ pub struct PlacementJournal {
 pub struct Candidate {
     pub peer: PeerKey,
     pub entry: Option<CandidateEntry>,
+}
+
+/// The round trip from the members that proved candidate `peer` to it, in microseconds (the slowest of the
+/// provers' fastest TCP connects). Kept beside its entry (whose stored shape it would otherwise change) and
+/// dropped with it; written only when it changes by a quarter or more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateRtt {
+    pub peer: PeerKey,
+    pub rtt_us: u32,
 }
 
 /// A node that offered to serve as a super peer, as its host judged it (see `placement::candidates`).
@@ -732,6 +746,12 @@ impl fmt::Display for Op {
                 f,
                 "leaf load of node {}: {} sessions",
                 op.node_id, op.sessions
+            ),
+            Op::CandidateRtt(op) => write!(
+                f,
+                "round trip to candidate {}: {} us",
+                data_encoding::HEXLOWER.encode(&op.peer[..4]),
+                op.rtt_us
             ),
             Op::NodeScore(op) => match &op.score {
                 Some(score) => write!(f, "score of node {}: {}", op.node_id, score.score),

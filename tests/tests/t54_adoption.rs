@@ -197,6 +197,24 @@ async fn t54_a_killed_voter_is_replaced_by_an_adopted_candidate_and_no_write_is_
     let candidate_dir = tempfile::tempdir()?;
     let candidate = Candidate::start(&cluster, candidate_dir.path(), &config).await?;
     let verdict = candidate.wait_state("eligible").await?;
+    // The proof measured the round trip from the provers (loopback here: well under the 5 ms of full points).
+    let listed = wait::until(
+        "the candidate's round trip in placement status",
+        TIMEOUT,
+        || {
+            let status = vesperctl(&cluster, 0, &["placement", "status"]);
+            async move {
+                let status = status?;
+                let rtt = status["candidates"]
+                    .as_array()
+                    .and_then(|candidates| candidates.first())
+                    .and_then(|candidate| candidate["rtt_us"].as_u64());
+                Ok(rtt.map(|rtt| (rtt, status)))
+            }
+        },
+    )
+    .await?;
+    ensure!(listed.0 > 0 && listed.0 < 5_000, "{}", listed.1);
     ensure!(
         verdict["gates"]
             .as_array()

@@ -169,6 +169,10 @@ pub fn status(
             online_since_ms: entry.session_starts_ms.last().copied().unwrap_or(0),
             gates: super::offers::gates_to_wire(&entry),
             updated_at_ms: entry.updated_at_ms,
+            rtt_us: crate::store::nodes::read_candidate_rtt(db, &peer)
+                .ok()
+                .flatten()
+                .unwrap_or(0),
         })
         .collect::<Vec<_>>();
     let now = crate::raft::propose::now_ms();

@@ -255,6 +255,9 @@ pub struct Observed {
     pub nat_class: String,
     /// The operator granted it eligibility.
     pub granted: bool,
+    /// Round trip from the members that proved it (voters first) to it, in microseconds: the slowest of the
+    /// provers' fastest TCP connects, from this round's proof or the last one stored. None before a proof.
+    pub rtt_us: Option<u32>,
 }
 
 /// How the last proof went, if one ran in this round.
@@ -531,7 +534,7 @@ pub fn evaluate(
     );
     entry.eligible = report.offer && gates.iter().all(|(_, passed, _)| *passed);
     entry.score = if entry.eligible {
-        score(report, mean)
+        score(report, mean, observed.rtt_us)
     } else {
         0
     };
@@ -540,26 +543,48 @@ pub fn evaluate(
     entry
 }
 
+/// Round trips this short or shorter get every RTT point.
+const RTT_FULL_US: u32 = 5_000;
+/// Round trips this long or longer get none.
+const RTT_NONE_US: u32 = 200_000;
+
+/// The share (0-1) of the RTT points a round trip to the voters earns: all up to 5 ms (one data centre or one
+/// city), none from 200 ms on, linear between. Unknown (no proof yet) earns none.
+pub fn rtt_share(rtt_us: Option<u32>) -> f64 {
+    match rtt_us {
+        None => 0.0,
+        Some(rtt) => {
+            let over = rtt.saturating_sub(RTT_FULL_US);
+            1.0 - (f64::from(over) / f64::from(RTT_NONE_US - RTT_FULL_US)).min(1.0)
+        }
+    }
+}
+
 /// The score bucket (0-20): stability weighs most (long sessions: the Skype measurements showed multi-session
-/// supernodes lasting ~40 times longer), then memory and cores to spare, then a zone label (so zone spread is
-/// possible at all). Compared in whole buckets so tiny differences never reorder candidates.
-pub fn score(report: &Report, mean_session_ms: u64) -> u32 {
+/// supernodes lasting ~40 times longer), then the round trip to the voters (a slow voter slows every commit),
+/// memory and cores to spare, then a zone label (so zone spread is possible at all). Compared in whole
+/// buckets so tiny differences never reorder candidates. Bandwidth is not scored: measuring it would cost the
+/// node's uplink at every proof; a standby that cannot keep up with the log is retired as stuck instead.
+pub fn score(report: &Report, mean_session_ms: u64, rtt_us: Option<u32>) -> u32 {
     let hours = mean_session_ms as f64 / 3_600_000.0;
     let stability = 1.0 - (-hours / 12.0).exp();
     let memory = (report.free_memory_bytes as f64 / (4u64 << 30) as f64).min(1.0);
     let cores = (f64::from(report.cores) / 4.0).min(1.0);
     let zone = if report.zone.is_some() { 1.0 } else { 0.0 };
-    let points = 60.0 * stability + 15.0 * memory + 15.0 * cores + 10.0 * zone;
+    let points =
+        50.0 * stability + 15.0 * rtt_share(rtt_us) + 12.5 * memory + 12.5 * cores + 10.0 * zone;
     ((points / 5.0).floor() as u32).min(MAX_SCORE)
 }
 
-/// The score an adopted candidate starts its membership with: its candidate entry's, with its observed history.
-pub fn adopted_score(entry: &CandidateEntry) -> MemberScore {
+/// The score an adopted candidate starts its membership with: its candidate entry's, with its observed history
+/// and its last proved round trip to the voters.
+pub fn adopted_score(entry: &CandidateEntry, rtt_us: Option<u32>) -> MemberScore {
     MemberScore {
         score: entry.score,
         first_seen_ms: entry.first_seen_ms,
         sessions_seen: entry.sessions_seen.max(1),
         session_started_ms: entry.session_starts_ms.last().copied().unwrap_or(0),
+        rtt_us,
     }
 }
 
@@ -578,7 +603,7 @@ pub fn member_score(
         next.session_started_ms = session_started_ms;
     }
     let mean = now_ms.saturating_sub(next.first_seen_ms) / u64::from(next.sessions_seen.max(1));
-    next.score = score(report, mean);
+    next.score = score(report, mean, next.rtt_us);
     next
 }
 
@@ -651,6 +676,7 @@ mod tests {
             session_started_ms,
             nat_class: "public".into(),
             granted: true,
+            rtt_us: Some(1_000),
         }
     }
 
@@ -958,7 +984,7 @@ mod tests {
         entry.sessions_seen = 2;
         entry.session_starts_ms = vec![0, 5 * HOUR];
         entry.score = 7;
-        let adopted = adopted_score(&entry);
+        let adopted = adopted_score(&entry, Some(1_000));
         assert_eq!(
             (
                 adopted.score,
@@ -970,23 +996,54 @@ mod tests {
         // Reports on the same session: the mean grows with time, and so does the score (never past the top).
         let day = member_score(&adopted, &report, 5 * HOUR, 24 * HOUR);
         assert_eq!(day.sessions_seen, 2);
-        assert_eq!(day.score, score(&report, 12 * HOUR));
+        assert_eq!(day.score, score(&report, 12 * HOUR, Some(1_000)));
         let later = member_score(&day, &report, 5 * HOUR, 240 * HOUR);
         assert!(later.score >= day.score && later.score <= MAX_SCORE);
         // A new leaf session counts once, however many reports it makes.
         let restarted = member_score(&later, &report, 241 * HOUR, 242 * HOUR);
         let again = member_score(&restarted, &report, 241 * HOUR, 243 * HOUR);
         assert_eq!((restarted.sessions_seen, again.sessions_seen), (3, 3));
-        assert_eq!(again.score, score(&report, 81 * HOUR));
+        assert_eq!(again.score, score(&report, 81 * HOUR, Some(1_000)));
     }
 
     #[test]
     fn scores_grow_with_stability_and_stay_in_buckets() {
         let report = validate(&request()).unwrap();
-        let short = score(&report, HOUR);
-        let long = score(&report, 48 * HOUR);
+        let near = Some(1_000);
+        let short = score(&report, HOUR, near);
+        let long = score(&report, 48 * HOUR, near);
         assert!(long > short, "{long} vs {short}");
         assert!(long <= MAX_SCORE);
-        assert_eq!(score(&report, 48 * HOUR), score(&report, 48 * HOUR + 1));
+        assert_eq!(
+            score(&report, 48 * HOUR, near),
+            score(&report, 48 * HOUR + 1, near)
+        );
+        // The same node far from the voters scores lower: 15 of 100 points go by the round trip.
+        let far = score(&report, 48 * HOUR, Some(250_000));
+        assert!(far + 3 <= long, "{far} vs {long}");
+        assert_eq!(
+            score(&report, 48 * HOUR, None),
+            far,
+            "unknown counts as far"
+        );
+    }
+
+    #[test]
+    fn the_round_trip_share_falls_from_5_to_200_ms() {
+        let table: &[(Option<u32>, f64)] = &[
+            (None, 0.0),
+            (Some(0), 1.0),
+            (Some(5_000), 1.0),
+            (Some(102_500), 0.5),
+            (Some(200_000), 0.0),
+            (Some(u32::MAX), 0.0),
+        ];
+        for (rtt, share) in table {
+            assert!(
+                (rtt_share(*rtt) - share).abs() < 1e-9,
+                "{rtt:?}: {}",
+                rtt_share(*rtt)
+            );
+        }
     }
 }

@@ -30,8 +30,8 @@ use crate::raft::propose::now_ms;
 use crate::raft_types::TypeConfig;
 use crate::replica::Replica;
 use crate::store::nodes::{
-    read_adoption, read_candidate, read_candidates, read_issuers, read_leaf_loads,
-    read_node_certificates, read_node_scores, read_placement_targets, read_zones,
+    read_adoption, read_candidate, read_candidate_rtt, read_candidates, read_issuers,
+    read_leaf_loads, read_node_certificates, read_node_scores, read_placement_targets, read_zones,
 };
 
 /// Longest reason or outcome text written to the journal (they are ours, but a storage error can be long).
@@ -345,10 +345,11 @@ async fn tend_adoption(
     let now = now_ms();
     if let Some(node) = joined {
         // The member keeps the candidate's score and history, so it can be compared with later candidates.
+        let rtt = read_candidate_rtt(db, &adoption.peer).ok().flatten();
         let score = read_candidate(db, &adoption.peer)
             .ok()
             .flatten()
-            .map(|entry| super::candidates::adopted_score(&entry));
+            .map(|entry| super::candidates::adopted_score(&entry, rtt));
         let ended = async {
             if let Some(score) = score {
                 replica

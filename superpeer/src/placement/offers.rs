@@ -23,12 +23,14 @@ use vesper_proto::v1::{
 use vesper_proto::PeerId;
 
 use super::candidates::{self, Build, CandidateRules, Observed, ProofOutcome};
-use crate::command::{Candidate, CandidateEntry, NodeScore, PeerKey};
+use crate::command::{Candidate, CandidateEntry, CandidateRtt, NodeScore, PeerKey};
 use crate::error::ServiceError;
 use crate::raft::network::ClusterClients;
 use crate::raft::propose::now_ms;
 use crate::replica::Replica;
-use crate::store::nodes::{is_granted, read_adoption, read_candidate, read_node_scores};
+use crate::store::nodes::{
+    is_granted, read_adoption, read_candidate, read_candidate_rtt, read_node_scores,
+};
 
 /// Dial-backs one member runs at once for others; more are refused (the host retries at its next interval).
 pub const MAX_CONCURRENT_PROBES: usize = 4;
@@ -159,6 +161,18 @@ impl Offers {
             .find(|listed| listed.session == session)
             .ok_or_else(unlisted)?;
         let now = now_ms();
+        let (proof, measured) = if candidates::proof_due(previous.as_ref(), now, &self.inner.rules)
+        {
+            self.prove_with_others(key, peer, ip, &report).await
+        } else {
+            (ProofOutcome::NotRun, None)
+        };
+        let stored_rtt = read_candidate_rtt(db, &key)?;
+        if let Some(rtt_us) = measured.filter(|rtt| rtt_changed(stored_rtt, *rtt)) {
+            replica
+                .propose_accepted(CandidateRtt { peer: key, rtt_us }.into())
+                .await?;
+        }
         let observed = Observed {
             now_ms: now,
             host,
@@ -166,11 +180,7 @@ impl Offers {
             session_started_ms: attached.attached_at_ms,
             nat_class: presence.nat_class.clone(),
             granted: is_granted(db, &key)?,
-        };
-        let proof = if candidates::proof_due(previous.as_ref(), now, &self.inner.rules) {
-            self.prove_with_others(key, peer, ip, &report).await
-        } else {
-            ProofOutcome::NotRun
+            rtt_us: measured.or(stored_rtt),
         };
         let build = Build::this();
         let entry = candidates::evaluate(
@@ -329,18 +339,19 @@ impl Offers {
         Ok(())
     }
 
-    /// Has two other members dial the candidate back; both must succeed.
+    /// Has two other members dial the candidate back; both must succeed. Also returns the round trip the
+    /// provers measured, if the proof passed.
     async fn prove_with_others(
         &self,
         key: PeerKey,
         peer: &PeerId,
         ip: IpAddr,
         report: &candidates::Report,
-    ) -> ProofOutcome {
+    ) -> (ProofOutcome, Option<u32>) {
         {
             let mut book = self.inner.book.lock().expect("offers book lock");
             if !book.proving.insert(key) {
-                return ProofOutcome::NotRun;
+                return (ProofOutcome::NotRun, None);
             }
         }
         let outcome = self.prove_now(peer, ip, report).await;
@@ -358,13 +369,14 @@ impl Offers {
         peer: &PeerId,
         ip: IpAddr,
         report: &candidates::Report,
-    ) -> ProofOutcome {
+    ) -> (ProofOutcome, Option<u32>) {
         let replica = &self.inner.replica;
         let me = replica.node_id();
         let members = match replica.members() {
             Ok(members) => members,
             Err(error) => {
-                return ProofOutcome::Inconclusive(format!("cannot list members: {error}"))
+                let why = format!("cannot list members: {error}");
+                return (ProofOutcome::Inconclusive(why), None);
             }
         };
         // Voters first (they are the most stable), then standbys; never this node.
@@ -382,10 +394,11 @@ impl Offers {
             )
         });
         if others.len() < 2 {
-            return ProofOutcome::Inconclusive(format!(
+            let why = format!(
                 "a proof needs two super peers besides the candidate's host; the cluster has {}",
                 others.len()
-            ));
+            );
+            return (ProofOutcome::Inconclusive(why), None);
         }
         let request = ProveReachRequest {
             peer_id: peer.to_string(),
@@ -418,13 +431,16 @@ impl Offers {
                 }
                 .await;
                 match answer {
-                    Ok(reply) if reply.ok => Prover::Passed,
+                    Ok(reply) if reply.ok => {
+                        Prover::Passed((reply.rtt_us > 0).then_some(reply.rtt_us))
+                    }
                     Ok(reply) => Prover::Failed(format!("node {node_id}: {}", reply.error)),
                     Err(error) => Prover::Unavailable(format!("node {node_id}: {error}")),
                 }
             }
         });
-        verdict(&futures::future::join_all(calls).await)
+        let results = futures::future::join_all(calls).await;
+        (verdict(&results), proved_rtt(&results))
     }
 
     /// Runs a dial-back another member asked for.
@@ -468,15 +484,19 @@ impl Offers {
         };
         let nonce: [u8; reach::NONCE_BYTES] = rand::random();
         Ok(match reach::probe(&claim, ip, nonce).await {
-            Ok(()) => ProveReachResponse {
+            Ok(rtt) => ProveReachResponse {
                 ok: true,
                 error: String::new(),
                 node_id,
+                rtt_us: rtt.map_or(0, |rtt| {
+                    u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1)
+                }),
             },
             Err(error) => ProveReachResponse {
                 ok: false,
                 error: error.to_string(),
                 node_id,
+                rtt_us: 0,
             },
         })
     }
@@ -487,7 +507,7 @@ impl Offers {
 fn verdict(results: &[Prover]) -> ProofOutcome {
     let passed = results
         .iter()
-        .filter(|result| matches!(result, Prover::Passed))
+        .filter(|result| matches!(result, Prover::Passed(_)))
         .count();
     let failed: Vec<&str> = results
         .iter()
@@ -515,9 +535,31 @@ fn verdict(results: &[Prover]) -> ProofOutcome {
     }
 }
 
+/// Whether a newly measured round trip is worth a Raft write: none stored yet, or a change of a quarter or more
+/// (and at least 1 ms), so jitter on a stable path writes nothing.
+fn rtt_changed(stored: Option<u32>, measured: u32) -> bool {
+    stored.is_none_or(|stored| {
+        let change = stored.abs_diff(measured);
+        change >= 1_000 && change >= stored / 4
+    })
+}
+
+/// The round trip to the voters a proof measured: the slowest of the provers that passed (each reports its
+/// fastest TCP connect), so one nearby prover cannot hide a far-away node; None when none measured one.
+fn proved_rtt(results: &[Prover]) -> Option<u32> {
+    results
+        .iter()
+        .filter_map(|result| match result {
+            Prover::Passed(rtt) => *rtt,
+            _ => None,
+        })
+        .max()
+}
+
 /// What one prover said.
 enum Prover {
-    Passed,
+    /// It dialed back and everything matched; with the round trip it measured, in microseconds.
+    Passed(Option<u32>),
     /// It dialed, and the proof failed.
     Failed(String),
     /// It could not be asked, or could not run it.
@@ -573,7 +615,7 @@ mod tests {
     #[test]
     fn two_passes_prove_one_failure_refutes_and_unreachable_provers_do_not_count() {
         use Prover::*;
-        let pass = || Passed;
+        let pass = || Passed(Some(900));
         let down = || Unavailable("node 3: connection refused".into());
         assert_eq!(verdict(&[pass(), pass()]), ProofOutcome::Passed);
         assert_eq!(verdict(&[down(), pass(), pass()]), ProofOutcome::Passed);
@@ -592,5 +634,24 @@ mod tests {
         };
         assert!(why.contains("timed out"), "{why}");
         assert!(matches!(verdict(&[]), ProofOutcome::Inconclusive(_)));
+    }
+
+    #[test]
+    fn the_proved_round_trip_is_the_slowest_measured_one() {
+        use Prover::*;
+        let down = || Unavailable("node 3: connection refused".into());
+        assert_eq!(
+            proved_rtt(&[Passed(Some(900)), down(), Passed(Some(40_000))]),
+            Some(40_000)
+        );
+        assert_eq!(proved_rtt(&[Passed(None), Passed(Some(700))]), Some(700));
+        assert_eq!(proved_rtt(&[Passed(None), down()]), None);
+        assert_eq!(proved_rtt(&[Failed("x".into())]), None);
+        // Written when first known, and again only on a clear change.
+        assert!(rtt_changed(None, 500));
+        assert!(!rtt_changed(Some(500), 1_400), "under 1 ms");
+        assert!(!rtt_changed(Some(40_000), 49_000), "under a quarter");
+        assert!(rtt_changed(Some(40_000), 50_000));
+        assert!(rtt_changed(Some(40_000), 29_000));
     }
 }

@@ -15,6 +15,7 @@
 //! nodes:   "placement/zone/" node id (8, BE) -> postcard(String)     a super peer's zone label
 //! nodes:   "placement/cert/" node id (8, BE) -> postcard([u8; 32])   SHA-256 of the certificate it presents
 //! nodes:   "placement/score/" node id (8, BE) -> postcard(MemberScore) an adopted super peer's score
+//! nodes:   "placement/rtt/" peer (32)      -> postcard(u32)          a candidate's proved round trip (us)
 //! nodes:   "placement/adoption"            -> postcard(Adoption)      the candidate being adopted, if any
 //! nodes:   "placement/issuer/" node id (8, BE) -> postcard(u64)      a super peer holds an issuer until then
 //! nodes:   "placement/issued/" peer (32) SHA-256 (32) -> postcard(u64)  a certificate issued to that key, and
@@ -111,6 +112,18 @@ const GRANT_ALL_KEY: &[u8] = b"placement/grant-all";
 const ZONE_PREFIX: &[u8] = b"placement/zone/";
 const CERT_PREFIX: &[u8] = b"placement/cert/";
 const SCORE_PREFIX: &[u8] = b"placement/score/";
+const RTT_PREFIX: &[u8] = b"placement/rtt/";
+
+fn rtt_key(peer: &PeerKey) -> Vec<u8> {
+    [RTT_PREFIX, peer.as_slice()].concat()
+}
+
+/// A candidate's last stored round trip to the voters, in microseconds.
+pub fn read_candidate_rtt(db: &DB, peer: &PeerKey) -> Result<Option<u32>, StoreError> {
+    db.get_pinned_cf(cf(db, CF_NODES), rtt_key(peer))?
+        .map(|bytes| decode("candidate round trip", &bytes))
+        .transpose()
+}
 const ADOPTION_KEY: &[u8] = b"placement/adoption";
 const ISSUER_PREFIX: &[u8] = b"placement/issuer/";
 const ISSUED_PREFIX: &[u8] = b"placement/issued/";
@@ -630,8 +643,27 @@ impl Apply<Candidate> for NodeWriter<'_> {
                 key,
                 encode("candidate entry", entry)?,
             ),
-            None => batch.delete_cf(cf(self.db, CF_NODES), key),
+            None => {
+                batch.delete_cf(cf(self.db, CF_NODES), key);
+                batch.delete_cf(cf(self.db, CF_NODES), rtt_key(&op.peer));
+            }
         }
+        Ok(Response::Done)
+    }
+}
+
+impl Apply<command::CandidateRtt> for NodeWriter<'_> {
+    fn apply(
+        &mut self,
+        batch: &mut WriteBatch,
+        op: &command::CandidateRtt,
+        _at: Applied,
+    ) -> Result<Response, StoreError> {
+        batch.put_cf(
+            cf(self.db, CF_NODES),
+            rtt_key(&op.peer),
+            encode("candidate round trip", &op.rtt_us)?,
+        );
         Ok(Response::Done)
     }
 }

@@ -156,6 +156,7 @@ impl<'a> Writers<'a> {
             Op::RelayLoad(op) => self.nodes.apply(batch, op, at),
             Op::LeafLoad(op) => self.nodes.apply(batch, op, at),
             Op::NodeScore(op) => self.nodes.apply(batch, op, at),
+            Op::CandidateRtt(op) => self.nodes.apply(batch, op, at),
             Op::RevokeCertificate(op) => self.nodes.apply(batch, op, at),
             Op::SetPlacement(op) => self.nodes.apply(batch, op, at),
             Op::PlacementJournal(op) => self.nodes.apply(batch, op, at),
