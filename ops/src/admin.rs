@@ -282,6 +282,65 @@ pub async fn remove(connection: &Connection, node_id: u64, as_json: bool) -> any
     Ok(())
 }
 
+/// `vesperctl init`: asks the node to bootstrap, trying again (with progress on stderr) while it cannot be
+/// reached or is still starting, for up to `wait`.
+pub async fn init(
+    connection: &Connection,
+    wait: std::time::Duration,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    use vesper_proto::v1::initialize_response::Outcome;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(200);
+    let reply = loop {
+        // Not reachable yet, or `UNAVAILABLE` (still starting): worth another try. A refusal, or a usage
+        // problem (no certificate), is not.
+        let (error, retry) = match connection.client().await {
+            Err(error) => {
+                let usage = error.downcast_ref::<UsageError>().is_some();
+                (error, !usage)
+            }
+            Ok(mut client) => match client
+                .initialize(vesper_proto::v1::InitializeRequest {})
+                .await
+            {
+                Ok(reply) => break reply.into_inner(),
+                Err(status) => {
+                    let retry = matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    );
+                    (status_error(status), retry)
+                }
+            },
+        };
+        if !retry || tokio::time::Instant::now() + pause > deadline {
+            return Err(error);
+        }
+        eprintln!(
+            "vesperctl: {} is not ready for init yet ({error:#}); trying again",
+            connection.server
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    };
+    let outcome = match reply.outcome() {
+        Outcome::Bootstrapped => "bootstrapped",
+        Outcome::AlreadyMember => "already_member",
+        Outcome::ClusterExists => "cluster_exists",
+        Outcome::Unspecified => "unspecified",
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({ "outcome": outcome, "node_id": reply.node_id, "detail": reply.detail })
+        );
+    } else {
+        println!("{}", reply.detail);
+    }
+    Ok(())
+}
+
 pub async fn transfer_leader(
     connection: &Connection,
     node_id: u64,

@@ -127,6 +127,9 @@ fn start_node(binary: &Path, dir: &Path, index: u16, base_port: u16) -> anyhow::
         .arg(dir.join("certs/issuer.pem"))
         .arg("--issuer-key")
         .arg(dir.join("certs/issuer.key"))
+        // `dev up` stops every node at once: no member is left to take the leaves, so a short drain does.
+        .arg("--drain-timeout")
+        .arg("3s")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -1,7 +1,7 @@
 //! `vesperctl`: operate a Vesper cluster.
 //!
 //! Certificates (`ca init`, `cert issue`), cluster inspection (`status`, `members`), membership changes
-//! (`add-standby`, `promote`, `demote`, `remove`, `transfer-leader`), the placement controller (`placement`) and
+//! (`init`, `add-standby`, `promote`, `demote`, `remove`, `transfer-leader`), the placement controller (`placement`) and
 //! namespace access rules (`namespace`) through the Admin service, and a local development cluster (`dev up`).
 
 mod admin;
@@ -73,6 +73,17 @@ enum Command {
     /// Remove a standby from the cluster (demote a voter first). Its node id is never reused.
     Remove {
         node_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new cluster on the contacted super peer, once: idempotent. A node that already belongs to a
+    /// cluster, or whose join list names a member of one, answers so and starts nothing (exit 0 in every case).
+    /// Only a node started without --bootstrap can be initialised; it then is node 1, the first voter.
+    Init {
+        /// Keep trying for this long while the node cannot be reached or is still starting (a Job that runs
+        /// beside freshly started pods). Default: one attempt.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        wait: std::time::Duration,
         #[arg(long)]
         json: bool,
     },
@@ -297,6 +308,7 @@ async fn main() -> ExitCode {
         Command::TransferLeader { node_id, json } => {
             admin::transfer_leader(&cli.connection, node_id, json).await
         }
+        Command::Init { wait, json } => admin::init(&cli.connection, wait, json).await,
         Command::Namespace { command } => match command {
             NamespaceCommand::Set {
                 namespace,

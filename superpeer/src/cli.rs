@@ -69,9 +69,15 @@ pub struct Args {
     /// Start a new cluster with this node as its first voter (only on first start).
     #[arg(long, env = "VESPER_BOOTSTRAP", conflicts_with = "join")]
     bootstrap: bool,
-    /// Join the cluster of the member at this cluster address, as a standby (only on first start).
-    #[arg(long, env = "VESPER_JOIN", value_name = "HOST:PORT")]
+    /// Join the cluster of the members at these cluster addresses (comma-separated, tried in turn; this node's
+    /// own address is skipped), as a standby (only on first start). Until it has joined, `vesperctl init` can
+    /// make it bootstrap a new cluster instead.
+    #[arg(long, env = "VESPER_JOIN", value_name = "HOST:PORT[,HOST:PORT...]")]
     join: Option<String>,
+    /// The cluster's name: kept in the data directory; a data directory of another cluster is refused at start,
+    /// and members of another name refuse this node's join.
+    #[arg(long, env = "VESPER_CLUSTER_NAME")]
+    cluster_name: Option<String>,
     /// Build a Raft snapshot after this many log entries. Default: 100000.
     #[arg(long, env = "VESPER_SNAPSHOT_AFTER_LOGS")]
     snapshot_after_logs: Option<u64>,
@@ -154,6 +160,10 @@ pub struct Args {
     /// How often the TLS files are checked for a rotated certificate (0s: only on SIGHUP). Default: 10s.
     #[arg(long, env = "VESPER_TLS_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
     tls_reload_interval: Option<Duration>,
+    /// On SIGTERM, the longest time spent draining (not ready, no new sessions, leadership handed over, leaves
+    /// moved) before the node stops; 0s skips it. At most 10m. Default: 20s.
+    #[arg(long, env = "VESPER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
     /// Do not serve STUN (leaves then cannot learn their public address from this node).
     #[arg(long, env = "VESPER_NO_STUN")]
     no_stun: bool,
@@ -216,6 +226,11 @@ pub struct Args {
     /// node that offers to serve as a super peer reports).
     #[arg(long)]
     pub build_info: bool,
+    /// Check the configuration (file, variables and flags, layered as at start) and exit: 0 and the effective
+    /// configuration as TOML on stdout when it is valid, 64 and every problem when not. Starts nothing, opens no
+    /// port and reads no TLS file (their paths are checked for presence in the configuration only).
+    #[arg(long)]
+    pub check_config: bool,
     /// Shut down when standard input closes: a process that starts this node as its child (the leaf
     /// library, once its node is adopted) keeps a pipe open, so the node ends with it even when it is killed.
     #[arg(long)]
@@ -288,6 +303,7 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
         .set("advertise_host", args.advertise_host.as_ref())
         .set("tls", tls)
         .set("start", start)
+        .set("cluster_name", args.cluster_name.as_ref())
         .set("raft.snapshot_after_logs", args.snapshot_after_logs)
         .set(
             "raft.logs_kept_after_snapshot",
@@ -326,6 +342,7 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
         .set("max_metadata_bytes", args.max_metadata_bytes)
         .set("max_header_list_bytes", args.max_header_list_bytes)
         .duration("tls_reload_interval", args.tls_reload_interval)
+        .duration("drain_timeout", args.drain_timeout)
         .set("stun.enabled", args.no_stun.then_some(false))
         .set("stun.rate_per_source", args.stun_rate_per_source)
         .set(
@@ -525,6 +542,7 @@ mod tests {
                 key: "c".into(),
             }),
             advertise_host: Some("sp-0".into()),
+            cluster_name: Some("vesper-a".into()),
             placement: crate::placement::settings::PlacementConfig {
                 zone: Some("zone-a".into()),
                 issuer_cert: Some("issuer.pem".into()),
@@ -545,6 +563,7 @@ mod tests {
                     "config",
                     "log-json",
                     "build-info",
+                    "check-config",
                     "exit-with-stdin",
                     "help",
                     "version",

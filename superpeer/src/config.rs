@@ -24,8 +24,40 @@ pub enum StartMode {
     Idle,
     /// Create a new cluster with this node as its first voter.
     Bootstrap,
-    /// Join the cluster that the member at this Cluster address belongs to, as a standby.
+    /// Join the cluster of the members at these Cluster addresses (comma-separated, tried in turn until one
+    /// answers), as a standby. The node's own address may be in the list (every pod of a StatefulSet gets the
+    /// same list); it is skipped. Until it has joined, `vesperctl init` can make it bootstrap instead.
     Join(String),
+}
+
+impl StartMode {
+    /// The join list, without blanks.
+    pub fn seeds(&self) -> Vec<String> {
+        match self {
+            StartMode::Join(list) => split_seeds(list),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The addresses of a comma-separated join list.
+pub fn split_seeds(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Longest cluster name.
+pub const MAX_CLUSTER_NAME: usize = 128;
+
+/// Whether `name` can be a cluster name: 1 to [`MAX_CLUSTER_NAME`] ASCII letters, digits, `-`, `_` and `.`.
+pub fn valid_cluster_name(name: &str) -> bool {
+    (1..=MAX_CLUSTER_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
 }
 
 /// Raft timing and log compaction.
@@ -84,6 +116,9 @@ pub struct Config {
     pub tls: Option<TlsPaths>,
     /// How to enter a cluster on first start.
     pub start: StartMode,
+    /// The name of the cluster this node belongs to, when set: kept in the data directory at bootstrap or join,
+    /// a data directory of another name is refused at start, and a member of another name refuses the join.
+    pub cluster_name: Option<String>,
     /// Raft timing and compaction.
     pub raft: RaftConfig,
     /// Interval at which leaves should send keepalives. Default 5 s.
@@ -144,6 +179,11 @@ pub struct Config {
     /// How often the TLS files are checked for a new certificate (0s: only on SIGHUP). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub tls_reload_interval: Duration,
+    /// On SIGTERM: how long the node may spend draining (not ready, refusing new sessions, handing over
+    /// leadership, waiting for its leaves to move) before it stops; 0s skips the drain. The stop after it takes
+    /// up to `node::SHUTDOWN_GRACE` more (docs/OPERATIONS.md). Default 20 s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// The STUN port (UDP, same IP and port number as the Leaf service) and its limits.
     pub stun: crate::udp::stun::StunConfig,
     /// The relay on the STUN port and its caps.
@@ -164,6 +204,7 @@ impl Default for Config {
             advertise_host: None,
             tls: None,
             start: StartMode::Idle,
+            cluster_name: None,
             raft: RaftConfig::default(),
             keepalive_interval: Duration::from_secs(5),
             session_ttl: Duration::from_secs(15),
@@ -186,12 +227,16 @@ impl Default for Config {
             max_metadata_bytes: 8 << 10,
             max_header_list_bytes: 128 << 10,
             tls_reload_interval: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(20),
             stun: crate::udp::stun::StunConfig::default(),
             relay: crate::udp::RelayConfig::default(),
             placement: crate::placement::settings::PlacementConfig::default(),
         }
     }
 }
+
+/// The longest drain a node may be given: an orchestrator waiting longer for one pod stalls a rolling restart.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Config {
     /// Checks the whole configuration and reports every problem at once.
@@ -211,6 +256,12 @@ impl Config {
             problems.push(
                 "a listen address is unspecified (0.0.0.0 or ::): set --advertise-host".to_string(),
             );
+        }
+        if self.drain_timeout > MAX_DRAIN_TIMEOUT {
+            problems.push(format!(
+                "drain_timeout must be at most {}",
+                humantime::format_duration(MAX_DRAIN_TIMEOUT)
+            ));
         }
         if self.tls_handshake_timeout.is_zero() {
             problems.push("tls_handshake_timeout must be above 0".into());
@@ -289,9 +340,23 @@ impl Config {
         if self.max_record_bytes_per_peer == 0 {
             problems.push("max_record_bytes_per_peer must be above 0".into());
         }
-        if let StartMode::Join(addr) = &self.start {
-            if !addr.contains(':') {
-                problems.push(format!("join address {addr:?} must be host:port"));
+        if let StartMode::Join(list) = &self.start {
+            let seeds = split_seeds(list);
+            if seeds.is_empty() {
+                problems
+                    .push("the join list is empty: give host:port of at least one member".into());
+            }
+            for addr in seeds {
+                if !addr.contains(':') {
+                    problems.push(format!("join address {addr:?} must be host:port"));
+                }
+            }
+        }
+        if let Some(name) = &self.cluster_name {
+            if !valid_cluster_name(name) {
+                problems.push(format!(
+                    "cluster_name {name:?} must be 1 to {MAX_CLUSTER_NAME} letters, digits, '-', '_' or '.'"
+                ));
             }
         }
         if problems.is_empty() {
@@ -305,6 +370,51 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn join_lists_and_cluster_names_are_checked() {
+        let with = |start: StartMode, name: Option<&str>| Config {
+            start,
+            cluster_name: name.map(str::to_string),
+            tls: Some(TlsPaths {
+                ca_cert: "a".into(),
+                cert: "b".into(),
+                key: "c".into(),
+            }),
+            ..Config::default()
+        };
+        assert_eq!(
+            StartMode::Join(" sp-0:7401, ,sp-1:7401,".into()).seeds(),
+            vec!["sp-0:7401".to_string(), "sp-1:7401".to_string()]
+        );
+        assert!(with(
+            StartMode::Join("sp-0:7401,sp-1:7401".into()),
+            Some("vesper.prod_1")
+        )
+        .validate()
+        .is_ok());
+        let problems = with(StartMode::Join("sp-0:7401,sp-1".into()), None)
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            problems,
+            vec!["join address \"sp-1\" must be host:port".to_string()]
+        );
+        let problems = with(StartMode::Join(" , ".into()), None)
+            .validate()
+            .unwrap_err();
+        assert!(problems[0].contains("join list is empty"), "{problems:?}");
+        for bad in ["", "a b", "ä", &"x".repeat(MAX_CLUSTER_NAME + 1), "a/b"] {
+            let problems = with(StartMode::Idle, Some(bad)).validate().unwrap_err();
+            assert!(
+                problems[0].starts_with("cluster_name"),
+                "{bad:?}: {problems:?}"
+            );
+        }
+        assert!(with(StartMode::Idle, Some(&"x".repeat(MAX_CLUSTER_NAME)))
+            .validate()
+            .is_ok());
+    }
 
     #[test]
     fn default_config_only_lacks_tls() {

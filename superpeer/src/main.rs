@@ -31,8 +31,8 @@ async fn wait_for_signal() {
         }
     };
     tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining, then shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining, then shutting down"),
     }
 }
 
@@ -71,6 +71,28 @@ async fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if args.check_config {
+        return match build_config(&args) {
+            Ok(config) => match toml::to_string(&config) {
+                Ok(text) => {
+                    print!("{text}");
+                    eprintln!("superpeer: the configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("superpeer: the configuration is valid but cannot be shown: {error}");
+                    ExitCode::SUCCESS
+                }
+            },
+            Err(problems) => {
+                eprintln!("superpeer: invalid configuration:");
+                for problem in problems {
+                    eprintln!("  - {problem}");
+                }
+                ExitCode::from(EXIT_USAGE)
+            }
+        };
+    }
     let telemetry = init_telemetry(args.log_json);
     if telemetry.exporting() {
         tracing::info!("exporting traces over OTLP");
@@ -100,14 +122,30 @@ async fn main() -> ExitCode {
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        _ = wait_for_signal() => {}
-        _ = parent_gone => tracing::info!("standard input closed (the parent is gone): shutting down"),
-        _ = stopped.cancelled() => tracing::error!("node stopped on its own"),
+    let mut exit = ExitCode::SUCCESS;
+    let drain = tokio::select! {
+        _ = wait_for_signal() => true,
+        _ = parent_gone => {
+            tracing::info!("standard input closed (the parent is gone): shutting down");
+            true
+        }
+        _ = stopped.cancelled() => {
+            tracing::error!("node stopped on its own");
+            exit = ExitCode::FAILURE;
+            false
+        }
+    };
+    if drain {
+        // A second signal, or the node failing meanwhile, cuts the drain short.
+        tokio::select! {
+            _ = node.drain() => {}
+            _ = wait_for_signal() => tracing::warn!("signalled again: stopping without finishing the drain"),
+            _ = stopped.cancelled() => tracing::error!("node stopped on its own while draining"),
+        }
     }
     node.shutdown().await;
     tracing::info!("stopped");
     // The last spans are sent before the process ends (bounded by the exporter's timeout).
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-    ExitCode::SUCCESS
+    exit
 }

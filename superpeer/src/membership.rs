@@ -121,6 +121,35 @@ impl Adoption {
     }
 }
 
+/// An operator's request to initialise (bootstrap) a node that belongs to no cluster yet.
+pub type InitReply = tokio::sync::oneshot::Sender<vesper_proto::v1::InitializeResponse>;
+/// Init requests, taken by the node's start-up task while it joins or waits to be added.
+pub type InitRequests = tokio::sync::mpsc::Receiver<InitReply>;
+/// Init requests waiting for the start-up task: a few operators at once at most.
+const INIT_QUEUE: usize = 4;
+
+/// The Admin service's handle on the start-up task, for `Admin.Initialize`.
+#[derive(Clone)]
+pub struct Initialization {
+    requests: tokio::sync::mpsc::Sender<InitReply>,
+}
+
+impl Initialization {
+    /// The handle and the queue the start-up task reads; the task closes the queue once the node is a member.
+    pub fn new() -> (Self, InitRequests) {
+        let (requests, queue) = tokio::sync::mpsc::channel(INIT_QUEUE);
+        (Self { requests }, queue)
+    }
+
+    /// Asks the start-up task to bootstrap; `None` when the node no longer takes such requests (it belongs to
+    /// a cluster already, or was started with --bootstrap).
+    pub async fn initialize(&self) -> Option<vesper_proto::v1::InitializeResponse> {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        self.requests.try_send(reply_tx).ok()?;
+        reply_rx.await.ok()
+    }
+}
+
 /// How long a leadership transfer may take before the call reports failure.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a removal waits for the node to get its tombstone (so its leaves hear to move) before it goes on.
@@ -313,6 +342,8 @@ pub async fn register_standby(context: &Membership, node: NodeInfo) -> Result<u6
                                 leaf_addr: node.leaf_addr.clone(),
                                 admin_addr: node.admin_addr.clone(),
                             }),
+                            // The member it reached checked the name.
+                            cluster_name: String::new(),
                         };
                         let reply =
                             client

@@ -42,6 +42,7 @@ label_values!(SessionRefusal {
     Unrecorded => "unrecorded",
     PerIpLimit => "per_ip_limit",
     Leaving => "leaving",
+    Draining => "draining",
 });
 label_values!(MessagePath { Local => "local", Remote => "remote", Mailbox => "mailbox", Refused => "refused" });
 label_values!(RecordOp { Put => "put", Delete => "delete" });
@@ -119,6 +120,8 @@ pub enum SessionRefusal {
     PerIpLimit,
     /// This node is leaving the cluster (removed, or tombstoned by a removal under way).
     Leaving,
+    /// This node is shutting down (SIGTERM) and drains its sessions.
+    Draining,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -8,46 +8,38 @@
 //!         └─ start Raft -> Replica::set_raft -> health of vesper.v1.Leaf becomes SERVING
 //! ```
 //!
-//! Shutdown (`RunningNode::shutdown` or a dropped handle's token): servers stop accepting and drain, sessions end,
-//! then Raft shuts down and RocksDB closes.
+//! On SIGTERM the `superpeer` binary first drains (`RunningNode::drain`, [`crate::drain`]): not ready, no new
+//! sessions, leadership handed over, leaves moved. Shutdown (`RunningNode::shutdown` or a dropped handle's
+//! token): servers stop accepting and drain, sessions end, then Raft shuts down and RocksDB closes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::SnapshotPolicy;
-use rocksdb::DB;
 use tokio::net::TcpListener;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
-use tonic_health::server::HealthReporter;
-use vesper_proto::v1::{JoinRequest, NodeDescriptor};
 use vesper_proto::Keypair;
 
 use crate::command::NodeInfo;
-use crate::config::{Config, StartMode};
-use crate::error::ServiceError;
+use crate::config::Config;
 use crate::events::EventLog;
 use crate::leaf::state::LeafState;
-use crate::membership::{AdoptRequests, Adoption, Membership};
+use crate::membership::{Adoption, Initialization, Membership};
 use crate::raft::forward::Forwarder;
-use crate::raft::network::{ClusterClients, Network, MAX_CLUSTER_MESSAGE_BYTES};
-use crate::raft::propose::Backoff;
-use crate::raft::VesperRaft;
+use crate::raft::network::{ClusterClients, MAX_CLUSTER_MESSAGE_BYTES};
 use crate::replica::Replica;
 use crate::router::links::Links;
 use crate::router::Router;
 use crate::sessions::SessionRegistry;
 use crate::store::state_machine::StateReader;
-use crate::store::{self, LogStore, StateMachine, StoreError};
+use crate::store::{self, StoreError};
 use crate::tls::{HandshakeLimits, Port, ServerTls, TlsError};
 use crate::udp::Relay;
 
-/// File in the data directory holding the node id once the node belongs to a cluster.
-const NODE_ID_FILE: &str = "node_id";
 /// File in the data directory holding the node's Ed25519 key.
 const NODE_KEY_FILE: &str = "node.key";
 /// File in the data directory where the bound addresses are written (for scripts and tests).
@@ -74,8 +66,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("raft: {0}")]
-    Raft(String),
+    #[error("{0}")]
+    Start(#[from] crate::startup::StartError),
     #[error("{0}")]
     Issuer(#[from] crate::placement::issuer::IssuerError),
 }
@@ -105,6 +97,7 @@ pub struct RunningNode {
     pub replica: Replica,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    drainer: crate::drain::Drainer,
     /// The ops HTTP server: outside `tasks`, so it answers `/livez` (and `/readyz` with "shutting down") until
     /// everything else has stopped.
     ops: OpsServer,
@@ -123,6 +116,13 @@ impl Drop for OpsServer {
 }
 
 impl RunningNode {
+    /// Drains the node before a stop: it stops being ready and taking sessions, hands over leadership if it
+    /// leads, and waits (up to `drain_timeout`) for its leaves to move to other members. Membership is not
+    /// changed. [`RunningNode::shutdown`] comes after it.
+    pub async fn drain(&self) -> crate::drain::Drained {
+        self.drainer.run().await
+    }
+
     /// Stops the node: servers drain, sessions end, Raft stops, storage closes. Waits up to [`SHUTDOWN_GRACE`]
     /// for the node's tasks, then stops Raft regardless (a task still running is logged with the count).
     pub async fn shutdown(mut self) {
@@ -333,57 +333,6 @@ fn advertised(host: &Option<String>, bound: SocketAddr) -> String {
     }
 }
 
-/// Writes `contents` to `path` atomically (temporary file, fsync, rename).
-fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
-}
-
-fn read_node_id(data_dir: &Path) -> Result<Option<u64>, NodeError> {
-    let path = data_dir.join(NODE_ID_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse().map(Some).map_err(|_| NodeError::Io {
-            what: "node id file is not a number",
-            path,
-            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-        }),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(NodeError::Io {
-            what: "cannot read node id",
-            path,
-            source,
-        }),
-    }
-}
-
-/// Whole milliseconds, as openraft takes its timings.
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
-    let raft = &config.raft;
-    let built = openraft::Config {
-        cluster_name: "vesper".into(),
-        heartbeat_interval: millis(raft.heartbeat_interval),
-        election_timeout_min: millis(raft.election_timeout_min),
-        election_timeout_max: millis(raft.election_timeout_max),
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(raft.snapshot_after_logs),
-        max_in_snapshot_log_to_keep: raft.logs_kept_after_snapshot,
-        // Purge in large steps: every purge is one delete_range, cheap whatever its size.
-        purge_batch_size: 256,
-        ..Default::default()
-    };
-    built
-        .validate()
-        .map(Arc::new)
-        .map_err(|error| NodeError::Config(vec![error.to_string()]))
-}
-
 /// Starts a node. Returns once its listeners are bound and its services serve; joining a cluster goes on in
 /// the background (watch `Admin.Status` or the health of `vesper.v1.Leaf`).
 pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
@@ -391,6 +340,8 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .map_err(io_error("cannot create data directory", &data_dir))?;
+    // Before anything opens the data: another cluster's data directory is refused untouched.
+    crate::startup::check_cluster_name(&data_dir, config.cluster_name.as_deref())?;
     let key_path = data_dir.join(NODE_KEY_FILE);
     let keypair = Keypair::load_or_generate(&key_path).map_err(io_error("node key", &key_path))?;
     let tls = Arc::new(ServerTls::load(
@@ -434,6 +385,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
     };
 
     let (adoption, adopt_rx) = Adoption::new();
+    let (initialization, init_rx) = Initialization::new();
     let clients = ClusterClients::new(tls.material());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -541,6 +493,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
                 issuer: issuer.clone(),
                 issued_validity: config.placement.issued_validity,
                 me: me.clone(),
+                cluster_name: config.cluster_name.clone(),
                 tasks: tasks.clone(),
                 shutdown: shutdown.clone(),
             })
@@ -563,6 +516,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
                     replica.clone(),
                     membership_ops.clone(),
                     me.clone(),
+                    initialization,
                 ),
                 crate::roles::Gate::admin(reader.clone()),
             ),
@@ -596,7 +550,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         "listening"
     );
     let endpoints_path = data_dir.join(ENDPOINTS_FILE);
-    write_atomically(
+    crate::startup::write_atomically(
         &endpoints_path,
         &serde_json::to_vec(&endpoints).expect("endpoints serialize"),
     )
@@ -659,12 +613,20 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         metrics.placement.clone(),
         shutdown.clone(),
     ));
+    let draining = CancellationToken::new();
+    let drainer = crate::drain::Drainer {
+        replica: replica.clone(),
+        sessions: leaf_state.sessions.clone(),
+        started: draining.clone(),
+        timeout: config.drain_timeout,
+    };
     let ops_state = crate::ops::OpsState {
         replica: replica.clone(),
         sessions: leaf_state.sessions.clone(),
         relay: relay.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        draining: draining.clone(),
         ready_max_lag: config.ready_max_lag,
         leader_view: Arc::new(crate::ops::status::LeaderView::new(membership_ops.clone())),
         census: Arc::default(),
@@ -683,6 +645,10 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         replica.clone(),
         leaf_state.sessions.clone(),
         crate::leaf::members::Balance::from_config(&config.placement),
+        crate::leaf::members::Drain {
+            started: draining.clone(),
+            spread: crate::leaf::members::MOVE_SPREAD.min(config.drain_timeout / 2),
+        },
         member_view,
         shutdown.clone(),
     ));
@@ -695,7 +661,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         drain_requests,
         shutdown.clone(),
     ));
-    let start_up = StartUp {
+    let start_up = crate::startup::StartUp {
         config: config.clone(),
         me,
         replica: replica.clone(),
@@ -709,7 +675,7 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
-    tasks.spawn(start_up.run(adopt_rx));
+    tasks.spawn(start_up.run(adopt_rx, init_rx));
     let ops_stop = CancellationToken::new();
     let ops_task = tokio::spawn(crate::ops::serve(ops_listener, ops_state, ops_stop.clone()));
 
@@ -718,157 +684,10 @@ pub async fn spawn(config: Config) -> Result<RunningNode, NodeError> {
         replica,
         shutdown,
         tasks,
+        drainer,
         ops: OpsServer {
             stop: ops_stop,
             task: Some(ops_task),
         },
     })
-}
-
-/// The task that gets the node into a cluster and starts Raft.
-struct StartUp {
-    config: Config,
-    me: NodeInfo,
-    replica: Replica,
-    clients: ClusterClients,
-    events: EventLog,
-    db: Arc<DB>,
-    health: HealthReporter,
-    data_dir: PathBuf,
-    raft_counters: crate::metrics::RaftCounters,
-    snapshot_metrics: crate::metrics::SnapshotMetrics,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-}
-
-impl StartUp {
-    async fn run(self, mut adopt_rx: AdoptRequests) {
-        let result = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => return,
-            result = self.enter(&mut adopt_rx) => result,
-        };
-        // Later adoption requests are answered with "already a member" by closing the queue.
-        drop(adopt_rx);
-        if let Err(error) = result {
-            tracing::error!(%error, "cannot start raft; stopping the node");
-            self.shutdown.cancel();
-        }
-    }
-
-    async fn enter(&self, adopt_rx: &mut AdoptRequests) -> Result<(), NodeError> {
-        if let Some(node_id) = read_node_id(&self.data_dir)? {
-            tracing::info!(node_id, "resuming as a cluster member");
-            return self.start_raft(node_id).await;
-        }
-        match self.config.start.clone() {
-            StartMode::Bootstrap => {
-                let node_id = 1;
-                self.persist_node_id(node_id)?;
-                self.start_raft(node_id).await?;
-                let raft = self.replica.raft().expect("raft was just started");
-                let members = std::collections::BTreeMap::from([(node_id, self.me.clone())]);
-                match raft.initialize(members).await {
-                    Ok(()) => tracing::info!(node_id, "bootstrapped a new cluster"),
-                    Err(error) => return Err(NodeError::Raft(error.to_string())),
-                }
-                Ok(())
-            }
-            StartMode::Join(seed) => {
-                let node_id = self.join(&seed).await?;
-                self.start_raft(node_id).await
-            }
-            StartMode::Idle => {
-                tracing::info!(
-                    cluster_addr = %self.me.cluster_addr,
-                    "waiting to be added to a cluster: vesperctl add-standby {}",
-                    self.me.cluster_addr
-                );
-                let Some((node_id, reply)) = adopt_rx.recv().await else {
-                    return Ok(());
-                };
-                let started = match self.persist_node_id(node_id) {
-                    Ok(()) => self.start_raft(node_id).await,
-                    Err(error) => Err(error),
-                };
-                let answer = started
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|error| ServiceError::Raft(error.to_string().into()));
-                let _ = reply.send(answer);
-                started
-            }
-        }
-    }
-
-    /// Asks the member at `seed` to register us; retries with backoff until it answers.
-    async fn join(&self, seed: &str) -> Result<u64, NodeError> {
-        let me = &self.me;
-        let mut backoff = Backoff::new(
-            std::time::Duration::from_millis(100),
-            std::time::Duration::from_secs(5),
-        );
-        loop {
-            let attempt = async {
-                let mut client = self.clients.client(seed)?;
-                let request = JoinRequest {
-                    node: Some(NodeDescriptor {
-                        peer_id: me.peer_id.clone(),
-                        cluster_addr: me.cluster_addr.clone(),
-                        leaf_addr: me.leaf_addr.clone(),
-                        admin_addr: me.admin_addr.clone(),
-                    }),
-                };
-                client.join(request).await
-            }
-            .await;
-            match attempt {
-                Ok(reply) => {
-                    let node_id = reply.into_inner().node_id;
-                    self.persist_node_id(node_id)?;
-                    tracing::info!(node_id, %seed, "joined the cluster as a standby");
-                    return Ok(node_id);
-                }
-                Err(status) => {
-                    tracing::warn!(%seed, %status, "join failed; retrying");
-                    backoff.wait().await;
-                }
-            }
-        }
-    }
-
-    fn persist_node_id(&self, node_id: u64) -> Result<(), NodeError> {
-        let path = self.data_dir.join(NODE_ID_FILE);
-        write_atomically(&path, format!("{node_id}\n").as_bytes())
-            .map_err(io_error("cannot write node id", &path))
-    }
-
-    async fn start_raft(&self, node_id: u64) -> Result<(), NodeError> {
-        let raft_config = raft_config(&self.config)?;
-        let state_machine = StateMachine::open_with_events(self.db.clone(), self.events.clone())?
-            .with_snapshot_metrics(self.snapshot_metrics.clone());
-        let raft = VesperRaft::new(
-            node_id,
-            raft_config,
-            Network::new(self.clients.clone()),
-            LogStore::with_fsync_histogram(self.db.clone(), self.raft_counters.fsync_histogram()),
-            state_machine,
-        )
-        .await
-        .map_err(|error| NodeError::Raft(error.to_string()))?;
-        let metrics = raft.metrics();
-        if self.replica.set_raft(raft).is_err() {
-            return Err(NodeError::Raft("raft was started twice".into()));
-        }
-        self.tasks.spawn(crate::ops::count_leader_changes(
-            metrics,
-            self.raft_counters.clone(),
-            self.shutdown.clone(),
-        ));
-        self.health
-            .set_serving::<vesper_proto::v1::leaf_server::LeafServer<crate::leaf::LeafService>>()
-            .await;
-        tracing::info!(node_id, "raft started");
-        Ok(())
-    }
 }

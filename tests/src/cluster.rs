@@ -131,6 +131,25 @@ pub struct Cluster {
     launcher: Option<Arc<dyn Launch>>,
 }
 
+/// A node process that ended before it listened: its exit status and the end of its log.
+#[derive(Debug)]
+pub struct NodeExited {
+    pub status: std::process::ExitStatus,
+    pub log_tail: String,
+}
+
+impl std::fmt::Display for NodeExited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the node exited with {} before it listened:\n{}",
+            self.status, self.log_tail
+        )
+    }
+}
+
+impl std::error::Error for NodeExited {}
+
 /// Lines of each node's log a failed test prints.
 const LOG_TAIL_LINES: usize = 25;
 
@@ -386,20 +405,38 @@ impl Cluster {
             .stderr(log);
         node.child = Some(command.spawn().context("start superpeer")?);
         let name = node.name.clone();
-        let endpoints: Endpoints = wait::until(
+        let child = node.child.as_mut().expect("just spawned");
+        let endpoints: Result<Endpoints, NodeExited> = wait::until(
             &format!("{name} to write endpoints.json"),
             CONVERGE_TIMEOUT,
             || {
                 let path = endpoints_file.clone();
+                // A node that exits before it listens fails the start at once, with its log's end.
+                let exited = child.try_wait();
+                let log_path = log_path.clone();
                 async move {
+                    if let Ok(Some(status)) = exited {
+                        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                        let tail: Vec<String> = tail
+                            .iter()
+                            .rev()
+                            .map(|line| without_colours(line))
+                            .collect();
+                        return Ok(Some(Err(NodeExited {
+                            status,
+                            log_tail: tail.join("\n"),
+                        })));
+                    }
                     match std::fs::read(&path) {
-                        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+                        Ok(bytes) => Ok(Some(Ok(serde_json::from_slice(&bytes)?))),
                         Err(_) => Ok(None),
                     }
                 }
             },
         )
         .await?;
+        let endpoints = endpoints?;
         self.nodes[index].endpoints = Some(endpoints);
         Ok(())
     }
@@ -782,6 +819,21 @@ impl Cluster {
             .iter()
             .find(|member| member.cluster_addr == address)
             .map(|member| member.node_id)
+    }
+
+    /// Node `index`'s log, without colours.
+    pub fn log_text(&self, index: usize) -> String {
+        std::fs::read_to_string(self.log_path(index))
+            .map(|text| without_colours(&text))
+            .unwrap_or_default()
+    }
+
+    /// Flags for node `index` only, from its next start on (after [`NodeOptions::extra_args`]).
+    pub fn set_node_args(&mut self, index: usize, args: Vec<String>) {
+        if self.options.node_args.len() <= index {
+            self.options.node_args.resize(index + 1, Vec::new());
+        }
+        self.options.node_args[index] = args;
     }
 
     /// Path of node `index`'s log file.

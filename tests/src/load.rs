@@ -20,6 +20,27 @@ pub struct LoadReport {
     pub acked_at: Vec<(Instant, Instant)>,
 }
 
+impl LoadReport {
+    /// The longest stretch within [`from`, `to`] in which no write was acknowledged: how long writes were
+    /// unavailable around a fault (each end of the window counts as an edge).
+    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+        let mut edges: Vec<Instant> = self
+            .acked_at
+            .iter()
+            .map(|(_, returned)| *returned)
+            .filter(|returned| *returned > from && *returned < to)
+            .collect();
+        edges.push(from);
+        edges.push(to);
+        edges.sort();
+        edges
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap_or_default()
+    }
+}
+
 /// A running load.
 pub struct Load {
     stop: CancellationToken,
@@ -113,4 +134,37 @@ pub async fn verify(
         anyhow::ensure!(&record.value == value, "{key} has the wrong value");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_counts_the_window_edges_and_ignores_acks_outside() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let report = LoadReport {
+            acked_at: [5, 100, 120, 900, 950, 5000]
+                .iter()
+                .map(|ms| (at(0), at(*ms)))
+                .collect(),
+            ..LoadReport::default()
+        };
+        // Window 50..1000: edges 50, 100, 120, 900, 950, 1000 -> the gap 120..900.
+        assert_eq!(
+            report.longest_gap(at(50), at(1000)),
+            Duration::from_millis(780)
+        );
+        // No ack inside the window: the whole window.
+        assert_eq!(
+            report.longest_gap(at(1000), at(1500)),
+            Duration::from_millis(500)
+        );
+        // The last ack to the window's end is the longest.
+        assert_eq!(
+            report.longest_gap(at(940), at(2000)),
+            Duration::from_millis(1050)
+        );
+    }
 }

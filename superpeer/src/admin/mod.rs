@@ -23,7 +23,7 @@ use vesper_proto::acl::NamespaceAcl;
 
 use crate::command::{NodeInfo, RevokeCertificate, SetNamespaceAcl};
 use crate::error::ServiceError;
-use crate::membership::{self, Membership};
+use crate::membership::{self, Initialization, Membership};
 use crate::replica::Replica;
 
 pub struct AdminService {
@@ -31,14 +31,38 @@ pub struct AdminService {
     membership: Membership,
     /// This node's identity and addresses, for `Status`.
     me: NodeInfo,
+    /// The start-up task, for `Initialize`.
+    initialization: Initialization,
 }
 
 impl AdminService {
-    pub fn new(replica: Replica, membership: Membership, me: NodeInfo) -> Self {
+    pub fn new(
+        replica: Replica,
+        membership: Membership,
+        me: NodeInfo,
+        initialization: Initialization,
+    ) -> Self {
         Self {
             replica,
             membership,
             me,
+            initialization,
+        }
+    }
+
+    /// The answer to `Initialize` on a node that is a member already.
+    fn already_member(&self, node_id: u64) -> vesper_proto::v1::InitializeResponse {
+        let members = self.replica.members().unwrap_or_default();
+        let serving = members
+            .iter()
+            .filter(|member| member.role != vesper_proto::v1::MemberRole::Removed as i32)
+            .count();
+        vesper_proto::v1::InitializeResponse {
+            outcome: vesper_proto::v1::initialize_response::Outcome::AlreadyMember as i32,
+            node_id,
+            detail: format!(
+                "already initialised: this node is node {node_id} of a cluster of {serving} members; nothing was done"
+            ),
         }
     }
 }
@@ -59,6 +83,31 @@ macro_rules! on_leader {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn initialize(
+        &self,
+        _request: Request<vesper_proto::v1::InitializeRequest>,
+    ) -> Result<Response<vesper_proto::v1::InitializeResponse>, Status> {
+        if let Some(node_id) = self.replica.node_id() {
+            return Ok(Response::new(self.already_member(node_id)));
+        }
+        let answer = self.initialization.initialize().await;
+        match (answer, self.replica.node_id()) {
+            (Some(answer), _) => {
+                tracing::info!(outcome = answer.outcome, detail = %answer.detail, "initialise asked by an operator");
+                if answer.outcome == vesper_proto::v1::initialize_response::Outcome::Unspecified as i32 {
+                    return Err(ServiceError::Internal(answer.detail).into());
+                }
+                Ok(Response::new(answer))
+            }
+            (None, Some(node_id)) => Ok(Response::new(self.already_member(node_id))),
+            (None, None) => Err(ServiceError::Unavailable(
+                "this node is entering a cluster (started with --bootstrap, or another init is under way); ask again"
+                    .into(),
+            )
+            .into()),
+        }
+    }
+
     async fn placement_status(
         &self,
         request: Request<PlacementStatusRequest>,

@@ -38,6 +38,8 @@ pub struct ClusterService {
     pub issued_validity: std::time::Duration,
     /// This node's identity and addresses, for `Describe` and `Adopt`.
     pub me: NodeInfo,
+    /// The cluster name this node is configured for (`Describe`; `Join` refuses another).
+    pub cluster_name: Option<String>,
     /// Tasks of delivery streams from other members, ended at shutdown.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -223,7 +225,17 @@ impl Cluster for ClusterService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let node = node_info(request.into_inner().node)?;
+        let request = request.into_inner();
+        if let Some(mine) = &self.cluster_name {
+            if !request.cluster_name.is_empty() && request.cluster_name != *mine {
+                return Err(ServiceError::Precondition(format!(
+                    "this member belongs to cluster {mine:?}; the joining node is configured for {:?}",
+                    request.cluster_name
+                ))
+                .into());
+            }
+        }
+        let node = node_info(request.node)?;
         let node_id = crate::membership::register_standby(&self.membership, node).await?;
         Ok(Response::new(JoinResponse {
             node_id,
@@ -244,6 +256,7 @@ impl Cluster for ClusterService {
                 admin_addr: me.admin_addr.clone(),
             }),
             node_id: self.replica.node_id().unwrap_or(0),
+            cluster_name: self.cluster_name.clone().unwrap_or_default(),
         }))
     }
 

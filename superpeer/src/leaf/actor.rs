@@ -103,7 +103,18 @@ pub(super) async fn run_session(
     };
     // Subscribed before the check, so a node that starts leaving after it still tells this session.
     let mut members = context.members.clone();
-    if members.borrow_and_update().leaving {
+    let (leaving, draining) = {
+        let view = members.borrow_and_update();
+        (view.leaving, view.draining)
+    };
+    if draining {
+        // Stopping (SIGTERM): it stays a member and will be back, but not for this session.
+        let error = ServiceError::Unavailable(
+            "this super peer is shutting down; attach to another member".into(),
+        );
+        return refuse(&context, &tx, SessionRefusal::Draining, error).await;
+    }
+    if leaving {
         // A leaf that is moving here from a member that has not heard of the removal yet: it tries another.
         let error = ServiceError::Unavailable(
             "this super peer is leaving the cluster; attach to another member".into(),

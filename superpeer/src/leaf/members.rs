@@ -7,6 +7,9 @@
 //! idle sessions are not woken by an election. A shed request is made at most once per
 //! `placement.balance_interval`, and not within that time of a change of the serving members (leaves are
 //! then still spreading onto an added member).
+//!
+//! A node that drains (SIGTERM, [`crate::node::RunningNode::drain`]) is `leaving` from then on too: its
+//! sessions tell their leaves to move, over a spread that fits in the drain, and new sessions are refused.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,17 +36,23 @@ const _: () = assert!(
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MemberView {
     pub members: Vec<Member>,
+    /// Leaves must move away: this node was removed, or it drains.
     pub leaving: bool,
+    /// This node drains before it stops (it is leaving, but stays a member).
+    pub draining: bool,
+    /// The spread leaves move over, when not [`MOVE_SPREAD`] (a drain has less time).
+    pub spread: Option<Duration>,
     pub shed: Option<Shed>,
 }
 
 impl MemberView {
     /// The frame a session sends.
     pub fn frame(&self) -> MemberUpdate {
+        let spread = self.spread.unwrap_or(MOVE_SPREAD);
         MemberUpdate {
             members: self.members.clone(),
             leaving: self.leaving,
-            spread_ms: MOVE_SPREAD.as_millis() as u32,
+            spread_ms: u32::try_from(spread.as_millis()).unwrap_or(u32::MAX),
             shed: self.shed.clone(),
         }
     }
@@ -88,8 +97,8 @@ impl Balancer {
     }
 }
 
-/// The view now, once this node belongs to a cluster.
-fn read(replica: &Replica) -> Option<MemberView> {
+/// The view now, once this node belongs to a cluster; `drain` is the drain's spread once the node drains.
+fn read(replica: &Replica, drain: Option<Duration>) -> Option<MemberView> {
     let me = replica.node_id()?;
     let members = replica.members().ok()?;
     // Removed, or tombstoned by a removal that is about to take it out of the group.
@@ -99,7 +108,8 @@ fn read(replica: &Replica) -> Option<MemberView> {
         .ok()?
         .get(&me)
         .is_some_and(|entry| entry.removed);
-    let leaving = tombstoned
+    let leaving = drain.is_some()
+        || tombstoned
         || !members
             .iter()
             .any(|member| member.node_id == me && member.role != MemberRole::Removed as i32);
@@ -113,8 +123,17 @@ fn read(replica: &Replica) -> Option<MemberView> {
     Some(MemberView {
         members,
         leaving,
+        draining: drain.is_some(),
+        spread: drain,
         shed: None,
     })
+}
+
+/// The drain of this node: cancelled when it starts, and the spread its leaves then move over.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    pub started: CancellationToken,
+    pub spread: Duration,
 }
 
 /// How this node evens out its leaf load (from the `[placement]` settings).
@@ -142,6 +161,7 @@ pub async fn run(
     replica: Replica,
     sessions: SessionRegistry,
     balance: Balance,
+    drain: Drain,
     view: watch::Sender<Arc<MemberView>>,
     shutdown: CancellationToken,
 ) {
@@ -156,12 +176,16 @@ pub async fn run(
         round: 0,
     };
     loop {
+        // A drain is told at once, not at the next tick.
+        let draining = drain.started.is_cancelled();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
+            _ = drain.started.cancelled(), if !draining => {}
             _ = ticker.tick() => {}
         }
-        let (Some(me), Some(mut now)) = (replica.node_id(), read(&replica)) else {
+        let spread = drain.started.is_cancelled().then_some(drain.spread);
+        let (Some(me), Some(mut now)) = (replica.node_id(), read(&replica, spread)) else {
             continue;
         };
         let shape = signature(&now);
@@ -219,8 +243,7 @@ mod tests {
                 .iter()
                 .map(|(id, addr, role, leader)| member(*id, addr, *role, *leader))
                 .collect(),
-            leaving: false,
-            shed: None,
+            ..Default::default()
         }
     }
 
@@ -246,5 +269,21 @@ mod tests {
             ..base.clone()
         };
         assert_ne!(signature(&base), signature(&leaving));
+    }
+
+    #[test]
+    fn a_drain_asks_for_its_own_spread_and_other_views_for_the_usual_one() {
+        let usual = view(&[(1, "a:1", MemberRole::Voter, true)]);
+        assert_eq!(usual.frame().spread_ms, MOVE_SPREAD.as_millis() as u32);
+        assert!(!usual.frame().leaving);
+        let draining = MemberView {
+            leaving: true,
+            draining: true,
+            spread: Some(Duration::from_secs(4)),
+            ..usual
+        };
+        let frame = draining.frame();
+        assert_eq!(frame.spread_ms, 4000);
+        assert!(frame.leaving);
     }
 }

@@ -40,6 +40,8 @@ pub struct OpsState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
+    /// Cancelled when the node starts draining (SIGTERM), before it shuts down.
+    pub draining: CancellationToken,
     /// Entries behind the cluster's commit index at which the node stops being ready.
     pub ready_max_lag: u64,
     /// The leader's view of the members, shared by every viewer of the status page.
@@ -111,7 +113,7 @@ impl OpsState {
     fn ready_inputs(&self, sample: &Sample) -> ReadyInputs {
         ReadyInputs {
             in_cluster: sample.in_cluster,
-            draining: self.shutdown.is_cancelled(),
+            draining: self.shutdown.is_cancelled() || self.draining.is_cancelled(),
             leader: sample.leader,
             cluster_committed: sample.cluster_committed,
             applied: sample.applied_index,
