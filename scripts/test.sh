@@ -40,6 +40,10 @@ cargo build --workspace --bins
 echo "==> Python reference client: venv and stubs (clients/python; about 12 s the first time, then cached)"
 # The integration test t67 runs the client against a cluster; a failed set-up stops here, not in that test.
 "$VESPER_ROOT/scripts/python-client.sh" >/dev/null
+echo "==> chart tools: helm and the manifest validators (scripts/chart-tools.sh; about 50 s the first time)"
+# t110 and t111 render the Helm chart with a pinned helm and check it with kubernetes-validate and checkov.
+"$VESPER_ROOT/scripts/chart-tools.sh" helm >/dev/null
+"$VESPER_ROOT/scripts/chart-tools.sh" validators >/dev/null
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

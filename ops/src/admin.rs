@@ -43,6 +43,10 @@ pub struct Connection {
     /// Deadline of the call in seconds.
     #[arg(long, global = true, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// The name the super peer's certificate must carry, when --server is an address the certificate does not
+    /// name (a `kubectl port-forward` to 127.0.0.1, for example). Default: the host of --server.
+    #[arg(long, global = true, env = "VESPER_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 fn pick(given: &Option<PathBuf>, default: &str, flag: &str) -> anyhow::Result<PathBuf> {
@@ -78,6 +82,7 @@ impl Connection {
             .rsplit_once(':')
             .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
             .ok_or_else(|| UsageError(format!("--server {:?} must be host:port", self.server)))?;
+        let host = self.tls_server_name.as_deref().unwrap_or(host);
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&ca)?))
             .identity(Identity::from_pem(read(&cert)?, read(&key)?))

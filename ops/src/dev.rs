@@ -184,6 +184,7 @@ pub async fn run(command: DevCommand) -> anyhow::Result<()> {
         cert: Some(dir.join("certs/operator.pem")),
         key: Some(dir.join("certs/operator.key")),
         timeout_secs: 30,
+        tls_server_name: None,
     };
     let started = Instant::now();
     println!("waiting for {nodes} super peers to form the cluster ...");

@@ -8,6 +8,7 @@ mod admin;
 mod certs;
 mod dev;
 mod placement;
+mod scale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +84,32 @@ enum Command {
         /// Keep trying for this long while the node cannot be reached or is still starting (a Job that runs
         /// beside freshly started pods). Default: one attempt.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        wait: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take the pods at ordinal KEEP and above of a StatefulSet out of the cluster before they go, one change
+    /// at a time, highest first: a leaving standby is removed; a leaving voter hands over leadership, is replaced
+    /// by a kept standby when the voters would fall below --voters, and is demoted, then removed. The placement
+    /// controller is paused meanwhile; at the end the targets are set and it resumes (unless it was paused
+    /// before). Members whose address does not match --host-template are never touched. Idempotent: nothing to
+    /// do is success. The Helm chart's pre-upgrade hook runs it.
+    ScaleDown {
+        /// Pods to keep: ordinals 0 to KEEP-1.
+        #[arg(long)]
+        keep: u32,
+        /// The pods' stable host name with {ordinal} in it, as in their cluster addresses
+        /// (vesper-{ordinal}.vesper-headless.NAMESPACE.svc.cluster.local).
+        #[arg(long)]
+        host_template: String,
+        /// Voter target to keep and to set at the end: 1, 3, 5 or 7.
+        #[arg(long, default_value_t = 3)]
+        voters: u32,
+        /// Standby target to set at the end (default: unchanged).
+        #[arg(long)]
+        standbys: Option<u32>,
+        /// Give up after this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
         wait: std::time::Duration,
         #[arg(long)]
         json: bool,
@@ -309,6 +336,23 @@ async fn main() -> ExitCode {
             admin::transfer_leader(&cli.connection, node_id, json).await
         }
         Command::Init { wait, json } => admin::init(&cli.connection, wait, json).await,
+        Command::ScaleDown {
+            keep,
+            host_template,
+            voters,
+            standbys,
+            wait,
+            json,
+        } => match scale::HostTemplate::parse(&host_template) {
+            Ok(template) => {
+                if ![1, 3, 5, 7].contains(&voters) {
+                    Err(admin::UsageError(format!("--voters {voters}: must be 1, 3, 5 or 7")).into())
+                } else {
+                    scale::scale_down(&cli.connection, keep, &template, voters, standbys, wait, json).await
+                }
+            }
+            Err(error) => Err(error.into()),
+        },
         Command::Namespace { command } => match command {
             NamespaceCommand::Set {
                 namespace,

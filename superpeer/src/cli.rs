@@ -358,7 +358,10 @@ fn flag_layer(args: &Args, base: Figment) -> Result<Figment, String> {
             args.relay_max_bytes_per_second,
         )
         .set("relay.max_allocations", args.relay_max_allocations)
-        .set("placement.zone", args.zone.as_ref())
+        .set(
+            "placement.zone",
+            args.zone.as_ref().filter(|zone| !zone.is_empty()),
+        )
         .set("placement.enabled", args.no_placement.then_some(false))
         .duration("placement.update_interval", args.placement_update_interval)
         .duration(

@@ -454,6 +454,28 @@ mod tests {
     }
 
     #[test]
+    fn a_misspelt_key_is_refused_in_every_table() {
+        // Each table of the file, valid as written, then with one key no table has.
+        for table in [
+            "[tls]\nca_cert = \"a\"\ncert = \"b\"\nkey = \"c\"",
+            "[raft]",
+            "[limits]",
+            "[stun]",
+            "[relay]",
+            "[placement]",
+            "[placement.candidates]",
+        ] {
+            toml::from_str::<Config>(table).unwrap_or_else(|error| panic!("{table}: {error}"));
+            let misspelt = format!("{table}\nheartbeat_intervall = \"1s\"");
+            let error = toml::from_str::<Config>(&misspelt).expect_err(&misspelt);
+            assert!(
+                error.to_string().contains("heartbeat_intervall"),
+                "{table}: {error}"
+            );
+        }
+    }
+
+    #[test]
     fn join_mode_reads_from_toml() {
         let config: Config = toml::from_str("start = { join = \"sp-1:7401\" }").unwrap();
         assert_eq!(config.start, StartMode::Join("sp-1:7401".into()));

@@ -37,6 +37,7 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Paths of the PEM files a super peer needs.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// CA certificate that signs every super peer and operator certificate.
     pub ca_cert: PathBuf,

@@ -1,7 +1,9 @@
 //! Test harnesses for Vesper: real `superpeer` processes on free ports with real TLS, driven through the Admin
 //! service, `vesperctl` and the `leafpeer` library.
 //!
+//! - [`podlab`]: the chart's containers run as processes, each pod in its own network and mount namespace.
 //! - [`pki`]: a throwaway CA and certificates made with the real `vesperctl`.
+//! - [`chart`]: the Helm chart rendered by a real `helm`, its manifests parsed, a container's argv and env.
 //! - [`cluster`]: start, kill, stop and restart super peer processes; wait on observable state.
 //! - [`http2`]: HTTP/2 frames written by hand, for clients that break the protocol's rules on purpose.
 //! - [`modgraph`]: the module graph of a crate from its sources, and the import circles in it.
@@ -11,6 +13,7 @@
 //! - [`tlsprobe`]: which certificate a port serves, and raw TCP/TLS clients for flood tests.
 //! - [`wait`]: polling with a deadline and a message, instead of sleeps.
 
+pub mod chart;
 pub mod cli;
 pub mod cluster;
 pub mod http2;
@@ -19,6 +22,7 @@ pub mod modgraph;
 pub mod natlab;
 pub mod ops;
 pub mod pki;
+pub mod podlab;
 pub mod raw;
 pub mod relay;
 pub mod tlsprobe;

@@ -24,7 +24,7 @@ const SOURCE_SLOTS: usize = 4096;
 
 /// Limits of the STUN port; see docs/LIMITS.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct StunConfig {
     /// Serve STUN at all. Default true.
     pub enabled: bool,
