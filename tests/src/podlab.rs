@@ -345,12 +345,12 @@ impl Container {
                  --inh-caps=-all --bounding-set=-all -- "
             ));
         }
-        script.push_str("env -i");
+        // `--` ends env's options; the NAME=VALUE operands follow, then the command (whose name has no `=`).
+        script.push_str("env -i --");
         for (key, value) in &self.env {
             script.push(' ');
             script.push_str(&quote(&format!("{key}={value}")));
         }
-        script.push_str(" --");
         for arg in &self.argv {
             script.push(' ');
             script.push_str(&quote(arg));

@@ -44,8 +44,9 @@ const LEAVES: usize = 6;
 /// Writes must stay available through a rolling restart: each stop hands leadership over first.
 const WRITE_GAP_BOUND: Duration = Duration::from_secs(10);
 
-/// Values the test installs with, besides the Secrets: a shorter drain and a dead voter replaced after 10 s,
-/// so that the lost-volume case completes in test time; everything else is the chart's default.
+/// Values the test installs with, besides the Secrets: a shorter drain, and a dead voter replaced after 10 s
+/// and a dead standby retired after 15 s (defaults 5 m and 30 m), so that the lost-volume case completes in
+/// test time; everything else is the chart's default.
 const VALUES: &str = "\
 tls:
   existingSecret: vesper-tls
@@ -55,6 +56,7 @@ config:
   drain_timeout: 6s
   placement:
     dead_voter_after: 10s
+    dead_standby_after: 15s
 ";
 
 #[test]
@@ -595,7 +597,9 @@ async fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         "a restart with its data changed a pod's node id: {ids:?} -> {after:?}"
     );
 
-    // Pod 0 with an empty volume: a new node of the same cluster that replaces the old one.
+    // Pod 0 with an empty volume: a new node of the same cluster at the same address. The old id stops
+    // answering (Raft calls name the node they are for, and the new node refuses the old one's), so the
+    // placement controller replaces it in the voting set, then retires it.
     lab.stop_pod(0).await?;
     std::fs::remove_dir_all(lab.volume(0))?;
     lab.start_pod(0)?;
@@ -621,7 +625,19 @@ async fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
             })
         },
     )
-    .await?;
+    .await;
+    let new = match new {
+        Ok(new) => new,
+        Err(error) => {
+            for args in [&["status"][..], &["placement", "status"][..]] {
+                println!(
+                    "vesperctl {args:?} on pod 1: {:#}",
+                    lab.vesperctl(1, args).unwrap_or_default()
+                );
+            }
+            return Err(error);
+        }
+    };
     lab.check_running()?;
     lab.wait_ready("pod 0 ready with its new id").await?;
     let own = lab.vesperctl(0, &["status"])?;

@@ -49,6 +49,13 @@ impl ClusterService {
     fn raft(&self) -> Result<&crate::raft::VesperRaft, ServiceError> {
         self.replica.raft()
     }
+
+    /// The Raft handle for a Raft RPC, once the call is known to be meant for this node.
+    fn raft_for<T>(&self, request: &Request<T>) -> Result<&crate::raft::VesperRaft, Status> {
+        let raft = self.raft()?;
+        crate::raft::network::check_target(request.metadata(), *raft.node_id())?;
+        Ok(raft)
+    }
 }
 
 #[tonic::async_trait]
@@ -57,7 +64,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.raft()?;
+        let raft = self.raft_for(&request)?;
         let rpc = codec::from_payload("append entries", request.get_ref())?;
         let result = raft.append_entries(rpc).await;
         Ok(Response::new(codec::payload(
@@ -67,7 +74,7 @@ impl Cluster for ClusterService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.raft()?;
+        let raft = self.raft_for(&request)?;
         let rpc = codec::from_payload("vote", request.get_ref())?;
         let result = raft.vote(rpc).await;
         Ok(Response::new(codec::payload("vote result", &result)?))
@@ -77,7 +84,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.raft()?;
+        let raft = self.raft_for(&request)?;
         let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) =
             codec::from_payload("snapshot", request.get_ref())?;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installing snapshot from the leader");
@@ -97,7 +104,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let raft = self.raft()?;
+        let raft = self.raft_for(&request)?;
         let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> =
             codec::from_payload("transfer leader", request.get_ref())?;
         let result = raft.handle_transfer_leader(rpc).await;

@@ -36,6 +36,32 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline for connecting to another super peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Metadata key of every Raft RPC: the node id it is meant for. A node that sits at a member's address under
+/// another id (a pod whose volume was lost, back at the same DNS name as a new node) refuses the call, so its
+/// answers are never taken for the old member's: one store must never count as two members.
+pub const TARGET_NODE_HEADER: &str = "vesper-target-node";
+
+/// Refuses a Raft RPC that `metadata` addresses to another node than `me`. Calls without the header (from a
+/// build older than it) are served as before.
+pub fn check_target(metadata: &tonic::metadata::MetadataMap, me: u64) -> Result<(), tonic::Status> {
+    let Some(value) = metadata.get(TARGET_NODE_HEADER) else {
+        return Ok(());
+    };
+    let target = value
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok())
+        .ok_or_else(|| {
+            tonic::Status::invalid_argument(format!("{TARGET_NODE_HEADER} is not a node id"))
+        })?;
+    if target != me {
+        return Err(tonic::Status::failed_precondition(format!(
+            "this Raft call is for node {target}, but this is node {me} (the member at this address was replaced)"
+        )));
+    }
+    Ok(())
+}
+
 /// Cached gRPC channels to other super peers.
 #[derive(Clone)]
 pub struct ClusterClients {
@@ -171,6 +197,10 @@ where
     let client = connection.clients.client(&connection.address)?;
     let mut grpc_request = tonic::Request::new(codec::payload(what, request)?);
     grpc_request.set_timeout(timeout);
+    grpc_request.metadata_mut().insert(
+        TARGET_NODE_HEADER,
+        tonic::metadata::MetadataValue::from(connection.target),
+    );
     let reply = send(client, grpc_request).await?.into_inner();
     codec::from_payload(what, &reply)
 }
@@ -261,5 +291,34 @@ impl Connection {
     /// The node this connection talks to (for logs).
     pub fn target(&self) -> u64 {
         self.target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(value: Option<&str>) -> tonic::metadata::MetadataMap {
+        let mut map = tonic::metadata::MetadataMap::new();
+        if let Some(value) = value {
+            map.insert(TARGET_NODE_HEADER, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn a_raft_call_for_another_node_is_refused() {
+        assert!(check_target(&metadata(Some("7")), 7).is_ok());
+        assert!(check_target(&metadata(None), 7).is_ok(), "older senders");
+        let replaced = check_target(&metadata(Some("1")), 6).unwrap_err();
+        assert_eq!(replaced.code(), Code::FailedPrecondition);
+        assert!(
+            replaced
+                .message()
+                .contains("for node 1, but this is node 6"),
+            "{replaced:?}"
+        );
+        let garbage = check_target(&metadata(Some("one")), 6).unwrap_err();
+        assert_eq!(garbage.code(), Code::InvalidArgument);
     }
 }
