@@ -15,11 +15,14 @@
 //!   stopped pod moved, the longest stretch without an acknowledged write reported;
 //! - pod 0 restarted with its volume (same node id), then with an empty one (a new node id in the same
 //!   cluster, which replaces the old one; never a second cluster);
-//! - the `helm test` Pod passing against the cluster.
+//! - the `helm test` Pod passing against the cluster;
+//! - `vesperctl --tls-server-name` reaching a pod by an address its certificate does not name (NOTES.txt's
+//!   port-forward advice), which is refused without it.
 //!
 //! The test runs in two halves: the outer one builds the namespaces and runs the inner one (this same test
 //! binary) inside the client namespace, so that the test's own leaves and `vesperctl` resolve pod names as a
-//! pod would. Needs root, iproute2 and util-linux (`setpriv`).
+//! pod would. Needs root, iproute2 and util-linux (`setpriv`). `VESPER_T111_KEEP=1` keeps the pods' logs and
+//! volumes in the folder it prints.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -116,7 +119,15 @@ struct Lab {
 
 impl Lab {
     fn new(net: PodNet) -> anyhow::Result<Lab> {
-        let dir = tempfile::tempdir()?;
+        // VESPER_T111_KEEP=1 keeps the folder (pod logs, volumes, rendered files) for a look afterwards.
+        let keep = std::env::var_os("VESPER_T111_KEEP").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix("vesper-t111-")
+            .disable_cleanup(keep)
+            .tempdir()?;
+        if keep {
+            println!("keeping {}", dir.path().display());
+        }
         let image = podlab::image(dir.path())?;
         let sans: Vec<String> = vec![
             format!(
@@ -498,10 +509,38 @@ async fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
     let init = lab.run_hook("Job", "init").await?;
     lab.wait_ready("3 pods ready after the install").await?;
     lab.wait_roles(0, 3, 0, 3).await?;
+    let bootstrapped = init
+        .lines()
+        .find(|line| line.starts_with("bootstrapped"))
+        .with_context(|| format!("the first init Job did not bootstrap: {init}"))?;
     println!(
-        "install: 3 pods ready, 3 voters, in {} ms; the init Job said: {}",
-        started.elapsed().as_millis(),
-        init.lines().next().unwrap_or_default()
+        "install: 3 pods ready, 3 voters, in {} ms; the init Job said: {bootstrapped}",
+        started.elapsed().as_millis()
+    );
+    // What NOTES.txt tells an operator behind a port-forward: an address the certificate does not name, and
+    // --tls-server-name naming the admin Service.
+    let by_ip = format!("{}:{}", lab.net.pod_ip(0), admin_port(&lab.manifests));
+    let operator = |extra: &[&str]| {
+        Command::new(vesper_tests::binary("vesperctl"))
+            .args(["status", "--server", &by_ip])
+            .args(extra)
+            .envs(
+                lab.operator_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .output()
+    };
+    let refused = operator(&[])?;
+    ensure!(
+        !refused.status.success(),
+        "a pod IP the certificate does not name was accepted"
+    );
+    let named = operator(&["--tls-server-name", &chart::admin_service_host()])?;
+    ensure!(
+        named.status.success(),
+        "vesperctl --tls-server-name failed: {}",
+        String::from_utf8_lossy(&named.stderr)
     );
     let ids: BTreeMap<usize, u64> = lab
         .members(0)?
@@ -533,7 +572,11 @@ async fn scenario(lab: &mut Lab) -> anyhow::Result<()> {
         lab.start_pod(ordinal)?;
     }
     lab.wait_ready("5 pods ready").await?;
-    lab.run_hook("Job", "init").await?;
+    let again = lab.run_hook("Job", "init").await?;
+    ensure!(
+        again.contains("already initialised") && !again.contains("bootstrapped"),
+        "the init Job of an upgrade did more than find the cluster: {again}"
+    );
     lab.wait_roles(0, 3, 2, 5).await?;
     println!("scaled to 5: 3 voters, 2 standbys");
 
