@@ -39,7 +39,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Metadata key of every Raft RPC: the node id it is meant for. A node that sits at a member's address under
 /// another id (a pod whose volume was lost, back at the same DNS name as a new node) refuses the call, so its
 /// answers are never taken for the old member's: one store must never count as two members.
-pub const TARGET_NODE_HEADER: &str = "vesper-target-node";
+pub const TARGET_NODE_HEADER: &str = "x-vesper-target-node";
 
 /// Refuses a Raft RPC that `metadata` addresses to another node than `me`. Calls without the header (from a
 /// build older than it) are served as before.
