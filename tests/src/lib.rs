@@ -55,6 +55,24 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs a system tool (`ip`, `iptables`, ...) to completion: its stdout, or an error naming the command and
+/// what it printed on stderr.
+pub fn run_system(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (scripts/test.sh installs it)"))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// Resident set size of process `pid` in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -111,20 +111,7 @@ const SUPER_PEER_BASE: u8 = 11;
 /// Public addresses of hosts and routers: 203.0.113.101, .102, ...
 const HOST_BASE: u8 = 100;
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program} (install iproute2 and iptables)"))?;
-    if !output.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
+use crate::run_system as run;
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     run("ip", args).map(drop)

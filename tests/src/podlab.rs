@@ -33,20 +33,7 @@ use serde_json::Value;
 
 use crate::chart;
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program} (install iproute2)"))?;
-    if !output.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
+use crate::run_system as run;
 
 fn remove_stale() {
     let Ok(listing) = run("ip", &["netns", "list"]) else {
