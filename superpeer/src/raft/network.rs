@@ -43,7 +43,7 @@ pub const TARGET_NODE_HEADER: &str = "x-vesper-target-node";
 
 /// Refuses a Raft RPC that `metadata` addresses to another node than `me`. Calls without the header (from a
 /// build older than it) are served as before.
-pub fn check_target(metadata: &tonic::metadata::MetadataMap, me: u64) -> Result<(), tonic::Status> {
+pub fn check_target(metadata: &tonic::metadata::MetadataMap, me: u64) -> Result<(), ServiceError> {
     let Some(value) = metadata.get(TARGET_NODE_HEADER) else {
         return Ok(());
     };
@@ -51,11 +51,9 @@ pub fn check_target(metadata: &tonic::metadata::MetadataMap, me: u64) -> Result<
         .to_str()
         .ok()
         .and_then(|text| text.parse::<u64>().ok())
-        .ok_or_else(|| {
-            tonic::Status::invalid_argument(format!("{TARGET_NODE_HEADER} is not a node id"))
-        })?;
+        .ok_or_else(|| ServiceError::Malformed(format!("{TARGET_NODE_HEADER} is not a node id")))?;
     if target != me {
-        return Err(tonic::Status::failed_precondition(format!(
+        return Err(ServiceError::Precondition(format!(
             "this Raft call is for node {target}, but this is node {me} (the member at this address was replaced)"
         )));
     }
@@ -310,7 +308,9 @@ mod tests {
     fn a_raft_call_for_another_node_is_refused() {
         assert!(check_target(&metadata(Some("7")), 7).is_ok());
         assert!(check_target(&metadata(None), 7).is_ok(), "older senders");
-        let replaced = check_target(&metadata(Some("1")), 6).unwrap_err();
+        let replaced = check_target(&metadata(Some("1")), 6)
+            .unwrap_err()
+            .into_status();
         assert_eq!(replaced.code(), Code::FailedPrecondition);
         assert!(
             replaced
@@ -318,7 +318,9 @@ mod tests {
                 .contains("for node 1, but this is node 6"),
             "{replaced:?}"
         );
-        let garbage = check_target(&metadata(Some("one")), 6).unwrap_err();
+        let garbage = check_target(&metadata(Some("one")), 6)
+            .unwrap_err()
+            .into_status();
         assert_eq!(garbage.code(), Code::InvalidArgument);
     }
 }
